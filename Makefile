@@ -1,0 +1,87 @@
+# Kestrel: the same commands locally and in CI.
+#   make test    set up (Debian packages when root, virtualenvs) then run every test
+#   make demo    set up, then run the main job on embedded defaults
+#   make check   ruff + mypy     make bench   benchmarks     make proto   regenerate proto/
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
+PY38 ?= $(firstword $(wildcard $(PYENV_ROOT)/versions/3.8.*/bin/python) $(shell command -v python3.8))
+APT_PKGS := mosquitto mosquitto-clients gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good chromium
+export TF_USE_LEGACY_KERAS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+export KESTREL_TEST_MODELS ?= $(CURDIR)/.cache/test-models
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps venv test test-py38 test-fast check proto proto-check demo bench push-model clean
+
+setup: system-deps $(VENV)/.stamp
+
+system-deps:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "missing Debian packages; run: sudo apt-get install -y$$missing" >&2; exit 1; \
+	  fi; \
+	fi
+
+$(VENV)/.stamp: pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[edge,hub,trainer,dev,litert]'
+	touch $@
+
+# Device interpreter: Python 3.8 + tflite-runtime 2.14 + numpy 1.24, as on JetPack.
+.venv38/.stamp: pyproject.toml
+	@test -n "$(PY38)" || { echo "no Python 3.8 found (pyenv install 3.8); needed to prove the device side" >&2; exit 1; }
+	test -x .venv38/bin/python || $(PY38) -m venv .venv38
+	.venv38/bin/python -m pip install -q --upgrade pip
+	.venv38/bin/python -m pip install -q -e '.[edge,tflite-runtime]' 'numpy==1.24.*' 'tflite-runtime==2.14.*' pytest pytest-timeout hypothesis
+	touch $@
+
+.venv-proto/.stamp:
+	$(PY) -m venv .venv-proto
+	.venv-proto/bin/python -m pip install -q 'grpcio-tools==1.70.*'
+	touch $@
+
+# Generated with protobuf 5.29 gencode: it loads on protobuf 5.29 (Python 3.8 devices) through 7.x.
+proto: .venv-proto/.stamp
+	.venv-proto/bin/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. proto/kestrel.proto
+
+proto-check: .venv-proto/.stamp
+	@tmp=$$(mktemp -d); mkdir -p $$tmp/proto; cp proto/kestrel.proto $$tmp/proto/; \
+	(cd $$tmp && $(CURDIR)/.venv-proto/bin/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. proto/kestrel.proto); \
+	for f in kestrel_pb2.py kestrel_pb2_grpc.py kestrel_pb2.pyi; do \
+	  cmp -s $$tmp/proto/$$f proto/$$f || { echo "proto/$$f is stale: run make proto" >&2; rm -rf $$tmp; exit 1; }; done; \
+	rm -rf $$tmp; echo "proto modules are up to date"
+
+test-models: setup
+	$(VPY) -m tests.helpers.models --out $(KESTREL_TEST_MODELS)
+
+test: setup .venv38/.stamp proto-check test-models
+	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-py38
+
+test-py38: .venv38/.stamp test-models
+	.venv38/bin/python -m pytest tests/edge -m 'not needs_tf' -p no:cacheprovider $(PYTEST_ARGS)
+
+check: setup
+	$(VPY) -m ruff check edge hub trainer tests
+	$(VPY) -m mypy edge hub trainer
+
+demo: setup
+	$(VPY) -m tests.helpers.models --out $(KESTREL_TEST_MODELS) >/dev/null
+	$(VPY) -m edge.demo --out demo-out
+
+bench: setup test-models
+	$(VPY) -m tests.bench.run --out bench-out
+
+push-model: setup
+	$(VPY) -m trainer push-model $(if $(BUNDLE),--bundle $(BUNDLE)) $(if $(HUB),--hub $(HUB)) $(if $(VERSION),--version $(VERSION)) $(if $(DEPLOY),--deploy $(DEPLOY))
+
+clean:
+	rm -rf $(VENV) .venv38 .venv-proto .cache build *.egg-info

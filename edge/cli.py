@@ -1,0 +1,65 @@
+"""``kestrel-edge``: one entry point, a module per subcommand (imported lazily).
+
+Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+Errors derived from KestrelError print one line and exit non-zero (2 = bad input, 3 = transport).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import List, Optional
+
+from edge import __version__
+from edge.errors import ArtifactError, KestrelError, TransportError
+
+# subcommand -> (module, help)
+COMMANDS = {
+    "run": ("edge.daemon", "run the daemon: camera -> model -> sampled frames over MQTT"),
+    "verify": ("edge.verifycmd", "verify a bundle's signature and hashes"),
+    "install": ("edge.updatecmd", "install a bundle through the full update path"),
+    "rollback": ("edge.updatecmd", "return to the previous model slot"),
+    "status": ("edge.updatecmd", "show installed and previous models and the update state"),
+    "config-doc": ("edge.configdoc", "print the documented edge.toml reference"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kestrel-edge", description="Kestrel edge daemon and device tools")
+    p.add_argument("--version", action="version", version=f"kestrel-edge {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        mod = importlib.import_module(module)
+        adder = getattr(mod, f"add_{name.replace('-', '_')}_arguments", None) or mod.add_arguments
+        adder(sp)
+        sp.set_defaults(_module=module, _name=name)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    mod = importlib.import_module(args._module)
+    runner = getattr(mod, f"run_{args._name.replace('-', '_')}", None) or mod.run
+    try:
+        return int(runner(args) or 0)
+    except ArtifactError as exc:
+        print(f"kestrel-edge {args._name}: error: {exc}", file=sys.stderr)
+        return 2
+    except TransportError as exc:
+        print(f"kestrel-edge {args._name}: error: {exc}", file=sys.stderr)
+        return 3
+    except KestrelError as exc:  # pragma: no cover - every error has one of the two roots
+        print(f"kestrel-edge {args._name}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""The edge daemon's configuration (``edge.toml``): one typed tree, every field documented.
+
+Unknown keys are rejected by name (edge.tomlconf). ``kestrel-edge run --check-config`` loads and
+validates it and exits (systemd ``ExecStartPre``). ``kestrel-edge config-doc`` prints this
+documentation; docs/edge-config.md is generated from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from pathlib import Path
+from typing import List, Optional, Union
+
+from edge import tomlconf
+from edge.errors import ConfigError
+from edge.tomlconf import field
+
+MiB = 1024 * 1024
+
+
+@dataclasses.dataclass
+class DeviceConfig:
+    id: str = field("", doc="Device id used in MQTT topics and frame ids; empty = the hostname.")
+    group: str = field("default", doc="Fleet group: the device follows kestrel/v1/groups/{group}/desired.")
+    data_dir: str = field("./kestrel-data", doc="Where the spool, model slots and state files live.")
+    log_level: str = field("INFO", doc="DEBUG, INFO, WARNING or ERROR.")
+
+    def validate(self) -> None:
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}")
+        if any(c in self.resolved_id for c in "/+#"):
+            raise ValueError(f"id {self.id!r} must not contain '/', '+' or '#'")
+
+    @property
+    def resolved_id(self) -> str:
+        return self.id or socket.gethostname()
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    kind: str = field("testpattern", doc="file, v4l2, rtsp, gstreamer or testpattern.")
+    uri: str = field("", doc="file: a video path; v4l2: an index or /dev/videoN; rtsp: rtsp://...; "
+                             "gstreamer: the pipeline up to (not including) the appsink/fdsink.")
+    name: str = field("cam0", doc="Name of this source, carried in every frame message.")
+    width: int = field(640, doc="Frame width requested from v4l2/gstreamer/testpattern sources.")
+    height: int = field(480, doc="Frame height requested from v4l2/gstreamer/testpattern sources.")
+    fps: float = field(30.0, doc="Frame rate requested (testpattern paces itself at it; 0 = unpaced).")
+    loop: bool = field(False, doc="file: start again at the end instead of stopping.")
+    realtime: bool = field(False, doc="file: pace reading at the file's frame rate like a live camera.")
+    max_frames: int = field(0, doc="Stop after this many frames (0 = no limit); for tests and demos.")
+    reconnect_initial_s: float = field(0.5, doc="First wait before reopening a failed live source.")
+    reconnect_max_s: float = field(30.0, doc="Longest wait between reopen attempts (exponential backoff).")
+    stall_timeout_s: float = field(10.0, doc="A live source that delivers no frame for this long is reopened.")
+    max_corrupt_in_row: int = field(100, doc="A file source stops after this many unreadable frames in a row.")
+
+    def validate(self) -> None:
+        kinds = ("file", "v4l2", "rtsp", "gstreamer", "testpattern")
+        if self.kind not in kinds:
+            raise ValueError(f"kind must be one of {', '.join(kinds)}, not {self.kind!r}")
+        if self.kind in ("file", "rtsp", "gstreamer", "v4l2") and not self.uri:
+            raise ValueError(f"kind={self.kind!r} needs uri")
+        if self.width <= 0 or self.height <= 0:
+            raise ValueError("width and height must be positive")
+        if self.reconnect_initial_s <= 0 or self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("need 0 < reconnect_initial_s <= reconnect_max_s")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    path: str = field("", doc="A .tflite file or a signed bundle (.kbundle) to run when no slot is "
+                              "installed yet; empty = the active slot in data_dir.")
+    labels: str = field("", doc="Labels file, one per line (for a bare .tflite); bundles carry their own.")
+    runtime: str = field("auto", doc="auto, tflite-runtime, ai-edge-litert or tensorflow "
+                                     "(auto tries them in that order).")
+    threads: int = field(2, doc="Interpreter threads.")
+    color_order: str = field("rgb", doc="Channel order the model expects: rgb or bgr (bundles say it).")
+    normalization: str = field("0_1", doc="Float input scaling: 0_1, -1_1 or raw (0..255); "
+                                          "quantized inputs use the model's scale/zero point on top.")
+    resize: str = field("stretch", doc="stretch or center_crop to the model's input size.")
+    top_k: int = field(3, doc="How many top scores each frame message carries.")
+
+    def validate(self) -> None:
+        if self.runtime not in ("auto", "tflite-runtime", "ai-edge-litert", "tensorflow"):
+            raise ValueError(f"runtime must be auto, tflite-runtime, ai-edge-litert or tensorflow, not {self.runtime!r}")
+        if self.color_order not in ("rgb", "bgr"):
+            raise ValueError("color_order must be rgb or bgr")
+        if self.normalization not in ("0_1", "-1_1", "raw"):
+            raise ValueError("normalization must be 0_1, -1_1 or raw")
+        if self.resize not in ("stretch", "center_crop"):
+            raise ValueError("resize must be stretch or center_crop")
+        if not 1 <= self.threads <= 64:
+            raise ValueError("threads must be 1..64")
+        if self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    queue_size: int = field(4, doc="Frames buffered between capture and inference.")
+    drop_policy: str = field("auto", doc="auto (drop_oldest for live sources, block for files), "
+                                         "drop_oldest or block.")
+
+    def validate(self) -> None:
+        if self.queue_size < 1:
+            raise ValueError("queue_size must be >= 1")
+        if self.drop_policy not in ("auto", "drop_oldest", "block"):
+            raise ValueError("drop_policy must be auto, drop_oldest or block")
+
+
+@dataclasses.dataclass
+class SamplerConfig:
+    strategies: List[str] = field(doc="Any of confidence, margin, entropy; a frame is sampled when any "
+                                      "fires.", factory=lambda: ["confidence"])
+    confidence_threshold: float = field(0.6, doc="confidence: sample when the top score is below this "
+                                                  "(a bundle's default threshold wins unless set here).")
+    margin_threshold: float = field(0.1, doc="margin: sample when top-1 minus top-2 is below this.")
+    entropy_threshold: float = field(0.9, doc="entropy: sample when normalized entropy (0..1) is above this.")
+    max_per_minute: int = field(30, doc="Rate limit: frames sent per rolling minute (0 = none).")
+    max_per_hour: int = field(600, doc="Rate limit: frames sent per rolling hour (0 = none).")
+    max_per_day: int = field(5000, doc="Rate limit: frames sent per rolling day (0 = none).")
+    dedup_distance: int = field(6, doc="Near-duplicate suppression: a frame whose 64-bit perceptual hash "
+                                       "is within this Hamming distance of a recent sent one is skipped "
+                                       "(-1 = off).")
+    dedup_window_s: float = field(300.0, doc="How long a sent frame's hash suppresses look-alikes.")
+    dedup_history: int = field(256, doc="How many recent hashes are remembered.")
+    jpeg_quality: int = field(85, doc="JPEG quality of forwarded frames.")
+    max_image_side: int = field(1280, doc="Forwarded frames are downscaled so no side exceeds this.")
+
+    def validate(self) -> None:
+        bad = set(self.strategies) - {"confidence", "margin", "entropy"}
+        if bad:
+            raise ValueError(f"unknown sampler strategy {sorted(bad)[0]!r} (confidence, margin, entropy)")
+        for n in ("confidence_threshold", "margin_threshold", "entropy_threshold"):
+            if not 0.0 <= getattr(self, n) <= 1.0:
+                raise ValueError(f"{n} must be within 0..1")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError("jpeg_quality must be 1..100")
+
+
+@dataclasses.dataclass
+class MqttConfig:
+    host: str = field("127.0.0.1", doc="Broker host; empty disables MQTT (frames stay in the spool).")
+    port: int = field(1883, doc="Broker port (8883 is usual with TLS).")
+    username: str = field("", doc="Username; empty = anonymous.")
+    password_file: str = field("", doc="File holding the password (keeps secrets out of the config).")
+    tls: bool = field(False, doc="Use TLS.")
+    ca_file: str = field("", doc="CA bundle for TLS; empty = system CAs.")
+    cert_file: str = field("", doc="Client certificate for mutual TLS.")
+    key_file: str = field("", doc="Client key for mutual TLS.")
+    keepalive_s: int = field(30, doc="MQTT keepalive; the broker sends the last will after 1.5x this.")
+    ack_timeout_s: float = field(10.0, doc="How long to wait for a PUBACK before treating the link as down.")
+    max_inflight: int = field(20, doc="Frames published and not yet acknowledged at once.")
+    reconnect_min_s: float = field(0.5, doc="First reconnect delay.")
+    reconnect_max_s: float = field(30.0, doc="Longest reconnect delay (exponential backoff).")
+    auth_retry_s: float = field(300.0, doc="Wait after the broker refused our credentials before trying again.")
+    max_payload_bytes: int = field(4 * MiB, doc="Frames whose encoded message is larger are re-encoded smaller "
+                                                "or refused, never sent oversize.")
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be 0..65535")
+        if self.reconnect_min_s <= 0 or self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("need 0 < reconnect_min_s <= reconnect_max_s")
+        if self.max_inflight < 1:
+            raise ValueError("max_inflight must be >= 1")
+
+
+@dataclasses.dataclass
+class SpoolConfig:
+    max_bytes: int = field(256 * MiB, doc="Disk budget of the outgoing-frame spool. When full, the oldest "
+                                          "frames are evicted first (and counted).")
+    max_frames: int = field(100000, doc="Frame-count budget of the spool.")
+    fsync: bool = field(True, doc="fsync every frame written to the spool (power-cut safe).")
+
+    def validate(self) -> None:
+        if self.max_bytes < 64 * 1024:
+            raise ValueError("max_bytes must be at least 65536")
+
+
+@dataclasses.dataclass
+class TelemetryConfig:
+    interval_s: float = field(10.0, doc="Seconds between telemetry messages (0 = off).")
+    metrics_port: int = field(9108, doc="Prometheus /metrics port (0 = off).")
+    metrics_bind: str = field("127.0.0.1", doc="Address the /metrics endpoint listens on.")
+
+
+@dataclasses.dataclass
+class UpdateConfig:
+    enabled: bool = field(True, doc="Follow the hub's desired-state messages.")
+    trust_dir: str = field("", doc="Directory of trusted Ed25519 public keys (*.pub); empty = "
+                                   "{data_dir}/trust.")
+    hub_grpc: str = field("", doc="host:port of the hub's gRPC registry for fetching bundles.")
+    max_bundle_bytes: int = field(200 * MiB, doc="Bundles larger than this are refused before download.")
+    clock_slack_s: float = field(86400.0, doc="Expiry slack for devices without a real-time clock.")
+    self_test_latency_ms: float = field(2000.0, doc="Self-test: a case slower than this fails the update.")
+    trial_frames: int = field(200, doc="Trial after a switch: frames watched before committing (0 = none).")
+    trial_seconds: float = field(60.0, doc="Trial: seconds watched before committing (both must pass).")
+    trial_max_latency_ratio: float = field(3.0, doc="Trial fails when p95 latency exceeds this x the "
+                                                    "previous model's.")
+    trial_max_low_conf_rate: float = field(0.5, doc="Trial fails when the low-confidence rate rises "
+                                                    "above the previous model's by more than this.")
+    trial_max_errors: int = field(3, doc="Trial fails after this many invoke errors.")
+    max_boot_attempts: int = field(2, doc="Starts on a trial model that end in a crash before rolling back.")
+
+
+@dataclasses.dataclass
+class EdgeConfig:
+    device: DeviceConfig = field(doc="Who this device is and where it keeps state.", factory=DeviceConfig)
+    source: SourceConfig = field(doc="The camera source.", factory=SourceConfig)
+    model: ModelConfig = field(doc="The model and its runtime.", factory=ModelConfig)
+    pipeline: PipelineConfig = field(doc="Capture to inference buffering.", factory=PipelineConfig)
+    sampler: SamplerConfig = field(doc="Which frames are forwarded to the hub.", factory=SamplerConfig)
+    mqtt: MqttConfig = field(doc="The MQTT broker.", factory=MqttConfig)
+    spool: SpoolConfig = field(doc="The durable outgoing-frame spool.", factory=SpoolConfig)
+    telemetry: TelemetryConfig = field(doc="Telemetry over MQTT and Prometheus.", factory=TelemetryConfig)
+    update: UpdateConfig = field(doc="Signed model updates and rollback.", factory=UpdateConfig)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.device.data_dir)
+
+    @property
+    def trust_dir(self) -> Path:
+        return Path(self.update.trust_dir) if self.update.trust_dir else self.data_dir / "trust"
+
+
+def load(path: Union[str, Path, None]) -> EdgeConfig:
+    return tomlconf.load(EdgeConfig, path)
+
+
+def from_dict(data: dict) -> EdgeConfig:
+    return tomlconf.from_dict(EdgeConfig, data)
+
+
+def describe() -> str:
+    return "# edge.toml reference\n" + "\n".join(tomlconf.describe(EdgeConfig)) + "\n"
+
+
+def read_secret(path: str) -> Optional[str]:
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from exc

@@ -1,0 +1,17 @@
+"""``kestrel-edge config-doc``: print the edge.toml reference."""
+
+from __future__ import annotations
+
+import argparse
+
+from edge import config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser
+
+
+def run(args: argparse.Namespace) -> int:
+    del args
+    print(config.describe())
+    return 0

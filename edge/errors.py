@@ -1,0 +1,64 @@
+"""Every error the edge package raises. Two roots under KestrelError:
+
+* ArtifactError: something we were given is bad (config, bundle, model, frame). Retrying the
+  same input will not help; the message says what to fix.
+* TransportError: something we talk to is unavailable (broker, hub, camera stream). Retrying
+  later may help.
+
+Third-party errors (paho, grpc, TFLite, OpenCV) are wrapped at the boundary with
+``raise OurError(...) from exc`` so callers only ever catch ours.
+"""
+
+from __future__ import annotations
+
+
+class KestrelError(Exception):
+    """Root of every Kestrel error."""
+
+
+class ArtifactError(KestrelError):
+    """Bad input: a file, payload or setting that is wrong and will stay wrong."""
+
+
+class ConfigError(ArtifactError):
+    """A configuration file or value is invalid."""
+
+
+class BundleError(ArtifactError):
+    """A model bundle failed verification; ``reason`` is a short machine-readable code."""
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ModelError(ArtifactError):
+    """A model cannot be loaded or does not fit the source/contract."""
+
+
+class FrameError(ArtifactError):
+    """A frame is corrupt or cannot be encoded/decoded."""
+
+
+class TransportError(KestrelError):
+    """Something we talk to is unreachable or refused us; retrying later may help."""
+
+
+class SourceError(TransportError):
+    """A camera source cannot be opened or stopped delivering frames."""
+
+
+class BrokerError(TransportError):
+    """The MQTT broker is unreachable or refused the connection."""
+
+
+class AuthError(BrokerError):
+    """The broker refused our credentials; retrying quickly will not help."""
+
+
+class HubError(TransportError):
+    """The hub's gRPC service is unreachable or answered with an error."""
+
+
+class RuntimeUnavailable(ModelError):
+    """No usable TFLite runtime is installed."""

@@ -1,0 +1,121 @@
+"""The storage contract. Every backend passes tests/hub/test_store_contract.py.
+
+Records are plain dataclasses; images are bytes. Every write is idempotent on its natural key
+(frame_id, (model_name, version), device_id) so MQTT redeliveries and retried pushes are safe.
+Backends raise hub.errors.StoreUnavailable when the database cannot be reached (the ingest then
+pauses and retries without acknowledging) and hub.errors.StoreError for anything else.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Dict, Iterator, List, Optional
+
+
+@dataclasses.dataclass
+class FrameRecord:
+    frame_id: str
+    device_id: str
+    capture_time_ms: int
+    received_ms: int
+    model_name: str
+    model_version: int
+    model_sha256: str
+    reasons: List[str]
+    top_k: List[Dict[str, object]]        # [{"index": 0, "label": "cat", "score": 0.41}, ...]
+    image: bytes
+    image_format: str
+    width: int
+    height: int
+    source: str = ""
+    sequence: int = 0
+    label: Optional[str] = None           # set by a person (dashboard / API); exported for training
+    labelled_ms: Optional[int] = None
+
+
+@dataclasses.dataclass
+class DeviceRecord:
+    device_id: str
+    group: str = "default"
+    state: str = "unknown"                # online / offline / unknown
+    last_seen_ms: int = 0
+    reported_model: str = ""
+    reported_version: int = 0
+    reported_sha256: str = ""
+    update_state: str = ""
+    update_reason: str = ""
+    previous_version: int = 0
+    desired_model: str = ""
+    desired_version: int = 0
+    last_telemetry: Dict[str, object] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ModelRecord:
+    model_name: str
+    version: int
+    bundle_sha256: str
+    size: int
+    created_ms: int
+    model_sha256: str = ""
+    key_id: str = ""
+    metrics: Dict[str, object] = dataclasses.field(default_factory=dict)
+
+
+class Store(abc.ABC):
+    # ---- frames ----
+    @abc.abstractmethod
+    def add_frame(self, frame: FrameRecord) -> bool:
+        """Store a frame; False (and no change) when frame_id exists already."""
+
+    @abc.abstractmethod
+    def get_frame(self, frame_id: str) -> Optional[FrameRecord]: ...
+
+    @abc.abstractmethod
+    def list_frames(self, device_id: Optional[str] = None, label: Optional[str] = None,
+                    unlabelled: bool = False, since_ms: Optional[int] = None, limit: int = 100,
+                    offset: int = 0, with_images: bool = False) -> List[FrameRecord]:
+        """Newest first."""
+
+    @abc.abstractmethod
+    def count_frames(self, device_id: Optional[str] = None) -> int: ...
+
+    @abc.abstractmethod
+    def set_label(self, frame_id: str, label: Optional[str], when_ms: int) -> bool:
+        """False when the frame does not exist."""
+
+    @abc.abstractmethod
+    def iter_labelled(self) -> Iterator[FrameRecord]:
+        """Every labelled frame with its image, oldest first (for export)."""
+
+    # ---- devices ----
+    @abc.abstractmethod
+    def upsert_device(self, device_id: str, **fields: object) -> DeviceRecord:
+        """Create or update the named fields; returns the record after the change."""
+
+    @abc.abstractmethod
+    def get_device(self, device_id: str) -> Optional[DeviceRecord]: ...
+
+    @abc.abstractmethod
+    def list_devices(self, group: Optional[str] = None) -> List[DeviceRecord]: ...
+
+    # ---- models (bundle bytes live in the registry's blob dir or GridFS; see hub.registry) ----
+    @abc.abstractmethod
+    def add_model(self, model: ModelRecord) -> bool:
+        """False when (model_name, version) exists already."""
+
+    @abc.abstractmethod
+    def get_model(self, model_name: str, version: int) -> Optional[ModelRecord]: ...
+
+    @abc.abstractmethod
+    def list_models(self, model_name: Optional[str] = None) -> List[ModelRecord]:
+        """Highest version first."""
+
+    # ---- lifecycle ----
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raise StoreUnavailable when the backend cannot be reached."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
