@@ -67,7 +67,7 @@ test: setup .venv38/.stamp proto-check test-models
 	$(MAKE) --no-print-directory test-py38
 
 test-py38: .venv38/.stamp test-models
-	.venv38/bin/python -m pytest tests/edge -m 'not needs_tf' -p no:cacheprovider $(PYTEST_ARGS)
+	.venv38/bin/python -m pytest tests/test_contracts.py tests/test_config_loader.py tests/edge -m 'not needs_tf' -p no:cacheprovider $(PYTEST_ARGS)
 
 check: setup
 	$(VPY) -m ruff check edge hub trainer tests

@@ -69,6 +69,14 @@ class Store(abc.ABC):
     def add_frame(self, frame: FrameRecord) -> bool:
         """Store a frame; False (and no change) when frame_id exists already."""
 
+    def add_frames(self, frames: List[FrameRecord]) -> List[bool]:
+        """Store several frames, committed together where the backend can (the ingest's batch path).
+
+        Returns one flag per frame like add_frame. Either all of them are durable when this returns,
+        or it raises (StoreUnavailable / StoreError) and the caller retries the whole batch.
+        """
+        return [self.add_frame(f) for f in frames]
+
     @abc.abstractmethod
     def get_frame(self, frame_id: str) -> Optional[FrameRecord]: ...
 

@@ -1,0 +1,166 @@
+"""Which frames go to the hub: uncertainty strategies, rate limits, near-duplicate suppression.
+
+A frame is *low confidence* when any configured strategy fires:
+
+* ``confidence``: the top score is below ``confidence_threshold``;
+* ``margin``: top-1 minus top-2 is below ``margin_threshold``;
+* ``entropy``: the normalized entropy of the scores (0..1) is above ``entropy_threshold``.
+
+A low-confidence frame is then *sent* unless a rolling rate limit (per minute/hour/day) is full
+or its 64-bit perceptual hash is within ``dedup_distance`` of a frame sent in the last
+``dedup_window_s`` seconds. Every decision is counted, so telemetry can say why frames were not sent.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import threading
+import time
+from typing import Callable, Deque, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from edge.config import SamplerConfig
+from edge.phash import dhash, hamming
+from proto import kestrel_pb2
+
+MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
+
+
+def uncertainty_reasons(scores: np.ndarray, cfg: SamplerConfig) -> List[int]:
+    """The SampleReason values whose strategy fires for these scores (empty = confident)."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    reasons: List[int] = []
+    if s.size == 0:
+        return reasons
+    order = np.sort(s)[::-1]
+    if "confidence" in cfg.strategies and order[0] < cfg.confidence_threshold:
+        reasons.append(kestrel_pb2.LOW_CONFIDENCE)
+    if "margin" in cfg.strategies:
+        second = order[1] if s.size > 1 else 0.0
+        if order[0] - second < cfg.margin_threshold:
+            reasons.append(kestrel_pb2.LOW_MARGIN)
+    if "entropy" in cfg.strategies and normalized_entropy(s) > cfg.entropy_threshold:
+        reasons.append(kestrel_pb2.HIGH_ENTROPY)
+    return reasons
+
+
+def normalized_entropy(scores: np.ndarray) -> float:
+    """Shannon entropy of the (renormalized, clipped) scores divided by log(n): 0 = certain, 1 = uniform."""
+    s = np.clip(np.asarray(scores, dtype=np.float64).reshape(-1), 0.0, None)
+    n = s.size
+    total = s.sum()
+    if n < 2 or total <= 0:
+        return 1.0 if n >= 2 else 0.0
+    p = s / total
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum() / math.log(n))
+
+
+@dataclasses.dataclass
+class Decision:
+    low_confidence: bool
+    reasons: List[int]
+    send: bool
+    skipped: str = ""   # "", "rate_limited" or "duplicate"
+    phash: Optional[int] = None
+
+
+class RateLimiter:
+    """Rolling-window limits: at most N events in any trailing minute, hour and day."""
+
+    def __init__(self, per_minute: int, per_hour: int, per_day: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = [(w, n) for w, n in ((MINUTE, per_minute), (HOUR, per_hour), (DAY, per_day)) if n > 0]
+        self.clock = clock
+        longest = max((n for _, n in self.limits), default=0)
+        self._events: Deque[float] = collections.deque(maxlen=longest or 1)
+
+    def allow(self) -> bool:
+        """True (and record the event) when every window has room."""
+        if not self.limits:
+            return True
+        now = self.clock()
+        for window, limit in self.limits:
+            # count events within the window, newest first
+            count = 0
+            for t in reversed(self._events):
+                if now - t >= window:
+                    break
+                count += 1
+                if count >= limit:
+                    return False
+        self._events.append(now)
+        return True
+
+
+class DuplicateFilter:
+    """Remembers hashes of sent frames; a look-alike within the window is a duplicate."""
+
+    def __init__(self, distance: int, window_s: float, history: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.distance = distance
+        self.window_s = window_s
+        self.clock = clock
+        self._recent: Deque[Tuple[float, int]] = collections.deque(maxlen=max(1, history))
+
+    @property
+    def enabled(self) -> bool:
+        return self.distance >= 0
+
+    def is_duplicate(self, h: int) -> bool:
+        now = self.clock()
+        while self._recent and now - self._recent[0][0] > self.window_s:
+            self._recent.popleft()
+        return any(hamming(h, old) <= self.distance for _, old in self._recent)
+
+    def remember(self, h: int) -> None:
+        self._recent.append((self.clock(), h))
+
+
+class Sampler:
+    """``decide(scores, bgr) -> Decision``; thread-safe; counters in ``counters()``."""
+
+    def __init__(self, cfg: SamplerConfig, clock: Callable[[], float] = time.monotonic,
+                 hasher: Callable[[np.ndarray], int] = dhash) -> None:
+        self.cfg = cfg
+        self.rate = RateLimiter(cfg.max_per_minute, cfg.max_per_hour, cfg.max_per_day, clock)
+        self.dedup = DuplicateFilter(cfg.dedup_distance, cfg.dedup_window_s, cfg.dedup_history, clock)
+        self.hasher = hasher
+        self._lock = threading.Lock()
+        self._counts: Dict[str, int] = {"seen": 0, "low_confidence": 0, "sampled": 0,
+                                        "rate_limited": 0, "duplicate": 0}
+
+    def set_confidence_threshold(self, value: float) -> None:
+        self.cfg = dataclasses.replace(self.cfg, confidence_threshold=float(value))
+
+    def decide(self, scores: np.ndarray, bgr: Optional[np.ndarray] = None,
+               extra_reasons: Optional[List[int]] = None) -> Decision:
+        reasons = uncertainty_reasons(scores, self.cfg)
+        for r in extra_reasons or []:
+            if r not in reasons:
+                reasons.append(r)
+        with self._lock:
+            self._counts["seen"] += 1
+            if not reasons:
+                return Decision(False, [], False)
+            self._counts["low_confidence"] += 1
+            h: Optional[int] = None
+            if self.dedup.enabled and bgr is not None:
+                h = self.hasher(bgr)
+                if self.dedup.is_duplicate(h):
+                    self._counts["duplicate"] += 1
+                    return Decision(True, reasons, False, "duplicate", h)
+            if not self.rate.allow():
+                self._counts["rate_limited"] += 1
+                return Decision(True, reasons, False, "rate_limited", h)
+            if h is not None:
+                self.dedup.remember(h)
+            self._counts["sampled"] += 1
+            return Decision(True, reasons, True, "", h)
+
+    def counters(self) -> Dict[str, int]:
+        with self._lock:
+            return dict(self._counts)

@@ -1,0 +1,140 @@
+"""The update state machine and its persisted record ({data_dir}/update/state.json).
+
+States: IDLE -> DOWNLOADING -> VERIFIED -> STAGED -> SELF_TEST -> TRIAL -> COMMITTED, or
+ROLLED_BACK / FAILED with a reason. Every transition is written atomically before anything
+depends on it. ``KESTREL_CRASH_AT=<STATE>`` (tests only) SIGKILLs the process right after that
+state is persisted, to prove each step is crash safe.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from edge.updater import atomic
+
+log = logging.getLogger("kestrel.updater")
+
+IDLE = "IDLE"
+DOWNLOADING = "DOWNLOADING"
+VERIFIED = "VERIFIED"
+STAGED = "STAGED"
+SELF_TEST = "SELF_TEST"
+TRIAL = "TRIAL"
+COMMITTED = "COMMITTED"
+ROLLED_BACK = "ROLLED_BACK"
+FAILED = "FAILED"
+
+STATES = (IDLE, DOWNLOADING, VERIFIED, STAGED, SELF_TEST, TRIAL, COMMITTED, ROLLED_BACK, FAILED)
+IN_PROGRESS = (DOWNLOADING, VERIFIED, STAGED, SELF_TEST)
+RESTING = (IDLE, COMMITTED, ROLLED_BACK, FAILED)
+
+CRASH_ENV = "KESTREL_CRASH_AT"
+HISTORY_MAX = 50
+
+
+def crash_point(name: str) -> None:
+    """Test hook: die like a power cut (SIGKILL, no cleanup) when KESTREL_CRASH_AT names this point."""
+    if os.environ.get(CRASH_ENV) == name:
+        log.warning("KESTREL_CRASH_AT=%s: killing the process", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _default() -> Dict[str, Any]:
+    return {
+        "state": IDLE,
+        "reason": "",
+        "model_name": "",
+        "target_version": 0,
+        "updated_ms": 0,
+        "trial": None,  # {slot, previous_slot, boot_count, started_ms, baseline}
+        "rejected": {},  # "name:version" -> reason; not retried from desired state
+        "history": [],
+    }
+
+
+class StateFile:
+    """The persisted update record. Thread safe; every change is one atomic write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._data = self._read()
+
+    def _read(self) -> Dict[str, Any]:
+        data = _default()
+        try:
+            loaded = json.loads(self.path.read_text())
+            if isinstance(loaded, dict) and loaded.get("state") in STATES:
+                data.update(loaded)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            log.warning("update state file %s unreadable (%s); starting from IDLE", self.path, exc)
+        return data
+
+    def reload(self) -> None:
+        with self._lock:
+            self._data = self._read()
+
+    def snapshot(self) -> Dict[str, Any]:
+        with self._lock:
+            return copy.deepcopy(self._data)
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            return str(self._data["state"])
+
+    @property
+    def trial(self) -> Optional[Dict[str, Any]]:
+        with self._lock:
+            t = self._data.get("trial")
+            return copy.deepcopy(t) if t else None
+
+    def is_rejected(self, name: str, version: int) -> Optional[str]:
+        with self._lock:
+            r = self._data.get("rejected", {}).get(f"{name}:{int(version)}")
+            return str(r) if r else None
+
+    def transition(self, state: str, *, reason: str = "", crash: bool = True, **fields: Any) -> Dict[str, Any]:
+        """Persist a new state (and extra fields); log it; return the new snapshot."""
+        if state not in STATES:
+            raise ValueError(f"unknown update state {state!r}")
+        with self._lock:
+            prev = self._data["state"]
+            self._data.update(fields)
+            self._data["state"] = state
+            self._data["reason"] = reason
+            self._data["updated_ms"] = _now_ms()
+            if state in (ROLLED_BACK, FAILED) and self._data.get("model_name") and self._data.get("target_version"):
+                key = f"{self._data['model_name']}:{int(self._data['target_version'])}"
+                self._data.setdefault("rejected", {})[key] = reason or state
+            hist: List[Dict[str, Any]] = self._data.setdefault("history", [])
+            hist.append({"from": prev, "to": state, "reason": reason, "version": self._data.get("target_version", 0),
+                         "ms": self._data["updated_ms"]})
+            del hist[:-HISTORY_MAX]
+            atomic.write_json(self.path, self._data)
+            snap = copy.deepcopy(self._data)
+        log.info("update %s -> %s%s (target %s v%s)", prev, state, f": {reason}" if reason else "",
+                 snap.get("model_name") or "-", snap.get("target_version") or "-")
+        if crash:
+            crash_point(state)
+        return snap
+
+    def update(self, **fields: Any) -> None:
+        """Change fields without a state transition (e.g. the trial boot count)."""
+        with self._lock:
+            self._data.update(fields)
+            atomic.write_json(self.path, self._data)

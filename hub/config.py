@@ -1,0 +1,157 @@
+"""The hub's configuration (``hub.toml``): one typed tree, every field documented.
+
+Unknown keys are rejected by name (edge.tomlconf). ``kestrel-hub serve --check-config`` loads and
+validates it and exits. docs/hub.md describes the sections; ``describe_config()`` renders every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import socket
+from pathlib import Path
+from typing import Any, List, Union
+
+from edge import tomlconf
+from edge.tomlconf import field
+
+MiB = 1024 * 1024
+
+try:  # F2 owns the registry section; fall back to a placeholder until hub/registry.py exists.
+    from hub.registry import RegistryConfig  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - only before hub/registry.py lands
+
+    @dataclasses.dataclass
+    class RegistryConfig:  # type: ignore[no-redef]
+        """Placeholder until hub.registry defines the real section."""
+
+        blob_dir: str = field("", doc="Where pushed bundles are kept; empty = <data_dir>/models.")
+
+
+@dataclasses.dataclass
+class HubSection:
+    data_dir: str = field("./kestrel-hub-data", doc="Where the SQLite store, the embedded broker's files and "
+                                                     "the registry's bundles live.")
+    log_level: str = field("INFO", doc="DEBUG, INFO, WARNING or ERROR.")
+
+    def validate(self) -> None:
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}")
+
+
+@dataclasses.dataclass
+class StoreSection:
+    url: str = field("", doc="sqlite:///path/to/hub.db, a plain file path, or mongodb://user@host/db "
+                             "(database name in the path, default 'kestrel'); empty = SQLite "
+                             "<data_dir>/hub.db.")
+    busy_timeout_ms: int = field(10000, doc="SQLite: how long a writer waits for another process's lock.")
+    timeout_ms: int = field(5000, doc="MongoDB: server selection / connect timeout.")
+
+    def validate(self) -> None:
+        if self.busy_timeout_ms < 0 or self.timeout_ms <= 0:
+            raise ValueError("busy_timeout_ms must be >= 0 and timeout_ms > 0")
+
+
+@dataclasses.dataclass
+class MqttSection:
+    host: str = field("", doc="Broker host; empty (with port 0) = start and supervise an embedded Mosquitto "
+                              "on a free loopback port.")
+    port: int = field(0, doc="Broker port; 0 = 1883 (8883 with TLS) when host is set, else embedded.")
+    username: str = field("", doc="Username; empty = anonymous.")
+    password_file: str = field("", doc="File holding the password (keeps secrets out of the config).")
+    tls: bool = field(False, doc="Connect with TLS.")
+    ca_file: str = field("", doc="CA bundle for TLS; empty = system CAs.")
+    cert_file: str = field("", doc="Client certificate for mutual TLS.")
+    key_file: str = field("", doc="Client key for mutual TLS.")
+    client_id: str = field("", doc="Fixed MQTT client id (persistent session: the broker queues frames while "
+                                   "this hub is down). Empty = kestrel-hub-<hostname>-<hash of data_dir>. "
+                                   "Every hub process needs its own.")
+    share_group: str = field("kestrel-hub", doc="Shared-subscription group: hubs in one group split the "
+                                                "frames ($share/<group>/...); empty = no sharing.")
+    max_payload_bytes: int = field(4 * MiB, doc="Frame messages larger than this are rejected (too_large).")
+    keepalive_s: int = field(30, doc="MQTT keepalive.")
+    allow_unknown_devices: bool = field(True, doc="Auto-register a device on its first valid message; false = "
+                                                  "frames from devices not in the store are rejected "
+                                                  "(unknown_device).")
+    batch_max: int = field(200, doc="Most frames committed in one store transaction.")
+    retry_initial_s: float = field(0.2, doc="First wait before retrying an unreachable store.")
+    retry_max_s: float = field(10.0, doc="Longest wait between store retries (exponential backoff).")
+    embedded_port: int = field(0, doc="Embedded broker: port on 127.0.0.1; 0 = a free port (written to "
+                                      "<data_dir>/broker/broker.json).")
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535 or not 0 <= self.embedded_port <= 65535:
+            raise ValueError("port and embedded_port must be 0..65535")
+        if self.max_payload_bytes < 1024:
+            raise ValueError("max_payload_bytes must be >= 1024")
+        if self.batch_max < 1:
+            raise ValueError("batch_max must be >= 1")
+        if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
+            raise ValueError("need 0 < retry_initial_s <= retry_max_s")
+        if any(c in self.share_group for c in "/+#"):
+            raise ValueError(f"share_group {self.share_group!r} must not contain '/', '+' or '#'")
+        if self.port and not self.host:
+            raise ValueError("port is set but host is empty (leave both empty for the embedded broker)")
+
+    @property
+    def embedded(self) -> bool:
+        return not self.host
+
+
+@dataclasses.dataclass
+class GrpcSection:
+    bind: str = field("127.0.0.1", doc="Address the gRPC registry and fleet services listen on.")
+    port: int = field(50051, doc="gRPC port; 0 = a free port (logged).")
+    max_workers: int = field(8, doc="gRPC worker threads.")
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535 or self.max_workers < 1:
+            raise ValueError("port must be 0..65535 and max_workers >= 1")
+
+
+@dataclasses.dataclass
+class HttpSection:
+    bind: str = field("127.0.0.1", doc="Address of the HTTP server (/healthz, /metrics, dashboard).")
+    port: int = field(8080, doc="HTTP port; 0 = a free port (logged).")
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be 0..65535")
+
+
+@dataclasses.dataclass
+class HubConfig:
+    hub: HubSection = field(doc="Process-wide settings.", factory=HubSection)
+    store: StoreSection = field(doc="Frame, device and model-record storage.", factory=StoreSection)
+    mqtt: MqttSection = field(doc="Broker connection and the frame ingest.", factory=MqttSection)
+    grpc: GrpcSection = field(doc="Model registry and fleet gRPC services.", factory=GrpcSection)
+    http: HttpSection = field(doc="Health, metrics and dashboard.", factory=HttpSection)
+    registry: RegistryConfig = field(doc="Model registry (see hub.registry).", factory=RegistryConfig)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.hub.data_dir).expanduser().resolve()
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url or f"sqlite:///{self.data_dir / 'hub.db'}"
+
+    @property
+    def client_id(self) -> str:
+        if self.mqtt.client_id:
+            return self.mqtt.client_id
+        digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:8]
+        return f"kestrel-hub-{socket.gethostname()}-{digest}"
+
+
+def load(path: Union[str, Path, None]) -> HubConfig:
+    """Load and validate ``hub.toml`` (embedded defaults when None); ConfigError on any problem."""
+    return tomlconf.load(HubConfig, path)
+
+
+def from_dict(data: Any) -> HubConfig:
+    return tomlconf.from_dict(HubConfig, data)
+
+
+def describe_config() -> List[str]:
+    return tomlconf.describe(HubConfig)

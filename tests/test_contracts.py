@@ -1,0 +1,37 @@
+"""Wire contracts: topics and protobuf round trips (runs on the device Python too)."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge import topics
+from proto import kestrel_pb2 as pb
+
+
+def test_topic_layout() -> None:
+    assert topics.frames("cam-1") == "kestrel/v1/devices/cam-1/frames"
+    assert topics.status("cam-1") == "kestrel/v1/devices/cam-1/status"
+    assert topics.group_desired("lobby") == "kestrel/v1/groups/lobby/desired"
+    assert topics.shared("hub", topics.ALL_FRAMES) == "$share/hub/kestrel/v1/devices/+/frames"
+    assert topics.parse_device_topic("kestrel/v1/devices/cam-1/frames") == ("cam-1", "frames")
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "a+", "#", "$SYS"])
+def test_topic_segments_are_checked(bad: str) -> None:
+    with pytest.raises(ValueError):
+        topics.frames(bad)
+
+
+@pytest.mark.parametrize("topic", ["kestrel/v1/devices//frames", "kestrel/v2/devices/a/frames", "x/y"])
+def test_parse_rejects_foreign_topics(topic: str) -> None:
+    with pytest.raises(ValueError):
+        topics.parse_device_topic(topic)
+
+
+def test_frame_round_trip() -> None:
+    f = pb.Frame(frame_id="d-b-1", device_id="d", capture_time_ms=1, image=b"\xff\xd8", image_format="jpeg",
+                 reasons=[pb.LOW_CONFIDENCE, pb.LOW_MARGIN],
+                 top_k=[pb.TopScore(index=2, label="mid", score=0.4)],
+                 model=pb.ModelRef(name="m", version=3, sha256="ab"))
+    g = pb.Frame.FromString(f.SerializeToString())
+    assert g == f and list(g.reasons) == [pb.LOW_CONFIDENCE, pb.LOW_MARGIN]
