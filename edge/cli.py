@@ -10,10 +10,15 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 from typing import List, Optional
 
 from edge import __version__
 from edge.errors import ArtifactError, KestrelError, TransportError
+
+# cryptography warns on every import under Python 3.8 (still the JetPack 4.6/5 Python); the
+# device has no other Python, so the warning is noise that breaks "one clear line" errors.
+warnings.filterwarnings("ignore", message=".*Python 3.8 is no longer supported.*")
 
 # subcommand -> (module, help)
 COMMANDS = {

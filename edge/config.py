@@ -53,6 +53,9 @@ class SourceConfig:
     reconnect_max_s: float = field(30.0, doc="Longest wait between reopen attempts (exponential backoff).")
     stall_timeout_s: float = field(10.0, doc="A live source that delivers no frame for this long is reopened.")
     max_corrupt_in_row: int = field(100, doc="A file source stops after this many unreadable frames in a row.")
+    pattern_brightness: List[float] = field(doc="testpattern: mean brightness levels (0..1) the moving "
+                                                 "pattern cycles through, one per frame.",
+                                            factory=lambda: [0.5])
 
     def validate(self) -> None:
         kinds = ("file", "v4l2", "rtsp", "gstreamer", "testpattern")
@@ -64,6 +67,8 @@ class SourceConfig:
             raise ValueError("width and height must be positive")
         if self.reconnect_initial_s <= 0 or self.reconnect_max_s < self.reconnect_initial_s:
             raise ValueError("need 0 < reconnect_initial_s <= reconnect_max_s")
+        if not self.pattern_brightness or not all(0.0 <= b <= 1.0 for b in self.pattern_brightness):
+            raise ValueError("pattern_brightness needs one or more levels within 0..1")
 
 
 @dataclasses.dataclass
@@ -198,6 +203,8 @@ class UpdateConfig:
     trial_seconds: float = field(60.0, doc="Trial: seconds watched before committing (both must pass).")
     trial_max_latency_ratio: float = field(3.0, doc="Trial fails when p95 latency exceeds this x the "
                                                     "previous model's.")
+    trial_latency_floor_ms: float = field(2.0, doc="Trial: a previous p95 below this counts as this in the "
+                                                   "latency ratio (sub-millisecond timings are noise).")
     trial_max_low_conf_rate: float = field(0.5, doc="Trial fails when the low-confidence rate rises "
                                                     "above the previous model's by more than this.")
     trial_max_errors: int = field(3, doc="Trial fails after this many invoke errors.")

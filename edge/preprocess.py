@@ -64,8 +64,9 @@ class Preprocessor:
             bgr = bgr[y0:y1, x0:x1]
         if bgr.shape[1] == self.size[0] and bgr.shape[0] == self.size[1]:
             return bgr
-        # INTER_AREA is the right filter for downscaling; it is also fast on small outputs.
-        return cv2.resize(bgr, self.size, interpolation=cv2.INTER_AREA)
+        # Bilinear without antialiasing: what tf.image.resize / Keras image loaders do at training
+        # time, and several times faster than INTER_AREA on large camera frames.
+        return cv2.resize(bgr, self.size, interpolation=cv2.INTER_LINEAR)
 
     def __call__(self, bgr: np.ndarray) -> np.ndarray:
         if bgr.ndim == 2:

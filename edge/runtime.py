@@ -48,7 +48,8 @@ def interpreter_class(runtime: str = "auto") -> Tuple[str, Callable[..., Any]]:
             return name, mod.lite.Interpreter  # type: ignore[no-any-return]
         return name, mod.Interpreter  # type: ignore[no-any-return]
     raise RuntimeUnavailable(
-        "no TFLite runtime available (" + "; ".join(errors) + "): pip install tflite-runtime or ai-edge-litert"
+        "no TFLite runtime available (" + "; ".join(errors) + "): "
+        "pip install tflite-runtime or ai-edge-litert"
     )
 
 
@@ -157,7 +158,8 @@ def load_model(tflite: Union[str, Path, bytes], *, labels: Optional[List[str]] =
     ins = interp.get_input_details()
     outs = interp.get_output_details()
     if len(ins) != 1:
-        raise ModelError(f"{what} has {len(ins)} inputs; an image classifier needs exactly one [1,H,W,3] input")
+        raise ModelError(f"{what} has {len(ins)} inputs; an image classifier needs exactly one "
+                         "[1,H,W,3] input")
     if not outs:
         raise ModelError(f"{what} has no outputs")
     shape = [int(s) for s in ins[0]["shape"]]

@@ -80,19 +80,29 @@ class RateLimiter:
 
     def allow(self) -> bool:
         """True (and record the event) when every window has room."""
+        if not self.has_room():
+            return False
+        self.record()
+        return True
+
+    def record(self) -> None:
+        if self.limits:
+            self._events.append(self.clock())
+
+    def has_room(self) -> bool:
+        """True when every window has room (nothing recorded)."""
         if not self.limits:
             return True
         now = self.clock()
         for window, limit in self.limits:
             # count events within the window, newest first
-            count = 0
+            recent = 0
             for t in reversed(self._events):
-                if now - t >= window:
+                if now - t >= window or recent >= limit:
                     break
-                count += 1
-                if count >= limit:
-                    return False
-        self._events.append(now)
+                recent += 1
+            if recent >= limit:
+                return False
         return True
 
 
@@ -147,17 +157,18 @@ class Sampler:
             if not reasons:
                 return Decision(False, [], False)
             self._counts["low_confidence"] += 1
+            # the rate limit is checked first: no hashing while it is full (saves CPU on the device)
+            if not self.rate.has_room():
+                self._counts["rate_limited"] += 1
+                return Decision(True, reasons, False, "rate_limited")
             h: Optional[int] = None
             if self.dedup.enabled and bgr is not None:
                 h = self.hasher(bgr)
                 if self.dedup.is_duplicate(h):
                     self._counts["duplicate"] += 1
                     return Decision(True, reasons, False, "duplicate", h)
-            if not self.rate.allow():
-                self._counts["rate_limited"] += 1
-                return Decision(True, reasons, False, "rate_limited", h)
-            if h is not None:
                 self.dedup.remember(h)
+            self.rate.record()
             self._counts["sampled"] += 1
             return Decision(True, reasons, True, "", h)
 

@@ -70,10 +70,13 @@ class MqttSection:
                                                 "frames ($share/<group>/...); empty = no sharing.")
     max_payload_bytes: int = field(4 * MiB, doc="Frame messages larger than this are rejected (too_large).")
     keepalive_s: int = field(30, doc="MQTT keepalive.")
-    allow_unknown_devices: bool = field(True, doc="Auto-register a device on its first valid message; false = "
+    allow_unknown_devices: bool = field(True, doc="Auto-register a device on its first valid message; "
+                                                  "false = "
                                                   "frames from devices not in the store are rejected "
                                                   "(unknown_device).")
     batch_max: int = field(200, doc="Most frames committed in one store transaction.")
+    validate_workers: int = field(0, doc="Threads decoding images to validate frames (decoding releases the "
+                                         "GIL); 0 = min(4, CPU count), 1 = in the ingest thread.")
     retry_initial_s: float = field(0.2, doc="First wait before retrying an unreachable store.")
     retry_max_s: float = field(10.0, doc="Longest wait between store retries (exponential backoff).")
     embedded_port: int = field(0, doc="Embedded broker: port on 127.0.0.1; 0 = a free port (written to "
@@ -84,6 +87,8 @@ class MqttSection:
             raise ValueError("port and embedded_port must be 0..65535")
         if self.max_payload_bytes < 1024:
             raise ValueError("max_payload_bytes must be >= 1024")
+        if self.validate_workers < 0:
+            raise ValueError("validate_workers must be >= 0")
         if self.batch_max < 1:
             raise ValueError("batch_max must be >= 1")
         if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:

@@ -108,8 +108,12 @@ class StateFile:
             r = self._data.get("rejected", {}).get(f"{name}:{int(version)}")
             return str(r) if r else None
 
-    def transition(self, state: str, *, reason: str = "", crash: bool = True, **fields: Any) -> Dict[str, Any]:
-        """Persist a new state (and extra fields); log it; return the new snapshot."""
+    def transition(self, state: str, *, reason: str = "", crash: bool = True, reject: bool = False,
+                   **fields: Any) -> Dict[str, Any]:
+        """Persist a new state (and extra fields); log it; return the new snapshot.
+
+        ``reject`` remembers the target version as refused: desired-state messages do not retry it.
+        """
         if state not in STATES:
             raise ValueError(f"unknown update state {state!r}")
         with self._lock:
@@ -118,7 +122,7 @@ class StateFile:
             self._data["state"] = state
             self._data["reason"] = reason
             self._data["updated_ms"] = _now_ms()
-            if state in (ROLLED_BACK, FAILED) and self._data.get("model_name") and self._data.get("target_version"):
+            if reject and self._data.get("model_name") and self._data.get("target_version"):
                 key = f"{self._data['model_name']}:{int(self._data['target_version'])}"
                 self._data.setdefault("rejected", {})[key] = reason or state
             hist: List[Dict[str, Any]] = self._data.setdefault("history", [])

@@ -1,0 +1,231 @@
+"""The edge daemon's MQTT publisher: frames through the durable spool, telemetry, status.
+
+* :meth:`Publisher.publish_frame` assigns ``frame.sequence`` (monotonic, persisted), writes the
+  encoded frame to the spool (fsync per ``[spool] fsync``) BEFORE returning; the I/O thread then
+  sends spooled frames in sequence order at QoS 1 on ``topics.frames(device_id)``, at most
+  ``[mqtt] max_inflight`` unacknowledged at once. A record leaves the spool only after its PUBACK.
+  After a reconnect everything still in the spool is resent from the oldest: duplicates on the wire
+  are possible (the hub deduplicates by ``frame_id``), loss and reordering are not.
+* Status: retained QoS 1 on ``topics.status(device_id)``; birth ``online`` after every connect,
+  last will ``offline`` (both built by the status provider), an explicit retained ``offline`` on
+  :meth:`stop`.
+* Telemetry: QoS 0, best effort; while disconnected it is dropped and counted.
+
+See docs/edge-transport.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+from edge import topics
+from edge.config import EdgeConfig
+from edge.errors import FrameError
+from edge.mqttclient import Message, MessageCallback, MqttClient
+from edge.spool import Spool
+from proto import kestrel_pb2
+
+log = logging.getLogger(__name__)
+
+StatusProvider = Callable[[str], kestrel_pb2.Status]
+
+
+class _Oversize(FrameError):
+    pass
+
+
+class Publisher:
+    def __init__(self, cfg: EdgeConfig, device_id: str, spool_dir: Path) -> None:
+        self.cfg = cfg
+        self.device_id = device_id
+        self.spool = Spool(Path(spool_dir), cfg.spool.max_bytes, cfg.spool.max_frames, fsync=cfg.spool.fsync)
+        self._frames_topic = topics.frames(device_id)
+        self._status_topic = topics.status(device_id)
+        self._telemetry_topic = topics.telemetry(device_id)
+        self._provider: Optional[StatusProvider] = None
+        self._last_status: Optional[kestrel_pb2.Status] = None
+        self._cond = threading.Condition()
+        # I/O-thread state: seq -> mid of frames sent on this connection, and the last seq sent.
+        self._inflight: Dict[int, int] = {}
+        self._cursor: Optional[int] = None
+        self.frames_sent = 0
+        self.frames_acked = 0
+        self.oversize_refused = 0
+        self.telemetry_dropped = 0
+        self.telemetry_sent = 0
+        self._mqtt = MqttClient(cfg.mqtt, f"kestrel-edge-{device_id}", will=self._will,
+                                on_connected=self._on_connected, on_disconnected=self._on_disconnected,
+                                pump=self._pump)
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def set_status_provider(self, fn: StatusProvider) -> None:
+        self._provider = fn
+
+    def _status(self, state: str) -> kestrel_pb2.Status:
+        if self._provider is not None:
+            try:
+                msg = self._provider(state)
+                msg.state = state
+                return msg
+            except Exception:
+                log.exception("publisher: status provider failed; sending a minimal status")
+        return kestrel_pb2.Status(device_id=self.device_id, state=state, time_ms=int(time.time() * 1000),
+                                  group=self.cfg.device.group)
+
+    def _will(self) -> Optional[Message]:
+        offline = self._status(topics.STATE_OFFLINE).SerializeToString()
+        return (self._status_topic, offline, topics.QOS_STATUS, True)
+
+    def publish_status(self, msg: kestrel_pb2.Status) -> None:
+        """Retained QoS 1; remembered and re-sent after every reconnect."""
+        self._last_status = msg
+        payload = msg.SerializeToString()
+        self._mqtt.call_soon(lambda: self._send_status(payload))
+
+    def _send_status(self, payload: bytes) -> None:
+        self._mqtt.publish_now(self._status_topic, payload, topics.QOS_STATUS, True)
+
+    # -- telemetry ------------------------------------------------------------------------------
+
+    def publish_telemetry(self, msg: kestrel_pb2.Telemetry) -> None:
+        """QoS 0, best effort: counted in ``telemetry_dropped`` when it cannot be sent."""
+        if not self._mqtt.connected:
+            self.telemetry_dropped += 1
+            return
+        payload = msg.SerializeToString()
+
+        def send() -> None:
+            if self._mqtt.publish_now(self._telemetry_topic, payload, topics.QOS_TELEMETRY, False) is None:
+                self.telemetry_dropped += 1
+            else:
+                self.telemetry_sent += 1
+
+        self._mqtt.call_soon(send)
+
+    # -- frames ---------------------------------------------------------------------------------
+
+    def publish_frame(self, frame: kestrel_pb2.Frame) -> None:
+        """Assign ``frame.sequence`` and store the frame durably; it is sent in order in the background.
+
+        A frame whose encoded message exceeds ``[mqtt] max_payload_bytes`` is refused (one ERROR line,
+        counted in ``oversize_refused``) and consumes no sequence number.
+        """
+        limit = self.cfg.mqtt.max_payload_bytes
+
+        def encode(seq: int) -> bytes:
+            frame.sequence = seq
+            if not frame.image_bytes and frame.image:
+                frame.image_bytes = len(frame.image)
+            data = frame.SerializeToString()
+            if len(data) > limit:
+                raise _Oversize(f"frame {frame.frame_id!r} encodes to {len(data)} bytes, over [mqtt] "
+                                f"max_payload_bytes={limit}: not sent (re-encode it smaller)")
+            return data
+
+        try:
+            self.spool.append(encode)
+        except _Oversize as exc:
+            self.oversize_refused += 1
+            frame.sequence = 0
+            log.error("publisher: %s", exc)
+        except FrameError as exc:
+            self.oversize_refused += 1
+            frame.sequence = 0
+            log.error("publisher: frame %r refused: %s", frame.frame_id, exc)
+
+    def _pump(self) -> None:
+        """I/O thread: send spooled frames after the cursor while the in-flight window has room."""
+        room = self.cfg.mqtt.max_inflight - len(self._inflight)
+        if room <= 0:
+            return
+        for seq, payload in self.spool.after(self._cursor, room):
+            mid = self._mqtt.publish_now(self._frames_topic, payload, topics.QOS_FRAMES, False,
+                                         on_ack=functools.partial(self._acked, seq))
+            if mid is None:
+                return
+            self._inflight[seq] = mid
+            self._cursor = seq
+            self.frames_sent += 1
+
+    def _acked(self, seq: int) -> None:
+        self._inflight.pop(seq, None)
+        self.spool.remove(seq)
+        self.frames_acked += 1
+        with self._cond:
+            self._cond.notify_all()
+
+    def _on_connected(self) -> None:
+        self._inflight.clear()
+        self._cursor = None  # resend everything still in the spool, oldest first
+        birth = self._status(topics.STATE_ONLINE) if self._provider is not None else self._last_status
+        if birth is None:
+            birth = self._status(topics.STATE_ONLINE)
+        self._mqtt.publish_now(self._status_topic, birth.SerializeToString(), topics.QOS_STATUS, True)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _on_disconnected(self) -> None:
+        self._inflight.clear()
+        self._cursor = None
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def subscribe(self, topic: str, callback: MessageCallback, qos: int = 1) -> None:
+        """``callback(topic, payload)`` runs in the I/O thread (keep it short); re-subscribed on reconnect."""
+        self._mqtt.subscribe(topic, callback, qos)
+
+    def start(self) -> None:
+        """Connect in the background; never raises because the broker is down."""
+        self._mqtt.start()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait (bounded) until the spool is empty while connected; True if it is empty."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while len(self.spool) and self._mqtt.connected:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.1))
+        return len(self.spool) == 0
+
+    def stop(self, flush_timeout_s: float = 5.0) -> None:
+        """Drain the spool (bounded), publish retained ``offline``, disconnect cleanly.
+        Whatever is unsent stays in the spool for the next start."""
+        self.flush(flush_timeout_s)
+        offline = self._status(topics.STATE_OFFLINE).SerializeToString()
+        self._mqtt.stop(final=(self._status_topic, offline, topics.QOS_STATUS, True),
+                        timeout=min(2.0, max(0.5, self.cfg.mqtt.ack_timeout_s)))
+        left = len(self.spool)
+        if left:
+            log.info("publisher: %d frames stay in the spool for the next start", left)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._mqtt.connected
+
+    @property
+    def state(self) -> str:
+        return self._mqtt.state
+
+    @property
+    def last_error(self) -> Optional[Exception]:
+        return self._mqtt.last_error
+
+    @property
+    def mqtt(self) -> MqttClient:
+        return self._mqtt
+
+    def spool_stats(self) -> Tuple[int, int, int]:
+        """(bytes, frames, evictions) of the spool."""
+        return self.spool.stats()

@@ -1,0 +1,462 @@
+"""Camera sources: video file, USB (V4L2), RTSP, a GStreamer pipeline on a pipe, a test pattern.
+
+Every source is a :class:`FrameSource`: ``open()``, ``read() -> (ok, bgr, capture_time)`` and
+``close()``; ``ok`` False means the source has ended (file end, ``max_frames`` reached, closed).
+Live sources (``live`` True) never end on their own: a failed open, a read error or a stall
+(no frame for ``stall_timeout_s``) closes the device and reopens it with exponential backoff
+(``reconnect_initial_s`` doubling up to ``reconnect_max_s``), logging one line per kind of
+failure rather than one per attempt. Corrupt frames are counted (``corrupt``) and skipped.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import select
+import shlex
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Deque, List, Optional, Set, Tuple
+
+import cv2
+import numpy as np
+
+from edge.config import SourceConfig
+from edge.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+ReadResult = Tuple[bool, Optional[np.ndarray], float]
+_END: ReadResult = (False, None, 0.0)
+_POLL_S = 0.2  # how often a blocked pipe read checks for stop
+
+
+class FrameSource:
+    """Base class: counts frames, enforces ``max_frames``, wraps the kind-specific ``_read``."""
+
+    live = False
+    kind = "base"
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.frames = 0      # frames delivered
+        self.corrupt = 0     # undecodable/empty frames skipped
+        self._closed = threading.Event()
+
+    def open(self) -> FrameSource:
+        return self
+
+    def read(self) -> ReadResult:
+        if self._closed.is_set() or (self.cfg.max_frames and self.frames >= self.cfg.max_frames):
+            return _END
+        ok, frame, t = self._read()
+        if ok:
+            self.frames += 1
+        return ok, frame, t
+
+    def _read(self) -> ReadResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def request_stop(self) -> None:
+        """Thread-safe: make a blocked or waiting ``read`` return the end soon; call close() after."""
+        self._closed.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def __enter__(self) -> FrameSource:
+        return self.open()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _valid(frame: Optional[np.ndarray]) -> bool:
+    return frame is not None and frame.ndim == 3 and frame.shape[2] == 3 and frame.size > 0
+
+
+class FileSource(FrameSource):
+    """A video file read with OpenCV; optionally looped and paced at the file's frame rate."""
+
+    kind = "file"
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        super().__init__(cfg)
+        self.path = Path(cfg.uri)
+        self._cap: Any = None
+        self._frame_count = 0
+        self._period = 0.0
+        self._next_t = 0.0
+
+    def open(self) -> FileSource:
+        if not self.path.is_file():
+            raise SourceError(f"video file {self.path} does not exist (source uri)")
+        cap = cv2.VideoCapture(str(self.path))
+        ok = cap.isOpened()
+        first: Optional[np.ndarray] = None
+        if ok:
+            ok, first = cap.read()
+            ok = bool(ok) and _valid(first)
+        if not ok:
+            cap.release()
+            raise SourceError(f"cannot decode video file {self.path}: not a readable video "
+                              "(check the file and that OpenCV's FFmpeg supports its codec)")
+        cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+        self._cap = cap
+        self._frame_count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        self._period = 1.0 / fps if self.cfg.realtime and fps > 0 else 0.0
+        self._next_t = time.monotonic()
+        return self
+
+    def _read(self) -> ReadResult:
+        if self._cap is None:
+            self.open()
+        in_row = 0
+        while not self._closed.is_set():
+            ok, frame = self._cap.read()
+            if ok and _valid(frame):
+                if self._period:
+                    self._next_t += self._period
+                    delay = self._next_t - time.monotonic()
+                    if delay > 0:
+                        self._closed.wait(delay)
+                    else:
+                        self._next_t = time.monotonic()
+                return True, frame, time.time()
+            pos = int(self._cap.get(cv2.CAP_PROP_POS_FRAMES) or 0)
+            if ok or (self._frame_count and pos < self._frame_count):
+                self.corrupt += 1
+                in_row += 1
+                if in_row >= self.cfg.max_corrupt_in_row:
+                    log.error("source %s: %d unreadable frames in a row in %s; stopping", self.name,
+                              in_row, self.path)
+                    return _END
+                if not ok:
+                    self._cap.set(cv2.CAP_PROP_POS_FRAMES, pos + 1)
+                continue
+            if self.cfg.loop and self.frames > 0:
+                self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                continue
+            return _END
+        return _END
+
+    def close(self) -> None:
+        super().close()
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+class LiveSource(FrameSource):
+    """A live source: reopen with exponential backoff on failures and stalls, never end by itself."""
+
+    live = True
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        super().__init__(cfg)
+        self.attempts = 0                # open attempts
+        self.failures = 0                # failed opens + lost streams
+        self.backoffs: List[float] = []  # every wait before a reopen (for telemetry and tests)
+        self._logged: Set[str] = set()
+        self._backoff = cfg.reconnect_initial_s
+        self._is_open = False
+
+    # kind-specific
+    def _open_device(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _read_device(self) -> Tuple[bool, Optional[np.ndarray]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _close_device(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.cfg.uri
+
+    def _fail(self, kind: str, detail: str) -> None:
+        self.failures += 1
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.warning("source %s (%s): %s: %s; retrying with backoff (logged once per kind)",
+                        self.name, self.describe(), kind, detail)
+        if self._is_open:
+            self._close_device()
+            self._is_open = False
+        wait = self._backoff
+        self.backoffs.append(wait)
+        self._backoff = min(self._backoff * 2.0, self.cfg.reconnect_max_s)
+        self._closed.wait(wait)
+
+    def open(self) -> LiveSource:
+        """Try once; a failure is not fatal (``read`` keeps retrying)."""
+        if not self._is_open and not self._closed.is_set():
+            self._try_open()
+        return self
+
+    def _try_open(self) -> bool:
+        self.attempts += 1
+        try:
+            self._open_device()
+        except SourceError as exc:
+            self._fail("open failed", str(exc))
+            return False
+        self._is_open = True
+        return True
+
+    def _read(self) -> ReadResult:
+        corrupt_in_row = 0
+        while not self._closed.is_set():
+            if not self._is_open and not self._try_open():
+                continue
+            try:
+                ok, frame = self._read_device()
+            except SourceError as exc:
+                self._fail("stream lost", str(exc))
+                continue
+            if self._closed.is_set():
+                break
+            if not ok:
+                self._fail("stream lost", "no frame (ended, stalled or read error)")
+                continue
+            if not _valid(frame):
+                self.corrupt += 1
+                corrupt_in_row += 1
+                if corrupt_in_row >= self.cfg.max_corrupt_in_row:
+                    self._fail("corrupt frames", f"{corrupt_in_row} undecodable frames in a row")
+                    corrupt_in_row = 0
+                continue
+            if self._logged:
+                log.info("source %s: receiving frames again", self.name)
+                self._logged.clear()
+            self._backoff = self.cfg.reconnect_initial_s
+            return True, frame, time.time()
+        return _END
+
+    def close(self) -> None:
+        super().close()
+        if self._is_open:
+            self._is_open = False
+            self._close_device()
+
+
+class OpenCVLiveSource(LiveSource):
+    """USB (V4L2) or RTSP through cv2.VideoCapture."""
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        super().__init__(cfg)
+        self._cap: Any = None
+
+    def _capture(self) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _open_device(self) -> None:
+        cap = self._capture()
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(f"cannot open {self.describe()}")
+        self._cap = cap
+
+    def _read_device(self) -> Tuple[bool, Optional[np.ndarray]]:
+        start = time.monotonic()
+        ok, frame = self._cap.read()
+        if not ok and time.monotonic() - start >= self.cfg.stall_timeout_s:
+            raise SourceError(f"no frame for {self.cfg.stall_timeout_s:g}s (stalled)")
+        return bool(ok), frame
+
+    def _close_device(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+class V4L2Source(OpenCVLiveSource):
+    kind = "v4l2"
+
+    def _capture(self) -> Any:
+        uri = self.cfg.uri
+        dev: Any = int(uri) if uri.isdigit() else uri
+        cap = cv2.VideoCapture(dev, cv2.CAP_V4L2)
+        cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.cfg.width)
+        cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.cfg.height)
+        if self.cfg.fps > 0:
+            cap.set(cv2.CAP_PROP_FPS, self.cfg.fps)
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+        return cap
+
+
+class RTSPSource(OpenCVLiveSource):
+    """RTSP over TCP (``OPENCV_FFMPEG_CAPTURE_OPTIONS=rtsp_transport;tcp``) with open/read timeouts."""
+
+    kind = "rtsp"
+
+    def describe(self) -> str:
+        # never log credentials embedded in the URL
+        uri = self.cfg.uri
+        if "@" in uri and "://" in uri:
+            scheme, rest = uri.split("://", 1)
+            return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return uri
+
+    def _capture(self) -> Any:
+        opts = os.environ.get("OPENCV_FFMPEG_CAPTURE_OPTIONS", "")
+        if "rtsp_transport" not in opts:
+            opts = "|".join(x for x in (opts, "rtsp_transport;tcp") if x)
+            os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = opts
+        ms = int(self.cfg.stall_timeout_s * 1000)
+        params: List[int] = []
+        for name in ("CAP_PROP_OPEN_TIMEOUT_MSEC", "CAP_PROP_READ_TIMEOUT_MSEC"):
+            if hasattr(cv2, name):
+                params += [getattr(cv2, name), ms]
+        try:
+            return cv2.VideoCapture(self.cfg.uri, cv2.CAP_FFMPEG, params)
+        except TypeError:  # pragma: no cover - OpenCV < 4.5.2 has no params argument
+            return cv2.VideoCapture(self.cfg.uri, cv2.CAP_FFMPEG)
+
+
+class GStreamerSource(LiveSource):
+    """``gst-launch-1.0 -q <pipeline> ! videoconvert ! videoscale ! video/x-raw,format=BGR,... ! fdsink``.
+
+    Raw BGR frames arrive on a pipe (exact W*H*3-byte reads), so CSI cameras (``nvarguscamerasrc``)
+    work with pip OpenCV builds that lack GStreamer support.
+    """
+
+    kind = "gstreamer"
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        super().__init__(cfg)
+        self.exe = shutil.which("gst-launch-1.0") or "gst-launch-1.0"
+        self._proc: Optional[subprocess.Popen] = None
+        self._frame_bytes = cfg.width * cfg.height * 3
+        self._stderr: Deque[str] = collections.deque(maxlen=20)
+
+    def command(self) -> List[str]:
+        caps = f"video/x-raw,format=BGR,width={self.cfg.width},height={self.cfg.height}"
+        return [self.exe, "-q"] + shlex.split(self.cfg.uri) + [
+            "!", "videoconvert", "!", "videoscale", "!", caps, "!", "fdsink", "fd=1"]
+
+    def _open_device(self) -> None:
+        try:
+            proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, bufsize=0)
+        except OSError as exc:
+            raise SourceError(f"cannot start gst-launch-1.0: {exc.strerror or exc} "
+                              "(install gstreamer1.0-tools)") from exc
+        self._proc = proc
+        threading.Thread(target=self._drain_stderr, args=(proc,), daemon=True,
+                         name=f"gst-stderr-{self.name}").start()
+
+    def _drain_stderr(self, proc: subprocess.Popen) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self._stderr.append(line.decode(errors="replace").rstrip())
+
+    def _read_device(self) -> Tuple[bool, Optional[np.ndarray]]:
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            return False, None
+        buf = bytearray(self._frame_bytes)
+        view = memoryview(buf)
+        got = 0
+        fd = proc.stdout.fileno()
+        start = time.monotonic()
+        while got < self._frame_bytes:
+            if self._closed.is_set():
+                return False, None
+            ready, _, _ = select.select([fd], [], [], _POLL_S)
+            if not ready:
+                if time.monotonic() - start > self.cfg.stall_timeout_s:
+                    raise SourceError(f"no frame for {self.cfg.stall_timeout_s:g}s (stalled)")
+                continue
+            n = os.readv(fd, [view[got:]])
+            if not n:
+                tail = " | ".join(list(self._stderr)[-3:])
+                raise SourceError("gst-launch-1.0 ended" + (f": {tail}" if tail else ""))
+            got += n
+        return True, np.frombuffer(buf, np.uint8).reshape(self.cfg.height, self.cfg.width, 3)
+
+    def _close_device(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(3)
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+
+
+class TestPatternSource(FrameSource):
+    """A moving pattern whose mean brightness cycles through ``pattern_brightness``.
+
+    ``brightness`` may also be set at run time (tests use it to make low/high-confidence frames).
+    Paced at ``fps`` (then it behaves as a live source); ``fps = 0`` delivers as fast as asked.
+    """
+
+    kind = "testpattern"
+    __test__ = False  # not a pytest class
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        super().__init__(cfg)
+        self.live = cfg.fps > 0
+        self.brightness: Optional[float] = None
+        self._period = 1.0 / cfg.fps if cfg.fps > 0 else 0.0
+        self._next_t = time.monotonic()
+        x = np.arange(cfg.width, dtype=np.float32)
+        self._x = x
+        self._i = 0
+
+    def frame_at(self, i: int, level: float) -> np.ndarray:
+        w, h = self.cfg.width, self.cfg.height
+        amp = min(level, 1.0 - level, 0.15) * 255.0
+        # a zero-mean moving wave, plus a moving light/dark bar pair: the mean stays ~level
+        wave = amp * np.sin((self._x + 7.0 * i) * (2 * np.pi / max(16.0, w / 4.0)))
+        row = np.clip(level * 255.0 + wave, 0, 255).astype(np.uint8)
+        img = np.empty((h, w, 3), np.uint8)
+        img[:] = row[None, :, None]
+        if h >= 8:
+            bar = (i * 5) % (h - 4)
+            img[bar:bar + 2] = np.clip(level * 255.0 + amp, 0, 255)
+            img[bar + 2:bar + 4] = np.clip(level * 255.0 - amp, 0, 255)
+        return img
+
+    def _read(self) -> ReadResult:
+        if self._period:
+            self._next_t += self._period
+            delay = self._next_t - time.monotonic()
+            if delay > 0 and self._closed.wait(delay):
+                return _END
+            if delay <= 0:
+                self._next_t = time.monotonic()
+        levels = self.cfg.pattern_brightness
+        level = self.brightness if self.brightness is not None else levels[self._i % len(levels)]
+        img = self.frame_at(self._i, float(level))
+        self._i += 1
+        return True, img, time.time()
+
+
+def open_source(cfg: SourceConfig) -> FrameSource:
+    """Build and open the source ``cfg`` describes. SourceError when a file is unreadable."""
+    kinds = {"file": FileSource, "v4l2": V4L2Source, "rtsp": RTSPSource, "gstreamer": GStreamerSource,
+             "testpattern": TestPatternSource}
+    try:
+        cls = kinds[cfg.kind]
+    except KeyError:
+        raise SourceError(f"unknown source kind {cfg.kind!r} ({', '.join(kinds)})") from None
+    src: FrameSource = cls(cfg)
+    return src.open()

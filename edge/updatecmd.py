@@ -1,0 +1,162 @@
+"""``kestrel-edge install BUNDLE | rollback | status [--json]``: the update path from a shell.
+
+The same checks as a hub-driven update (verify -> stage -> self-test -> switch). With the daemon
+not running, the command switches the slot pointer itself and the daemon starts the trial on its
+next start. With the daemon running (it holds {data_dir}/update/daemon.lock), the command stages and
+self-tests, then asks the daemon through {data_dir}/update/control.json to hot-swap (or roll back);
+the daemon polls that file every 0.5 s. See docs/updates.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, List, Optional
+
+from edge import config
+from edge.errors import ArtifactError
+from edge.updater import state as st
+from edge.updater.engine import NothingToDo, Updater, daemon_running
+
+WAIT_S = 30.0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="edge.toml", help="the daemon's edge.toml (default: ./edge.toml)")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    path = Path(args.config)
+    if not path.exists() and args.config == "edge.toml":
+        return config.load(None)
+    return config.load(path)
+
+
+def add_install_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("bundle", help="a signed .kbundle file")
+    p.add_argument("--trust", default="", help="trusted key directory or .pub file (default: [update] trust_dir)")
+    p.add_argument("--no-wait", action="store_true", help="with a running daemon: do not wait for the switch")
+
+
+def add_rollback_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+
+
+def add_status_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _wait_state(upd: Updater, states: List[str], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        upd.state.reload()
+        if upd.state.state in states:
+            return upd.state.state
+        time.sleep(0.1)
+    return upd.state.state
+
+
+def run_install(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    upd = Updater(cfg, trust=args.trust or None)
+    path = Path(args.bundle)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"cannot read bundle {path}: {exc.strerror}") from exc
+    running = daemon_running(upd.dir)
+    try:
+        with upd.locked():
+            slot = upd.prepare(data, source=f"file {path.name}")
+            if not running:
+                upd.begin_trial(slot.name, baseline=None, boot_count=0)
+                print(f"installed {slot.model_name} v{slot.version} in slot {slot.name}; the daemon runs its "
+                      f"trial on its next start")
+                return 0
+            upd.request("switch", slot=slot.name)
+    except NothingToDo as exc:
+        print(f"nothing to do: {exc}")
+        return 0
+    print(f"staged {slot.model_name} v{slot.version} in slot {slot.name}; asked the running daemon to switch")
+    if args.no_wait:
+        return 0
+    got = _wait_state(upd, [st.TRIAL, st.COMMITTED, st.ROLLED_BACK, st.FAILED], WAIT_S)
+    print(f"update state: {got}")
+    return 0 if got in (st.TRIAL, st.COMMITTED) else 1
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    upd = Updater(cfg)
+    if daemon_running(upd.dir):
+        before = upd.state.snapshot().get("updated_ms", 0)
+        upd.request("rollback", reason="manual rollback (kestrel-edge rollback)")
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            upd.state.reload()
+            snap = upd.state.snapshot()
+            if snap.get("updated_ms", 0) != before and snap["state"] == st.ROLLED_BACK:
+                print(f"rolled back: {upd.status()['installed']}")
+                return 0
+            time.sleep(0.1)
+        raise ArtifactError("the running daemon did not confirm the rollback within 30 s; check its log")
+    with upd.locked():
+        slot = upd.rollback("manual rollback (kestrel-edge rollback)")
+    if slot is None:
+        raise ArtifactError("no previous model slot to roll back to")
+    print(f"rolled back to {slot.model_name} v{slot.version} (slot {slot.name})")
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    s = Updater(cfg).status()
+    if args.json:
+        print(json.dumps(s, indent=1, sort_keys=True))
+        return 0
+    for label in ("installed", "previous"):
+        v = s[label]
+        print(f"{label:10s} " + ("-" if v is None else f"{v['model_name']} v{v['version']} (slot {v['slot']}, "
+                                                        f"{v['model_sha256'][:12]})"))
+    target = s["target"]
+    print(f"{'state':10s} {s['state']}" + (f" (target v{target['version']})" if target.get("version") else "")
+          + (f": {s['reason']}" if s["reason"] else ""))
+    print(f"{'daemon':10s} {'running' if s['daemon_running'] else 'not running'}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Stand-alone entry (tests, and before edge.cli knows these commands)."""
+    from edge.errors import KestrelError, TransportError
+
+    p = argparse.ArgumentParser(prog="kestrel-edge")
+    sub = p.add_subparsers(dest="command")
+    sub.required = True
+    for name, adder in (("install", add_install_arguments), ("rollback", add_rollback_arguments),
+                        ("status", add_status_arguments)):
+        adder(sub.add_parser(name))
+    args = p.parse_args(argv)
+    runner = {"install": run_install, "rollback": run_rollback, "status": run_status}[args.command]
+    try:
+        return runner(args)
+    except ArtifactError as exc:
+        print(f"kestrel-edge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except TransportError as exc:
+        print(f"kestrel-edge {args.command}: error: {exc}", file=sys.stderr)
+        return 3
+    except KestrelError as exc:
+        print(f"kestrel-edge {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main())

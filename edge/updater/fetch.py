@@ -1,0 +1,118 @@
+"""Device-side client of the hub's ModelRegistry.FetchModel: a resumable, verified download.
+
+The bundle streams into ``{data_dir}/downloads/<name>-<version>.part`` (flushed and fsynced); a
+broken stream or a restart resumes from the part file's size. The whole file must match the
+sha256 from the desired state (or the server's, when the desired state has none). Bundles larger
+than ``max_bundle_bytes`` are refused before a byte is downloaded. The signature is checked later
+by edge.bundle.verify_bundle; this layer only moves bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from edge.errors import BundleError, HubError
+
+log = logging.getLogger("kestrel.updater")
+
+RETRY_INITIAL_S = 0.5
+RETRY_MAX_S = 10.0
+STREAM_TIMEOUT_S = 300.0
+
+
+def part_path(downloads: Path, name: str, version: int) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return Path(downloads) / f"{safe}-{int(version)}.part"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_bundle(target: str, name: str, version: int, *, downloads: Path, sha256: str = "", size: int = 0,
+                 max_bundle_bytes: int, attempts: int = 5, chunk_size: int = 0,
+                 stop: Optional[threading.Event] = None) -> Path:
+    """Download bundle ``name`` v``version`` from ``target`` (host:port); return the complete file."""
+    import grpc
+
+    from proto import kestrel_pb2, kestrel_pb2_grpc
+
+    if size and size > max_bundle_bytes:
+        raise BundleError(f"bundle {name} v{version} is {size} bytes, over max_bundle_bytes {max_bundle_bytes}; "
+                          "refused before download", reason="too_large")
+    if not target:
+        raise HubError("no hub gRPC address: set [update] hub_grpc or send grpc_target in the desired state")
+    downloads = Path(downloads)
+    downloads.mkdir(parents=True, exist_ok=True)
+    part = part_path(downloads, name, version)
+    want_sha = sha256.lower()
+    delay = RETRY_INITIAL_S
+    last_exc: Optional[Exception] = None
+    for attempt in range(max(1, attempts)):
+        if stop is not None and stop.is_set():
+            raise HubError("download stopped")
+        offset = part.stat().st_size if part.exists() else 0
+        if size and offset > size:
+            part.unlink()
+            offset = 0
+        total = size
+        try:
+            with grpc.insecure_channel(target) as channel:
+                stub = kestrel_pb2_grpc.ModelRegistryStub(channel)
+                req = kestrel_pb2.FetchRequest(model_name=name, version=int(version), offset=offset,
+                                               chunk_size=chunk_size)
+                with open(part, "ab") as fh:
+                    for chunk in stub.FetchModel(req, timeout=STREAM_TIMEOUT_S):
+                        if chunk.total_size:
+                            total = int(chunk.total_size)
+                            if total > max_bundle_bytes:
+                                raise BundleError(f"bundle {name} v{version} is {total} bytes, over "
+                                                  f"max_bundle_bytes {max_bundle_bytes}", reason="too_large")
+                        if chunk.sha256 and not want_sha:
+                            want_sha = chunk.sha256.lower()
+                        if int(chunk.offset) != offset:
+                            raise HubError(f"hub sent offset {chunk.offset}, expected {offset}")
+                        fh.write(chunk.data)
+                        offset += len(chunk.data)
+                        if total and offset > total:
+                            raise HubError(f"hub sent more than the {total} bytes it announced")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise BundleError(f"the hub has no bundle {name} v{version}", reason="not_found") from exc
+            last_exc = exc
+            log.warning("fetch %s v%s interrupted at %d bytes (%s); resuming", name, version,
+                        part.stat().st_size if part.exists() else 0, code)
+            if stop is not None and stop.wait(delay):
+                raise HubError("download stopped") from exc
+            if stop is None:
+                time.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+            continue
+        except HubError as exc:
+            if part.exists():
+                part.unlink()
+            last_exc = exc
+            continue
+        if total and offset < total:
+            last_exc = HubError(f"stream ended at {offset} of {total} bytes")
+            continue
+        got = _sha256_file(part)
+        if want_sha and got != want_sha:
+            part.unlink()
+            raise BundleError(f"downloaded bundle {name} v{version} has sha256 {got[:12]}..., the hub announced "
+                              f"{want_sha[:12]}...; discarded", reason="hash_mismatch")
+        return part
+    raise HubError(f"could not fetch {name} v{version} from {target} after {attempts} attempts: {last_exc}")

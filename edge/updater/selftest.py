@@ -1,0 +1,71 @@
+"""Self-test of a staged model before the switch: the bundle's own cases, within tolerance and budget."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+
+from edge.errors import ArtifactError
+
+
+class SelfTestError(ArtifactError):
+    """The staged model failed its self-test; the running model is untouched."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.reason = "self_test"
+
+
+def run_self_test(model: Any, self_test: Any, *, latency_budget_ms: float) -> Dict[str, Any]:
+    """Run every case on ``model`` (an edge.runtime.Model); return figures or raise SelfTestError.
+
+    The manifest's ``latency_budget_ms`` wins over ``latency_budget_ms`` (the device config) when set.
+    """
+    cases: List[Any] = list(_get(self_test, "cases", None) or [])
+    tolerance = float(_get(self_test, "tolerance", 0.05))
+    budget = float(_get(self_test, "latency_budget_ms", None) or latency_budget_ms)
+    spec = model.spec
+    dtype = np.dtype(spec.dtype)
+    shape = tuple(int(s) for s in spec.shape)
+    worst_diff = 0.0
+    worst_ms = 0.0
+    for i, case in enumerate(cases):
+        try:
+            raw = _get(case, "input")
+            if isinstance(raw, str):
+                raw = base64.b64decode(raw)
+            x = np.frombuffer(raw, dtype=dtype).reshape(shape)
+            expected = np.asarray(_get(case, "expected"), dtype=np.float32).reshape(-1)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise SelfTestError(f"self-test case {i} is malformed: {exc}") from exc
+        if i == 0:
+            model.invoke(x)  # warm-up: the first invoke pays for allocation
+        t0 = time.perf_counter()
+        got = model.invoke(x)
+        ms = (time.perf_counter() - t0) * 1000.0
+        if got.shape != expected.shape:
+            raise SelfTestError(f"self-test case {i}: model gives {got.size} scores, expected {expected.size}")
+        diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
+        worst_diff = max(worst_diff, diff)
+        worst_ms = max(worst_ms, ms)
+        if diff > tolerance:
+            raise SelfTestError(f"self-test case {i}: scores differ by {diff:.4f} (> tolerance {tolerance})")
+        if ms > budget:
+            raise SelfTestError(f"self-test case {i}: {ms:.1f} ms exceeds the latency budget {budget:.0f} ms")
+    return {"cases": len(cases), "max_diff": worst_diff, "max_latency_ms": worst_ms, "budget_ms": budget}
+
+
+def _get(obj: Any, key: str, default: Any = KeyError) -> Any:
+    """Read a field from the manifest's dataclass (edge.bundle) or its plain-dict form."""
+    if obj is None:
+        value = default
+    elif isinstance(obj, dict):
+        value = obj.get(key, default)
+    else:
+        value = getattr(obj, key, default)
+    if value is KeyError:
+        raise KeyError(key)
+    return value

@@ -1,0 +1,82 @@
+"""``kestrel-edge verify BUNDLE``: check a bundle's container, signature, hashes and expiry.
+
+Trusted keys come from ``--trust`` (a ``.pub`` file or a directory of them) or else the config's
+trust directory. Exit 0 and a summary when the bundle is valid; otherwise one line
+``bundle refused: <reason>: <detail>`` and exit 2 (see docs/bundle-format.md for the reasons).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from edge import bundle as bundlemod
+from edge import config as configmod
+from edge import keys as keymod
+from edge.errors import BundleError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", type=Path, help="the .kbundle file to verify")
+    parser.add_argument("--trust", type=Path, default=None,
+                        help="trusted public key file (.pub) or directory of them "
+                             "(default: the config's update.trust_dir)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="edge.toml (update.trust_dir, update.max_bundle_bytes, update.clock_slack_s); "
+                             "default: the built-in defaults")
+    parser.add_argument("--installed-version", type=int, default=0, metavar="N",
+                        help="also refuse the bundle unless its version is above N (default 0: no check)")
+    parser.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
+
+
+def _read(path: Path, limit: int) -> bytes:
+    try:
+        size = os.stat(str(path)).st_size
+    except OSError as exc:
+        raise BundleError(f"bundle refused: not_a_bundle: cannot read {path}: {exc.strerror}",
+                          reason="not_a_bundle") from exc
+    if size > limit:
+        raise bundlemod.refuse("too_large", f"{path} is {size} bytes (limit {limit})")
+    try:
+        with open(str(path), "rb") as f:
+            return f.read(limit + 1)
+    except OSError as exc:
+        raise BundleError(f"bundle refused: not_a_bundle: cannot read {path}: {exc.strerror}",
+                          reason="not_a_bundle") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = configmod.load(args.config)
+    trust = args.trust if args.trust is not None else cfg.trust_dir
+    trusted = keymod.load_public_keys(trust)
+    limit = int(cfg.update.max_bundle_bytes)
+    slack = float(cfg.update.clock_slack_s)
+    data = _read(args.bundle, limit)
+    now = time.time()
+    try:
+        vb = bundlemod.verify_bundle(data, trusted, installed_version=args.installed_version, now=now,
+                                     clock_slack_s=slack, max_bundle_bytes=limit)
+    except BundleError as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "reason": exc.reason, "error": str(exc)}, sort_keys=True))
+        raise
+    m = vb.manifest
+    if args.json:
+        print(json.dumps({
+            "ok": True, "model_name": m.model_name, "version": m.version, "key_id": vb.key_id,
+            "created": m.created, "expires": m.expires, "expired_within_slack": now > m.expires,
+            "bundle_sha256": vb.bundle_sha256,
+            "files": {k: {"sha256": v.sha256, "length": v.length} for k, v in sorted(m.files.items())},
+            "labels": m.labels, "input": m.input_spec.to_dict(), "self_test_cases": len(m.self_test.cases),
+        }, sort_keys=True))
+    else:
+        exp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(m.expires))
+        print(f"bundle OK: {m.model_name} v{m.version}, signed by key {vb.key_id}, expires {exp}, "
+              f"sha256 {vb.bundle_sha256}")
+        if now > m.expires:
+            print(f"warning: expired, accepted only within the clock slack ({slack:.0f} s); "
+                  "ask for a freshly signed bundle")
+    return 0

@@ -1,0 +1,183 @@
+"""Which broker the hub talks to: the configured one, or an embedded Mosquitto it supervises.
+
+With ``[mqtt] host`` empty the hub starts ``mosquitto`` on 127.0.0.1 (a free port unless
+``embedded_port`` is set) with a generated config under ``<data_dir>/broker/`` (persistence on,
+so queued QoS 1 frames survive a broker restart), restarts it when it dies (same port), and writes
+``broker.json`` ({"host", "port", "pid"}) atomically so local tools and demos can find it. The
+broker dies with the hub (PR_SET_PDEATHSIG on Linux), even when the hub is SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from hub.config import HubConfig
+from hub.errors import ConfigError, TransportError
+
+log = logging.getLogger("hub.broker")
+
+START_TIMEOUT_S = 10.0
+SUPERVISE_INTERVAL_S = 0.5
+RESTART_BACKOFF_MAX_S = 10.0
+
+
+@dataclasses.dataclass
+class BrokerTarget:
+    host: str
+    port: int
+    username: str = ""
+    password: str = ""
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    embedded: bool = False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    with socket.socket() as s:
+        s.settimeout(timeout)
+        return s.connect_ex((host, port)) == 0
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class EmbeddedBroker:
+    """A supervised Mosquitto on loopback. ``start()`` blocks until the port accepts connections."""
+
+    def __init__(self, workdir: Path, port: int = 0, exe: Optional[str] = None) -> None:
+        self.exe = exe or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.workdir = Path(workdir)
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+
+    def _write_config(self) -> Path:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        lines = [
+            f"listener {self.port} {self.host}",
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {self.workdir}/",
+            "autosave_interval 30",
+            f"log_dest file {self.workdir / 'mosquitto.log'}",
+            "log_type error", "log_type warning", "log_type notice",
+            "max_queued_messages 100000",
+            "max_inflight_messages 100",
+            "persistent_client_expiration 7d",
+        ]
+        _atomic_write(conf, "\n".join(lines) + "\n")
+        return conf
+
+    def _spawn(self) -> None:
+        if not Path(self.exe).exists():
+            raise ConfigError("mosquitto is not installed (apt-get install mosquitto) and [mqtt] host "
+                              "is empty: install it or configure an external broker")
+        conf = self._write_config()
+        self.proc = subprocess.Popen([self.exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not port_open(self.host, self.port):
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise TransportError(f"embedded mosquitto exited at start (port {self.port}): {err.strip()}")
+            if time.monotonic() > deadline:
+                raise TransportError(
+                    f"embedded mosquitto did not open port {self.port} in {START_TIMEOUT_S}s")
+            time.sleep(0.02)
+        _atomic_write(self.workdir / "broker.json",
+                      json.dumps({"host": self.host, "port": self.port, "pid": self.proc.pid}) + "\n")
+        log.info("embedded mosquitto pid %d listening on %s:%d", self.proc.pid, self.host, self.port)
+
+    def start(self) -> EmbeddedBroker:
+        with self._lock:
+            self._spawn()
+        self._thread = threading.Thread(target=self._supervise, name="broker-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _supervise(self) -> None:
+        backoff = SUPERVISE_INTERVAL_S
+        while not self._stop.wait(SUPERVISE_INTERVAL_S):
+            with self._lock:
+                if self._stop.is_set() or self.running:
+                    backoff = SUPERVISE_INTERVAL_S
+                    continue
+                code = self.proc.returncode if self.proc else None
+                log.warning("embedded mosquitto died (exit %s); restarting on port %d", code, self.port)
+                try:
+                    self._spawn()
+                    self.restarts += 1
+                except (TransportError, OSError) as exc:
+                    log.error("restarting embedded mosquitto failed: %s (next try in %.1fs)", exc, backoff)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, RESTART_BACKOFF_MAX_S)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def resolve(cfg: HubConfig) -> BrokerTarget:
+    """The configured external broker (embedded=False); call EmbeddedBroker for the embedded case."""
+    m = cfg.mqtt
+    password = ""
+    if m.password_file:
+        try:
+            password = Path(m.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"[mqtt] password_file {m.password_file}: {exc.strerror}") from exc
+    return BrokerTarget(host=m.host, port=m.port or (8883 if m.tls else 1883), username=m.username,
+                        password=password, tls=m.tls, ca_file=m.ca_file, cert_file=m.cert_file,
+                        key_file=m.key_file)

@@ -1,0 +1,123 @@
+"""The fleet: devices with desired vs reported state; deploy and roll back via retained MQTT messages.
+
+The hub never pushes a model to a device. It publishes a retained ``DesiredState`` (QoS 1) on
+``kestrel/v1/devices/{id}/desired`` or ``kestrel/v1/groups/{group}/desired``; devices subscribe,
+fetch the named version over gRPC (FetchModel), verify it themselves and report back through their
+status messages (which the ingest writes into the device records). A rollback is a retained
+DesiredState with ``rollback=true``: the device returns to its own previous slot; the hub never
+sends an older bundle over the network. See docs/hub-registry.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, List, Optional, Tuple
+
+from edge import topics
+from hub.errors import ArtifactError, NotFound
+from hub.registry import Registry
+from hub.store.base import DeviceRecord, Store
+from proto import kestrel_pb2
+
+log = logging.getLogger(__name__)
+
+PublishRetained = Callable[[str, bytes], None]
+
+
+class FleetRequestError(ArtifactError):
+    """A deploy/rollback request is malformed (both or neither of device and group, bad id...)."""
+
+
+@dataclasses.dataclass
+class Announcement:
+    desired: kestrel_pb2.DesiredState
+    topic: str
+
+
+def _target(device_id: str, group: str) -> Tuple[str, str]:
+    """The topic for exactly one of device_id / group."""
+    if bool(device_id) == bool(group):
+        raise FleetRequestError("name exactly one of device_id or group")
+    try:
+        if device_id:
+            return topics.device_desired(device_id), "device"
+        return topics.group_desired(group), "group"
+    except ValueError as exc:
+        raise FleetRequestError(str(exc)) from exc
+
+
+class FleetService:
+    """List devices, deploy versions and roll back. ``publish_retained(topic, payload)`` must publish
+    with QoS 1 and retain=True and return only once the broker acknowledged (raise otherwise)."""
+
+    def __init__(self, store: Store, registry: Registry, publish_retained: PublishRetained,
+                 grpc_target: str = "", clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.registry = registry
+        self.publish_retained = publish_retained
+        self.grpc_target = grpc_target
+        self._clock = clock
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def list_devices(self, group: Optional[str] = None) -> List[DeviceRecord]:
+        return self.store.list_devices(group or None)
+
+    def deploy(self, model_name: str, version: int = 0, device_id: str = "", group: str = "") -> Announcement:
+        """Announce that the device/group should run ``model_name`` ``version`` (0 = the highest stored)."""
+        topic, _ = _target(device_id, group)
+        if not model_name:
+            raise FleetRequestError("model_name is required")
+        rec = self.registry.get(model_name, version)  # NotFound for unknown versions
+        desired = kestrel_pb2.DesiredState(model_name=rec.model_name, version=rec.version,
+                                           sha256=rec.bundle_sha256, size=rec.size, issued_ms=self._now_ms(),
+                                           rollback=False, grpc_target=self.grpc_target)
+        self.publish_retained(topic, desired.SerializeToString())
+        self._record(device_id, group, rec.model_name, rec.version)
+        log.info("deploy %s v%d -> %s", rec.model_name, rec.version, topic)
+        return Announcement(desired, topic)
+
+    def rollback(self, device_id: str = "", group: str = "") -> Announcement:
+        """Announce a rollback: devices return to their own previous slot.
+
+        For one device the message names the previous version the hub last saw (informational; 0 when
+        unknown); for a group, version is 0. Devices act on a rollback once per ``issued_ms``.
+        """
+        topic, _ = _target(device_id, group)
+        model_name, version = "", 0
+        if device_id:
+            dev = self.store.get_device(device_id)
+            if dev is None:
+                raise NotFound(f"device {device_id!r} is not known to the hub (it has not reported yet)")
+            model_name, version = dev.reported_model, dev.previous_version
+        desired = kestrel_pb2.DesiredState(model_name=model_name, version=version, issued_ms=self._now_ms(),
+                                           rollback=True, grpc_target=self.grpc_target)
+        self.publish_retained(topic, desired.SerializeToString())
+        self._record(device_id, group, model_name, version)
+        log.info("rollback -> %s", topic)
+        return Announcement(desired, topic)
+
+    def _record(self, device_id: str, group: str, model_name: str, version: int) -> None:
+        """desired_* in the store: the device, or every known device of the group."""
+        if device_id:
+            self.store.upsert_device(device_id, desired_model=model_name, desired_version=version)
+            return
+        for dev in self.store.list_devices(group):
+            self.store.upsert_device(dev.device_id, desired_model=model_name, desired_version=version)
+
+
+def device_message(dev: DeviceRecord) -> kestrel_pb2.Device:
+    """A store record as the gRPC Device: desired and reported side by side."""
+    return kestrel_pb2.Device(
+        device_id=dev.device_id, group=dev.group, state=dev.state, last_seen_ms=dev.last_seen_ms,
+        reported=kestrel_pb2.ModelRef(name=dev.reported_model, version=dev.reported_version,
+                                      sha256=dev.reported_sha256),
+        versions=kestrel_pb2.VersionManifest(
+            installed=kestrel_pb2.ModelRef(name=dev.reported_model, version=dev.reported_version,
+                                           sha256=dev.reported_sha256),
+            previous=kestrel_pb2.ModelRef(name=dev.reported_model, version=dev.previous_version),
+            update_state=dev.update_state, reason=dev.update_reason),
+        desired_version=dev.desired_version, desired_model=dev.desired_model)

@@ -1,0 +1,226 @@
+"""MongoDB backend through pymongo: the production store behind several hub workers.
+
+Collections ``frames`` (unique index on frame_id; the image in the document when it is under
+INLINE_IMAGE_MAX bytes, else in GridFS bucket ``images`` with the document holding its id),
+``devices`` and ``models`` (unique on (model_name, version)). Connection failures
+(AutoReconnect, ServerSelectionTimeoutError, ...) become StoreUnavailable so the ingest pauses and
+retries; other pymongo errors become StoreError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
+
+from hub.errors import StoreError, StoreUnavailable
+from hub.store.base import DeviceRecord, FrameRecord, ModelRecord, Store
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+INLINE_IMAGE_MAX = 15 * 1024 * 1024  # BSON documents are capped at 16 MiB
+DEVICE_FIELDS = {f.name for f in dataclasses.fields(DeviceRecord)}
+FRAME_FIELDS = [f.name for f in dataclasses.fields(FrameRecord)]
+
+
+def _wrapped(fn: F) -> F:
+    """Translate pymongo errors at the boundary."""
+    @functools.wraps(fn)
+    def inner(*args: Any, **kwargs: Any) -> Any:
+        from pymongo import errors as perr
+        try:
+            return fn(*args, **kwargs)
+        except (perr.AutoReconnect, perr.ServerSelectionTimeoutError, perr.NetworkTimeout,
+                perr.ConnectionFailure, perr.ExecutionTimeout, perr.WTimeoutError) as exc:
+            raise StoreUnavailable(f"MongoDB unavailable during {fn.__name__}: {exc}") from exc
+        except perr.PyMongoError as exc:
+            raise StoreError(f"MongoDB error during {fn.__name__}: {exc}") from exc
+    return inner  # type: ignore[return-value]
+
+
+class MongoStore(Store):
+    def __init__(self, url: str, database: str = "", timeout_ms: int = 5000) -> None:
+        import gridfs
+        import pymongo
+        from pymongo import uri_parser
+
+        self.url = url
+        self._pymongo = pymongo
+        try:
+            parsed = uri_parser.parse_uri(url)
+        except Exception as exc:  # pymongo raises InvalidURI/ConfigurationError/ValueError
+            raise StoreError(f"not a usable MongoDB URL {url!r}: {exc}") from exc
+        dbname = database or parsed.get("database") or "kestrel"
+        self.client: Any = pymongo.MongoClient(url, serverSelectionTimeoutMS=timeout_ms,
+                                               connectTimeoutMS=timeout_ms, tz_aware=False)
+        self.db = self.client[dbname]
+        self.frames = self.db["frames"]
+        self.devices = self.db["devices"]
+        self.models = self.db["models"]
+        self.fs = gridfs.GridFS(self.db, collection="images")
+        self._indexes()
+
+    @_wrapped
+    def _indexes(self) -> None:
+        p = self._pymongo
+        self.frames.create_index([("frame_id", p.ASCENDING)], unique=True)
+        self.frames.create_index([("device_id", p.ASCENDING), ("capture_time_ms", p.DESCENDING)])
+        self.frames.create_index([("label", p.ASCENDING), ("capture_time_ms", p.DESCENDING)])
+        self.frames.create_index([("capture_time_ms", p.DESCENDING)])
+        self.devices.create_index([("device_id", p.ASCENDING)], unique=True)
+        self.devices.create_index([("group", p.ASCENDING)])
+        self.models.create_index([("model_name", p.ASCENDING), ("version", p.DESCENDING)], unique=True)
+
+    # ---- frames ----
+    def _frame_doc(self, f: FrameRecord) -> Dict[str, Any]:
+        doc = dataclasses.asdict(f)
+        doc["_id"] = f.frame_id
+        if len(f.image) > INLINE_IMAGE_MAX:
+            # deterministic GridFS id: a retried insert reuses (or replaces) the same file
+            file_id = f"img:{f.frame_id}"
+            if not self.fs.exists(file_id):
+                self.fs.put(f.image, _id=file_id, filename=f.frame_id)
+            doc["image"] = b""
+            doc["image_gridfs_id"] = file_id
+        else:
+            doc["image"] = bytes(f.image)
+        return doc
+
+    @_wrapped
+    def add_frame(self, frame: FrameRecord) -> bool:
+        from pymongo.errors import DuplicateKeyError
+        try:
+            self.frames.insert_one(self._frame_doc(frame))
+        except DuplicateKeyError:
+            return False
+        return True
+
+    @_wrapped
+    def add_frames(self, frames: List[FrameRecord]) -> List[bool]:
+        from pymongo.errors import BulkWriteError
+        if not frames:
+            return []
+        docs = [self._frame_doc(f) for f in frames]
+        try:
+            self.frames.insert_many(docs, ordered=False)
+            return [True] * len(frames)
+        except BulkWriteError as exc:
+            dup_idx = {e["index"] for e in exc.details.get("writeErrors", []) if e.get("code") == 11000}
+            other = [e for e in exc.details.get("writeErrors", []) if e.get("code") != 11000]
+            if other:
+                raise StoreError(f"MongoDB refused frames: {other[0].get('errmsg')}") from exc
+            return [i not in dup_idx for i in range(len(frames))]
+
+    def _to_frame(self, doc: Dict[str, Any], with_image: bool) -> FrameRecord:
+        data: Dict[str, Any] = {k: doc.get(k) for k in FRAME_FIELDS if k in doc}
+        image = doc.get("image") or b""
+        if with_image and doc.get("image_gridfs_id"):
+            image = self.fs.get(doc["image_gridfs_id"]).read()
+        data["image"] = bytes(image) if with_image else b""
+        return FrameRecord(**data)
+
+    @_wrapped
+    def get_frame(self, frame_id: str) -> Optional[FrameRecord]:
+        doc = self.frames.find_one({"frame_id": frame_id})
+        return self._to_frame(doc, True) if doc else None
+
+    @_wrapped
+    def list_frames(self, device_id: Optional[str] = None, label: Optional[str] = None,
+                    unlabelled: bool = False, since_ms: Optional[int] = None, limit: int = 100,
+                    offset: int = 0, with_images: bool = False) -> List[FrameRecord]:
+        q: Dict[str, Any] = {}
+        if device_id is not None:
+            q["device_id"] = device_id
+        if label is not None:
+            q["label"] = label
+        if unlabelled:
+            q["label"] = None
+        if since_ms is not None:
+            q["capture_time_ms"] = {"$gte": int(since_ms)}
+        proj = None if with_images else {"image": 0}
+        cur = (self.frames.find(q, proj).sort([("capture_time_ms", -1), ("frame_id", -1)])
+               .skip(int(offset)).limit(int(limit)))
+        return [self._to_frame(d, with_images) for d in cur]
+
+    @_wrapped
+    def count_frames(self, device_id: Optional[str] = None) -> int:
+        return int(self.frames.count_documents({} if device_id is None else {"device_id": device_id}))
+
+    @_wrapped
+    def set_label(self, frame_id: str, label: Optional[str], when_ms: int) -> bool:
+        res = self.frames.update_one({"frame_id": frame_id}, {"$set": {
+            "label": label, "labelled_ms": None if label is None else int(when_ms)}})
+        return bool(res.matched_count == 1)
+
+    @_wrapped
+    def iter_labelled(self) -> Iterator[FrameRecord]:
+        cur = self.frames.find({"label": {"$ne": None}}).sort([("capture_time_ms", 1), ("frame_id", 1)])
+        out = [self._to_frame(d, True) for d in cur.limit(0).batch_size(100)]
+        return iter(out)
+
+    # ---- devices ----
+    @_wrapped
+    def upsert_device(self, device_id: str, **fields: object) -> DeviceRecord:
+        unknown = sorted(set(fields) - DEVICE_FIELDS)
+        if unknown or "device_id" in fields:
+            raise StoreError(f"upsert_device: unknown or immutable field(s) {unknown or ['device_id']}")
+        defaults = {k: v for k, v in dataclasses.asdict(DeviceRecord(device_id=device_id)).items()
+                    if k not in fields and k != "device_id"}
+        doc = self.devices.find_one_and_update(
+            {"device_id": device_id},
+            {"$set": dict(fields), "$setOnInsert": defaults},
+            upsert=True, return_document=self._pymongo.ReturnDocument.AFTER)
+        if doc is None:  # pragma: no cover - upsert with AFTER always returns the document
+            raise StoreError(f"upsert_device {device_id!r} returned nothing")
+        return self._to_device(doc)
+
+    @staticmethod
+    def _to_device(doc: Dict[str, Any]) -> DeviceRecord:
+        return DeviceRecord(**{k: v for k, v in doc.items() if k in DEVICE_FIELDS})
+
+    @_wrapped
+    def get_device(self, device_id: str) -> Optional[DeviceRecord]:
+        doc = self.devices.find_one({"device_id": device_id})
+        return self._to_device(doc) if doc else None
+
+    @_wrapped
+    def list_devices(self, group: Optional[str] = None) -> List[DeviceRecord]:
+        q = {} if group is None else {"group": group}
+        return [self._to_device(d) for d in self.devices.find(q).sort("device_id", 1)]
+
+    # ---- models ----
+    @_wrapped
+    def add_model(self, model: ModelRecord) -> bool:
+        from pymongo.errors import DuplicateKeyError
+        try:
+            self.models.insert_one(dataclasses.asdict(model))
+        except DuplicateKeyError:
+            return False
+        return True
+
+    @staticmethod
+    def _to_model(doc: Dict[str, Any]) -> ModelRecord:
+        names = {f.name for f in dataclasses.fields(ModelRecord)}
+        return ModelRecord(**{k: v for k, v in doc.items() if k in names})
+
+    @_wrapped
+    def get_model(self, model_name: str, version: int) -> Optional[ModelRecord]:
+        doc = self.models.find_one({"model_name": model_name, "version": int(version)})
+        return self._to_model(doc) if doc else None
+
+    @_wrapped
+    def list_models(self, model_name: Optional[str] = None) -> List[ModelRecord]:
+        q = {} if model_name is None else {"model_name": model_name}
+        return [self._to_model(d) for d in self.models.find(q).sort([("version", -1), ("model_name", 1)])]
+
+    # ---- lifecycle ----
+    @_wrapped
+    def ping(self) -> None:
+        self.client.admin.command("ping")
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __repr__(self) -> str:
+        return f"MongoStore(db={self.db.name!r})"

@@ -1,0 +1,190 @@
+"""``kestrel-edge run`` end to end: a real daemon process, real Mosquitto, real model and video."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import cv2
+import numpy as np
+import pytest
+
+from edge import topics
+from edge.demo import write_video
+from proto import kestrel_pb2 as pb
+from tests.helpers.broker import free_port
+from tests.helpers.mqtt import Collector
+from tests.helpers.wait import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+LABELS = ["bright", "dark", "mid"]
+pytestmark = pytest.mark.skipif(not (REPO / "edge" / "publisher.py").exists()
+                                or not (REPO / "edge" / "telemetry.py").exists(),
+                                reason="needs edge.publisher and edge.telemetry")
+
+
+def write_toml(tmp: Path, device: str, port: int, source: str, models_dir: Path, extra: str = "") -> Path:
+    toml = tmp / "edge.toml"
+    toml.write_text(f"""[device]
+id = "{device}"
+data_dir = "{tmp / 'data'}"
+
+{source}
+
+[model]
+path = "{models_dir / 'brightness_int8.tflite'}"
+labels = "{models_dir / 'labels.txt'}"
+threads = 1
+
+[sampler]
+confidence_threshold = 0.6
+dedup_distance = -1
+max_per_minute = 0
+max_per_hour = 0
+max_per_day = 0
+
+[mqtt]
+host = "127.0.0.1"
+port = {port}
+reconnect_min_s = 0.1
+reconnect_max_s = 0.5
+
+[telemetry]
+interval_s = 0
+metrics_port = 0
+
+[update]
+enabled = false
+{extra}""")
+    return toml
+
+
+def daemon_cmd(toml: Path, *more: str) -> List[str]:
+    return [sys.executable, "-m", "edge", "run", "--config", str(toml), *more]
+
+
+def env() -> Dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def summary(stderr: str) -> dict:
+    lines = [ln for ln in stderr.splitlines() if "edge.daemon: summary " in ln]
+    assert lines, f"no summary line in daemon output:\n{stderr[-2000:]}"
+    return json.loads(lines[-1].split("summary ", 1)[1])
+
+
+def parse(payloads: List[bytes]) -> List[pb.Frame]:
+    out = []
+    for p in payloads:
+        f = pb.Frame()
+        f.ParseFromString(p)
+        out.append(f)
+    return out
+
+
+def test_low_confidence_frames_arrive_with_correct_fields(tmp_path, broker, models_dir):  # noqa: ANN001
+    levels = [0.9, 0.5, 0.95, 0.45, 0.9, 0.55, 0.92, 0.5]
+    video = write_video(tmp_path / "in.avi", levels, width=320, height=240)
+    device = "cam-e2e-1"
+    src = f'[source]\nkind = "file"\nuri = "{video}"\nname = "door"'
+    toml = write_toml(tmp_path, device, broker.port, src, models_dir)
+    col = Collector(broker.host, broker.port, [topics.frames(device)])
+    try:
+        t0 = time.time()
+        proc = subprocess.run(daemon_cmd(toml), env=env(), cwd=str(tmp_path), capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        expected = [i + 1 for i, lv in enumerate(levels) if lv < 0.7]
+        s = summary(proc.stderr)
+        assert s["processed"] == len(levels) and s["sampled"] == len(expected)
+        frames = parse(col.wait_count(len(expected), "/frames"))
+    finally:
+        col.close()
+    assert len(frames) == len(expected)
+    sha = hashlib.sha256((models_dir / "brightness_int8.tflite").read_bytes()).hexdigest()
+    seqs = []
+    boot_ids = set()
+    for f in frames:
+        dev, boot, seq = f.frame_id.rsplit("-", 2)
+        assert dev == device and f.device_id == device
+        boot_ids.add(boot)
+        seqs.append(int(seq))
+        assert f.model.sha256 == sha and f.model.name == "brightness_int8"
+        assert pb.LOW_CONFIDENCE in f.reasons
+        assert [t.label for t in f.top_k] and len(f.top_k) == 3
+        assert sorted(t.label for t in f.top_k) == sorted(LABELS)
+        assert f.top_k[0].score < 0.6 and f.top_k[0].score >= f.top_k[1].score
+        assert f.image_format == "jpeg" and f.image_bytes == len(f.image) > 0
+        img = cv2.imdecode(np.frombuffer(f.image, np.uint8), cv2.IMREAD_COLOR)
+        assert img.shape == (f.height, f.width, 3) == (240, 320, 3)
+        assert f.source == "door"
+        assert t0 - 5 <= f.capture_time_ms / 1000 <= time.time() + 5
+    assert seqs == expected and len(boot_ids) == 1
+    assert sorted(f.sequence for f in frames) == list(range(len(frames)))
+
+
+def test_sigterm_flushes_every_sampled_frame(tmp_path, broker, models_dir):  # noqa: ANN001
+    device = "cam-e2e-2"
+    src = ('[source]\nkind = "testpattern"\nwidth = 160\nheight = 120\nfps = 40\n'
+           'pattern_brightness = [0.5, 0.45, 0.55]')
+    toml = write_toml(tmp_path, device, broker.port, src, models_dir)
+    col = Collector(broker.host, broker.port, [topics.frames(device)])
+    proc: Optional[subprocess.Popen] = None
+    try:
+        proc = subprocess.Popen(daemon_cmd(toml), env=env(), cwd=str(tmp_path), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        col.wait_count(5, "/frames", timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err[-2000:]
+        s = summary(err)
+        ids = wait_for(lambda: {f.frame_id for f in parse(col.payloads("/frames"))}
+                       if len({f.frame_id for f in parse(col.payloads("/frames"))}) + s["spool_frames"]
+                       >= s["sampled"] else None, 10, what="every sampled frame delivered or spooled")
+    finally:
+        col.close()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert s["sampled"] >= 5 and s["spooled"] == s["sampled"]
+    assert len(ids) + s["spool_frames"] == s["sampled"]
+
+
+def test_broker_down_keeps_frames_in_spool(tmp_path, models_dir):  # noqa: ANN001
+    video = write_video(tmp_path / "in.avi", [0.5, 0.9, 0.45], width=64, height=48)
+    src = f'[source]\nkind = "file"\nuri = "{video}"'
+    toml = write_toml(tmp_path, "cam-e2e-3", free_port(), src, models_dir)
+    proc = subprocess.run(daemon_cmd(toml), env=env(), cwd=str(tmp_path), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = summary(proc.stderr)
+    assert s["sampled"] == 2 and s["spool_frames"] == 2
+
+
+def test_check_config(tmp_path, models_dir):  # noqa: ANN001
+    good = write_toml(tmp_path, "cam-cc", 1883, '[source]\nkind = "testpattern"', models_dir)
+    ok = subprocess.run(daemon_cmd(good, "--check-config"), env=env(), capture_output=True, text=True,
+                        timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "OK" in ok.stdout
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(good.read_text().replace("[sampler]\n", "[sampler]\nconfidence_treshold = 0.5\n"))
+    res = subprocess.run(daemon_cmd(bad, "--check-config"), env=env(), capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("kestrel-edge run: error:")]
+    assert len(errors) == 1 and "confidence_treshold" in errors[0], res.stderr
+
+    missing = tmp_path / "missing.toml"
+    missing.write_text(good.read_text().replace("brightness_int8.tflite", "nope.tflite"))
+    res = subprocess.run(daemon_cmd(missing, "--check-config"), env=env(), capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2 and "nope.tflite does not exist" in res.stderr

@@ -1,0 +1,445 @@
+"""The MQTT publisher against a real Mosquitto: order, QoS, retained status + last will, resubscribe,
+durability across broker outages and publisher restarts, flush on stop, auth refusal, oversize.
+
+Some tests drive a publisher in a subprocess (``python -m tests.edge.test_publisher ...``, see
+``child_main`` at the bottom) so it can be SIGKILLed or SIGSTOPped like a real daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import paho.mqtt.client as paho
+import pytest
+
+from edge import topics
+from edge.config import EdgeConfig
+from edge.errors import AuthError
+from edge.publisher import Publisher
+from proto import kestrel_pb2
+from tests.helpers.broker import Mosquitto
+from tests.helpers.mqtt import Collector
+from tests.helpers.wait import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.3, "ack_timeout_s": 2.0, "keepalive_s": 5,
+        "auth_retry_s": 60.0}
+
+
+def make_cfg(host: str, port: int, **mqtt: object) -> EdgeConfig:
+    cfg = EdgeConfig()
+    cfg.mqtt.host = host
+    cfg.mqtt.port = port
+    for k, v in {**FAST, **mqtt}.items():
+        setattr(cfg.mqtt, k, v)
+    return cfg
+
+
+def frame(i: int, device: str, size: int = 64) -> kestrel_pb2.Frame:
+    return kestrel_pb2.Frame(frame_id=f"{device}-{i}", device_id=device, capture_time_ms=1000 + i,
+                             image=bytes([i % 256]) * size, image_format="jpeg", source="cam0")
+
+
+class QosCollector(Collector):
+    """A Collector that also remembers the delivered QoS of each message."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        self.qos_seen: List[int] = []
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+
+    def _on_message(self, client, userdata, msg):  # noqa: ANN001
+        with self._lock:
+            self.qos_seen.append(msg.qos)
+        super()._on_message(client, userdata, msg)
+
+
+def decode_frames(payloads: List[bytes]) -> List[kestrel_pb2.Frame]:
+    return [kestrel_pb2.Frame.FromString(p) for p in payloads]
+
+
+def decode_status(payload: bytes) -> kestrel_pb2.Status:
+    return kestrel_pb2.Status.FromString(payload)
+
+
+@pytest.fixture
+def publishers():  # noqa: ANN201
+    made: List[Publisher] = []
+
+    def make(cfg: EdgeConfig, device: str, spool: Path) -> Publisher:
+        p = Publisher(cfg, device, spool)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.stop(flush_timeout_s=0)
+
+
+class Child:
+    """A publisher in a subprocess, driven line by line over stdin/stdout."""
+
+    def __init__(self, cfg: Dict[str, object], device: str, spool: Path) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        argv = [sys.executable, "-m", "tests.edge.test_publisher", json.dumps(cfg), device, str(spool)]
+        self.log = spool.parent / f"child-{os.getpid()}-{id(self)}.log"
+        with open(self.log, "w") as err:  # a file, not a pipe nobody drains
+            self.proc = subprocess.Popen(argv, cwd=str(REPO), env=env, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        assert self.reply() == "ready"
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+
+    def reply(self, timeout: float = 20.0) -> str:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"child did not answer; its log:\n{self.log.read_text()}") from None
+
+    def ask(self, cmd: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self.reply()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def children():  # noqa: ANN201
+    made: List[Child] = []
+
+    def make(cfg: Dict[str, object], device: str, spool: Path) -> Child:
+        c = Child(cfg, device, spool)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        try:
+            os.kill(c.proc.pid, signal.SIGCONT)
+        except OSError:
+            pass
+        c.close()
+
+
+def child_cfg(host: str, port: int, **mqtt: object) -> Dict[str, object]:
+    return {"host": host, "port": port, **FAST, **mqtt}
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_frames_arrive_as_protobuf_in_order_at_qos1(broker, tmp_path: Path, publishers) -> None:  # noqa: ANN001
+    dev = "order1"
+    col = QosCollector(broker.host, broker.port, [topics.frames(dev)], qos=1)
+    try:
+        pub = publishers(make_cfg(broker.host, broker.port, max_inflight=4), dev, tmp_path / "spool")
+        pub.start()
+        sent = [frame(i, dev) for i in range(30)]
+        for f in sent:
+            pub.publish_frame(f)
+        assert [f.sequence for f in sent] == list(range(30))
+        got = decode_frames(col.wait_count(30, "/frames"))
+        assert [f.frame_id for f in got] == [f.frame_id for f in sent]
+        assert [f.sequence for f in got] == list(range(30))
+        assert got[3].image == sent[3].image and got[3].image_bytes == 64
+        assert {t for t, _, _ in col.messages} == {topics.frames(dev)}
+        assert set(col.qos_seen) == {1}
+        wait_for(lambda: pub.spool_stats()[1] == 0, 10, what="spool drained after PUBACKs")
+        assert pub.frames_acked == 30
+    finally:
+        col.close()
+
+
+def test_birth_online_retained_and_last_will_offline_on_sigkill(broker, tmp_path: Path, children) -> None:  # noqa: ANN001
+    dev = "lwt1"
+    col = Collector(broker.host, broker.port, [topics.status(dev)])
+    try:
+        child = children(child_cfg(broker.host, broker.port), dev, tmp_path / "spool")
+        wait_for(lambda: child.ask("connected") == "connected 1", 10, what="child connected")
+        first = decode_status(col.wait_count(1, "/status")[0])
+        assert first.state == "online" and first.device_id == dev
+        assert first.group == "g-test"  # from the child's status provider
+        # a late subscriber gets the retained birth
+        late = Collector(broker.host, broker.port, [topics.status(dev)])
+        try:
+            late.wait_count(1, "/status")
+            t, payload, retained = late.messages[0]
+            assert retained and decode_status(payload).state == "online"
+        finally:
+            late.close()
+        child.kill()  # no DISCONNECT: the broker must publish our last will
+        payloads = col.wait_count(2, "/status")
+        will = decode_status(payloads[1])
+        assert will.state == "offline" and will.device_id == dev and will.group == "g-test"
+        late = Collector(broker.host, broker.port, [topics.status(dev)])
+        try:
+            late.wait_count(1, "/status")
+            assert late.messages[0][2] is True and decode_status(late.messages[0][1]).state == "offline"
+        finally:
+            late.close()
+    finally:
+        col.close()
+
+
+def test_subscription_survives_broker_restart(broker_factory, tmp_path: Path, publishers) -> None:  # noqa: ANN001
+    b = broker_factory()
+    dev = "resub1"
+    got: List[Tuple[str, bytes]] = []
+    pub = publishers(make_cfg(b.host, b.port), dev, tmp_path / "spool")
+    pub.subscribe(topics.device_desired(dev), lambda t, p: got.append((t, p)), qos=1)
+    pub.start()
+    wait_for(lambda: pub.connected, 10, what="publisher connected")
+
+    def send(payload: bytes) -> None:
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2)
+        c.connect(b.host, b.port)
+        c.loop_start()
+        c.publish(topics.device_desired(dev), payload, qos=1).wait_for_publish(5)
+        c.loop_stop()
+        c.disconnect()
+
+    wait_for(lambda: (send(b"one") or True) and bool(got), 10, interval=0.3, what="first message")
+    connections = pub.mqtt.connections
+    b.stop()
+    wait_for(lambda: not pub.connected, 10, what="publisher noticed the broker is gone")
+    b.start()
+    wait_for(lambda: pub.connected and pub.mqtt.connections > connections, 10, what="publisher reconnected")
+    got.clear()
+    wait_for(lambda: (send(b"two") or True) and bool(got), 10, interval=0.3, what="message after restart")
+    assert got[0] == (topics.device_desired(dev), b"two")
+    # the restarted broker lost every retained message: the birth after reconnect restores "online"
+    col = Collector(b.host, b.port, [topics.status(dev)])
+    try:
+        _, payload, retained = wait_for(lambda: col.messages[:1], 10, what="retained birth")[0]
+        assert retained and decode_status(payload).state == "online"
+    finally:
+        col.close()
+
+
+def test_every_frame_exactly_once_in_order_across_outage_and_restart(broker_factory, tmp_path: Path,
+                                                                    children) -> None:  # noqa: ANN001
+    b = broker_factory()
+    dev = "outage1"
+    spool = tmp_path / "spool"
+    cfg = child_cfg(b.host, b.port)
+    sub_id = "hub-test-outage1"
+    col1 = Collector(b.host, b.port, [topics.frames(dev)], client_id=sub_id)
+    c1 = children(cfg, dev, spool)
+    for i in range(5):
+        assert c1.ask(f"frame {i}") == f"seq {i}"
+    col1.wait_count(5, "/frames")
+    wait_for(lambda: c1.ask("spool") == "spool 0", 10, what="phase-1 frames acknowledged")
+    col1.close()
+    b.stop()
+    for i in range(5, 10):  # broker down: spooled durably before publish_frame returns
+        assert c1.ask(f"frame {i}") == f"seq {i}"
+    c1.kill()  # the daemon dies hard with 5 frames unsent
+    c2 = children(cfg, dev, spool)  # restarted on the same spool, broker still down
+    for i in range(10, 15):
+        assert c2.ask(f"frame {i}") == f"seq {i}"  # the sequence continues, no reuse
+    assert c2.ask("spool") == "spool 10"
+    os.kill(c2.proc.pid, signal.SIGSTOP)  # hold the publisher until the subscriber is back
+    b.start()
+    col2 = Collector(b.host, b.port, [topics.frames(dev)], client_id=sub_id)
+    try:
+        os.kill(c2.proc.pid, signal.SIGCONT)
+        col2.wait_count(10, "/frames", timeout=30)
+        for i in range(15, 20):  # live again
+            assert c2.ask(f"frame {i}") == f"seq {i}"
+        col2.wait_count(15, "/frames", timeout=30)
+        wait_for(lambda: c2.ask("spool") == "spool 0", 10, what="spool drained")
+        assert c2.ask("stop 2") == "stopped 0"
+        got = decode_frames(col1.payloads("/frames") + col2.payloads("/frames"))
+        ids = [f.frame_id for f in got]
+        assert sorted(ids) == sorted(f"{dev}-{i}" for i in range(20))
+        assert len(ids) == len(set(ids)), "a frame arrived twice"
+        assert [f.sequence for f in got] == list(range(20))
+    finally:
+        col2.close()
+
+
+def test_stop_flushes_frames_published_right_before(broker, tmp_path: Path) -> None:  # noqa: ANN001
+    dev = "flush1"
+    col = Collector(broker.host, broker.port, [topics.frames(dev), topics.status(dev)])
+    try:
+        pub = Publisher(make_cfg(broker.host, broker.port, max_inflight=2), dev, tmp_path / "spool")
+        pub.start()
+        wait_for(lambda: pub.connected, 10, what="connected")
+        for i in range(40):
+            pub.publish_frame(frame(i, dev, size=2000))
+        pub.stop(flush_timeout_s=20)
+        assert pub.spool_stats()[1] == 0
+        assert [f.sequence for f in decode_frames(col.wait_count(40, "/frames"))] == list(range(40))
+        states = [decode_status(p).state for p in col.wait_count(2, "/status")]
+        assert states[0] == "online" and states[-1] == "offline"
+    finally:
+        col.close()
+
+
+def test_unsent_frames_stay_in_spool_when_broker_is_down(tmp_path: Path) -> None:
+    from tests.helpers.broker import free_port
+
+    dev = "down1"
+    pub = Publisher(make_cfg("127.0.0.1", free_port()), dev, tmp_path / "spool")
+    pub.start()
+    for i in range(3):
+        pub.publish_frame(frame(i, dev))
+    tel = kestrel_pb2.Telemetry(device_id=dev)
+    pub.publish_telemetry(tel)
+    assert pub.telemetry_dropped == 1
+    wait_for(lambda: pub.mqtt.connect_attempts >= 2, 10, what="reconnect attempts")
+    pub.stop(flush_timeout_s=5)
+    assert pub.spool_stats()[1] == 3
+    again = Publisher(make_cfg("127.0.0.1", free_port()), dev, tmp_path / "spool")
+    assert again.spool_stats()[1] == 3 and again.spool.next_sequence == 3
+
+
+@pytest.fixture
+def auth_broker(tmp_path: Path):  # noqa: ANN201
+    """broker_factory(users=...) but also usable as root: mosquitto run as root drops to the user
+    "mosquitto", which cannot read the 0600 password file in pytest's root-only tmp dir (the lead is
+    asked to add ``user root`` under euid 0 in tests/helpers/broker.py; then this becomes broker_factory)."""
+    b = Mosquitto(tmp_path / "mosq-auth", users={"u": "p"})
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and "user root" not in b.conf.read_text():
+        b.conf.write_text(b.conf.read_text() + "user root\n")
+    yield b.start()
+    b.stop()
+
+
+def test_auth_refused_is_one_error_and_no_tight_loop(auth_broker, tmp_path: Path, publishers,
+                                                     caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+    b = auth_broker
+    (tmp_path / "bad").write_text("wrong\n")
+    (tmp_path / "good").write_text("p\n")
+    with caplog.at_level(logging.INFO, logger="edge"):
+        bad = publishers(make_cfg(b.host, b.port, username="u", password_file=str(tmp_path / "bad")), "auth1",
+                         tmp_path / "s1")
+        bad.start()
+        wait_for(lambda: bad.state == "auth_failed", 10, what="auth_failed state")
+        assert isinstance(bad.last_error, AuthError)
+        assert "refused our credentials" in str(bad.last_error)
+        # A tight loop would retry every reconnect_min_s (0.05 s): watch a window 20x that long.
+        with pytest.raises(AssertionError):
+            wait_for(lambda: bad.mqtt.connect_attempts > 1, timeout=1.0)
+        assert bad.mqtt.connect_attempts == 1
+        assert not bad.connected
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "refused our credentials" in errors[0].getMessage()
+    assert b.log.read_text().count("not authorised") == 1
+    good = publishers(make_cfg(b.host, b.port, username="u", password_file=str(tmp_path / "good")), "auth2",
+                      tmp_path / "s2")
+    good.start()
+    wait_for(lambda: good.connected, 10, what="good credentials connect")
+
+
+def test_oversize_frame_is_refused_and_counted(broker, tmp_path: Path, publishers,
+                                              caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+    dev = "big1"
+    col = Collector(broker.host, broker.port, [topics.frames(dev)])
+    try:
+        pub = publishers(make_cfg(broker.host, broker.port, max_payload_bytes=1000), dev, tmp_path / "spool")
+        pub.start()
+        with caplog.at_level(logging.ERROR, logger="edge.publisher"):
+            big = frame(0, dev, size=5000)
+            pub.publish_frame(big)
+        assert pub.oversize_refused == 1 and pub.spool_stats()[1] == 0
+        assert any("max_payload_bytes=1000" in r.getMessage() for r in caplog.records)
+        small = frame(1, dev, size=10)
+        pub.publish_frame(small)
+        got = decode_frames(col.wait_count(1, "/frames"))
+        assert [(f.frame_id, f.sequence) for f in got] == [(f"{dev}-1", 0)]
+    finally:
+        col.close()
+
+
+def test_missing_puback_reconnects_and_resends_without_loss(broker_factory, tmp_path: Path, publishers,
+                                                            caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+    b = broker_factory()
+    dev = "puback1"
+    col = Collector(b.host, b.port, [topics.frames(dev)], client_id="hub-test-puback1")
+    try:
+        pub = publishers(make_cfg(b.host, b.port, ack_timeout_s=0.5, max_inflight=3), dev, tmp_path / "spool")
+        pub.start()
+        wait_for(lambda: pub.connected, 10, what="connected")
+        pub.publish_frame(frame(0, dev))
+        col.wait_count(1, "/frames")
+        connections = pub.mqtt.connections
+        assert b.proc is not None
+        os.kill(b.proc.pid, signal.SIGSTOP)  # the broker hangs: the socket stays open, no PUBACK comes
+        try:
+            for i in range(1, 6):
+                pub.publish_frame(frame(i, dev))
+            with caplog.at_level(logging.WARNING, logger="edge.mqttclient"):
+                wait_for(lambda: not pub.connected, 10, what="link declared broken on missing PUBACK")
+            assert any("no PUBACK" in r.getMessage() for r in caplog.records)
+        finally:
+            os.kill(b.proc.pid, signal.SIGCONT)
+        wait_for(lambda: pub.mqtt.connections > connections, 15, what="reconnected")
+        wait_for(lambda: pub.spool_stats()[1] == 0, 15, what="spool drained")
+        got = decode_frames(col.wait_count(6, "/frames"))
+        first_seen: List[int] = []
+        for f in got:
+            if f.sequence not in first_seen:
+                first_seen.append(f.sequence)
+        assert first_seen == list(range(6))  # duplicates allowed on the wire, never loss or reorder
+    finally:
+        col.close()
+
+
+# ---- the subprocess publisher ----------------------------------------------------------------------
+
+
+def child_main(argv: List[str]) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    mqtt_cfg = json.loads(argv[0])
+    device, spool = argv[1], Path(argv[2])
+    cfg = EdgeConfig()
+    for k, v in mqtt_cfg.items():
+        setattr(cfg.mqtt, k, v)
+    pub = Publisher(cfg, device, spool)
+    pub.set_status_provider(lambda state: kestrel_pb2.Status(device_id=device, state=state, group="g-test"))
+    pub.start()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        reply: Optional[str] = None
+        if cmd[0] == "frame":
+            f = frame(int(cmd[1]), device)
+            pub.publish_frame(f)
+            reply = f"seq {f.sequence}"
+        elif cmd[0] == "spool":
+            reply = f"spool {pub.spool_stats()[1]}"
+        elif cmd[0] == "connected":
+            reply = f"connected {int(pub.connected)}"
+        elif cmd[0] == "stop":
+            pub.stop(float(cmd[1]))
+            print(f"stopped {pub.spool_stats()[1]}", flush=True)
+            return 0
+        print(reply, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))

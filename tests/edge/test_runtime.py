@@ -1,0 +1,101 @@
+"""Real interpreters on the real test models: answers, input checks, runtime selection."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from edge.errors import ModelError
+from edge.inputspec import InputSpec
+from edge.preprocess import Preprocessor, crop_box
+from edge.runtime import interpreter_class, load_model
+
+LABELS = ["bright", "dark", "mid"]
+
+
+def uniform(level: float, h: int = 480, w: int = 640) -> np.ndarray:
+    return np.full((h, w, 3), int(round(level * 255)), np.uint8)
+
+
+@pytest.mark.parametrize("name", ["brightness_float", "brightness_int8"])
+def test_brightness_models_answer_by_brightness(models_dir, name):  # noqa: ANN001
+    model = load_model(models_dir / f"{name}.tflite", labels=LABELS, threads=1)
+    try:
+        mid = model.infer(uniform(0.5))
+        bright = model.infer(uniform(0.9))
+        assert mid.dtype == np.float32 and mid.shape == (3,)
+        assert mid.max() < 0.45, mid                       # ~1/3 each: low confidence
+        assert int(np.argmax(bright)) == LABELS.index("bright")
+        assert bright.max() > 0.95, bright
+        assert model.labels == LABELS
+        assert len(model.ref.sha256) == 64 and model.ref.name == name
+    finally:
+        model.close()
+
+
+def test_int8_spec_derived_from_model(models_dir):  # noqa: ANN001
+    model = load_model(models_dir / "brightness_int8.tflite", threads=1)
+    assert model.spec.shape == [1, 64, 64, 3]
+    assert model.spec.dtype == "uint8" and model.spec.scale > 0
+    x = model.preprocess(uniform(0.9))
+    assert x.dtype == np.uint8 and x.shape == (1, 64, 64, 3)
+    np.testing.assert_allclose(model.invoke(x), model.infer(uniform(0.9)))
+
+
+def test_wrong_spec_for_model_is_refused(models_dir):  # noqa: ANN001
+    spec = InputSpec(shape=[1, 96, 96, 3], dtype="uint8", scale=1 / 255)
+    with pytest.raises(ModelError, match=r"input spec says uint8\[1, 96, 96, 3\].*\[1, 64, 64, 3\]"):
+        load_model(models_dir / "brightness_int8.tflite", spec=spec)
+
+
+def test_wrong_label_count_is_refused(models_dir):  # noqa: ANN001
+    with pytest.raises(ModelError, match="outputs 3 scores but 2 labels"):
+        load_model(models_dir / "brightness_int8.tflite", labels=["a", "b"])
+
+
+def test_wrong_shaped_tensor_is_refused(models_dir):  # noqa: ANN001
+    model = load_model(models_dir / "brightness_int8.tflite", threads=1)
+    with pytest.raises(ModelError, match="does not match"):
+        model.invoke(np.zeros((1, 32, 32, 3), np.uint8))
+
+
+def test_garbage_model_file(tmp_path):  # noqa: ANN001
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"this is not a flatbuffer" * 10)
+    with pytest.raises(ModelError, match="bad.tflite is not a loadable TFLite model"):
+        load_model(bad)
+    with pytest.raises(ModelError, match="cannot read model file"):
+        load_model(tmp_path / "missing.tflite")
+
+
+def test_runtime_selection_honours_config(models_dir):  # noqa: ANN001
+    available = [n for n, mod in (("tflite-runtime", "tflite_runtime"), ("ai-edge-litert", "ai_edge_litert"))
+                 if importlib.util.find_spec(mod) is not None]
+    assert available, "no TFLite runtime installed"
+    assert interpreter_class("auto")[0] == available[0]
+    for name in available:
+        model = load_model(models_dir / "brightness_int8.tflite", runtime=name, threads=1)
+        assert model.runtime == name
+    missing = [n for n, mod in (("tflite-runtime", "tflite_runtime"), ("ai-edge-litert", "ai_edge_litert"))
+               if importlib.util.find_spec(mod) is None]
+    for name in missing:
+        with pytest.raises(ModelError, match="no TFLite runtime available"):
+            load_model(models_dir / "brightness_int8.tflite", runtime=name)
+    with pytest.raises(ModelError, match="unknown runtime"):
+        interpreter_class("onnx")
+
+
+def test_preprocess_follows_inputspec():
+    bgr = np.zeros((4, 8, 3), np.uint8)
+    bgr[..., 0] = 10   # blue
+    bgr[..., 2] = 200  # red
+    f = Preprocessor(InputSpec(shape=[1, 4, 8, 3], normalization="-1_1"))(bgr)
+    np.testing.assert_allclose(f[0, 0, 0], [200 / 127.5 - 1, -1.0, 10 / 127.5 - 1], rtol=1e-5)
+    q = Preprocessor(InputSpec(shape=[1, 2, 2, 3], dtype="int8", scale=1 / 255, zero_point=-128,
+                               color_order="bgr"))(bgr)
+    assert q.dtype == np.int8 and q.shape == (1, 2, 2, 3)
+    assert q[0, 0, 0].tolist() == [10 - 128, -128, 200 - 128]
+    assert crop_box(480, 640, 96, 96) == (0, 480, 80, 560)
+    assert crop_box(640, 480, 96, 96) == (80, 560, 0, 480)

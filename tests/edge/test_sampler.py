@@ -1,0 +1,110 @@
+"""Sampler decisions, rate limits with an injected clock, near-duplicate suppression."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from edge.config import SamplerConfig
+from edge.phash import dhash, hamming, phash
+from edge.sampler import Sampler, normalized_entropy, uncertainty_reasons
+from proto import kestrel_pb2 as pb
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def cfg(**kw) -> SamplerConfig:  # noqa: ANN003
+    base = SamplerConfig(max_per_minute=0, max_per_hour=0, max_per_day=0, dedup_distance=-1)
+    return dataclasses.replace(base, **kw)
+
+
+def scene(seed: int, h: int = 120, w: int = 160) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    return np.kron(small, np.ones((10, 10, 1), np.uint8))[:h, :w]
+
+
+def test_confidence_threshold():
+    c = cfg(strategies=["confidence"], confidence_threshold=0.6)
+    assert uncertainty_reasons(np.array([0.59, 0.3, 0.11]), c) == [pb.LOW_CONFIDENCE]
+    assert uncertainty_reasons(np.array([0.61, 0.3, 0.09]), c) == []
+
+
+def test_margin_threshold():
+    c = cfg(strategies=["margin"], margin_threshold=0.1)
+    assert uncertainty_reasons(np.array([0.45, 0.40, 0.15]), c) == [pb.LOW_MARGIN]
+    assert uncertainty_reasons(np.array([0.55, 0.40, 0.05]), c) == []
+
+
+def test_entropy_threshold():
+    c = cfg(strategies=["entropy"], entropy_threshold=0.9)
+    assert normalized_entropy(np.array([1 / 3] * 3)) > 0.999
+    assert normalized_entropy(np.array([1.0, 0.0, 0.0])) == 0.0
+    assert uncertainty_reasons(np.array([0.34, 0.33, 0.33]), c) == [pb.HIGH_ENTROPY]
+    assert uncertainty_reasons(np.array([0.9, 0.05, 0.05]), c) == []
+
+
+def test_any_strategy_fires_and_all_reasons_listed():
+    c = cfg(strategies=["confidence", "margin", "entropy"])
+    d = Sampler(c).decide(np.array([0.34, 0.33, 0.33]))
+    assert d.send and d.reasons == [pb.LOW_CONFIDENCE, pb.LOW_MARGIN, pb.HIGH_ENTROPY]
+    confident = Sampler(c).decide(np.array([0.98, 0.01, 0.01]))
+    assert not confident.low_confidence and not confident.send and confident.reasons == []
+
+
+def test_rate_limits_hold_with_injected_clock():
+    clock = Clock()
+    s = Sampler(cfg(max_per_minute=3, max_per_hour=5), clock=clock)
+    low = np.array([0.4, 0.3, 0.3])
+    sent = [s.decide(low).send for _ in range(10)]
+    assert sent.count(True) == 3 and sent[:3] == [True] * 3
+    assert s.counters()["rate_limited"] == 7
+    clock.t += 61                       # a new minute: 2 more allowed by the hour limit
+    sent = [s.decide(low).send for _ in range(10)]
+    assert sent.count(True) == 2
+    clock.t += 61
+    assert not s.decide(low).send       # hour limit still full
+    clock.t += 3600
+    assert s.decide(low).send
+    d = s.decide(low)
+    assert d.low_confidence and d.skipped in ("", "rate_limited")
+
+
+def test_day_limit():
+    clock = Clock()
+    s = Sampler(cfg(max_per_day=2), clock=clock)
+    low = np.array([0.4, 0.3, 0.3])
+    assert [s.decide(low).send for _ in range(3)] == [True, True, False]
+    clock.t += 86401
+    assert s.decide(low).send
+
+
+def test_duplicates_suppressed_for_static_scene_changed_scene_passes():
+    clock = Clock()
+    s = Sampler(cfg(dedup_distance=6, dedup_window_s=300), clock=clock)
+    low = np.array([0.4, 0.3, 0.3])
+    a = scene(1)
+    noise = np.random.default_rng(9).integers(-3, 4, a.shape)
+    noisy = np.clip(a.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+    assert s.decide(low, a).send
+    d = s.decide(low, noisy)
+    assert not d.send and d.skipped == "duplicate"
+    assert s.decide(low, scene(2)).send          # a changed scene goes through
+    assert s.counters()["duplicate"] == 1 and s.counters()["sampled"] == 2
+    clock.t += 301                               # the window expired
+    assert s.decide(low, a).send
+
+
+def test_phash_and_dhash_distances():
+    a, b = scene(1), scene(2)
+    for h in (dhash, phash):
+        assert 0 <= h(a) < 2 ** 64
+        assert hamming(h(a), h(a)) == 0
+        assert hamming(h(a), h(b)) > 10

@@ -1,0 +1,55 @@
+"""Hot swap inside a running pipeline (edge.pipeline): updates and automatic rollback switch
+interpreters between frames, with no frame dropped and no restart."""
+
+from __future__ import annotations
+
+import threading
+from typing import List
+
+from edge.config import PipelineConfig, SamplerConfig, SourceConfig
+from edge.pipeline import Pipeline
+from edge.sampler import Sampler
+from edge.sources import open_source
+from edge.updater import state as st
+from tests.edge.test_updater import Device, bundle, make_cfg
+from tests.helpers.bundles import make_keypair
+from tests.helpers.wait import wait_for
+
+
+def test_swaps_in_running_pipeline_drop_no_frame(tmp_path, models_dir):  # noqa: ANN001
+    kp = make_keypair(tmp_path)
+    dev = Device(make_cfg(tmp_path, kp.pub_path, trial_frames=30, trial_max_latency_ratio=50.0))
+    assert dev.install(bundle(models_dir, kp, 1))
+    dev.svc.updater.commit("test setup")  # no frames yet: accept v1 as is
+    dev.svc.health.end_trial()
+    results: List = []
+    lock = threading.Lock()
+
+    def record(r) -> None:  # noqa: ANN001
+        with lock:
+            results.append(r)
+
+    source = open_source(SourceConfig(kind="testpattern", fps=0, width=64, height=48, pattern_brightness=[0.9]))
+    pipe = Pipeline(source, dev.holder, Sampler(SamplerConfig(max_per_minute=0, max_per_hour=0, max_per_day=0)),
+                    lambda s: None, PipelineConfig(drop_policy="block", queue_size=4),
+                    observers=[dev.svc.observe, record])
+    pipe.start()
+    try:
+        wait_for(lambda: len(results) >= 50, 30, what="baseline frames on v1")
+        assert dev.install(bundle(models_dir, kp, 2))  # hot swap while frames flow
+        wait_for(lambda: dev.svc.updater.state.state == st.COMMITTED, 30, what="v2 committed")
+        assert dev.install(bundle(models_dir, kp, 3, model="uniform_int8"))
+        wait_for(lambda: dev.svc.updater.state.state == st.ROLLED_BACK, 30, what="v3 rolled back")
+        n = len(results)
+        wait_for(lambda: len(results) >= n + 20, 30, what="frames after the rollback")
+    finally:
+        assert pipe.stop(30)
+        dev.close()
+    assert pipe.dropped == 0 and pipe.errors == 0
+    assert pipe.captured == pipe.processed == len(results)  # every frame in was inferred
+    assert [r.seq for r in results] == sorted(r.seq for r in results)
+    assert len({r.seq for r in results}) == len(results)
+    versions = [r.model_ref.version for r in results]
+    runs = [v for i, v in enumerate(versions) if i == 0 or versions[i - 1] != v]
+    assert runs == [1, 2, 3, 2]  # switched on, then back, each between two frames
+    assert all(r.error is None for r in results)

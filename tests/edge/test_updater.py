@@ -1,0 +1,403 @@
+"""Install path end to end on real interpreters and real signed bundles; attack bundles refused.
+
+Also holds the small helpers the other updater suites import (tests.edge.test_updater).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import pytest
+
+from edge import config
+from edge.errors import BundleError
+from edge.pipeline import InferenceResult, ModelHolder
+from edge.runtime import load_model
+from edge.updater import state as st
+from edge.updater.service import UpdateService
+from tests.helpers.bundles import BRIGHTNESS_SPEC, make_bundle, make_keypair
+from tests.helpers.wait import wait_for
+
+BRIGHT = 0.9  # mean brightness: the brightness model is > 0.95 sure ("bright")
+
+
+def make_cfg(tmp_path: Path, trust: Path, **update: Any) -> config.EdgeConfig:
+    upd: Dict[str, Any] = {"trust_dir": str(trust), "trial_frames": 5, "trial_seconds": 0.0,
+                           "clock_slack_s": 0.0, "max_boot_attempts": 2}
+    upd.update(update)
+    return config.from_dict({"device": {"id": "dev1", "data_dir": str(tmp_path / "data")},
+                             "model": {"threads": 1}, "update": upd})
+
+
+def self_test_for(model_path: Path, levels=(0.9, 0.1)) -> Dict[str, Any]:  # noqa: ANN001
+    """Self-test cases computed like the trainer does: run the model on the edge runtime."""
+    m = load_model(str(model_path), spec=BRIGHTNESS_SPEC, labels=["bright", "dark", "mid"])
+    cases = []
+    for level in levels:
+        x = np.full(BRIGHTNESS_SPEC.shape, int(level * 255), np.uint8)
+        cases.append({"input": base64.b64encode(x.tobytes()).decode(),
+                      "expected": [float(v) for v in m.invoke(x)]})
+    m.close()
+    return {"tolerance": 0.02, "cases": cases, "latency_budget_ms": None}
+
+
+def bundle(models_dir: Path, kp: Any, version: int, model: str = "brightness_int8", **kw: Any) -> bytes:
+    path = models_dir / f"{model}.tflite"
+    kw.setdefault("self_test", self_test_for(path))
+    return make_bundle(path, kp, version=version, **kw)
+
+
+def frame(level: float = BRIGHT) -> np.ndarray:
+    return np.full((48, 64, 3), int(level * 255), np.uint8)
+
+
+def infer_once(svc: UpdateService, holder: ModelHolder, seq: int, level: float = BRIGHT,
+               threshold: float = 0.6) -> InferenceResult:
+    """One real inference on the held model, fed to the health watch like the pipeline does."""
+    model = holder.get()
+    t0 = time.perf_counter()
+    scores = model.infer(frame(level))
+    lat = time.perf_counter() - t0
+    res = InferenceResult(seq, model.ref, scores, lat, None, bool(float(np.max(scores)) < threshold), [])
+    svc.observe(res)
+    return res
+
+
+def drive_until(svc: UpdateService, holder: ModelHolder, states: Any, level: float = BRIGHT,
+                timeout: float = 60.0) -> str:
+    seq = [0]
+
+    def step() -> Optional[str]:
+        seq[0] += 1
+        infer_once(svc, holder, seq[0], level)
+        s = svc.updater.state.state
+        return s if s in states else None
+
+    return wait_for(step, timeout, interval=0.001, what=f"update state in {states}")
+
+
+class Device:
+    """An UpdateService with a real ModelHolder, as the daemon wires it (no MQTT)."""
+
+    def __init__(self, cfg: config.EdgeConfig, publisher: Any = None) -> None:
+        self.cfg = cfg
+        self.holder = ModelHolder()
+        self.svc = UpdateService(cfg, publisher, self.holder, None)
+        model = self.svc.boot_model()
+        if model is not None:
+            self.holder.swap(model)
+        self.svc.start()
+
+    def install(self, data: bytes) -> bool:
+        return self.svc.install_bytes(data, source="test")
+
+    def settle(self, level: float = BRIGHT) -> str:
+        return drive_until(self.svc, self.holder, (st.COMMITTED, st.ROLLED_BACK, st.FAILED), level)
+
+    def baseline(self, n: int = 20, level: float = BRIGHT) -> None:
+        for i in range(n):
+            infer_once(self.svc, self.holder, i, level)
+
+    @property
+    def version(self) -> int:
+        return int(self.holder.get().ref.version)
+
+    def close(self) -> None:
+        self.svc.stop()
+
+
+@pytest.fixture
+def kp(tmp_path):  # noqa: ANN001
+    return make_keypair(tmp_path)
+
+
+@pytest.fixture
+def device(tmp_path, kp):  # noqa: ANN001
+    devs = []
+
+    def make(**update: Any) -> Device:
+        d = Device(make_cfg(tmp_path, kp.pub_path, **update))
+        devs.append(d)
+        return d
+
+    yield make
+    for d in devs:
+        d.close()
+
+
+def test_good_bundle_committed_after_healthy_trial(device, kp, models_dir):  # noqa: ANN001
+    dev = device()
+    assert dev.holder.get() is None
+    assert dev.install(bundle(models_dir, kp, 1))
+    assert dev.svc.updater.state.state == st.TRIAL
+    assert dev.settle() == st.COMMITTED
+    dev.baseline()
+    assert dev.install(bundle(models_dir, kp, 2))
+    assert dev.version == 2
+    assert dev.settle() == st.COMMITTED
+    vm = dev.svc.version_manifest()
+    assert (vm.installed.version, vm.previous.version, vm.update_state) == (2, 1, st.COMMITTED)
+    assert vm.installed.sha256 == dev.holder.get().ref.sha256
+
+
+def _tamper(data: bytes) -> bytes:
+    b = bytearray(data)
+    i = data.find(b"TFL3")  # inside the model file: the signed manifest's hash no longer matches
+    b[i + 100] ^= 0xFF
+    return bytes(b)
+
+
+ATTACKS = {
+    "tampered": lambda models_dir, kp, other: _tamper(bundle(models_dir, kp, 3)),
+    "untrusted": lambda models_dir, kp, other: bundle(models_dir, other, 3),
+    "downgrade": lambda models_dir, kp, other: bundle(models_dir, kp, 1),
+    "expired": lambda models_dir, kp, other: bundle(models_dir, kp, 3, expires_in_s=60,
+                                                    created=time.time() - 3600),
+    "truncated": lambda models_dir, kp, other: bundle(models_dir, kp, 3)[:3000],
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_attack_bundles_refused_running_model_untouched(device, kp, models_dir, tmp_path, attack):  # noqa: ANN001
+    dev = device(trial_frames=0)
+    assert dev.install(bundle(models_dir, kp, 2))
+    running = dev.holder.get()
+    before = dev.svc.updater.slots.active()
+    other = make_keypair(tmp_path, name="attacker")
+    with pytest.raises(BundleError) as ei:
+        dev.install(ATTACKS[attack](models_dir, kp, other))
+    msg = str(ei.value)
+    assert "\n" not in msg and msg
+    assert dev.holder.get() is running
+    assert float(np.max(running.infer(frame()))) > 0.9  # still runs
+    after = dev.svc.updater.slots.active()
+    assert (after.name, after.version, after.model_sha256) == (before.name, before.version, before.model_sha256)
+    snap = dev.svc.updater.state.snapshot()
+    assert snap["state"] == st.FAILED and ei.value.reason in snap["reason"]
+
+
+def test_replay_of_installed_bundle_is_nothing_to_do(device, kp, models_dir):  # noqa: ANN001
+    dev = device(trial_frames=0)
+    data = bundle(models_dir, kp, 2)
+    assert dev.install(data)
+    running = dev.holder.get()
+    assert dev.install(data) is False
+    assert dev.holder.get() is running
+    assert dev.svc.updater.state.state == st.COMMITTED
+
+
+def test_status_reported_on_every_transition(tmp_path, kp, models_dir):  # noqa: ANN001
+    class Recorder:
+        def __init__(self) -> None:
+            self.msgs: list = []
+
+        def publish_status(self, msg: Any) -> None:
+            self.msgs.append(msg)
+
+        def subscribe(self, *a: Any, **k: Any) -> None:
+            pass
+
+    rec = Recorder()
+    dev = Device(make_cfg(tmp_path, kp.pub_path), publisher=rec)
+    try:
+        dev.install(bundle(models_dir, kp, 1))
+        dev.settle()
+    finally:
+        dev.close()
+    states = [m.versions.update_state for m in rec.msgs]
+    assert states == [st.VERIFIED, st.STAGED, st.SELF_TEST, st.TRIAL, st.COMMITTED]
+    assert rec.msgs[-1].versions.installed.version == 1 and rec.msgs[-1].model.version == 1
+
+
+# ---- the CLI ----------------------------------------------------------------------------------
+
+def _toml(tmp_path: Path, kp: Any, **update: Any) -> Path:
+    upd = {"trust_dir": str(kp.pub_path), "trial_frames": 5, "trial_seconds": 0.0}
+    upd.update(update)
+    lines = ["[device]", f'data_dir = "{tmp_path / "data"}"', 'id = "dev1"', "[update]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in upd.items()]
+    p = tmp_path / "edge.toml"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def test_cli_install_status_rollback(tmp_path, kp, models_dir, capsys):  # noqa: ANN001
+    from edge import updatecmd
+
+    cfgp = _toml(tmp_path, kp)
+    for v in (1, 2):
+        (tmp_path / f"v{v}.kbundle").write_bytes(bundle(models_dir, kp, v))
+    assert updatecmd.main(["install", str(tmp_path / "v1.kbundle"), "--config", str(cfgp)]) == 0
+    assert updatecmd.main(["install", str(tmp_path / "v2.kbundle"), "--config", str(cfgp)]) == 2  # v1 on trial
+    err = capsys.readouterr().err
+    assert "on trial" in err and len(err.strip().splitlines()) == 1
+    # the daemon starts: the trial passes
+    dev = Device(config.load(cfgp))
+    try:
+        assert dev.settle() == st.COMMITTED
+    finally:
+        dev.close()
+    assert updatecmd.main(["install", str(tmp_path / "v2.kbundle"), "--config", str(cfgp)]) == 0
+    capsys.readouterr()
+    assert updatecmd.main(["status", "--json", "--config", str(cfgp)]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["installed"]["version"], s["previous"]["version"], s["state"]) == (2, 1, st.TRIAL)
+    assert updatecmd.main(["rollback", "--config", str(cfgp)]) == 0
+    assert updatecmd.main(["status", "--json", "--config", str(cfgp)]) == 0
+    s = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert (s["installed"]["version"], s["state"]) == (1, st.ROLLED_BACK)
+    bad = tmp_path / "bad.kbundle"
+    bad.write_bytes(_tamper(bundle(models_dir, kp, 3)))
+    assert updatecmd.main(["install", str(bad), "--config", str(cfgp)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err
+
+
+def test_cli_asks_running_daemon_to_hot_swap_and_roll_back(tmp_path, kp, models_dir):  # noqa: ANN001
+    from edge import updatecmd
+
+    cfgp = _toml(tmp_path, kp, trial_frames=0)
+    dev = Device(config.load(cfgp))
+    try:
+        assert dev.install(bundle(models_dir, kp, 1))
+        (tmp_path / "v2.kbundle").write_bytes(bundle(models_dir, kp, 2))
+        assert updatecmd.main(["install", str(tmp_path / "v2.kbundle"), "--config", str(cfgp)]) == 0
+        wait_for(lambda: dev.version == 2, 10, what="daemon hot-swapped to v2")
+        assert updatecmd.main(["rollback", "--config", str(cfgp)]) == 0
+        wait_for(lambda: dev.svc.updater.state.state == st.ROLLED_BACK, 10, what="daemon rolled back")
+        assert dev.version == 1
+    finally:
+        dev.close()
+
+
+# ---- desired state over MQTT + resumable gRPC fetch ------------------------------------------
+
+class _Registry:
+    """A tiny real ModelRegistry gRPC server serving bundle files; can cut the first stream mid-way."""
+
+    def __init__(self, files: Dict[tuple, bytes], cut_after: int = 0) -> None:
+        from concurrent import futures
+
+        import grpc
+
+        from proto import kestrel_pb2, kestrel_pb2_grpc
+
+        self.files = files
+        self.cut_after = cut_after
+        self.requests: list = []
+        outer = self
+
+        class Servicer(kestrel_pb2_grpc.ModelRegistryServicer):
+            def FetchModel(self, request, context):  # noqa: ANN001, N802, ANN202
+                import hashlib
+
+                outer.requests.append((request.model_name, request.version, request.offset))
+                data = outer.files.get((request.model_name, request.version))
+                if data is None:
+                    context.abort(grpc.StatusCode.NOT_FOUND, "no such bundle")
+                sha = hashlib.sha256(data).hexdigest()
+                off = int(request.offset)
+                sent = 0
+                while off < len(data):
+                    if outer.cut_after and sent >= outer.cut_after:
+                        outer.cut_after = 0
+                        context.abort(grpc.StatusCode.UNAVAILABLE, "connection cut (test)")
+                    chunk = data[off:off + 4096]
+                    yield kestrel_pb2.FetchChunk(data=chunk, offset=off, total_size=len(data), sha256=sha)
+                    off += len(chunk)
+                    sent += len(chunk)
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        kestrel_pb2_grpc.add_ModelRegistryServicer_to_server(Servicer(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+def test_fetch_resumes_after_cut_stream_and_checks_hash(tmp_path, kp, models_dir):  # noqa: ANN001
+    import hashlib
+
+    from edge.updater import fetch
+
+    data = bundle(models_dir, kp, 2)
+    reg = _Registry({("brightness", 2): data}, cut_after=8192)
+    try:
+        sha = hashlib.sha256(data).hexdigest()
+        part = fetch.fetch_bundle(reg.target, "brightness", 2, downloads=tmp_path / "dl", sha256=sha,
+                                  size=len(data), max_bundle_bytes=10 ** 8)
+        assert part.read_bytes() == data
+        assert [r[2] for r in reg.requests] == [0, 8192]  # resumed from the part file's size
+        part.unlink()
+        with pytest.raises(BundleError) as ei:
+            fetch.fetch_bundle(reg.target, "brightness", 2, downloads=tmp_path / "dl", sha256="0" * 64,
+                               max_bundle_bytes=10 ** 8)
+        assert ei.value.reason == "hash_mismatch"
+        assert not fetch.part_path(tmp_path / "dl", "brightness", 2).exists()
+        n = len(reg.requests)
+        with pytest.raises(BundleError) as ei:
+            fetch.fetch_bundle(reg.target, "brightness", 2, downloads=tmp_path / "dl", size=len(data),
+                               max_bundle_bytes=len(data) - 1)
+        assert ei.value.reason == "too_large" and len(reg.requests) == n  # refused before download
+    finally:
+        reg.stop()
+
+
+def test_desired_state_over_mqtt_fetches_installs_and_fleet_rollback(tmp_path, kp, models_dir, broker):  # noqa: ANN001
+    import hashlib
+
+    import paho.mqtt.client as mqtt
+
+    from edge import topics
+    from edge.publisher import Publisher
+    from proto import kestrel_pb2
+
+    v1, v2 = bundle(models_dir, kp, 1), bundle(models_dir, kp, 2)
+    reg = _Registry({("brightness", 1): v1, ("brightness", 2): v2}, cut_after=4096)
+    cfg = make_cfg(tmp_path, kp.pub_path, hub_grpc=reg.target)
+    cfg.mqtt.host, cfg.mqtt.port = broker.host, broker.port
+    pub = Publisher(cfg, "dev1", tmp_path / "spool")
+    pub.start()
+    dev = Device(cfg, publisher=pub)
+    hub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    hub.connect(broker.host, broker.port)
+    hub.loop_start()
+
+    def order(version: int, data: bytes, rollback: bool = False, topic: str = "") -> None:
+        msg = kestrel_pb2.DesiredState(model_name="brightness", version=version, rollback=rollback,
+                                       sha256=hashlib.sha256(data).hexdigest(), size=len(data),
+                                       issued_ms=int(time.time() * 1000))
+        hub.publish(topic or topics.group_desired("default"), msg.SerializeToString(), qos=1,
+                    retain=True).wait_for_publish(10)
+
+    try:
+        order(1, v1)
+        wait_for(lambda: dev.holder.get() is not None, 30, what="v1 fetched and switched")
+        assert dev.settle() == st.COMMITTED
+        dev.baseline()
+        order(2, v2, topic=topics.device_desired("dev1"))  # device-specific wins over the group
+        wait_for(lambda: dev.version == 2, 30, what="v2 fetched and switched")
+        assert dev.settle() == st.COMMITTED
+        order(1, v1)  # the group still says v1, but the device's own desired state wins: nothing
+        order(2, v2, rollback=True, topic=topics.device_desired("dev1"))
+        wait_for(lambda: dev.svc.updater.state.state == st.ROLLED_BACK, 30, what="fleet rollback")
+        assert dev.version == 1  # the device's own previous slot
+        assert [r[1] for r in reg.requests if r[2] == 0] == [1, 2]  # nothing older fetched for the rollback
+    finally:
+        for t in (topics.group_desired("default"), topics.device_desired("dev1")):
+            hub.publish(t, b"", qos=1, retain=True).wait_for_publish(10)
+        hub.loop_stop()
+        hub.disconnect()
+        dev.close()
+        pub.stop(1.0)
+        reg.stop()

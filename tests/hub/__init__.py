@@ -1,0 +1,122 @@
+"""Helpers shared by the hub suites: frame payloads, hub configs and `python -m hub serve` subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import cv2
+import numpy as np
+
+from proto import kestrel_pb2
+from tests.helpers.wait import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def jpeg(seed: int = 0, w: int = 64, h: int = 48, quality: int = 90) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return bytes(buf.tobytes())
+
+
+def frame_msg(frame_id: str, device_id: str = "cam-1", image: Optional[bytes] = None, seq: int = 0,
+              capture_ms: int = 1_700_000_000_000) -> kestrel_pb2.Frame:
+    img = jpeg(seq) if image is None else image
+    return kestrel_pb2.Frame(
+        frame_id=frame_id, device_id=device_id, capture_time_ms=capture_ms + seq,
+        model=kestrel_pb2.ModelRef(name="brightness", version=3, sha256="ab" * 32),
+        reasons=[kestrel_pb2.LOW_CONFIDENCE],
+        top_k=[kestrel_pb2.TopScore(index=1, label="dark", score=0.41),
+               kestrel_pb2.TopScore(index=0, label="bright", score=0.35)],
+        image=img, image_format="jpeg", width=64, height=48, source="cam0", sequence=seq,
+        image_bytes=len(img))
+
+
+def frame_payload(frame_id: str, device_id: str = "cam-1", **kw: object) -> bytes:
+    return frame_msg(frame_id, device_id, **kw).SerializeToString()  # type: ignore[arg-type]
+
+
+def write_config(path: Path, data_dir: Path, broker_host: str = "", broker_port: int = 0,
+                 client_id: str = "", store_url: str = "", extra_mqtt: str = "") -> Path:
+    lines = ["[hub]", f'data_dir = "{data_dir}"', "[store]", f'url = "{store_url}"', "[mqtt]",
+             f'host = "{broker_host}"', f"port = {broker_port}", f'client_id = "{client_id}"',
+             "retry_initial_s = 0.05", "retry_max_s = 0.5", extra_mqtt,
+             "[grpc]", "port = 0", "[http]", "port = 0"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class HubProcess:
+    """`python -m hub serve --config X` as a subprocess; reads the bound ports from <data_dir>/hub.json."""
+
+    def __init__(self, config: Path, data_dir: Path, log: Path) -> None:
+        self.config, self.data_dir, self.log_path = config, data_dir, log
+        self.proc: Optional[subprocess.Popen] = None
+        self.info: Dict[str, object] = {}
+
+    def start(self, timeout: float = 30.0) -> HubProcess:
+        info = self.data_dir / "hub.json"
+        if info.exists():
+            info.unlink()
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen([sys.executable, "-m", "hub", "serve", "--config", str(self.config)],
+                                     cwd=str(REPO), env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for(lambda: info.exists() or self.proc.poll() is not None, timeout, what="hub.json")  # type: ignore
+        if self.proc.poll() is not None:
+            raise AssertionError(f"hub exited {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
+        self.info = json.loads(info.read_text())
+        return self
+
+    def health(self) -> Dict[str, object]:
+        import urllib.error
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.info['http_port']}/healthz", timeout=5) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:  # 503 still carries the JSON
+            return json.loads(exc.read())
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode if self.proc else 0
+
+
+def publish_all(host: str, port: int, items: List[tuple], qos: int = 1, timeout: float = 30.0) -> None:
+    """Publish (topic, payload) pairs at QoS 1 and wait until the broker acknowledged every one."""
+    import paho.mqtt.client as mqtt
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
+    c.max_inflight_messages_set(100)
+    c.max_queued_messages_set(0)
+    c.connect(host, port)
+    c.loop_start()
+    try:
+        infos = [c.publish(t, p, qos=qos) for t, p in items]
+        deadline = time.monotonic() + timeout
+        for info in infos:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+            assert info.is_published(), "broker did not acknowledge a publish"
+    finally:
+        c.disconnect()
+        c.loop_stop()

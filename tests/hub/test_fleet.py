@@ -1,0 +1,180 @@
+"""Fleet: deploy/rollback publish retained DesiredState on the real broker; ListDevices over real gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import uuid
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from edge import topics
+from edge.keys import public_key_text
+from hub import fleetcmd
+from hub.errors import NotFound
+from hub.fleet import FleetRequestError, FleetService
+from hub.fleetcmd import HubClient, HubRefused
+from hub.grpc_service import make_server
+from hub.registry import Registry, RegistryConfig
+from hub.store.open import open_store
+from proto import kestrel_pb2
+from tests.helpers.bundles import make_bundle, make_keypair
+from tests.helpers.mqtt import Collector
+
+
+@pytest.fixture
+def publisher(broker):
+    """publish_retained as the hub's server provides it: QoS 1, retained, waits for the broker's ack."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-hub-{uuid.uuid4().hex[:8]}")
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+
+    def publish_retained(topic: str, payload: bytes) -> None:
+        info = client.publish(topic, payload, qos=topics.QOS_DESIRED, retain=True)
+        info.wait_for_publish(timeout=10)
+        assert info.is_published()
+
+    yield publish_retained
+    client.loop_stop()
+    client.disconnect()
+
+
+@pytest.fixture
+def fleet_hub(tmp_path, publisher):
+    keys = make_keypair(tmp_path, "fleet")
+    data = tmp_path / "hub"
+    (data / "trust").mkdir(parents=True)
+    (data / "trust" / "fleet.pub").write_text(public_key_text(keys.public))
+    store = open_store(data / "hub.db")
+    reg = Registry(store, RegistryConfig(), data)
+    fleet = FleetService(store, reg, publisher, grpc_target="hub.example:50051")
+    server, port = make_server(reg, fleet, port=0, max_workers=4)
+    server.start()
+    client = HubClient(f"127.0.0.1:{port}", timeout_s=20)
+    yield store, client, keys, port
+    client.close()
+    server.stop(None)
+    store.close()
+
+
+def _group() -> str:
+    return f"g-{uuid.uuid4().hex[:10]}"
+
+
+def test_deploy_to_group_publishes_retained_desired_state(fleet_hub, broker, models_dir):
+    store, client, keys, _ = fleet_hub
+    bundle = make_bundle(models_dir / "brightness_int8.tflite", keys, version=7)
+    client.push(bundle)
+    group = _group()
+    store.upsert_device("cam-a", group=group)
+    resp = client.deploy("brightness", 7, group=group)
+    assert resp.topic == topics.group_desired(group)
+
+    # A subscriber arriving later still receives it: it is retained.
+    sub = Collector(broker.host, broker.port, [topics.group_desired(group)])
+    try:
+        (payload,) = sub.wait_count(1, "/desired")
+        assert sub.messages[0][2] is True  # retain flag
+    finally:
+        sub.close()
+    desired = kestrel_pb2.DesiredState.FromString(payload)
+    assert (desired.model_name, desired.version, desired.rollback) == ("brightness", 7, False)
+    assert desired.sha256 == hashlib.sha256(bundle).hexdigest() and desired.size == len(bundle)
+    assert desired.grpc_target == "hub.example:50051" and desired.issued_ms > 0
+    dev = store.get_device("cam-a")
+    assert (dev.desired_model, dev.desired_version) == ("brightness", 7)
+
+
+def test_rollback_publishes_rollback_true(fleet_hub, broker):
+    store, client, _, _ = fleet_hub
+    group = _group()
+    store.upsert_device("cam-r", group=group, reported_model="brightness", reported_version=3,
+                        previous_version=2)
+    resp = client.rollback(group=group)
+    dev_resp = client.rollback(device_id="cam-r")
+    sub = Collector(broker.host, broker.port, [topics.group_desired(group), topics.device_desired("cam-r")])
+    try:
+        sub.wait_count(2, "/desired")
+        by_topic = {t: kestrel_pb2.DesiredState.FromString(p) for t, p, _ in sub.messages}
+    finally:
+        sub.close()
+    assert resp.topic in by_topic and dev_resp.topic in by_topic
+    assert by_topic[topics.group_desired(group)].rollback is True
+    dev_msg = by_topic[topics.device_desired("cam-r")]
+    assert dev_msg.rollback is True and dev_msg.version == 2 and dev_msg.sha256 == ""
+    with pytest.raises(HubRefused) as ei:
+        client.rollback(device_id="never-seen")
+    assert ei.value.code == "NOT_FOUND"
+
+
+def test_list_devices_shows_desired_and_reported(fleet_hub, models_dir, capsys):
+    store, client, keys, port = fleet_hub
+    client.push(make_bundle(models_dir / "brightness_int8.tflite", keys, version=2))
+    group = _group()
+    store.upsert_device("cam-1", group=group, state="online", last_seen_ms=1_700_000_000_000,
+                        reported_model="brightness", reported_version=1, update_state="COMMITTED")
+    store.upsert_device("cam-2", group="elsewhere", state="offline")
+    client.deploy("brightness", 0, device_id="cam-1")  # 0 = highest
+
+    (dev,) = client.list_devices(group)
+    assert dev.device_id == "cam-1" and dev.state == "online"
+    assert (dev.desired_model, dev.desired_version) == ("brightness", 2)
+    assert (dev.reported.name, dev.reported.version) == ("brightness", 1)
+    assert dev.versions.update_state == "COMMITTED"
+    assert {d.device_id for d in client.list_devices()} >= {"cam-1", "cam-2"}
+
+    ns = argparse.Namespace(hub=f"127.0.0.1:{port}", timeout=10, json=False, group=group)
+    assert fleetcmd.run_devices(ns) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["DEVICE", "GROUP", "STATE"]
+    assert "cam-1" in out[1] and "brightness v2" in out[1] and "brightness v1" in out[1]
+    ns.json = True
+    assert fleetcmd.run_devices(ns) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["device_id"] == "cam-1" and row["desired_version"] == "2"
+
+
+def test_deploy_errors_map_to_status_codes(fleet_hub, models_dir):
+    _, client, keys, _ = fleet_hub
+    client.push(make_bundle(models_dir / "brightness_int8.tflite", keys, version=1))
+    with pytest.raises(HubRefused) as ei:
+        client.deploy("brightness", 9, group="lab")
+    assert ei.value.code == "NOT_FOUND"
+    with pytest.raises(HubRefused) as ei:
+        client.deploy("brightness", 1, device_id="cam", group="lab")
+    assert ei.value.code == "INVALID_ARGUMENT" and "exactly one" in ei.value.detail
+    with pytest.raises(HubRefused) as ei:
+        client.deploy("brightness", 1, group="bad/group")
+    assert ei.value.code == "INVALID_ARGUMENT"
+
+
+def test_cli_deploy_and_models(fleet_hub, models_dir, capsys):
+    _, client, keys, port = fleet_hub
+    model = models_dir / "brightness_int8.tflite"
+    client.push(make_bundle(model, keys, version=1, metrics={"accuracy": 0.875}))
+    hubarg = f"127.0.0.1:{port}"
+    group = _group()
+    ns = argparse.Namespace(hub=hubarg, timeout=10, json=False, model="brightness", version=1, device="",
+                            group=group)
+    assert fleetcmd.run_deploy(ns) == 0
+    assert f"brightness v1 -> {topics.group_desired(group)}" in capsys.readouterr().out
+    assert fleetcmd.run_models(argparse.Namespace(hub=hubarg, timeout=10, json=False, model="")) == 0
+    out = capsys.readouterr().out
+    assert "accuracy=0.875" in out and keys.key_id in out
+    assert fleetcmd.run_models(argparse.Namespace(hub=hubarg, timeout=10, json=True, model="")) == 0
+    (m,) = json.loads(capsys.readouterr().out)
+    assert m["metrics"] == {"accuracy": 0.875} and m["model"]["version"] == "1"
+
+
+def test_fleet_service_validates_targets(tmp_path):
+    store = open_store(tmp_path / "hub.db")
+    published = []
+    fleet = FleetService(store, Registry(store, RegistryConfig(), tmp_path), lambda t, p: published.append(t))
+    with pytest.raises(FleetRequestError):
+        fleet.rollback()
+    with pytest.raises(NotFound):
+        fleet.deploy("brightness", 1, group="lab")
+    assert published == []
+    store.close()

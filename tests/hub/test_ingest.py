@@ -1,0 +1,259 @@
+"""The MQTT ingest against a real Mosquitto and a real SQLite file."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, List, Optional
+
+import pytest
+
+from edge import topics
+from hub.broker import BrokerTarget
+from hub.config import MqttSection
+from hub.errors import StoreUnavailable
+from hub.ingest import Ingest
+from hub.store.base import DeviceRecord, FrameRecord, ModelRecord, Store
+from hub.store.sqlite import SqliteStore
+from proto import kestrel_pb2
+from tests.helpers.wait import wait_for
+from tests.hub import frame_msg, frame_payload, jpeg, publish_all
+
+
+class FlakyStore(Store):
+    """The real SQLite store behind a switch that makes every call raise StoreUnavailable."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.down = threading.Event()
+        self.failed_calls = 0
+
+    def _gate(self) -> None:
+        if self.down.is_set():
+            self.failed_calls += 1
+            raise StoreUnavailable("injected: store down")
+
+    def add_frame(self, frame: FrameRecord) -> bool:
+        self._gate()
+        return self.inner.add_frame(frame)
+
+    def add_frames(self, frames: List[FrameRecord]) -> List[bool]:
+        self._gate()
+        return self.inner.add_frames(frames)
+
+    def get_frame(self, frame_id: str) -> Optional[FrameRecord]:
+        return self.inner.get_frame(frame_id)
+
+    def list_frames(self, *a: Any, **k: Any) -> List[FrameRecord]:
+        return self.inner.list_frames(*a, **k)
+
+    def count_frames(self, device_id: Optional[str] = None) -> int:
+        return self.inner.count_frames(device_id)
+
+    def set_label(self, frame_id: str, label: Optional[str], when_ms: int) -> bool:
+        return self.inner.set_label(frame_id, label, when_ms)
+
+    def iter_labelled(self) -> Iterator[FrameRecord]:
+        return self.inner.iter_labelled()
+
+    def upsert_device(self, device_id: str, **fields: object) -> DeviceRecord:
+        self._gate()
+        return self.inner.upsert_device(device_id, **fields)
+
+    def get_device(self, device_id: str) -> Optional[DeviceRecord]:
+        self._gate()
+        return self.inner.get_device(device_id)
+
+    def list_devices(self, group: Optional[str] = None) -> List[DeviceRecord]:
+        return self.inner.list_devices(group)
+
+    def add_model(self, model: ModelRecord) -> bool:
+        return self.inner.add_model(model)
+
+    def get_model(self, model_name: str, version: int) -> Optional[ModelRecord]:
+        return self.inner.get_model(model_name, version)
+
+    def list_models(self, model_name: Optional[str] = None) -> List[ModelRecord]:
+        return self.inner.list_models(model_name)
+
+    def ping(self) -> None:
+        self._gate()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "hub.db")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def group() -> str:
+    """A share group of its own per test: persistent sessions of earlier tests never take our frames."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def make_ingest(broker: Any, store: Store, group: str, client_id: str = "", **mqtt: Any) -> Ingest:
+    cfg = MqttSection(share_group=group, retry_initial_s=0.05, retry_max_s=0.3, **mqtt)
+    ing = Ingest(store, BrokerTarget(broker.host, broker.port), cfg,
+                 client_id or f"hub-{uuid.uuid4().hex[:8]}")
+    ing.start()
+    assert ing.wait_subscribed(10), "ingest did not subscribe"
+    return ing
+
+
+def test_valid_frames_are_stored_with_their_fields(broker: Any, store: SqliteStore, group: str) -> None:
+    ing = make_ingest(broker, store, group)
+    try:
+        publish_all(broker.host, broker.port,
+                    [(topics.frames("cam-7"), frame_payload(f"cam-7-{i}", "cam-7", seq=i)) for i in range(5)])
+        wait_for(lambda: store.count_frames() == 5, 10, what="5 frames stored")
+        got = store.get_frame("cam-7-3")
+        assert got is not None
+        want = frame_msg("cam-7-3", "cam-7", seq=3)
+        assert (got.device_id, got.capture_time_ms, got.model_name, got.model_version, got.model_sha256) == \
+               ("cam-7", want.capture_time_ms, "brightness", 3, "ab" * 32)
+        assert got.reasons == ["LOW_CONFIDENCE"]
+        assert got.top_k[0]["label"] == "dark" and got.top_k[0]["score"] == pytest.approx(0.41)
+        assert got.image == jpeg(3) and (got.width, got.height) == (64, 48)
+        assert (got.source, got.sequence, got.label) == ("cam0", 3, None)
+        assert got.received_ms > 0
+        dev = store.get_device("cam-7")
+        assert dev is not None and dev.last_seen_ms > 0  # auto-registered
+        wait_for(lambda: ing.health()["acked"] == 5, 5, what="5 acks")
+        assert ing.health()["stored"] == 5
+    finally:
+        ing.stop()
+
+
+def test_bad_payloads_are_rejected_per_reason_and_ingest_goes_on(broker: Any, store: SqliteStore,
+                                                                 group: str) -> None:
+    ing = make_ingest(broker, store, group, max_payload_bytes=8192)
+    try:
+        big = frame_payload("big", "cam-1", image=jpeg(1, w=400, h=300, quality=100))
+        assert len(big) > 8192
+        no_id = frame_msg("x", "cam-1")
+        no_id.frame_id = ""
+        bad = [
+            (topics.frames("cam-1"), b"\xff\xff\xff not protobuf"),                      # bad_protobuf
+            (topics.frames("cam-1"), big),                                                # too_large
+            (topics.frames("cam-2"), frame_payload("mismatch", "cam-1")),                 # device_mismatch
+            (topics.frames("cam-1"), frame_payload("garbage-img", "cam-1", image=b"\x00" * 500)),  # bad_image
+            (topics.frames("cam-1"), no_id.SerializeToString()),                          # missing_frame_id
+        ]
+        good = [(topics.frames("cam-1"), frame_payload(f"ok-{i}", "cam-1", seq=i)) for i in range(3)]
+        publish_all(broker.host, broker.port, bad[:3] + good[:1] + bad[3:] + good[1:])
+        wait_for(lambda: store.count_frames() == 3, 10, what="the 3 good frames")
+        h = wait_for(lambda: (lambda h: h if h["acked"] == 8 else None)(ing.health()), 10, what="8 acks")
+        rej = h["rejected"]
+        assert {k: v for k, v in rej.items() if v} == {
+            "bad_protobuf": 1, "too_large": 1, "device_mismatch": 1, "bad_image": 1, "missing_frame_id": 1}
+        assert sorted(f.frame_id for f in store.list_frames()) == ["ok-0", "ok-1", "ok-2"]
+    finally:
+        ing.stop()
+
+
+def test_redelivered_frame_id_is_stored_once(broker: Any, store: SqliteStore, group: str) -> None:
+    ing = make_ingest(broker, store, group)
+    try:
+        p = frame_payload("dup-1", "cam-1")
+        publish_all(broker.host, broker.port, [(topics.frames("cam-1"), p)] * 3 +
+                    [(topics.frames("cam-1"), frame_payload("dup-2", "cam-1"))])
+        wait_for(lambda: ing.health()["acked"] == 4, 10, what="4 acks")
+        assert store.count_frames() == 2
+        assert ing.health()["duplicates"] == 2
+    finally:
+        ing.stop()
+
+
+def test_unknown_devices_rejected_when_not_allowed(broker: Any, store: SqliteStore, group: str) -> None:
+    store.upsert_device("known")
+    ing = make_ingest(broker, store, group, allow_unknown_devices=False)
+    try:
+        publish_all(broker.host, broker.port, [(topics.frames("stranger"), frame_payload("s1", "stranger")),
+                                               (topics.frames("known"), frame_payload("k1", "known"))])
+        wait_for(lambda: ing.health()["acked"] == 2, 10, what="2 acks")
+        assert [f.frame_id for f in store.list_frames()] == ["k1"]
+        assert ing.health()["rejected"]["unknown_device"] == 1
+        assert store.get_device("stranger") is None
+    finally:
+        ing.stop()
+
+
+def test_status_and_telemetry_update_the_device(broker: Any, store: SqliteStore, group: str) -> None:
+    dev = f"cam-{uuid.uuid4().hex[:6]}"
+    status = kestrel_pb2.Status(
+        device_id=dev, state="online", time_ms=1234, group="lab",
+        model=kestrel_pb2.ModelRef(name="m", version=5, sha256="ee" * 32),
+        versions=kestrel_pb2.VersionManifest(installed=kestrel_pb2.ModelRef(name="m", version=5,
+                                                                            sha256="ee" * 32),
+                                             previous=kestrel_pb2.ModelRef(name="m", version=4),
+                                             update_state="COMMITTED", reason=""))
+    # retained before the hub starts: the hub learns it on subscribe
+    import paho.mqtt.client as mqtt
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    c.publish(topics.status(dev), status.SerializeToString(), qos=1, retain=True).wait_for_publish(5)
+    ing = make_ingest(broker, store, group)
+    try:
+        d = wait_for(lambda: store.get_device(dev), 10, what="device from the retained status")
+        got = (d.state, d.group, d.reported_model, d.reported_version, d.previous_version, d.update_state)
+        assert got == ("online", "lab", "m", 5, 4, "COMMITTED")
+        tele = kestrel_pb2.Telemetry(device_id=dev, time_ms=5678, fps=12.5, queue_depth=3)
+        c.publish(topics.telemetry(dev), tele.SerializeToString(), qos=0).wait_for_publish(5)
+        d = wait_for(lambda: (lambda x: x if x and x.last_telemetry else None)(store.get_device(dev)), 10,
+                     what="telemetry applied")
+        assert d.last_telemetry["fps"] == 12.5 and d.last_telemetry["queue_depth"] == 3
+        offline = kestrel_pb2.Status(device_id=dev, state="offline", time_ms=9999)
+        c.publish(topics.status(dev), offline.SerializeToString(), qos=1, retain=True).wait_for_publish(5)
+        d = wait_for(lambda: (lambda x: x if x and x.state == "offline" else None)(store.get_device(dev)), 10,
+                     what="offline status")
+        assert d.reported_version == 5  # an offline status without versions keeps what we knew
+    finally:
+        c.publish(topics.status(dev), b"", qos=1, retain=True).wait_for_publish(5)
+        c.disconnect()
+        c.loop_stop()
+        ing.stop()
+
+
+def test_store_unavailable_pauses_without_ack_then_resumes(broker: Any, store: SqliteStore,
+                                                           group: str) -> None:
+    flaky = FlakyStore(store)
+    flaky.down.set()
+    ing = make_ingest(broker, flaky, group)
+    try:
+        publish_all(broker.host, broker.port,
+                    [(topics.frames("cam-1"), frame_payload(f"p{i}", "cam-1", seq=i)) for i in range(10)])
+        wait_for(lambda: ing.health()["paused"] and flaky.failed_calls >= 3, 10, what="paused, retrying")
+        h = ing.health()
+        assert h["acked"] == 0 and h["stored"] == 0 and store.count_frames() == 0
+        flaky.down.clear()
+        wait_for(lambda: store.count_frames() == 10, 10, what="all 10 stored after the store came back")
+        wait_for(lambda: ing.health()["acked"] == 10, 5, what="10 acks")
+        assert ing.health()["paused"] is False
+    finally:
+        ing.stop()
+
+
+def test_unacked_frames_survive_a_hub_that_gives_up(broker: Any, store: SqliteStore, group: str) -> None:
+    """Store down, hub stops without acking: the broker keeps the frames for the session; a new hub
+    process with the same client id stores every one."""
+    flaky = FlakyStore(store)
+    flaky.down.set()
+    cid = f"hub-{uuid.uuid4().hex[:8]}"
+    ing = make_ingest(broker, flaky, group, client_id=cid)
+    publish_all(broker.host, broker.port,
+                [(topics.frames("cam-1"), frame_payload(f"q{i}", "cam-1", seq=i)) for i in range(20)])
+    wait_for(lambda: ing.health()["paused"], 10, what="paused")
+    ing.stop()
+    assert store.count_frames() == 0
+    ing2 = make_ingest(broker, store, group, client_id=cid)
+    try:
+        wait_for(lambda: store.count_frames() == 20, 15, what="all 20 redelivered and stored")
+    finally:
+        ing2.stop()

@@ -1,0 +1,92 @@
+"""`kestrel-hub serve`: config checks, embedded broker, health and metrics, gRPC wiring."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+
+from edge import topics
+from hub.store.sqlite import SqliteStore
+from proto import kestrel_pb2, kestrel_pb2_grpc
+from tests.helpers.wait import wait_for
+from tests.hub import REPO, HubProcess, frame_payload, publish_all, write_config
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hub", *args], cwd=str(REPO), capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+
+
+def test_check_config_ok_and_unknown_key_rejected(tmp_path: Path) -> None:
+    good = write_config(tmp_path / "good.toml", tmp_path / "d", "127.0.0.1", 1883)
+    r = run_cli("serve", "--config", str(good), "--check-config")
+    assert r.returncode == 0, r.stderr
+    assert "config OK" in r.stdout and "127.0.0.1:1883" in r.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[mqtt]\nhost = "x"\nshare_grup = "oops"\n')
+    r = run_cli("serve", "--config", str(bad), "--check-config")
+    assert r.returncode == 2
+    assert "unknown key 'mqtt.share_grup'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("serve", "--print-config-doc")
+    assert r.returncode == 0 and "`mqtt.max_payload_bytes`" in r.stdout and "[registry]" in r.stdout
+
+
+def get(url: str) -> tuple:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_serve_with_embedded_broker_health_metrics_grpc(tmp_path: Path) -> None:
+    data = tmp_path / "hub"
+    cfg = write_config(tmp_path / "hub.toml", data)  # no broker configured: embedded Mosquitto
+    hub = HubProcess(cfg, data, tmp_path / "hub.log").start()
+    try:
+        assert hub.info["mqtt_embedded"] is True
+        host, port = str(hub.info["mqtt_host"]), int(hub.info["mqtt_port"])  # type: ignore[arg-type]
+        base = f"http://127.0.0.1:{hub.info['http_port']}"
+        wait_for(lambda: get(base + "/healthz")[0] == 200, 15, what="healthy hub")
+        publish_all(host, port, [(topics.frames("cam-1"), frame_payload("e1", "cam-1")),
+                                 (topics.frames("cam-1"), b"junk"),
+                                 (topics.frames("cam-9"), frame_payload("e2", "cam-1"))])
+        store = SqliteStore(data / "hub.db")
+        wait_for(lambda: store.count_frames() == 1, 10, what="frame stored")
+        wait_for(lambda: json.loads(get(base + "/healthz")[1])["ingest"]["acked"] == 3, 10, what="3 acks")
+        status, body = get(base + "/healthz")
+        h = json.loads(body)
+        assert status == 200 and h["ok"] is True
+        assert h["store"]["ok"] is True and h["broker"]["embedded"] is True
+        assert h["broker"]["connected"] is True
+        assert h["ingest"]["rejected"]["bad_protobuf"] == 1
+        assert h["ingest"]["rejected"]["device_mismatch"] == 1
+        status, text = get(base + "/metrics")
+        assert status == 200
+        assert 'kestrel_hub_ingest_rejected_total{reason="bad_protobuf"} 1' in text
+        assert "kestrel_hub_ingest_stored_total 1" in text and "kestrel_hub_store_up 1" in text
+        # the gRPC registry answers on the bound port
+        with grpc.insecure_channel(f"127.0.0.1:{hub.info['grpc_port']}") as ch:
+            stub = kestrel_pb2_grpc.ModelRegistryStub(ch)
+            resp = stub.ListModels(kestrel_pb2.ListModelsRequest(), timeout=10)
+            assert list(resp.versions) == []
+        # the embedded broker is supervised: killed, it comes back on the same port and the ingest reconnects
+        broker_info = json.loads((data / "broker" / "broker.json").read_text())
+        os.kill(int(broker_info["pid"]), signal.SIGKILL)
+        wait_for(lambda: json.loads(get(base + "/healthz")[1])["broker"].get("restarts", 0) >= 1, 15,
+                 what="broker restarted")
+        wait_for(lambda: json.loads(get(base + "/healthz")[1])["broker"]["connected"], 15, what="reconnected")
+        publish_all(host, port, [(topics.frames("cam-1"), frame_payload("e3", "cam-1"))])
+        wait_for(lambda: store.count_frames() == 2, 15, what="frame after the broker restart")
+        store.close()
+    finally:
+        assert hub.stop() == 0
+    assert not (data / "hub.json.tmp").exists()

@@ -1,0 +1,193 @@
+"""The storage contract (hub/store/base.py), run against every backend.
+
+SQLite always runs. MongoDB runs only when KESTREL_MONGODB_URI points at a server
+(e.g. KESTREL_MONGODB_URI=mongodb://localhost:27017/kestrel_test pytest -k store_contract);
+each Mongo test uses a fresh database that is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import uuid
+from typing import Iterator
+
+import pytest
+
+from hub.errors import StoreError, StoreUnavailable
+from hub.store.base import FrameRecord, ModelRecord, Store
+from hub.store.open import open_store
+from hub.store.sqlite import SqliteStore
+from tests.hub import jpeg
+
+MONGO_URI = os.environ.get("KESTREL_MONGODB_URI", "")
+
+
+@pytest.fixture(params=["sqlite", "mongo"])
+def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Store]:  # noqa: ANN001
+    if request.param == "sqlite":
+        s = open_store(f"sqlite:///{tmp_path / 'hub.db'}")
+        yield s
+        s.close()
+        return
+    if not MONGO_URI:
+        pytest.skip("MongoDB contract tests need a server: set KESTREL_MONGODB_URI=mongodb://host:port/db "
+                    "(no MongoDB server can run in this environment)")
+    from hub.store.mongo import MongoStore
+    dbname = f"kestrel_contract_{uuid.uuid4().hex[:8]}"
+    s = MongoStore(MONGO_URI, database=dbname, timeout_ms=3000)
+    yield s
+    s.client.drop_database(dbname)
+    s.close()
+
+
+def rec(frame_id: str, device: str = "cam-1", t: int = 1000, image: bytes = b"") -> FrameRecord:
+    return FrameRecord(frame_id=frame_id, device_id=device, capture_time_ms=t, received_ms=t + 5,
+                       model_name="m", model_version=2, model_sha256="cd" * 32, reasons=["LOW_CONFIDENCE"],
+                       top_k=[{"index": 1, "label": "dark", "score": 0.4}], image=image or jpeg(t),
+                       image_format="jpeg", width=64, height=48, source="cam0", sequence=t)
+
+
+def test_add_get_roundtrip_and_idempotent(store: Store) -> None:
+    f = rec("f1")
+    assert store.add_frame(f) is True
+    assert store.add_frame(rec("f1", t=9999)) is False  # same frame_id: no change
+    got = store.get_frame("f1")
+    assert got == f
+    assert store.count_frames() == 1
+    assert store.get_frame("nope") is None
+
+
+def test_add_frames_batch_reports_duplicates(store: Store) -> None:
+    assert store.add_frames([rec("a"), rec("b")]) == [True, True]
+    assert store.add_frames([rec("b"), rec("c"), rec("a")]) == [False, True, False]
+    assert store.count_frames() == 3
+    assert store.add_frames([]) == []
+
+
+def test_list_filters_newest_first(store: Store) -> None:
+    for i in range(6):
+        store.add_frame(rec(f"x{i}", device="cam-1" if i % 2 else "cam-2", t=1000 + i))
+    assert [f.frame_id for f in store.list_frames()] == [f"x{i}" for i in range(5, -1, -1)]
+    assert [f.frame_id for f in store.list_frames(device_id="cam-1")] == ["x5", "x3", "x1"]
+    assert store.count_frames("cam-2") == 3
+    assert [f.frame_id for f in store.list_frames(since_ms=1004)] == ["x5", "x4"]
+    page = store.list_frames(limit=2, offset=2)
+    assert [f.frame_id for f in page] == ["x3", "x2"]
+    assert all(f.image == b"" for f in page)  # images only when asked for
+    assert store.list_frames(limit=1, with_images=True)[0].image == jpeg(1005)
+
+
+def test_labels_and_iter_labelled(store: Store) -> None:
+    for i in range(4):
+        store.add_frame(rec(f"l{i}", t=2000 + i))
+    assert store.set_label("l2", "cat", 5000) is True
+    assert store.set_label("l0", "dog", 5001) is True
+    assert store.set_label("missing", "cat", 1) is False
+    assert [f.frame_id for f in store.list_frames(label="cat")] == ["l2"]
+    assert [f.frame_id for f in store.list_frames(unlabelled=True)] == ["l3", "l1"]
+    labelled = list(store.iter_labelled())
+    assert [(f.frame_id, f.label) for f in labelled] == [("l0", "dog"), ("l2", "cat")]
+    assert labelled[0].image == jpeg(2000) and labelled[0].labelled_ms == 5001
+    assert store.set_label("l2", None, 6000) is True
+    assert [f.frame_id for f in store.iter_labelled()] == ["l0"]
+    assert store.get_frame("l2").labelled_ms is None  # type: ignore[union-attr]
+
+
+def test_devices_upsert_merges(store: Store) -> None:
+    d = store.upsert_device("cam-1", state="online", last_seen_ms=10)
+    assert (d.device_id, d.state, d.group, d.last_seen_ms) == ("cam-1", "online", "default", 10)
+    d = store.upsert_device("cam-1", group="lab", last_telemetry={"fps": 9.5})
+    assert (d.state, d.group, d.last_telemetry) == ("online", "lab", {"fps": 9.5})
+    store.upsert_device("cam-2")
+    assert store.get_device("cam-1") == d
+    assert [x.device_id for x in store.list_devices()] == ["cam-1", "cam-2"]
+    assert [x.device_id for x in store.list_devices("lab")] == ["cam-1"]
+    assert store.get_device("nobody") is None
+    with pytest.raises(StoreError):
+        store.upsert_device("cam-1", no_such_field=1)
+
+
+def test_models(store: Store) -> None:
+    m1 = ModelRecord("m", 1, "a" * 64, 100, 1, metrics={"acc": 0.9})
+    m2 = ModelRecord("m", 2, "b" * 64, 200, 2)
+    assert store.add_model(m1) and store.add_model(m2)
+    assert store.add_model(ModelRecord("m", 1, "c" * 64, 1, 1)) is False
+    store.add_model(ModelRecord("other", 7, "d" * 64, 1, 1))
+    assert store.get_model("m", 1) == m1
+    assert store.get_model("m", 3) is None
+    assert [(r.model_name, r.version) for r in store.list_models("m")] == [("m", 2), ("m", 1)]
+    assert len(store.list_models()) == 3
+
+
+def test_large_image_roundtrip(store: Store) -> None:
+    big = os.urandom(3 * 1024 * 1024)
+    store.add_frame(rec("big", image=big))
+    assert store.get_frame("big").image == big  # type: ignore[union-attr]
+
+
+def test_ping(store: Store) -> None:
+    store.ping()
+
+
+# ---- SQLite specifics ----
+
+def test_sqlite_threads_and_second_process_handle(tmp_path) -> None:  # noqa: ANN001
+    path = tmp_path / "shared.db"
+    a, b = SqliteStore(path), SqliteStore(path)  # two handles = two processes' view of one file
+    errors = []
+
+    def writer(store: SqliteStore, prefix: str) -> None:
+        try:
+            for i in range(50):
+                store.add_frames([rec(f"{prefix}{i}", t=i), rec(f"common{i}", t=i)])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(s, p)) for s, p in ((a, "a"), (b, "b"), (a, "c"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert a.count_frames() == 200  # 3 x 50 own + 50 shared ids stored exactly once
+    mode = sqlite3.connect(str(path)).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    a.close()
+    b.close()
+
+
+def test_sqlite_locked_database_is_unavailable(tmp_path) -> None:  # noqa: ANN001
+    path = tmp_path / "locked.db"
+    s = SqliteStore(path, busy_timeout_ms=50)
+    holder = sqlite3.connect(str(path), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreUnavailable):
+            s.add_frame(rec("z"))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert s.add_frame(rec("z")) is True
+    s.close()
+
+
+def test_sqlite_indexes_exist(tmp_path) -> None:  # noqa: ANN001
+    s = SqliteStore(tmp_path / "i.db")
+    db = sqlite3.connect(str(s.path))
+    names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"frames_device_time", "frames_label_time", "frames_unlabelled_time"} <= names
+    plan = " ".join(str(r) for r in sqlite3.connect(str(s.path)).execute(
+        "EXPLAIN QUERY PLAN SELECT frame_id FROM frames WHERE device_id = 'x' ORDER BY capture_time_ms DESC"))
+    assert "frames_device_time" in plan
+    s.close()
+
+
+def test_open_store_urls(tmp_path) -> None:  # noqa: ANN001
+    s = open_store(str(tmp_path / "plain.db"))
+    assert isinstance(s, SqliteStore) and s.path == (tmp_path / "plain.db").resolve()
+    s.close()
+    from hub.errors import ConfigError
+    with pytest.raises(ConfigError):
+        open_store("postgres://x/y")

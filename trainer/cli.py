@@ -1,0 +1,301 @@
+"""``kestrel-train``: image folders -> pruned, int8, evaluated, signed bundle.
+
+Commands: run (the whole pipeline), ingest / train / optimize / evaluate / report (one stage on a run dir),
+keygen, package, push, push-model, config-doc. Errors print one line and exit non-zero
+(2 = bad input or refused gate, 3 = hub unreachable / gRPC error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from edge.errors import ArtifactError, KestrelError, TransportError
+
+# flag dest -> config field
+OVERRIDES: Dict[str, str] = {
+    "min_side": "data.min_side", "phash_distance": "data.phash_distance", "test_fraction": "data.test_fraction",
+    "seed": "data.seed", "arch": "model.arch", "input_size": "model.input_size", "alpha": "model.alpha",
+    "channels": "model.channels", "width": "model.width", "weights": "model.weights",
+    "normalization": "model.normalization", "epochs": "train.epochs", "batch_size": "train.batch_size",
+    "learning_rate": "train.learning_rate", "folds": "train.folds", "cv_epochs": "train.cv_epochs",
+    "augment": "train.augment", "flip": "train.flip", "sparsity": "optimize.sparsity",
+    "prune_epochs": "optimize.prune_epochs", "qat": "optimize.qat", "io_dtype": "optimize.io_dtype",
+    "max_accuracy_drop": "gate.max_accuracy_drop", "model_name": "gate.model_name",
+}
+DEFAULT_HUB = "127.0.0.1:50051"
+DEFAULT_KEY = "keys/signing.key"
+RUNS_DIR = "runs"
+
+
+def _quiet() -> None:
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.filterwarnings("ignore")
+    try:
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _progress(args: argparse.Namespace) -> Any:
+    if getattr(args, "no_progress", False):
+        return None
+    from tqdm import tqdm
+
+    return tqdm
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("config (override the TOML file; see `kestrel-train config-doc`)")
+    g.add_argument("--config", help="TOML config file (unknown keys are rejected)")
+    g.add_argument("--min-side", type=int)
+    g.add_argument("--phash-distance", type=int)
+    g.add_argument("--test-fraction", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--arch", choices=["small_cnn", "mobilenet_v2", "mobilenet_v3_small"])
+    g.add_argument("--input-size", type=int)
+    g.add_argument("--alpha", type=float)
+    g.add_argument("--channels", type=int, choices=[1, 3])
+    g.add_argument("--width", type=int, help="small_cnn first-block filters")
+    g.add_argument("--weights", help="local Keras ImageNet weights file (.h5, no top) for the MobileNet")
+    g.add_argument("--normalization", choices=["0_1", "-1_1", "raw"])
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--learning-rate", type=float)
+    g.add_argument("--folds", type=int, help="k of the k-fold CV (0 = skip)")
+    g.add_argument("--cv-epochs", type=int)
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--sparsity", type=float)
+    g.add_argument("--prune-epochs", type=int)
+    g.add_argument("--qat", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--io-dtype", choices=["uint8", "int8"])
+    g.add_argument("--max-accuracy-drop", type=float, help="gate tolerance in accuracy points (default 1.0)")
+    g.add_argument("--model-name")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from trainer.config import apply_overrides, load_config
+
+    cfg = load_config(args.config)
+    return apply_overrides(cfg, {field: getattr(args, dest, None) for dest, field in OVERRIDES.items()})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kestrel-train", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    r = sub.add_parser("run", help="the whole pipeline: ingest, train, optimize, evaluate, report [, package]")
+    r.add_argument("--data", action="append", required=True, help="class-folder data set (repeatable; merged)")
+    r.add_argument("--out", required=True, help="run directory")
+    r.add_argument("--key", help="also package: signing key (0600)")
+    r.add_argument("--version", type=int, default=1, help="bundle version when packaging (default 1)")
+    r.add_argument("--bundle", help="bundle path when packaging (default RUNDIR/model-vN.kbundle)")
+    _config_flags(r)
+
+    i = sub.add_parser("ingest", help="read, clean and split the data into RUNDIR")
+    i.add_argument("--data", action="append", required=True)
+    i.add_argument("--out", required=True)
+    _config_flags(i)
+    for name, help_ in (("train", "k-fold CV + the final float model"), ("optimize", "prune + int8 conversion"),
+                        ("evaluate", "edge-runtime evaluation + gate"), ("report", "HTML report with plots")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("rundir")
+
+    k = sub.add_parser("keygen", help="create an Ed25519 signing key pair (signing.key 0600 + signing.pub)")
+    k.add_argument("--out", required=True)
+
+    pk = sub.add_parser("package", help="sign the evaluated int8 model into a bundle (refused if the gate failed)")
+    pk.add_argument("rundir")
+    pk.add_argument("--key", required=True)
+    pk.add_argument("--version", type=int, required=True)
+    pk.add_argument("--out", required=True)
+
+    pu = sub.add_parser("push", help="push a bundle to the hub's model registry")
+    pu.add_argument("bundle")
+    pu.add_argument("--hub", default=DEFAULT_HUB, help=f"host:port of the hub's gRPC (default {DEFAULT_HUB})")
+
+    pm = sub.add_parser("push-model", help="package the latest run (or take --bundle), push, optionally deploy")
+    pm.add_argument("--bundle")
+    pm.add_argument("--hub", default=DEFAULT_HUB)
+    pm.add_argument("--version", type=int, help="bundle version (default: hub's latest + 1)")
+    pm.add_argument("--key", default=os.environ.get("KESTREL_SIGNING_KEY", DEFAULT_KEY))
+    pm.add_argument("--run", help=f"run dir (default: newest under ./{RUNS_DIR})")
+    pm.add_argument("--deploy", help="fleet group to deploy to, or device:ID")
+
+    sub.add_parser("config-doc", help="print the documented config reference")
+    for sp in sub.choices.values():
+        sp.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _load_key_early(path: Optional[str]) -> None:
+    if path:
+        from edge.keys import load_private_key
+
+        load_private_key(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from trainer import pipeline
+    from trainer.evaluate import enforce_gate
+    from trainer.models import check_weights
+
+    cfg = _config(args)
+    _load_key_early(args.key)             # loose permissions -> error before any long work
+    check_weights(cfg.model)              # wrong architecture -> error before any long work
+    rundir = Path(args.out)
+    prog = _progress(args)
+    rep = pipeline.ingest(rundir, args.data, cfg, prog)
+    print(f"ingest: kept {rep['kept']} of {rep['seen']} ({rep['dropped_by_reason'] or 'nothing dropped'}); "
+          f"classes {list(rep['classes'])}")
+    tr = pipeline.train(rundir, prog)
+    cv = tr["cv"]
+    if not cv.get("skipped"):
+        print(f"cv ({cv['k']}-fold): accuracy {cv['accuracy']['mean']:.4f} +- {cv['accuracy']['std']:.4f}, "
+              f"macro F1 {cv['macro_f1']['mean']:.4f} +- {cv['macro_f1']['std']:.4f}")
+    print(f"float model on held-out test: accuracy {tr['test']['accuracy']:.4f}")
+    op = pipeline.optimize(rundir, prog)
+    print(f"pruned: sparsity {op['sparsity']['overall']:.3f}")
+    ev = pipeline.evaluate(rundir, prog)
+    for name, st in ev["stages"].items():
+        print(f"  {name:13s} accuracy {st['accuracy']:.4f}  {st['bytes']:9d} B  gzip {st['gzip_bytes']:9d} B  "
+              f"{st['latency']['median_ms']:.3f} ms")
+    html = pipeline.report(rundir)
+    print(f"report: {html}")
+    enforce_gate(ev["gate"])
+    if args.key:
+        out = Path(args.bundle or rundir / f"model-v{args.version}.kbundle")
+        res = pipeline.package(rundir, args.key, args.version, out)
+        print(f"bundle: {res['bundle']} ({res['bytes']} bytes, version {res['version']})")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from trainer import pipeline
+
+    rep = pipeline.ingest(Path(args.out), args.data, _config(args), _progress(args))
+    print(f"ingest: kept {rep['kept']} of {rep['seen']}; dropped {rep['dropped_by_reason']}; split {rep['split']}")
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from trainer import pipeline
+
+    rundir = Path(args.rundir)
+    if not rundir.is_dir():
+        raise ArtifactError(f"run dir {rundir} does not exist: run `kestrel-train ingest --data DIR --out {rundir}`")
+    if args.command == "report":
+        print(f"report: {pipeline.report(rundir)}")
+        return 0
+    res = getattr(pipeline, args.command)(rundir, _progress(args))
+    if args.command == "evaluate":
+        g = res["gate"]
+        print(f"gate {'passed' if g['passed'] else 'FAILED'}: int8 {g['int8_accuracy']:.4f} vs float "
+              f"{g['float_accuracy']:.4f} (drop {g['drop_points']:.2f} points, allowed {g['max_drop_points']})")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from edge.keys import generate_keypair
+
+    priv, pub = generate_keypair(Path(args.out))
+    print(f"private key: {priv} (mode 0600; keep it secret)\npublic key:  {pub} (install on devices and hub)")
+    return 0
+
+
+def cmd_package(args: argparse.Namespace) -> int:
+    from trainer import pipeline
+
+    res = pipeline.package(Path(args.rundir), args.key, args.version, Path(args.out))
+    print(f"bundle: {res['bundle']} ({res['bytes']} bytes, version {res['version']})")
+    return 0
+
+
+def _read_bundle(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"cannot read bundle {path}: {exc.strerror}") from exc
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from trainer.push import describe, push
+
+    res = push(_read_bundle(args.bundle), args.hub)
+    print(f"pushed {describe(res)} to {args.hub}")
+    return 0
+
+
+def latest_run(root: Path = Path(RUNS_DIR)) -> Path:
+    runs = [p for p in root.glob("*") if (p / "evaluate" / "evaluate.json").is_file()] if root.is_dir() else []
+    if not runs:
+        raise ArtifactError(f"no evaluated run under ./{root}: train one with "
+                            f"`kestrel-train run --data DIR --out {root}/NAME` or pass --bundle")
+    return max(runs, key=lambda p: (p / "evaluate" / "evaluate.json").stat().st_mtime)
+
+
+def cmd_push_model(args: argparse.Namespace) -> int:
+    from trainer import pipeline
+    from trainer.push import deploy, describe, latest_version, push
+
+    if args.bundle:
+        data = _read_bundle(args.bundle)
+        from edge.bundle import read_manifest_unverified
+
+        man = read_manifest_unverified(data)
+        name, version = man.model_name, man.version
+    else:
+        rundir = Path(args.run) if args.run else latest_run()
+        _load_key_early(args.key)
+        name = pipeline.run_config(rundir).gate.model_name
+        version = args.version or latest_version(args.hub, name) + 1
+        out = rundir / f"model-v{version}.kbundle"
+        pipeline.package(rundir, args.key, version, out)
+        print(f"packaged {rundir} as {out}")
+        data = out.read_bytes()
+    res = push(data, args.hub)
+    print(f"pushed {describe(res)} to {args.hub}")
+    if args.deploy:
+        d = deploy(args.hub, name, version, args.deploy)
+        print(f"deployed {name} v{version} to {args.deploy} (topic {d.topic})")
+    return 0
+
+
+def cmd_config_doc(args: argparse.Namespace) -> int:
+    from trainer.config import config_doc
+
+    print(config_doc())
+    return 0
+
+
+HANDLERS = {"run": cmd_run, "ingest": cmd_ingest, "train": cmd_stage, "optimize": cmd_stage,
+            "evaluate": cmd_stage, "report": cmd_stage, "keygen": cmd_keygen, "package": cmd_package,
+            "push": cmd_push, "push-model": cmd_push_model, "config-doc": cmd_config_doc}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    _quiet()
+    args = build_parser().parse_args(argv)
+    try:
+        return HANDLERS[args.command](args)
+    except ArtifactError as exc:
+        print(f"kestrel-train {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except TransportError as exc:
+        print(f"kestrel-train {args.command}: error: {exc}", file=sys.stderr)
+        return 3
+    except KestrelError as exc:  # pragma: no cover
+        print(f"kestrel-train {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"kestrel-train {args.command}: interrupted", file=sys.stderr)
+        return 130

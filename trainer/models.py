@@ -1,0 +1,81 @@
+"""Networks: a small CNN (tiny data, tests, demo) and Keras MobileNetV2 / MobileNetV3Small (transfer
+learning from a local ImageNet weights file, or from scratch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trainer.config import ModelConfig
+from trainer.errors import WeightsError
+from trainer.tfenv import tf
+
+
+def _backbone(cfg: ModelConfig, input_tensor: Any = None) -> Any:
+    """The MobileNet without top, built on input_tensor so the final model stays flat (tfmot cannot
+    prune nested models)."""
+    keras = tf().keras
+    shape = (cfg.input_size, cfg.input_size, cfg.channels)
+    if cfg.arch == "mobilenet_v2":
+        return keras.applications.MobileNetV2(input_shape=shape, alpha=cfg.alpha, include_top=False,
+                                              weights=None, pooling="avg", input_tensor=input_tensor)
+    if cfg.arch == "mobilenet_v3_small":
+        # include_preprocessing=False: normalization is ours (InputSpec), not a layer inside the model.
+        return keras.applications.MobileNetV3Small(input_shape=shape, alpha=cfg.alpha, include_top=False,
+                                                   weights=None, pooling="avg", minimalistic=False,
+                                                   include_preprocessing=False, input_tensor=input_tensor)
+    raise ValueError(cfg.arch)  # pragma: no cover
+
+
+def load_backbone_weights(backbone: Any, cfg: ModelConfig) -> None:
+    path = Path(cfg.weights)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist: pass a Keras .h5 ImageNet weights file for "
+                           f"{cfg.arch} alpha {cfg.alpha}, or leave --weights empty to train from scratch")
+    try:
+        backbone.load_weights(str(path))
+    except Exception as exc:  # noqa: BLE001 - h5py/keras raise ValueError, OSError, KeyError ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(
+            f"weights file {path} does not fit {cfg.arch} (alpha {cfg.alpha}, input {cfg.input_size}, "
+            f"no top): {first[:200]}. Use the matching '..._no_top.h5' file or another --arch") from exc
+
+
+def check_weights(cfg: ModelConfig) -> None:
+    """Fail fast (before ingest/training) when the weights file is wrong."""
+    if not cfg.weights:
+        return
+    if cfg.arch == "small_cnn":
+        raise WeightsError("--weights is only for the MobileNet architectures; small_cnn trains from scratch")
+    load_backbone_weights(_backbone(cfg), cfg)
+
+
+def build_model(cfg: ModelConfig, num_classes: int, seed: int = 0) -> Any:
+    t = tf()
+    keras = t.keras
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((cfg.input_size, cfg.input_size, cfg.channels), name="image")
+    if cfg.arch == "small_cnn":
+        x = inp
+        w = cfg.width
+        for i in range(3):
+            x = keras.layers.Conv2D(w * 2 ** i, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+            x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
+            x = keras.layers.ReLU(name=f"relu{i}")(x)
+            x = keras.layers.MaxPooling2D(2, name=f"pool{i}")(x)
+        x = keras.layers.Conv2D(w * 8, 3, padding="same", activation="relu", name="conv3")(x)
+        x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    else:
+        backbone = _backbone(cfg, inp)
+        if cfg.weights:
+            load_backbone_weights(backbone, cfg)
+        x = backbone.output
+    x = keras.layers.Dropout(0.2, name="dropout")(x)
+    out = keras.layers.Dense(num_classes, activation="softmax", name="scores")(x)
+    return keras.Model(inp, out, name=f"kestrel_{cfg.arch}")
+
+
+def compile_model(model: Any, learning_rate: float) -> None:
+    keras = tf().keras
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
