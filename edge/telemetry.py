@@ -228,6 +228,8 @@ class TelemetryService:
                   int(getattr(pub, "frames_acked", 0)))
             t.add("kestrel_edge_frames_oversize_total", "counter", "Frames refused: over max_payload_bytes.",
                   int(getattr(pub, "oversize_refused", 0)))
+            t.add("kestrel_edge_spool_corrupt_total", "counter", "Damaged spool records skipped.",
+                  int(pub.spool.corrupt))
             t.add("kestrel_edge_telemetry_dropped_total", "counter", "Telemetry messages dropped offline.",
                   int(getattr(pub, "telemetry_dropped", 0)))
         model = snap["model"]

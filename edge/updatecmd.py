@@ -38,7 +38,8 @@ def _load(args: argparse.Namespace) -> Any:
 def add_install_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("bundle", help="a signed .kbundle file")
-    p.add_argument("--trust", default="", help="trusted key directory or .pub file (default: [update] trust_dir)")
+    p.add_argument("--trust", default="",
+                   help="trusted key directory or .pub file (default: [update] trust_dir)")
     p.add_argument("--no-wait", action="store_true", help="with a running daemon: do not wait for the switch")
 
 
@@ -121,8 +122,9 @@ def run_status(args: argparse.Namespace) -> int:
         return 0
     for label in ("installed", "previous"):
         v = s[label]
-        print(f"{label:10s} " + ("-" if v is None else f"{v['model_name']} v{v['version']} (slot {v['slot']}, "
-                                                        f"{v['model_sha256'][:12]})"))
+        desc = "-" if v is None else (f"{v['model_name']} v{v['version']} (slot {v['slot']}, "
+                                      f"{v['model_sha256'][:12]})")
+        print(f"{label:10s} {desc}")
     target = s["target"]
     print(f"{'state':10s} {s['state']}" + (f" (target v{target['version']})" if target.get("version") else "")
           + (f": {s['reason']}" if s["reason"] else ""))

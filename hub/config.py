@@ -106,7 +106,9 @@ class MqttSection:
 @dataclasses.dataclass
 class GrpcSection:
     bind: str = field("127.0.0.1", doc="Address the gRPC registry and fleet services listen on.")
-    port: int = field(50051, doc="gRPC port; 0 = a free port (logged).")
+    port: int = field(50051, doc="gRPC port; 0 = a free port (logged and written to <data_dir>/hub.json).")
+    advertise: str = field("", doc="host:port devices should fetch models from, sent in every DesiredState "
+                                   "(grpc_target); empty = each device's own configured hub address.")
     max_workers: int = field(8, doc="gRPC worker threads.")
 
     def validate(self) -> None:
@@ -117,7 +119,7 @@ class GrpcSection:
 @dataclasses.dataclass
 class HttpSection:
     bind: str = field("127.0.0.1", doc="Address of the HTTP server (/healthz, /metrics, dashboard).")
-    port: int = field(8080, doc="HTTP port; 0 = a free port (logged).")
+    port: int = field(8080, doc="HTTP port; 0 = a free port (logged and written to <data_dir>/hub.json).")
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -90,7 +90,8 @@ def check_image(data: bytes, image_format: str) -> Tuple[int, int]:
         else cv2.IMREAD_UNCHANGED
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     if img is None or img.size == 0 or (dims is not None and (dims[0] == 0 or dims[1] == 0)):
-        raise PayloadRejected("bad_image", f"image ({len(data)} bytes, {image_format or '?'}) does not decode")
+        raise PayloadRejected("bad_image",
+                              f"image ({len(data)} bytes, {image_format or '?'}) does not decode")
     if dims is None:
         dims = (int(img.shape[1]), int(img.shape[0]))
     return dims
@@ -139,6 +140,9 @@ def status_fields(msg: kestrel_pb2.Status, received_ms: int) -> Dict[str, object
         out.update(update_state=msg.versions.update_state, update_reason=msg.versions.reason,
                    previous_version=int(msg.versions.previous.version))
     return out
+
+
+Validated = Union[FrameRecord, PayloadRejected, None]  # None: not a frames topic
 
 
 @dataclass
@@ -191,9 +195,12 @@ class Ingest:
         self._last_seen_written: Dict[str, int] = {}
         self._reject_log: Dict[str, Tuple[float, int]] = {}
         self._subscribed = threading.Event()
-        self._worker: Optional[threading.Thread] = None
+        self._threads: List[threading.Thread] = []
+        # validated batches waiting for the commit thread (bounded: validation runs at most 2 ahead)
+        self._prepared: queue.Queue[Tuple[List[Message], List[Validated]]] = queue.Queue(maxsize=2)
         workers = cfg.validate_workers or min(4, os.cpu_count() or 1)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ingest-validate") if workers > 1 else None
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ingest-validate") \
+            if workers > 1 else None
         self.client = self._make_client()
 
     # ---- MQTT ----
@@ -249,8 +256,10 @@ class Ingest:
 
     # ---- lifecycle ----
     def start(self) -> Ingest:
-        self._worker = threading.Thread(target=self._run, name="ingest-worker", daemon=True)
-        self._worker.start()
+        self._threads = [threading.Thread(target=self._validate_loop, name="ingest-validate", daemon=True),
+                         threading.Thread(target=self._commit_loop, name="ingest-commit", daemon=True)]
+        for t in self._threads:
+            t.start()
         self.client.connect_async(self.target.host, self.target.port, keepalive=self.cfg.keepalive_s)
         self.client.loop_start()
         return self
@@ -260,8 +269,8 @@ class Ingest:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._worker is not None:
-            self._worker.join(10)
+        for t in self._threads:
+            t.join(10)
         self.client.disconnect()
         self.client.loop_stop()
         if self._pool is not None:
@@ -272,7 +281,8 @@ class Ingest:
             return self.stats.snapshot()
 
     # ---- worker ----
-    def _run(self) -> None:
+    # Two stages so image decoding (validate) overlaps the store commit; both release the GIL.
+    def _validate_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 first = self._queue.get(timeout=QUEUE_POLL_S)
@@ -284,13 +294,27 @@ class Ingest:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            self._process_with_retry(batch)
+            item = (batch, self._validate_frames(batch))
+            while not self._stop.is_set():
+                try:
+                    self._prepared.put(item, timeout=QUEUE_POLL_S)
+                    break
+                except queue.Full:
+                    continue
 
-    def _process_with_retry(self, batch: List[Message]) -> None:
+    def _commit_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch, validated = self._prepared.get(timeout=QUEUE_POLL_S)
+            except queue.Empty:
+                continue
+            self._process_with_retry(batch, validated)
+
+    def _process_with_retry(self, batch: List[Message], validated: List[Validated]) -> None:
         delay = self.cfg.retry_initial_s
         while True:
             try:
-                self._process(batch)
+                self._process(batch, validated)
                 if self.stats.paused:
                     log.info("store is back; ingest resumed")
                 with self._lock:
@@ -333,14 +357,13 @@ class Ingest:
             log.info("auto-registered device %s", device_id)
         self._known.add(device_id)
 
-    def _process(self, batch: List[Message]) -> None:
+    def _process(self, batch: List[Message], validated: List[Validated]) -> None:
         """Validate, commit, then count and acknowledge. Safe to re-run after StoreUnavailable:
         nothing is counted or acknowledged before every store write of the batch succeeded."""
         rejected: List[Tuple[Message, PayloadRejected]] = []
         frames: List[FrameRecord] = []
         device_updates: List[Tuple[str, Dict[str, object]]] = []
         n_tele = n_status = 0
-        validated = self._validate_frames(batch)
         for i, m in enumerate(batch):
             try:
                 device_id, kind = topics.parse_device_topic(m.topic)
@@ -352,6 +375,7 @@ class Ingest:
                     rec = validated[i]
                     if isinstance(rec, PayloadRejected):
                         raise rec
+                    assert rec is not None  # a frames topic always has a validation result
                     self._check_device(device_id)
                     frames.append(rec)
                 elif kind == "telemetry":
@@ -418,7 +442,7 @@ class Ingest:
         with self._lock:
             self.stats.acked += acked
 
-    def _validate_one(self, m: Message) -> Union[FrameRecord, PayloadRejected, None]:
+    def _validate_one(self, m: Message) -> Validated:
         try:
             device_id, kind = topics.parse_device_topic(m.topic)
         except ValueError:
@@ -430,7 +454,7 @@ class Ingest:
         except PayloadRejected as exc:
             return exc
 
-    def _validate_frames(self, batch: List[Message]) -> List[Union[FrameRecord, PayloadRejected, None]]:
+    def _validate_frames(self, batch: List[Message]) -> List[Validated]:
         """Validate every frame of the batch; image decoding releases the GIL, so a pool helps."""
         if self._pool is None or len(batch) < 2:
             return [self._validate_one(m) for m in batch]

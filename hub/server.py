@@ -88,7 +88,7 @@ class HubServer:
         cfg = self.cfg
         self.registry = Registry(self.store, cfg.registry, cfg.data_dir)
         self.fleet = FleetService(self.store, self.registry, self.publish_retained,
-                                  grpc_target=f"{cfg.grpc.bind}:{cfg.grpc.port}" if cfg.grpc.port else "")
+                                  grpc_target=cfg.grpc.advertise)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc.max_workers),
                              options=server_options(cfg.registry.chunk_size))
         add_services(server, self.registry, self.fleet)
@@ -97,8 +97,6 @@ class HubServer:
             raise TransportError(f"cannot listen for gRPC on {cfg.grpc.bind}:{cfg.grpc.port}")
         server.start()
         self.grpc_server, self.grpc_port = server, port
-        if not cfg.grpc.port:
-            self.fleet.grpc_target = f"{cfg.grpc.bind}:{port}"
 
     def publish_retained(self, topic: str, payload: bytes) -> None:
         """QoS 1 retained publish through the ingest's connection; returns once the broker acknowledged."""

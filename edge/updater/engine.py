@@ -41,7 +41,6 @@ class Updater:
         self.cfg = cfg
         self.data_dir = Path(cfg.device.data_dir)
         self.dir = self.data_dir / "update"
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.state = st.StateFile(self.dir / "state.json")
         self.slots = SlotStore(self.data_dir)
         self.trust = trust or str(cfg.trust_dir)
@@ -62,12 +61,14 @@ class Updater:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Exclusive right to change slots (CLI and daemon worker); UpdateBusy when held elsewhere."""
+        self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(str(self.dir / "update.lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
-                raise UpdateBusy("another update is being installed right now; try again when it ends") from exc
+                raise UpdateBusy("another update is being installed right now; try again when it ends") \
+                    from exc
             yield
         finally:
             os.close(fd)
@@ -93,7 +94,8 @@ class Updater:
                                  max_bundle_bytes=u.max_bundle_bytes)
         except BundleError as exc:
             if exc.reason == "same_version":
-                raise NothingToDo(f"version {self.installed_version()} is already installed; nothing to do") from exc
+                raise NothingToDo(f"version {self.installed_version()} is already installed; "
+                                  "nothing to do") from exc
             raise
 
     def prepare(self, data: bytes, *, source: str = "") -> Slot:
@@ -108,7 +110,8 @@ class Updater:
         except NothingToDo:
             raise
         except BundleError as exc:
-            self._transition(st.FAILED, reason=f"refused ({exc.reason}): {exc}", model_name="", target_version=0)
+            self._transition(st.FAILED, reason=f"refused ({exc.reason}): {exc}", model_name="",
+                             target_version=0)
             raise
         man = verified.manifest
         name = str(slots_mod._get(man, "model_name"))
@@ -201,13 +204,14 @@ class Updater:
         elif state == st.TRIAL:
             trial = snap.get("trial") or {}
             if active != trial.get("slot"):
-                self._transition(st.FAILED, reason="interrupted before the switch; the running model was kept",
-                                 trial=None, crash=False)
+                self._transition(st.FAILED, trial=None, crash=False,
+                                 reason="interrupted before the switch; the running model was kept")
             else:
                 starts = int(trial.get("boot_count", 0))
                 if starts >= int(self.cfg.update.max_boot_attempts):
                     log.warning("trial model crashed %d time(s); rolling back before loading it", starts)
-                    self.rollback(f"the daemon stopped {starts} time(s) during the trial; rolled back at boot")
+                    self.rollback(f"the daemon stopped {starts} time(s) during the trial; "
+                                  "rolled back at boot")
                 else:
                     trial["boot_count"] = starts + 1
                     self.state.update(trial=trial)
@@ -232,6 +236,7 @@ class Updater:
     def manifest(self) -> Any:
         from proto import kestrel_pb2
 
+        self.state.reload()
         snap = self.state.snapshot()
         vm = kestrel_pb2.VersionManifest(update_state=snap["state"], reason=snap.get("reason", ""),
                                          target_version=int(snap.get("target_version") or 0),
@@ -292,6 +297,7 @@ class DaemonLock:
         self._fd: Optional[int] = None
 
     def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

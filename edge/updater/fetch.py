@@ -48,8 +48,8 @@ def fetch_bundle(target: str, name: str, version: int, *, downloads: Path, sha25
     from proto import kestrel_pb2, kestrel_pb2_grpc
 
     if size and size > max_bundle_bytes:
-        raise BundleError(f"bundle {name} v{version} is {size} bytes, over max_bundle_bytes {max_bundle_bytes}; "
-                          "refused before download", reason="too_large")
+        raise BundleError(f"bundle {name} v{version} is {size} bytes, over max_bundle_bytes "
+                          f"{max_bundle_bytes}; refused before download", reason="too_large")
     if not target:
         raise HubError("no hub gRPC address: set [update] hub_grpc or send grpc_target in the desired state")
     downloads = Path(downloads)
@@ -58,7 +58,7 @@ def fetch_bundle(target: str, name: str, version: int, *, downloads: Path, sha25
     want_sha = sha256.lower()
     delay = RETRY_INITIAL_S
     last_exc: Optional[Exception] = None
-    for attempt in range(max(1, attempts)):
+    for _attempt in range(max(1, attempts)):
         if stop is not None and stop.is_set():
             raise HubError("download stopped")
         offset = part.stat().st_size if part.exists() else 0
@@ -112,7 +112,7 @@ def fetch_bundle(target: str, name: str, version: int, *, downloads: Path, sha25
         got = _sha256_file(part)
         if want_sha and got != want_sha:
             part.unlink()
-            raise BundleError(f"downloaded bundle {name} v{version} has sha256 {got[:12]}..., the hub announced "
-                              f"{want_sha[:12]}...; discarded", reason="hash_mismatch")
+            raise BundleError(f"downloaded bundle {name} v{version} has sha256 {got[:12]}..., the hub "
+                              f"announced {want_sha[:12]}...; discarded", reason="hash_mismatch")
         return part
     raise HubError(f"could not fetch {name} v{version} from {target} after {attempts} attempts: {last_exc}")

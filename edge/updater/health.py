@@ -5,7 +5,7 @@ rate). During the trial it counts the trial model's frames only (by ModelRef) an
 frame count and the time window have passed, compares:
 
 * invoke errors       >= max_errors                           -> roll back (checked on every frame)
-* latency p95         >  max_latency_ratio x baseline p95     -> roll back (baseline floored at latency_floor_s)
+* latency p95         >  max_latency_ratio x baseline p95     -> roll back (baseline >= latency_floor_s)
 * low-confidence rate >  baseline rate + max_low_conf_rate    -> roll back
 * otherwise                                                   -> commit
 """
@@ -63,8 +63,8 @@ class HealthWatch:
             if len(self._base) < MIN_BASELINE:
                 return None
             lats = [x[0] for x in self._base]
-            return {"p95_latency_s": p95(lats), "low_conf_rate": sum(1 for x in self._base if x[1]) / len(self._base),
-                    "frames": float(len(self._base))}
+            low = sum(1 for x in self._base if x[1]) / len(self._base)
+            return {"p95_latency_s": p95(lats), "low_conf_rate": low, "frames": float(len(self._base))}
 
     # ---- trial ----
     @property
@@ -102,7 +102,8 @@ class HealthWatch:
             if err:
                 self._errors += 1
                 if self._errors >= self.criteria.max_errors:
-                    self._verdict = ("rollback", f"{self._errors} invoke errors during the trial (last: {err})")
+                    why = f"{self._errors} invoke errors during the trial (last: {err})"
+                    self._verdict = ("rollback", why)
                     return self._verdict
                 return None
             self._lat.append(lat)
@@ -127,13 +128,14 @@ class HealthWatch:
             base_p95 = float(base.get("p95_latency_s", 0.0))
             if base_p95 > 0 and trial_p95 > c.max_latency_ratio * max(base_p95, c.latency_floor_s):
                 self._verdict = ("rollback", f"latency p95 {trial_p95 * 1000:.1f} ms is more than "
-                                             f"{c.max_latency_ratio:g}x the previous model's {base_p95 * 1000:.1f} ms")
+                                             f"{c.max_latency_ratio:g}x the previous model's "
+                                             f"{base_p95 * 1000:.1f} ms")
                 return self._verdict
             rate = self._low / n
             base_rate = float(base.get("low_conf_rate", 0.0))
             if rate - base_rate > c.max_low_conf_rate:
-                self._verdict = ("rollback", f"low-confidence rate {rate:.0%} vs {base_rate:.0%} before the switch "
-                                             f"(allowed rise {c.max_low_conf_rate:.0%})")
+                self._verdict = ("rollback", f"low-confidence rate {rate:.0%} vs {base_rate:.0%} before the "
+                                             f"switch (allowed rise {c.max_low_conf_rate:.0%})")
                 return self._verdict
         self._verdict = ("commit", f"healthy over {n} frames")
         return self._verdict

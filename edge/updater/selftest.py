@@ -47,7 +47,8 @@ def run_self_test(model: Any, self_test: Any, *, latency_budget_ms: float) -> Di
         got = model.invoke(x)
         ms = (time.perf_counter() - t0) * 1000.0
         if got.shape != expected.shape:
-            raise SelfTestError(f"self-test case {i}: model gives {got.size} scores, expected {expected.size}")
+            raise SelfTestError(f"self-test case {i}: model gives {got.size} scores, "
+                                f"expected {expected.size}")
         diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
         worst_diff = max(worst_diff, diff)
         worst_ms = max(worst_ms, ms)

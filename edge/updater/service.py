@@ -37,7 +37,8 @@ RETIRE_AFTER_S = 2.0  # a swapped-out model is closed this long after the swap (
 def criteria_from(cfg: Any) -> TrialCriteria:
     u = cfg.update
     return TrialCriteria(frames=u.trial_frames, seconds=u.trial_seconds,
-                         max_latency_ratio=u.trial_max_latency_ratio, max_low_conf_rate=u.trial_max_low_conf_rate,
+                         max_latency_ratio=u.trial_max_latency_ratio,
+                         max_low_conf_rate=u.trial_max_low_conf_rate,
                          max_errors=u.trial_max_errors, latency_floor_s=u.trial_latency_floor_ms / 1000.0)
 
 
@@ -198,7 +199,7 @@ class UpdateService:
         self._retired = keep
 
     def _switch(self, slot_name: str) -> None:
-        """Load the staged slot, persist TRIAL, flip the pointer, hot-swap; keep the old model for rollback."""
+        """Load the staged slot, persist TRIAL, flip the pointer, hot-swap; keep the old model loaded."""
         slot = self.updater.slots.slot(slot_name)
         if slot is None:
             raise UpdateBusy(f"slot {slot_name} vanished before the switch")
@@ -298,11 +299,12 @@ class UpdateService:
 
         name, version = desired.model_name, int(desired.version)
         with self.updater.locked():
-            self.updater._transition(st.DOWNLOADING, reason=f"from {desired.grpc_target or self.cfg.update.hub_grpc}",
-                                     model_name=name, target_version=version)
+            target = desired.grpc_target or self.cfg.update.hub_grpc
+            self.updater._transition(st.DOWNLOADING, reason=f"from {target}", model_name=name,
+                                     target_version=version)
             try:
-                part = fetch_bundle(desired.grpc_target or self.cfg.update.hub_grpc, name, version,
-                                    downloads=self.updater.downloads, sha256=desired.sha256, size=int(desired.size),
+                part = fetch_bundle(target, name, version, downloads=self.updater.downloads,
+                                    sha256=desired.sha256, size=int(desired.size),
                                     max_bundle_bytes=self.cfg.update.max_bundle_bytes, stop=self._stop)
             except KestrelError as exc:
                 reject = getattr(exc, "reason", "") in ("too_large", "hash_mismatch", "not_found")

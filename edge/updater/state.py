@@ -117,6 +117,7 @@ class StateFile:
         if state not in STATES:
             raise ValueError(f"unknown update state {state!r}")
         with self._lock:
+            self._data = self._read()  # the CLI may have written it from another process
             prev = self._data["state"]
             self._data.update(fields)
             self._data["state"] = state
@@ -126,8 +127,8 @@ class StateFile:
                 key = f"{self._data['model_name']}:{int(self._data['target_version'])}"
                 self._data.setdefault("rejected", {})[key] = reason or state
             hist: List[Dict[str, Any]] = self._data.setdefault("history", [])
-            hist.append({"from": prev, "to": state, "reason": reason, "version": self._data.get("target_version", 0),
-                         "ms": self._data["updated_ms"]})
+            hist.append({"from": prev, "to": state, "reason": reason,
+                         "version": self._data.get("target_version", 0), "ms": self._data["updated_ms"]})
             del hist[:-HISTORY_MAX]
             atomic.write_json(self.path, self._data)
             snap = copy.deepcopy(self._data)
@@ -140,5 +141,6 @@ class StateFile:
     def update(self, **fields: Any) -> None:
         """Change fields without a state transition (e.g. the trial boot count)."""
         with self._lock:
+            self._data = self._read()
             self._data.update(fields)
             atomic.write_json(self.path, self._data)

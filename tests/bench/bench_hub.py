@@ -138,13 +138,15 @@ def _start_hub(out_dir: Path, name: str, broker: Any, client_id: str,
     data = out_dir / name
     cfg = out_dir / f"{name}.toml"
     cfg.write_text(f'[hub]\ndata_dir = "{data}"\n[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
-                   f'client_id = "{client_id}"\nshare_group = "{group}"\n[grpc]\nport = 0\n[http]\nport = 0\n')
+                   f'client_id = "{client_id}"\nshare_group = "{group}"\n'
+                   '[grpc]\nport = 0\n[http]\nport = 0\n')
     info = data / "hub.json"
     if info.exists():
         info.unlink()
     with open(out_dir / f"{name}.log", "ab") as log:
-        hub = subprocess.Popen([sys.executable, "-m", "hub", "serve", "--config", str(cfg)], cwd=str(REPO),
-                               env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=log, stderr=subprocess.STDOUT)
+        hub = subprocess.Popen([sys.executable, "-m", "hub", "serve", "--config", str(cfg)],
+                               cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=log,
+                               stderr=subprocess.STDOUT)
     _wait(lambda: info.exists(), 60, "hub.json")
     port = int(json.loads(info.read_text())["http_port"])
     _wait(lambda: _health(port)["broker"]["connected"], 30, "hub connected")
@@ -165,8 +167,8 @@ class SubCounter:
     """`mosquitto_sub -q 1` printing one line per message; counts lines with their arrival times."""
 
     def __init__(self, broker: Any, client_id: str, persistent: bool) -> None:
-        args = ["mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-q", "1", "-t", topics.ALL_FRAMES,
-                "-i", client_id, "-F", "%m"]
+        args = ["mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-q", "1",
+                "-t", topics.ALL_FRAMES, "-i", client_id, "-F", "%m"]
         if persistent:
             args.append("-c")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE)
@@ -182,6 +184,12 @@ class SubCounter:
 
     def stop(self) -> None:
         _stop(self.proc)
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _hub_progress(port: int, n: int, base: int, timeout: float) -> Tuple[float, float, int]:
@@ -236,12 +244,18 @@ def bench_throughput(out_dir: Path, broker: Any) -> Dict[str, Any]:
     sub = SubCounter(broker, sub_id, persistent=True)
     hub, port = _start_hub(out_dir, "hub-tp", broker, hub_id, group)
     try:
+        cpu0 = _cpu_s(hub.pid)
         t_first, t_done, at_first = _hub_progress(port, n, 0, 600)
+        cpu_hub = _cpu_s(hub.pid) - cpu0
         _wait(lambda: len(sub.times) >= n, 60, "mosquitto_sub drained the backlog")
+        cpu_sub = _cpu_s(sub.proc.pid)
         hub_fps = (n - at_first) / max(1e-6, t_done - t_first)
         sub_fps = (n - 1) / max(1e-6, sub.times[n - 1] - sub.times[0])
         result["backlog"] = {"hub_fps": round(hub_fps, 1), "mosquitto_sub_fps": round(sub_fps, 1),
-                             "ratio": round(hub_fps / sub_fps, 3)}
+                             "ratio": round(hub_fps / sub_fps, 3),
+                             "hub_cpu_ms_per_frame": round(cpu_hub * 1000 / n, 3),
+                             "mosquitto_sub_cpu_ms_per_frame": round(cpu_sub * 1000 / n, 3),
+                             "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
     finally:
         sub.stop()
         _stop(hub)
@@ -289,12 +303,14 @@ def bench_latency(out_dir: Path, broker: Any) -> Dict[str, Any]:
         if not ing.wait_subscribed(15):
             raise RuntimeError("ingest did not subscribe")
         out = out_dir / "paced.json"
-        pub = _publisher(broker.host, broker.port, out, "paced", str(LAT_DEVICES), str(LAT_FPS), str(LAT_SECONDS))
+        pub = _publisher(broker.host, broker.port, out, "paced", str(LAT_DEVICES), str(LAT_FPS),
+                         str(LAT_SECONDS))
         pub.wait(LAT_SECONDS + 120)
         sent = json.loads(out.read_text())
         _wait(lambda: all(k in stored_at for k in sent), 60, "every paced frame stored")
         lat = np.array([(stored_at[k] - t) * 1000.0 for k, t in sent.items()])
-        return {"devices": LAT_DEVICES, "fps_per_device": LAT_FPS, "seconds": LAT_SECONDS, "frames": len(sent),
+        return {"devices": LAT_DEVICES, "fps_per_device": LAT_FPS, "seconds": LAT_SECONDS,
+                "frames": len(sent),
                 "latency_ms_p50": round(float(np.percentile(lat, 50)), 2),
                 "latency_ms_p95": round(float(np.percentile(lat, 95)), 2),
                 "latency_ms_max": round(float(lat.max()), 2), "target_p95_ms": 50}

@@ -36,7 +36,8 @@ def _mobilenet_bundle(models_dir: Path, kp: Any, version: int) -> bytes:
     cases = []
     for _ in range(2):
         x = rng.random(spec.shape, dtype=np.float32)
-        cases.append({"input": base64.b64encode(x.tobytes()).decode(), "expected": [float(v) for v in m.invoke(x)]})
+        cases.append({"input": base64.b64encode(x.tobytes()).decode(),
+                      "expected": [float(v) for v in m.invoke(x)]})
     m.close()
     calib = rng.integers(0, 255, size=(38, 96, 96, 3), dtype=np.uint8).tobytes()  # ~1 MB ...
     calib = calib * 3 + calib[: len(calib) // 2]  # ~3.7 MB of calibration samples
@@ -84,8 +85,9 @@ def main(out_dir: Path) -> Dict[str, Any]:
             with lock:
                 seen[0] += 1
 
-        pipe = Pipeline(source, holder, Sampler(SamplerConfig(max_per_minute=0, max_per_hour=0, max_per_day=0)),
-                        lambda s: None, PipelineConfig(drop_policy="block"), observers=[svc.observe, count])
+        sampler = Sampler(SamplerConfig(max_per_minute=0, max_per_hour=0, max_per_day=0))
+        pipe = Pipeline(source, holder, sampler, lambda s: None, PipelineConfig(drop_policy="block"),
+                        observers=[svc.observe, count])
         pipe.start()
         try:
             for data in bundles[1:]:

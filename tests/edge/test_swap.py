@@ -29,9 +29,11 @@ def test_swaps_in_running_pipeline_drop_no_frame(tmp_path, models_dir):  # noqa:
         with lock:
             results.append(r)
 
-    source = open_source(SourceConfig(kind="testpattern", fps=0, width=64, height=48, pattern_brightness=[0.9]))
-    pipe = Pipeline(source, dev.holder, Sampler(SamplerConfig(max_per_minute=0, max_per_hour=0, max_per_day=0)),
-                    lambda s: None, PipelineConfig(drop_policy="block", queue_size=4),
+    source = open_source(SourceConfig(kind="testpattern", fps=0, width=64, height=48,
+                                      pattern_brightness=[0.9]))
+    sampler = Sampler(SamplerConfig(max_per_minute=0, max_per_hour=0, max_per_day=0))
+    pipe = Pipeline(source, dev.holder, sampler, lambda s: None,
+                    PipelineConfig(drop_policy="block", queue_size=4),
                     observers=[dev.svc.observe, record])
     pipe.start()
     try:

@@ -137,6 +137,8 @@ def test_metrics_endpoint_serves_prometheus_text(broker, tmp_path: Path) -> None
         assert m["kestrel_edge_spool_frames"] == "1"
         assert int(m["kestrel_edge_spool_bytes"]) == pub.spool_stats()[0] > 100
         assert m["kestrel_edge_spool_evictions_total"] == "0"
+        assert m["kestrel_edge_spool_corrupt_total"] == "0"
+        assert m["kestrel_edge_mqtt_connected"] == "0"
         assert m['kestrel_edge_model_info{name="cam \\"A\\"",sha256="ff",version="3"}'] == "1"
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/other", timeout=5)

@@ -143,8 +143,9 @@ def test_sigkill_during_daemon_update(rig, point):  # noqa: ANN001
 def test_daemon_dying_in_trial_comes_back_on_previous_model(rig):  # noqa: ANN001
     states = []
     for _ in range(2):  # the swap itself is start 1; then one restart on the trial model, both die
-        p = subprocess.Popen([sys.executable, str(rig["driver"]), "hang" if not states else "boot", str(rig["cfg"]),
-                              str(rig["v2"])], cwd=str(ROOT), env=_env(), stdin=subprocess.PIPE,
+        mode = "hang" if not states else "boot"
+        p = subprocess.Popen([sys.executable, str(rig["driver"]), mode, str(rig["cfg"]), str(rig["v2"])],
+                             cwd=str(ROOT), env=_env(), stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
         line = p.stdout.readline()
         p.kill()

@@ -163,7 +163,8 @@ ATTACKS = {
 
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
-def test_attack_bundles_refused_running_model_untouched(device, kp, models_dir, tmp_path, attack):  # noqa: ANN001
+def test_attack_bundles_refused_running_model_untouched(device, kp, models_dir, tmp_path,  # noqa: ANN001
+                                                        attack):  # noqa: ANN001
     dev = device(trial_frames=0)
     assert dev.install(bundle(models_dir, kp, 2))
     running = dev.holder.get()
@@ -176,7 +177,8 @@ def test_attack_bundles_refused_running_model_untouched(device, kp, models_dir, 
     assert dev.holder.get() is running
     assert float(np.max(running.infer(frame()))) > 0.9  # still runs
     after = dev.svc.updater.slots.active()
-    assert (after.name, after.version, after.model_sha256) == (before.name, before.version, before.model_sha256)
+    assert (after.name, after.version, after.model_sha256) == (before.name, before.version,
+                                                               before.model_sha256)
     snap = dev.svc.updater.state.snapshot()
     assert snap["state"] == st.FAILED and ei.value.reason in snap["reason"]
 
@@ -233,7 +235,8 @@ def test_cli_install_status_rollback(tmp_path, kp, models_dir, capsys):  # noqa:
     for v in (1, 2):
         (tmp_path / f"v{v}.kbundle").write_bytes(bundle(models_dir, kp, v))
     assert updatecmd.main(["install", str(tmp_path / "v1.kbundle"), "--config", str(cfgp)]) == 0
-    assert updatecmd.main(["install", str(tmp_path / "v2.kbundle"), "--config", str(cfgp)]) == 2  # v1 on trial
+    # v1 is on trial (the daemon has not run it yet): a second install waits
+    assert updatecmd.main(["install", str(tmp_path / "v2.kbundle"), "--config", str(cfgp)]) == 2
     err = capsys.readouterr().err
     assert "on trial" in err and len(err.strip().splitlines()) == 1
     # the daemon starts: the trial passes
@@ -353,7 +356,8 @@ def test_fetch_resumes_after_cut_stream_and_checks_hash(tmp_path, kp, models_dir
         reg.stop()
 
 
-def test_desired_state_over_mqtt_fetches_installs_and_fleet_rollback(tmp_path, kp, models_dir, broker):  # noqa: ANN001
+def test_desired_state_over_mqtt_fetches_installs_and_fleet_rollback(tmp_path, kp, models_dir,  # noqa: ANN001
+                                                                      broker):  # noqa: ANN001
     import hashlib
 
     import paho.mqtt.client as mqtt

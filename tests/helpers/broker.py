@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -47,6 +48,8 @@ class Mosquitto:
             "max_queued_messages 100000",
             "max_inflight_messages 100",
         ]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            lines.append("user root")  # as root mosquitto drops to "mosquitto", who cannot read our 0600 files
         if max_packet_size:
             lines.append(f"max_packet_size {max_packet_size}")
         if self.users:

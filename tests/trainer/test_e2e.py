@@ -3,10 +3,9 @@ edge runtime (here and under Python 3.8 + tflite-runtime 2.14), and is pushed to
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -133,14 +132,17 @@ def test_push_and_push_model_deploy_to_a_real_hub(bundle_run, tmp_path, broker, 
         assert "pushed kestrel-classifier v3" in text and "deployed kestrel-classifier v3 to cameras" in text
         assert sorted(r.version for r in registry.list_models("kestrel-classifier")) == [2, 3]
         assert published and "cameras" in published[-1]
-        # Pushing the same bundle again is refused by the hub: a clear one-line gRPC error, exit 3.
-        rc = main(["push", str(out), "--hub", hub, "--no-progress"])
+        # A tampered bundle is refused by the hub: a clear one-line gRPC error, exit 3.
+        data = bytearray(out.read_bytes())
+        model = (rundir / "optimize" / "pruned_int8.tflite").read_bytes()
+        data[data.find(model[:64]) + len(model) // 2] ^= 0xFF       # one bit-flip inside the signed model
+        (tmp_path / "bad.kbundle").write_bytes(bytes(data))
+        rc = main(["push", str(tmp_path / "bad.kbundle"), "--hub", hub, "--no-progress"])
         err = capsys.readouterr().err.strip().splitlines()
-        assert rc == 3 and len(err) == 1 and "PushModel at hub" in err[0]
+        assert rc == 3 and len(err) == 1 and "PushModel at hub" in err[0], err
+        print(err[0], file=sys.stderr)
     finally:
         server.stop(0)
         client.loop_stop()
         client.disconnect()
         store.close()
-    os.environ.get("unused")  # keep the import list stable for linters
-    del base64
