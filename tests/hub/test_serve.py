@@ -90,3 +90,39 @@ def test_serve_with_embedded_broker_health_metrics_grpc(tmp_path: Path) -> None:
     finally:
         assert hub.stop() == 0
     assert not (data / "hub.json.tmp").exists()
+
+
+def test_embedded_broker_dies_with_a_killed_hub(tmp_path: Path) -> None:
+    data = tmp_path / "hub"
+    hub = HubProcess(write_config(tmp_path / "hub.toml", data), data, tmp_path / "hub.log").start()
+    pid = int(json.loads((data / "broker" / "broker.json").read_text())["pid"])
+    os.kill(pid, 0)  # alive
+    hub.kill()
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # a zombie counts as gone (its parent, the hub, is dead; init reaps it)
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+
+    wait_for(gone, 10, what="embedded mosquitto to exit after the hub was killed")
+    hub.stop()
+
+
+def test_healthz_is_503_when_unhealthy_and_metrics_render(tmp_path: Path) -> None:
+    from hub.http import HttpServer
+    state = {"ok": False, "store": {"ok": False, "error": "injected"}, "broker": {"connected": True},
+             "ingest": {"paused": True, "stored": 7, "rejected": {"too_large": 2}}}
+    srv = HttpServer("127.0.0.1", 0, lambda: state).start()
+    try:
+        status, body = get(f"http://127.0.0.1:{srv.port}/healthz")
+        assert status == 503 and json.loads(body)["store"]["error"] == "injected"
+        status, text = get(f"http://127.0.0.1:{srv.port}/metrics")
+        assert status == 200
+        assert "kestrel_hub_ingest_paused 1" in text and "kestrel_hub_store_up 0" in text
+        assert 'kestrel_hub_ingest_rejected_total{reason="too_large"} 2' in text
+        assert get(f"http://127.0.0.1:{srv.port}/nope")[0] == 404
+    finally:
+        srv.stop()
