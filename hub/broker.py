@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import getpass
 import json
 import logging
 import os
@@ -101,8 +102,11 @@ class EmbeddedBroker:
             f"log_dest file {self.workdir / 'mosquitto.log'}",
             "log_type error", "log_type warning", "log_type notice",
             "max_queued_messages 100000",
-            "max_inflight_messages 100",
+            "max_inflight_messages 1000",  # the hub acks after commit: a deep window keeps batches full
             "persistent_client_expiration 7d",
+            # Mosquitto started as root switches to user 'mosquitto'; changing credentials clears
+            # the parent-death signal, so it stays the hub's user (and can write our data dir).
+            f"user {getpass.getuser()}",
         ]
         _atomic_write(conf, "\n".join(lines) + "\n")
         return conf

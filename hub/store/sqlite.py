@@ -83,7 +83,7 @@ class SqliteStore(Store):
         self.path = Path(path).expanduser().resolve()
         self.busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
-        self._conns: List[sqlite3.Connection] = []
+        self._conns: List[Tuple[threading.Thread, sqlite3.Connection]] = []
         self._conns_lock = threading.Lock()
         self._closed = False
         try:
@@ -108,7 +108,14 @@ class SqliteStore(Store):
                 raise _wrap(exc, f"open {self.path}") from exc
             self._local.conn = conn
             with self._conns_lock:
-                self._conns.append(conn)
+                # close the connections of threads that ended (HTTP servers use a thread per request)
+                alive = []
+                for thread, other in self._conns:
+                    if thread.is_alive():
+                        alive.append((thread, other))
+                    else:
+                        other.close()
+                self._conns = alive + [(threading.current_thread(), conn)]
         return conn
 
     def _run(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -281,7 +288,7 @@ class SqliteStore(Store):
         self._closed = True
         with self._conns_lock:
             conns, self._conns = self._conns, []
-        for c in conns:
+        for _, c in conns:
             try:
                 c.close()
             except sqlite3.Error:  # pragma: no cover

@@ -191,3 +191,21 @@ def test_open_store_urls(tmp_path) -> None:  # noqa: ANN001
     from hub.errors import ConfigError
     with pytest.raises(ConfigError):
         open_store("postgres://x/y")
+
+
+def test_sqlite_closes_connections_of_finished_threads(tmp_path) -> None:  # noqa: ANN001
+    s = SqliteStore(tmp_path / "t.db")
+    for _ in range(20):
+        t = threading.Thread(target=s.count_frames)
+        t.start()
+        t.join()
+    s.count_frames()
+    assert len(s._conns) <= 2  # this thread's, plus at most the last finished one until the next open
+    s.close()
+
+
+def test_mongo_unreachable_is_store_unavailable() -> None:
+    """No server here, but the wrapping of pymongo's errors is real: nothing listens on that port."""
+    from tests.helpers.broker import free_port
+    with pytest.raises(StoreUnavailable, match="MongoDB unavailable"):
+        open_store(f"mongodb://127.0.0.1:{free_port()}/kestrel", timeout_ms=300)
