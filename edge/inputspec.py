@@ -61,7 +61,7 @@ class InputSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "InputSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> InputSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
