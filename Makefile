@@ -1,6 +1,6 @@
 # Kestrel: the same commands locally and in CI.
 #   make test    set up (Debian packages when root, virtualenvs) then run every test
-#   make demo    set up, then run the main job on embedded defaults
+#   make demo    set up, then run the whole loop on embedded defaults (docs/demo.md)
 #   make check   ruff + mypy     make bench   benchmarks     make proto   regenerate proto/
 SHELL := /bin/bash
 PY ?= python3
@@ -75,7 +75,7 @@ check: setup
 
 demo: setup
 	$(VPY) -m tests.helpers.models --out $(KESTREL_TEST_MODELS) >/dev/null
-	$(VPY) -m edge.demo --out demo-out
+	$(VPY) -m demo --out demo-out
 
 bench: setup test-models
 	$(VPY) -m tests.bench.run --out bench-out

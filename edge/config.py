@@ -87,7 +87,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         if self.runtime not in ("auto", "tflite-runtime", "ai-edge-litert", "tensorflow"):
-            raise ValueError(f"runtime must be auto, tflite-runtime, ai-edge-litert or tensorflow, not {self.runtime!r}")
+            raise ValueError("runtime must be auto, tflite-runtime, ai-edge-litert or tensorflow, "
+                             f"not {self.runtime!r}")
         if self.color_order not in ("rgb", "bgr"):
             raise ValueError("color_order must be rgb or bgr")
         if self.normalization not in ("0_1", "-1_1", "raw"):
@@ -117,8 +118,11 @@ class PipelineConfig:
 class SamplerConfig:
     strategies: List[str] = field(doc="Any of confidence, margin, entropy; a frame is sampled when any "
                                       "fires.", factory=lambda: ["confidence"])
-    confidence_threshold: float = field(0.6, doc="confidence: sample when the top score is below this "
-                                                  "(a bundle's default threshold wins unless set here).")
+    confidence_threshold: Optional[float] = field(None, doc="confidence: sample when the top score is below "
+                                                           "this. Unset = the running bundle's "
+                                                           "default_threshold (followed across model "
+                                                           "updates), 0.6 for a bare .tflite; a value set "
+                                                           "here always wins.")
     margin_threshold: float = field(0.1, doc="margin: sample when top-1 minus top-2 is below this.")
     entropy_threshold: float = field(0.9, doc="entropy: sample when normalized entropy (0..1) is above this.")
     max_per_minute: int = field(30, doc="Rate limit: frames sent per rolling minute (0 = none).")
@@ -137,7 +141,8 @@ class SamplerConfig:
         if bad:
             raise ValueError(f"unknown sampler strategy {sorted(bad)[0]!r} (confidence, margin, entropy)")
         for n in ("confidence_threshold", "margin_threshold", "entropy_threshold"):
-            if not 0.0 <= getattr(self, n) <= 1.0:
+            value = getattr(self, n)
+            if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{n} must be within 0..1")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("jpeg_quality must be 1..100")

@@ -76,9 +76,16 @@ class SampledFrame:
     reasons: List[int]
 
 
+def _noop(*a: Any, **k: Any) -> None:
+    return None
+
+
 class _NullStats:
+    """Accepts any stats call and does nothing (the method is cached on first use: no per-frame lookup cost)."""
+
     def __getattr__(self, name: str) -> Callable[..., None]:
-        return lambda *a, **k: None
+        setattr(self, name, _noop)
+        return _noop
 
 
 _END = object()
@@ -108,6 +115,7 @@ class Pipeline:
         self.errors = 0
         self.sink_errors = 0
         self.capture_error: Optional[BaseException] = None
+        self._last_depth = -1
 
     def add_observer(self, fn: Callable[[InferenceResult], None]) -> None:
         self.observers.append(fn)
@@ -141,16 +149,17 @@ class Pipeline:
     # --- threads ---------------------------------------------------------------------------
     def _capture_loop(self) -> None:
         corrupt_seen = 0
+        source, stats, stop = self.source, self.stats, self._stop
         try:
-            while not self._stop.is_set():
-                ok, frame, t = self.source.read()
-                while corrupt_seen < self.source.corrupt:
+            while not stop.is_set():
+                ok, frame, t = source.read()
+                while corrupt_seen < source.corrupt:
                     corrupt_seen += 1
-                    self.stats.frame_corrupt()
+                    stats.frame_corrupt()
                 if not ok or frame is None:
                     break
                 self.captured += 1
-                self.stats.frame_captured()
+                stats.frame_captured()
                 self._put((self.captured, t, frame))
         except BaseException as exc:  # a source failure must still end the pipeline cleanly
             self.capture_error = exc
@@ -184,15 +193,22 @@ class Pipeline:
                         self.stats.frame_dropped()
                     except queue.Empty:
                         pass
-        self.stats.set_queue_depth(self._q.qsize())
+        self._depth(self._q.qsize())
+
+    def _depth(self, depth: int) -> None:
+        """Report the queue depth to stats only when it changed (it rarely does in steady state)."""
+        if depth != self._last_depth:
+            self._last_depth = depth
+            self.stats.set_queue_depth(depth)
 
     def _inference_loop(self) -> None:
+        q = self._q
         try:
             while True:
-                item = self._q.get()
+                item = q.get()
                 if item is _END:
                     break
-                self.stats.set_queue_depth(self._q.qsize())
+                self._depth(q.qsize())
                 self._process(*item)
         finally:
             self._done.set()

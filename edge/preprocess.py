@@ -53,6 +53,10 @@ class Preprocessor:
         self._crop_for: Optional[Tuple[int, int]] = None
         self._crop: Tuple[int, int, int, int] = (0, 0, 0, 0)
         self._buf = np.empty((spec.height, spec.width, self.channels), np.float32)
+        # reused per frame by into(): resized image, colour-converted image, final tensor
+        self._rs_buf: Optional[np.ndarray] = None
+        self._cc_buf = np.empty((spec.height, spec.width, self.channels), np.uint8)
+        self._out_buf = np.empty((spec.height, spec.width, self.channels), self.dtype)
 
     def _resize(self, bgr: np.ndarray) -> np.ndarray:
         if self.spec.resize == "center_crop":
@@ -65,32 +69,43 @@ class Preprocessor:
         if bgr.shape[1] == self.size[0] and bgr.shape[0] == self.size[1]:
             return bgr
         # Bilinear without antialiasing: what tf.image.resize / Keras image loaders do at training
-        # time, and several times faster than INTER_AREA on large camera frames.
+        # time, and several times faster than INTER_AREA on large camera frames. Into a reused
+        # buffer (no per-frame allocation) when the frame has the usual 3 uint8 channels.
+        rs = self._rs_buf
+        if bgr.dtype == np.uint8 and bgr.ndim == 3 and bgr.shape[2] == 3:
+            if rs is None:
+                rs = self._rs_buf = np.empty((self.spec.height, self.spec.width, 3), np.uint8)
+            return cv2.resize(bgr, self.size, dst=rs, interpolation=cv2.INTER_LINEAR)
         return cv2.resize(bgr, self.size, interpolation=cv2.INTER_LINEAR)
 
-    def __call__(self, bgr: np.ndarray) -> np.ndarray:
+    def into(self, bgr: np.ndarray) -> np.ndarray:
+        """Like calling the preprocessor, but the result lives in a buffer reused by the next call:
+        use it (e.g. copy it into the interpreter) before preprocessing another frame; not thread-safe."""
         if bgr.ndim == 2:
             bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
         # Resize first (cheaper on the small image), then colour: the two commute per pixel.
         img = self._resize(bgr)
         if self.channels == 1:
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[:, :, None]
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY, dst=self._cc_buf[:, :, 0])[:, :, None]
         elif self.spec.color_order == "rgb":
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=self._cc_buf)
+        out = self._out_buf
         if self._identity:
-            out = np.ascontiguousarray(img)
+            np.copyto(out, img)
         else:
             buf = self._buf
             np.multiply(img, self._a, out=buf, casting="unsafe")
             if self._b:
                 np.add(buf, self._b, out=buf)
-            if self.dtype == np.float32:
-                out = buf.copy()
-            else:
+            if self.dtype != np.float32:
                 np.rint(buf, out=buf)
                 np.clip(buf, self._lo, self._hi, out=buf)
-                out = buf.astype(self.dtype)
+            np.copyto(out, buf, casting="unsafe")
         return out.reshape(self.spec.shape)
+
+    def __call__(self, bgr: np.ndarray) -> np.ndarray:
+        """A new array each call (safe to keep); hot paths that copy the result at once use into()."""
+        return self.into(bgr).copy()
 
 
 def preprocess(bgr: np.ndarray, spec: InputSpec) -> np.ndarray:

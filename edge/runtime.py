@@ -108,20 +108,27 @@ class Model:
         with self._lock:
             if self._closed:
                 raise ModelError(f"model {self.ref.name} v{self.ref.version} is closed")
-            try:
-                self._interp.set_tensor(self._in_index, x)
-                self._interp.invoke()
-                raw = self._interp.get_tensor(self._out_index)
-            except (RuntimeError, ValueError) as exc:
-                raise ModelError(f"inference failed: {exc}") from exc
+            return self._invoke_locked(x)
+
+    def infer(self, bgr: np.ndarray) -> np.ndarray:
+        """Preprocess a BGR camera frame, invoke, return float32 scores."""
+        with self._lock:  # the preprocessor's reused buffers are consumed by set_tensor under the same lock
+            if self._closed:
+                raise ModelError(f"model {self.ref.name} v{self.ref.version} is closed")
+            x = self._pre.into(bgr)
+            return self._invoke_locked(x)
+
+    def _invoke_locked(self, x: np.ndarray) -> np.ndarray:
+        try:
+            self._interp.set_tensor(self._in_index, x)
+            self._interp.invoke()
+            raw = self._interp.get_tensor(self._out_index)
+        except (RuntimeError, ValueError) as exc:
+            raise ModelError(f"inference failed: {exc}") from exc
         raw = raw.reshape(-1)
         if self._out_scale > 0:
             return ((raw.astype(np.float32) - self._out_zp) * self._out_scale).astype(np.float32)
         return raw.astype(np.float32)
-
-    def infer(self, bgr: np.ndarray) -> np.ndarray:
-        """Preprocess a BGR camera frame, invoke, return float32 scores."""
-        return self.invoke(self._pre(bgr))
 
     def close(self) -> None:
         with self._lock:

@@ -2,7 +2,8 @@
 
 A frame is *low confidence* when any configured strategy fires:
 
-* ``confidence``: the top score is below ``confidence_threshold``;
+* ``confidence``: the top score is below ``confidence_threshold`` (unset in the config: the running
+  model's bundle ``default_threshold``, see :meth:`Sampler.follow_model_default`, else 0.6);
 * ``margin``: top-1 minus top-2 is below ``margin_threshold``;
 * ``entropy``: the normalized entropy of the scores (0..1) is above ``entropy_threshold``.
 
@@ -27,6 +28,7 @@ from edge.phash import dhash, hamming
 from proto import kestrel_pb2
 
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
+DEFAULT_CONFIDENCE_THRESHOLD = 0.6  # when neither the config nor the model's bundle sets one
 
 
 def uncertainty_reasons(scores: np.ndarray, cfg: SamplerConfig) -> List[int]:
@@ -36,7 +38,8 @@ def uncertainty_reasons(scores: np.ndarray, cfg: SamplerConfig) -> List[int]:
     if s.size == 0:
         return reasons
     order = np.sort(s)[::-1]
-    if "confidence" in cfg.strategies and order[0] < cfg.confidence_threshold:
+    threshold = DEFAULT_CONFIDENCE_THRESHOLD if cfg.confidence_threshold is None else cfg.confidence_threshold
+    if "confidence" in cfg.strategies and order[0] < threshold:
         reasons.append(kestrel_pb2.LOW_CONFIDENCE)
     if "margin" in cfg.strategies:
         second = order[1] if s.size > 1 else 0.0
@@ -139,12 +142,34 @@ class Sampler:
         self.rate = RateLimiter(cfg.max_per_minute, cfg.max_per_hour, cfg.max_per_day, clock)
         self.dedup = DuplicateFilter(cfg.dedup_distance, cfg.dedup_window_s, cfg.dedup_history, clock)
         self.hasher = hasher
+        self._explicit = cfg.confidence_threshold is not None
         self._lock = threading.Lock()
         self._counts: Dict[str, int] = {"seen": 0, "low_confidence": 0, "sampled": 0,
                                         "rate_limited": 0, "duplicate": 0}
 
+    @property
+    def confidence_threshold(self) -> float:
+        """The threshold in use (config value, else the model's default, else 0.6)."""
+        value = self.cfg.confidence_threshold
+        return DEFAULT_CONFIDENCE_THRESHOLD if value is None else float(value)
+
+    @property
+    def threshold_from_config(self) -> bool:
+        """True when ``[sampler] confidence_threshold`` was set: model defaults are then ignored."""
+        return self._explicit
+
     def set_confidence_threshold(self, value: float) -> None:
+        """Use ``value`` from now on (an explicit setting: model defaults no longer apply)."""
+        self._explicit = True
         self.cfg = dataclasses.replace(self.cfg, confidence_threshold=float(value))
+
+    def follow_model_default(self, default: Optional[float]) -> float:
+        """A new model is running: adopt its bundle's ``default_threshold`` (None = bare .tflite -> 0.6)
+        unless the config set the threshold. Returns the threshold in use."""
+        if not self._explicit:
+            value = DEFAULT_CONFIDENCE_THRESHOLD if default is None else float(default)
+            self.cfg = dataclasses.replace(self.cfg, confidence_threshold=value)
+        return self.confidence_threshold
 
     def decide(self, scores: np.ndarray, bgr: Optional[np.ndarray] = None,
                extra_reasons: Optional[List[int]] = None) -> Decision:

@@ -5,7 +5,10 @@ Every source is a :class:`FrameSource`: ``open()``, ``read() -> (ok, bgr, captur
 Live sources (``live`` True) never end on their own: a failed open, a read error or a stall
 (no frame for ``stall_timeout_s``) closes the device and reopens it with exponential backoff
 (``reconnect_initial_s`` doubling up to ``reconnect_max_s``), logging one line per kind of
-failure rather than one per attempt. Corrupt frames are counted (``corrupt``) and skipped.
+failure rather than one per attempt; a reopened source counts as recovered only after delivering
+frames for STABLE_AFTER_S. A GStreamer pipeline's end of stream (exit 0) ends the source; a failed
+pipeline (non-zero exit) is reported with gst's ERROR line and reopened. Corrupt frames are counted
+(``corrupt``) and skipped; in a file, ``max_corrupt_in_row`` undecodable frames in a row end it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ log = logging.getLogger(__name__)
 ReadResult = Tuple[bool, Optional[np.ndarray], float]
 _END: ReadResult = (False, None, 0.0)
 _POLL_S = 0.2  # how often a blocked pipe read checks for stop
+STABLE_AFTER_S = 10.0  # a reopened live source counts as recovered after delivering frames this long
+_EXIT_WAIT_S = 3.0  # how long a gst-launch-1.0 whose output ended gets to exit and flush its stderr
+
+
+class EndOfStream(Exception):
+    """A live source reached a normal end (a GStreamer pipeline's EOS): the source ends, no retry."""
 
 
 class FrameSource:
@@ -94,6 +103,7 @@ class FileSource(FrameSource):
         self.path = Path(cfg.uri)
         self._cap: Any = None
         self._frame_count = 0
+        self._packets = 0  # read attempts since the start of the file (each consumes one frame)
         self._period = 0.0
         self._next_t = 0.0
 
@@ -119,12 +129,19 @@ class FileSource(FrameSource):
         return self
 
     def _read(self) -> ReadResult:
+        """The next decodable frame. A frame that fails to decode is *pending* until a later frame
+        decodes (then it was corrupt: counted and skipped) or the file ends (then it was the end).
+        ``max_corrupt_in_row`` failures in a row before the known frame count ends the file."""
         if self._cap is None:
             self.open()
-        in_row = 0
+        pending = 0  # failed reads since the last good frame
         while not self._closed.is_set():
             ok, frame = self._cap.read()
+            self._packets += 1
             if ok and _valid(frame):
+                if pending:
+                    self._count_corrupt(pending)
+                    pending = 0
                 if self._period:
                     self._next_t += self._period
                     delay = self._next_t - time.monotonic()
@@ -133,22 +150,31 @@ class FileSource(FrameSource):
                     else:
                         self._next_t = time.monotonic()
                 return True, frame, time.time()
-            pos = int(self._cap.get(cv2.CAP_PROP_POS_FRAMES) or 0)
-            if ok or (self._frame_count and pos < self._frame_count):
-                self.corrupt += 1
-                in_row += 1
-                if in_row >= self.cfg.max_corrupt_in_row:
-                    log.error("source %s: %d unreadable frames in a row in %s; stopping", self.name,
-                              in_row, self.path)
-                    return _END
-                if not ok:
-                    self._cap.set(cv2.CAP_PROP_POS_FRAMES, pos + 1)
+            if ok:  # decoded into something that is not a BGR image: certainly a corrupt frame
+                self._count_corrupt(1)
                 continue
+            pending += 1
+            before_end = self._frame_count > 0 and self._packets < self._frame_count
+            if pending < self.cfg.max_corrupt_in_row and (before_end or self._frame_count <= 0):
+                continue  # look further: a good frame after this one makes it a corrupt frame
+            if before_end:
+                self._count_corrupt(pending)
+                log.error("source %s: %d unreadable frames in a row in %s (frame %d of %d); stopping",
+                          self.name, pending, self.path, self._packets, self._frame_count)
+                return _END
             if self.cfg.loop and self.frames > 0:
                 self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                self._packets = 0
+                pending = 0
                 continue
             return _END
         return _END
+
+    def _count_corrupt(self, n: int) -> None:
+        if not self.corrupt:
+            log.warning("source %s: skipping an undecodable frame in %s (frame %d); corrupt frames are "
+                        "counted, not logged one by one", self.name, self.path, self._packets)
+        self.corrupt += n
 
     def close(self) -> None:
         super().close()
@@ -170,6 +196,7 @@ class LiveSource(FrameSource):
         self._logged: Set[str] = set()
         self._backoff = cfg.reconnect_initial_s
         self._is_open = False
+        self._up_since = 0.0  # monotonic time of the last successful open
 
     # kind-specific
     def _open_device(self) -> None:  # pragma: no cover - abstract
@@ -212,6 +239,7 @@ class LiveSource(FrameSource):
             self._fail("open failed", str(exc))
             return False
         self._is_open = True
+        self._up_since = time.monotonic()
         return True
 
     def _read(self) -> ReadResult:
@@ -221,8 +249,11 @@ class LiveSource(FrameSource):
                 continue
             try:
                 ok, frame = self._read_device()
+            except EndOfStream as exc:
+                log.info("source %s: %s; the source ends", self.name, exc)
+                return _END
             except SourceError as exc:
-                self._fail("stream lost", str(exc))
+                self._fail(getattr(exc, "kind", "stream lost"), str(exc))
                 continue
             if self._closed.is_set():
                 break
@@ -236,10 +267,13 @@ class LiveSource(FrameSource):
                     self._fail("corrupt frames", f"{corrupt_in_row} undecodable frames in a row")
                     corrupt_in_row = 0
                 continue
-            if self._logged:
-                log.info("source %s: receiving frames again", self.name)
-                self._logged.clear()
-            self._backoff = self.cfg.reconnect_initial_s
+            if self.failures and time.monotonic() - self._up_since >= STABLE_AFTER_S:
+                # recovered: only now, so a pipeline that fails after every few frames keeps backing
+                # off and logs once, instead of restarting at full speed and logging every cycle
+                if self._logged:
+                    log.info("source %s: receiving frames again", self.name)
+                    self._logged.clear()
+                self._backoff = self.cfg.reconnect_initial_s
             return True, frame, time.time()
         return _END
 
@@ -339,6 +373,8 @@ class GStreamerSource(LiveSource):
         self._proc: Optional[subprocess.Popen] = None
         self._frame_bytes = cfg.width * cfg.height * 3
         self._stderr: Deque[str] = collections.deque(maxlen=20)
+        self._stderr_thread: Optional[threading.Thread] = None
+        self.exit_codes: List[int] = []  # of every gst-launch-1.0 run that ended (tests, diagnostics)
 
     def command(self) -> List[str]:
         caps = f"video/x-raw,format=BGR,width={self.cfg.width},height={self.cfg.height}"
@@ -353,8 +389,10 @@ class GStreamerSource(LiveSource):
             raise SourceError(f"cannot start gst-launch-1.0: {exc.strerror or exc} "
                               "(install gstreamer1.0-tools)") from exc
         self._proc = proc
-        threading.Thread(target=self._drain_stderr, args=(proc,), daemon=True,
-                         name=f"gst-stderr-{self.name}").start()
+        self._stderr.clear()
+        self._stderr_thread = threading.Thread(target=self._drain_stderr, args=(proc,), daemon=True,
+                                               name=f"gst-stderr-{self.name}")
+        self._stderr_thread.start()
 
     def _drain_stderr(self, proc: subprocess.Popen) -> None:
         assert proc.stderr is not None
@@ -380,10 +418,28 @@ class GStreamerSource(LiveSource):
                 continue
             n = os.readv(fd, [view[got:]])
             if not n:
-                tail = " | ".join(list(self._stderr)[-3:])
-                raise SourceError("gst-launch-1.0 ended" + (f": {tail}" if tail else ""))
+                self._ended(proc, got)
             got += n
         return True, np.frombuffer(buf, np.uint8).reshape(self.cfg.height, self.cfg.width, 3)
+
+    def _ended(self, proc: subprocess.Popen, partial: int) -> None:
+        """The pipe closed: EOS (exit 0) ends the source; anything else is a failure to retry."""
+        try:
+            code = proc.wait(_EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            raise SourceError("gst-launch-1.0 closed its output but did not exit") from None
+        if self._stderr_thread is not None:
+            self._stderr_thread.join(_EXIT_WAIT_S)
+        self.exit_codes.append(code)
+        if code == 0:
+            extra = f" ({partial} bytes of an incomplete last frame dropped)" if partial else ""
+            raise EndOfStream(f"the GStreamer pipeline reached its end of stream{extra}")
+        lines = list(self._stderr)
+        errors = [ln for ln in lines if ln.startswith("ERROR")] or [ln for ln in lines if ln.strip()]
+        detail = errors[0] if errors else "no error message"
+        exc = SourceError(f"gst-launch-1.0 failed (exit code {code}): {detail}")
+        exc.kind = "pipeline failed"  # type: ignore[attr-defined]
+        raise exc
 
     def _close_device(self) -> None:
         proc, self._proc = self._proc, None

@@ -3,6 +3,9 @@
 Trusted keys come from ``--trust`` (a ``.pub`` file or a directory of them) or else the config's
 trust directory. Exit 0 and a summary when the bundle is valid; otherwise one line
 ``bundle refused: <reason>: <detail>`` and exit 2 (see docs/bundle-format.md for the reasons).
+Checked in this order, so the first problem is the one reported: the bundle file exists, the config
+loads, the trusted keys load, the bundle verifies. With ``--json`` every failure also prints
+``{"ok": false, "reason": ..., "error": ...}`` on stdout.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any, Dict
 
 from edge import bundle as bundlemod
 from edge import config as configmod
 from edge import keys as keymod
-from edge.errors import BundleError
+from edge.errors import BundleError, KestrelError
+from edge.keys import KeyFileError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--installed-version", type=int, default=0, metavar="N",
                         help="also refuse the bundle unless its version is above N (default 0: no check)")
     parser.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
+
+
+def _check_exists(path: Path) -> None:
+    """The bundle is checked before anything else: a missing file is the first thing to say."""
+    if not path.exists():
+        raise BundleError(f"bundle refused: not_a_bundle: {path} does not exist", reason="not_a_bundle")
+    if path.is_dir():
+        raise BundleError(f"bundle refused: not_a_bundle: {path} is a directory, not a .kbundle file",
+                          reason="not_a_bundle")
 
 
 def _read(path: Path, limit: int) -> bytes:
@@ -48,21 +62,37 @@ def _read(path: Path, limit: int) -> bytes:
                           reason="not_a_bundle") from exc
 
 
+def _trusted_keys(args: argparse.Namespace, cfg: configmod.EdgeConfig) -> Dict[str, Any]:
+    if args.trust is not None:
+        return keymod.load_public_keys(args.trust)
+    try:
+        return keymod.load_public_keys(cfg.trust_dir)
+    except KestrelError as exc:
+        where = f"--config {args.config}" if args.config is not None else "the built-in defaults"
+        raise KeyFileError(f"{exc} (the trust directory from {where}; pass --trust KEY.pub or "
+                           "--config edge.toml)") from exc
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _verify(args)
+    except KestrelError as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "reason": getattr(exc, "reason", "") or type(exc).__name__,
+                              "error": str(exc)}, sort_keys=True))
+        raise
+
+
+def _verify(args: argparse.Namespace) -> int:
+    _check_exists(args.bundle)
     cfg = configmod.load(args.config)
-    trust = args.trust if args.trust is not None else cfg.trust_dir
-    trusted = keymod.load_public_keys(trust)
+    trusted = _trusted_keys(args, cfg)
     limit = int(cfg.update.max_bundle_bytes)
     slack = float(cfg.update.clock_slack_s)
     data = _read(args.bundle, limit)
     now = time.time()
-    try:
-        vb = bundlemod.verify_bundle(data, trusted, installed_version=args.installed_version, now=now,
-                                     clock_slack_s=slack, max_bundle_bytes=limit)
-    except BundleError as exc:
-        if args.json:
-            print(json.dumps({"ok": False, "reason": exc.reason, "error": str(exc)}, sort_keys=True))
-        raise
+    vb = bundlemod.verify_bundle(data, trusted, installed_version=args.installed_version, now=now,
+                                 clock_slack_s=slack, max_bundle_bytes=limit)
     m = vb.manifest
     if args.json:
         print(json.dumps({

@@ -1,7 +1,7 @@
 """``kestrel-train``: image folders -> pruned, int8, evaluated, signed bundle.
 
 Commands: run (the whole pipeline), ingest / train / optimize / evaluate / report (one stage on a run dir),
-keygen, package, push, push-model, config-doc. Errors print one line and exit non-zero
+keygen, package, push, push-model, digits (a local demo data set), config-doc. Errors print one line and exit non-zero
 (2 = bad input or refused gate, 3 = hub unreachable / gRPC error).
 """
 
@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--run", help=f"run dir (default: newest under ./{RUNS_DIR})")
     pm.add_argument("--deploy", help="fleet group to deploy to, or device:ID")
 
+    dg = sub.add_parser("digits", help="write sklearn's bundled digits as a class-folder data set (demo/tests)")
+    dg.add_argument("--out", required=True)
+    dg.add_argument("--per-class", type=int, help="images per class (default: all, ~180)")
+    dg.add_argument("--size", type=int, default=32, help="upscaled image size in pixels (default 32)")
+    dg.add_argument("--classes", type=int, help="only the first N digits")
     sub.add_parser("config-doc", help="print the documented config reference")
     for sp in sub.choices.values():
         sp.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
@@ -270,6 +275,14 @@ def cmd_push_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_digits(args: argparse.Namespace) -> int:
+    from trainer.datasets import write_digits
+
+    out = write_digits(args.out, per_class=args.per_class, size=args.size, classes=args.classes)
+    print(f"digits data set: {out}")
+    return 0
+
+
 def cmd_config_doc(args: argparse.Namespace) -> int:
     from trainer.config import config_doc
 
@@ -279,7 +292,8 @@ def cmd_config_doc(args: argparse.Namespace) -> int:
 
 HANDLERS = {"run": cmd_run, "ingest": cmd_ingest, "train": cmd_stage, "optimize": cmd_stage,
             "evaluate": cmd_stage, "report": cmd_stage, "keygen": cmd_keygen, "package": cmd_package,
-            "push": cmd_push, "push-model": cmd_push_model, "config-doc": cmd_config_doc}
+            "push": cmd_push, "push-model": cmd_push_model, "digits": cmd_digits,
+            "config-doc": cmd_config_doc}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

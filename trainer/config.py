@@ -65,6 +65,13 @@ class ModelConfig:
             raise ValueError("channels = 1 works only with arch small_cnn")
         if self.arch.startswith("mobilenet") and self.input_size < 32:
             raise ValueError("MobileNets need input_size >= 32")
+        from edge.inputspec import COLOR_ORDERS, NORMALIZATIONS, RESIZES
+
+        for name, value, allowed in (("color_order", self.color_order, COLOR_ORDERS),
+                                     ("normalization", self.normalization, NORMALIZATIONS),
+                                     ("resize", self.resize, RESIZES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -91,7 +98,8 @@ class TrainConfig:
 class OptimizeConfig:
     sparsity: float = field(0.5, doc="Target weight sparsity of magnitude pruning (0 = no pruning).")
     initial_sparsity: float = field(0.0, doc="Sparsity at the start of the PolynomialDecay schedule.")
-    prune_epochs: int = field(3, doc="Fine-tuning epochs with pruning; sparsity ramps over the first 2/3.")
+    prune_epochs: int = field(3, doc="Fine-tuning epochs with pruning; sparsity ramps over the first 2/3. "
+                              "At least 30 steps are run (more epochs on tiny data sets).")
     qat: bool = field(False, doc="Pruning-preserving quantization-aware training after pruning (tfmot PQAT).")
     qat_epochs: int = field(2, doc="Epochs of pruning-preserving QAT when qat = true.")
     io_dtype: str = field("uint8", doc="Input/output type of the int8 model: uint8 or int8.")

@@ -34,7 +34,8 @@ def run_tflite(tflite: bytes, spec: InputSpec, pixels: np.ndarray, threads: int 
         m.close()
 
 
-def latency_ms(tflite: bytes, spec: InputSpec, pixels: np.ndarray, runs: int = 50, threads: int = 1) -> Dict[str, float]:
+def latency_ms(tflite: bytes, spec: InputSpec, pixels: np.ndarray, runs: int = 50,
+               threads: int = 1) -> Dict[str, Any]:
     m = load_model(tflite, spec=spec, threads=threads)
     try:
         xs = [model_input(pixels[i % len(pixels)], spec) for i in range(min(runs, 8))]

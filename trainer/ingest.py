@@ -123,7 +123,7 @@ class Dataset:
                             class_names=np.array(self.class_names), paths=np.array(self.paths))
 
     @classmethod
-    def load(cls, path: Path) -> "Dataset":
+    def load(cls, path: Path) -> Dataset:
         z = np.load(path, allow_pickle=False)
         return cls(z["images"], z["labels"], z["groups"], [str(c) for c in z["class_names"]],
                    [str(p) for p in z["paths"]])

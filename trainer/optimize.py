@@ -15,6 +15,10 @@ from trainer.preprocess import normalize
 from trainer.tfenv import tf, tfmot
 from trainer.train import make_dataset
 
+# Tiny data sets give few steps per epoch; pruning that ramps in a handful of steps leaves no time to
+# recover, so the fine-tune runs at least this many steps (more epochs when needed).
+MIN_PRUNE_STEPS = 30
+
 SCHEDULE_TEXT = (
     "Magnitude pruning with a PolynomialDecay schedule: every `frequency` steps the smallest-magnitude "
     "weights of each prunable layer (convolutions, dense) are masked to zero. Sparsity starts at "
@@ -29,7 +33,8 @@ def prune(model: Any, images: np.ndarray, labels: np.ndarray, cfg: Config) -> tu
     t, mot = tf(), tfmot()
     oc = cfg.optimize
     steps_per_epoch = int(np.ceil(len(images) / cfg.train.batch_size))
-    total = max(1, steps_per_epoch * oc.prune_epochs)
+    epochs = max(oc.prune_epochs, int(np.ceil(MIN_PRUNE_STEPS / steps_per_epoch)))
+    total = max(1, steps_per_epoch * epochs)
     end = max(1, int(total * 2 / 3))
     freq = max(1, min(100, end // 4 or 1))
     schedule = mot.sparsity.keras.PolynomialDecay(initial_sparsity=oc.initial_sparsity,
@@ -38,12 +43,13 @@ def prune(model: Any, images: np.ndarray, labels: np.ndarray, cfg: Config) -> tu
     pruned = mot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
     compile_model(pruned, cfg.train.learning_rate * 0.5)
     hist = pruned.fit(make_dataset(images, labels, cfg, training=True, seed=cfg.data.seed + 100),
-                      epochs=oc.prune_epochs, verbose=0,
+                      epochs=epochs, verbose=0,
                       callbacks=[mot.sparsity.keras.UpdatePruningStep()])
     stripped = mot.sparsity.keras.strip_pruning(pruned)
     del t
     info = {"initial_sparsity": oc.initial_sparsity, "final_sparsity": oc.sparsity, "begin_step": 0,
-            "end_step": end, "frequency": freq, "total_steps": total, "power": 3, "explained": SCHEDULE_TEXT}
+            "end_step": end, "frequency": freq, "total_steps": total, "epochs": epochs, "power": 3,
+            "explained": SCHEDULE_TEXT}
     return stripped, info, {k: [float(v) for v in vals] for k, vals in hist.history.items()}
 
 

@@ -96,6 +96,25 @@ def load_data(rundir: Path) -> tuple:
 
 # ---------------------------------------------------------------- train
 
+def _EpochBar(progress: Callable[..., Any], epochs: int) -> Any:  # noqa: N802 - a class factory
+    """A Keras callback advancing a progress bar per epoch (shows loss/accuracy)."""
+    from trainer.tfenv import tf
+
+    class EpochBar(tf().keras.callbacks.Callback):  # type: ignore[misc]
+        def on_train_begin(self, logs: Any = None) -> None:
+            self.bar = progress(total=epochs, desc="train", unit="epoch")
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            logs = logs or {}
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "accuracy", "val_accuracy")})
+            self.bar.update(1)
+
+        def on_train_end(self, logs: Any = None) -> None:
+            self.bar.close()
+
+    return EpochBar()
+
+
 def train(rundir: Path, progress: Progress = None) -> Dict[str, Any]:
     from trainer.models import check_weights
     from trainer.train import cross_validate, fit, metrics, predict_float
@@ -106,8 +125,9 @@ def train(rundir: Path, progress: Progress = None) -> Dict[str, Any]:
     n = len(ds.class_names)
     cv = cross_validate(ds.images[tr], ds.labels[tr], ds.groups[tr], n, cfg, progress)
     write_json(rundir / "train" / "cv.json", cv)
+    callbacks = [_EpochBar(progress, cfg.train.epochs)] if progress is not None else []
     model, history = fit(ds.images[tr], ds.labels[tr], n, cfg, cfg.train.epochs,
-                         val=(ds.images[te], ds.labels[te]), seed=cfg.data.seed)
+                         val=(ds.images[te], ds.labels[te]), seed=cfg.data.seed, callbacks=callbacks)
     m = metrics(ds.labels[te], predict_float(model, ds.images[te], cfg).argmax(1), n)
     out = rundir / "train"
     model.save(str(out / "float.h5"))
@@ -237,7 +257,8 @@ def package(rundir: Path, key_path: str, version: int, out: Path, allow_failed_g
     metrics = {
         "accuracy": st["pruned_int8"]["accuracy"], "macro_f1": st["pruned_int8"]["macro_f1"],
         "float_accuracy": st["float"]["accuracy"], "accuracy_drop_points": ev["gate"]["drop_points"],
-        "cv_accuracy_mean": (cv.get("accuracy") or {}).get("mean"), "cv_accuracy_std": (cv.get("accuracy") or {}).get("std"),
+        "cv_accuracy_mean": (cv.get("accuracy") or {}).get("mean"),
+        "cv_accuracy_std": (cv.get("accuracy") or {}).get("std"),
         "cv_k": cv.get("k"), "bytes": len(model_bytes),
     }
     metrics = {k: v for k, v in metrics.items() if v is not None}

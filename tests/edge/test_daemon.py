@@ -30,8 +30,11 @@ pytestmark = pytest.mark.skipif(not (REPO / "edge" / "publisher.py").exists()
                                 reason="needs edge.publisher and edge.telemetry")
 
 
-def write_toml(tmp: Path, device: str, port: int, source: str, models_dir: Path, extra: str = "") -> Path:
+def write_toml(tmp: Path, device: str, port: int, source: str, models_dir: Path, extra: str = "",
+               model: str = "", threshold: str = "confidence_threshold = 0.6") -> Path:
     toml = tmp / "edge.toml"
+    model = model or (f'path = "{models_dir / "brightness_int8.tflite"}"\n'
+                      f'labels = "{models_dir / "labels.txt"}"')
     toml.write_text(f"""[device]
 id = "{device}"
 data_dir = "{tmp / 'data'}"
@@ -39,12 +42,11 @@ data_dir = "{tmp / 'data'}"
 {source}
 
 [model]
-path = "{models_dir / 'brightness_int8.tflite'}"
-labels = "{models_dir / 'labels.txt'}"
+{model}
 threads = 1
 
 [sampler]
-confidence_threshold = 0.6
+{threshold}
 dedup_distance = -1
 max_per_minute = 0
 max_per_hour = 0
@@ -60,9 +62,9 @@ reconnect_max_s = 0.5
 interval_s = 0
 metrics_port = 0
 
-[update]
+{extra or "[update]"}
 enabled = false
-{extra}""")
+""")
     return toml
 
 
@@ -188,3 +190,174 @@ def test_check_config(tmp_path, models_dir):  # noqa: ANN001
     res = subprocess.run(daemon_cmd(missing, "--check-config"), env=env(), capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 2 and "nope.tflite does not exist" in res.stderr
+
+
+# --- the confidence threshold follows the running bundle's default_threshold ---------------------
+def _daemon_cfg(tmp_path: Path, trust: Path, **sampler: object) -> object:
+    from edge import config
+
+    smp = {"dedup_distance": -1, "max_per_minute": 0, "max_per_hour": 0, "max_per_day": 0}
+    smp.update(sampler)
+    return config.from_dict({
+        "device": {"id": "cam-thr", "data_dir": str(tmp_path / "data")}, "model": {"threads": 1},
+        "sampler": smp, "mqtt": {"host": ""}, "telemetry": {"interval_s": 0, "metrics_port": 0},
+        "update": {"trust_dir": str(trust), "trial_frames": 0, "trial_seconds": 0.0}})
+
+
+def _sampled_mid_frames(daemon, n: int = 6) -> int:  # noqa: ANN001
+    """Real inferences of mid-brightness frames (top score ~1/3..0.5) through the daemon's sampler."""
+    model = daemon.holder.get()
+    sent = 0
+    for i in range(n):
+        level = 0.45 + 0.02 * i
+        scores = model.infer(np.full((48, 64, 3), int(level * 255), np.uint8))
+        assert 0.3 < float(scores.max()) < 0.9  # the model really is unsure here
+        sent += daemon.sampler.decide(scores).send
+    return sent
+
+
+def test_bundle_default_threshold_is_followed_across_swaps(tmp_path, models_dir):  # noqa: ANN001
+    from edge.daemon import Daemon
+    from tests.edge.test_updater import bundle
+    from tests.helpers.bundles import make_keypair
+
+    kp = make_keypair(tmp_path)
+    daemon = Daemon(_daemon_cfg(tmp_path, kp.pub_path))
+    try:
+        assert daemon.sampler.confidence_threshold == 0.6 and not daemon.sampler.threshold_from_config
+        assert daemon.updater.install_bytes(bundle(models_dir, kp, 1, default_threshold=0.3))
+        assert daemon.sampler.confidence_threshold == 0.3
+        assert _sampled_mid_frames(daemon) == 0
+        assert daemon.updater.install_bytes(bundle(models_dir, kp, 2, default_threshold=0.9))  # hot swap
+        assert daemon.holder.get().ref.version == 2
+        assert daemon.sampler.confidence_threshold == 0.9
+        assert _sampled_mid_frames(daemon) == 6
+    finally:
+        daemon.updater.stop()
+        daemon.holder.get().close()
+
+
+def test_configured_threshold_wins_over_the_bundle_default(tmp_path, models_dir):  # noqa: ANN001
+    from edge.daemon import Daemon
+    from tests.edge.test_updater import bundle
+    from tests.helpers.bundles import make_keypair
+
+    kp = make_keypair(tmp_path)
+    daemon = Daemon(_daemon_cfg(tmp_path, kp.pub_path, confidence_threshold=0.3))
+    try:
+        assert daemon.updater.install_bytes(bundle(models_dir, kp, 1, default_threshold=0.9))
+        assert daemon.sampler.threshold_from_config and daemon.sampler.confidence_threshold == 0.3
+        assert _sampled_mid_frames(daemon) == 0
+    finally:
+        daemon.updater.stop()
+        daemon.holder.get().close()
+
+
+# --- model.path may be a signed bundle ---------------------------------------------------------------
+def test_model_path_bundle_is_installed_then_booted(tmp_path, models_dir):  # noqa: ANN001
+    from tests.edge.test_updater import bundle
+    from tests.helpers.bundles import make_keypair
+
+    kp = make_keypair(tmp_path)
+    path = tmp_path / "brightness-v3.kbundle"
+    path.write_bytes(bundle(models_dir, kp, 3, default_threshold=0.9))
+    levels = [0.5, 0.95, 0.45, 0.9, 0.55]
+    video = write_video(tmp_path / "in.avi", levels, width=64, height=48)
+    toml = write_toml(tmp_path, "cam-kb", free_port(), f'[source]\nkind = "file"\nuri = "{video}"', models_dir,
+                      model=f'path = "{path}"', threshold="",
+                      extra=f'[update]\ntrust_dir = "{kp.pub_path.parent}"\ntrial_frames = 0\ntrial_seconds = 0')
+    first = subprocess.run(daemon_cmd(toml), env=env(), cwd=str(tmp_path), capture_output=True, text=True,
+                           timeout=60)
+    assert first.returncode == 0, first.stderr[-2000:]
+    s = summary(first.stderr)
+    assert s["confidence_threshold"] == 0.9  # the bundle's default, no threshold in the config
+    assert s["processed"] == len(levels) and s["sampled"] == sum(lv < 0.7 for lv in levels)
+    slot = json.loads((tmp_path / "data" / "slots" / "a" / "slot.json").read_text())
+    assert slot["version"] == 3 and slot["default_threshold"] == 0.9
+    # the second start boots the installed slot (model.path is not installed again)
+    second = subprocess.run(daemon_cmd(toml), env=env(), cwd=str(tmp_path), capture_output=True, text=True,
+                            timeout=60)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "ignored: a model is installed" in second.stderr
+    assert summary(second.stderr)["processed"] == len(levels)
+
+
+def test_refused_model_path_bundle_is_one_clear_error(tmp_path, models_dir):  # noqa: ANN001
+    from tests.edge.test_updater import bundle
+    from tests.helpers.bundles import make_keypair
+
+    trusted = make_keypair(tmp_path, "trusted")
+    stranger = make_keypair(tmp_path, "stranger")
+    path = tmp_path / "evil.kbundle"
+    path.write_bytes(bundle(models_dir, stranger, 1))
+    toml = write_toml(tmp_path, "cam-kb2", free_port(), '[source]\nkind = "testpattern"', models_dir,
+                      model=f'path = "{path}"', extra=f'[update]\ntrust_dir = "{trusted.pub_path.parent}"')
+    res = subprocess.run(daemon_cmd(toml), env=env(), cwd=str(tmp_path), capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("kestrel-edge run: error:")]
+    assert len(errors) == 1, res.stderr
+    assert str(path) in errors[0] and "bundle refused" in errors[0], errors[0]
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "data" / "slots" / "a" / "slot.json").exists()
+
+
+# --- shutdown: nothing lost, nothing hangs ----------------------------------------------------------
+def _start_spooling_daemon(tmp_path: Path, models_dir: Path, port: int, device: str) -> subprocess.Popen:
+    src = ('[source]\nkind = "testpattern"\nwidth = 64\nheight = 48\nfps = 40\n'
+           'pattern_brightness = [0.5, 0.45, 0.55]')
+    toml = write_toml(tmp_path, device, port, src, models_dir)
+    proc = subprocess.Popen(daemon_cmd(toml), env=env(), cwd=str(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    spool = tmp_path / "data" / "spool"
+    wait_for(lambda: len(list(spool.glob("*.rec"))) >= 3 or proc.poll() is not None, 30,
+             what="sampled frames in the spool")
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    return proc
+
+
+def test_sigterm_with_broker_down_keeps_frames_and_delivers_them_later(tmp_path, models_dir,  # noqa: ANN001
+                                                                       broker_factory):
+    port = free_port()
+    device = "cam-down"
+    proc = _start_spooling_daemon(tmp_path, models_dir, port, device)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)  # prompt: no wait for a broker that is not there
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    s = summary(err)
+    assert s["sampled"] >= 3 and s["spooled"] == s["sampled"] == s["spool_frames"] and s["sink_errors"] == 0
+    # next start, broker up: the spooled frames go out (the new run itself samples nothing)
+    broker = broker_factory(port=port)
+    col = Collector(broker.host, broker.port, [topics.frames(device)])
+    try:
+        video = write_video(tmp_path / "bright.avi", [0.9, 0.95], width=64, height=48)
+        toml = write_toml(tmp_path, device, port, f'[source]\nkind = "file"\nuri = "{video}"', models_dir)
+        again = subprocess.run(daemon_cmd(toml), env=env(), cwd=str(tmp_path), capture_output=True, text=True,
+                               timeout=60)
+        assert again.returncode == 0, again.stderr[-2000:]
+        frames = parse(col.wait_count(s["spool_frames"], "/frames", timeout=30))
+    finally:
+        col.close()
+    assert summary(again.stderr)["sampled"] == 0
+    assert len({f.frame_id for f in frames}) == s["spool_frames"]
+
+
+def test_second_sigterm_skips_the_wait_and_loses_no_sampled_frame(tmp_path, models_dir):  # noqa: ANN001
+    proc = _start_spooling_daemon(tmp_path, models_dir, free_port(), "cam-twice")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    s = summary(err)
+    assert s["spooled"] == s["sampled"] == s["spool_frames"] >= 3
+    assert "Traceback" not in err

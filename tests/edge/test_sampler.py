@@ -108,3 +108,15 @@ def test_phash_and_dhash_distances():
         assert 0 <= h(a) < 2 ** 64
         assert hamming(h(a), h(a)) == 0
         assert hamming(h(a), h(b)) > 10
+
+
+def test_threshold_unset_follows_the_model_default_and_explicit_wins():
+    scores = np.array([0.5, 0.3, 0.2])
+    s = Sampler(cfg(strategies=["confidence"], confidence_threshold=None))
+    assert s.confidence_threshold == 0.6 and s.decide(scores).send          # built-in default
+    assert s.follow_model_default(0.4) == 0.4 and not s.decide(scores).send  # bundle default
+    assert s.follow_model_default(None) == 0.6 and s.decide(scores).send    # bare .tflite again
+    s.set_confidence_threshold(0.45)
+    assert s.follow_model_default(0.9) == 0.45 and not s.decide(scores).send  # explicit wins
+    fixed = Sampler(cfg(strategies=["confidence"], confidence_threshold=0.55))
+    assert fixed.threshold_from_config and fixed.follow_model_default(0.9) == 0.55

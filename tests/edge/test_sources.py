@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+import struct
 import threading
+from pathlib import Path
+from typing import List, Sequence
 
+import cv2
 import numpy as np
 import pytest
 
@@ -118,3 +123,117 @@ def test_rtsp_unreachable_is_retried_with_growing_backoff():
     b = list(src.backoffs)
     assert b[:3] == [0.02, 0.04, 0.08] and max(b) == 0.08
     assert "rtsp_transport;tcp" in __import__("os").environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"]
+
+
+# --- corrupt frames in the middle of a file ---------------------------------------------------------
+def corrupt_mjpg_frames(src: Path, dst: Path, indices: Sequence[int]) -> Path:
+    """Copy an MJPG .avi, overwriting the JPEG payloads of frames ``indices`` with garbage
+    (the AVI chunk structure stays intact, so the demuxer still finds every frame)."""
+    data = bytearray(src.read_bytes())
+    chunks: List[tuple] = []
+    i = data.find(b"movi")
+    while True:
+        j = data.find(b"00dc", i)
+        if j < 0:
+            break
+        size = struct.unpack("<I", bytes(data[j + 4:j + 8]))[0]
+        chunks.append((j + 8, size))
+        i = j + 8 + size
+    for k in indices:
+        off, size = chunks[k]
+        data[off:off + size] = bytes((b * 7 + 13) & 0xFF for b in range(size))
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def opencv_reads(path: Path, n: int) -> List[bool]:
+    cap = cv2.VideoCapture(str(path))
+    try:
+        return [bool(cap.read()[0]) for _ in range(n)]
+    finally:
+        cap.release()
+
+
+LEVELS = [0.1, 0.3, 0.5, 0.7, 0.9, 0.2, 0.4, 0.6, 0.8, 0.15, 0.35, 0.55]
+
+
+def test_corrupt_frames_mid_file_are_counted_and_skipped(tmp_path, caplog):  # noqa: ANN001
+    good = write_video(tmp_path / "good.avi", LEVELS, width=64, height=48)
+    bad = corrupt_mjpg_frames(good, tmp_path / "bad.avi", [4, 5, 6])
+    # OpenCV itself fails exactly those frames and then reads on
+    assert opencv_reads(bad, len(LEVELS)) == [i not in (4, 5, 6) for i in range(len(LEVELS))]
+    src = open_source(SourceConfig(kind="file", uri=str(bad), max_corrupt_in_row=5))
+    with caplog.at_level(logging.WARNING, logger="edge.sources"):
+        frames = read_all(src)
+    src.close()
+    kept = [lv for i, lv in enumerate(LEVELS) if i not in (4, 5, 6)]
+    assert len(frames) == len(kept) and src.corrupt == 3
+    assert [f.mean() / 255 for f in frames] == pytest.approx(kept, abs=0.05)
+    assert len([r for r in caplog.records if "undecodable" in r.getMessage()]) == 1  # one line, not one per frame
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # the end of file is not an error
+
+
+def test_too_many_corrupt_frames_in_a_row_stop_the_file(tmp_path, caplog):  # noqa: ANN001
+    good = write_video(tmp_path / "good.avi", LEVELS, width=64, height=48)
+    bad = corrupt_mjpg_frames(good, tmp_path / "bad.avi", [3, 4, 5, 6, 7])
+    src = open_source(SourceConfig(kind="file", uri=str(bad), max_corrupt_in_row=3))
+    with caplog.at_level(logging.ERROR, logger="edge.sources"):
+        frames = read_all(src)
+    src.close()
+    assert len(frames) == 3 and src.corrupt == 3
+    assert [f.mean() / 255 for f in frames] == pytest.approx(LEVELS[:3], abs=0.05)
+    assert any("3 unreadable frames in a row" in r.getMessage() for r in caplog.records)
+
+
+def test_corrupt_frames_with_loop(tmp_path):  # noqa: ANN001
+    good = write_video(tmp_path / "good.avi", LEVELS[:4], width=64, height=48)
+    bad = corrupt_mjpg_frames(good, tmp_path / "bad.avi", [1])
+    src = open_source(SourceConfig(kind="file", uri=str(bad), loop=True, max_frames=9))
+    frames = read_all(src)
+    src.close()
+    assert len(frames) == 9 and src.corrupt == 3  # the corrupt frame once per pass, 3 passes
+    assert [f.mean() / 255 for f in frames] == pytest.approx([0.1, 0.5, 0.7] * 3, abs=0.05)
+
+
+# --- a GStreamer pipeline that ends or dies mid-stream ----------------------------------------------
+needs_gst = pytest.mark.skipif(shutil.which("gst-launch-1.0") is None, reason="gst-launch-1.0 not installed")
+
+
+@needs_gst
+def test_gstreamer_eos_is_the_normal_end():
+    src = open_source(SourceConfig(kind="gstreamer", uri="videotestsrc num-buffers=4", width=32, height=24,
+                                   reconnect_initial_s=0.01, reconnect_max_s=0.02))
+    frames = read_all(src, limit=50)
+    src.close()
+    assert len(frames) == 4 and src.exit_codes == [0] and src.failures == 0
+
+
+@needs_gst
+def test_gstreamer_element_failing_mid_stream_is_a_clear_error_and_retried(caplog):  # noqa: ANN001
+    # identity error-after=3 lets 2 buffers through, then fails the pipeline (gst-launch exits 1)
+    src = open_source(SourceConfig(kind="gstreamer", uri="videotestsrc ! identity error-after=3", width=32,
+                                   height=24, reconnect_initial_s=0.01, reconnect_max_s=0.02))
+    frames: List = []
+
+    def reader() -> None:
+        while True:
+            ok, frame, _ = src.read()
+            if not ok:
+                return
+            frames.append(frame)
+
+    with caplog.at_level(logging.WARNING, logger="edge.sources"):
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            wait_for(lambda: len(src.exit_codes) >= 3 and len(frames) >= 6, 30,
+                     what="three pipeline runs, each delivering frames before failing")
+        finally:
+            src.close()
+            t.join(10)
+    assert not t.is_alive()
+    assert all(code != 0 for code in src.exit_codes) and src.failures >= 3 and src.attempts >= 3
+    assert all(f.shape == (24, 32, 3) for f in frames)
+    failed = [r.getMessage() for r in caplog.records if "pipeline failed" in r.getMessage()]
+    assert len(failed) == 1, failed  # one line per kind of failure, not one per retry
+    assert "exit code 1" in failed[0] and "Failed after iterations as requested" in failed[0]

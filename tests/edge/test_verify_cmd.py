@@ -86,7 +86,7 @@ def test_untrusted_and_unreadable(tmp_path: Path, bundle: Path, capsys: Any) -> 
     code, _, err = run_cli([str(bundle), "--trust", str(other.pub_path)], capsys)
     assert code == 2 and "bundle refused: untrusted_key" in err
     code, _, err = run_cli([str(tmp_path / "missing.kbundle"), "--trust", str(other.pub_path)], capsys)
-    assert code == 2 and "cannot read" in err
+    assert code == 2 and "missing.kbundle does not exist" in err
     code, _, err = run_cli([str(bundle), "--trust", str(tmp_path / "nowhere")], capsys)
     assert code == 2 and "does not exist" in err
 
@@ -104,3 +104,52 @@ def test_as_a_real_process(bundle: Path, kp: KeyPair) -> None:
                           cwd=str(REPO), env=env, capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr.decode()
     assert b"bundle OK: brightness v4" in proc.stdout
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kestrel-edge verify: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_missing_bundle_is_reported_first(tmp_path: Path, capsys: Any) -> None:
+    missing = tmp_path / "nope.kbundle"
+    # no --trust and no trust dir either: the missing bundle is what gets reported
+    code, out, err = run_cli([str(missing)], capsys)
+    line = _one_error_line(err)
+    assert code == 2 and f"{missing} does not exist" in line and "trust" not in line
+    code, out, err = run_cli([str(missing), "--json"], capsys)
+    assert code == 2 and json.loads(out) == {"ok": False, "reason": "not_a_bundle",
+                                             "error": f"bundle refused: not_a_bundle: {missing} does not exist"}
+
+
+def test_every_error_path_is_one_clear_line(tmp_path: Path, bundle: Path, kp: KeyPair, capsys: Any) -> None:
+    no_pub = tmp_path / "empty-trust"
+    no_pub.mkdir()
+    bad_pub = tmp_path / "bad.pub"
+    bad_pub.write_text("not a key\n")
+    empty = tmp_path / "empty.kbundle"
+    empty.write_bytes(b"")
+    garbage = tmp_path / "garbage.kbundle"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    cfg_no_trust = tmp_path / "edge.toml"
+    cfg_no_trust.write_text(f'[device]\ndata_dir = "{tmp_path / "data"}"\n')
+    bad_cfg = tmp_path / "bad.toml"
+    bad_cfg.write_text("[update]\nmax_bundle_bytez = 1\n")
+    trust = ["--trust", str(kp.pub_path)]
+    cases = [
+        ([str(tmp_path)] + trust, "is a directory"),
+        ([str(bundle), "--config", str(tmp_path / "missing.toml")], "missing.toml"),
+        ([str(bundle), "--config", str(bad_cfg)], "max_bundle_bytez"),
+        ([str(bundle), "--config", str(cfg_no_trust)], "pass --trust"),
+        ([str(bundle), "--trust", str(no_pub)], "holds no *.pub file"),
+        ([str(bundle), "--trust", str(bad_pub)], str(bad_pub)),
+        ([str(empty)] + trust, "bundle refused: "),
+        ([str(garbage)] + trust, "bundle refused: "),
+    ]
+    for argv, expected in cases:
+        code, out, err = run_cli(argv, capsys)
+        line = _one_error_line(err)
+        assert code == 2 and expected in line, (argv, line)
+        assert out == "", (argv, out)

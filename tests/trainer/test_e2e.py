@@ -96,11 +96,11 @@ def test_bundle_model_runs_on_python38_tflite_runtime(bundle_run, tmp_path):
 @pytest.mark.slow
 def test_push_and_push_model_deploy_to_a_real_hub(bundle_run, tmp_path, broker, monkeypatch, capsys):
     hub_registry = pytest.importorskip("hub.registry")
+    import paho.mqtt.client as mqtt
+
     from hub.fleet import FleetService
     from hub.grpc_service import make_server
     from hub.store.sqlite import SqliteStore
-
-    import paho.mqtt.client as mqtt
 
     tmp, key, pub, rundir, out = bundle_run
     (tmp_path / "trust").mkdir()

@@ -71,3 +71,12 @@ def test_config_doc_documents_every_field():
                                     type(getattr(Config(), section.name))):
             assert f"`{section.name}.{f.name}`" in doc
             assert f.metadata["doc"]
+
+
+def test_docs_list_every_config_field():
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "trainer.md").read_text()
+    for line in config_doc().splitlines():
+        if line.startswith("- `"):
+            assert line.split(":")[0] in docs
