@@ -6,6 +6,11 @@ fetch the named version over gRPC (FetchModel), verify it themselves and report 
 status messages (which the ingest writes into the device records). A rollback is a retained
 DesiredState with ``rollback=true``: the device returns to its own previous slot; the hub never
 sends an older bundle over the network. See docs/hub-registry.md.
+
+The hub mirrors what the devices do with their two desired topics: a group deploy/rollback is kept
+as the group's desired state (Store.set_group_desired), a device-specific one pins the device
+(``desired_scope = "device"``). Listing a device that is not pinned shows its group's desired
+state, so a device that joins after the deploy shows it too.
 """
 
 from __future__ import annotations
@@ -13,12 +18,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from edge import topics
 from hub.errors import ArtifactError, NotFound
 from hub.registry import Registry
-from hub.store.base import DeviceRecord, Store
+from hub.store.base import DESIRED_SCOPE_DEVICE, DESIRED_SCOPE_GROUP, DeviceRecord, GroupDesired, Store
 from proto import kestrel_pb2
 
 log = logging.getLogger(__name__)
@@ -64,7 +69,14 @@ class FleetService:
         return int(self._clock() * 1000)
 
     def list_devices(self, group: Optional[str] = None) -> List[DeviceRecord]:
-        return self.store.list_devices(group or None)
+        """Device records with the desired state that applies to each (device-specific wins over the group's)."""
+        groups: Dict[str, Optional[GroupDesired]] = {}
+        out = []
+        for dev in self.store.list_devices(group or None):
+            if dev.group not in groups:
+                groups[dev.group] = self.store.get_group_desired(dev.group)
+            out.append(effective_desired(dev, groups[dev.group]))
+        return out
 
     def deploy(self, model_name: str, version: int = 0, device_id: str = "", group: str = "") -> Announcement:
         """Announce that the device/group should run ``model_name`` ``version`` (0 = the highest stored)."""
@@ -76,7 +88,7 @@ class FleetService:
                                            sha256=rec.bundle_sha256, size=rec.size, issued_ms=self._now_ms(),
                                            rollback=False, grpc_target=self.grpc_target)
         self.publish_retained(topic, desired.SerializeToString())
-        self._record(device_id, group, rec.model_name, rec.version)
+        self._record(device_id, group, desired)
         log.info("deploy %s v%d -> %s", rec.model_name, rec.version, topic)
         return Announcement(desired, topic)
 
@@ -96,17 +108,47 @@ class FleetService:
         desired = kestrel_pb2.DesiredState(model_name=model_name, version=version, issued_ms=self._now_ms(),
                                            rollback=True, grpc_target=self.grpc_target)
         self.publish_retained(topic, desired.SerializeToString())
-        self._record(device_id, group, model_name, version)
+        self._record(device_id, group, desired)
         log.info("rollback -> %s", topic)
         return Announcement(desired, topic)
 
-    def _record(self, device_id: str, group: str, model_name: str, version: int) -> None:
-        """desired_* in the store: the device, or every known device of the group."""
+    def _record(self, device_id: str, group: str, desired: kestrel_pb2.DesiredState) -> None:
+        """The announcement in the store: a device-specific one pins the device; a group's is kept as
+        the group's desired state and copied onto every known, unpinned device of the group (for a
+        rollback: each device's own previous version as the hub last saw it)."""
         if device_id:
-            self.store.upsert_device(device_id, desired_model=model_name, desired_version=version)
+            self.store.upsert_device(device_id, desired_model=desired.model_name,
+                                     desired_version=desired.version, desired_scope=DESIRED_SCOPE_DEVICE)
             return
+        self.store.set_group_desired(group, desired.model_name, desired.version, desired.rollback,
+                                     desired.issued_ms)
         for dev in self.store.list_devices(group):
-            self.store.upsert_device(dev.device_id, desired_model=model_name, desired_version=version)
+            if dev.desired_scope == DESIRED_SCOPE_DEVICE:
+                continue  # pinned: its own desired topic wins on the device
+            if desired.rollback:
+                model_name, version = dev.reported_model, dev.previous_version
+            else:
+                model_name, version = desired.model_name, desired.version
+            self.store.upsert_device(dev.device_id, desired_model=model_name, desired_version=version,
+                                     desired_scope=DESIRED_SCOPE_GROUP)
+
+
+def effective_desired(dev: DeviceRecord, group: Optional[GroupDesired]) -> DeviceRecord:
+    """The desired model/version that applies to ``dev``: its own when pinned by a device-specific
+    deploy/rollback, else its group's current desired state.
+
+    After a group rollback a device known at the time keeps the previous version recorded for it then;
+    one that joined later shows no desired version (it returns to its own previous slot, which the hub
+    did not know when it announced the rollback).
+    """
+    if dev.desired_scope == DESIRED_SCOPE_DEVICE or group is None:
+        return dev  # pinned, or no group announcement (records of older hubs keep what they stored)
+    if group.rollback:
+        if dev.desired_scope == DESIRED_SCOPE_GROUP:
+            return dev
+        return dataclasses.replace(dev, desired_model="", desired_version=0, desired_scope=DESIRED_SCOPE_GROUP)
+    return dataclasses.replace(dev, desired_model=group.model_name, desired_version=group.version,
+                               desired_scope=DESIRED_SCOPE_GROUP)
 
 
 def device_message(dev: DeviceRecord) -> kestrel_pb2.Device:

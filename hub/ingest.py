@@ -53,6 +53,9 @@ REASONS = ("too_large", "bad_topic", "bad_protobuf", "device_mismatch", "missing
            "unknown_device", "store_error")
 
 
+_REASON_NAMES: Dict[int, str] = {v: k for k, v in kestrel_pb2.SampleReason.items()}
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -118,8 +121,7 @@ def validate_frame(topic_device: str, payload: bytes, max_bytes: int, received_m
         frame_id=msg.frame_id, device_id=msg.device_id, capture_time_ms=int(msg.capture_time_ms),
         received_ms=received_ms, model_name=msg.model.name, model_version=int(msg.model.version),
         model_sha256=msg.model.sha256,
-        reasons=[kestrel_pb2.SampleReason.Name(r) if r in kestrel_pb2.SampleReason.values() else str(r)
-                 for r in msg.reasons],
+        reasons=[_REASON_NAMES.get(r) or str(r) for r in msg.reasons],
         top_k=[{"index": int(t.index), "label": t.label, "score": float(t.score)} for t in msg.top_k],
         image=bytes(msg.image), image_format=msg.image_format or "jpeg", width=width, height=height,
         source=msg.source, sequence=int(msg.sequence))
@@ -199,6 +201,7 @@ class Ingest:
         # validated batches waiting for the commit thread (bounded: validation runs at most 2 ahead)
         self._prepared: queue.Queue[Tuple[List[Message], List[Validated]]] = queue.Queue(maxsize=2)
         workers = cfg.validate_workers or min(4, os.cpu_count() or 1)
+        self._workers = workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ingest-validate") \
             if workers > 1 else None
         self.client = self._make_client()
@@ -454,11 +457,21 @@ class Ingest:
         except PayloadRejected as exc:
             return exc
 
+    def _validate_chunk(self, chunk: List[Message]) -> List[Validated]:
+        return [self._validate_one(m) for m in chunk]
+
     def _validate_frames(self, batch: List[Message]) -> List[Validated]:
-        """Validate every frame of the batch; image decoding releases the GIL, so a pool helps."""
+        """Validate every frame of the batch; image decoding releases the GIL, so a pool helps. The batch
+        is split into one contiguous chunk per worker (one task each, not one per frame: less overhead)."""
         if self._pool is None or len(batch) < 2:
-            return [self._validate_one(m) for m in batch]
-        return list(self._pool.map(self._validate_one, batch))
+            return self._validate_chunk(batch)
+        n = min(self._workers, len(batch))
+        size = -(-len(batch) // n)
+        chunks = [batch[i:i + size] for i in range(0, len(batch), size)]
+        out: List[Validated] = []
+        for part in self._pool.map(self._validate_chunk, chunks):
+            out.extend(part)
+        return out
 
     def _store_frames(self, frames: List[FrameRecord]) -> List[bool]:
         if not frames:

@@ -8,6 +8,7 @@ keygen, package, push, push-model, digits (a local demo data set), config-doc. E
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -36,6 +37,7 @@ def _quiet() -> None:
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     warnings.filterwarnings("ignore")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
         import absl.logging
 

@@ -148,8 +148,10 @@ class Updater:
         self.slots.check(slot)
         spec = InputSpec.from_dict(slot.input_spec) if slot.input_spec else None
         m = self.cfg.model
-        return load_model(str(slot.model_path), labels=slot.labels or None, spec=spec, runtime=m.runtime,
-                          threads=m.threads, name=slot.model_name, version=slot.version)
+        model = load_model(str(slot.model_path), labels=slot.labels or None, spec=spec, runtime=m.runtime,
+                           threads=m.threads, name=slot.model_name, version=slot.version)
+        model.default_threshold = slot.record.get("default_threshold")  # the sampler follows the bundle's default
+        return model
 
     def begin_trial(self, slot_name: str, *, baseline: Optional[Dict[str, float]], boot_count: int) -> None:
         """Persist TRIAL (with the rollback target), then flip the pointer."""

@@ -1,7 +1,7 @@
 """The storage contract. Every backend passes tests/hub/test_store_contract.py.
 
 Records are plain dataclasses; images are bytes. Every write is idempotent on its natural key
-(frame_id, (model_name, version), device_id) so MQTT redeliveries and retried pushes are safe.
+(frame_id, (model_name, version), device_id, group) so MQTT redeliveries and retried pushes are safe.
 Backends raise hub.errors.StoreUnavailable when the database cannot be reached (the ingest then
 pauses and retries without acknowledging) and hub.errors.StoreError for anything else.
 """
@@ -48,7 +48,22 @@ class DeviceRecord:
     previous_version: int = 0
     desired_model: str = ""
     desired_version: int = 0
+    desired_scope: str = ""               # who set desired_*: "device" (pinned), "group", "" (never / older hub)
     last_telemetry: Dict[str, object] = dataclasses.field(default_factory=dict)
+
+
+DESIRED_SCOPE_DEVICE = "device"
+DESIRED_SCOPE_GROUP = "group"
+
+
+@dataclasses.dataclass
+class GroupDesired:
+    """The last deploy/rollback addressed to a group (what its retained desired topic says)."""
+    group: str
+    model_name: str
+    version: int
+    rollback: bool
+    issued_ms: int
 
 
 @dataclasses.dataclass
@@ -107,6 +122,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_devices(self, group: Optional[str] = None) -> List[DeviceRecord]: ...
+
+    # ---- groups ----
+    @abc.abstractmethod
+    def set_group_desired(self, group: str, model_name: str, version: int, rollback: bool,
+                          issued_ms: int) -> GroupDesired:
+        """Create or replace the group's desired state; returns the stored record."""
+
+    @abc.abstractmethod
+    def get_group_desired(self, group: str) -> Optional[GroupDesired]:
+        """None when no deploy/rollback has named the group."""
 
     # ---- models (bundle bytes live in the registry's blob dir or GridFS; see hub.registry) ----
     @abc.abstractmethod

@@ -2,7 +2,8 @@
 
 Collections ``frames`` (unique index on frame_id; the image in the document when it is under
 INLINE_IMAGE_MAX bytes, else in GridFS bucket ``images`` with the document holding its id),
-``devices`` and ``models`` (unique on (model_name, version)). Connection failures
+``devices``, ``groups`` (a group's desired state, unique on group) and ``models`` (unique on
+(model_name, version)). Connection failures
 (AutoReconnect, ServerSelectionTimeoutError, ...) become StoreUnavailable so the ingest pauses and
 retries; other pymongo errors become StoreError.
 """
@@ -14,7 +15,7 @@ import functools
 from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
 
 from hub.errors import StoreError, StoreUnavailable
-from hub.store.base import DeviceRecord, FrameRecord, ModelRecord, Store
+from hub.store.base import DeviceRecord, FrameRecord, GroupDesired, ModelRecord, Store
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -58,6 +59,7 @@ class MongoStore(Store):
         self.frames = self.db["frames"]
         self.devices = self.db["devices"]
         self.models = self.db["models"]
+        self.groups = self.db["groups"]
         self.fs = gridfs.GridFS(self.db, collection="images")
         self._indexes()
 
@@ -71,6 +73,7 @@ class MongoStore(Store):
         self.devices.create_index([("device_id", p.ASCENDING)], unique=True)
         self.devices.create_index([("group", p.ASCENDING)])
         self.models.create_index([("model_name", p.ASCENDING), ("version", p.DESCENDING)], unique=True)
+        self.groups.create_index([("group", p.ASCENDING)], unique=True)
 
     # ---- frames ----
     def _frame_doc(self, f: FrameRecord) -> Dict[str, Any]:
@@ -188,6 +191,23 @@ class MongoStore(Store):
     def list_devices(self, group: Optional[str] = None) -> List[DeviceRecord]:
         q = {} if group is None else {"group": group}
         return [self._to_device(d) for d in self.devices.find(q).sort("device_id", 1)]
+
+    # ---- groups ----
+    @_wrapped
+    def set_group_desired(self, group: str, model_name: str, version: int, rollback: bool,
+                          issued_ms: int) -> GroupDesired:
+        rec = GroupDesired(group, model_name, int(version), bool(rollback), int(issued_ms))
+        self.groups.update_one({"group": group}, {"$set": dataclasses.asdict(rec)}, upsert=True)
+        return rec
+
+    @_wrapped
+    def get_group_desired(self, group: str) -> Optional[GroupDesired]:
+        doc = self.groups.find_one({"group": group})
+        if doc is None:
+            return None
+        return GroupDesired(group=doc["group"], model_name=str(doc.get("model_name", "")),
+                            version=int(doc.get("version", 0)), rollback=bool(doc.get("rollback", False)),
+                            issued_ms=int(doc.get("issued_ms", 0)))
 
     # ---- models ----
     @_wrapped

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, Union
 
 from hub.errors import StoreError, StoreUnavailable
-from hub.store.base import DeviceRecord, FrameRecord, ModelRecord, Store
+from hub.store.base import DeviceRecord, FrameRecord, GroupDesired, ModelRecord, Store
 
 T = TypeVar("T")
 
@@ -49,6 +49,13 @@ CREATE TABLE IF NOT EXISTS devices (
   grp TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS devices_group ON devices (grp);
+CREATE TABLE IF NOT EXISTS groups (
+  grp TEXT PRIMARY KEY,
+  model_name TEXT NOT NULL,
+  version INTEGER NOT NULL,
+  rollback INTEGER NOT NULL,
+  issued_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS models (
   model_name TEXT NOT NULL,
   version INTEGER NOT NULL,
@@ -257,6 +264,23 @@ class SqliteStore(Store):
             rows = self._run("list_devices", lambda c: c.execute(
                 "SELECT doc FROM devices WHERE grp = ? ORDER BY device_id", (group,)).fetchall())
         return [DeviceRecord(**json.loads(r[0])) for r in rows]
+
+    # ---- groups ----
+    def set_group_desired(self, group: str, model_name: str, version: int, rollback: bool,
+                          issued_ms: int) -> GroupDesired:
+        rec = GroupDesired(group, model_name, int(version), bool(rollback), int(issued_ms))
+        self._write("set_group_desired", lambda c: c.execute(
+            "INSERT OR REPLACE INTO groups (grp, model_name, version, rollback, issued_ms) VALUES (?, ?, ?, ?, ?)",
+            (rec.group, rec.model_name, rec.version, int(rec.rollback), rec.issued_ms)))
+        return rec
+
+    def get_group_desired(self, group: str) -> Optional[GroupDesired]:
+        row = self._run("get_group_desired", lambda c: c.execute(
+            "SELECT grp, model_name, version, rollback, issued_ms FROM groups WHERE grp = ?", (group,)).fetchone())
+        if row is None:
+            return None
+        return GroupDesired(group=row[0], model_name=row[1], version=int(row[2]), rollback=bool(row[3]),
+                            issued_ms=int(row[4]))
 
     # ---- models ----
     def add_model(self, model: ModelRecord) -> bool:

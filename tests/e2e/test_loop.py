@@ -60,7 +60,7 @@ def test_train_push_deploy_infer_sample_rollback_label_export(loop: Loop, tmp_pa
     dev = loop.wait_device(1, "COMMITTED")
     assert dev.group == GROUP and dev.state == "online"
     assert dev.reported.name == MODEL_NAME and dev.reported.sha256 == model_sha
-    # (the hub records desired_* only on devices it knew at deploy time; this one joined later)
+    assert dev.desired_model == MODEL_NAME and dev.desired_version == 1  # the group's, though it joined later
 
     # low-confidence frames of v1 land in the hub's SQLite store with the right ids, version and reasons
     frames = loop.wait_frames(1, n=3)

@@ -178,3 +178,51 @@ def test_fleet_service_validates_targets(tmp_path):
         fleet.deploy("brightness", 1, group="lab")
     assert published == []
     store.close()
+
+
+def _desired(client: HubClient, group: str) -> dict:
+    return {d.device_id: (d.desired_model, d.desired_version) for d in client.list_devices(group)}
+
+
+def test_device_joining_after_a_group_deploy_lists_the_groups_desired_version(fleet_hub, models_dir):
+    store, client, keys, _ = fleet_hub
+    client.push(make_bundle(models_dir / "brightness_int8.tflite", keys, version=3))
+    group = _group()
+    client.deploy("brightness", 3, group=group)  # no device of the group is known yet
+    assert store.get_group_desired(group).version == 3  # type: ignore[union-attr]
+    store.upsert_device("late-cam", group=group, state="online")  # its first status arrives
+    assert _desired(client, group) == {"late-cam": ("brightness", 3)}
+
+
+def test_pinned_device_keeps_its_own_desired_version_after_a_group_deploy(fleet_hub, models_dir):
+    store, client, keys, _ = fleet_hub
+    for v in (1, 2):
+        client.push(make_bundle(models_dir / "brightness_int8.tflite", keys, version=v))
+    group = _group()
+    store.upsert_device("pinned", group=group)
+    store.upsert_device("follower", group=group)
+    client.deploy("brightness", 1, device_id="pinned")
+    client.deploy("brightness", 2, group=group)
+    assert _desired(client, group) == {"pinned": ("brightness", 1), "follower": ("brightness", 2)}
+    assert store.get_device("pinned").desired_version == 1  # type: ignore[union-attr]
+    assert store.get_device("follower").desired_scope == "group"  # type: ignore[union-attr]
+
+
+def test_group_rollback_shows_in_the_listing(fleet_hub, models_dir):
+    store, client, keys, _ = fleet_hub
+    for v in (1, 2):
+        client.push(make_bundle(models_dir / "brightness_int8.tflite", keys, version=v))
+    group = _group()
+    client.deploy("brightness", 2, group=group)
+    store.upsert_device("cam-x", group=group, reported_model="brightness", reported_version=2,
+                        previous_version=1)
+    assert _desired(client, group) == {"cam-x": ("brightness", 2)}
+    client.rollback(group=group)
+    gd = store.get_group_desired(group)
+    assert gd is not None and gd.rollback is True and gd.version == 0
+    # the known device is shown going back to its own previous slot; one joining after the rollback
+    # shows no desired version (the hub cannot know its previous slot), not the rolled-back v2
+    store.upsert_device("cam-new", group=group)
+    assert _desired(client, group) == {"cam-x": ("brightness", 1), "cam-new": ("", 0)}
+    client.deploy("brightness", 2, group=group)  # a later deploy replaces the rollback for both
+    assert _desired(client, group) == {"cam-x": ("brightness", 2), "cam-new": ("brightness", 2)}

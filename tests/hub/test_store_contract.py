@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 
 from hub.errors import StoreError, StoreUnavailable
-from hub.store.base import FrameRecord, ModelRecord, Store
+from hub.store.base import FrameRecord, GroupDesired, ModelRecord, Store
 from hub.store.open import open_store
 from hub.store.sqlite import SqliteStore
 from tests.hub import jpeg
@@ -109,6 +109,29 @@ def test_devices_upsert_merges(store: Store) -> None:
         store.upsert_device("cam-1", no_such_field=1)
 
 
+def test_device_desired_scope_roundtrip(store: Store) -> None:
+    assert store.upsert_device("cam-1").desired_scope == ""
+    d = store.upsert_device("cam-1", desired_model="m", desired_version=3, desired_scope="device")
+    assert (d.desired_model, d.desired_version, d.desired_scope) == ("m", 3, "device")
+    assert store.get_device("cam-1") == d
+    store.upsert_device("cam-1", state="online")  # other fields leave it alone
+    assert store.get_device("cam-1").desired_scope == "device"  # type: ignore[union-attr]
+
+
+def test_group_desired_upsert_per_group(store: Store) -> None:
+    assert store.get_group_desired("lab") is None
+    g = store.set_group_desired("lab", "m", 4, False, 1000)
+    assert g == GroupDesired("lab", "m", 4, False, 1000)
+    assert store.get_group_desired("lab") == g
+    store.set_group_desired("lab", "", 0, True, 2000)  # a later announcement replaces it
+    store.set_group_desired("yard", "m", 2, False, 1500)
+    assert store.get_group_desired("lab") == GroupDesired("lab", "", 0, True, 2000)
+    assert store.get_group_desired("yard") == GroupDesired("yard", "m", 2, False, 1500)
+    store.set_group_desired("yard", "m", 2, False, 1500)  # idempotent retry
+    assert store.get_group_desired("yard") == GroupDesired("yard", "m", 2, False, 1500)
+    assert store.get_group_desired("nobody") is None
+
+
 def test_models(store: Store) -> None:
     m1 = ModelRecord("m", 1, "a" * 64, 100, 1, metrics={"acc": 0.9})
     m2 = ModelRecord("m", 2, "b" * 64, 200, 2)
@@ -181,6 +204,24 @@ def test_sqlite_indexes_exist(tmp_path) -> None:  # noqa: ANN001
     plan = " ".join(str(r) for r in sqlite3.connect(str(s.path)).execute(
         "EXPLAIN QUERY PLAN SELECT frame_id FROM frames WHERE device_id = 'x' ORDER BY capture_time_ms DESC"))
     assert "frames_device_time" in plan
+    s.close()
+
+
+def test_sqlite_database_of_an_older_hub_still_opens(tmp_path) -> None:  # noqa: ANN001
+    """A file made before the groups table and desired_scope existed: opened, migrated, nothing lost."""
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(str(path))
+    db.executescript("CREATE TABLE devices (device_id TEXT PRIMARY KEY, doc TEXT NOT NULL, grp TEXT NOT NULL);")
+    db.execute("INSERT INTO devices VALUES ('cam-9', ?, 'lab')",
+               ('{"device_id": "cam-9", "group": "lab", "desired_model": "m", "desired_version": 2}',))
+    db.commit()
+    db.close()
+    s = SqliteStore(path)
+    dev = s.get_device("cam-9")
+    assert dev is not None and (dev.desired_model, dev.desired_version, dev.desired_scope) == ("m", 2, "")
+    assert s.get_group_desired("lab") is None
+    s.set_group_desired("lab", "m", 3, False, 1)
+    assert s.get_group_desired("lab") == GroupDesired("lab", "m", 3, False, 1)
     s.close()
 
 
