@@ -99,3 +99,54 @@ def test_preprocess_follows_inputspec():
     assert q[0, 0, 0].tolist() == [10 - 128, -128, 200 - 128]
     assert crop_box(480, 640, 96, 96) == (0, 480, 80, 560)
     assert crop_box(640, 480, 96, 96) == (80, 560, 0, 480)
+
+
+def test_preprocessor_reuses_buffers_but_call_returns_fresh_arrays():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (72, 128, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (72, 128, 3), dtype=np.uint8)
+    for spec in (InputSpec(shape=[1, 16, 16, 3], dtype="uint8", scale=1 / 255, zero_point=0),
+                 InputSpec(shape=[1, 16, 16, 3], dtype="int8", scale=1 / 255, zero_point=-128),
+                 InputSpec(shape=[1, 16, 16, 3], normalization="-1_1"),
+                 InputSpec(shape=[1, 16, 16, 1], dtype="uint8", scale=1 / 255, zero_point=0,
+                           resize="center_crop")):
+        pre = Preprocessor(spec)
+        want_a, want_b = pre(a), pre(b)
+        assert want_a.shape == tuple(spec.shape) and want_a.dtype == np.dtype(spec.dtype)
+        assert not np.shares_memory(want_a, want_b)
+        assert not np.array_equal(want_a, want_b)  # the first result was not overwritten by the second
+        x = pre.into(a)
+        np.testing.assert_array_equal(x, want_a)
+        y = pre.into(b)
+        assert np.shares_memory(x, y)  # into() reuses one buffer: no per-frame allocation
+        np.testing.assert_array_equal(y, want_b)
+        np.testing.assert_array_equal(pre(a), want_a)
+        np.testing.assert_array_equal(pre(a[:, :, 0]), pre(np.repeat(a[:, :, :1], 3, axis=2)))  # grey input
+
+
+def test_infer_from_two_threads_matches_serial(models_dir):  # noqa: ANN001
+    import threading
+
+    m = load_model(models_dir / "mobilenet_int8.tflite", threads=1)
+    rng = np.random.default_rng(2)
+    frames = [rng.integers(0, 256, (120, 160, 3), dtype=np.uint8) for _ in range(6)]
+    want = [m.infer(f) for f in frames]
+    got: dict = {}
+
+    def worker(k: int) -> None:
+        for _ in range(5):
+            for i, f in enumerate(frames):
+                got.setdefault((k, i), []).append(m.infer(f))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(got) == 2 * len(frames)
+    for (_, i), results in got.items():
+        for r in results:
+            np.testing.assert_array_equal(r, want[i])
+    m.close()
+    with pytest.raises(ModelError, match="closed"):
+        m.infer(frames[0])

@@ -12,9 +12,9 @@ import pytest
 from edge import topics
 from hub.broker import BrokerTarget
 from hub.config import MqttSection
-from hub.errors import StoreUnavailable
-from hub.ingest import Ingest
-from hub.store.base import DeviceRecord, FrameRecord, ModelRecord, Store
+from hub.errors import PayloadRejected, StoreUnavailable
+from hub.ingest import Ingest, Message, check_image
+from hub.store.base import DeviceRecord, FrameRecord, GroupDesired, ModelRecord, Store
 from hub.store.sqlite import SqliteStore
 from proto import kestrel_pb2
 from tests.helpers.wait import wait_for
@@ -68,6 +68,13 @@ class FlakyStore(Store):
     def list_devices(self, group: Optional[str] = None) -> List[DeviceRecord]:
         return self.inner.list_devices(group)
 
+    def set_group_desired(self, group: str, model_name: str, version: int, rollback: bool,
+                          issued_ms: int) -> GroupDesired:
+        return self.inner.set_group_desired(group, model_name, version, rollback, issued_ms)
+
+    def get_group_desired(self, group: str) -> Optional[GroupDesired]:
+        return self.inner.get_group_desired(group)
+
     def add_model(self, model: ModelRecord) -> bool:
         return self.inner.add_model(model)
 
@@ -97,6 +104,13 @@ def group() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
+def frame_acks(ing: Ingest) -> int:
+    """Acknowledgements minus those of status messages: retained statuses that other tests left on the
+    session broker are delivered to every new subscriber (and acknowledged) too."""
+    h = ing.health()
+    return int(h["acked"]) - int(h["status"])
+
+
 def make_ingest(broker: Any, store: Store, group: str, client_id: str = "", **mqtt: Any) -> Ingest:
     cfg = MqttSection(share_group=group, retry_initial_s=0.05, retry_max_s=0.3, **mqtt)
     ing = Ingest(store, BrokerTarget(broker.host, broker.port), cfg,
@@ -124,7 +138,7 @@ def test_valid_frames_are_stored_with_their_fields(broker: Any, store: SqliteSto
         assert got.received_ms > 0
         dev = store.get_device("cam-7")
         assert dev is not None and dev.last_seen_ms > 0  # auto-registered
-        wait_for(lambda: ing.health()["acked"] == 5, 5, what="5 acks")
+        wait_for(lambda: frame_acks(ing) == 5, 5, what="5 acks")
         assert ing.health()["stored"] == 5
     finally:
         ing.stop()
@@ -148,7 +162,7 @@ def test_bad_payloads_are_rejected_per_reason_and_ingest_goes_on(broker: Any, st
         good = [(topics.frames("cam-1"), frame_payload(f"ok-{i}", "cam-1", seq=i)) for i in range(3)]
         publish_all(broker.host, broker.port, bad[:3] + good[:1] + bad[3:] + good[1:])
         wait_for(lambda: store.count_frames() == 3, 10, what="the 3 good frames")
-        h = wait_for(lambda: (lambda h: h if h["acked"] == 8 else None)(ing.health()), 10, what="8 acks")
+        h = wait_for(lambda: (lambda h: h if frame_acks(ing) == 8 else None)(ing.health()), 10, what="8 acks")
         rej = h["rejected"]
         assert {k: v for k, v in rej.items() if v} == {
             "bad_protobuf": 1, "too_large": 1, "device_mismatch": 1, "bad_image": 1, "missing_frame_id": 1}
@@ -163,20 +177,22 @@ def test_redelivered_frame_id_is_stored_once(broker: Any, store: SqliteStore, gr
         p = frame_payload("dup-1", "cam-1")
         publish_all(broker.host, broker.port, [(topics.frames("cam-1"), p)] * 3 +
                     [(topics.frames("cam-1"), frame_payload("dup-2", "cam-1"))])
-        wait_for(lambda: ing.health()["acked"] == 4, 10, what="4 acks")
+        wait_for(lambda: frame_acks(ing) == 4, 10, what="4 acks")
         assert store.count_frames() == 2
         assert ing.health()["duplicates"] == 2
     finally:
         ing.stop()
 
 
-def test_unknown_devices_rejected_when_not_allowed(broker: Any, store: SqliteStore, group: str) -> None:
+def test_unknown_devices_rejected_when_not_allowed(broker_factory: Any, store: SqliteStore, group: str) -> None:
+    # a private broker: retained statuses of unknown devices left by other tests would be rejected too
+    broker = broker_factory()
     store.upsert_device("known")
     ing = make_ingest(broker, store, group, allow_unknown_devices=False)
     try:
         publish_all(broker.host, broker.port, [(topics.frames("stranger"), frame_payload("s1", "stranger")),
                                                (topics.frames("known"), frame_payload("k1", "known"))])
-        wait_for(lambda: ing.health()["acked"] == 2, 10, what="2 acks")
+        wait_for(lambda: frame_acks(ing) == 2, 10, what="2 acks")
         assert [f.frame_id for f in store.list_frames()] == ["k1"]
         assert ing.health()["rejected"]["unknown_device"] == 1
         assert store.get_device("stranger") is None
@@ -234,7 +250,7 @@ def test_store_unavailable_pauses_without_ack_then_resumes(broker: Any, store: S
         assert h["acked"] == 0 and h["stored"] == 0 and store.count_frames() == 0
         flaky.down.clear()
         wait_for(lambda: store.count_frames() == 10, 10, what="all 10 stored after the store came back")
-        wait_for(lambda: ing.health()["acked"] == 10, 5, what="10 acks")
+        wait_for(lambda: frame_acks(ing) == 10, 5, what="10 acks")
         assert ing.health()["paused"] is False
     finally:
         ing.stop()
@@ -257,3 +273,48 @@ def test_unacked_frames_survive_a_hub_that_gives_up(broker: Any, store: SqliteSt
         wait_for(lambda: store.count_frames() == 20, 15, what="all 20 redelivered and stored")
     finally:
         ing2.stop()
+
+
+def _png(seed: int, w: int = 40, h: int = 30) -> bytes:
+    import cv2
+    import numpy as np
+    img = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    return bytes(cv2.imencode(".png", img)[1].tobytes())
+
+
+def test_check_image_decodes_the_whole_image():
+    """The cheap (1/8-scale) JPEG decode still reads every entropy-coded block: truncation anywhere in
+    the scan is refused, as are garbage and header-only images; PNG is checked by a full decode."""
+    good = jpeg(5, w=160, h=120)
+    assert check_image(good, "jpeg") == (160, 120)
+    assert check_image(_png(1), "png") == (40, 30)
+    bad = [good[:len(good) // 2], good[:int(len(good) * 0.9)], good[:-2], good[:400],
+           b"\xff\xd8" + bytes(2000), b"\x00" * 500, _png(2)[:200], _png(3)[:-20]]
+    for data in bad:
+        with pytest.raises(PayloadRejected) as info:
+            check_image(data, "jpeg")
+        assert info.value.reason == "bad_image"
+
+
+def test_parallel_validation_keeps_the_batch_order(tmp_path: Path):
+    """Frames are validated in per-worker chunks; each result must stay with its message."""
+    store = SqliteStore(tmp_path / "v.db")
+    ing = Ingest(store, BrokerTarget("127.0.0.1", 1), MqttSection(validate_workers=3), "validate-order")
+    try:
+        batch = []
+        for i in range(11):
+            payload = frame_payload(f"f{i}", "cam-1", image=b"junk" if i % 4 == 1 else None, seq=i)
+            batch.append(Message(i, 1, topics.frames("cam-1"), payload, 0, 0))
+        batch.append(Message(99, 1, topics.telemetry("cam-1"), b"", 0, 0))
+        results = ing._validate_frames(batch)
+        assert len(results) == len(batch)
+        for i, r in enumerate(results[:11]):
+            if i % 4 == 1:
+                assert isinstance(r, PayloadRejected) and r.reason == "bad_image"
+            else:
+                assert isinstance(r, FrameRecord) and r.frame_id == f"f{i}" and r.sequence == i
+                assert r.reasons == ["LOW_CONFIDENCE"]
+        assert results[11] is None  # not a frames topic
+    finally:
+        ing.stop()
+        store.close()
