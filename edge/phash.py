@@ -14,6 +14,8 @@ _BITS = (1 << np.arange(64, dtype=np.uint64)).astype(np.uint64)
 
 
 def _grey(bgr: np.ndarray) -> np.ndarray:
+    if bgr.ndim == 3 and bgr.shape[2] == 1:
+        return bgr[:, :, 0]
     return bgr if bgr.ndim == 2 else cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
 
 

@@ -241,7 +241,7 @@ class Pipeline:
         else:
             self.stats.inference(latency)
             assert scores is not None
-            decision = self.sampler.decide(scores, frame)
+            decision = self.sampler.decide(scores, frame, thumbnail=getattr(model, "last_resized", None))
             result = InferenceResult(seq, ref, scores, latency, None, decision.low_confidence,
                                      list(decision.reasons), capture_time, decision.send, decision.skipped)
         for fn in self.observers:

@@ -57,6 +57,7 @@ class Preprocessor:
         self._rs_buf: Optional[np.ndarray] = None
         self._cc_buf = np.empty((spec.height, spec.width, self.channels), np.uint8)
         self._out_buf = np.empty((spec.height, spec.width, self.channels), self.dtype)
+        self.last_resized: Optional[np.ndarray] = None
 
     def _resize(self, bgr: np.ndarray) -> np.ndarray:
         if self.spec.resize == "center_crop":
@@ -89,6 +90,7 @@ class Preprocessor:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY, dst=self._cc_buf[:, :, 0])[:, :, None]
         elif self.spec.color_order == "rgb":
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=self._cc_buf)
+        self.last_resized = img  # the resized, colour-converted uint8 image (see Model.last_resized)
         out = self._out_buf
         if self._identity:
             np.copyto(out, img)

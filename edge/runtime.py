@@ -92,6 +92,7 @@ class Model:
         self._out_zp = int(q[1])
         self._pre = Preprocessor(spec)
         self._closed = False
+        self.default_threshold: Optional[float] = None  # the bundle's, set by the updater when loading a slot
 
     @property
     def num_classes(self) -> int:
@@ -109,6 +110,15 @@ class Model:
             if self._closed:
                 raise ModelError(f"model {self.ref.name} v{self.ref.version} is closed")
             return self._invoke_locked(x)
+
+    @property
+    def last_resized(self) -> Optional[np.ndarray]:
+        """The last frame ``infer`` saw, resized to the model's input (uint8, before normalization).
+
+        Valid until the next ``infer`` on this model; the sampler hashes it for near-duplicate
+        suppression instead of the full camera frame (duplicates as the model sees them, and a
+        fraction of the cost on camera-size frames)."""
+        return getattr(self._pre, "last_resized", None)
 
     def infer(self, bgr: np.ndarray) -> np.ndarray:
         """Preprocess a BGR camera frame, invoke, return float32 scores."""

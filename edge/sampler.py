@@ -172,7 +172,8 @@ class Sampler:
         return self.confidence_threshold
 
     def decide(self, scores: np.ndarray, bgr: Optional[np.ndarray] = None,
-               extra_reasons: Optional[List[int]] = None) -> Decision:
+               extra_reasons: Optional[List[int]] = None, thumbnail: Optional[np.ndarray] = None) -> Decision:
+        """``thumbnail``: a small version of ``bgr`` to hash instead of it (the model's resized input)."""
         reasons = uncertainty_reasons(scores, self.cfg)
         for r in extra_reasons or []:
             if r not in reasons:
@@ -187,8 +188,9 @@ class Sampler:
                 self._counts["rate_limited"] += 1
                 return Decision(True, reasons, False, "rate_limited")
             h: Optional[int] = None
-            if self.dedup.enabled and bgr is not None:
-                h = self.hasher(bgr)
+            image = thumbnail if thumbnail is not None else bgr
+            if self.dedup.enabled and image is not None:
+                h = self.hasher(image)
                 if self.dedup.is_duplicate(h):
                     self._counts["duplicate"] += 1
                     return Decision(True, reasons, False, "duplicate", h)

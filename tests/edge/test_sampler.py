@@ -120,3 +120,31 @@ def test_threshold_unset_follows_the_model_default_and_explicit_wins():
     assert s.follow_model_default(0.9) == 0.45 and not s.decide(scores).send  # explicit wins
     fixed = Sampler(cfg(strategies=["confidence"], confidence_threshold=0.55))
     assert fixed.threshold_from_config and fixed.follow_model_default(0.9) == 0.55
+
+
+def test_duplicates_judged_on_the_models_thumbnail(models_dir):
+    """The pipeline hashes the model's resized input (cheap on camera-size frames), with the same verdicts."""
+    from edge.runtime import load_model
+
+    model = load_model(models_dir / "brightness_int8.tflite")
+    hashed = []
+
+    def hasher(img: np.ndarray) -> int:
+        hashed.append(img.shape[:2])
+        return dhash(img)
+
+    s = Sampler(cfg(dedup_distance=6, dedup_window_s=300), clock=Clock(), hasher=hasher)
+    low = np.array([0.4, 0.3, 0.3])
+    a = np.kron(scene(1), np.ones((6, 6, 1), np.uint8))          # 720x960 camera-size frame
+    noisy = np.clip(a.astype(np.int16) + np.random.default_rng(9).integers(-3, 4, a.shape), 0, 255)
+    noisy = noisy.astype(np.uint8)
+    b = np.kron(scene(2), np.ones((6, 6, 1), np.uint8))
+    verdicts = []
+    for frame in (a, noisy, b):
+        model.infer(frame)
+        thumb = model.last_resized
+        assert thumb is not None and thumb.shape[:2] == (64, 64)
+        verdicts.append(s.decide(low, frame, thumbnail=thumb))
+    assert [d.send for d in verdicts] == [True, False, True]
+    assert verdicts[1].skipped == "duplicate"
+    assert hashed == [(64, 64)] * 3                            # the thumbnail was hashed, never the frame
