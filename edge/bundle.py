@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from cryptography.exceptions import InvalidSignature
 
+from edge import atomic
 from edge import keys as keymod
 from edge.errors import BundleError
 from edge.inputspec import InputSpec
@@ -658,25 +659,6 @@ def read_manifest_unverified(data: bytes) -> Manifest:
 # Staging (the thin IO layer)
 
 
-def _write_atomic(dir_fd_path: Path, name: str, data: bytes) -> None:
-    target = dir_fd_path / name
-    tmp = dir_fd_path / f".{name}.tmp{os.getpid()}"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(str(tmp), flags, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(str(tmp), str(target))  # replaces a symlink itself, never writes through it
-    except BaseException:
-        try:
-            os.unlink(str(tmp))
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_staged(verified: VerifiedBundle, staging_dir: Path) -> None:
     """Write the verified payload files plus manifest.json and manifest.sig into ``staging_dir``.
 
@@ -691,7 +673,7 @@ def write_staged(verified: VerifiedBundle, staging_dir: Path) -> None:
     for name in sorted(out):
         if not _NAME_RE.match(name) or os.path.basename(name) != name:
             raise refuse("bad_container", f"refusing to stage file name {name!r}")
-        _write_atomic(staging, name, out[name])
+        atomic.write_bytes(staging / name, out[name])
     if hasattr(os, "O_DIRECTORY"):
         dfd = os.open(str(staging), os.O_RDONLY | os.O_DIRECTORY)
         try:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import re
 import struct
 import threading
@@ -32,6 +31,7 @@ import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from edge import atomic
 from edge.errors import FrameError
 
 log = logging.getLogger(__name__)
@@ -42,19 +42,6 @@ SUFFIX = ".rec"
 WIDTH = 20
 COUNTER_FILE = "seq"
 _NAME = re.compile(r"^(\d{" + str(WIDTH) + r"})\.rec$")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def encode_record(payload: bytes) -> bytes:
@@ -91,9 +78,10 @@ class Spool:
         self._index: Dict[int, int] = {}  # seq -> size on disk
         self._seqs: List[int] = []  # sorted, oldest first
         self._bytes = 0
-        for tmp in self.dir.glob("*.tmp"):  # leftovers of a write interrupted before os.replace
-            log.warning("spool: removing unfinished write %s", tmp.name)
-            tmp.unlink()
+        for tmp in self.dir.iterdir():  # leftovers of a write interrupted before os.replace
+            if atomic.is_temp(tmp.name):
+                log.warning("spool: removing unfinished write %s", tmp.name)
+                tmp.unlink()
         found: List[Tuple[int, int]] = []
         for p in self.dir.iterdir():
             m = _NAME.match(p.name)
@@ -122,16 +110,7 @@ class Spool:
             return 0
 
     def _write_counter(self, value: int) -> None:
-        p = self.dir / COUNTER_FILE
-        tmp = self.dir / (COUNTER_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(value))
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, p)
-        if self.fsync:
-            _fsync_dir(self.dir)
+        atomic.write_text(self.dir / COUNTER_FILE, str(value), fsync=self.fsync)
         self._persisted_next = value
 
     def _cover(self, seq: int) -> None:
@@ -168,16 +147,7 @@ class Spool:
                 self.evictions += 1
                 log.warning("spool: budget full (%d frames, %d bytes): evicted oldest frame seq=%d "
                             "(%d evictions so far)", len(self._index), self._bytes, old, self.evictions)
-            path = self._path(seq)
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "wb") as f:
-                f.write(blob)
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-            if self.fsync:
-                _fsync_dir(self.dir)
+            atomic.write_bytes(self._path(seq), blob, fsync=self.fsync)
             self._index[seq] = len(blob)
             self._seqs.append(seq)
             self._bytes += len(blob)

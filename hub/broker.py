@@ -14,7 +14,6 @@ import dataclasses
 import getpass
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from edge import atomic
 from hub.config import HubConfig
 from hub.errors import ConfigError, TransportError
 
@@ -57,15 +57,6 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
     with socket.socket() as s:
         s.settimeout(timeout)
         return s.connect_ex((host, port)) == 0
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -108,7 +99,7 @@ class EmbeddedBroker:
             # the parent-death signal, so it stays the hub's user (and can write our data dir).
             f"user {getpass.getuser()}",
         ]
-        _atomic_write(conf, "\n".join(lines) + "\n")
+        atomic.write_text(conf, "\n".join(lines) + "\n")
         return conf
 
     def _spawn(self) -> None:
@@ -127,7 +118,7 @@ class EmbeddedBroker:
                 raise TransportError(
                     f"embedded mosquitto did not open port {self.port} in {START_TIMEOUT_S}s")
             time.sleep(0.02)
-        _atomic_write(self.workdir / "broker.json",
+        atomic.write_text(self.workdir / "broker.json",
                       json.dumps({"host": self.host, "port": self.port, "pid": self.proc.pid}) + "\n")
         log.info("embedded mosquitto pid %d listening on %s:%d", self.proc.pid, self.host, self.port)
 

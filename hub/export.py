@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from edge.atomic import fsync_dir
 from hub.errors import ArtifactError
 from hub.labels import LabelError, validate_label
 from hub.store.base import FrameRecord, Store
@@ -68,14 +69,6 @@ def _write_file(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_target(out: Path, force: bool) -> None:
@@ -125,7 +118,7 @@ def export_dataset(store: Store, out_dir: str | os.PathLike[str], since_ms: Opti
                     "min_per_class": min_per_class, "classes": classes, "skipped_classes": skipped,
                     "frames": entries}
         _write_file(tmp / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.chmod(tmp, 0o755)
         _swap_in(tmp, out)
     except BaseException:
@@ -157,7 +150,7 @@ def _write_frames(store: Store, tmp: Path, since_ms: Optional[int]) -> Dict[str,
                                 "model_version": frame.model_version, "width": frame.width,
                                 "height": frame.height})
     for label in by_label:
-        _fsync_dir(tmp / label)
+        fsync_dir(tmp / label)
     return by_label
 
 
@@ -173,6 +166,6 @@ def _swap_in(tmp: Path, out: Path) -> None:
         if old is not None:
             os.replace(old, out)
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
+from edge.atomic import fsync_dir
 from edge.errors import ArtifactError, BundleError
 from edge.keys import PublicKey, load_public_keys
 from edge.tomlconf import field
@@ -83,19 +84,6 @@ class PushRefused(RegistryError):
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 class Registry:
@@ -234,7 +222,7 @@ class Registry:
                                                f"stored version {highest}; versions only go up", PRECONDITION)
             final = self.blob_path(bundle_sha)
             os.replace(tmp, final)
-            _fsync_dir(self.blob_dir)
+            fsync_dir(self.blob_dir)
             if not self.store.add_model(record):  # another hub process won the race
                 other = self.store.get_model(name, version)
                 if other is not None and other.bundle_sha256 == bundle_sha:

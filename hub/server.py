@@ -18,6 +18,7 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from edge import atomic
 from hub import config as hubconfig
 from hub.broker import BrokerTarget, EmbeddedBroker, resolve
 from hub.config import HubConfig
@@ -30,15 +31,6 @@ from hub.store.open import open_store
 log = logging.getLogger("hub.server")
 
 PUBLISH_TIMEOUT_S = 10.0
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class HubServer:
@@ -70,7 +62,7 @@ class HubServer:
         info = {"pid": os.getpid(), "http_port": self.http.port, "grpc_port": self.grpc_port,
                 "mqtt_host": self.target.host, "mqtt_port": self.target.port,
                 "mqtt_embedded": self.target.embedded, "client_id": cfg.client_id, "store": cfg.store_url}
-        _atomic_write(cfg.data_dir / "hub.json", json.dumps(info, indent=1) + "\n")
+        atomic.write_text(cfg.data_dir / "hub.json", json.dumps(info, indent=1) + "\n")
         log.info("kestrel-hub serving: http %s:%d, grpc %s:%d, mqtt %s:%d%s, store %s", cfg.http.bind,
                  self.http.port, cfg.grpc.bind, self.grpc_port, self.target.host, self.target.port,
                  " (embedded)" if self.target.embedded else "", self.store)

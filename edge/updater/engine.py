@@ -267,7 +267,7 @@ class Updater:
 
     # ---- control requests from the CLI to a running daemon ----
     def request(self, action: str, **fields: Any) -> str:
-        from edge.updater import atomic
+        from edge import atomic
 
         rid = uuid.uuid4().hex
         atomic.write_json(self.control_path, dict(fields, action=action, id=rid, ms=int(time.time() * 1000)))

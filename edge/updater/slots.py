@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from edge import atomic
 from edge.errors import ArtifactError
-from edge.updater import atomic
 
 log = logging.getLogger("kestrel.updater")
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from edge.updater import atomic
+from edge import atomic
 
 log = logging.getLogger("kestrel.updater")
 

@@ -21,40 +21,63 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 INLINE_IMAGE_MAX = 15 * 1024 * 1024  # BSON documents are capped at 16 MiB
+ITER_PAGE = 100  # iter_labelled reads this many frames (with images) per query
 DEVICE_FIELDS = {f.name for f in dataclasses.fields(DeviceRecord)}
 FRAME_FIELDS = [f.name for f in dataclasses.fields(FrameRecord)]
 
 
 def _wrapped(fn: F) -> F:
-    """Translate pymongo errors at the boundary."""
+    """Translate pymongo errors (and BSON encoding errors, e.g. DocumentTooLarge) at the boundary."""
     @functools.wraps(fn)
     def inner(*args: Any, **kwargs: Any) -> Any:
+        from bson.errors import BSONError
         from pymongo import errors as perr
         try:
             return fn(*args, **kwargs)
         except (perr.AutoReconnect, perr.ServerSelectionTimeoutError, perr.NetworkTimeout,
                 perr.ConnectionFailure, perr.ExecutionTimeout, perr.WTimeoutError) as exc:
             raise StoreUnavailable(f"MongoDB unavailable during {fn.__name__}: {exc}") from exc
-        except perr.PyMongoError as exc:
+        except (perr.PyMongoError, BSONError) as exc:
             raise StoreError(f"MongoDB error during {fn.__name__}: {exc}") from exc
     return inner  # type: ignore[return-value]
 
 
 class MongoStore(Store):
+    """``MongoStore(url)`` connects; ``MongoStore.from_client(client)`` wraps an existing pymongo-style client."""
+
     def __init__(self, url: str, database: str = "", timeout_ms: int = 5000) -> None:
-        import gridfs
         import pymongo
         from pymongo import uri_parser
 
-        self.url = url
-        self._pymongo = pymongo
         try:
             parsed = uri_parser.parse_uri(url)
         except Exception as exc:  # pymongo raises InvalidURI/ConfigurationError/ValueError
             raise StoreError(f"not a usable MongoDB URL {url!r}: {exc}") from exc
         dbname = database or parsed.get("database") or "kestrel"
-        self.client: Any = pymongo.MongoClient(url, serverSelectionTimeoutMS=timeout_ms,
-                                               connectTimeoutMS=timeout_ms, tz_aware=False)
+        try:
+            client = pymongo.MongoClient(url, serverSelectionTimeoutMS=timeout_ms,
+                                         connectTimeoutMS=timeout_ms, tz_aware=False)
+        except pymongo.errors.ConfigurationError as exc:  # e.g. an unresolvable mongodb+srv:// host
+            raise StoreError(f"not a usable MongoDB URL {url!r}: {exc}") from exc
+        self._setup(client, dbname, url)
+
+    @classmethod
+    def from_client(cls, client: Any, database: str = "kestrel") -> MongoStore:
+        """A store on an already constructed client (anything with pymongo's MongoClient interface).
+
+        The store owns the client from then on: close() closes it.
+        """
+        store = cls.__new__(cls)
+        store._setup(client, database, "")
+        return store
+
+    def _setup(self, client: Any, dbname: str, url: str) -> None:
+        import gridfs
+        import pymongo
+
+        self.url = url
+        self._pymongo = pymongo
+        self.client: Any = client
         self.db = self.client[dbname]
         self.frames = self.db["frames"]
         self.devices = self.db["devices"]
@@ -67,9 +90,13 @@ class MongoStore(Store):
     def _indexes(self) -> None:
         p = self._pymongo
         self.frames.create_index([("frame_id", p.ASCENDING)], unique=True)
-        self.frames.create_index([("device_id", p.ASCENDING), ("capture_time_ms", p.DESCENDING)])
-        self.frames.create_index([("label", p.ASCENDING), ("capture_time_ms", p.DESCENDING)])
-        self.frames.create_index([("capture_time_ms", p.DESCENDING)])
+        # frame_id is the tie-breaker of every frame sort: in the index so sort+skip+limit walk it
+        # instead of sorting every matching document in memory
+        self.frames.create_index([("device_id", p.ASCENDING), ("capture_time_ms", p.DESCENDING),
+                                  ("frame_id", p.DESCENDING)])
+        self.frames.create_index([("label", p.ASCENDING), ("capture_time_ms", p.DESCENDING),
+                                  ("frame_id", p.DESCENDING)])
+        self.frames.create_index([("capture_time_ms", p.DESCENDING), ("frame_id", p.DESCENDING)])
         self.devices.create_index([("device_id", p.ASCENDING)], unique=True)
         self.devices.create_index([("group", p.ASCENDING)])
         self.models.create_index([("model_name", p.ASCENDING), ("version", p.DESCENDING)], unique=True)
@@ -83,7 +110,11 @@ class MongoStore(Store):
             # deterministic GridFS id: a retried insert reuses (or replaces) the same file
             file_id = f"img:{f.frame_id}"
             if not self.fs.exists(file_id):
-                self.fs.put(f.image, _id=file_id, filename=f.frame_id)
+                from gridfs.errors import FileExists
+                try:
+                    self.fs.put(f.image, _id=file_id, filename=f.frame_id)
+                except FileExists:  # another worker stored the same frame's image meanwhile
+                    pass
             doc["image"] = b""
             doc["image_gridfs_id"] = file_id
         else:
@@ -135,9 +166,11 @@ class MongoStore(Store):
         q: Dict[str, Any] = {}
         if device_id is not None:
             q["device_id"] = device_id
-        if label is not None:
+        if label is not None and unlabelled:
+            q["$and"] = [{"label": label}, {"label": None}]  # both asked: nothing matches (as in SQLite)
+        elif label is not None:
             q["label"] = label
-        if unlabelled:
+        elif unlabelled:
             q["label"] = None
         if since_ms is not None:
             q["capture_time_ms"] = {"$gte": int(since_ms)}
@@ -156,11 +189,26 @@ class MongoStore(Store):
             "label": label, "labelled_ms": None if label is None else int(when_ms)}})
         return bool(res.matched_count == 1)
 
-    @_wrapped
     def iter_labelled(self) -> Iterator[FrameRecord]:
-        cur = self.frames.find({"label": {"$ne": None}}).sort([("capture_time_ms", 1), ("frame_id", 1)])
-        out = [self._to_frame(d, True) for d in cur.limit(0).batch_size(100)]
-        return iter(out)
+        # keyset pagination: bounded memory, and no server cursor held open while the caller works
+        # (an export slower than the cursor timeout would otherwise die with CursorNotFound)
+        after: Optional[Dict[str, Any]] = None
+        while True:
+            page = self._labelled_page(after)
+            if not page:
+                return
+            yield from page
+            after = {"capture_time_ms": page[-1].capture_time_ms, "frame_id": page[-1].frame_id}
+
+    @_wrapped
+    def _labelled_page(self, after: Optional[Dict[str, Any]]) -> List[FrameRecord]:
+        q: Dict[str, Any] = {"label": {"$ne": None}}
+        if after is not None:
+            t = after["capture_time_ms"]
+            q["$or"] = [{"capture_time_ms": {"$gt": t}},
+                        {"capture_time_ms": t, "frame_id": {"$gt": after["frame_id"]}}]
+        cur = self.frames.find(q).sort([("capture_time_ms", 1), ("frame_id", 1)]).limit(ITER_PAGE)
+        return [self._to_frame(d, True) for d in cur]
 
     # ---- devices ----
     @_wrapped
@@ -170,9 +218,11 @@ class MongoStore(Store):
             raise StoreError(f"upsert_device: unknown or immutable field(s) {unknown or ['device_id']}")
         defaults = {k: v for k, v in dataclasses.asdict(DeviceRecord(device_id=device_id)).items()
                     if k not in fields and k != "device_id"}
+        update: Dict[str, Any] = {"$setOnInsert": defaults}
+        if fields:  # MongoDB < 5.0 rejects an empty $set
+            update["$set"] = dict(fields)
         doc = self.devices.find_one_and_update(
-            {"device_id": device_id},
-            {"$set": dict(fields), "$setOnInsert": defaults},
+            {"device_id": device_id}, update,
             upsert=True, return_document=self._pymongo.ReturnDocument.AFTER)
         if doc is None:  # pragma: no cover - upsert with AFTER always returns the document
             raise StoreError(f"upsert_device {device_id!r} returned nothing")

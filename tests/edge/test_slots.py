@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from edge.updater import atomic
+from edge import atomic
 from edge.updater import state as st
 from edge.updater.slots import SlotError, SlotStore, other
 from tests.edge.test_updater import bundle

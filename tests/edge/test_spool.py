@@ -99,7 +99,7 @@ def test_damaged_record_is_skipped_with_a_log_line(tmp_path: Path, caplog: pytes
         victim.write_bytes(blob[:-1] + bytes([blob[-1] ^ 0xFF]))
     else:
         victim.write_bytes(b"")
-    (tmp_path / "00000000000000000099.tmp").write_bytes(b"half a write")  # interrupted write before rename
+    (tmp_path / ".00000000000000000099.rec.tmp4242").write_bytes(b"half a write")  # interrupted write before rename
     with caplog.at_level(logging.WARNING, logger="edge.spool"):
         s2 = Spool(tmp_path, BIG, 1000)
         got = s2.after(None, 10)
@@ -107,7 +107,7 @@ def test_damaged_record_is_skipped_with_a_log_line(tmp_path: Path, caplog: pytes
     assert [p for _, p in got] == [b"payload-0" * 10, b"payload-2" * 10]
     assert s2.corrupt == 1
     assert not victim.exists()
-    assert not (tmp_path / "00000000000000000099.tmp").exists()
+    assert not (tmp_path / ".00000000000000000099.rec.tmp4242").exists()
     assert any("damaged record" in r.getMessage() and victim.name in r.getMessage() for r in caplog.records)
     assert s2.append(lambda seq: b"next") == 3
 

@@ -7,16 +7,19 @@ each Mongo test uses a fresh database that is dropped afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
 import uuid
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from hub.errors import StoreError, StoreUnavailable
 from hub.store.base import FrameRecord, GroupDesired, ModelRecord, Store
+from hub.store.mongo import MongoStore
 from hub.store.open import open_store
 from hub.store.sqlite import SqliteStore
 from tests.hub import jpeg
@@ -24,22 +27,45 @@ from tests.hub import jpeg
 MONGO_URI = os.environ.get("KESTREL_MONGODB_URI", "")
 
 
-@pytest.fixture(params=["sqlite", "mongo"])
-def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Store]:  # noqa: ANN001
-    if request.param == "sqlite":
-        s = open_store(f"sqlite:///{tmp_path / 'hub.db'}")
+@contextlib.contextmanager
+def open_backend(kind: str, tmp_path: Path) -> Iterator[Store]:
+    if kind == "sqlite":
+        s: Store = open_store(f"sqlite:///{tmp_path / 'hub.db'}")
         yield s
         s.close()
         return
+    if kind == "mongomock":
+        yield mongomock_store()
+        return
     if not MONGO_URI:
         pytest.skip("MongoDB contract tests need a server: set KESTREL_MONGODB_URI=mongodb://host:port/db "
-                    "(no MongoDB server can run in this environment)")
-    from hub.store.mongo import MongoStore
+                    "(no MongoDB server can run in this environment; the mongomock run covers the code)")
     dbname = f"kestrel_contract_{uuid.uuid4().hex[:8]}"
-    s = MongoStore(MONGO_URI, database=dbname, timeout_ms=3000)
-    yield s
-    s.client.drop_database(dbname)
-    s.close()
+    m = MongoStore(MONGO_URI, database=dbname, timeout_ms=3000)
+    yield m
+    m.client.drop_database(dbname)
+    m.close()
+
+
+def mongomock_store() -> MongoStore:
+    """The Mongo backend on mongomock: a fake of pymongo's own MongoClient (GridFS included), fresh per call."""
+    import mongomock
+    import mongomock.gridfs
+    mongomock.gridfs.enable_gridfs_integration()
+    return MongoStore.from_client(mongomock.MongoClient(), database="kestrel_contract")
+
+
+@pytest.fixture(params=["sqlite", "mongomock", "mongo"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    with open_backend(request.param, tmp_path) as s:
+        yield s
+
+
+@pytest.fixture(params=["mongomock", "mongo"])
+def mongo_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MongoStore]:
+    with open_backend(request.param, tmp_path) as s:
+        assert isinstance(s, MongoStore)
+        yield s
 
 
 def rec(frame_id: str, device: str = "cam-1", t: int = 1000, image: bytes = b"") -> FrameRecord:
@@ -87,6 +113,7 @@ def test_labels_and_iter_labelled(store: Store) -> None:
     assert store.set_label("missing", "cat", 1) is False
     assert [f.frame_id for f in store.list_frames(label="cat")] == ["l2"]
     assert [f.frame_id for f in store.list_frames(unlabelled=True)] == ["l3", "l1"]
+    assert store.list_frames(label="cat", unlabelled=True) == []  # both conditions hold for no frame
     labelled = list(store.iter_labelled())
     assert [(f.frame_id, f.label) for f in labelled] == [("l0", "dog"), ("l2", "cat")]
     assert labelled[0].image == jpeg(2000) and labelled[0].labelled_ms == 5001
@@ -95,12 +122,24 @@ def test_labels_and_iter_labelled(store: Store) -> None:
     assert store.get_frame("l2").labelled_ms is None  # type: ignore[union-attr]
 
 
+def test_iter_labelled_pages_through_many_frames_in_order(store: Store) -> None:
+    # 250 frames, 7 per capture time: pages (100 a query in both backends) end inside a run of equal times
+    frames = [rec(f"p{i:03d}", t=1000 + i // 7, image=b"img%d" % i) for i in range(250)]
+    assert all(store.add_frames(frames))
+    for f in frames[::2]:
+        store.set_label(f.frame_id, "cat", 1)
+    got = list(store.iter_labelled())
+    assert [f.frame_id for f in got] == [f.frame_id for f in frames[::2]]
+    assert [f.image for f in got] == [f.image for f in frames[::2]]
+
+
 def test_devices_upsert_merges(store: Store) -> None:
     d = store.upsert_device("cam-1", state="online", last_seen_ms=10)
     assert (d.device_id, d.state, d.group, d.last_seen_ms) == ("cam-1", "online", "default", 10)
     d = store.upsert_device("cam-1", group="lab", last_telemetry={"fps": 9.5})
     assert (d.state, d.group, d.last_telemetry) == ("online", "lab", {"fps": 9.5})
     store.upsert_device("cam-2")
+    assert store.upsert_device("cam-1") == d  # no fields: creates nothing new, changes nothing
     assert store.get_device("cam-1") == d
     assert [x.device_id for x in store.list_devices()] == ["cam-1", "cam-2"]
     assert [x.device_id for x in store.list_devices("lab")] == ["cam-1"]
@@ -153,6 +192,64 @@ def test_large_image_roundtrip(store: Store) -> None:
 def test_ping(store: Store) -> None:
     store.ping()
 
+
+# ---- MongoDB specifics (mongomock always, a real server with KESTREL_MONGODB_URI) ----
+
+@pytest.fixture
+def small_inline(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Images over 1 KiB go to GridFS, so the GridFS path runs with small images."""
+    import hub.store.mongo
+    monkeypatch.setattr(hub.store.mongo, "INLINE_IMAGE_MAX", 1024)
+    return 1024
+
+
+def test_mongo_large_images_live_in_gridfs(mongo_store: MongoStore, small_inline: int) -> None:
+    big, small = os.urandom(small_inline * 40), os.urandom(small_inline // 2)
+    assert mongo_store.add_frame(rec("big", t=2, image=big)) is True
+    assert mongo_store.add_frame(rec("small", t=1, image=small)) is True
+    doc = mongo_store.frames.find_one({"frame_id": "big"})
+    assert doc is not None and doc["image"] == b"" and doc["image_gridfs_id"] == "img:big"
+    assert mongo_store.frames.find_one({"frame_id": "small"})["image"] == small  # type: ignore[index]
+    assert mongo_store.fs.get("img:big").read() == big
+    assert mongo_store.get_frame("big").image == big  # type: ignore[union-attr]
+    assert [f.image for f in mongo_store.list_frames(with_images=True)] == [big, small]
+    assert [f.image for f in mongo_store.list_frames()] == [b"", b""]
+    mongo_store.set_label("big", "cat", 5)
+    assert [f.image for f in mongo_store.iter_labelled()] == [big]
+
+
+def test_mongo_gridfs_frames_are_idempotent(mongo_store: MongoStore, small_inline: int) -> None:
+    big = os.urandom(small_inline * 3)
+    assert mongo_store.add_frame(rec("g1", image=big)) is True
+    assert mongo_store.add_frame(rec("g1", image=os.urandom(small_inline * 3))) is False  # redelivery
+    assert mongo_store.add_frames([rec("g1", image=big), rec("g2", image=big)]) == [False, True]
+    assert mongo_store.fs.get("img:g1").read() == big  # the first copy stays
+    assert mongo_store.db["images.files"].count_documents({}) == 2
+    assert mongo_store.count_frames() == 2
+
+
+def test_mongo_gridfs_retry_after_a_crash_between_file_and_document(mongo_store: MongoStore,
+                                                                     small_inline: int) -> None:
+    big = os.urandom(small_inline * 3)
+    mongo_store.fs.put(big, _id="img:c1", filename="c1")  # a worker died after storing the image only
+    assert mongo_store.add_frame(rec("c1", image=big)) is True
+    assert mongo_store.get_frame("c1").image == big  # type: ignore[union-attr]
+
+
+def test_mongo_gridfs_file_stored_by_another_worker_meanwhile(mongo_store: MongoStore, small_inline: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    big = os.urandom(small_inline * 3)
+    mongo_store.fs.put(big, _id="img:r1", filename="r1")
+    monkeypatch.setattr(mongo_store.fs, "exists", lambda *a, **k: False)  # lost the exists/put race
+    assert mongo_store.add_frames([rec("r1", image=big)]) == [True]
+    assert mongo_store.get_frame("r1").image == big  # type: ignore[union-attr]
+
+
+def test_mongo_store_errors_are_wrapped(mongo_store: MongoStore) -> None:
+    with pytest.raises(StoreError, match="MongoDB error during upsert_device"):
+        mongo_store.upsert_device("cam-1", last_telemetry={"$bad": 1}) if False else \
+            mongo_store.frames.insert_one  # placeholder
+    
 
 # ---- SQLite specifics ----
 
