@@ -55,7 +55,7 @@ class MongoStore(Store):
             raise StoreError(f"not a usable MongoDB URL {url!r}: {exc}") from exc
         dbname = database or parsed.get("database") or "kestrel"
         try:
-            client = pymongo.MongoClient(url, serverSelectionTimeoutMS=timeout_ms,
+            client: Any = pymongo.MongoClient(url, serverSelectionTimeoutMS=timeout_ms,
                                          connectTimeoutMS=timeout_ms, tz_aware=False)
         except pymongo.errors.ConfigurationError as exc:  # e.g. an unresolvable mongodb+srv:// host
             raise StoreError(f"not a usable MongoDB URL {url!r}: {exc}") from exc

@@ -1,4 +1,4 @@
-"""Small real TFLite models for tests and benchmarks, built with TensorFlow and cached.
+"""Small real TFLite models for tests and benchmarks, converted by the trainer's converter and cached.
 
 ``python -m tests.helpers.models --out DIR`` writes them (make test does this first, under the
 Python that has TensorFlow) so the Python 3.8 device run finds them without TensorFlow.
@@ -31,11 +31,9 @@ def _source_hash() -> str:
 
 
 def _tf():
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    from trainer.tfenv import tf
 
-    return tf
+    return tf()
 
 
 def _brightness_model(tf, heavy: bool = False, uniform: bool = False):
@@ -79,16 +77,13 @@ def _representative(np, n: int = 64, size: int = SIZE):
 
 
 def convert(tf, model, int8: bool, size: int = SIZE) -> bytes:
+    """Through the trainer's own converter (trainer.optimize.to_tflite): the settings bundles ship with."""
     import numpy as np
 
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    if int8:
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        conv.representative_dataset = _representative(np, size=size)
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        conv.inference_input_type = tf.uint8
-        conv.inference_output_type = tf.uint8
-    return conv.convert()
+    from trainer.optimize import to_tflite
+
+    del tf
+    return to_tflite(model, _representative(np, size=size) if int8 else None, io_dtype="uint8")
 
 
 def build_all(out: Path, force: bool = False) -> Path:

@@ -245,11 +245,20 @@ def test_mongo_gridfs_file_stored_by_another_worker_meanwhile(mongo_store: Mongo
     assert mongo_store.get_frame("r1").image == big  # type: ignore[union-attr]
 
 
-def test_mongo_store_errors_are_wrapped(mongo_store: MongoStore) -> None:
+def test_mongo_unencodable_values_are_store_errors(mongo_store: MongoStore) -> None:
+    """bson refuses the document before it reaches the server: still a StoreError, nothing stored."""
     with pytest.raises(StoreError, match="MongoDB error during upsert_device"):
-        mongo_store.upsert_device("cam-1", last_telemetry={"$bad": 1}) if False else \
-            mongo_store.frames.insert_one  # placeholder
-    
+        mongo_store.upsert_device("cam-1", last_telemetry={"fps": object()})
+    assert mongo_store.get_device("cam-1") is None
+
+
+def test_mongo_from_client_uses_the_given_database() -> None:
+    s = mongomock_store()
+    s.add_model(ModelRecord("m", 1, "a" * 64, 1, 1))
+    assert s.db.name == "kestrel_contract" and s.client["kestrel_contract"]["models"].count_documents({}) == 1
+    assert {"frame_id_1"} <= set(s.frames.index_information())
+    s.close()
+
 
 # ---- SQLite specifics ----
 
