@@ -2,7 +2,8 @@
 
 Unknown keys are rejected by name (edge.tomlconf). ``kestrel-edge run --check-config`` loads and
 validates it and exits (systemd ``ExecStartPre``). ``kestrel-edge config-doc`` prints this
-documentation; docs/edge-config.md is generated from it.
+documentation; docs/edge-config.md is generated from it (``kestrel-edge config-doc >
+docs/edge-config.md``; a test fails when it is stale).
 """
 
 from __future__ import annotations
@@ -12,25 +13,49 @@ import socket
 from pathlib import Path
 from typing import List, Optional, Union
 
-from edge import tomlconf
+from edge import tomlconf, topics
 from edge.errors import ConfigError
 from edge.tomlconf import field
 
 MiB = 1024 * 1024
 
 
+def _segment(value: str, what: str) -> None:
+    """An MQTT topic segment, checked exactly as edge.topics checks it."""
+    try:
+        topics.check_segment(value, what)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _positive(obj: object, *names: str) -> None:
+    for n in names:
+        if not getattr(obj, n) > 0:
+            raise ValueError(f"{n} must be > 0, not {getattr(obj, n)!r}")
+
+
+def _not_negative(obj: object, *names: str) -> None:
+    for n in names:
+        if getattr(obj, n) < 0:
+            raise ValueError(f"{n} must be >= 0, not {getattr(obj, n)!r}")
+
+
 @dataclasses.dataclass
 class DeviceConfig:
-    id: str = field("", doc="Device id used in MQTT topics and frame ids; empty = the hostname.")
-    group: str = field("default", doc="Fleet group: the device follows kestrel/v1/groups/{group}/desired.")
+    id: str = field("", doc="Device id used in MQTT topics and frame ids; empty = the hostname. One topic "
+                            "segment: no '/', '+', '#', not starting with '$'.")
+    group: str = field("default", doc="Fleet group: the device follows kestrel/v1/groups/{group}/desired "
+                                      "(one topic segment, like id).")
     data_dir: str = field("./kestrel-data", doc="Where the spool, model slots and state files live.")
     log_level: str = field("INFO", doc="DEBUG, INFO, WARNING or ERROR.")
 
     def validate(self) -> None:
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}")
-        if any(c in self.resolved_id for c in "/+#"):
-            raise ValueError(f"id {self.id!r} must not contain '/', '+' or '#'")
+        _segment(self.resolved_id, "id")
+        _segment(self.group, "group")
+        if not self.data_dir:
+            raise ValueError("data_dir must not be empty")
 
     @property
     def resolved_id(self) -> str:
@@ -67,6 +92,8 @@ class SourceConfig:
             raise ValueError("width and height must be positive")
         if self.reconnect_initial_s <= 0 or self.reconnect_max_s < self.reconnect_initial_s:
             raise ValueError("need 0 < reconnect_initial_s <= reconnect_max_s")
+        _positive(self, "stall_timeout_s", "max_corrupt_in_row")
+        _not_negative(self, "fps", "max_frames")
         if not self.pattern_brightness or not all(0.0 <= b <= 1.0 for b in self.pattern_brightness):
             raise ValueError("pattern_brightness needs one or more levels within 0..1")
 
@@ -76,8 +103,9 @@ class ModelConfig:
     path: str = field("", doc="A .tflite file or a signed bundle (.kbundle) to run when no slot is "
                               "installed yet; empty = the active slot in data_dir.")
     labels: str = field("", doc="Labels file, one per line (for a bare .tflite); bundles carry their own.")
-    runtime: str = field("auto", doc="auto, tflite-runtime, ai-edge-litert or tensorflow "
-                                     "(auto tries them in that order).")
+    runtime: str = field("auto", doc="auto, tflite-runtime, ai-edge-litert or tensorflow. auto tries "
+                                     "tflite-runtime then ai-edge-litert; tensorflow (tf.lite, a full "
+                                     "TensorFlow install) is used only when named here.")
     threads: int = field(2, doc="Interpreter threads.")
     color_order: str = field("rgb", doc="Channel order the model expects: rgb or bgr (bundles say it).")
     normalization: str = field("0_1", doc="Float input scaling: 0_1, -1_1 or raw (0..255); "
@@ -106,10 +134,15 @@ class PipelineConfig:
     queue_size: int = field(4, doc="Frames buffered between capture and inference.")
     drop_policy: str = field("auto", doc="auto (drop_oldest for live sources, block for files), "
                                          "drop_oldest or block.")
+    sink_queue_size: int = field(8, doc="Sampled frames waiting for JPEG encoding and the spool write, "
+                                        "which run on their own thread; when full, inference waits "
+                                        "(a sampled frame is never dropped).")
 
     def validate(self) -> None:
         if self.queue_size < 1:
             raise ValueError("queue_size must be >= 1")
+        if self.sink_queue_size < 1:
+            raise ValueError("sink_queue_size must be >= 1")
         if self.drop_policy not in ("auto", "drop_oldest", "block"):
             raise ValueError("drop_policy must be auto, drop_oldest or block")
 
@@ -125,7 +158,8 @@ class SamplerConfig:
                                                            "here always wins.")
     margin_threshold: float = field(0.1, doc="margin: sample when top-1 minus top-2 is below this.")
     entropy_threshold: float = field(0.9, doc="entropy: sample when normalized entropy (0..1) is above this.")
-    max_per_minute: int = field(30, doc="Rate limit: frames sent per rolling minute (0 = none).")
+    max_per_minute: int = field(30, doc="Rate limit: frames sent per rolling minute (0 = none). The "
+                                        "limits hold across restarts (state in data_dir).")
     max_per_hour: int = field(600, doc="Rate limit: frames sent per rolling hour (0 = none).")
     max_per_day: int = field(5000, doc="Rate limit: frames sent per rolling day (0 = none).")
     dedup_distance: int = field(6, doc="Near-duplicate suppression: a frame whose 64-bit perceptual hash "
@@ -134,7 +168,8 @@ class SamplerConfig:
     dedup_window_s: float = field(300.0, doc="How long a sent frame's hash suppresses look-alikes.")
     dedup_history: int = field(256, doc="How many recent hashes are remembered.")
     jpeg_quality: int = field(85, doc="JPEG quality of forwarded frames.")
-    max_image_side: int = field(1280, doc="Forwarded frames are downscaled so no side exceeds this.")
+    max_image_side: int = field(1280, doc="Forwarded frames are downscaled so no side exceeds this "
+                                          "(0 = never).")
 
     def validate(self) -> None:
         bad = set(self.strategies) - {"confidence", "margin", "entropy"}
@@ -146,6 +181,10 @@ class SamplerConfig:
                 raise ValueError(f"{n} must be within 0..1")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("jpeg_quality must be 1..100")
+        _not_negative(self, "max_per_minute", "max_per_hour", "max_per_day", "max_image_side")
+        if self.dedup_distance < -1 or self.dedup_distance > 64:
+            raise ValueError("dedup_distance must be -1 (off) .. 64")
+        _positive(self, "dedup_window_s", "dedup_history")
 
 
 @dataclasses.dataclass
@@ -164,28 +203,45 @@ class MqttConfig:
     reconnect_min_s: float = field(0.5, doc="First reconnect delay.")
     reconnect_max_s: float = field(30.0, doc="Longest reconnect delay (exponential backoff).")
     auth_retry_s: float = field(300.0, doc="Wait after the broker refused our credentials before trying again.")
-    max_payload_bytes: int = field(4 * MiB, doc="Frames whose encoded message is larger are re-encoded smaller "
-                                                "or refused, never sent oversize.")
+    max_payload_bytes: int = field(4 * MiB, doc="A frame whose encoded message is larger is re-encoded "
+                                                "smaller (lower JPEG quality, then half the size, a few "
+                                                "times) and refused (counted) if still too large; never "
+                                                "sent oversize.")
+    max_send_attempts: int = field(5, doc="A frame in flight each time the broker closes the connection "
+                                          "(e.g. over the broker's max_packet_size) is set aside in "
+                                          "{data_dir}/spool/dead after this many connections, so it "
+                                          "cannot block the frames behind it.")
 
     def validate(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError("port must be 0..65535")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be 1..65535, not {self.port}")
         if self.reconnect_min_s <= 0 or self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("need 0 < reconnect_min_s <= reconnect_max_s")
         if self.max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
+        if not 5 <= self.keepalive_s <= 65535:
+            raise ValueError(f"keepalive_s must be 5..65535, not {self.keepalive_s}")
+        _positive(self, "ack_timeout_s", "auth_retry_s", "max_send_attempts")
+        if self.max_payload_bytes < 1024:
+            raise ValueError("max_payload_bytes must be at least 1024")
+        if (self.cert_file or self.key_file) and not (self.cert_file and self.key_file):
+            raise ValueError("mutual TLS needs both cert_file and key_file")
 
 
 @dataclasses.dataclass
 class SpoolConfig:
     max_bytes: int = field(256 * MiB, doc="Disk budget of the outgoing-frame spool. When full, the oldest "
                                           "frames are evicted first (and counted).")
-    max_frames: int = field(100000, doc="Frame-count budget of the spool.")
+    max_frames: int = field(100000, doc="Frame-count budget of the spool (oldest evicted first, counted).")
     fsync: bool = field(True, doc="fsync every frame written to the spool (power-cut safe).")
+    max_dead_letters: int = field(100, doc="Frames set aside because the broker kept refusing them "
+                                           "(kept in {data_dir}/spool/dead, oldest removed first).")
 
     def validate(self) -> None:
         if self.max_bytes < 64 * 1024:
             raise ValueError("max_bytes must be at least 65536")
+        _positive(self, "max_frames")
+        _not_negative(self, "max_dead_letters")
 
 
 @dataclasses.dataclass
@@ -194,26 +250,91 @@ class TelemetryConfig:
     metrics_port: int = field(9108, doc="Prometheus /metrics port (0 = off).")
     metrics_bind: str = field("127.0.0.1", doc="Address the /metrics endpoint listens on.")
 
+    def validate(self) -> None:
+        _not_negative(self, "interval_s")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be 0..65535 (0 = off), not {self.metrics_port}")
+        if self.metrics_port and not self.metrics_bind:
+            raise ValueError("metrics_bind must not be empty while metrics_port is set")
+
 
 @dataclasses.dataclass
 class UpdateConfig:
     enabled: bool = field(True, doc="Follow the hub's desired-state messages.")
     trust_dir: str = field("", doc="Directory of trusted Ed25519 public keys (*.pub); empty = "
-                                   "{data_dir}/trust.")
+                                   "{data_dir}/trust. Installed slots are re-verified against it at "
+                                   "every start and before a rollback.")
+    model_name: str = field("", doc="The model this device runs. Empty = the installed model's name (the "
+                                    "very first install may name any model). A bundle or desired state for "
+                                    "another model is refused (wrong_model); `kestrel-edge install "
+                                    "--new-model` switches models on purpose.")
     hub_grpc: str = field("", doc="host:port of the hub's gRPC registry for fetching bundles.")
-    max_bundle_bytes: int = field(200 * MiB, doc="Bundles larger than this are refused before download.")
-    clock_slack_s: float = field(86400.0, doc="Expiry slack for devices without a real-time clock.")
-    self_test_latency_ms: float = field(2000.0, doc="Self-test: a case slower than this fails the update.")
+    grpc_targets: List[str] = field(doc="Other registry addresses (host:port) a desired-state message may "
+                                        "name in grpc_target; any other address is ignored and hub_grpc is "
+                                        "used (desired-state messages are not authenticated).",
+                                    factory=list)
+    max_bundle_bytes: int = field(200 * MiB, doc="Bundles larger than this are refused: before download "
+                                                 "when the size is announced, and on every chunk received.")
+    clock_slack_s: float = field(86400.0, doc="Clock tolerance for expiry and not-yet-valid checks. A clock "
+                                              "below the device's time floor (newest signed creation time "
+                                              "installed) counts as unset: the floor is used instead.")
+    allow_unsigned_factory: bool = field(True, doc="Run model.path's bare .tflite (unsigned: the factory "
+                                                   "model) when no slot is active; false = run signed models "
+                                                   "only. See docs/threat-model.md.")
+    self_test_latency_ms: float = field(2000.0, doc="Self-test latency budget per case; a bundle may ask for "
+                                                    "less, never more.")
+    self_test_min_cases: int = field(1, doc="Self-test: a bundle with fewer cases is refused before the "
+                                            "switch.")
+    self_test_max_tolerance: float = field(0.1, doc="Self-test: the bundle's score tolerance is capped at "
+                                                    "this.")
     trial_frames: int = field(200, doc="Trial after a switch: frames watched before committing (0 = none).")
     trial_seconds: float = field(60.0, doc="Trial: seconds watched before committing (both must pass).")
     trial_max_latency_ratio: float = field(3.0, doc="Trial fails when p95 latency exceeds this x the "
                                                     "previous model's.")
     trial_latency_floor_ms: float = field(2.0, doc="Trial: a previous p95 below this counts as this in the "
                                                    "latency ratio (sub-millisecond timings are noise).")
+    trial_max_latency_ms: float = field(1000.0, doc="Trial fails when p95 latency exceeds this, with or "
+                                                    "without a baseline (0 = no absolute limit).")
     trial_max_low_conf_rate: float = field(0.5, doc="Trial fails when the low-confidence rate rises "
                                                     "above the previous model's by more than this.")
-    trial_max_errors: int = field(3, doc="Trial fails after this many invoke errors.")
-    max_boot_attempts: int = field(2, doc="Starts on a trial model that end in a crash before rolling back.")
+    trial_max_low_conf_abs: float = field(0.9, doc="Without a baseline of the previous model (offline "
+                                                   "install, first model): trial fails when the "
+                                                   "low-confidence rate exceeds this.")
+    trial_max_errors: int = field(3, doc="Trial fails after this many invoke errors (non-finite scores "
+                                         "count as errors).")
+    trial_stall_s: float = field(30.0, doc="Trial fails when frames keep arriving but none is inferred "
+                                           "for this long (a hung model); the daemon then restarts on the "
+                                           "previous model.")
+    max_boot_attempts: int = field(1, doc="Starts on a trial model that end in a crash before rolling back "
+                                          "at boot (1: the first crash during a trial rolls back).")
+
+    def validate(self) -> None:
+        if self.model_name and not all(c.isalnum() or c in "._-" for c in self.model_name):
+            raise ValueError("model_name must be letters, digits, '.', '_' or '-'")
+        if self.max_bundle_bytes < 1024:
+            raise ValueError("max_bundle_bytes must be at least 1024")
+        if self.clock_slack_s < 0:
+            raise ValueError("clock_slack_s must be >= 0")
+        if self.self_test_latency_ms <= 0:
+            raise ValueError("self_test_latency_ms must be > 0")
+        if self.self_test_min_cases < 0:
+            raise ValueError("self_test_min_cases must be >= 0")
+        if not 0.0 <= self.self_test_max_tolerance <= 1.0:
+            raise ValueError("self_test_max_tolerance must be within 0..1")
+        for n in ("trial_max_low_conf_rate", "trial_max_low_conf_abs"):
+            if not 0.0 <= getattr(self, n) <= 1.0:
+                raise ValueError(f"{n} must be within 0..1")
+        for n in ("trial_frames", "trial_seconds", "trial_latency_floor_ms", "trial_max_latency_ms"):
+            if getattr(self, n) < 0:
+                raise ValueError(f"{n} must be >= 0")
+        if self.trial_max_latency_ratio <= 1.0:
+            raise ValueError("trial_max_latency_ratio must be > 1")
+        if self.trial_max_errors < 1:
+            raise ValueError("trial_max_errors must be >= 1")
+        if self.trial_stall_s <= 0:
+            raise ValueError("trial_stall_s must be > 0")
+        if self.max_boot_attempts < 1:
+            raise ValueError("max_boot_attempts must be >= 1")
 
 
 @dataclasses.dataclass

@@ -2,11 +2,12 @@
 
 Wiring: config -> Stats, Publisher (durable spool + MQTT), TelemetryService, ModelHolder,
 UpdateService (boot model, desired state, trial watch), source, Sampler, Pipeline. Sampled frames
-become ``kestrel_pb2.Frame`` messages (JPEG image, top-k, reasons) handed to the publisher, which
+go through a bounded hand-off (edge.framesink.SinkWorker) to a thread that turns them into
+``kestrel_pb2.Frame`` messages (JPEG image, top-k, reasons) and hands them to the publisher, which
 spools them (fsync) before sending. SIGTERM/SIGINT: stop capture, drain queued frames through
-inference, flush the publisher, exit 0. A file source that ends does the same. A second signal
-skips the drain and the flush (sampled frames are already in the spool). A capture failure ends
-the run with exit code 1 (systemd restarts the daemon).
+inference, spool every sampled frame, flush the publisher, exit 0. A file source that ends does
+the same. A second signal skips the inference drain and the flush (every frame already sampled is
+still spooled). A capture failure ends the run with exit code 1 (systemd restarts the daemon).
 
 The sampler's confidence threshold follows the running model: unless ``[sampler]
 confidence_threshold`` is set, every model swap (boot, update, rollback) applies the bundle's
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import secrets
 import shutil
 import signal
@@ -26,13 +28,13 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable, List, Optional, cast
+from typing import Any, Callable, List, Optional
 
 import cv2
-import numpy as np
 
 from edge import __version__, config
 from edge.errors import ArtifactError, ConfigError, KestrelError
+from edge.framesink import FrameBuilder, SinkWorker
 from edge.pipeline import ModelHolder, Pipeline, SampledFrame
 from edge.runtime import Model, load_labels, load_model
 from edge.sampler import Sampler
@@ -43,6 +45,8 @@ log = logging.getLogger("edge.daemon")
 
 FLUSH_TIMEOUT_S = 5.0      # publisher flush on shutdown
 PIPELINE_DRAIN_S = 30.0    # longest wait for queued frames to go through inference on shutdown
+SINK_DRAIN_S = 60.0        # longest wait for sampled frames to be encoded and spooled on shutdown
+RATE_STATE_FILE = "sampler-sent.log"  # in data_dir: the rate limits' memory across restarts
 POLL_S = 0.2               # main-thread wake-up interval while running
 EXIT_CAPTURE_FAILED = 1    # the source failed (not a clean end): let the service manager restart us
 
@@ -76,7 +80,49 @@ def check_plausible(cfg: config.EdgeConfig) -> List[str]:
             problems.append(f"model.path: {m.path} is neither a .tflite file nor a .kbundle bundle")
     if m.labels and not Path(m.labels).is_file():
         problems.append(f"model.labels: {m.labels} does not exist")
+    problem = _data_dir_problem(cfg.data_dir)
+    if problem:
+        problems.append(problem)
+    q = cfg.mqtt
+    if q.host:
+        files = [("password_file", q.password_file)]
+        if q.tls:
+            files += [("ca_file", q.ca_file), ("cert_file", q.cert_file), ("key_file", q.key_file)]
+        for key, path in files:
+            if path and not _readable(path):
+                problems.append(f"mqtt.{key}: {path} does not exist or is not readable")
+        if (q.ca_file or q.cert_file or q.key_file) and not q.tls:
+            problems.append("mqtt: ca_file/cert_file/key_file are set but tls = false")
     return problems
+
+
+def _readable(path: str) -> bool:
+    return Path(path).is_file() and os.access(path, os.R_OK)
+
+
+def _data_dir_problem(data_dir: Path) -> Optional[str]:
+    """None when ``data_dir`` exists (or can be created) and is a writable directory."""
+    d = data_dir
+    while not d.exists() and d != d.parent:
+        d = d.parent  # the first existing ancestor decides whether it can be created
+    if not d.is_dir():
+        return f"device.data_dir: {data_dir}: {d} is not a directory"
+    if not os.access(str(d), os.W_OK | os.X_OK):
+        what = "is not writable" if d == data_dir else f"cannot be created ({d} is not writable)"
+        return f"device.data_dir: {data_dir} {what}; run as a user who may write there or change it"
+    return None
+
+
+def check_model_loads(cfg: config.EdgeConfig) -> List[str]:
+    """--check-config: load the configured .tflite (and labels) once, as the daemon would."""
+    m = cfg.model
+    if not m.path or is_bundle_path(m.path) or not Path(m.path).is_file():
+        return []  # bundles are verified by the updater at start; a missing path is reported already
+    try:
+        initial_model(cfg).close()
+    except KestrelError as exc:
+        return [f"model.path: {exc}"]
+    return []
 
 
 def quiet_opencv(quiet: bool = True) -> None:
@@ -145,47 +191,6 @@ class FollowingHolder(ModelHolder):
         return previous
 
 
-# --- frame messages ------------------------------------------------------------------------------
-class FrameBuilder:
-    """Turns a SampledFrame into a kestrel_pb2.Frame (JPEG, top-k, reasons, ids)."""
-
-    def __init__(self, device_id: str, boot_id: str, source_name: str, top_k: int, jpeg_quality: int,
-                 max_side: int) -> None:
-        self.device_id = device_id
-        self.boot_id = boot_id
-        self.source_name = source_name
-        self.top_k = top_k
-        self.jpeg_quality = jpeg_quality
-        self.max_side = max_side
-
-    def encode(self, bgr: np.ndarray) -> tuple[bytes, int, int]:
-        h, w = bgr.shape[:2]
-        side = max(h, w)
-        if self.max_side > 0 and side > self.max_side:
-            f = self.max_side / side
-            w, h = max(1, int(round(w * f))), max(1, int(round(h * f)))
-            bgr = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_AREA)
-        ok, buf = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), int(self.jpeg_quality)])
-        if not ok:
-            from edge.errors import FrameError
-
-            raise FrameError("JPEG encoding failed")
-        return buf.tobytes(), w, h
-
-    def build(self, s: SampledFrame) -> Any:
-        image, w, h = self.encode(s.bgr)
-        order = np.argsort(-s.scores, kind="stable")[: self.top_k]
-        top = [kestrel_pb2.TopScore(index=int(i), label=s.labels[i] if i < len(s.labels) else str(i),
-                                    score=float(s.scores[i])) for i in order]
-        frame = kestrel_pb2.Frame(
-            frame_id=f"{self.device_id}-{self.boot_id}-{s.seq}", device_id=self.device_id,
-            capture_time_ms=int(s.capture_time * 1000), reasons=cast(Any, s.reasons), top_k=top, image=image,
-            image_format="jpeg", width=w, height=h, source=self.source_name, image_bytes=len(image))
-        if s.model_ref is not None:
-            frame.model.CopyFrom(s.model_ref)
-        return frame
-
-
 # --- the daemon ------------------------------------------------------------------------------------
 class Daemon:
     def __init__(self, cfg: config.EdgeConfig) -> None:
@@ -200,16 +205,17 @@ class Daemon:
         self.hurry = threading.Event()  # a second signal: skip the drain and the flush
         self.signals = 0
         self.stats = Stats()
-        self.sampler = Sampler(cfg.sampler)
         self.publisher = Publisher(cfg, self.device_id, cfg.data_dir / "spool")
+        self.sampler = Sampler(cfg.sampler, state_path=cfg.data_dir / RATE_STATE_FILE)
         self.holder: ModelHolder = FollowingHolder(self._on_model_swapped)
         self.updater = UpdateService(cfg, self.publisher, self.holder, self.stats)
         self.telemetry = TelemetryService(cfg, self.device_id, self.stats, self.publisher)
         self.builder = FrameBuilder(self.device_id, self.boot_id, cfg.source.name, cfg.model.top_k,
-                                    cfg.sampler.jpeg_quality, cfg.sampler.max_image_side)
-        self.sampled = 0
-        self.published = 0
+                                    cfg.sampler.jpeg_quality, cfg.sampler.max_image_side,
+                                    max_bytes=cfg.mqtt.max_payload_bytes)
+        self.sink_worker = SinkWorker(self.builder, self.publisher.publish_frame, cfg.pipeline.sink_queue_size)
         self.pipeline: Optional[Pipeline] = None
+        self.run_seconds = 0.0  # pipeline start -> every sampled frame spooled (benchmarks)
 
     def status(self, state: str) -> Any:
         model = self.holder.get()
@@ -224,9 +230,22 @@ class Daemon:
         return msg
 
     def sink(self, s: SampledFrame) -> None:
-        self.sampled += 1
-        self.publisher.publish_frame(self.builder.build(s))
-        self.published += 1
+        """Inference thread: hand the sampled frame to the sink worker (waits while its queue is full)."""
+        self.sink_worker.put(s)
+
+    @property
+    def sampled(self) -> int:
+        return self.sink_worker.sampled
+
+    @property
+    def published(self) -> int:
+        """Sampled frames that are in the spool (refused and failed ones are not)."""
+        return self.sink_worker.spooled
+
+    def _close_sink(self) -> None:
+        if not self.sink_worker.close(SINK_DRAIN_S):
+            log.error("sampled frames were not all spooled within %.0fs (%d waiting)", SINK_DRAIN_S,
+                      self.sink_worker.pending)
 
     def on_model_change(self, model: Any) -> None:
         self.stats.set_model(model.ref)
@@ -259,11 +278,10 @@ class Daemon:
         """No slot yet and model.path is a .kbundle: verify, stage, self-test and switch to it
         through the updater's normal install path; the result is committed at once (there is no
         previous model to roll back to). ConfigError (one line, exit 2) when it is refused."""
+        from edge.bundle import read_bounded
+
         try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"model.path {path}: cannot read the bundle: {exc.strerror or exc}") from exc
-        try:
+            data = read_bounded(path, int(self.cfg.update.max_bundle_bytes))  # size checked first
             installed = self.updater.install_bytes(data, source=f"model.path {Path(path).name}")
         except ArtifactError as exc:
             raise ConfigError(f"model.path {path}: {exc} (trusted keys: {self.cfg.trust_dir})") from exc
@@ -293,6 +311,13 @@ class Daemon:
             return model
         if cfg.model.path and is_bundle_path(cfg.model.path):
             return self._install_configured_bundle(cfg.model.path)
+        if cfg.model.path and not cfg.update.allow_unsigned_factory:
+            raise ConfigError(f"no signed model is installed and model.path {cfg.model.path} is an unsigned "
+                              ".tflite, which [update] allow_unsigned_factory = false forbids; install a "
+                              "signed bundle (kestrel-edge install, or model.path = a .kbundle)")
+        if cfg.model.path:
+            log.warning("no signed model installed: running the UNSIGNED factory model %s (model.path; see "
+                        "docs/threat-model.md)", cfg.model.path)
         model = initial_model(cfg)
         self.holder.swap(model)
         return model
@@ -323,16 +348,23 @@ class Daemon:
         try:
             self.telemetry.start()
             self.updater.start()
+            self.sink_worker.start()
             self.pipeline = Pipeline(source, self.holder, self.sampler, self.sink, cfg.pipeline, self.stats,
                                      observers=[self._observe])
+            pipe = self.pipeline
+            self.updater.attach_pipeline(lambda: (pipe.captured, pipe.processed, pipe.done),
+                                         on_stall=lambda why: self.request_stop("a hung trial model"))
             self.pipeline.start()
             while not self.stop_requested.is_set() and not self.pipeline.done:
                 self.stop_requested.wait(POLL_S)
             why = "signal" if self.stop_requested.is_set() else "source ended"
             log.info("stopping (%s): draining the pipeline", why)
             self._wait_for_pipeline(self.pipeline)
+            self._close_sink()
+            self.run_seconds = time.monotonic() - self.pipeline.started_at
         finally:
             source.request_stop()
+            self._close_sink()
             for name, fn in (("updater", self.updater.stop), ("telemetry", self.telemetry.stop)):
                 try:
                     fn()
@@ -359,13 +391,18 @@ class Daemon:
     def _summary(self, sampler: Sampler) -> None:
         p = self.pipeline
         spool_bytes, spool_frames, evictions = self.publisher.spool_stats()
+        sink = self.sink_worker
+        pub = self.publisher
         summary = {"captured": p.captured if p else 0, "processed": p.processed if p else 0,
                    "dropped": p.dropped if p else 0, "corrupt": p.source.corrupt if p else 0,
-                   "errors": p.errors if p else 0, "sink_errors": p.sink_errors if p else 0,
-                   "sampled": self.sampled, "spooled": self.published,
+                   "errors": p.errors if p else 0, "error_kinds": p.error_kinds if p else {},
+                   "sink_errors": (p.sink_errors if p else 0) + sink.errors,
+                   "sampled": sink.sampled, "spooled": sink.spooled, "refused": sink.refused,
+                   "reencoded": self.builder.reencoded, "spool_write_failed": pub.spool_write_failed,
                    "confidence_threshold": sampler.confidence_threshold,
                    "spool_frames": spool_frames, "spool_bytes": spool_bytes, "spool_evictions": evictions,
-                   "sampler": sampler.counters()}
+                   "dead_letters": pub.dead_letters, "frames_acked": pub.frames_acked,
+                   "run_s": round(self.run_seconds, 3), "sampler": sampler.counters()}
         log.info("summary %s", json.dumps(summary, sort_keys=True))
 
 
@@ -375,6 +412,8 @@ def run(args: argparse.Namespace) -> int:
     quiet_opencv(cfg.device.log_level.upper() != "DEBUG")
     problems = check_plausible(cfg)
     if args.check_config:
+        if not problems:
+            problems = check_model_loads(cfg)
         if problems:
             raise ConfigError(f"{args.config}: " + "; ".join(problems))
         print(f"{args.config}: OK (device {cfg.device.resolved_id}, source {cfg.source.kind}, "

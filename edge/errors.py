@@ -56,6 +56,11 @@ class AuthError(BrokerError):
     """The broker refused our credentials; retrying quickly will not help."""
 
 
+class StorageError(TransportError):
+    """Local storage (the spool, a state file) cannot be written: disk full, read-only, I/O error.
+    Retrying later may help (space freed, disk remounted)."""
+
+
 class HubError(TransportError):
     """The hub's gRPC service is unreachable or answered with an error."""
 

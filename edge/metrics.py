@@ -84,8 +84,9 @@ class MetricsServer:
 
         try:
             self._server = ThreadingHTTPServer((self.bind, self.port), Handler)
-        except OSError as exc:
-            raise ConfigError(f"cannot serve /metrics on {self.bind}:{self.port}: {exc.strerror}; "
+        except (OSError, OverflowError) as exc:
+            raise ConfigError(f"cannot serve /metrics on {self.bind}:{self.port}: "
+                              f"{getattr(exc, 'strerror', None) or exc}; "
                               f"change [telemetry] metrics_port/metrics_bind (0 = off)") from exc
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])

@@ -11,7 +11,11 @@ What it does for you:
 * a last will (built by ``will()`` right before every connect attempt), set before connect;
 * ``on_connected`` after every successful CONNACK (birth message, resend) and re-subscription of
   every :meth:`subscribe` d topic on every connection;
-* reconnect with exponential backoff ``reconnect_min_s`` .. ``reconnect_max_s``;
+* reconnect with exponential backoff ``reconnect_min_s`` .. ``reconnect_max_s``; the backoff is
+  reset only after a connection stayed up for STABLE_CONNECTION_S, so a broker that accepts us and
+  then drops us at once (e.g. on a packet it refuses) is not hammered;
+* one WARNING line per outage (the first sign of trouble); later failed attempts of the same outage
+  log at DEBUG; a connection that stays up STABLE_CONNECTION_S ends the outage;
 * PUBACK tracking: a QoS>0 message not acknowledged within ``ack_timeout_s`` means the link is
   broken: the socket is dropped (no clean DISCONNECT, so the broker still sends our will) and the
   connection is re-established; the owner resends from its spool;
@@ -23,13 +27,14 @@ What it does for you:
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import socket
 import ssl
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import paho.mqtt.client as paho
 
@@ -42,6 +47,7 @@ Message = Tuple[str, bytes, int, bool]  # topic, payload, qos, retain
 MessageCallback = Callable[[str, bytes], None]
 
 LOOP_TIMEOUT_S = 0.05  # how long one paho loop() turn may block: the latency of call_soon/pump
+STABLE_CONNECTION_S = 10.0  # a connection up this long resets the backoff and ends the outage
 AUTH_REFUSED = ("Bad user name or password", "Not authorized", "Bad authentication method")
 
 STATE_IDLE = "idle"
@@ -78,6 +84,9 @@ class MqttClient:
         self._final: Optional[Message] = None
         self._final_timeout = 2.0
         self._auth_refused = False
+        self._outage_logged = False
+        self.next_attempt_at = 0.0  # monotonic time of the next connect attempt while waiting
+        self.delays: Deque[float] = collections.deque(maxlen=64)  # recent waits before reconnecting
         self._thread: Optional[threading.Thread] = None
         self._password = read_secret(cfg.password_file) if cfg.password_file else None
 
@@ -200,7 +209,7 @@ class MqttClient:
                           where, name, self.cfg.username, self.cfg.auth_retry_s)
             else:
                 self.last_error = BrokerError(f"broker {where} refused the connection: {name}")
-                log.warning("mqtt: broker %s refused the connection: %s", where, name)
+                self._trouble("broker %s refused the connection: %s", where, name)
             return
         self._auth_refused = False
         self.last_error = None
@@ -253,8 +262,15 @@ class MqttClient:
             except Exception:
                 log.exception("mqtt: queued call failed")
 
+    def _trouble(self, msg: str, *args: object) -> None:
+        """Log a connection problem: WARNING for the first of an outage, DEBUG for the rest."""
+        level = logging.DEBUG if self._outage_logged else logging.WARNING
+        self._outage_logged = True
+        log.log(level, "mqtt: " + msg, *args)
+
     def _wait(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
+        self.next_attempt_at = deadline
         while not self._stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
@@ -299,7 +315,6 @@ class MqttClient:
 
     def _connect_loop(self) -> None:
         delay = self.cfg.reconnect_min_s
-        down_logged = False
         while not self._stop.is_set():
             self.state = STATE_CONNECTING
             try:
@@ -317,16 +332,14 @@ class MqttClient:
                 client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
             except (OSError, ValueError) as exc:
                 self.last_error = BrokerError(f"cannot reach broker {self.cfg.host}:{self.cfg.port}: {exc}")
-                if not down_logged:
-                    log.warning("mqtt: %s (retrying with backoff up to %.0fs; frames are kept in the spool)",
-                                self.last_error, self.cfg.reconnect_max_s)
-                    down_logged = True
+                self._trouble("%s (retrying with backoff up to %.0fs; frames are kept in the spool)",
+                              self.last_error, self.cfg.reconnect_max_s)
                 self._client = None
                 self.state = STATE_BACKOFF
                 self._wait(delay)
                 delay = min(delay * 2, self.cfg.reconnect_max_s)
                 continue
-            was_connected = self._serve(client)
+            was_connected, up_for = self._serve(client)
             self._client = None
             self._connected.clear()
             self._pending.clear()
@@ -343,27 +356,35 @@ class MqttClient:
                 delay = self.cfg.reconnect_min_s
                 continue
             if was_connected:
-                log.warning("mqtt: connection to %s:%d lost; reconnecting", self.cfg.host, self.cfg.port)
-                delay = self.cfg.reconnect_min_s
-                down_logged = False
+                if up_for >= STABLE_CONNECTION_S:
+                    self._outage_logged = False  # that outage is over: this is a new one
+                    delay = self.cfg.reconnect_min_s
+                self._trouble("connection to %s:%d lost after %.1fs; reconnecting with backoff (frames are "
+                              "kept in the spool)", self.cfg.host, self.cfg.port, up_for)
             self.state = STATE_BACKOFF
+            self.delays.append(delay)
             self._wait(delay)
             delay = min(delay * 2, self.cfg.reconnect_max_s)
         self.state = STATE_STOPPED
 
-    def _serve(self, client: paho.Client) -> bool:
-        """Run one connection until it breaks or we are stopped; True if it got connected."""
+    def _serve(self, client: paho.Client) -> Tuple[bool, float]:
+        """Run one connection until it breaks or we are stopped; (whether it got connected, how
+        long it stayed connected in seconds)."""
         started = time.monotonic()
         was_connected = False
+        up_since = started
         while True:
             try:
                 rc = client.loop(timeout=LOOP_TIMEOUT_S)
             except Exception as exc:  # paho raises assorted errors on a dying socket
-                log.warning("mqtt: connection error: %s", exc)
+                self._trouble("connection error: %s", exc)
                 self._drop_link(client)
                 break
-            if self._connected.is_set():
+            if self._connected.is_set() and not was_connected:
                 was_connected = True
+                up_since = time.monotonic()
+            if was_connected and self._outage_logged and time.monotonic() - up_since >= STABLE_CONNECTION_S:
+                self._outage_logged = False
             if rc != paho.MQTT_ERR_SUCCESS or (was_connected and not self._connected.is_set()):
                 break
             if self._stop.is_set():
@@ -372,8 +393,8 @@ class MqttClient:
             if not self._connected.is_set():
                 if self._auth_refused or time.monotonic() - started > max(1.0, self.cfg.ack_timeout_s):
                     if not self._auth_refused:
-                        log.warning("mqtt: no CONNACK from %s:%d within %.1fs", self.cfg.host, self.cfg.port,
-                                    self.cfg.ack_timeout_s)
+                        self._trouble("no CONNACK from %s:%d within %.1fs", self.cfg.host, self.cfg.port,
+                                      self.cfg.ack_timeout_s)
                     self._drop_link(client)
                     break
                 continue
@@ -384,11 +405,11 @@ class MqttClient:
                 except Exception:
                     log.exception("mqtt: pump failed")
             if self._ack_overdue():
-                log.warning("mqtt: no PUBACK within %.1fs: treating the link as broken, reconnecting and "
-                            "resending from the spool", self.cfg.ack_timeout_s)
+                self._trouble("no PUBACK within %.1fs: treating the link as broken, reconnecting and "
+                              "resending from the spool", self.cfg.ack_timeout_s)
                 self._drop_link(client)
                 break
-        return was_connected
+        return was_connected, (time.monotonic() - up_since if was_connected else 0.0)
 
     def _finish(self, client: paho.Client) -> None:
         """Clean shutdown on a live connection: final message (acked, bounded), then DISCONNECT."""

@@ -8,6 +8,11 @@ takes effect on the next frame and never drops one), runs it, asks the sampler, 
 observer about the :class:`InferenceResult` and hands frames to send to ``sink``.
 
 ``stop()`` stops capture, lets the inference thread drain what is queued, then returns.
+
+A frame that makes anything on the inference thread fail (the model, preprocessing, the sampler,
+an unexpected OpenCV error) is counted in ``errors`` and skipped: the loop goes on with the next
+frame. The first failure of each kind is logged with its traceback, later ones only counted, so a
+bad stream cannot flood the log. ``started_at``/``finished_at`` (monotonic) time the run.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -116,12 +121,16 @@ class Pipeline:
         self.sink_errors = 0
         self.capture_error: Optional[BaseException] = None
         self._last_depth = -1
+        self._error_kinds: Dict[str, int] = {}
+        self.started_at = 0.0
+        self.finished_at = 0.0
 
     def add_observer(self, fn: Callable[[InferenceResult], None]) -> None:
         self.observers.append(fn)
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> Pipeline:
+        self.started_at = time.monotonic()
         self._threads = [threading.Thread(target=self._capture_loop, name="capture", daemon=True),
                          threading.Thread(target=self._inference_loop, name="inference", daemon=True)]
         for t in self._threads:
@@ -209,9 +218,29 @@ class Pipeline:
                 if item is _END:
                     break
                 self._depth(q.qsize())
-                self._process(*item)
+                try:
+                    self._process(*item)
+                except Exception as exc:  # one bad frame must not end the run
+                    self._unexpected(item[0], exc)
         finally:
+            self.finished_at = time.monotonic()
             self._done.set()
+
+    def _unexpected(self, seq: int, exc: Exception) -> None:
+        self.errors += 1
+        kind = type(exc).__name__
+        seen = self._error_kinds.get(kind, 0)
+        self._error_kinds[kind] = seen + 1
+        if not seen:
+            log.error("frame %d could not be processed (%s: %s); skipping it and going on (later %s "
+                      "errors are counted, not logged)", seq, kind, exc, kind, exc_info=exc)
+        else:
+            log.debug("frame %d could not be processed: %s: %s", seq, kind, exc)
+
+    @property
+    def error_kinds(self) -> Dict[str, int]:
+        """Unexpected per-frame failures by exception type."""
+        return dict(self._error_kinds)
 
     def _infer(self, frame: np.ndarray) -> tuple[Any, Optional[np.ndarray], Optional[str], float]:
         model = self.holder.get()
@@ -236,7 +265,10 @@ class Pipeline:
         self.processed += 1
         if error is not None:
             self.errors += 1
-            log.warning("inference error on frame %d: %s", seq, error)
+            seen = self._error_kinds.get("inference", 0)
+            self._error_kinds["inference"] = seen + 1
+            log.log(logging.WARNING if not seen else logging.DEBUG, "inference error on frame %d: %s%s", seq,
+                    error, " (later inference errors are counted, not logged)" if not seen else "")
             result = InferenceResult(seq, ref, None, latency, error, False, [], capture_time)
         else:
             self.stats.inference(latency)

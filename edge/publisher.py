@@ -4,8 +4,16 @@
   encoded frame to the spool (fsync per ``[spool] fsync``) BEFORE returning; the I/O thread then
   sends spooled frames in sequence order at QoS 1 on ``topics.frames(device_id)``, at most
   ``[mqtt] max_inflight`` unacknowledged at once. A record leaves the spool only after its PUBACK.
-  After a reconnect everything still in the spool is resent from the oldest: duplicates on the wire
-  are possible (the hub deduplicates by ``frame_id``), loss and reordering are not.
+  After a reconnect everything still in the spool is resent from the oldest: the transport is
+  *at least once* (a frame whose PUBACK was lost is sent again; the hub stores frames idempotently
+  on ``frame_id``), in order, without loss.
+* A frame the broker keeps refusing (it closes the connection while that frame is in flight, e.g.
+  over its ``max_packet_size``) must not block the frames behind it: a frame in flight when a
+  connection breaks is *suspect* and is sent alone on the next connection; after
+  ``[mqtt] max_send_attempts`` such connections it is set aside in ``{spool}/dead/`` (kept, one
+  ERROR line, counted in ``dead_letters``) and the next frames go out.
+* A spool write that fails (disk full, read-only) is logged once per outage (ERROR), counted in
+  ``spool_write_failed``; ``publish_frame`` then returns False.
 * Status: retained QoS 1 on ``topics.status(device_id)``; birth ``online`` after every connect,
   last will ``offline`` (both built by the status provider), an explicit retained ``offline`` on
   :meth:`stop`.
@@ -25,7 +33,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 from edge import topics
 from edge.config import EdgeConfig
-from edge.errors import FrameError
+from edge.errors import FrameError, StorageError
 from edge.mqttclient import Message, MessageCallback, MqttClient
 from edge.spool import Spool
 from proto import kestrel_pb2
@@ -43,7 +51,8 @@ class Publisher:
     def __init__(self, cfg: EdgeConfig, device_id: str, spool_dir: Path) -> None:
         self.cfg = cfg
         self.device_id = device_id
-        self.spool = Spool(Path(spool_dir), cfg.spool.max_bytes, cfg.spool.max_frames, fsync=cfg.spool.fsync)
+        self.spool = Spool(Path(spool_dir), cfg.spool.max_bytes, cfg.spool.max_frames, fsync=cfg.spool.fsync,
+                           max_dead=cfg.spool.max_dead_letters)
         self._frames_topic = topics.frames(device_id)
         self._status_topic = topics.status(device_id)
         self._telemetry_topic = topics.telemetry(device_id)
@@ -53,9 +62,14 @@ class Publisher:
         # I/O-thread state: seq -> mid of frames sent on this connection, and the last seq sent.
         self._inflight: Dict[int, int] = {}
         self._cursor: Optional[int] = None
+        # seq -> connections that broke while it was the oldest unacknowledged frame in flight
+        self._suspects: Dict[int, int] = {}
+        self._write_failing = False
         self.frames_sent = 0
         self.frames_acked = 0
         self.oversize_refused = 0
+        self.spool_write_failed = 0
+        self.dead_letters = len(self.spool.dead_letters())
         self.telemetry_dropped = 0
         self.telemetry_sent = 0
         self._mqtt = MqttClient(cfg.mqtt, f"kestrel-edge-{device_id}", will=self._will,
@@ -110,11 +124,13 @@ class Publisher:
 
     # -- frames ---------------------------------------------------------------------------------
 
-    def publish_frame(self, frame: kestrel_pb2.Frame) -> None:
+    def publish_frame(self, frame: kestrel_pb2.Frame) -> bool:
         """Assign ``frame.sequence`` and store the frame durably; it is sent in order in the background.
+        True when the frame is in the spool.
 
         A frame whose encoded message exceeds ``[mqtt] max_payload_bytes`` is refused (one ERROR line,
-        counted in ``oversize_refused``) and consumes no sequence number.
+        counted in ``oversize_refused``) and consumes no sequence number. A spool write that fails is
+        counted in ``spool_write_failed`` and logged once until a write succeeds again.
         """
         limit = self.cfg.mqtt.max_payload_bytes
 
@@ -134,17 +150,37 @@ class Publisher:
             self.oversize_refused += 1
             frame.sequence = 0
             log.error("publisher: %s", exc)
+            return False
         except FrameError as exc:
             self.oversize_refused += 1
             frame.sequence = 0
             log.error("publisher: frame %r refused: %s", frame.frame_id, exc)
+            return False
+        except StorageError as exc:
+            self.spool_write_failed += 1
+            frame.sequence = 0
+            if not self._write_failing:
+                self._write_failing = True
+                log.error("publisher: %s; sampled frames are counted and dropped until the spool can be "
+                          "written again (free space in %s)", exc, self.spool.dir)
+            return False
+        if self._write_failing:
+            self._write_failing = False
+            log.info("publisher: the spool is writable again (%d frames could not be stored)",
+                     self.spool_write_failed)
+        return True
 
     def _pump(self) -> None:
-        """I/O thread: send spooled frames after the cursor while the in-flight window has room."""
+        """I/O thread: send spooled frames after the cursor while the in-flight window has room.
+        A suspect frame (see the module doc) is sent alone: nothing else until it is acknowledged."""
+        if self._suspects and self._inflight and min(self._inflight) in self._suspects:
+            return
         room = self.cfg.mqtt.max_inflight - len(self._inflight)
         if room <= 0:
             return
         for seq, payload in self.spool.after(self._cursor, room):
+            if seq in self._suspects and self._inflight:
+                return  # wait until the window is empty, then send the suspect alone
             mid = self._mqtt.publish_now(self._frames_topic, payload, topics.QOS_FRAMES, False,
                                          on_ack=functools.partial(self._acked, seq))
             if mid is None:
@@ -152,9 +188,12 @@ class Publisher:
             self._inflight[seq] = mid
             self._cursor = seq
             self.frames_sent += 1
+            if seq in self._suspects:
+                return
 
     def _acked(self, seq: int) -> None:
         self._inflight.pop(seq, None)
+        self._suspects.pop(seq, None)
         self.spool.remove(seq)
         self.frames_acked += 1
         with self._cond:
@@ -171,10 +210,29 @@ class Publisher:
             self._cond.notify_all()
 
     def _on_disconnected(self) -> None:
+        if self._inflight:
+            self._blame(min(self._inflight))
         self._inflight.clear()
         self._cursor = None
         with self._cond:
             self._cond.notify_all()
+
+    def _blame(self, seq: int) -> None:
+        """The connection broke while ``seq`` was the oldest frame in flight."""
+        n = self._suspects.get(seq, 0) + 1
+        limit = self.cfg.mqtt.max_send_attempts
+        if n < limit:
+            self._suspects[seq] = n
+            return
+        self._suspects.pop(seq, None)
+        where = self.spool.set_aside(seq)
+        if where is None:
+            return
+        self.dead_letters += 1
+        log.error("publisher: frame seq=%d was in flight each time the broker closed the connection (%d "
+                  "connections, the last %d with nothing else in flight): set aside as %s so the frames "
+                  "behind it can go (check the broker's max_packet_size and ACLs; %d set aside so far)",
+                  seq, n, n - 1, where, self.dead_letters)
 
     # -- lifecycle ------------------------------------------------------------------------------
 

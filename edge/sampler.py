@@ -10,22 +10,33 @@ A frame is *low confidence* when any configured strategy fires:
 A low-confidence frame is then *sent* unless a rolling rate limit (per minute/hour/day) is full
 or its 64-bit perceptual hash is within ``dedup_distance`` of a frame sent in the last
 ``dedup_window_s`` seconds. Every decision is counted, so telemetry can say why frames were not sent.
+
+The rate limits hold across restarts (a daemon in a crash loop must not exceed its daily budget):
+with ``state_path`` every sent frame appends its wall-clock time to that file (one line, fsynced);
+it is read back at start and compacted (atomically) when it grows to twice what the limits need.
+A torn last line (power cut) is ignored.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from edge import atomic
 from edge.config import SamplerConfig
 from edge.phash import dhash, hamming
 from proto import kestrel_pb2
+
+log = logging.getLogger(__name__)
 
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 DEFAULT_CONFIDENCE_THRESHOLD = 0.6  # when neither the config nor the model's bundle sets one
@@ -75,11 +86,73 @@ class RateLimiter:
     """Rolling-window limits: at most N events in any trailing minute, hour and day."""
 
     def __init__(self, per_minute: int, per_hour: int, per_day: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, state_path: Optional[Path] = None,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.limits = [(w, n) for w, n in ((MINUTE, per_minute), (HOUR, per_hour), (DAY, per_day)) if n > 0]
         self.clock = clock
+        self.wall_clock = wall_clock
         longest = max((n for _, n in self.limits), default=0)
         self._events: Deque[float] = collections.deque(maxlen=longest or 1)
+        self.state_path = state_path if self.limits else None
+        self._state_lines = 0
+        self._persist_failed = False
+        if self.state_path is not None:
+            self._load()
+
+    # -- persistence (wall-clock times on disk, the injected monotonic clock in memory) -----------
+    def _load(self) -> None:
+        assert self.state_path is not None
+        try:
+            text = self.state_path.read_text()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("sampler: cannot read the rate-limit state %s (%s); starting with empty windows",
+                        self.state_path, exc.strerror or exc)
+            return
+        walls = []
+        for line in text.splitlines():
+            try:
+                walls.append(float(line))
+            except ValueError:
+                continue  # a torn last line
+        now_wall, now = self.wall_clock(), self.clock()
+        horizon = max(w for w, _ in self.limits)
+        for w in sorted(walls):
+            age = now_wall - w
+            if 0 <= age < horizon:
+                self._events.append(now - age)
+            elif age < 0:  # the wall clock went back: count it as just now
+                self._events.append(now)
+        self._state_lines = len(walls)
+        if self._events:
+            log.info("sampler: %d frames sent in the last %s count against the rate limits",
+                     len(self._events), "day" if horizon >= DAY else "hour" if horizon >= HOUR else "minute")
+
+    def _persist(self, t: float) -> None:
+        path = self.state_path
+        if path is None:
+            return
+        wall = self.wall_clock() - (self.clock() - t)
+        try:
+            if self._state_lines + 1 > 2 * (self._events.maxlen or 1):
+                now_wall, now = self.wall_clock(), self.clock()
+                atomic.write_text(path, "".join(f"{now_wall - (now - e):.3f}\n" for e in self._events))
+                self._state_lines = len(self._events)
+            else:
+                fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0),
+                             0o644)
+                try:
+                    os.write(fd, f"{wall:.3f}\n".encode())
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                self._state_lines += 1
+            self._persist_failed = False
+        except OSError as exc:  # a statistic on a full disk must not stop frames from going out
+            if not self._persist_failed:
+                log.warning("sampler: cannot persist the rate-limit state %s: %s", path, exc.strerror or exc)
+            self._persist_failed = True
 
     def allow(self) -> bool:
         """True (and record the event) when every window has room."""
@@ -90,7 +163,9 @@ class RateLimiter:
 
     def record(self) -> None:
         if self.limits:
-            self._events.append(self.clock())
+            t = self.clock()
+            self._events.append(t)
+            self._persist(t)
 
     def has_room(self) -> bool:
         """True when every window has room (nothing recorded)."""
@@ -137,9 +212,12 @@ class Sampler:
     """``decide(scores, bgr) -> Decision``; thread-safe; counters in ``counters()``."""
 
     def __init__(self, cfg: SamplerConfig, clock: Callable[[], float] = time.monotonic,
-                 hasher: Callable[[np.ndarray], int] = dhash) -> None:
+                 hasher: Callable[[np.ndarray], int] = dhash, state_path: Optional[Path] = None,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        """``state_path``: where the rate-limit windows persist (None = in memory only)."""
         self.cfg = cfg
-        self.rate = RateLimiter(cfg.max_per_minute, cfg.max_per_hour, cfg.max_per_day, clock)
+        self.rate = RateLimiter(cfg.max_per_minute, cfg.max_per_hour, cfg.max_per_day, clock,
+                                state_path=state_path, wall_clock=wall_clock)
         self.dedup = DuplicateFilter(cfg.dedup_distance, cfg.dedup_window_s, cfg.dedup_history, clock)
         self.hasher = hasher
         self._explicit = cfg.confidence_threshold is not None

@@ -90,7 +90,9 @@ class FrameSource:
 
 
 def _valid(frame: Optional[np.ndarray]) -> bool:
-    return frame is not None and frame.ndim == 3 and frame.shape[2] == 3 and frame.size > 0
+    """An 8-bit BGR image: anything else (16-bit, grey, empty) is counted as a corrupt frame."""
+    return (frame is not None and frame.ndim == 3 and frame.shape[2] == 3 and frame.size > 0
+            and frame.dtype == np.uint8)
 
 
 class FileSource(FrameSource):

@@ -4,6 +4,8 @@ Layout of the spool directory::
 
     00000000000000000042.rec   one file per record, named by its zero-padded sequence number
     seq                        the persisted sequence counter ("next sequence", decimal text)
+    evictions                  how many records the budget evicted, ever (decimal text)
+    dead/NNN.rec               records set aside because the broker kept refusing them
 
 A record file is ``MAGIC (4 bytes) | length (u32 BE) | crc32 (u32 BE) | payload``. It is written to a
 temporary file, fsynced, renamed into place with ``os.replace`` and the directory is fsynced, so after
@@ -17,13 +19,23 @@ after the counter file already covers it.
 
 Eviction rule (documented in docs/edge-transport.md): when appending would exceed ``max_bytes`` or
 ``max_frames``, the OLDEST records are evicted first, because the newest frames reflect the current
-model and scene. Every eviction is counted (``evictions``).
+model and scene. Every eviction is counted (``evictions``, persisted: it survives restarts).
+
+Dead letters: a record the broker keeps refusing (see edge.publisher) is moved, not deleted, to
+``dead/`` by :meth:`Spool.set_aside`, so it no longer blocks the records behind it; at most
+``max_dead`` are kept (the oldest go first, counted as evictions).
+
+Filesystem errors: opening a spool directory that cannot be created or read raises ConfigError
+(check ``[device] data_dir``); a write that fails (disk full, read-only) raises StorageError, after
+one retry that first evicts the oldest record when the disk is full.
 """
 
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
+import os
 import re
 import struct
 import threading
@@ -32,7 +44,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from edge import atomic
-from edge.errors import FrameError
+from edge.errors import ConfigError, FrameError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +53,9 @@ HEADER = struct.Struct(">4sII")
 SUFFIX = ".rec"
 WIDTH = 20
 COUNTER_FILE = "seq"
+EVICTIONS_FILE = "evictions"
+DEAD_DIR = "dead"
+MAX_DEAD = 100
 _NAME = re.compile(r"^(\d{" + str(WIDTH) + r"})\.rec$")
 
 
@@ -66,18 +81,38 @@ def decode_record(blob: bytes) -> bytes:
 class Spool:
     """Thread-safe durable FIFO of byte records keyed by a monotonic sequence number."""
 
-    def __init__(self, directory: Path, max_bytes: int, max_frames: int, fsync: bool = True) -> None:
+    def __init__(self, directory: Path, max_bytes: int, max_frames: int, fsync: bool = True,
+                 max_dead: int = MAX_DEAD) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = int(max_bytes)
         self.max_frames = int(max_frames)
+        self.max_dead = int(max_dead)
         self.fsync = fsync
-        self.evictions = 0
         self.corrupt = 0
         self._lock = threading.RLock()
         self._index: Dict[int, int] = {}  # seq -> size on disk
         self._seqs: List[int] = []  # sorted, oldest first
         self._bytes = 0
+        try:
+            found = self._scan()
+        except OSError as exc:
+            raise ConfigError(f"cannot use the spool directory {self.dir}: {exc.strerror or exc}; "
+                              "check [device] data_dir (it must be a writable directory)") from exc
+        for seq, size in sorted(found):
+            self._index[seq] = size
+            self._seqs.append(seq)
+            self._bytes += size
+        self.evictions = self._read_int(EVICTIONS_FILE)
+        self._persisted_next = self._read_counter()
+        highest = self._seqs[-1] + 1 if self._seqs else 0
+        self._next = max(self._persisted_next, highest)
+        if self._seqs:
+            log.info("spool: %d frames (%d bytes) waiting in %s", len(self._index), self._bytes, self.dir)
+
+    def _scan(self) -> List[Tuple[int, int]]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(str(self.dir), os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "Permission denied (not writable)")
         for tmp in self.dir.iterdir():  # leftovers of a write interrupted before os.replace
             if atomic.is_temp(tmp.name):
                 log.warning("spool: removing unfinished write %s", tmp.name)
@@ -87,31 +122,37 @@ class Spool:
             m = _NAME.match(p.name)
             if m:
                 found.append((int(m.group(1)), p.stat().st_size))
-        for seq, size in sorted(found):
-            self._index[seq] = size
-            self._seqs.append(seq)
-            self._bytes += size
-        self._persisted_next = self._read_counter()
-        highest = self._seqs[-1] + 1 if self._seqs else 0
-        self._next = max(self._persisted_next, highest)
-        if self._seqs:
-            log.info("spool: %d frames (%d bytes) waiting in %s", len(self._index), self._bytes, self.dir)
+        return found
 
-    # -- sequence counter -------------------------------------------------------------------------
+    # -- persisted counters -----------------------------------------------------------------------
 
-    def _read_counter(self) -> int:
-        p = self.dir / COUNTER_FILE
+    def _read_int(self, name: str) -> int:
+        p = self.dir / name
         try:
             return int(p.read_text().strip() or "0")
         except FileNotFoundError:
             return 0
         except (OSError, ValueError) as exc:
-            log.warning("spool: unreadable sequence counter %s (%s); continuing from the records", p, exc)
+            log.warning("spool: unreadable counter %s (%s); starting it from 0", p, exc)
             return 0
 
+    def _read_counter(self) -> int:
+        return self._read_int(COUNTER_FILE)
+
     def _write_counter(self, value: int) -> None:
-        atomic.write_text(self.dir / COUNTER_FILE, str(value), fsync=self.fsync)
+        try:
+            atomic.write_text(self.dir / COUNTER_FILE, str(value), fsync=self.fsync)
+        except OSError as exc:
+            raise StorageError(f"spool: cannot write the sequence counter in {self.dir}: "
+                               f"{exc.strerror or exc}") from exc
         self._persisted_next = value
+
+    def _count_evictions(self, n: int) -> None:
+        self.evictions += n
+        try:
+            atomic.write_text(self.dir / EVICTIONS_FILE, str(self.evictions), fsync=self.fsync)
+        except OSError as exc:  # the count is a statistic: never fail a frame because of it
+            log.debug("spool: cannot persist the eviction count: %s", exc)
 
     def _cover(self, seq: int) -> None:
         """Make sure the counter file is beyond ``seq`` before its record disappears."""
@@ -132,7 +173,9 @@ class Spool:
         """Assign the next sequence, build the payload with ``make(seq)`` and store it durably.
 
         If ``make`` raises, the sequence is not consumed. Evicts the oldest records when the budget
-        is full. A payload larger than the whole byte budget raises FrameError.
+        is full. A payload larger than the whole byte budget raises FrameError; a write the file
+        system refuses raises StorageError (after evicting the oldest record and retrying once
+        when the disk is full).
         """
         with self._lock:
             seq = self._next
@@ -142,29 +185,88 @@ class Spool:
                                  f"({self.max_bytes} bytes): raise [spool] max_bytes")
             while self._index and (self._bytes + len(blob) > self.max_bytes
                                    or len(self._index) + 1 > self.max_frames):
-                old = self._seqs[0]
-                self._delete(old)
-                self.evictions += 1
-                log.warning("spool: budget full (%d frames, %d bytes): evicted oldest frame seq=%d "
-                            "(%d evictions so far)", len(self._index), self._bytes, old, self.evictions)
-            atomic.write_bytes(self._path(seq), blob, fsync=self.fsync)
+                self._evict_oldest("budget full")
+            try:
+                atomic.write_bytes(self._path(seq), blob, fsync=self.fsync)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC or not self._index:
+                    raise StorageError(f"spool: cannot write a frame to {self.dir}: "
+                                       f"{exc.strerror or exc}") from exc
+                self._evict_oldest("disk full")
+                try:
+                    atomic.write_bytes(self._path(seq), blob, fsync=self.fsync)
+                except OSError as exc2:
+                    raise StorageError(f"spool: cannot write a frame to {self.dir}: "
+                                       f"{exc2.strerror or exc2}") from exc2
             self._index[seq] = len(blob)
             self._seqs.append(seq)
             self._bytes += len(blob)
             self._next = seq + 1
             return seq
 
-    def _delete(self, seq: int) -> None:
+    def _evict_oldest(self, why: str) -> None:
+        old = self._seqs[0]
+        self._delete(old)
+        self._count_evictions(1)
+        log.warning("spool: %s (%d frames, %d bytes): evicted oldest frame seq=%d (%d evictions so far)",
+                    why, len(self._index), self._bytes, old, self.evictions)
+
+    def _forget(self, seq: int) -> bool:
+        """Drop ``seq`` from the index (after the counter covers it); False if unknown."""
         size = self._index.pop(seq, None)
         if size is None:
-            return
+            return False
         del self._seqs[bisect.bisect_left(self._seqs, seq)]
         self._bytes -= size
         self._cover(seq)
+        return True
+
+    def _delete(self, seq: int) -> None:
+        if not self._forget(seq):
+            return
         try:
             self._path(seq).unlink()
         except FileNotFoundError:
             pass
+        except OSError as exc:  # a read-only remount: the record comes back after a restart (a duplicate)
+            log.warning("spool: cannot delete %s: %s", self._path(seq).name, exc.strerror or exc)
+
+    @property
+    def dead_dir(self) -> Path:
+        return self.dir / DEAD_DIR
+
+    def set_aside(self, seq: int) -> Optional[Path]:
+        """Move record ``seq`` to ``dead/`` (kept, no longer sent); its path there, None if unknown."""
+        with self._lock:
+            src = self._path(seq)
+            if seq not in self._index:
+                return None
+            dead = self.dead_dir
+            try:
+                dead.mkdir(exist_ok=True)
+                os.replace(str(src), str(dead / src.name))
+                atomic.fsync_dir(dead)
+                atomic.fsync_dir(self.dir)
+            except OSError as exc:
+                log.error("spool: cannot move %s to %s (%s): deleting it", src.name, dead, exc.strerror or exc)
+                self._delete(seq)
+                return None
+            self._forget(seq)
+            kept = self.dead_letters()
+            for old in kept[: max(0, len(kept) - self.max_dead)]:
+                try:
+                    old.unlink()
+                    self._count_evictions(1)
+                except OSError:
+                    pass
+            return dead / src.name
+
+    def dead_letters(self) -> List[Path]:
+        """Records set aside, oldest first."""
+        try:
+            return sorted(p for p in self.dead_dir.iterdir() if _NAME.match(p.name))
+        except OSError:
+            return []
 
     def remove(self, seq: int) -> None:
         """Delete a record (after the broker acknowledged it). Unknown sequences are ignored."""

@@ -13,14 +13,15 @@ STATE_ONLINE = "online"
 STATE_OFFLINE = "offline"
 
 
-def _check_segment(value: str, what: str) -> str:
+def check_segment(value: str, what: str) -> str:
+    """``value`` if it is one valid topic segment; ValueError saying what is wrong otherwise."""
     if not value or any(c in value for c in "/+#\x00") or value.startswith("$"):
         raise ValueError(f"invalid {what} {value!r}: must be non-empty, without '/', '+', '#' or a leading '$'")
     return value
 
 
 def device_topic(device_id: str, kind: str) -> str:
-    return f"{PREFIX}/devices/{_check_segment(device_id, 'device id')}/{kind}"
+    return f"{PREFIX}/devices/{check_segment(device_id, 'device id')}/{kind}"
 
 
 def frames(device_id: str) -> str:
@@ -40,7 +41,7 @@ def device_desired(device_id: str) -> str:
 
 
 def group_desired(group: str) -> str:
-    return f"{PREFIX}/groups/{_check_segment(group, 'group')}/desired"
+    return f"{PREFIX}/groups/{check_segment(group, 'group')}/desired"
 
 
 # Wildcards the hub subscribes to.
@@ -51,7 +52,7 @@ ALL_STATUS = f"{PREFIX}/devices/+/status"
 
 def shared(group: str, topic: str) -> str:
     """An MQTT 5 / Mosquitto shared subscription: hub workers in one group split the messages."""
-    return f"$share/{_check_segment(group, 'share group')}/{topic}"
+    return f"$share/{check_segment(group, 'share group')}/{topic}"
 
 
 def parse_device_topic(topic: str) -> tuple[str, str]:

@@ -25,13 +25,12 @@ from tests.helpers.wait import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 LABELS = ["bright", "dark", "mid"]
-pytestmark = pytest.mark.skipif(not (REPO / "edge" / "publisher.py").exists()
-                                or not (REPO / "edge" / "telemetry.py").exists(),
-                                reason="needs edge.publisher and edge.telemetry")
+NO_LIMITS = "dedup_distance = -1\nmax_per_minute = 0\nmax_per_hour = 0\nmax_per_day = 0"
 
 
 def write_toml(tmp: Path, device: str, port: int, source: str, models_dir: Path, extra: str = "",
-               model: str = "", threshold: str = "confidence_threshold = 0.6") -> Path:
+               model: str = "", threshold: str = "confidence_threshold = 0.6", sampler: str = NO_LIMITS,
+               mqtt: str = "") -> Path:
     toml = tmp / "edge.toml"
     model = model or (f'path = "{models_dir / "brightness_int8.tflite"}"\n'
                       f'labels = "{models_dir / "labels.txt"}"')
@@ -47,16 +46,14 @@ threads = 1
 
 [sampler]
 {threshold}
-dedup_distance = -1
-max_per_minute = 0
-max_per_hour = 0
-max_per_day = 0
+{sampler}
 
 [mqtt]
 host = "127.0.0.1"
 port = {port}
 reconnect_min_s = 0.1
 reconnect_max_s = 0.5
+{mqtt}
 
 [telemetry]
 interval_s = 0
@@ -132,31 +129,62 @@ def test_low_confidence_frames_arrive_with_correct_fields(tmp_path, broker, mode
     assert sorted(f.sequence for f in frames) == list(range(len(frames)))
 
 
-def test_sigterm_flushes_every_sampled_frame(tmp_path, broker, models_dir):  # noqa: ANN001
+def boot_id(stderr: str, device: str) -> str:
+    """The boot id the daemon logged at start ("device X boot Y: ...")."""
+    marker = f"device {device} boot "
+    line = next(ln for ln in stderr.splitlines() if marker in ln)
+    return line.split(marker, 1)[1].split(":", 1)[0]
+
+
+def first_occurrences(frames: List[pb.Frame]) -> List[pb.Frame]:
+    """The frames as the hub stores them: deduplicated on frame_id, in arrival order."""
+    seen = set()
+    out = []
+    for f in frames:
+        if f.frame_id not in seen:
+            seen.add(f.frame_id)
+            out.append(f)
+    return out
+
+
+def test_sigterm_flushes_every_sampled_frame(tmp_path, broker_factory, models_dir):  # noqa: ANN001
     device = "cam-e2e-2"
+    broker = broker_factory()
     src = ('[source]\nkind = "testpattern"\nwidth = 160\nheight = 120\nfps = 40\n'
            'pattern_brightness = [0.5, 0.45, 0.55]')
     toml = write_toml(tmp_path, device, broker.port, src, models_dir)
+    spool = tmp_path / "data" / "spool"
     col = Collector(broker.host, broker.port, [topics.frames(device)])
     proc: Optional[subprocess.Popen] = None
     try:
         proc = subprocess.Popen(daemon_cmd(toml), env=env(), cwd=str(tmp_path), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         col.wait_count(5, "/frames", timeout=30)
-        proc.send_signal(signal.SIGTERM)
+        assert broker.proc is not None
+        os.kill(broker.proc.pid, signal.SIGSTOP)  # the broker stalls: sampled frames pile up unacknowledged
+        try:
+            wait_for(lambda: len(list(spool.glob("*.rec"))) >= 30, 30, what="a backlog in the spool")
+            proc.send_signal(signal.SIGTERM)
+        finally:
+            os.kill(broker.proc.pid, signal.SIGCONT)
         _, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0, err[-2000:]
-        s = summary(err)
-        ids = wait_for(lambda: {f.frame_id for f in parse(col.payloads("/frames"))}
-                       if len({f.frame_id for f in parse(col.payloads("/frames"))}) + s["spool_frames"]
-                       >= s["sampled"] else None, 10, what="every sampled frame delivered or spooled")
+        arrived_at_exit = len(col.payloads("/frames"))
     finally:
         col.close()
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert s["sampled"] >= 5 and s["spooled"] == s["sampled"]
-    assert len(ids) + s["spool_frames"] == s["sampled"]
+    assert proc.returncode == 0, err[-2000:]
+    s = summary(err)
+    # every frame was low confidence and nothing limits sending: every processed frame was sampled
+    assert s["sampled"] == s["processed"] >= 30 and s["spooled"] == s["sampled"] and s["sink_errors"] == 0
+    # flushed: the backlog went out before exit, nothing is left in the spool
+    assert s["spool_frames"] == 0 and not list(spool.glob("*.rec"))
+    assert s["frames_acked"] == s["sampled"]
+    boot = boot_id(err, device)
+    got = first_occurrences(parse(col.payloads("/frames")))
+    assert [f.frame_id for f in got] == [f"{device}-{boot}-{n}" for n in range(1, s["sampled"] + 1)]
+    assert arrived_at_exit >= s["sampled"]
 
 
 def test_broker_down_keeps_frames_in_spool(tmp_path, models_dir):  # noqa: ANN001
@@ -361,3 +389,203 @@ def test_second_sigterm_skips_the_wait_and_loses_no_sampled_frame(tmp_path, mode
     s = summary(err)
     assert s["spooled"] == s["sampled"] == s["spool_frames"] >= 3
     assert "Traceback" not in err
+
+
+# --- the broker lost while frames are in flight, the daemon restarted in between ---------------------
+def test_broker_lost_mid_run_then_daemon_restarted_every_frame_once_in_order(tmp_path, models_dir,  # noqa: ANN001
+                                                                           broker_factory):
+    """At-least-once on the wire, exactly once after the hub's dedup on frame_id, always in order.
+
+    Run 1 sends frames live; the broker then hangs (SIGSTOP: frames sent, never acknowledged) and
+    dies (SIGKILL) while the daemon keeps sampling into the spool; run 1 is stopped with SIGTERM.
+    The broker comes back (empty: no persistence), a subscriber re-subscribes, and run 2 (a file)
+    first resends what run 1 left, then its own frames."""
+    device = "cam-outage"
+    b = broker_factory()
+    spool = tmp_path / "data" / "spool"
+    src1 = ('[source]\nkind = "testpattern"\nwidth = 64\nheight = 48\nfps = 25\n'
+            'pattern_brightness = [0.5, 0.45, 0.55]')
+    toml1 = write_toml(tmp_path, device, b.port, src1, models_dir, mqtt="ack_timeout_s = 1.0")
+    col1 = Collector(b.host, b.port, [topics.frames(device)])
+    log1 = tmp_path / "run1.log"
+    proc: Optional[subprocess.Popen] = None
+    try:
+        with open(log1, "w") as err1:
+            proc = subprocess.Popen(daemon_cmd(toml1), env=env(), cwd=str(tmp_path), stdout=subprocess.DEVNULL,
+                                    stderr=err1, text=True)
+        col1.wait_count(5, "/frames", timeout=30)
+        assert b.proc is not None
+        os.kill(b.proc.pid, signal.SIGSTOP)
+        wait_for(lambda: "no PUBACK" in log1.read_text(), 20, what="the daemon noticed missing PUBACKs")
+        b.proc.kill()  # dies with unacknowledged frames in flight
+        b.proc.wait(10)
+        records = len(list(spool.glob("*.rec")))
+        wait_for(lambda: len(list(spool.glob("*.rec"))) >= records + 5, 20, what="more frames spooled offline")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    finally:
+        col1.close()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = log1.read_text()
+    assert proc.returncode == 0, err[-2000:]
+    s1 = summary(err)
+    assert s1["spool_frames"] > 5 and s1["sampled"] == s1["spooled"] == s1["processed"]
+    boot1 = boot_id(err, device)
+
+    b.start()
+    col2 = Collector(b.host, b.port, [topics.frames(device)])
+    try:
+        levels = [0.5, 0.45, 0.55, 0.5]
+        video = write_video(tmp_path / "run2.avi", levels, width=64, height=48)
+        toml2 = write_toml(tmp_path, device, b.port, f'[source]\nkind = "file"\nuri = "{video}"', models_dir)
+        run2 = subprocess.run(daemon_cmd(toml2), env=env(), cwd=str(tmp_path), capture_output=True, text=True,
+                              timeout=60)
+        assert run2.returncode == 0, run2.stderr[-2000:]
+        s2 = summary(run2.stderr)
+        assert s2["spool_frames"] == 0 and s2["sampled"] == len(levels)
+        boot2 = boot_id(run2.stderr, device)
+        total = s1["sampled"] + s2["sampled"]
+        col2.wait_count(s1["spool_frames"] + s2["sampled"], "/frames", timeout=30)
+        frames = parse(col1.payloads("/frames") + col2.payloads("/frames"))
+    finally:
+        col2.close()
+    stored = first_occurrences(frames)
+    expected = ([f"{device}-{boot1}-{n}" for n in range(1, s1["sampled"] + 1)]
+                + [f"{device}-{boot2}-{n}" for n in range(1, s2["sampled"] + 1)])
+    assert [f.frame_id for f in stored] == expected  # nothing lost, nothing reordered
+    assert [f.sequence for f in stored] == list(range(total))
+    # duplicates on the wire are only frames that were in flight when the link broke
+    assert len(frames) - len(stored) <= 20
+
+
+# --- rate limits and near-duplicate suppression, through the daemon and a real broker -------------------
+def blocky_video(path: Path, n: int, seed: int = 0) -> Path:
+    """``n`` different random blocky scenes of mean brightness ~0.5 (all low confidence, all far apart
+    in perceptual hash)."""
+    rng = np.random.default_rng(seed)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 10.0, (160, 120))
+    for _ in range(n):
+        small = rng.integers(60, 196, (12, 16, 3), dtype=np.uint8)
+        writer.write(np.kron(small, np.ones((10, 10, 1), np.uint8)))
+    writer.release()
+    return path
+
+
+def test_static_scene_is_sent_once(tmp_path, broker, models_dir):  # noqa: ANN001
+    device = "cam-static"
+    video = write_video(tmp_path / "static.avi", [0.5] * 30, width=160, height=120, texture=False)
+    toml = write_toml(tmp_path, device, broker.port, f'[source]\nkind = "file"\nuri = "{video}"', models_dir,
+                      sampler="dedup_distance = 6\nmax_per_minute = 0\nmax_per_hour = 0\nmax_per_day = 0")
+    col = Collector(broker.host, broker.port, [topics.frames(device)])
+    try:
+        run = subprocess.run(daemon_cmd(toml), env=env(), cwd=str(tmp_path), capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 0, run.stderr[-2000:]
+        s = summary(run.stderr)
+        assert s["processed"] == 30 and s["sampler"]["low_confidence"] == 30
+        assert s["sampled"] == 1 and s["sampler"]["duplicate"] == 29 and s["frames_acked"] == 1
+        frames = parse(col.wait_count(1, "/frames"))
+    finally:
+        col.close()
+    assert [f.frame_id for f in frames] == [f"{device}-{boot_id(run.stderr, device)}-1"]
+
+
+def test_rate_limit_holds_and_survives_a_restart(tmp_path, broker, models_dir):  # noqa: ANN001
+    device = "cam-rate"
+    video = blocky_video(tmp_path / "scenes.avi", 12)
+    toml = write_toml(tmp_path, device, broker.port, f'[source]\nkind = "file"\nuri = "{video}"', models_dir,
+                      sampler="dedup_distance = 6\nmax_per_minute = 4\nmax_per_hour = 0\nmax_per_day = 0")
+    col = Collector(broker.host, broker.port, [topics.frames(device)])
+    try:
+        first = subprocess.run(daemon_cmd(toml), env=env(), cwd=str(tmp_path), capture_output=True, text=True,
+                               timeout=60)
+        assert first.returncode == 0, first.stderr[-2000:]
+        s = summary(first.stderr)
+        assert s["sampler"]["low_confidence"] == 12 and s["sampler"]["duplicate"] == 0
+        assert s["sampled"] == 4 and s["sampler"]["rate_limited"] == 8 and s["frames_acked"] == 4
+        frames = parse(col.wait_count(4, "/frames"))
+        boot = boot_id(first.stderr, device)
+        assert [f.frame_id for f in frames] == [f"{device}-{boot}-{n}" for n in range(1, 5)]
+        # a restart within the minute (a crash loop) does not get a fresh budget
+        second = subprocess.run(daemon_cmd(toml), env=env(), cwd=str(tmp_path), capture_output=True, text=True,
+                                timeout=60)
+        assert second.returncode == 0, second.stderr[-2000:]
+        s2 = summary(second.stderr)
+        assert s2["sampled"] == 0 and s2["sampler"]["rate_limited"] == 12
+        assert "4 frames sent in the last minute count against the rate limits" in second.stderr
+        assert len(col.payloads("/frames")) == 4
+    finally:
+        col.close()
+
+
+# --- the GStreamer source through `kestrel-edge run` ----------------------------------------------------
+def test_gstreamer_source_through_the_daemon(tmp_path, broker, models_dir, gst):  # noqa: ANN001
+    device = "cam-gst"
+    src = ('[source]\nkind = "gstreamer"\nname = "csi-sim"\nwidth = 96\nheight = 72\n'
+           'uri = "videotestsrc num-buffers=12 pattern=solid-color foreground-color=0xff808080"\n\n'
+           '[pipeline]\ndrop_policy = "block"')  # videotestsrc runs faster than a camera: count every frame
+    toml = write_toml(tmp_path, device, broker.port, src, models_dir)
+    col = Collector(broker.host, broker.port, [topics.frames(device)])
+    try:
+        run = subprocess.run(daemon_cmd(toml), env=env(), cwd=str(tmp_path), capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 0, run.stderr[-2000:]
+        s = summary(run.stderr)
+        assert s["captured"] == s["processed"] == s["sampled"] == 12 and s["corrupt"] == 0
+        frames = parse(col.wait_count(12, "/frames"))
+    finally:
+        col.close()
+    assert all(f.source == "csi-sim" and (f.width, f.height) == (96, 72) for f in frames)
+    img = cv2.imdecode(np.frombuffer(frames[0].image, np.uint8), cv2.IMREAD_COLOR)
+    assert abs(float(img.mean()) - 128) < 8  # the grey videotestsrc made, not a blank buffer
+
+
+# --- bad input: one line, exit 2, no traceback ------------------------------------------------------------
+@pytest.mark.parametrize("edit, message", [
+    (('id = "cam-cc"', 'id = "$dev"'), "invalid id '$dev'"),
+    (('id = "cam-cc"', 'id = "cam-cc"\ngroup = "a/b"'), "invalid group 'a/b'"),
+    (("metrics_port = 0", "metrics_port = 70000"), "metrics_port must be 0..65535"),
+    (("interval_s = 0", "interval_s = -1"), "interval_s must be >= 0"),
+    (("[update]", "[spool]\nmax_frames = 0\n\n[update]"), "max_frames must be > 0"),
+    (("port = ", "ack_timeout_s = 0\nport = "), "ack_timeout_s must be > 0"),
+    (("port = ", "password_file = \"/nonexistent/pw\"\nport = "), "mqtt.password_file: /nonexistent/pw"),
+    (("max_per_hour = 0", "max_per_hour = -3"), "max_per_hour must be >= 0"),
+])
+def test_bad_config_is_one_line(tmp_path, models_dir, edit, message):  # noqa: ANN001
+    good = write_toml(tmp_path, "cam-cc", 1883, '[source]\nkind = "testpattern"', models_dir)
+    text = good.read_text()
+    assert edit[0] in text
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace(edit[0], edit[1], 1))
+    for extra in (["--check-config"], []):
+        res = subprocess.run(daemon_cmd(bad, *extra), env=env(), capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2, res.stderr[-2000:]
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("kestrel-edge run: error:")]
+        assert len(errors) == 1 and message in errors[0], res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
+
+
+def test_unusable_data_dir_and_broken_model_are_one_line(tmp_path, models_dir):  # noqa: ANN001
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    good = write_toml(tmp_path, "cam-dd", 1883, '[source]\nkind = "testpattern"', models_dir)
+    bad_dir = tmp_path / "bad-dir.toml"
+    bad_dir.write_text(good.read_text().replace(f'data_dir = "{tmp_path / "data"}"',
+                                                f'data_dir = "{blocker / "data"}"'))
+    garbage = tmp_path / "garbage.tflite"
+    garbage.write_bytes(b"TFL3" + bytes(range(256)) * 4)
+    bad_model = tmp_path / "bad-model.toml"
+    bad_model.write_text(good.read_text().replace(str(models_dir / "brightness_int8.tflite"), str(garbage)))
+    cases = [(bad_dir, ["--check-config"], f"device.data_dir: {blocker / 'data'}"),
+             (bad_dir, [], f"{blocker} is not a directory"),
+             (bad_model, ["--check-config"], "is not a loadable TFLite model"),
+             (bad_model, [], "is not a loadable TFLite model")]
+    for toml, extra, message in cases:
+        res = subprocess.run(daemon_cmd(toml, *extra), env=env(), cwd=str(tmp_path), capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 2, res.stderr[-2000:]
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("kestrel-edge run: error:")]
+        assert len(errors) == 1 and message in errors[0], (extra, res.stderr[-2000:])
+        assert "Traceback" not in res.stderr

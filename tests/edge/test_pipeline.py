@@ -115,3 +115,44 @@ def test_drop_policy_override(models_dir, policy):  # noqa: ANN001
     assert p.drop_oldest == (policy == "drop_oldest")
     p.run()
     assert p.captured == 3
+
+
+def test_a_frame_that_fails_unexpectedly_is_counted_and_the_run_goes_on(models_dir, caplog):  # noqa: ANN001
+    """A real OpenCV error on the inference thread (here from the sampler's hash on every low-confidence
+    frame) costs that frame only: counted, logged once, the next frames are processed."""
+    import logging
+
+    import cv2
+    import numpy as np
+
+    from edge.phash import dhash
+
+    def broken_hash(img: np.ndarray) -> int:
+        return dhash(img[:0])  # cv2.resize of an empty image: cv2.error
+
+    with pytest.raises(cv2.error):
+        broken_hash(np.zeros((8, 8, 3), np.uint8))
+    model = load_model(models_dir / "brightness_int8.tflite", labels=LABELS, threads=1)
+    rec = Recorder()
+    levels = [0.9, 0.5] * 5  # 5 confident frames, 5 low-confidence ones (those fail)
+    src = open_source(SourceConfig(kind="testpattern", width=64, height=48, fps=0, max_frames=len(levels),
+                                   pattern_brightness=levels))
+    smp = Sampler(SamplerConfig(max_per_minute=0, max_per_hour=0, max_per_day=0, dedup_distance=6),
+                  hasher=broken_hash)
+    p = Pipeline(src, ModelHolder(model), smp, rec.sink, PipelineConfig(), observers=[rec.observe])
+    with caplog.at_level(logging.DEBUG, logger="edge.pipeline"):
+        p.run()
+    assert p.processed == len(levels) and p.errors == 5 and p.error_kinds == {"error": 5}
+    assert [r.seq for r in rec.results] == [1, 3, 5, 7, 9] and rec.sampled == []
+    logged = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(logged) == 1 and "frame 2 could not be processed" in logged[0].getMessage()
+
+
+def test_sixteen_bit_frames_are_counted_as_corrupt(tmp_path):  # noqa: ANN001
+    import numpy as np
+
+    from edge.sources import _valid
+
+    assert _valid(np.zeros((4, 4, 3), np.uint8))
+    assert not _valid(np.zeros((4, 4, 3), np.uint16))
+    assert not _valid(np.zeros((4, 4), np.uint8)) and not _valid(None)

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -340,9 +341,9 @@ def test_auth_refused_is_one_error_and_no_tight_loop(auth_broker, tmp_path: Path
         wait_for(lambda: bad.state == "auth_failed", 10, what="auth_failed state")
         assert isinstance(bad.last_error, AuthError)
         assert "refused our credentials" in str(bad.last_error)
-        # A tight loop would retry every reconnect_min_s (0.05 s): watch a window 20x that long.
-        with pytest.raises(AssertionError):
-            wait_for(lambda: bad.mqtt.connect_attempts > 1, timeout=1.0)
+        # not a tight loop: the next attempt is scheduled auth_retry_s (60 s) later, not reconnect_min_s
+        wait_for(lambda: bad.mqtt.next_attempt_at > 0, 5, what="the next attempt scheduled")
+        assert bad.mqtt.next_attempt_at - time.monotonic() > 50.0
         assert bad.mqtt.connect_attempts == 1
         assert not bad.connected
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -406,6 +407,85 @@ def test_missing_puback_reconnects_and_resends_without_loss(broker_factory, tmp_
         assert first_seen == list(range(6))  # duplicates allowed on the wire, never loss or reorder
     finally:
         col.close()
+
+
+def test_frame_the_broker_refuses_is_set_aside_and_does_not_block_the_rest(broker_factory, tmp_path: Path,
+                                                                          publishers, caplog) -> None:  # noqa: ANN001
+    """A broker that closes the connection on a packet over its max_packet_size: the frame is sent
+    alone a few times, then set aside (kept in dead/), and the frames behind it arrive; no tight
+    reconnect loop (the backoff grows across the short-lived connections)."""
+    b = broker_factory(max_packet_size=2000)
+    dev = "poison1"
+    col = Collector(b.host, b.port, [topics.frames(dev)])
+    try:
+        pub = publishers(make_cfg(b.host, b.port, max_send_attempts=3), dev, tmp_path / "spool")
+        with caplog.at_level(logging.INFO, logger="edge"):
+            assert pub.publish_frame(frame(0, dev, size=5000))  # stored: only the broker refuses it
+            assert pub.publish_frame(frame(1, dev, size=10))
+            assert pub.publish_frame(frame(2, dev, size=10))
+            pub.start()
+            got = decode_frames(col.wait_count(2, "/frames", timeout=30))
+            wait_for(lambda: pub.spool_stats()[1] == 0, 10, what="spool drained")
+        assert [(f.frame_id, f.sequence) for f in got] == [(f"{dev}-1", 1), (f"{dev}-2", 2)]
+        assert pub.dead_letters == 1
+        dead = pub.spool.dead_letters()
+        assert [p.name for p in dead] == ["00000000000000000000.rec"]
+        from edge.spool import decode_record
+
+        kept = kestrel_pb2.Frame.FromString(decode_record(dead[0].read_bytes()))
+        assert kept.frame_id == f"{dev}-0" and len(kept.image) == 5000
+        set_aside = [r for r in caplog.records if "set aside" in r.getMessage()]
+        assert len(set_aside) == 1 and set_aside[0].levelno == logging.ERROR
+        assert "max_packet_size" in set_aside[0].getMessage()
+        # three connections carried frame 0 (then it was set aside) and one more carried the rest
+        assert pub.mqtt.connections == 4
+        delays = list(pub.mqtt.delays)
+        assert delays[:3] == [0.05, 0.1, 0.2], delays  # not reset by the short-lived connections
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "edge.mqttclient"]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]  # one line for the whole episode
+    finally:
+        col.close()
+    again = Publisher(make_cfg(b.host, b.port), dev, tmp_path / "spool")  # the count survives a restart
+    assert again.dead_letters == 1 and again.spool.next_sequence == 3
+
+
+def test_broker_outage_is_one_warning_line(broker_factory, tmp_path: Path, publishers, caplog) -> None:  # noqa: ANN001
+    b = broker_factory()
+    dev = "outlog1"
+    pub = publishers(make_cfg(b.host, b.port), dev, tmp_path / "spool")
+    pub.start()
+    wait_for(lambda: pub.connected, 10, what="connected")
+    with caplog.at_level(logging.DEBUG, logger="edge.mqttclient"):
+        b.stop()
+        wait_for(lambda: not pub.connected, 10, what="link lost")
+        attempts = pub.mqtt.connect_attempts
+        wait_for(lambda: pub.mqtt.connect_attempts >= attempts + 3, 10, what="3 failed reconnect attempts")
+        b.start()
+        wait_for(lambda: pub.connected, 10, what="reconnected")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "lost" in warnings[0], warnings
+    quiet = [r for r in caplog.records if r.levelno == logging.DEBUG and "cannot reach broker" in r.getMessage()]
+    assert len(quiet) >= 3  # the later attempts are still visible at DEBUG
+
+
+def test_spool_write_failure_is_logged_once_and_counted(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    import resource
+
+    dev = "full1"
+    pub = Publisher(make_cfg("", 1883), dev, tmp_path / "spool")  # no broker: frames stay in the spool
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    with caplog.at_level(logging.INFO, logger="edge.publisher"):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # a real write error (EFBIG) past 4 KiB
+        try:
+            stored = [pub.publish_frame(frame(i, dev, size=8000)) for i in range(3)]
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert stored == [False] * 3 and pub.spool_write_failed == 3 and pub.spool_stats()[1] == 0
+        assert pub.publish_frame(frame(3, dev, size=8000))
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "cannot write a frame" in errors[0] and "free space" in errors[0]
+    assert any("writable again (3 frames could not be stored)" in r.getMessage() for r in caplog.records)
+    assert [q for q, _ in pub.spool.after(None, 10)] == [0]
 
 
 # ---- the subprocess publisher ----------------------------------------------------------------------

@@ -72,9 +72,10 @@ def test_rate_limits_hold_with_injected_clock():
     clock.t += 61
     assert not s.decide(low).send       # hour limit still full
     clock.t += 3600
-    assert s.decide(low).send
+    assert s.decide(low).send           # the hour is clear again; the minute holds 1 of 3
     d = s.decide(low)
-    assert d.low_confidence and d.skipped in ("", "rate_limited")
+    assert d.low_confidence and d.send and d.skipped == ""
+    assert [s.decide(low).skipped for _ in range(2)] == ["", "rate_limited"]  # the minute's 3rd, then full
 
 
 def test_day_limit():
@@ -148,3 +149,49 @@ def test_duplicates_judged_on_the_models_thumbnail(models_dir):
     assert [d.send for d in verdicts] == [True, False, True]
     assert verdicts[1].skipped == "duplicate"
     assert hashed == [(64, 64)] * 3                            # the thumbnail was hashed, never the frame
+
+
+def test_rate_limit_windows_persist_across_restarts(tmp_path):  # noqa: ANN001
+    """Two "processes" (samplers with their own monotonic clocks) share the state file; wall time goes on."""
+    state = tmp_path / "sent.log"
+    wall = Clock()
+    wall.t = 1_700_000_000.0
+    low = np.array([0.4, 0.3, 0.3])
+    first = Sampler(cfg(max_per_minute=3, max_per_day=5), clock=Clock(), state_path=state, wall_clock=wall)
+    assert [first.decide(low).send for _ in range(4)] == [True, True, True, False]
+    assert len(state.read_text().splitlines()) == 3
+    wall.t += 30                                     # a restart 30 s later: the minute is still full
+    mono = Clock()
+    mono.t = 5.0                                     # a new process: its monotonic clock starts elsewhere
+    second = Sampler(cfg(max_per_minute=3, max_per_day=5), clock=mono, state_path=state, wall_clock=wall)
+    assert not second.decide(low).send
+    mono.t += 31
+    wall.t += 31                                     # the minute has passed; the day allows 2 more
+    assert [second.decide(low).send for _ in range(3)] == [True, True, False]
+    with open(state, "a") as fh:
+        fh.write("17000")                            # a torn last line (power cut mid-write)
+    wall.t += 60
+    third = Sampler(cfg(max_per_minute=3, max_per_day=5), clock=Clock(), state_path=state, wall_clock=wall)
+    assert not third.decide(low).send and third.counters()["rate_limited"] == 1   # the day holds 5
+    wall.t += 86400
+    fourth = Sampler(cfg(max_per_minute=3, max_per_day=5), clock=Clock(), state_path=state, wall_clock=wall)
+    assert fourth.decide(low).send                   # a day later everything has expired
+
+
+def test_rate_state_file_is_compacted(tmp_path):  # noqa: ANN001
+    state = tmp_path / "sent.log"
+    clock, wall = Clock(), Clock()
+    s = Sampler(cfg(max_per_minute=2), clock=clock, state_path=state, wall_clock=wall)
+    low = np.array([0.4, 0.3, 0.3])
+    for _ in range(20):
+        clock.t += 61
+        wall.t += 61
+        assert s.decide(low).send
+    assert len(state.read_text().splitlines()) <= 4  # never more than twice what the limits need
+
+
+def test_no_limits_no_state_file(tmp_path):  # noqa: ANN001
+    state = tmp_path / "sent.log"
+    s = Sampler(cfg(), state_path=state)
+    assert all(s.decide(np.array([0.4, 0.3, 0.3])).send for _ in range(5))
+    assert not state.exists()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import resource
 from pathlib import Path
 
 import pytest
 
-from edge.errors import FrameError
+from edge.errors import ConfigError, FrameError, StorageError
 from edge.spool import HEADER, Spool, decode_record, encode_record
 
 BIG = 10 * 1024 * 1024
@@ -123,3 +124,49 @@ def test_record_codec_detects_each_kind_of_damage() -> None:
         decode_record(rec[:-1])
     with pytest.raises(FrameError, match="checksum"):
         decode_record(rec[:-1] + b"H")
+
+
+def test_evictions_are_counted_across_restarts(tmp_path: Path) -> None:
+    s = Spool(tmp_path, BIG, 2)
+    for i in range(5):
+        s.append(lambda seq, i=i: b"e%d" % i)
+    assert s.stats()[2] == 3
+    again = Spool(tmp_path, BIG, 2)
+    assert again.stats()[1:] == (2, 3)  # a crash loop cannot hide how much was evicted
+    again.append(lambda seq: b"e5")
+    assert Spool(tmp_path, BIG, 2).evictions == 4
+
+
+def test_set_aside_moves_a_record_out_of_the_queue(tmp_path: Path) -> None:
+    s = Spool(tmp_path, BIG, 1000, max_dead=2)
+    for i in range(5):
+        s.append(lambda seq, i=i: b"r%d" % i)
+    where = s.set_aside(0)
+    assert where is not None and where.parent == tmp_path / "dead" and decode_record(where.read_bytes()) == b"r0"
+    assert s.sequences() == [1, 2, 3, 4] and s.set_aside(0) is None
+    s.set_aside(1)
+    s.set_aside(2)  # only max_dead are kept: the oldest goes (and counts as an eviction)
+    assert [p.name[-6:] for p in s.dead_letters()] == ["01.rec", "02.rec"] and s.evictions == 1
+    again = Spool(tmp_path, BIG, 1000)
+    assert again.sequences() == [3, 4] and again.next_sequence == 5
+
+
+def test_a_directory_that_cannot_be_used_is_a_config_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=r"cannot use the spool directory .*file/spool: .*check \[device\] data_dir"):
+        Spool(blocker / "spool", BIG, 10)
+
+
+def test_a_write_the_file_system_refuses_is_a_storage_error(tmp_path: Path) -> None:
+    s = Spool(tmp_path, BIG, 1000)
+    s.append(lambda seq: b"small")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # a real EFBIG from the kernel past 4 KiB
+    try:
+        with pytest.raises(StorageError, match="cannot write a frame"):
+            s.append(lambda seq: b"x" * 10000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert s.sequences() == [0] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert s.append(lambda seq: b"x" * 10000) == 1  # the failed write consumed no sequence

@@ -1,0 +1,181 @@
+"""Sampled frames -> ``kestrel_pb2.Frame`` messages -> the durable spool, off the inference thread.
+
+JPEG-encoding a camera frame and writing it to the spool (fsync) cost milliseconds; done on the
+inference thread they would slow every frame behind a sampled one. :class:`SinkWorker` takes
+sampled frames through a bounded queue (``[pipeline] sink_queue_size``) and does that work on its
+own thread. When the queue is full the inference thread waits (back-pressure): a sampled frame is
+never dropped. :meth:`SinkWorker.close` drains the queue before it returns, and a frame handed
+over after close() is processed on the caller's thread, so nothing sampled is lost on SIGTERM.
+
+:class:`FrameBuilder` makes the message: JPEG (``[sampler] jpeg_quality``, downscaled to
+``max_image_side``), top-k scores with labels, reasons, ids. A message over ``[mqtt]
+max_payload_bytes`` is re-encoded smaller (lower quality, then half the size, REENCODE_STEPS times)
+before the publisher's last guard refuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any, Callable, Dict, Optional, Tuple, cast
+
+import cv2
+import numpy as np
+
+from edge.errors import FrameError
+from edge.pipeline import SampledFrame
+from proto import kestrel_pb2
+
+log = logging.getLogger(__name__)
+
+REENCODE_STEPS = 4         # smaller encodings tried for a frame over max_payload_bytes
+REENCODE_MIN_QUALITY = 40  # the first step lowers the quality to this (if it was higher)
+MESSAGE_SLACK = 64         # bytes the publisher still adds (sequence, image_bytes) after building
+_END = object()
+
+
+class FrameBuilder:
+    """Turns a SampledFrame into a kestrel_pb2.Frame (JPEG, top-k, reasons, ids)."""
+
+    def __init__(self, device_id: str, boot_id: str, source_name: str, top_k: int, jpeg_quality: int,
+                 max_side: int, max_bytes: int = 0) -> None:
+        self.device_id = device_id
+        self.boot_id = boot_id
+        self.source_name = source_name
+        self.top_k = top_k
+        self.jpeg_quality = jpeg_quality
+        self.max_side = max_side
+        self.max_bytes = max_bytes
+        self.reencoded = 0  # frames that needed a smaller encoding to fit max_bytes
+
+    def encode(self, bgr: np.ndarray, quality: Optional[int] = None, max_side: Optional[int] = None
+               ) -> Tuple[bytes, int, int]:
+        limit = self.max_side if max_side is None else max_side
+        h, w = bgr.shape[:2]
+        side = max(h, w)
+        if limit > 0 and side > limit:
+            f = limit / side
+            w, h = max(1, int(round(w * f))), max(1, int(round(h * f)))
+            bgr = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_AREA)
+        q = self.jpeg_quality if quality is None else quality
+        try:
+            ok, buf = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), int(q)])
+        except cv2.error as exc:
+            raise FrameError(f"JPEG encoding failed: {exc}") from exc
+        if not ok:
+            raise FrameError("JPEG encoding failed")
+        return buf.tobytes(), w, h
+
+    def build(self, s: SampledFrame) -> Any:
+        image, w, h = self.encode(s.bgr)
+        order = np.argsort(-s.scores, kind="stable")[: self.top_k]
+        top = [kestrel_pb2.TopScore(index=int(i), label=s.labels[i] if i < len(s.labels) else str(i),
+                                    score=float(s.scores[i])) for i in order]
+        frame = kestrel_pb2.Frame(
+            frame_id=f"{self.device_id}-{self.boot_id}-{s.seq}", device_id=self.device_id,
+            capture_time_ms=int(s.capture_time * 1000), reasons=cast(Any, s.reasons), top_k=top, image=image,
+            image_format="jpeg", width=w, height=h, source=self.source_name, image_bytes=len(image))
+        if s.model_ref is not None:
+            frame.model.CopyFrom(s.model_ref)
+        if self.max_bytes and frame.ByteSize() + MESSAGE_SLACK > self.max_bytes:
+            self._shrink(frame, s.bgr)
+        return frame
+
+    def _shrink(self, frame: Any, bgr: np.ndarray) -> None:
+        """Re-encode ``frame.image`` smaller until the message fits (or the steps run out)."""
+        quality = min(self.jpeg_quality, REENCODE_MIN_QUALITY)
+        side = max(frame.width, frame.height)
+        for step in range(REENCODE_STEPS):
+            if step:
+                side = max(16, side // 2)
+            image, w, h = self.encode(bgr, quality=quality, max_side=side)
+            frame.image, frame.width, frame.height, frame.image_bytes = image, w, h, len(image)
+            if frame.ByteSize() + MESSAGE_SLACK <= self.max_bytes:
+                self.reencoded += 1
+                log.info("frame %s re-encoded to %dx%d at quality %d (%d bytes) to fit [mqtt] "
+                         "max_payload_bytes=%d", frame.frame_id, w, h, quality, len(image), self.max_bytes)
+                return
+        # still too large: the publisher refuses it (one ERROR line, counted)
+
+
+class SinkWorker:
+    """A bounded hand-off from the inference thread to a thread that builds and spools frames.
+
+    ``publish(frame) -> bool`` stores a built message (the publisher's ``publish_frame``).
+    Counters: ``sampled`` (handed over), ``spooled`` (in the spool), ``refused`` (the publisher
+    would not store it), ``errors`` (building failed).
+    """
+
+    def __init__(self, builder: FrameBuilder, publish: Callable[[Any], bool], queue_size: int) -> None:
+        self.builder = builder
+        self._publish = publish
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=max(1, int(queue_size)))
+        self._lock = threading.Lock()      # counters
+        self._put_lock = threading.Lock()  # orders hand-overs against close(): none is left behind
+        self._closed = False
+        self._thread: Optional[threading.Thread] = None
+        self._error_kinds: Dict[str, int] = {}
+        self.sampled = 0
+        self.spooled = 0
+        self.refused = 0
+        self.errors = 0
+
+    def start(self) -> SinkWorker:
+        self._thread = threading.Thread(target=self._run, name="frame-sink", daemon=True)
+        self._thread.start()
+        return self
+
+    def put(self, s: SampledFrame) -> None:
+        """Hand a sampled frame over (inference thread); waits while the queue is full."""
+        with self._lock:
+            self.sampled += 1
+        with self._put_lock:
+            inline = self._closed or self._thread is None
+            if not inline:
+                self._q.put(s)  # may wait for room; the worker never takes _put_lock
+        if inline:
+            self._handle(s)  # nobody is consuming any more: do it here, lose nothing
+
+    @property
+    def pending(self) -> int:
+        return self._q.qsize()
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """Spool everything handed over so far, stop the thread; True if it finished in time."""
+        with self._put_lock:
+            if self._closed:
+                return self._thread is None or not self._thread.is_alive()
+            self._closed = True
+            if self._thread is None:
+                return True
+            self._q.put(_END)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is _END:
+                break
+            self._handle(item)
+
+    def _handle(self, s: SampledFrame) -> None:
+        try:
+            frame = self.builder.build(s)
+            stored = self._publish(frame)
+        except Exception as exc:  # one frame that cannot be encoded must not stop the others
+            with self._lock:
+                self.errors += 1
+                kind = type(exc).__name__
+                seen = self._error_kinds.get(kind, 0)
+                self._error_kinds[kind] = seen + 1
+            if not seen:
+                log.error("sampled frame %d could not be encoded or spooled (%s: %s); later %s errors are "
+                          "counted, not logged", s.seq, kind, exc, kind, exc_info=exc)
+            return
+        with self._lock:
+            if stored:
+                self.spooled += 1
+            else:
+                self.refused += 1
