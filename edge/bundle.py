@@ -10,9 +10,12 @@ A bundle is one uncompressed POSIX (ustar) tar file, ``*.kbundle``, in canonical
 
 ``verify_bundle`` is pure (bytes in, verdict out: no IO, no clock reads) and checks, in order:
 size limits; the container headers in memory (types, names, sizes, canonical layout: nothing is
-extracted); the signature over the manifest bytes with a trusted key; the manifest schema; every
-file's presence, length and hash; expiry; the version against the installed one. It raises only
-``BundleError`` whose ``reason`` is one of ``REASONS``. Full format: docs/bundle-format.md.
+extracted); the signature over the manifest bytes with a trusted key; the manifest schema (every
+number bounded); every file's presence, length and hash; the model name the caller expects;
+expiry; the version against the installed one and the caller's version floor. It raises only
+``BundleError`` whose ``reason`` is one of ``REASONS``. ``verify_installed`` re-checks a slot that
+was installed earlier (signature against today's trusted keys, files, model name; no time or
+version rule). Full format: docs/bundle-format.md.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ SIG_NAME = "manifest.sig"
 MODEL_FILE = "model.tflite"
 LABELS_FILE = "labels.txt"
 RESERVED = (MANIFEST_NAME, SIG_NAME)
+# Names the updater's slot layout uses next to the payload files (edge.updater.slots): never payload.
+SLOT_RECORD_NAME = "slot.json"
+SLOT_BUNDLE_NAME = "bundle.kbundle"
+RESERVED_PAYLOAD = RESERVED + (SLOT_RECORD_NAME, SLOT_BUNDLE_NAME)
 EXTENSION = ".kbundle"
 
 MiB = 1024 * 1024
@@ -50,18 +57,41 @@ MAX_FILE_BYTES = 200 * MiB
 MAX_MANIFEST_BYTES = 16 * MiB
 MAX_SIG_BYTES = 4096
 MAX_MEMBERS = 64
+# Bounds of the manifest's numbers: whatever is signed must fit the wire (proto uint64/int64) and
+# float arithmetic, so no later consumer can overflow on it.
+MAX_VERSION = 2 ** 63 - 1
+MAX_TIME_S = 253402300799  # 9999-12-31T23:59:59Z
+MAX_LATENCY_BUDGET_MS = 3600 * 1000.0
+MAX_INPUT_SIDE = 8192
+MAX_SCORE = 1e6  # self-test expected scores (probabilities or logits)
+MAX_METRIC_INT = 2 ** 63 - 1
+MAX_LABELS = 65536
+MAX_LABEL_CHARS = 256
+MAX_SELF_TEST_CASES = 256
+MAX_ZERO_POINT = 255
 
 REASONS = (
     "too_large", "truncated", "not_a_bundle", "bad_container", "missing_manifest", "bad_manifest",
     "untrusted_key", "bad_signature", "hash_mismatch", "length_mismatch", "missing_file", "extra_file",
-    "expired", "not_yet_valid", "same_version", "downgrade", "unsupported_schema",
+    "expired", "not_yet_valid", "same_version", "downgrade", "unsupported_schema", "wrong_model",
 )
 
 BLOCK = 512
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
-_KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+# fullmatch with \Z semantics: "$" would also match before a trailing newline ("name\n").
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+_KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
+
+
+def _full(rx: re.Pattern[str], value: Any) -> bool:
+    return isinstance(value, str) and rx.fullmatch(value) is not None
+
+
+def valid_model_name(name: Any) -> bool:
+    """True for a model name a manifest may carry (also used for desired-state messages)."""
+    return _full(_MODEL_NAME_RE, name)
+
 _DTYPE_SIZE = {"float32": 4, "uint8": 1, "int8": 1}
 _MANIFEST_KEYS = {
     "schema_version", "model_name", "version", "created", "expires", "files", "input", "labels",
@@ -119,15 +149,21 @@ class Manifest:
 @dataclasses.dataclass(frozen=True)
 class VerifiedBundle:
     manifest: Manifest
-    files: Dict[str, bytes]  # payload files by name (not manifest.json / manifest.sig)
+    files: Dict[str, memoryview]  # payload files by name (not manifest.json / manifest.sig): views, no copies
     key_id: str
     bundle_sha256: str
     manifest_bytes: bytes
     sig_bytes: bytes
 
     @property
-    def model_bytes(self) -> bytes:
+    def model_view(self) -> memoryview:
+        """The model file's bytes without a copy (a view into the bundle bytes)."""
         return self.files[self.manifest.model_file]
+
+    @property
+    def model_bytes(self) -> bytes:
+        """A copy of the model file's bytes (for runtimes that want ``bytes``)."""
+        return bytes(self.files[self.manifest.model_file])
 
     @property
     def labels(self) -> List[str]:
@@ -246,31 +282,33 @@ def _check_name(name_field: bytes, prefix_field: bytes) -> str:
         raise refuse("bad_container", f"member {name!r} has a path traversal ('..')")
     if len(parts) > 1:
         raise refuse("bad_container", f"member {name!r} is inside a directory; bundles are flat")
-    if not _NAME_RE.match(name):
+    if not _full(_NAME_RE, name):
         raise refuse("bad_container", f"member name {name!r} is not a plain file name")
     return name
 
 
-def parse_container(data: bytes, max_file_bytes: int = MAX_FILE_BYTES) -> List[Tuple[str, bytes]]:
-    """Members (name, bytes) of a canonical bundle container, read in memory; refuses anything else."""
+def parse_container(data: Any, max_file_bytes: int = MAX_FILE_BYTES) -> List[Tuple[str, memoryview]]:
+    """Members (name, content view) of a canonical bundle container, read in memory without copying
+    the contents; refuses anything else. ``data`` is bytes, bytearray or a memoryview."""
+    data = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
     if len(data) < BLOCK:
-        if len(data) >= 263 and data[257:263] != b"ustar\0":
+        if len(data) >= 263 and bytes(data[257:263]) != b"ustar\0":
             raise refuse("not_a_bundle", "not a Kestrel bundle (no tar header)")
         raise refuse("truncated", f"only {len(data)} bytes: the download was cut short")
-    if data[257:263] != b"ustar\0" and any(data[:BLOCK]):
+    if bytes(data[257:263]) != b"ustar\0" and any(bytes(data[:BLOCK])):
         raise refuse("not_a_bundle", "not a Kestrel bundle (no ustar tar header)")
-    members: List[Tuple[str, bytes]] = []
+    members: List[Tuple[str, memoryview]] = []
     seen = set()
     pos = 0
     n = len(data)
     while True:
         if pos + BLOCK > n:
             raise refuse("truncated", f"archive ends inside a member header at byte {n}")
-        hdr = data[pos:pos + BLOCK]
+        hdr = bytes(data[pos:pos + BLOCK])
         if not any(hdr):
             if pos + 2 * BLOCK > n:
                 raise refuse("truncated", "archive ends inside the end-of-archive marker")
-            if any(data[pos + BLOCK:pos + 2 * BLOCK]):
+            if any(bytes(data[pos + BLOCK:pos + 2 * BLOCK])):
                 raise refuse("bad_container", "a single zero block inside the archive")
             if pos + 2 * BLOCK != n:
                 raise refuse("bad_container", f"{n - pos - 2 * BLOCK} bytes after the end of the archive")
@@ -305,7 +343,7 @@ def parse_container(data: bytes, max_file_bytes: int = MAX_FILE_BYTES) -> List[T
             canonical = _header(name, size)
         except ValueError:
             raise refuse("bad_container", f"member {name!r} has an out-of-range size") from None
-        if hdr != canonical or any(data[end:end + _pad(size)]):
+        if hdr != canonical or any(bytes(data[end:end + _pad(size)])):
             raise refuse("bad_container", f"member {name!r} is not in canonical form "
                                           "(header or padding altered)")
         members.append((name, data[start:end]))
@@ -329,19 +367,55 @@ def _is_num(v: Any) -> bool:
     return (isinstance(v, (int, float))) and not isinstance(v, bool)
 
 
+def _in(v: Any, lo: float, hi: float) -> bool:
+    """A number (never a bool) within [lo, hi]; compares exactly, so 10**400 is simply out of range."""
+    return _is_num(v) and lo <= v <= hi
+
+
+def _check_input_doc(d: Dict[str, Any]) -> None:
+    """The input spec's JSON types, strictly (True is not 1, 2.0 is not 2) and bounded."""
+    shape = d.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 4
+            or not all(_is_int(x) and 1 <= x <= MAX_INPUT_SIDE for x in shape)):
+        raise _bad(f"input.shape must be 4 integers within 1..{MAX_INPUT_SIDE}")
+    if not _in(d.get("scale"), 0.0, 1e6):
+        raise _bad("input.scale must be a number within 0..1e6")
+    zp = d.get("zero_point")
+    if not isinstance(zp, int) or isinstance(zp, bool) or not -128 <= zp <= MAX_ZERO_POINT:
+        raise _bad("input.zero_point must be an integer within -128..255")
+    for k in ("dtype", "color_order", "normalization", "resize"):
+        if not isinstance(d.get(k), str):
+            raise _bad(f"input.{k} must be a string")
+
+
+def _check_metrics(v: Any, depth: int = 0) -> None:
+    """Metrics are free-form, but every number in them is bounded and nesting is shallow."""
+    if depth > 8:
+        raise _bad("metrics are nested too deeply (limit 8)")
+    if isinstance(v, dict):
+        for x in v.values():
+            _check_metrics(x, depth + 1)
+    elif isinstance(v, list):
+        for x in v:
+            _check_metrics(x, depth + 1)
+    elif _is_int(v) and not -MAX_METRIC_INT <= v <= MAX_METRIC_INT:
+        raise _bad("metrics hold an integer out of the 64-bit range")
+
+
 def _parse_self_test(st: Any, spec: InputSpec, n_labels: int) -> SelfTest:
     if not isinstance(st, dict):
         raise _bad("self_test must be an object")
     if set(st) != _SELF_TEST_KEYS:
         raise _bad(f"self_test keys must be {sorted(_SELF_TEST_KEYS)}, got {sorted(st)}")
     tol = st["tolerance"]
-    if not _is_num(tol) or not 0 <= tol <= 1:
+    if not _in(tol, 0, 1):
         raise _bad("self_test.tolerance must be a number within 0..1")
     budget = st["latency_budget_ms"]
-    if budget is not None and (not _is_num(budget) or budget <= 0):
-        raise _bad("self_test.latency_budget_ms must be a positive number or null")
-    if not isinstance(st["cases"], list):
-        raise _bad("self_test.cases must be a list")
+    if budget is not None and (not _in(budget, 0, MAX_LATENCY_BUDGET_MS) or budget <= 0):
+        raise _bad(f"self_test.latency_budget_ms must be a number within 0..{MAX_LATENCY_BUDGET_MS:.0f} "
+                   "(exclusive of 0) or null")
+    if not isinstance(st["cases"], list) or len(st["cases"]) > MAX_SELF_TEST_CASES:
+        raise _bad(f"self_test.cases must be a list of at most {MAX_SELF_TEST_CASES}")
     want = _DTYPE_SIZE[spec.dtype]
     for d in spec.shape:
         want *= d
@@ -358,8 +432,10 @@ def _parse_self_test(st: Any, spec: InputSpec, n_labels: int) -> SelfTest:
         if len(raw) != want:
             raise _bad(f"self_test.cases[{i}].input is {len(raw)} bytes, the input spec needs {want}")
         exp = c["expected"]
-        if not isinstance(exp, list) or len(exp) != n_labels or not all(_is_num(x) for x in exp):
-            raise _bad(f"self_test.cases[{i}].expected must be {n_labels} numbers (one per label)")
+        if not isinstance(exp, list) or len(exp) != n_labels or not all(_in(x, -MAX_SCORE, MAX_SCORE)
+                                                                        for x in exp):
+            raise _bad(f"self_test.cases[{i}].expected must be {n_labels} numbers within "
+                       f"+-{MAX_SCORE:g} (one per label)")
         cases.append(SelfTestCase(input=raw, expected=[float(x) for x in exp]))
     return SelfTest(tolerance=float(tol), cases=cases,
                     latency_budget_ms=None if budget is None else float(budget))
@@ -382,14 +458,14 @@ def parse_manifest(doc: Any) -> Manifest:
     if unknown:
         raise _bad(f"unknown field {sorted(unknown)[0]!r}")
     name = doc["model_name"]
-    if not isinstance(name, str) or not _MODEL_NAME_RE.match(name):
+    if not valid_model_name(name):
         raise _bad("model_name must be 1-64 characters of A-Z a-z 0-9 . _ -")
     version = doc["version"]
-    if not _is_int(version) or version < 1:
-        raise _bad("version must be an integer >= 1")
+    if not _is_int(version) or not 1 <= version <= MAX_VERSION:
+        raise _bad(f"version must be an integer within 1..{MAX_VERSION}")
     created, expires = doc["created"], doc["expires"]
-    if not _is_num(created) or not _is_num(expires) or created < 0:
-        raise _bad("created and expires must be unix times in seconds")
+    if not _in(created, 0, MAX_TIME_S) or not _in(expires, 0, MAX_TIME_S):
+        raise _bad(f"created and expires must be unix times in seconds within 0..{MAX_TIME_S}")
     if expires <= created:
         raise _bad("expires must be after created")
     files_doc = doc["files"]
@@ -397,14 +473,14 @@ def parse_manifest(doc: Any) -> Manifest:
         raise _bad("files must be a non-empty object")
     files: Dict[str, FileEntry] = {}
     for fname, ent in files_doc.items():
-        if not _NAME_RE.match(fname) or fname in RESERVED:
+        if not _full(_NAME_RE, fname) or fname in RESERVED_PAYLOAD:
             raise _bad(f"file name {fname!r} is not allowed")
         if not isinstance(ent, dict) or set(ent) != {"sha256", "length"}:
             raise _bad(f"files[{fname!r}] must be {{sha256, length}}")
-        if not isinstance(ent["sha256"], str) or not _HEX64_RE.match(ent["sha256"]):
+        if not _full(_HEX64_RE, ent["sha256"]):
             raise _bad(f"files[{fname!r}].sha256 must be 64 lowercase hex digits")
-        if not _is_int(ent["length"]) or ent["length"] < 0:
-            raise _bad(f"files[{fname!r}].length must be an integer >= 0")
+        if not _is_int(ent["length"]) or not 0 <= ent["length"] <= MAX_FILE_BYTES:
+            raise _bad(f"files[{fname!r}].length must be an integer within 0..{MAX_FILE_BYTES}")
         files[fname] = FileEntry(sha256=ent["sha256"], length=ent["length"])
     model_file = doc["model_file"]
     if not isinstance(model_file, str) or model_file not in files:
@@ -413,6 +489,7 @@ def parse_manifest(doc: Any) -> Manifest:
         raise _bad(f"files must include {LABELS_FILE}")
     if not isinstance(doc["input"], dict):
         raise _bad("input must be an object")
+    _check_input_doc(doc["input"])
     try:
         spec = InputSpec.from_dict(doc["input"])
     except (ValueError, TypeError, OverflowError) as exc:
@@ -420,14 +497,17 @@ def parse_manifest(doc: Any) -> Manifest:
     if spec.to_dict() != doc["input"]:
         raise _bad("input must list every input spec field with its proper type")
     labels = doc["labels"]
-    if (not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels)
+    if (not isinstance(labels, list) or not 0 < len(labels) <= MAX_LABELS
+            or not all(isinstance(x, str) and 0 < len(x) <= MAX_LABEL_CHARS for x in labels)
             or len(set(labels)) != len(labels) or any("\n" in x or "\r" in x for x in labels)):
-        raise _bad("labels must be a non-empty list of distinct one-line strings")
+        raise _bad(f"labels must be a non-empty list of at most {MAX_LABELS} distinct one-line strings "
+                   f"of 1..{MAX_LABEL_CHARS} characters")
     thr = doc["default_threshold"]
-    if not _is_num(thr) or not 0 <= thr <= 1:
+    if not _in(thr, 0, 1):
         raise _bad("default_threshold must be a number within 0..1")
     if not isinstance(doc["metrics"], dict):
         raise _bad("metrics must be an object")
+    _check_metrics(doc["metrics"])
     st = _parse_self_test(doc["self_test"], spec, len(labels))
     return Manifest(
         schema_version=sv, model_name=name, version=version, created=float(created), expires=float(expires),
@@ -476,7 +556,7 @@ def build_bundle(
     ]
     payload: Dict[str, bytes] = {MODEL_FILE: bytes(model_bytes), LABELS_FILE: labels_text(list(labels))}
     for k, v in (extra_files or {}).items():
-        if k in payload or k in RESERVED:
+        if k in payload or k in RESERVED_PAYLOAD:
             raise _bad(f"extra file {k!r} clashes with a bundle file")
         payload[k] = bytes(v)
     doc = {
@@ -509,7 +589,7 @@ def build_bundle(
 # Verify
 
 
-def _split(members: List[Tuple[str, bytes]]) -> Tuple[bytes, bytes, Dict[str, bytes]]:
+def _split(members: List[Tuple[str, memoryview]]) -> Tuple[bytes, bytes, Dict[str, memoryview]]:
     names = [m[0] for m in members]
     if MANIFEST_NAME not in names:
         raise refuse("missing_manifest", f"no {MANIFEST_NAME} in the bundle")
@@ -519,7 +599,12 @@ def _split(members: List[Tuple[str, bytes]]) -> Tuple[bytes, bytes, Dict[str, by
         raise refuse("bad_container", "members are not in canonical order")
     d = dict(members)
     payload = {k: v for k, v in d.items() if k not in RESERVED}
-    return d[MANIFEST_NAME], d[SIG_NAME], payload
+    if len(d[MANIFEST_NAME]) > MAX_MANIFEST_BYTES:
+        raise refuse("too_large", f"{MANIFEST_NAME} is {len(d[MANIFEST_NAME])} bytes "
+                                  f"(limit {MAX_MANIFEST_BYTES})")
+    if len(d[SIG_NAME]) > MAX_SIG_BYTES:
+        raise refuse("bad_signature", f"{SIG_NAME} is too large")
+    return bytes(d[MANIFEST_NAME]), bytes(d[SIG_NAME]), payload
 
 
 def _parse_sig(sig_bytes: bytes) -> Tuple[str, bytes]:
@@ -534,7 +619,7 @@ def _parse_sig(sig_bytes: bytes) -> Tuple[str, bytes]:
     if doc["alg"] != keymod.ALG:
         raise refuse("bad_signature", f"unsupported signature algorithm {doc['alg']!r}")
     kid = doc["key_id"]
-    if not isinstance(kid, str) or not _KEY_ID_RE.match(kid) or not isinstance(doc["sig"], str):
+    if not _full(_KEY_ID_RE, kid) or not isinstance(doc["sig"], str):
         raise refuse("bad_signature", f"{SIG_NAME} has a malformed key_id or sig")
     try:
         sig = base64.b64decode(doc["sig"].encode("ascii"), validate=True)
@@ -580,7 +665,7 @@ def _signed_manifest(
     return doc, kid
 
 
-def _check_files(m: Manifest, payload: Dict[str, bytes]) -> None:
+def _check_files(m: Manifest, payload: Mapping[str, Any]) -> None:
     for fname in sorted(m.files):
         if fname not in payload:
             raise refuse("missing_file", f"{fname!r} is listed in the manifest but not in the bundle")
@@ -593,43 +678,86 @@ def _check_files(m: Manifest, payload: Dict[str, bytes]) -> None:
             raise refuse("length_mismatch", f"{fname!r} is {len(data)} bytes, the manifest says {ent.length}")
         if hashlib.sha256(data).hexdigest() != ent.sha256:
             raise refuse("hash_mismatch", f"{fname!r} does not match its sha256 in the manifest")
-    if payload[LABELS_FILE] != labels_text(m.labels):
+    if bytes(payload[LABELS_FILE]) != labels_text(m.labels):
         raise _bad(f"{LABELS_FILE} does not match the manifest labels")
 
 
+def _check_model(m: Manifest, expected_model: Optional[str]) -> None:
+    if expected_model is not None and m.model_name != expected_model:
+        raise refuse("wrong_model", f"the bundle is model {m.model_name!r} v{m.version}; this device runs "
+                                    f"{expected_model!r} (a different model is installed only on purpose: "
+                                    "see docs/updates.md)")
+
+
+def verify_manifest(
+    manifest_bytes: bytes, sig_bytes: bytes, trusted_keys: Mapping[str, keymod.PublicKey],
+    *, expected_model: Optional[str] = None,
+) -> Tuple[Manifest, str]:
+    """The signed manifest alone: signature with a trusted key, schema, model name. Pure.
+
+    Used to re-check an installed slot (its manifest.json and manifest.sig) against today's trusted
+    keys; the caller then hashes the slot's files against ``Manifest.files``.
+    """
+    if len(manifest_bytes) > MAX_MANIFEST_BYTES:
+        raise refuse("too_large", f"{MANIFEST_NAME} is {len(manifest_bytes)} bytes (limit {MAX_MANIFEST_BYTES})")
+    doc, kid = _signed_manifest(bytes(manifest_bytes), bytes(sig_bytes), trusted_keys)
+    m = parse_manifest(doc)
+    _check_model(m, expected_model)
+    return m, kid
+
+
 def verify_bundle(
-    data: bytes,
+    data: Any,
     trusted_keys: Mapping[str, keymod.PublicKey],
     *,
     installed_version: int = 0,
+    version_floor: int = 0,
+    expected_model: Optional[str] = None,
     now: float,
     clock_slack_s: float = 0.0,
+    clock_set: bool = True,
     max_bundle_bytes: int = MAX_BUNDLE_BYTES,
     max_file_bytes: int = MAX_FILE_BYTES,
 ) -> VerifiedBundle:
-    """Verify a bundle completely. Pure: no IO, no clock (pass ``now``). Raises only BundleError."""
+    """Verify a bundle completely. Pure: no IO, no clock (pass ``now``). Raises only BundleError.
+
+    ``expected_model``: the model name the caller runs (None = any: a first install). Version rule:
+    equal to ``installed_version`` is ``same_version`` (nothing to do); at or below
+    ``max(installed_version, version_floor)`` is ``downgrade``. ``version_floor`` is the caller's
+    persisted high-water mark for this model (never lowered by a rollback), so a bundle that was
+    installed and rolled back, or any older one, cannot be replayed. Time: ``expired`` when ``now``
+    is past ``expires + clock_slack_s``; ``not_yet_valid`` when ``now + clock_slack_s`` is before
+    ``created``, judged only when ``clock_set`` (a caller whose clock is known to be unset, e.g. a
+    device without a real-time clock before NTP, passes its persisted time floor as ``now`` and
+    ``clock_set=False``: see docs/threat-model.md).
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise refuse("not_a_bundle", f"expected bytes, got {type(data).__name__}")
     if len(data) > max_bundle_bytes:
         raise refuse("too_large", f"{len(data)} bytes (limit {max_bundle_bytes})")
-    data = bytes(data)
-    members = parse_container(data, max_file_bytes=max_file_bytes)
+    view = memoryview(data).cast("B")
+    members = parse_container(view, max_file_bytes=max_file_bytes)
     manifest_bytes, sig_bytes, payload = _split(members)
     doc, kid = _signed_manifest(manifest_bytes, sig_bytes, trusted_keys)
     m = parse_manifest(doc)
     _check_files(m, payload)
+    _check_model(m, expected_model)
     if now > m.expires + clock_slack_s:
         raise refuse("expired", f"{m.model_name} v{m.version} expired at {_iso(m.expires)} "
                                 f"(now {_iso(now)}); ask for a freshly signed bundle")
-    if now + clock_slack_s < m.created:
+    if clock_set and now + clock_slack_s < m.created:
         raise refuse("not_yet_valid", f"{m.model_name} v{m.version} was created at {_iso(m.created)}, after "
                                       f"now ({_iso(now)}); check the device clock")
     if m.version == installed_version:
         raise refuse("same_version", f"{m.model_name} v{m.version} is already installed (nothing to do)")
-    if m.version < installed_version:
-        raise refuse("downgrade", f"{m.model_name} v{m.version} is older than installed v{installed_version}")
+    floor = max(int(installed_version), int(version_floor))
+    if m.version <= floor:
+        why = (f"older than installed v{installed_version}" if m.version < installed_version else
+               f"at or below v{floor}, the highest version this device has run (a rolled-back or "
+               "older bundle is never installed again)")
+        raise refuse("downgrade", f"{m.model_name} v{m.version} is {why}")
     return VerifiedBundle(
-        manifest=m, files=payload, key_id=kid, bundle_sha256=hashlib.sha256(data).hexdigest(),
+        manifest=m, files=payload, key_id=kid, bundle_sha256=hashlib.sha256(view).hexdigest(),
         manifest_bytes=manifest_bytes, sig_bytes=sig_bytes,
     )
 
@@ -641,13 +769,13 @@ def _iso(t: float) -> str:
         return f"{t:.0f}s"
 
 
-def read_manifest_unverified(data: bytes) -> Manifest:
+def read_manifest_unverified(data: Any) -> Manifest:
     """The manifest WITHOUT checking the signature or files: for display only, never for decisions."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise refuse("not_a_bundle", f"expected bytes, got {type(data).__name__}")
     if len(data) > MAX_BUNDLE_BYTES:
         raise refuse("too_large", f"{len(data)} bytes (limit {MAX_BUNDLE_BYTES})")
-    manifest_bytes, _sig, _payload = _split(parse_container(bytes(data)))
-    if len(manifest_bytes) > MAX_MANIFEST_BYTES:
-        raise refuse("too_large", f"{MANIFEST_NAME} is too large")
+    manifest_bytes, _sig, _payload = _split(parse_container(data))
     try:
         doc = _strict_json(manifest_bytes)
     except (ValueError, RecursionError):
@@ -667,16 +795,37 @@ def write_staged(verified: VerifiedBundle, staging_dir: Path) -> None:
     """
     staging = Path(staging_dir)
     staging.mkdir(parents=True, exist_ok=True)
-    out = dict(verified.files)
+    out: Dict[str, Any] = dict(verified.files)
+    for name in out:
+        if name in RESERVED_PAYLOAD:
+            raise refuse("bad_container", f"refusing to stage a payload file named {name!r}")
     out[MANIFEST_NAME] = verified.manifest_bytes
     out[SIG_NAME] = verified.sig_bytes
     for name in sorted(out):
-        if not _NAME_RE.match(name) or os.path.basename(name) != name:
+        if not _full(_NAME_RE, name) or os.path.basename(name) != name:
             raise refuse("bad_container", f"refusing to stage file name {name!r}")
-        atomic.write_bytes(staging / name, out[name])
+        atomic.write_bytes(staging / name, bytes(out[name]))
     if hasattr(os, "O_DIRECTORY"):
         dfd = os.open(str(staging), os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def read_bounded(path: Any, limit: int) -> bytes:
+    """The bytes of bundle file ``path``, refused as ``too_large`` (before reading) when it is over
+    ``limit`` bytes, and never reading more than ``limit + 1`` bytes even if it grows meanwhile."""
+    p = Path(path)
+    try:
+        size = os.stat(str(p)).st_size
+        if size > limit:
+            raise refuse("too_large", f"{p} is {size} bytes (limit {limit})")
+        with open(str(p), "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise BundleError(f"bundle refused: not_a_bundle: cannot read {p}: {exc.strerror or exc}",
+                          reason="not_a_bundle") from exc
+    if len(data) > limit:
+        raise refuse("too_large", f"{p} grew over the limit of {limit} bytes while being read")
+    return data

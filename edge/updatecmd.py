@@ -1,10 +1,13 @@
 """``kestrel-edge install BUNDLE | rollback | status [--json]``: the update path from a shell.
 
-The same checks as a hub-driven update (verify -> stage -> self-test -> switch). With the daemon
-not running, the command switches the slot pointer itself and the daemon starts the trial on its
-next start. With the daemon running (it holds {data_dir}/update/daemon.lock), the command stages and
-self-tests, then asks the daemon through {data_dir}/update/control.json to hot-swap (or roll back);
-the daemon polls that file every 0.5 s. See docs/updates.md.
+The same checks as a hub-driven update (verify -> stage -> self-test -> switch), with the trusted
+keys of the device's config only (``verify --trust`` checks a bundle against other keys; install
+never does). With the daemon not running, the command switches the slot pointer itself and the
+daemon starts the trial on its next start. With the daemon running (it holds
+{data_dir}/update/daemon.lock), the command stages and self-tests, then asks the daemon through
+{data_dir}/update/control.json to hot-swap (or roll back); the daemon polls that file every 0.5 s.
+A rollback goes only to the previous slot whose model was committed on this device. See
+docs/updates.md.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from edge import config
+from edge.bundle import read_bounded
 from edge.errors import ArtifactError
 from edge.updater import state as st
-from edge.updater.engine import NothingToDo, Updater, daemon_running
+from edge.updater.engine import NoRollbackTarget, NothingToDo, Updater, daemon_running
 
 WAIT_S = 30.0
 
@@ -37,9 +41,10 @@ def _load(args: argparse.Namespace) -> Any:
 
 def add_install_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("bundle", help="a signed .kbundle file")
-    p.add_argument("--trust", default="",
-                   help="trusted key directory or .pub file (default: [update] trust_dir)")
+    p.add_argument("bundle", help="a signed .kbundle file (checked against [update] trust_dir)")
+    p.add_argument("--new-model", action="store_true",
+                   help="install a bundle of another model than the one installed (on purpose; its own "
+                        "version floor still applies)")
     p.add_argument("--no-wait", action="store_true", help="with a running daemon: do not wait for the switch")
 
 
@@ -64,16 +69,14 @@ def _wait_state(upd: Updater, states: List[str], timeout: float) -> str:
 
 def run_install(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    upd = Updater(cfg, trust=args.trust or None)
+    upd = Updater(cfg)
     path = Path(args.bundle)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ArtifactError(f"cannot read bundle {path}: {exc.strerror}") from exc
-    running = daemon_running(upd.dir)
+    data = read_bounded(path, int(cfg.update.max_bundle_bytes))  # size checked before reading
     try:
         with upd.locked():
-            slot = upd.prepare(data, source=f"file {path.name}")
+            running = daemon_running(upd.dir)  # under the update lock: the daemon takes it to boot
+            slot = upd.prepare(data, source=f"file {path.name}", manual=True, new_model=args.new_model)
+            del data
             if not running:
                 upd.begin_trial(slot.name, baseline=None, boot_count=0)
                 print(f"installed {slot.model_name} v{slot.version} in slot {slot.name}; the daemon runs its "
@@ -94,24 +97,35 @@ def run_install(args: argparse.Namespace) -> int:
 def run_rollback(args: argparse.Namespace) -> int:
     cfg = _load(args)
     upd = Updater(cfg)
-    if daemon_running(upd.dir):
-        before = upd.state.snapshot().get("updated_ms", 0)
-        upd.request("rollback", reason="manual rollback (kestrel-edge rollback)")
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            upd.state.reload()
-            snap = upd.state.snapshot()
-            if snap.get("updated_ms", 0) != before and snap["state"] == st.ROLLED_BACK:
-                print(f"rolled back: {upd.status()['installed']}")
-                return 0
-            time.sleep(0.1)
-        raise ArtifactError("the running daemon did not confirm the rollback within 30 s; check its log")
+    reason = "manual rollback (kestrel-edge rollback)"
     with upd.locked():
-        slot = upd.rollback("manual rollback (kestrel-edge rollback)")
-    if slot is None:
-        raise ArtifactError("no previous model slot to roll back to")
-    print(f"rolled back to {slot.model_name} v{slot.version} (slot {slot.name})")
-    return 0
+        running = daemon_running(upd.dir)
+        in_trial = upd.state.state == st.TRIAL
+        try:
+            target = upd.rollback_target()  # the same rule the daemon applies: say why here
+        except NoRollbackTarget as exc:
+            if not (in_trial and upd.factory_allowed()):
+                raise ArtifactError(f"nothing to roll back to: {exc}") from exc
+            target = None  # a first model on trial: back to the factory model
+        if not running:
+            slot = upd.rollback(reason, target=target, to_factory=target is None)
+            if slot is None:
+                print("rolled back to the factory model (model.path)")
+            else:
+                print(f"rolled back to {slot.model_name} v{slot.version} (slot {slot.name})")
+            return 0
+        before = upd.state.snapshot().get("updated_ms", 0)
+        upd.request("rollback", reason=reason)
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        upd.state.reload()
+        snap = upd.state.snapshot()
+        if snap.get("updated_ms", 0) != before and snap["state"] in (st.ROLLED_BACK, st.FAILED):
+            print(f"{snap['state'].lower().replace('_', ' ')}: {snap.get('reason', '')}; installed: "
+                  f"{upd.status()['installed']}")
+            return 0 if snap["state"] == st.ROLLED_BACK else 2
+        time.sleep(0.1)
+    raise ArtifactError("the running daemon did not confirm the rollback within 30 s; check its log")
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict
@@ -47,19 +46,7 @@ def _check_exists(path: Path) -> None:
 
 
 def _read(path: Path, limit: int) -> bytes:
-    try:
-        size = os.stat(str(path)).st_size
-    except OSError as exc:
-        raise BundleError(f"bundle refused: not_a_bundle: cannot read {path}: {exc.strerror}",
-                          reason="not_a_bundle") from exc
-    if size > limit:
-        raise bundlemod.refuse("too_large", f"{path} is {size} bytes (limit {limit})")
-    try:
-        with open(str(path), "rb") as f:
-            return f.read(limit + 1)
-    except OSError as exc:
-        raise BundleError(f"bundle refused: not_a_bundle: cannot read {path}: {exc.strerror}",
-                          reason="not_a_bundle") from exc
+    return bundlemod.read_bounded(path, limit)
 
 
 def _trusted_keys(args: argparse.Namespace, cfg: configmod.EdgeConfig) -> Dict[str, Any]:

@@ -96,17 +96,24 @@ class FleetService:
         """Announce a rollback: devices return to their own previous slot.
 
         For one device the message names the previous version the hub last saw (informational; 0 when
-        unknown); for a group, version is 0. Devices act on a rollback once per ``issued_ms``.
+        unknown); for a group, version is 0. ``rollback_from_version`` names the version rolled back
+        from (the device's reported version; for a group, the version last deployed to it): a device
+        acts only when it runs exactly that version, and at most once per ``issued_ms`` (persisted).
         """
         topic, _ = _target(device_id, group)
-        model_name, version = "", 0
+        model_name, version, from_version = "", 0, 0
         if device_id:
             dev = self.store.get_device(device_id)
             if dev is None:
                 raise NotFound(f"device {device_id!r} is not known to the hub (it has not reported yet)")
-            model_name, version = dev.reported_model, dev.previous_version
+            model_name, version, from_version = dev.reported_model, dev.previous_version, dev.reported_version
+        else:
+            gd = self.store.get_group_desired(group)
+            if gd is not None and not gd.rollback:
+                model_name, from_version = gd.model_name, gd.version
         desired = kestrel_pb2.DesiredState(model_name=model_name, version=version, issued_ms=self._now_ms(),
-                                           rollback=True, grpc_target=self.grpc_target)
+                                           rollback=True, grpc_target=self.grpc_target,
+                                           rollback_from_version=from_version)
         self.publish_retained(topic, desired.SerializeToString())
         self._record(device_id, group, desired)
         log.info("rollback -> %s", topic)

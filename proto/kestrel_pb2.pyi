@@ -104,20 +104,22 @@ class Telemetry(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., time_ms: _Optional[int] = ..., fps: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., spool_frames: _Optional[int] = ..., spool_evictions: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., uptime_s: _Optional[float] = ..., frames_processed: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., frames_corrupt: _Optional[int] = ...) -> None: ...
 
 class VersionManifest(_message.Message):
-    __slots__ = ("installed", "previous", "update_state", "reason", "target_version", "updated_ms")
+    __slots__ = ("installed", "previous", "update_state", "reason", "target_version", "updated_ms", "version_floor")
     INSTALLED_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
     UPDATED_MS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FLOOR_FIELD_NUMBER: _ClassVar[int]
     installed: ModelRef
     previous: ModelRef
     update_state: str
     reason: str
     target_version: int
     updated_ms: int
-    def __init__(self, installed: _Optional[_Union[ModelRef, _Mapping]] = ..., previous: _Optional[_Union[ModelRef, _Mapping]] = ..., update_state: _Optional[str] = ..., reason: _Optional[str] = ..., target_version: _Optional[int] = ..., updated_ms: _Optional[int] = ...) -> None: ...
+    version_floor: int
+    def __init__(self, installed: _Optional[_Union[ModelRef, _Mapping]] = ..., previous: _Optional[_Union[ModelRef, _Mapping]] = ..., update_state: _Optional[str] = ..., reason: _Optional[str] = ..., target_version: _Optional[int] = ..., updated_ms: _Optional[int] = ..., version_floor: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("device_id", "state", "time_ms", "model", "versions", "group", "software_version")
@@ -138,7 +140,7 @@ class Status(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., state: _Optional[str] = ..., time_ms: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., versions: _Optional[_Union[VersionManifest, _Mapping]] = ..., group: _Optional[str] = ..., software_version: _Optional[str] = ...) -> None: ...
 
 class DesiredState(_message.Message):
-    __slots__ = ("model_name", "version", "sha256", "size", "issued_ms", "rollback", "grpc_target")
+    __slots__ = ("model_name", "version", "sha256", "size", "issued_ms", "rollback", "grpc_target", "rollback_from_version")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +148,7 @@ class DesiredState(_message.Message):
     ISSUED_MS_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_FIELD_NUMBER: _ClassVar[int]
     GRPC_TARGET_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     sha256: str
@@ -153,7 +156,8 @@ class DesiredState(_message.Message):
     issued_ms: int
     rollback: bool
     grpc_target: str
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., issued_ms: _Optional[int] = ..., rollback: bool = ..., grpc_target: _Optional[str] = ...) -> None: ...
+    rollback_from_version: int
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., issued_ms: _Optional[int] = ..., rollback: bool = ..., grpc_target: _Optional[str] = ..., rollback_from_version: _Optional[int] = ...) -> None: ...
 
 class PushChunk(_message.Message):
     __slots__ = ("data", "total_size", "sha256")

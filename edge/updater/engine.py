@@ -1,8 +1,15 @@
 """The updater's IO layer: turns verified bundles into slots and switches between them.
 
-Verification is pure (edge.bundle.verify_bundle); this module does the writes, the self-test,
-the pointer switch, the boot-count rollback, and keeps the state file. The daemon's
-UpdateService and the ``kestrel-edge install|rollback|status`` commands both go through it.
+Verification is pure (edge.bundle.verify_bundle); this module feeds it what the device knows (the
+trusted keys, the expected model name, the per-model version floor, a clock it can believe) and
+does the writes, the self-test, the pointer switch, the rollbacks and the boot-count rule, keeping
+the state file (edge.updater.state). The daemon's UpdateService and the ``kestrel-edge
+install|rollback|status`` commands both go through it. Rules (docs/updates.md):
+
+* a rollback only ever goes to the device's own previous slot whose bundle was **committed**
+  there, re-verified against today's trusted keys; it never installs bytes;
+* ROLLING_BACK is persisted before the pointer moves, so a crash mid-rollback finishes it at boot;
+* the version floor (highest version ever switched to) is raised at every switch, never lowered.
 """
 
 from __future__ import annotations
@@ -12,10 +19,11 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from edge.errors import ArtifactError, BundleError, KestrelError
 from edge.updater import slots as slots_mod
@@ -27,6 +35,11 @@ log = logging.getLogger("kestrel.updater")
 
 Listener = Callable[[Dict[str, Any]], None]
 
+# The device's clock is never believed below this (2026-01-01T00:00:00Z): a device without a
+# real-time clock that boots at 1970 counts its clock as unset (see docs/threat-model.md).
+BUILD_TIME_FLOOR_S = 1767225600.0
+LOCK_WAIT_S = 60.0  # the daemon waits this long for the CLI to finish with the update lock
+
 
 class UpdateBusy(ArtifactError):
     """Another update is in progress or on trial; nothing was changed."""
@@ -36,17 +49,22 @@ class NothingToDo(KestrelError):
     """The bundle's version is already installed (equal version): nothing to do."""
 
 
+class NoRollbackTarget(ArtifactError):
+    """There is no committed, trusted previous model to roll back to; nothing was changed."""
+
+
 class Updater:
-    def __init__(self, cfg: Any, *, trust: Optional[str] = None, listener: Optional[Listener] = None) -> None:
+    def __init__(self, cfg: Any, *, listener: Optional[Listener] = None) -> None:
         self.cfg = cfg
         self.data_dir = Path(cfg.device.data_dir)
         self.dir = self.data_dir / "update"
         self.state = st.StateFile(self.dir / "state.json")
         self.slots = SlotStore(self.data_dir)
-        self.trust = trust or str(cfg.trust_dir)
+        self.trust = str(cfg.trust_dir)
         self.listener = listener
         self.control_path = self.dir / "control.json"
         self.downloads = self.data_dir / "downloads"
+        self._lock_owner: Optional[int] = None
 
     # ---- helpers ----
     def _transition(self, state: str, **kw: Any) -> Dict[str, Any]:
@@ -59,21 +77,35 @@ class Updater:
         return snap
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Exclusive right to change slots (CLI and daemon worker); UpdateBusy when held elsewhere."""
+    def locked(self, wait_s: float = 0.0) -> Iterator[None]:
+        """Exclusive right to change slots (CLI and daemon worker). ``wait_s`` = 0: UpdateBusy at once
+        when held elsewhere; else wait up to that long for it. Re-entrant within one thread."""
+        if self._lock_owner == threading.get_ident():
+            yield
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(str(self.dir / "update.lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if time.monotonic() >= deadline:
+                        raise UpdateBusy("another update is being installed right now; try again when it "
+                                         "ends") from exc
+                    time.sleep(0.05)
+            self._lock_owner = threading.get_ident()
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                raise UpdateBusy("another update is being installed right now; try again when it ends") \
-                    from exc
-            yield
+                yield
+            finally:
+                self._lock_owner = None
         finally:
             os.close(fd)
 
     def trusted_keys(self) -> Any:
+        """The trust store as of now (KeyFileError, an ArtifactError, when it cannot be loaded)."""
         from edge.keys import load_public_keys
 
         return load_public_keys(self.trust)
@@ -82,40 +114,108 @@ class Updater:
         active = self.slots.active()
         return active.version if active else 0
 
+    def expected_model(self) -> Optional[str]:
+        """The model name a bundle must carry: the configured one, else the active slot's, else any."""
+        if self.cfg.update.model_name:
+            return str(self.cfg.update.model_name)
+        active = self.slots.active()
+        return active.model_name if active else None
+
+    def clock(self) -> Tuple[float, bool]:
+        """(now, clock_set): the wall clock, or the persisted time floor when the clock is below it
+        (an unset or set-back clock: then ``not_yet_valid`` cannot be judged)."""
+        floor = max(BUILD_TIME_FLOOR_S, float(self.state.get("time_floor_s", 0.0) or 0.0))
+        wall = time.time()
+        if wall >= floor:
+            return wall, True
+        return floor, False
+
+    # ---- slot outcomes (what became of the bundle in each slot) ----
+    def outcome(self, slot: Optional[Slot]) -> str:
+        if slot is None:
+            return ""
+        rec = (self.state.get("slots") or {}).get(slot.name) or {}
+        if rec.get("bundle_sha256") != slot.record.get("bundle_sha256"):
+            return ""  # the slot was re-staged since: nothing known about this bundle
+        return str(rec.get("outcome", ""))
+
+    def _set_outcome(self, data: Dict[str, Any], slot: Slot, outcome: str) -> None:
+        data.setdefault("slots", {})[slot.name] = {
+            "bundle_sha256": slot.record.get("bundle_sha256", ""), "model_name": slot.model_name,
+            "version": slot.version, "outcome": outcome}
+
+    def set_outcome(self, slot: Slot, outcome: str) -> None:
+        self.state.modify(lambda d: self._set_outcome(d, slot, outcome))
+
+    def check_slot(self, slot: Slot, trusted: Any = None) -> None:
+        """Files against slot.json and the slot's signed manifest against today's trusted keys."""
+        if trusted is None:
+            trusted = self.trusted_keys()
+        self.slots.check(slot, trusted=trusted)
+
     # ---- the install path ----
-    def verify(self, data: bytes) -> Any:
-        """Pure verification against the trusted keys and the installed version; BundleError if refused."""
+    def verify(self, data: Any, *, new_model: bool = False) -> Any:
+        """Pure verification against the trusted keys, expected model, installed version and floor."""
         from edge.bundle import verify_bundle
 
         u = self.cfg.update
+        expected = None if new_model else self.expected_model()
+        installed = self.slots.active()
+        floor = 0
+        if expected is not None:
+            floor = self.state.floor(expected)
+        now, clock_set = self.clock()
         try:
-            return verify_bundle(data, self.trusted_keys(), installed_version=self.installed_version(),
-                                 now=time.time(), clock_slack_s=u.clock_slack_s,
-                                 max_bundle_bytes=u.max_bundle_bytes)
+            vb = verify_bundle(data, self.trusted_keys(), installed_version=installed.version
+                               if installed is not None and installed.model_name == expected else 0,
+                               version_floor=floor, expected_model=expected, now=now,
+                               clock_slack_s=u.clock_slack_s, clock_set=clock_set,
+                               max_bundle_bytes=u.max_bundle_bytes)
         except BundleError as exc:
             if exc.reason == "same_version":
                 raise NothingToDo(f"version {self.installed_version()} is already installed; "
                                   "nothing to do") from exc
             raise
+        if new_model:  # another model: its own floor still applies
+            f = self.state.floor(vb.manifest.model_name)
+            if vb.manifest.version <= f:
+                from edge.bundle import refuse
 
-    def prepare(self, data: bytes, *, source: str = "") -> Slot:
+                raise refuse("downgrade", f"{vb.manifest.model_name} v{vb.manifest.version} is at or below "
+                                          f"v{f}, the highest version of it this device has run")
+        return vb
+
+    def prepare(self, data: Any, *, source: str = "", manual: bool = False,
+                expect: Optional[Tuple[str, int]] = None, new_model: bool = False) -> Slot:
         """VERIFIED -> STAGED -> SELF_TEST for bundle bytes; returns the staged, self-tested slot.
 
-        Caller holds ``locked()``. Refusals raise with a one-line reason and leave the active slot alone.
+        Caller holds ``locked()``. ``expect`` (name, version): what the hub's desired state announced;
+        the signed manifest must say exactly that. ``manual`` (an operator's `kestrel-edge install`)
+        may install a version desired state gave up on (rejected list); the floor still applies.
+        Refusals raise with a one-line reason, are recorded as FAILED, and leave the active slot alone.
         """
-        if self.state.state == st.TRIAL:
+        if self.state.state in (st.TRIAL, st.ROLLING_BACK):
             raise UpdateBusy("an update is on trial; wait for it to commit, or run `kestrel-edge rollback`")
         try:
-            verified = self.verify(data)
+            verified = self.verify(data, new_model=new_model)
+            man = verified.manifest
+            if expect is not None and (man.model_name, man.version) != (expect[0], int(expect[1])):
+                raise BundleError(f"bundle refused: not_desired: the hub announced {expect[0]} v{expect[1]} "
+                                  f"but sent {man.model_name} v{man.version}", reason="not_desired")
+            rejected = self.state.is_rejected(man.model_name, man.version)
+            if rejected and not manual:
+                raise BundleError(f"bundle refused: rejected: {man.model_name} v{man.version} was refused "
+                                  f"or rolled back before ({rejected})", reason="rejected")
         except NothingToDo:
             raise
         except BundleError as exc:
             self._transition(st.FAILED, reason=f"refused ({exc.reason}): {exc}", model_name="",
                              target_version=0)
             raise
-        man = verified.manifest
-        name = str(slots_mod._get(man, "model_name"))
-        version = int(slots_mod._get(man, "version"))
+        except KestrelError as exc:  # the trust store cannot be loaded: say so, keep the model
+            self._transition(st.FAILED, reason=f"refused: {exc}", model_name="", target_version=0)
+            raise
+        name, version = man.model_name, man.version
         self._transition(st.VERIFIED, reason=source, model_name=name, target_version=version)
         target = self.slots.target_for_staging()
         try:
@@ -124,28 +224,36 @@ class Updater:
         except (OSError, KestrelError) as exc:
             self._transition(st.FAILED, reason=f"staging failed: {exc}")
             raise ArtifactError(f"could not stage {name} v{version}: {exc}") from exc
+        del verified  # views into ``data``: nothing of the bundle stays referenced from here
+        self.state.modify(lambda d: self._set_outcome(d, slot, st.OUT_STAGED))
         self._transition(st.STAGED, reason=f"slot {target}")
         self._transition(st.SELF_TEST, reason=f"slot {target}")
+        u = self.cfg.update
         try:
-            model = self.load_slot(slot)
+            model = self.load_slot(slot, verify=False)  # just staged from verified bytes
             try:
-                figs = run_self_test(model, slots_mod._get(man, "self_test", None),
-                                     latency_budget_ms=self.cfg.update.self_test_latency_ms)
+                figs = run_self_test(model, man.self_test, latency_budget_ms=u.self_test_latency_ms,
+                                     min_cases=u.self_test_min_cases, max_tolerance=u.self_test_max_tolerance)
             finally:
                 model.close()
         except KestrelError as exc:
+            self.state.modify(lambda d: self._set_outcome(d, slot, st.OUT_SELFTEST_FAILED))
             self._transition(st.FAILED, reason=f"self-test failed: {exc}", reject=True)
             raise
         self.state.update(pending_slot=target, self_test=figs)
         log.info("self-test of %s v%s passed: %s", name, version, figs)
         return slot
 
-    def load_slot(self, slot: Slot) -> Any:
-        """Check the slot's files against its hashes and load its model with the edge runtime."""
+    def load_slot(self, slot: Slot, *, verify: bool = True, trusted: Any = None) -> Any:
+        """Check the slot (files, and its signature against today's keys unless ``verify=False``) and
+        load its model with the edge runtime."""
         from edge.inputspec import InputSpec
         from edge.runtime import load_model
 
-        self.slots.check(slot)
+        if verify:
+            self.check_slot(slot, trusted)
+        else:
+            self.slots.check(slot)
         spec = InputSpec.from_dict(slot.input_spec) if slot.input_spec else None
         m = self.cfg.model
         model = load_model(str(slot.model_path), labels=slot.labels or None, spec=spec, runtime=m.runtime,
@@ -153,88 +261,221 @@ class Updater:
         model.default_threshold = slot.record.get("default_threshold")  # the sampler follows the bundle's default
         return model
 
-    def begin_trial(self, slot_name: str, *, baseline: Optional[Dict[str, float]], boot_count: int) -> None:
-        """Persist TRIAL (with the rollback target), then flip the pointer."""
+    def begin_trial(self, slot_name: str, *, baseline: Optional[Dict[str, float]], boot_count: int,
+                    judge_threshold: Optional[float] = None) -> None:
+        """Persist TRIAL (with the rollback target), raise the version floor, then flip the pointer."""
+        slot = self.slots.slot(slot_name)
+        if slot is None:
+            raise SlotError(f"slot {slot_name} is empty; nothing to switch to")
         previous = self.slots.active_name()
-        self._transition(st.TRIAL, reason="", pending_slot=None, trial={
-            "slot": slot_name, "previous_slot": previous, "boot_count": boot_count,
-            "started_ms": int(time.time() * 1000), "baseline": baseline})
+        prev_slot = self.slots.slot(previous) if previous else None
+        if prev_slot is not None and self.outcome(prev_slot) != st.OUT_COMMITTED:
+            previous = None  # never a rollback target: a rollback goes to a committed slot only
+
+        self.state.modify(lambda d: self._set_outcome(d, slot, st.OUT_TRIAL))
+        self._transition(st.TRIAL, reason="", pending_slot=None, model_name=slot.model_name,
+                         target_version=slot.version, trial={
+                             "slot": slot_name, "previous_slot": previous, "boot_count": boot_count,
+                             "started_ms": int(time.time() * 1000), "baseline": baseline,
+                             "judge_threshold": judge_threshold})
         self.slots.switch(slot_name)
         st.crash_point("SWITCHED")
+        self.raise_floors(slot)  # a crash before this is repaired at boot (boot_slot)
+
+    def raise_floors(self, slot: Slot) -> None:
+        """The slot's version becomes the model's version floor and its signed creation time the time
+        floor (when higher): the device has run it, so nothing at or below it is installed again."""
+        created = _slot_created(slot)
+        snap = self.state.snapshot()
+        if (int((snap.get("floors") or {}).get(slot.model_name, 0)) >= slot.version
+                and float(snap.get("time_floor_s", 0.0) or 0.0) >= created):
+            return
+
+        def mark(d: Dict[str, Any]) -> None:
+            floors = d.setdefault("floors", {})
+            floors[slot.model_name] = max(int(floors.get(slot.model_name, 0)), slot.version)
+            d["time_floor_s"] = max(float(d.get("time_floor_s", 0.0) or 0.0), created)
+
+        self.state.modify(mark)
 
     def commit(self, reason: str = "") -> None:
+        active = self.slots.active()
+
+        def mark(d: Dict[str, Any]) -> None:
+            if active is not None:
+                self._set_outcome(d, active, st.OUT_COMMITTED)
+
+        self.state.modify(mark)
         self._transition(st.COMMITTED, reason=reason, trial=None)
 
-    def rollback_target(self) -> Optional[Slot]:
-        """The slot a rollback goes to (the trial's previous slot, else the other slot), checked; or None."""
-        trial = self.state.trial
-        if trial and trial.get("previous_slot"):
-            target = str(trial["previous_slot"])
+    def rollback_target(self) -> Slot:
+        """The slot a rollback goes to, re-verified; NoRollbackTarget (saying why) when there is none.
+
+        On trial: the slot the trial started from, if its bundle was committed. Otherwise: the other
+        slot, if its bundle was committed and is an older version of the same model.
+        """
+        active = self.slots.active()
+        trial = self.state.trial if self.state.state == st.TRIAL else None
+        if trial is not None:
+            name = trial.get("previous_slot")
+            if not name:
+                raise NoRollbackTarget("the model on trial has no committed previous model to go back to")
+            slot = self.slots.slot(str(name))
+            if slot is None or self.outcome(slot) != st.OUT_COMMITTED:
+                raise NoRollbackTarget(f"slot {name} no longer holds the committed model the trial started from")
         else:
-            active = self.slots.active_name()
             if active is None:
-                return None
-            target = slots_mod.other(active)
-        slot = self.slots.slot(target)
-        if slot is not None:
-            self.slots.check(slot)
+                raise NoRollbackTarget("no model is installed")
+            slot = self.slots.slot(slots_mod.other(active.name))
+            if slot is None:
+                raise NoRollbackTarget("there is no previous model slot")
+            outcome = self.outcome(slot)
+            if outcome != st.OUT_COMMITTED:
+                raise NoRollbackTarget(f"the other slot holds {slot.model_name} v{slot.version}, which was "
+                                       f"never committed on this device ({outcome or 'unknown'}); refusing "
+                                       "to switch to it")
+            if slot.model_name != active.model_name or slot.version >= active.version:
+                raise NoRollbackTarget(f"the other slot holds {slot.model_name} v{slot.version}, not an older "
+                                       f"version of the running {active.model_name} v{active.version}")
+        try:
+            self.check_slot(slot)
+        except (SlotError, ArtifactError) as exc:
+            raise NoRollbackTarget(f"the previous model cannot be used: {exc}") from exc
         return slot
 
-    def rollback(self, reason: str, *, reject: bool = True, target: Optional[Slot] = None) -> Optional[Slot]:
-        """Point back at the previous slot. Returns it, or None when there is nothing to go back to."""
-        slot = target or self.rollback_target()
-        if slot is None:
-            return None
+    def rollback(self, reason: str, *, reject: bool = True, target: Optional[Slot] = None,
+                 to_factory: bool = False) -> Optional[Slot]:
+        """Persist ROLLING_BACK, move the pointer back (or clear it: the factory model), persist
+        ROLLED_BACK. Returns the target slot (None for the factory model). NoRollbackTarget when
+        there is nothing to go back to (nothing is changed then)."""
+        slot = None if to_factory else (target or self.rollback_target())
         current = self.slots.active()
-        fields: Dict[str, Any] = {"trial": None}
-        if current is not None and current.name != slot.name:
-            fields.update(model_name=current.model_name, target_version=current.version)
-        self.slots.switch(slot.name)
-        self._transition(st.ROLLED_BACK, reason=reason, reject=reject, **fields)
-        return slot
+        self._transition(st.ROLLING_BACK, reason=reason, rolling_back={
+            "from_slot": current.name if current else None, "to_slot": slot.name if slot else None,
+            "reason": reason, "reject": reject},
+            **({"model_name": current.model_name, "target_version": current.version} if current else {}))
+        return self._finish_rollback()
+
+    def _finish_rollback(self) -> Optional[Slot]:
+        """Complete a persisted ROLLING_BACK (also at boot, after a crash in the middle)."""
+        rb = self.state.get("rolling_back") or {}
+        to = rb.get("to_slot")
+        if to:
+            self.slots.switch(str(to))
+        else:
+            self.slots.clear_pointer()
+        st.crash_point("ROLLBACK_SWITCHED")
+        from_slot = self.slots.slot(str(rb["from_slot"])) if rb.get("from_slot") else None
+        reject = bool(rb.get("reject", True))
+
+        def mark(d: Dict[str, Any]) -> None:
+            if from_slot is not None and reject:
+                self._set_outcome(d, from_slot, st.OUT_REJECTED)
+
+        self.state.modify(mark)
+        self._transition(st.ROLLED_BACK, reason=str(rb.get("reason", "")), reject=reject, trial=None,
+                         rolling_back=None)
+        return self.slots.slot(str(to)) if to else None
+
+    def give_up_trial(self, reason: str) -> None:
+        """A failed trial with nothing to go back to: a terminal FAILED (the model keeps running, its
+        version is rejected so desired state does not retry it)."""
+        active = self.slots.active()
+        if active is not None:
+            self.set_outcome(active, st.OUT_REJECTED)
+        self._transition(st.FAILED, reason=f"{reason}; there is no previous model to go back to, so it keeps "
+                                           "running: deploy a newer version", reject=True, trial=None)
 
     # ---- boot ----
     def boot_slot(self) -> Optional[Slot]:
-        """The slot to start on, after settling an interrupted update (see docs/updates.md)."""
+        """The slot to start on, after settling an interrupted update (see docs/updates.md); None when
+        no slot is active (the factory model, if allowed). Caller holds ``locked()``."""
         snap = self.state.snapshot()
         state = snap["state"]
-        active = self.slots.active_name()
         if state in st.IN_PROGRESS:
             self.slots.clean_staging()
             self._transition(st.FAILED, reason=f"interrupted during {state}; the running model was kept",
                              pending_slot=None, crash=False)
+        elif state == st.ROLLING_BACK:
+            log.warning("finishing a rollback interrupted by a crash")
+            self._finish_rollback()
         elif state == st.TRIAL:
-            trial = snap.get("trial") or {}
-            if active != trial.get("slot"):
-                self._transition(st.FAILED, trial=None, crash=False,
-                                 reason="interrupted before the switch; the running model was kept")
-            else:
-                starts = int(trial.get("boot_count", 0))
-                if starts >= int(self.cfg.update.max_boot_attempts):
-                    log.warning("trial model crashed %d time(s); rolling back before loading it", starts)
-                    self.rollback(f"the daemon stopped {starts} time(s) during the trial; "
-                                  "rolled back at boot")
-                else:
-                    trial["boot_count"] = starts + 1
-                    self.state.update(trial=trial)
+            self._boot_in_trial(snap)
         slot = self.slots.active()
         if slot is None:
+            if self.slots.pointer.exists():
+                log.error("the active slot %s has no readable record", self.slots.active_name())
             return None
         try:
-            self.slots.check(slot)
+            trusted = self.trusted_keys()
+        except KestrelError as exc:
+            self._transition(st.FAILED, reason=f"installed models cannot be re-verified: {exc}", crash=False)
+            raise
+        try:
+            self.check_slot(slot, trusted)
+            self.raise_floors(slot)
             return slot
         except SlotError as exc:
-            log.error("active slot is damaged (%s); trying the other slot", exc)
+            log.error("active slot cannot be used (%s)", exc)
             alt = self.slots.slot(slots_mod.other(slot.name))
-            if alt is None:
-                raise
-            self.slots.check(alt)
-            self.slots.switch(alt.name)
-            self._transition(st.FAILED, reason=f"active slot damaged ({exc}); switched to slot {alt.name}",
-                             trial=None, crash=False)
-            return alt
+            why = str(exc)
+            if alt is not None and self.outcome(alt) == st.OUT_COMMITTED:
+                try:
+                    self.check_slot(alt, trusted)
+                except SlotError as exc2:
+                    why += f"; the other slot cannot be used either ({exc2})"
+                else:
+                    self.slots.switch(alt.name)
+                    self.raise_floors(alt)
+                    self._transition(st.FAILED, reason=f"active slot unusable ({exc}); switched to the "
+                                                       f"committed slot {alt.name}", trial=None, crash=False)
+                    return alt
+            self._transition(st.FAILED, reason=f"no usable signed model ({why})", trial=None, crash=False)
+            raise SlotError(f"no usable signed model: {why}") from exc
+
+    def _boot_in_trial(self, snap: Dict[str, Any]) -> None:
+        trial = snap.get("trial") or {}
+        active = self.slots.active_name()
+        if active != trial.get("slot"):
+            self._transition(st.FAILED, trial=None, crash=False,
+                             reason="interrupted before the switch; the running model was kept")
+            return
+        starts = int(trial.get("boot_count", 0))
+        if starts < int(self.cfg.update.max_boot_attempts):
+            trial["boot_count"] = starts + 1
+            self.state.update(trial=trial)
+            return
+        why = f"the daemon stopped {starts} time(s) during the trial; rolled back at boot"
+        log.warning("trial model crashed %d time(s); rolling back before loading it", starts)
+        try:
+            self.rollback(why)
+        except NoRollbackTarget as exc:
+            if self.factory_allowed():
+                self.rollback(f"{why} (to the factory model: {exc})", to_factory=True)
+            else:
+                self.give_up_trial(f"{why}: {exc}")
+
+    def factory_allowed(self) -> bool:
+        """A factory model (model.path, a bare .tflite) may run when no slot is active."""
+        p = str(self.cfg.model.path or "")
+        return bool(self.cfg.update.allow_unsigned_factory) and p.endswith(".tflite")
 
     # ---- reporting ----
+    def previous_slot(self) -> Optional[Slot]:
+        """The committed slot a rollback would go to, or None (no re-verification: for display)."""
+        active = self.slots.active()
+        if active is None:
+            return None
+        trial = self.state.trial if self.state.state == st.TRIAL else None
+        if trial is not None:
+            name = trial.get("previous_slot")
+            slot = self.slots.slot(str(name)) if name else None
+        else:
+            slot = self.slots.slot(slots_mod.other(active.name))
+            if slot is not None and (slot.model_name != active.model_name or slot.version >= active.version):
+                slot = None
+        return slot if slot is not None and self.outcome(slot) == st.OUT_COMMITTED else None
+
     def manifest(self) -> Any:
         from proto import kestrel_pb2
 
@@ -246,7 +487,8 @@ class Updater:
         active = self.slots.active()
         if active is not None:
             vm.installed.CopyFrom(slot_ref(active))
-            prev = self.slots.slot(slots_mod.other(active.name))
+            vm.version_floor = self.state.floor(active.model_name)
+            prev = self.previous_slot()
             if prev is not None:
                 vm.previous.CopyFrom(slot_ref(prev))
         return vm
@@ -258,11 +500,13 @@ class Updater:
                                           "version": snap.get("target_version", 0)},
                                "trial": snap.get("trial"), "active_slot": self.slots.active_name(),
                                "daemon_running": daemon_running(self.dir),
+                               "floors": snap.get("floors", {}),
                                "history": snap.get("history", [])[-10:]}
-        for label, slot in (("installed", self.slots.active()), ("previous", self.slots.inactive())):
+        for label, slot in (("installed", self.slots.active()), ("previous", self.previous_slot())):
             out[label] = None if slot is None else {
                 "slot": slot.name, "model_name": slot.model_name, "version": slot.version,
-                "model_sha256": slot.model_sha256, "installed_ms": slot.record.get("installed_ms", 0)}
+                "model_sha256": slot.model_sha256, "installed_ms": slot.record.get("installed_ms", 0),
+                "outcome": self.outcome(slot)}
         return out
 
     # ---- control requests from the CLI to a running daemon ----
@@ -275,7 +519,9 @@ class Updater:
 
     def take_request(self) -> Optional[Dict[str, Any]]:
         try:
-            req = json.loads(self.control_path.read_text())
+            with open(str(self.control_path), "rb") as fh:
+                raw = fh.read(64 * 1024)
+            req = json.loads(raw)
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
@@ -283,6 +529,17 @@ class Updater:
         with contextlib.suppress(FileNotFoundError):
             self.control_path.unlink()
         return req if isinstance(req, dict) else None
+
+
+def _slot_created(slot: Slot) -> float:
+    """The signed ``created`` time of the bundle in ``slot`` (0 when unreadable)."""
+    try:
+        with open(str(slot.path / "manifest.json"), "rb") as fh:
+            doc = json.loads(fh.read(16 * 1024 * 1024))
+        created = doc.get("created", 0) if isinstance(doc, dict) else 0
+        return float(created) if isinstance(created, (int, float)) and 0 <= created <= 253402300799 else 0.0
+    except (OSError, ValueError):
+        return 0.0
 
 
 def slot_ref(slot: Slot) -> Any:
@@ -299,6 +556,8 @@ class DaemonLock:
         self._fd: Optional[int] = None
 
     def acquire(self) -> bool:
+        if self._fd is not None:
+            return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -318,10 +577,14 @@ class DaemonLock:
 
 
 def daemon_running(update_dir: Path) -> bool:
+    """True when a daemon holds ``daemon.lock``. ArtifactError when the lock file cannot be opened."""
     path = Path(update_dir) / "daemon.lock"
-    if not path.exists():
+    try:
+        fd = os.open(str(path), os.O_RDWR)
+    except FileNotFoundError:
         return False
-    fd = os.open(str(path), os.O_RDWR)
+    except OSError as exc:
+        raise ArtifactError(f"cannot open {path}: {exc.strerror or exc} (run as the daemon's user)") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -329,5 +592,3 @@ def daemon_running(update_dir: Path) -> bool:
     finally:
         os.close(fd)
     return False
-
-

@@ -3,8 +3,9 @@
 The bundle streams into ``{data_dir}/downloads/<name>-<version>.part`` (flushed and fsynced); a
 broken stream or a restart resumes from the part file's size. The whole file must match the
 sha256 from the desired state (or the server's, when the desired state has none). Bundles larger
-than ``max_bundle_bytes`` are refused before a byte is downloaded. The signature is checked later
-by edge.bundle.verify_bundle; this layer only moves bytes.
+than ``max_bundle_bytes`` are refused before a byte is downloaded when the size is announced, and
+in any case as soon as the bytes received pass it. The signature is checked later by
+edge.bundle.verify_bundle; this layer only moves bytes.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Optional
 
-from edge.errors import BundleError, HubError
+from edge.errors import BundleError, HubError, TransportError
 
 log = logging.getLogger("kestrel.updater")
 
@@ -39,10 +40,40 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+class FetchError(TransportError):
+    """The download could not be written locally (disk full, permissions); retrying later may help."""
+
+
+def _too_large(name: str, version: int, n: int, limit: int) -> BundleError:
+    return BundleError(f"bundle {name} v{version} is over max_bundle_bytes {limit} ({n} bytes or more); "
+                       "refused", reason="too_large")
+
+
+def _discard(part: Path) -> None:
+    try:
+        part.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", part, exc)
+
+
+def _open_append(part: Path) -> BinaryIO:
+    try:
+        return open(part, "ab")  # noqa: SIM115 - the caller's with-block closes it
+    except OSError as exc:
+        raise FetchError(f"cannot write {part}: {exc.strerror or exc}") from exc
+
+
 def fetch_bundle(target: str, name: str, version: int, *, downloads: Path, sha256: str = "", size: int = 0,
                  max_bundle_bytes: int, attempts: int = 5, chunk_size: int = 0,
                  stop: Optional[threading.Event] = None) -> Path:
-    """Download bundle ``name`` v``version`` from ``target`` (host:port); return the complete file."""
+    """Download bundle ``name`` v``version`` from ``target`` (host:port); return the complete file.
+
+    The size limit is enforced on every chunk (whatever the server announces), a resumed download
+    whose whole-file hash does not match is discarded and fetched once more from the start (the
+    part file may be a stale earlier build), and local write errors are FetchError.
+    """
     import grpc
 
     from proto import kestrel_pb2, kestrel_pb2_grpc
@@ -51,43 +82,59 @@ def fetch_bundle(target: str, name: str, version: int, *, downloads: Path, sha25
         raise BundleError(f"bundle {name} v{version} is {size} bytes, over max_bundle_bytes "
                           f"{max_bundle_bytes}; refused before download", reason="too_large")
     if not target:
-        raise HubError("no hub gRPC address: set [update] hub_grpc or send grpc_target in the desired state")
+        raise HubError("no hub gRPC address: set [update] hub_grpc")
     downloads = Path(downloads)
-    downloads.mkdir(parents=True, exist_ok=True)
     part = part_path(downloads, name, version)
+    try:
+        downloads.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FetchError(f"cannot create {downloads}: {exc.strerror or exc}") from exc
     want_sha = sha256.lower()
     delay = RETRY_INITIAL_S
     last_exc: Optional[Exception] = None
+    restarted = False
     for _attempt in range(max(1, attempts)):
         if stop is not None and stop.is_set():
             raise HubError("download stopped")
         offset = part.stat().st_size if part.exists() else 0
-        if size and offset > size:
-            part.unlink()
+        if (size and offset > size) or offset > max_bundle_bytes:
+            _discard(part)
             offset = 0
+        resumed = offset > 0
         total = size
         try:
             with grpc.insecure_channel(target) as channel:
                 stub = kestrel_pb2_grpc.ModelRegistryStub(channel)
                 req = kestrel_pb2.FetchRequest(model_name=name, version=int(version), offset=offset,
                                                chunk_size=chunk_size)
-                with open(part, "ab") as fh:
+                with _open_append(part) as fh:
                     for chunk in stub.FetchModel(req, timeout=STREAM_TIMEOUT_S):
                         if chunk.total_size:
-                            total = int(chunk.total_size)
-                            if total > max_bundle_bytes:
-                                raise BundleError(f"bundle {name} v{version} is {total} bytes, over "
-                                                  f"max_bundle_bytes {max_bundle_bytes}", reason="too_large")
+                            announced = int(chunk.total_size)
+                            if announced > max_bundle_bytes:
+                                raise _too_large(name, version, announced, max_bundle_bytes)
+                            if size and announced != size:
+                                raise HubError(f"hub announced {announced} bytes, the desired state {size}")
+                            total = announced
                         if chunk.sha256 and not want_sha:
                             want_sha = chunk.sha256.lower()
                         if int(chunk.offset) != offset:
                             raise HubError(f"hub sent offset {chunk.offset}, expected {offset}")
-                        fh.write(chunk.data)
-                        offset += len(chunk.data)
-                        if total and offset > total:
+                        n = len(chunk.data)
+                        if offset + n > max_bundle_bytes:
+                            raise _too_large(name, version, offset + n, max_bundle_bytes)
+                        if total and offset + n > total:
                             raise HubError(f"hub sent more than the {total} bytes it announced")
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                        try:
+                            fh.write(chunk.data)
+                        except OSError as exc:
+                            raise FetchError(f"cannot write {part}: {exc.strerror or exc}") from exc
+                        offset += n
+                    try:
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    except OSError as exc:
+                        raise FetchError(f"cannot write {part}: {exc.strerror or exc}") from exc
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             if code == grpc.StatusCode.NOT_FOUND:
@@ -101,9 +148,11 @@ def fetch_bundle(target: str, name: str, version: int, *, downloads: Path, sha25
                 time.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
             continue
+        except (BundleError, FetchError):
+            _discard(part)
+            raise
         except HubError as exc:
-            if part.exists():
-                part.unlink()
+            _discard(part)
             last_exc = exc
             continue
         if total and offset < total:
@@ -111,7 +160,12 @@ def fetch_bundle(target: str, name: str, version: int, *, downloads: Path, sha25
             continue
         got = _sha256_file(part)
         if want_sha and got != want_sha:
-            part.unlink()
+            _discard(part)
+            if resumed and not restarted:
+                log.warning("resumed download of %s v%s does not match its hash; fetching it again from the "
+                            "start", name, version)
+                restarted = True
+                continue
             raise BundleError(f"downloaded bundle {name} v{version} has sha256 {got[:12]}..., the hub "
                               f"announced {want_sha[:12]}...; discarded", reason="hash_mismatch")
         return part

@@ -19,14 +19,22 @@ class SelfTestError(ArtifactError):
         self.reason = "self_test"
 
 
-def run_self_test(model: Any, self_test: Any, *, latency_budget_ms: float) -> Dict[str, Any]:
+def run_self_test(model: Any, self_test: Any, *, latency_budget_ms: float, min_cases: int = 1,
+                  max_tolerance: float = 1.0) -> Dict[str, Any]:
     """Run every case on ``model`` (an edge.runtime.Model); return figures or raise SelfTestError.
 
-    The manifest's ``latency_budget_ms`` wins over ``latency_budget_ms`` (the device config) when set.
+    The device sets the limits; a bundle may only make them stricter: the latency budget is the
+    smaller of the manifest's ``latency_budget_ms`` and ``latency_budget_ms`` (the device config),
+    the tolerance the smaller of the manifest's and ``max_tolerance``, and a bundle with fewer than
+    ``min_cases`` cases fails. Any non-finite score fails.
     """
     cases: List[Any] = list(_get(self_test, "cases", None) or [])
-    tolerance = float(_get(self_test, "tolerance", 0.05))
-    budget = float(_get(self_test, "latency_budget_ms", None) or latency_budget_ms)
+    if len(cases) < min_cases:
+        raise SelfTestError(f"the bundle has {len(cases)} self-test case(s); this device requires at least "
+                            f"{min_cases} (re-package it with the trainer, which computes them)")
+    tolerance = min(float(_get(self_test, "tolerance", 0.05)), float(max_tolerance))
+    own = _get(self_test, "latency_budget_ms", None)
+    budget = float(latency_budget_ms) if own is None else min(float(own), float(latency_budget_ms))
     spec = model.spec
     dtype = np.dtype(spec.dtype)
     shape = tuple(int(s) for s in spec.shape)
@@ -49,6 +57,8 @@ def run_self_test(model: Any, self_test: Any, *, latency_budget_ms: float) -> Di
         if got.shape != expected.shape:
             raise SelfTestError(f"self-test case {i}: model gives {got.size} scores, "
                                 f"expected {expected.size}")
+        if not bool(np.all(np.isfinite(got))):
+            raise SelfTestError(f"self-test case {i}: the model gives non-finite scores (NaN or infinity)")
         diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
         worst_diff = max(worst_diff, diff)
         worst_ms = max(worst_ms, ms)

@@ -5,6 +5,7 @@ Lifecycle inside ``kestrel-edge run``::
     svc = UpdateService(cfg, publisher, holder, stats)
     model = svc.boot_model()      # the model to start on (active slot; boot-count rollback), or None
     svc.start()                   # follow desired state (MQTT), start background work
+    svc.attach_pipeline(progress, on_stall)   # pipeline counters for the hung-model check
     ... for every inference: svc.observe(result)   # trial health watch
     svc.version_manifest()        # -> proto VersionManifest for status messages
     svc.stop()
@@ -13,6 +14,12 @@ All slow work (download, verify, stage, self-test, switch, rollback) runs in one
 thread; ``observe`` only appends to the health watch and wakes the worker when a verdict is due.
 The CLI talks to a running daemon through ``{data_dir}/update/control.json`` (polled every
 CONTROL_POLL_S); see docs/updates.md.
+
+Desired-state messages are not authenticated (the MQTT ACL is the only gate): whatever they say,
+the device fetches only from its configured hub addresses, installs only a bundle whose signed
+manifest names exactly the announced model and version, above its version floor, and a fleet
+rollback only moves it to its own committed previous slot, once per ``issued_ms``, when it runs
+the version the message rolls back from.
 """
 
 from __future__ import annotations
@@ -21,17 +28,20 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from edge.errors import KestrelError
 from edge.updater import state as st
-from edge.updater.engine import DaemonLock, NothingToDo, UpdateBusy, Updater
-from edge.updater.health import HealthWatch, TrialCriteria
+from edge.updater.engine import LOCK_WAIT_S, DaemonLock, NoRollbackTarget, NothingToDo, UpdateBusy, Updater
+from edge.updater.health import DEFAULT_THRESHOLD, HealthWatch, TrialCriteria
 
 log = logging.getLogger("kestrel.updater")
 
 CONTROL_POLL_S = 0.5
-RETIRE_AFTER_S = 2.0  # a swapped-out model is closed this long after the swap (frames in flight)
+RETRY_DESIRED_S = 60.0  # a desired version whose download failed for a transient reason is retried after this
+RETRY_DESIRED_MAX_S = 3600.0  # ... doubling up to this
+
+Progress = Callable[[], Tuple[int, int, bool]]  # (frames captured, frames inferred, pipeline done)
 
 
 def criteria_from(cfg: Any) -> TrialCriteria:
@@ -39,7 +49,9 @@ def criteria_from(cfg: Any) -> TrialCriteria:
     return TrialCriteria(frames=u.trial_frames, seconds=u.trial_seconds,
                          max_latency_ratio=u.trial_max_latency_ratio,
                          max_low_conf_rate=u.trial_max_low_conf_rate,
-                         max_errors=u.trial_max_errors, latency_floor_s=u.trial_latency_floor_ms / 1000.0)
+                         max_errors=u.trial_max_errors, latency_floor_s=u.trial_latency_floor_ms / 1000.0,
+                         max_latency_s=u.trial_max_latency_ms / 1000.0,
+                         max_low_conf_abs=u.trial_max_low_conf_abs, stall_s=u.trial_stall_s)
 
 
 class UpdateService:
@@ -55,20 +67,33 @@ class UpdateService:
         self._thread: Optional[threading.Thread] = None
         self._lock = DaemonLock(self.updater.dir)
         self._previous_model: Any = None  # kept loaded during a trial: rollback is one swap
-        self._retired: List[Tuple[float, Any]] = []
+        self._previous_is_factory = False  # the model before the trial was model.path's (no slot)
+        self._retired: List[Tuple[Any, int]] = []  # (model, results observed when it was swapped out)
+        self._observed = 0
+        self._last_ref: Any = None
+        self._progress: Optional[Progress] = None
+        self._captured_at_trial = 0
+        self.on_stall: Optional[Callable[[str], None]] = None
         self._desired: Dict[str, Any] = {}  # "device" / "group" -> DesiredState (or None when cleared)
-        self._handled_desired: Optional[Tuple[str, int, bool, int]] = None
+        self._handled_desired: Optional[Tuple[str, int, bool, int, int]] = None
+        self._pending_desired: Any = None  # arrived during a trial: handled when it ends
+        self._retry: Optional[Tuple[float, Any]] = None  # (monotonic time, desired) after a transient failure
+        self._retry_delay = RETRY_DESIRED_S
 
     # ---- daemon seam ----
     def boot_model(self) -> Optional[Any]:
-        """Load the model of the active slot (or roll back first if the trial crashed too often)."""
-        slot = self.updater.boot_slot()
+        """Load the model of the active slot, re-verified against today's trusted keys, after settling
+        an interrupted update (roll back first if the trial crashed too often). None: no slot."""
+        if not self._lock.acquire():
+            log.warning("another daemon holds %s; CLI requests may go to it", self._lock.path)
+        with self.updater.locked(wait_s=LOCK_WAIT_S):
+            slot = self.updater.boot_slot()
         if slot is None:
             return None
-        model = self.updater.load_slot(slot)
+        model = self.updater.load_slot(slot, verify=False)  # boot_slot re-verified it just now
         trial = self.updater.state.trial
         if self.updater.state.state == st.TRIAL and trial:
-            self.health.begin_trial(model.ref, trial.get("baseline"))
+            self.health.begin_trial(model.ref, trial.get("baseline"), trial.get("judge_threshold"))
             log.info("continuing the trial of %s v%d (start %d of at most %d)", slot.model_name, slot.version,
                      int(trial.get("boot_count", 0)), self.cfg.update.max_boot_attempts)
         return model
@@ -87,8 +112,16 @@ class UpdateService:
         self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
         self._thread.start()
 
+    def attach_pipeline(self, progress: Progress, on_stall: Optional[Callable[[str], None]] = None) -> None:
+        """The pipeline's counters (for the hung-model check) and what to do when a trial model hangs
+        (the daemon stops, and restarts on the rolled-back slot)."""
+        self._progress = progress
+        self.on_stall = on_stall
+
     def observe(self, result: Any) -> None:
         """Called by the inference loop after every frame (edge.pipeline.InferenceResult)."""
+        self._observed += 1
+        self._last_ref = getattr(result, "model_ref", None)
         verdict = self.health.observe(result)
         if verdict is not None:
             self._q.put(("verdict", verdict))
@@ -103,24 +136,45 @@ class UpdateService:
         if self._thread is not None:
             self._thread.join(timeout=60)
         trial = self.updater.state.trial
-        if self.updater.state.state == st.TRIAL and trial and int(trial.get("boot_count", 0)) > 0:
+        if (self.updater.state.state == st.TRIAL and trial and int(trial.get("boot_count", 0)) > 0
+                and self._clean_stop()):
             trial["boot_count"] = int(trial["boot_count"]) - 1  # a clean stop is not a crash
             self.updater.state.update(trial=trial)
-        for _t, m in self._retired:
-            m.close()
-        self._retired = []
-        if self._previous_model is not None:
-            self._previous_model.close()
-            self._previous_model = None
+        done = True
+        if self._progress is not None:
+            try:
+                done = bool(self._progress()[2])
+            except Exception:  # noqa: BLE001 - a counter must not break the stop
+                done = False
+        if done:  # else the inference thread may still be inside one of them: leave them to the exit
+            for m, _n in self._retired:
+                m.close()
+            self._retired = []
+            if self._previous_model is not None:
+                self._previous_model.close()
+                self._previous_model = None
         self._lock.release()
 
-    # ---- public helpers (tests, CLI-in-process) ----
-    def install_bytes(self, data: bytes, *, source: str = "") -> bool:
+    def _clean_stop(self) -> bool:
+        """A stop during a trial is not counted as a crash only when the trial model was seen to work:
+        not stalled, and either it inferred frames or no frames arrived at all."""
+        if self.health.stalled:
+            return False
+        if self.health.trial_frames() > 0 or self._progress is None:
+            return True
+        try:
+            captured = int(self._progress()[0])
+        except Exception:  # noqa: BLE001
+            return False
+        return captured <= self._captured_at_trial
+
+    # ---- public helpers (tests, CLI-in-process, model.path bundles) ----
+    def install_bytes(self, data: Any, *, source: str = "", manual: bool = True) -> bool:
         """Verify, stage, self-test and hot-swap ``data`` in the calling thread. False = nothing to do."""
         try:
-            with self.updater.locked():
-                slot = self.updater.prepare(data, source=source)
-                self._switch(slot.name)
+            with self.updater.locked(wait_s=LOCK_WAIT_S):
+                slot = self.updater.prepare(data, source=source, manual=manual)
+                self._switch(slot.name, verify=False)
         except NothingToDo as exc:
             log.info("%s", exc)
             return False
@@ -176,74 +230,138 @@ class UpdateService:
                     self._on_verdict(arg)
                 elif kind == "desired":
                     self._on_desired_state(arg)
-                verdict = self.health.check_time()
-                if verdict is not None:
-                    self._on_verdict(verdict)
-                req = self.updater.take_request()
-                if req is not None:
-                    self._on_request(req)
-                self._close_retired()
+                self._tick()
             except KestrelError as exc:
                 log.warning("update refused: %s", exc)
             except Exception:  # noqa: BLE001 - the worker must survive anything
                 log.exception("updater worker error")
+                self._settle_after_error()
 
-    def _close_retired(self, force: bool = False) -> None:
-        now = time.monotonic()
+    def _tick(self) -> None:
+        verdict = self.health.check_time()
+        if verdict is None and self._progress is not None:
+            captured, processed, _done = self._progress()
+            verdict = self.health.check_progress(captured, processed)
+        if verdict is not None:
+            self._on_verdict(verdict)
+        req = self.updater.take_request()
+        if req is not None:
+            self._on_request(req)
+        self._close_retired()
+        if self._retry is not None and time.monotonic() >= self._retry[0]:
+            desired = self._retry[1]
+            self._retry = None
+            self._on_desired_state(desired)
+
+    def _settle_after_error(self) -> None:
+        """An unexpected error in the middle of an update: never leave DOWNLOADING & co. behind."""
+        try:
+            self.updater.state.reload()
+            if self.updater.state.state in st.IN_PROGRESS:
+                self.updater.slots.clean_staging()
+                self.updater._transition(st.FAILED, reason="internal error during the update (see the log); "
+                                                           "the running model was kept", pending_slot=None)
+        except Exception:  # noqa: BLE001
+            log.exception("could not record the failed update")
+
+    def _retire(self, model: Any) -> None:
+        if model is not None:
+            self._retired.append((model, self._observed))
+
+    def _close_retired(self) -> None:
+        """Close swapped-out models once the inference thread has been seen using another model
+        (a result of a different model observed after the swap): it is then done with them."""
         keep = []
-        for t, m in self._retired:
-            if force or now - t >= RETIRE_AFTER_S:
+        for m, n in self._retired:
+            if self._observed > n and self._last_ref is not None and self._last_ref is not m.ref:
                 m.close()
             else:
-                keep.append((t, m))
+                keep.append((m, n))
         self._retired = keep
 
-    def _switch(self, slot_name: str) -> None:
+    def _judge_threshold(self) -> float:
+        """The confidence threshold in force before the switch: the trial is judged by it."""
+        configured = self.cfg.sampler.confidence_threshold
+        if configured is not None:
+            return float(configured)
+        current = self.holder.get() if self.holder is not None else None
+        value = getattr(current, "default_threshold", None) if current is not None else None
+        return DEFAULT_THRESHOLD if value is None else float(value)
+
+    def _switch(self, slot_name: str, *, verify: bool = True) -> None:
         """Load the staged slot, persist TRIAL, flip the pointer, hot-swap; keep the old model loaded."""
         slot = self.updater.slots.slot(slot_name)
         if slot is None:
             raise UpdateBusy(f"slot {slot_name} vanished before the switch")
-        model = self.updater.load_slot(slot)
-        baseline = self.health.baseline()
-        self.updater.begin_trial(slot_name, baseline=baseline, boot_count=1)
+        model = self.updater.load_slot(slot, verify=verify)
+        threshold = self._judge_threshold()
+        baseline = self.health.baseline(threshold)
+        factory = self.updater.slots.active() is None
+        self.updater.begin_trial(slot_name, baseline=baseline, boot_count=1, judge_threshold=threshold)
         previous = self.holder.swap(model) if self.holder is not None else None
-        if self._previous_model is not None:
-            self._retired.append((time.monotonic(), self._previous_model))
+        self._retire(self._previous_model)
         self._previous_model = previous
-        self.health.begin_trial(model.ref, baseline)
+        self._previous_is_factory = factory and previous is not None
+        if self._progress is not None:
+            self._captured_at_trial = int(self._progress()[0])
+        self.health.begin_trial(model.ref, baseline, threshold)
         if self.cfg.update.trial_frames <= 0 and self.cfg.update.trial_seconds <= 0:
             self._on_verdict(("commit", "no trial configured"))
 
     def _on_verdict(self, verdict: Tuple[str, str]) -> None:
         what, reason = verdict
+        self.updater.state.reload()
         if self.updater.state.state != st.TRIAL:
             self.health.end_trial()
             return
         if what == "commit":
-            self.updater.commit(reason)
-            self.health.end_trial()
-            if self._previous_model is not None:
-                self._retired.append((time.monotonic(), self._previous_model))
-                self._previous_model = None
+            with self.updater.locked(wait_s=LOCK_WAIT_S):
+                self.updater.commit(reason)
+            self.health.end_trial(keep_baseline=True)
+            self._retire(self._previous_model)
+            self._previous_model = None
         else:
+            stalled = self.health.stalled
             self._rollback(reason, reject=True)
+            if stalled and self.on_stall is not None:
+                self.on_stall(reason)  # the inference thread is stuck inside the old model: restart
+        self._after_trial()
+
+    def _after_trial(self) -> None:
+        if self._pending_desired is not None:
+            desired, self._pending_desired = self._pending_desired, None
+            self._q.put(("desired", desired))
 
     def _rollback(self, reason: str, *, reject: bool) -> bool:
-        """Hot-swap back to the previous slot's model, then persist the pointer and ROLLED_BACK."""
-        with self.updater.locked():
-            slot = self.updater.rollback_target()
-            if slot is None:
-                log.warning("rollback requested (%s) but there is no previous slot", reason)
+        """Hot-swap back to the previous committed slot's model (or, for a first trial, the factory
+        model), then persist the rollback. A failed trial with nothing to go back to ends in a
+        terminal FAILED. NoRollbackTarget (nothing changed) outside a trial."""
+        with self.updater.locked(wait_s=LOCK_WAIT_S):
+            self.updater.state.reload()
+            in_trial = self.updater.state.state == st.TRIAL
+            try:
+                slot = self.updater.rollback_target()
+            except NoRollbackTarget as exc:
+                if not in_trial:
+                    raise
+                self.health.end_trial()
+                if (self._previous_model is not None and self._previous_is_factory
+                        and self.updater.factory_allowed()):
+                    model, self._previous_model = self._previous_model, None
+                    self._retire(self.holder.swap(model) if self.holder is not None else None)
+                    self.updater.rollback(f"{reason} (back to the factory model)", reject=reject,
+                                          to_factory=True)
+                    log.warning("rolled back to the factory model: %s", reason)
+                    return True
+                self.updater.give_up_trial(f"{reason}: {exc}")
+                log.error("trial failed (%s) and there is nothing to go back to: %s", reason, exc)
                 return False
             model = self._previous_model
             self._previous_model = None
             if model is None or getattr(model.ref, "sha256", None) != slot.model_sha256:
-                if model is not None:
-                    self._retired.append((time.monotonic(), model))
-                model = self.updater.load_slot(slot)
-            old = self.holder.swap(model) if self.holder is not None else None
-            if old is not None:
-                self._retired.append((time.monotonic(), old))
+                self._retire(model)
+                model = self.updater.load_slot(slot, verify=False)  # rollback_target re-verified it
+            self._retire(self.holder.swap(model) if self.holder is not None else None)
             self.health.end_trial()
             self.updater.rollback(reason, reject=reject, target=slot)
         log.warning("rolled back to %s v%d: %s", slot.model_name, slot.version, reason)
@@ -259,34 +377,50 @@ class UpdateService:
             if snap["state"] != st.SELF_TEST or snap.get("pending_slot") != slot:
                 log.warning("ignoring a switch request for slot %s: state %s", slot, snap["state"])
                 return
-            with self.updater.locked():
-                self._switch(slot)
+            with self.updater.locked(wait_s=LOCK_WAIT_S):
+                self._switch(slot, verify=True)  # staged by another process: re-verify it
         elif action == "rollback":
-            self._rollback(str(req.get("reason") or "manual rollback (kestrel-edge rollback)"), reject=True)
+            try:
+                self._rollback(str(req.get("reason") or "manual rollback (kestrel-edge rollback)"), reject=True)
+            except NoRollbackTarget as exc:
+                log.warning("rollback refused: %s", exc)
+            self._after_trial()
         else:
             log.warning("unknown control request %r", action)
 
     def _on_desired_state(self, desired: Any) -> None:
-        key = (desired.model_name, int(desired.version), bool(desired.rollback), int(desired.issued_ms))
+        from edge.bundle import MAX_VERSION, valid_model_name
+
+        key = (desired.model_name, int(desired.version), bool(desired.rollback), int(desired.issued_ms),
+               int(getattr(desired, "rollback_from_version", 0)))
         if key == self._handled_desired:
             return
-        self._handled_desired = key
-        if desired.rollback:
+        if desired.rollback:  # acts at once, also on a model on trial
+            self._handled_desired = key
             self._fleet_rollback(desired)
             return
-        installed = self.updater.installed_version()
+        if self.updater.state.state in (st.TRIAL, st.ROLLING_BACK):
+            log.info("desired %s v%d waits for the current trial to finish", desired.model_name,
+                     int(desired.version))
+            self._pending_desired = desired
+            return
+        self._handled_desired = key
         name, version = desired.model_name, int(desired.version)
+        if not valid_model_name(name) or not 1 <= version <= MAX_VERSION:
+            log.warning("ignoring a desired state with model %r version %d: not a valid model", name, version)
+            return
+        expected = self.updater.expected_model()
+        if expected is not None and name != expected:
+            log.warning("desired model %s v%d refused (wrong_model): this device runs %s", name, version, expected)
+            return
+        active = self.updater.slots.active()
+        installed = active.version if active is not None and active.model_name == name else 0
+        floor = max(installed, self.updater.state.floor(name))
         if version == installed:
             return  # equal: nothing to do
-        if version < installed:
-            log.warning("desired %s v%d is older than installed v%d: refused as a downgrade "
-                        "(fleet rollback uses rollback=true)", name, version, installed)
-            return
-        state = self.updater.state.state
-        if state == st.TRIAL:
-            log.info("desired v%d waits for the current trial to finish", version)
-            self._handled_desired = None
-            threading.Timer(CONTROL_POLL_S * 4, self._q.put, args=(("desired", desired),)).start()
+        if version <= floor:
+            log.warning("desired %s v%d refused as a downgrade: at or below v%d, the highest version this device "
+                        "has run (a fleet rollback uses rollback=true)", name, version, floor)
             return
         rejected = self.updater.state.is_rejected(name, version)
         if rejected:
@@ -294,46 +428,71 @@ class UpdateService:
             return
         self._fetch_and_install(desired)
 
+    def _grpc_target(self, desired: Any) -> str:
+        """The registry to fetch from: the desired state's grpc_target only when it is one of ours."""
+        u = self.cfg.update
+        asked = str(desired.grpc_target or "")
+        if asked and (asked == u.hub_grpc or asked in u.grpc_targets):
+            return asked
+        if asked:
+            log.warning("ignoring grpc_target %r from a desired-state message: it is neither [update] hub_grpc "
+                        "nor listed in [update] grpc_targets", asked)
+        return str(u.hub_grpc or "")
+
     def _fetch_and_install(self, desired: Any) -> None:
+        from edge.bundle import read_bounded
         from edge.updater.fetch import fetch_bundle
 
         name, version = desired.model_name, int(desired.version)
-        with self.updater.locked():
-            target = desired.grpc_target or self.cfg.update.hub_grpc
-            self.updater._transition(st.DOWNLOADING, reason=f"from {target}", model_name=name,
-                                     target_version=version)
+        u = self.cfg.update
+        target = self._grpc_target(desired)
+        with self.updater.locked(wait_s=LOCK_WAIT_S):
+            self.updater._transition(st.DOWNLOADING, reason=f"from {target or '(no hub address)'}",
+                                     model_name=name, target_version=version)
             try:
                 part = fetch_bundle(target, name, version, downloads=self.updater.downloads,
                                     sha256=desired.sha256, size=int(desired.size),
-                                    max_bundle_bytes=self.cfg.update.max_bundle_bytes, stop=self._stop)
-            except KestrelError as exc:
-                reject = getattr(exc, "reason", "") in ("too_large", "hash_mismatch", "not_found")
+                                    max_bundle_bytes=u.max_bundle_bytes, stop=self._stop)
+                data = read_bounded(part, u.max_bundle_bytes)
+                part.unlink()
+            except (KestrelError, OSError) as exc:
+                reject = getattr(exc, "reason", "") == "too_large"
                 self.updater._transition(st.FAILED, reason=f"download failed: {exc}", reject=reject)
-                if not reject:
-                    self._handled_desired = None  # transport trouble: the next message (or restart) retries
+                if not reject and not self._stop.is_set():
+                    self._retry = (time.monotonic() + self._retry_delay, desired)
+                    self._retry_delay = min(self._retry_delay * 2, RETRY_DESIRED_MAX_S)
+                    self._handled_desired = None
                 return
-            data = part.read_bytes()
+            self._retry_delay = RETRY_DESIRED_S
             try:
-                slot = self.updater.prepare(data, source=f"hub {name} v{version}")
+                slot = self.updater.prepare(data, source=f"hub {name} v{version}", expect=(name, version))
             except NothingToDo:
-                part.unlink()
                 return
-            except KestrelError:
-                part.unlink()
-                raise
-            part.unlink()
-            self._switch(slot.name)
+            del data
+            self._switch(slot.name, verify=False)
 
     def _fleet_rollback(self, desired: Any) -> None:
-        state = self.updater.state.state
-        if state == st.TRIAL:
-            self._rollback("fleet rollback ordered by the hub", reject=True)
+        """A hub-ordered rollback: applied at most once per issued_ms, only when the device runs the
+        version the message rolls back from, only to its own committed previous slot."""
+        issued = int(desired.issued_ms)
+        last = int(self.updater.state.get("fleet_rollback_ms", 0) or 0)
+        if issued <= last:
+            log.info("fleet rollback issued at %d already handled (last %d): ignored", issued, last)
             return
-        active = self.updater.slots.active()
-        prev = self.updater.slots.inactive()
-        if active is None or prev is None:
-            log.warning("fleet rollback: no previous slot on this device; keeping the running model")
-            return
-        if prev.version >= active.version:
-            return  # already on the older of the two slots: a re-delivered rollback does nothing
-        self._rollback("fleet rollback ordered by the hub", reject=True)
+        try:
+            frm = int(getattr(desired, "rollback_from_version", 0))
+            active = self.updater.slots.active()
+            if frm <= 0:
+                log.warning("fleet rollback ignored: it names no version to roll back from (update the hub)")
+            elif active is None or active.version != frm or (desired.model_name and
+                                                              desired.model_name != active.model_name):
+                log.info("fleet rollback from %s v%d does not apply: this device runs %s", desired.model_name,
+                         frm, f"{active.model_name} v{active.version}" if active else "no installed model")
+            else:
+                try:
+                    self._rollback(f"fleet rollback from v{frm} ordered by the hub", reject=True)
+                except NoRollbackTarget as exc:
+                    log.warning("fleet rollback from v%d refused: %s", frm, exc)
+                self._after_trial()
+        finally:
+            self.updater.state.update(fleet_rollback_ms=issued)

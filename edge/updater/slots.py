@@ -9,8 +9,10 @@ Layout::
 
 A slot is complete only when slot.json exists; it is written last, after every file is fsynced.
 Staging always goes to ``slots/.staging`` first and is renamed into place, so a crash leaves the
-target slot either absent/old or complete. ``check()`` re-hashes a slot's files against slot.json
-(whose hashes come from the signed manifest) before a slot is ever loaded.
+target slot either absent/old or complete. ``check()`` re-hashes a slot's files against slot.json;
+with the trusted keys it also re-verifies the slot's signed manifest (manifest.json +
+manifest.sig) against *today's* trust store and hashes every file against that manifest, so a
+slot signed by a key removed since is no longer trusted (boot and rollback do this).
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from edge import atomic
-from edge.errors import ArtifactError
+from edge import bundle as bundle_mod
+from edge.errors import ArtifactError, BundleError
 
 log = logging.getLogger("kestrel.updater")
 
 SLOTS = ("a", "b")
-RECORD = "slot.json"
-BUNDLE_FILE = "bundle.kbundle"
+RECORD = bundle_mod.SLOT_RECORD_NAME  # reserved by the verifier: never a payload file name
+BUNDLE_FILE = bundle_mod.SLOT_BUNDLE_NAME
 STAGING = ".staging"
 
 
@@ -117,18 +120,52 @@ class SlotStore:
         name = self.active_name()
         return self.slot(other(name)) if name else None
 
-    def check(self, slot: Slot) -> None:
-        """Re-hash every file of the slot against its record; SlotError on any difference."""
+    def check(self, slot: Slot, trusted: Any = None, expected_model: Optional[str] = None) -> None:
+        """Re-hash every file of the slot against its record; SlotError on any difference.
+
+        With ``trusted`` (key id -> public key), first re-verify the slot's signed manifest with
+        those keys (edge.bundle.verify_manifest: signature, schema, ``expected_model``) and check
+        every payload file's length and sha256 against it, and the record against the manifest.
+        """
         files: Dict[str, str] = slot.record.get("files", {})
         if not files or slot.record.get("model_file") not in files:
             raise SlotError(f"slot {slot.name} has no file list")
+        if trusted is not None:
+            self._reverify(slot, trusted, expected_model)
         for rel, want in files.items():
             p = slot.path / rel
-            if not p.is_file():
+            if not p.is_file() or p.is_symlink():
                 raise SlotError(f"slot {slot.name}: {rel} is missing")
             got = sha256_file(p)
             if got != want:
                 raise SlotError(f"slot {slot.name}: {rel} does not match its manifest hash")
+
+    def _reverify(self, slot: Slot, trusted: Any, expected_model: Optional[str]) -> None:
+        try:
+            mb = _read_small(slot.path / bundle_mod.MANIFEST_NAME, bundle_mod.MAX_MANIFEST_BYTES)
+            sb = _read_small(slot.path / bundle_mod.SIG_NAME, bundle_mod.MAX_SIG_BYTES)
+        except OSError as exc:
+            raise SlotError(f"slot {slot.name}: cannot read its signed manifest: {exc.strerror or exc}") \
+                from exc
+        try:
+            man, _kid = bundle_mod.verify_manifest(mb, sb, trusted, expected_model=expected_model)
+        except BundleError as exc:
+            raise SlotError(f"slot {slot.name} is no longer trusted: {exc}") from exc
+        rec = slot.record
+        if (rec.get("model_name") != man.model_name or int(rec.get("version", -1)) != man.version
+                or rec.get("model_file") != man.model_file):
+            raise SlotError(f"slot {slot.name}: slot.json does not match its signed manifest")
+        for name, ent in man.files.items():
+            p = slot.path / name
+            try:
+                st = os.lstat(str(p))
+            except OSError:
+                raise SlotError(f"slot {slot.name}: {name} is missing") from None
+            if not os.path.isfile(str(p)) or os.path.islink(str(p)) or st.st_size != ent.length:
+                raise SlotError(f"slot {slot.name}: {name} is not the {ent.length}-byte file its manifest "
+                                "lists")
+            if rec.get("files", {}).get(name) != ent.sha256:
+                raise SlotError(f"slot {slot.name}: slot.json does not match its signed manifest for {name}")
 
     # ---- writing ----
     def target_for_staging(self) -> str:
@@ -138,8 +175,6 @@ class SlotStore:
 
     def stage(self, target: str, verified: Any, bundle_bytes: bytes) -> Slot:
         """Write a verified bundle into slot ``target`` (replacing what was there), crash-safely."""
-        from edge import bundle as bundle_mod
-
         if target == self.active_name():
             raise SlotError(f"refusing to overwrite the active slot {target}")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -149,7 +184,7 @@ class SlotStore:
         bundle_mod.write_staged(verified, staging)
         (staging / BUNDLE_FILE).write_bytes(bundle_bytes)
         manifest = verified.manifest
-        model_sha = hashlib.sha256(verified.model_bytes).hexdigest()
+        model_sha = hashlib.sha256(verified.model_view).hexdigest()
         files: Dict[str, str] = {}
         model_file = str(_get(manifest, "model_file", ""))
         for dirpath, _dirs, names in os.walk(str(staging)):
@@ -160,9 +195,7 @@ class SlotStore:
                 if not model_file and files[rel] == model_sha and rel != BUNDLE_FILE:
                     model_file = rel
         if model_file not in files:
-            model_file = model_file or "model.tflite"
-            (staging / model_file).write_bytes(verified.model_bytes)
-            files[model_file] = model_sha
+            raise SlotError(f"staged bundle has no model file {model_file!r}")
         record = {
             "model_name": _get(manifest, "model_name"),
             "version": int(_get(manifest, "version")),
@@ -200,9 +233,25 @@ class SlotStore:
             raise SlotError(f"slot {target} is empty; nothing to switch to")
         atomic.write_bytes(self.pointer, (target + "\n").encode())
 
+    def clear_pointer(self) -> None:
+        """No active slot: the daemon starts on the factory model (model.path) again."""
+        try:
+            os.unlink(str(self.pointer))
+        except FileNotFoundError:
+            return
+        atomic.fsync_dir(self.root)
+
     def clean_staging(self) -> None:
         for n in (STAGING, ".old-a", ".old-b"):
             shutil.rmtree(self.root / n, ignore_errors=True)
+
+
+def _read_small(path: Path, limit: int) -> bytes:
+    with open(str(path), "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"{path.name} is larger than {limit} bytes")
+    return data
 
 
 def _get(manifest: Any, key: str, default: Any = KeyError) -> Any:

@@ -1,14 +1,28 @@
 """The update state machine and its persisted record ({data_dir}/update/state.json).
 
 States: IDLE -> DOWNLOADING -> VERIFIED -> STAGED -> SELF_TEST -> TRIAL -> COMMITTED, or
-ROLLED_BACK / FAILED with a reason. Every transition is written atomically before anything
-depends on it. ``KESTREL_CRASH_AT=<STATE>`` (tests only) SIGKILLs the process right after that
-state is persisted, to prove each step is crash safe.
+ROLLING_BACK -> ROLLED_BACK / FAILED with a reason. Every transition is written atomically before
+anything depends on it, under an inter-process lock (``state.json.lock``: the CLI and the daemon
+both write the file). ``KESTREL_CRASH_AT=<STATE>`` (tests only) SIGKILLs the process right after
+that state is persisted, to prove each step is crash safe.
+
+Besides the state, the file keeps what the device must never forget (docs/updates.md):
+
+* ``floors``: per model name, the highest version ever switched to (a high-water mark that a
+  rollback never lowers): the verifier refuses anything at or below it;
+* ``slots``: per slot, what became of the bundle in it (staged, selftest_failed, trial,
+  committed, rejected); only a ``committed`` slot is ever rolled back to;
+* ``time_floor_s``: the newest signed ``created`` time seen in an installed bundle: the device's
+  clock is never believed below it;
+* ``fleet_rollback_ms``: the ``issued_ms`` of the last fleet rollback handled (applied once);
+* ``rejected``: name:version refused or rolled back; desired state does not retry them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import logging
 import os
@@ -16,7 +30,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from edge import atomic
 
@@ -29,12 +43,21 @@ STAGED = "STAGED"
 SELF_TEST = "SELF_TEST"
 TRIAL = "TRIAL"
 COMMITTED = "COMMITTED"
+ROLLING_BACK = "ROLLING_BACK"
 ROLLED_BACK = "ROLLED_BACK"
 FAILED = "FAILED"
 
-STATES = (IDLE, DOWNLOADING, VERIFIED, STAGED, SELF_TEST, TRIAL, COMMITTED, ROLLED_BACK, FAILED)
+STATES = (IDLE, DOWNLOADING, VERIFIED, STAGED, SELF_TEST, TRIAL, COMMITTED, ROLLING_BACK, ROLLED_BACK,
+          FAILED)
 IN_PROGRESS = (DOWNLOADING, VERIFIED, STAGED, SELF_TEST)
 RESTING = (IDLE, COMMITTED, ROLLED_BACK, FAILED)
+
+# What became of the bundle in a slot (state.json "slots"); only COMMITTED slots are rollback targets.
+OUT_STAGED = "staged"
+OUT_SELFTEST_FAILED = "selftest_failed"
+OUT_TRIAL = "trial"
+OUT_COMMITTED = "committed"
+OUT_REJECTED = "rejected"
 
 CRASH_ENV = "KESTREL_CRASH_AT"
 HISTORY_MAX = 50
@@ -58,8 +81,13 @@ def _default() -> Dict[str, Any]:
         "model_name": "",
         "target_version": 0,
         "updated_ms": 0,
-        "trial": None,  # {slot, previous_slot, boot_count, started_ms, baseline}
+        "trial": None,  # {slot, previous_slot, boot_count, started_ms, baseline, judge_threshold}
+        "rolling_back": None,  # {from_slot, to_slot (None = the factory model), reason, reject}
         "rejected": {},  # "name:version" -> reason; not retried from desired state
+        "floors": {},  # model name -> highest version ever switched to (never lowered)
+        "slots": {},  # "a"/"b" -> {bundle_sha256, model_name, version, outcome}
+        "time_floor_s": 0.0,
+        "fleet_rollback_ms": 0,
         "history": [],
     }
 
@@ -71,6 +99,17 @@ class StateFile:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._data = self._read()
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """Blocking flock across processes for one read-modify-write of the state file."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(str(self.path) + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
     def _read(self) -> Dict[str, Any]:
         data = _default()
@@ -108,6 +147,15 @@ class StateFile:
             r = self._data.get("rejected", {}).get(f"{name}:{int(version)}")
             return str(r) if r else None
 
+    def floor(self, name: str) -> int:
+        """The highest version of ``name`` this device ever switched to (0 = none)."""
+        with self._lock:
+            return int((self._data.get("floors") or {}).get(name, 0))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            return copy.deepcopy(self._data.get(key, default))
+
     def transition(self, state: str, *, reason: str = "", crash: bool = True, reject: bool = False,
                    **fields: Any) -> Dict[str, Any]:
         """Persist a new state (and extra fields); log it; return the new snapshot.
@@ -116,7 +164,7 @@ class StateFile:
         """
         if state not in STATES:
             raise ValueError(f"unknown update state {state!r}")
-        with self._lock:
+        with self._lock, self._file_lock():
             self._data = self._read()  # the CLI may have written it from another process
             prev = self._data["state"]
             self._data.update(fields)
@@ -140,7 +188,16 @@ class StateFile:
 
     def update(self, **fields: Any) -> None:
         """Change fields without a state transition (e.g. the trial boot count)."""
-        with self._lock:
+        with self._lock, self._file_lock():
             self._data = self._read()
             self._data.update(fields)
             atomic.write_json(self.path, self._data)
+
+    def modify(self, fn: Any) -> Dict[str, Any]:
+        """Apply ``fn(data)`` (in place) to the freshly read record and write it: one atomic
+        read-modify-write under the inter-process lock. Returns a snapshot."""
+        with self._lock, self._file_lock():
+            self._data = self._read()
+            fn(self._data)
+            atomic.write_json(self.path, self._data)
+            return copy.deepcopy(self._data)

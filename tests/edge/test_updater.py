@@ -152,28 +152,94 @@ def _tamper(data: bytes) -> bytes:
     return bytes(b)
 
 
+def _members(data: bytes) -> list:
+    from tests.helpers.bundles import members_of
+
+    return members_of(data)
+
+
+def _field_changed_after_signing(data: bytes) -> bytes:
+    from tests.helpers.bundles import rebuild
+
+    members = _members(data)
+    doc = json.loads(members[0][1])
+    doc["default_threshold"] = 0.0  # e.g. to silence the sampler; the signature covers the old bytes
+    from edge.bundle import canonical_json
+
+    members[0] = ("manifest.json", canonical_json(doc))
+    return rebuild(members)
+
+
+def _with_member(data: bytes, name: bytes, typeflag: bytes = b"0", content: bytes = b"x",
+                 linkname: bytes = b"") -> bytes:
+    """The bundle's members plus one hostile member (traversal, link...), in raw ustar form."""
+    from tests.helpers.bundles import raw_container, tar_header
+
+    ents = [(tar_header(n, len(c)), c) for n, c in _members(data)]
+    ents.append((tar_header(name, len(content) if typeflag == b"0" else 0, typeflag=typeflag,
+                            linkname=linkname), content if typeflag == b"0" else b""))
+    return raw_container(ents)
+
+
+def _longer_than_declared(data: bytes) -> bytes:
+    from tests.helpers.bundles import rebuild
+
+    return rebuild([(n, c + b"\0" if n == "model.tflite" else c) for n, c in _members(data)])
+
+
+def _extra_file(data: bytes) -> bytes:
+    from tests.helpers.bundles import rebuild
+
+    return rebuild(_members(data) + [("zz-extra.bin", b"not in the manifest")])
+
+
 ATTACKS = {
     "tampered": lambda models_dir, kp, other: _tamper(bundle(models_dir, kp, 3)),
+    "field_changed_after_signing": lambda models_dir, kp, other: _field_changed_after_signing(
+        bundle(models_dir, kp, 3)),
     "untrusted": lambda models_dir, kp, other: bundle(models_dir, other, 3),
     "downgrade": lambda models_dir, kp, other: bundle(models_dir, kp, 1),
     "expired": lambda models_dir, kp, other: bundle(models_dir, kp, 3, expires_in_s=60,
                                                     created=time.time() - 3600),
     "truncated": lambda models_dir, kp, other: bundle(models_dir, kp, 3)[:3000],
+    "traversal": lambda models_dir, kp, other: _with_member(bundle(models_dir, kp, 3), b"../../evil.py"),
+    "symlink": lambda models_dir, kp, other: _with_member(bundle(models_dir, kp, 3), b"zz-link", b"2",
+                                                          linkname=b"/etc/passwd"),
+    "hardlink": lambda models_dir, kp, other: _with_member(bundle(models_dir, kp, 3), b"zz-link", b"1",
+                                                           linkname=b"model.tflite"),
+    "longer_than_declared": lambda models_dir, kp, other: _longer_than_declared(bundle(models_dir, kp, 3)),
+    "extra_file": lambda models_dir, kp, other: _extra_file(bundle(models_dir, kp, 3)),
+    "wrong_model": lambda models_dir, kp, other: bundle(models_dir, kp, 50, name="some-other-model"),
+    "oversize": lambda models_dir, kp, other: bundle(models_dir, kp, 3, extra_files={"pad.bin": b"\0" * 70000}),
 }
+def _tree(root: Path) -> list:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+REASON = {"tampered": "hash_mismatch", "field_changed_after_signing": "bad_signature",
+          "untrusted": "untrusted_key", "downgrade": "downgrade", "expired": "expired", "truncated": "truncated",
+          "traversal": "bad_container", "symlink": "bad_container", "hardlink": "bad_container",
+          "longer_than_declared": "length_mismatch", "extra_file": "extra_file", "wrong_model": "wrong_model",
+          "oversize": "too_large"}
 
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
 def test_attack_bundles_refused_running_model_untouched(device, kp, models_dir, tmp_path,  # noqa: ANN001
                                                         attack):  # noqa: ANN001
-    dev = device(trial_frames=0)
+    dev = device(trial_frames=0, max_bundle_bytes=64 * 1024)
     assert dev.install(bundle(models_dir, kp, 2))
     running = dev.holder.get()
     before = dev.svc.updater.slots.active()
+    slots_before = _tree(before.path.parent)
     other = make_keypair(tmp_path, name="attacker")
     with pytest.raises(BundleError) as ei:
         dev.install(ATTACKS[attack](models_dir, kp, other))
     msg = str(ei.value)
     assert "\n" not in msg and msg
+    assert ei.value.reason == REASON[attack], msg
+    # nothing was written next to the slots (no traversal target, no staging left behind)
+    assert _tree(before.path.parent) == slots_before
+    assert not (tmp_path / "evil.py").exists() and not (tmp_path / "data" / "evil.py").exists()
     assert dev.holder.get() is running
     assert float(np.max(running.infer(frame()))) > 0.9  # still runs
     after = dev.svc.updater.slots.active()
@@ -380,7 +446,8 @@ def test_desired_state_over_mqtt_fetches_installs_and_fleet_rollback(tmp_path, k
     def order(version: int, data: bytes, rollback: bool = False, topic: str = "") -> None:
         msg = kestrel_pb2.DesiredState(model_name="brightness", version=version, rollback=rollback,
                                        sha256=hashlib.sha256(data).hexdigest(), size=len(data),
-                                       issued_ms=int(time.time() * 1000))
+                                       issued_ms=int(time.time() * 1000),
+                                       rollback_from_version=version if rollback else 0)
         hub.publish(topic or topics.group_desired("default"), msg.SerializeToString(), qos=1,
                     retain=True).wait_for_publish(10)
 

@@ -100,7 +100,7 @@ def write_bundle(path: Path, *args: Any, **kw: Any) -> Path:
 
 def members_of(data: bytes) -> List[Tuple[str, bytes]]:
     """The (name, bytes) members of a valid bundle, in order."""
-    return bundlemod.parse_container(data)
+    return [(name, bytes(content)) for name, content in bundlemod.parse_container(data)]
 
 
 def tar_header(name: Union[str, bytes], size: int, typeflag: bytes = b"0", linkname: bytes = b"",
