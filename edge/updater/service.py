@@ -466,7 +466,12 @@ class UpdateService:
             self._retry_delay = RETRY_DESIRED_S
             try:
                 slot = self.updater.prepare(data, source=f"hub {name} v{version}", expect=(name, version))
-            except NothingToDo:
+            except NothingToDo:  # the installed version was checked before the fetch: this is not v{version}
+                self.updater._transition(st.FAILED, reason=f"refused (not_desired): the hub announced {name} "
+                                                           f"v{version} but sent the installed version")
+                return
+            except KestrelError as exc:  # refused: recorded as FAILED (and rejected when it is the bundle's fault)
+                log.warning("update to %s v%d refused: %s", name, version, exc)
                 return
             del data
             self._switch(slot.name, verify=False)

@@ -93,3 +93,119 @@ def test_time_window_must_pass_as_well_as_frames():
 def test_p95():
     assert p95([float(i) for i in range(1, 101)]) == 95.0
     assert p95([]) == 0.0
+
+
+# ---- without a baseline, judged at the previous threshold, non-finite scores, hung models ----------
+
+def test_no_baseline_uses_absolute_limits(tmp_path, kp, models_dir):  # noqa: ANN001
+    dev = Device(make_cfg(tmp_path, kp.pub_path, trial_frames=10))
+    try:
+        assert dev.install(bundle(models_dir, kp, 1, model="uniform_int8"))  # first model: no baseline
+        assert dev.settle() == st.FAILED  # rolled back... to nothing: terminal, see test_update_security
+        assert "low-confidence rate 100%" in dev.svc.updater.state.snapshot()["reason"]
+    finally:
+        dev.close()
+    dev = Device(make_cfg(tmp_path / "slow", kp.pub_path, trial_frames=5, trial_max_latency_ms=0.01))
+    try:
+        assert dev.install(bundle(models_dir, kp, 1))
+        dev.svc.updater.commit("setup")
+        dev.svc.health.end_trial()
+        assert dev.install(bundle(models_dir, kp, 2, model="slow_int8"))  # no frames of v1 seen: no baseline
+        assert dev.settle() == st.ROLLED_BACK and dev.version == 1
+        assert "absolute limit" in dev.svc.updater.state.snapshot()["reason"]
+    finally:
+        dev.close()
+
+
+def test_new_bundle_cannot_choose_the_threshold_its_trial_is_judged_by(tmp_path, kp, models_dir):  # noqa: ANN001
+    dev = _device_on_v1(tmp_path, kp, models_dir, trial_frames=10, trial_max_latency_ratio=50.0)
+    try:
+        # v2 says nothing is ever low confidence (threshold 0): the pipeline's flag follows it...
+        assert dev.install(bundle(models_dir, kp, 2, model="uniform_int8", default_threshold=0.0))
+        seq = [0]
+
+        def step():  # noqa: ANN202
+            from tests.edge.test_updater import infer_once
+
+            seq[0] += 1
+            infer_once(dev.svc, dev.holder, seq[0], threshold=0.0)  # ... so every frame comes flagged "confident"
+            s = dev.svc.updater.state.state
+            return s if s in (st.COMMITTED, st.ROLLED_BACK) else None
+
+        from tests.helpers.wait import wait_for
+
+        assert wait_for(step, 60, interval=0.001, what="trial verdict") == st.ROLLED_BACK
+        assert "threshold 0.6" in dev.svc.updater.state.snapshot()["reason"]  # v1's default judged it
+    finally:
+        dev.close()
+
+
+class _Scores(_R):
+    def __init__(self, ref, scores):  # noqa: ANN001
+        super().__init__(ref)
+        self.scores = scores
+
+
+def test_non_finite_scores_count_as_errors():
+    import numpy as np
+
+    w = HealthWatch(TrialCriteria(frames=100, seconds=0, max_errors=2))
+    w.begin_trial("new", None)
+    assert w.observe(_Scores("new", np.array([0.1, float("nan"), 0.2]))) is None
+    verdict = w.observe(_Scores("new", np.array([float("inf"), 0.0, 0.0])))
+    assert verdict is not None and verdict[0] == "rollback" and "non-finite" in verdict[1]
+
+
+def test_self_test_fails_on_non_finite_scores():
+    import numpy as np
+
+    from edge.inputspec import InputSpec
+    from edge.updater.selftest import SelfTestError, run_self_test
+
+    class NanModel:  # a stand-in: no real TFLite model produces NaN on demand
+        spec = InputSpec(shape=[1, 2, 2, 3], dtype="uint8", scale=1 / 255.0)
+
+        def invoke(self, x):  # noqa: ANN001, ANN202
+            return np.array([float("nan"), 0.0, 0.0], np.float32)
+
+    case = {"input": bytes(12), "expected": [0.0, 0.0, 0.0]}
+    with pytest.raises(SelfTestError, match="non-finite"):
+        run_self_test(NanModel(), {"tolerance": 0.05, "cases": [case], "latency_budget_ms": None},
+                      latency_budget_ms=1000.0)
+
+
+def test_stall_detector_needs_arriving_frames():
+    now = [0.0]
+    w = HealthWatch(TrialCriteria(frames=5, seconds=0, stall_s=10.0), clock=lambda: now[0])
+    w.begin_trial("new", None)
+    assert w.check_progress(100, 50) is None
+    now[0] = 20.0
+    assert w.check_progress(100, 50) is None  # no frames arrived: the camera, not the model
+    now[0] = 25.0
+    assert w.check_progress(130, 50) is None  # frames arrive again; the clock starts now
+    now[0] = 36.0
+    verdict = w.check_progress(160, 50)
+    assert verdict is not None and verdict[0] == "rollback" and "stalled" in verdict[1] and w.stalled
+
+
+def test_hung_trial_model_rolled_back_and_daemon_told_to_restart(tmp_path, kp, models_dir):  # noqa: ANN001
+    from tests.helpers.wait import wait_for
+
+    dev = _device_on_v1(tmp_path, kp, models_dir, trial_frames=10, trial_stall_s=0.3)
+    stalls = []
+    counters = [1000, 500]
+
+    def progress():  # noqa: ANN202
+        counters[0] += 1  # the camera keeps delivering; the inference thread is stuck (processed frozen)
+        return counters[0], counters[1], False
+
+    dev.svc.attach_pipeline(progress, on_stall=stalls.append)
+    try:
+        assert dev.install(bundle(models_dir, kp, 2))
+        assert dev.version == 2
+        wait_for(lambda: dev.svc.updater.state.state == st.ROLLED_BACK, 30, what="stall rollback")
+        assert dev.version == 1 and len(stalls) == 1 and "stalled" in stalls[0]
+        assert dev.svc.updater.state.is_rejected("brightness", 2)
+    finally:
+        dev.svc._progress = None  # the fake pipeline is not "done": let stop() close the models
+        dev.close()

@@ -1,5 +1,9 @@
 """Hot swap inside a running pipeline (edge.pipeline): updates and automatic rollback switch
-interpreters between frames, with no frame dropped and no restart."""
+interpreters between frames, with no frame dropped and no restart.
+
+The pipeline runs like a live camera: a paced source (30 fps) and ``drop_oldest``, the policy that
+*would* drop a frame if inference fell behind while a swap happens. (With ``block`` nothing can ever
+be dropped, so a zero would prove nothing.)"""
 
 from __future__ import annotations
 
@@ -29,25 +33,25 @@ def test_swaps_in_running_pipeline_drop_no_frame(tmp_path, models_dir):  # noqa:
         with lock:
             results.append(r)
 
-    source = open_source(SourceConfig(kind="testpattern", fps=0, width=64, height=48,
+    source = open_source(SourceConfig(kind="testpattern", fps=30.0, width=64, height=48,
                                       pattern_brightness=[0.9]))
     sampler = Sampler(SamplerConfig(max_per_minute=0, max_per_hour=0, max_per_day=0))
     pipe = Pipeline(source, dev.holder, sampler, lambda s: None,
-                    PipelineConfig(drop_policy="block", queue_size=4),
+                    PipelineConfig(drop_policy="drop_oldest", queue_size=4),
                     observers=[dev.svc.observe, record])
     pipe.start()
     try:
-        wait_for(lambda: len(results) >= 50, 30, what="baseline frames on v1")
+        wait_for(lambda: len(results) >= 30, 30, what="baseline frames on v1")
         assert dev.install(bundle(models_dir, kp, 2))  # hot swap while frames flow
         wait_for(lambda: dev.svc.updater.state.state == st.COMMITTED, 30, what="v2 committed")
         assert dev.install(bundle(models_dir, kp, 3, model="uniform_int8"))
         wait_for(lambda: dev.svc.updater.state.state == st.ROLLED_BACK, 30, what="v3 rolled back")
         n = len(results)
-        wait_for(lambda: len(results) >= n + 20, 30, what="frames after the rollback")
+        wait_for(lambda: len(results) >= n + 15, 30, what="frames after the rollback")
     finally:
         assert pipe.stop(30)
         dev.close()
-    assert pipe.dropped == 0 and pipe.errors == 0
+    assert pipe.drop_oldest and pipe.dropped == 0 and pipe.errors == 0
     assert pipe.captured == pipe.processed == len(results)  # every frame in was inferred
     assert [r.seq for r in results] == sorted(r.seq for r in results)
     assert len({r.seq for r in results}) == len(results)

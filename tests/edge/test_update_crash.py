@@ -72,11 +72,10 @@ elif mode in ("install", "hang"):
 @pytest.fixture
 def rig(tmp_path, models_dir):  # noqa: ANN001
     kp = make_keypair(tmp_path)
-    cfg = make_cfg(tmp_path, kp.pub_path, trial_frames=3, max_boot_attempts=2)
+    cfg = make_cfg(tmp_path, kp.pub_path, trial_frames=3, max_boot_attempts=1)
     cfgp = tmp_path / "edge.toml"
     cfgp.write_text(f'[device]\nid = "dev1"\ndata_dir = "{tmp_path / "data"}"\n[model]\nthreads = 1\n'
-                    f'[update]\ntrust_dir = "{kp.pub_path}"\ntrial_frames = 3\ntrial_seconds = 0.0\n'
-                    f'max_boot_attempts = 2\n')
+                    f'[update]\ntrust_dir = "{kp.pub_path}"\ntrial_frames = 3\ntrial_seconds = 0.0\n')
     dev = Device(cfg)
     dev.install(bundle(models_dir, kp, 1))
     assert dev.settle() == st.COMMITTED
@@ -85,7 +84,7 @@ def rig(tmp_path, models_dir):  # noqa: ANN001
     v2.write_bytes(bundle(models_dir, kp, 2))
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    return {"cfg": cfgp, "v2": v2, "driver": driver, "tmp": tmp_path}
+    return {"cfg": cfgp, "v2": v2, "driver": driver, "tmp": tmp_path, "kp": kp, "cfg_obj": cfg}
 
 
 def _env(crash: str = "") -> Dict[str, str]:
@@ -128,7 +127,8 @@ def test_sigkill_during_cli_install(rig, point):  # noqa: ANN001
 
 
 # crash point inside the running daemon's hot-swap path -> version after restart
-DAEMON_POINTS = {"SELF_TEST": 1, "TRIAL": 1, "SWITCHED": 2, "COMMITTED": 2}
+# (SWITCHED: the daemon died during the trial of v2 -> the next start rolls back to v1)
+DAEMON_POINTS = {"SELF_TEST": 1, "TRIAL": 1, "SWITCHED": 1, "COMMITTED": 2}
 
 
 @pytest.mark.parametrize("point", list(DAEMON_POINTS))
@@ -141,23 +141,36 @@ def test_sigkill_during_daemon_update(rig, point):  # noqa: ANN001
 
 
 def test_daemon_dying_in_trial_comes_back_on_previous_model(rig):  # noqa: ANN001
-    states = []
-    for _ in range(2):  # the swap itself is start 1; then one restart on the trial model, both die
-        mode = "hang" if not states else "boot"
-        p = subprocess.Popen([sys.executable, str(rig["driver"]), mode, str(rig["cfg"]), str(rig["v2"])],
-                             cwd=str(ROOT), env=_env(), stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-        line = p.stdout.readline()
-        p.kill()
-        p.wait(TIMEOUT)
-        p.stdout.close()
-        p.stdin.close()
-        states.append(json.loads(line))
-    assert [(s["version"], s["state"]) for s in states] == [(2, st.TRIAL), (2, st.TRIAL)]
-    assert states[1]["trial"]["boot_count"] == 2
-    after = _boot(rig)  # max_boot_attempts = 2 starts ended in a crash: roll back before loading
+    # default max_boot_attempts = 1: the hot swap is start 1; the first crash in the trial rolls back
+    p = subprocess.Popen([sys.executable, str(rig["driver"]), "hang", str(rig["cfg"]), str(rig["v2"])],
+                         cwd=str(ROOT), env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    p.kill()
+    p.wait(TIMEOUT)
+    p.stdout.close()
+    p.stdin.close()
+    during = json.loads(line)
+    assert (during["version"], during["state"], during["trial"]["boot_count"]) == (2, st.TRIAL, 1)
+    after = _boot(rig)  # the start after the crash rolls back before loading the trial model
     assert (after["version"], after["state"]) == (1, st.ROLLED_BACK)
-    cfg = config.load(rig["cfg"])
     from edge.updater.engine import Updater
 
-    assert Updater(cfg).state.is_rejected("brightness", 2)
+    upd = Updater(config.load(rig["cfg"]))
+    assert upd.state.is_rejected("brightness", 2) and upd.state.floor("brightness") == 2
+
+
+@pytest.mark.parametrize("point", ["ROLLING_BACK", "ROLLBACK_SWITCHED"])
+def test_sigkill_during_rollback_finishes_it_at_boot(rig, models_dir, point):  # noqa: ANN001
+    dev = Device(rig["cfg_obj"])
+    dev.baseline()
+    assert dev.install(rig["v2"].read_bytes()) and dev.settle() == st.COMMITTED
+    dev.close()
+    r = _run(["-m", "edge.updatecmd", "rollback", "--config", str(rig["cfg"])], crash=point)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
+    after = _boot(rig)
+    assert (after["version"], after["slot_version"], after["state"]) == (1, 1, st.ROLLED_BACK)
+    from edge.updater.engine import Updater
+
+    upd = Updater(config.load(rig["cfg"]))
+    assert upd.state.is_rejected("brightness", 2)  # the rollback's intent was carried out in full
+    assert upd.outcome(upd.slots.inactive()) == st.OUT_REJECTED
