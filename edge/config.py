@@ -367,7 +367,12 @@ def from_dict(data: dict) -> EdgeConfig:
 
 
 def describe() -> str:
-    return "# edge.toml reference\n" + "\n".join(tomlconf.describe(EdgeConfig)) + "\n"
+    return ("# edge.toml reference\n\n"
+            "Every key of the edge daemon's config, its type, default and meaning. Generated from\n"
+            "edge/config.py by `kestrel-edge config-doc > docs/edge-config.md`; do not edit by hand (a test\n"
+            "fails when this page is stale). Unknown keys are refused by name; `kestrel-edge run\n"
+            "--check-config` validates a file and exits.\n"
+            + "\n".join(tomlconf.describe(EdgeConfig)) + "\n")
 
 
 def read_secret(path: str) -> Optional[str]:

@@ -216,6 +216,7 @@ class Daemon:
         self.sink_worker = SinkWorker(self.builder, self.publisher.publish_frame, cfg.pipeline.sink_queue_size)
         self.pipeline: Optional[Pipeline] = None
         self.run_seconds = 0.0  # pipeline start -> every sampled frame spooled (benchmarks)
+        self.acked_seconds = 0.0  # pipeline start -> the last frame PUBACK, when the spool was emptied
 
     def status(self, state: str) -> Any:
         model = self.holder.get()
@@ -371,6 +372,8 @@ class Daemon:
                 except Exception:
                     log.exception("%s did not stop cleanly", name)
             self.publisher.stop(flush_timeout_s=0.0 if self.hurry.is_set() else FLUSH_TIMEOUT_S)
+            if self.pipeline is not None and self.publisher.last_ack_at and not self.publisher.spool_stats()[1]:
+                self.acked_seconds = self.publisher.last_ack_at - self.pipeline.started_at
             if self.pipeline is None or self.pipeline.done:  # else the inference thread may still use it
                 current = self.holder.get()
                 if current is not None:

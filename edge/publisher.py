@@ -69,6 +69,7 @@ class Publisher:
         self.frames_acked = 0
         self.oversize_refused = 0
         self.spool_write_failed = 0
+        self.last_ack_at = 0.0  # monotonic time of the last frame PUBACK
         self.dead_letters = len(self.spool.dead_letters())
         self.telemetry_dropped = 0
         self.telemetry_sent = 0
@@ -192,6 +193,7 @@ class Publisher:
                 return
 
     def _acked(self, seq: int) -> None:
+        self.last_ack_at = time.monotonic()
         self._inflight.pop(seq, None)
         self._suspects.pop(seq, None)
         self.spool.remove(seq)

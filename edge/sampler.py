@@ -44,19 +44,22 @@ DEFAULT_CONFIDENCE_THRESHOLD = 0.6  # when neither the config nor the model's bu
 
 def uncertainty_reasons(scores: np.ndarray, cfg: SamplerConfig) -> List[int]:
     """The SampleReason values whose strategy fires for these scores (empty = confident)."""
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    s = np.asarray(scores).reshape(-1)
     reasons: List[int] = []
     if s.size == 0:
         return reasons
-    order = np.sort(s)[::-1]
+    strategies = cfg.strategies  # runs for every frame on the inference thread: few numpy calls
+    if "margin" in strategies and s.size > 1:
+        two = np.partition(s, s.size - 2)[-2:]
+        top, second = float(two[1]), float(two[0])
+    else:
+        top, second = float(s.max()), 0.0
     threshold = DEFAULT_CONFIDENCE_THRESHOLD if cfg.confidence_threshold is None else cfg.confidence_threshold
-    if "confidence" in cfg.strategies and order[0] < threshold:
+    if "confidence" in strategies and top < threshold:
         reasons.append(kestrel_pb2.LOW_CONFIDENCE)
-    if "margin" in cfg.strategies:
-        second = order[1] if s.size > 1 else 0.0
-        if order[0] - second < cfg.margin_threshold:
-            reasons.append(kestrel_pb2.LOW_MARGIN)
-    if "entropy" in cfg.strategies and normalized_entropy(s) > cfg.entropy_threshold:
+    if "margin" in strategies and top - second < cfg.margin_threshold:
+        reasons.append(kestrel_pb2.LOW_MARGIN)
+    if "entropy" in strategies and normalized_entropy(s) > cfg.entropy_threshold:
         reasons.append(kestrel_pb2.HIGH_ENTROPY)
     return reasons
 

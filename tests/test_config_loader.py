@@ -83,3 +83,42 @@ def test_describe_shows_defaults() -> None:
         n: int = tomlconf.field(5, doc="a number")
 
     assert tomlconf.describe(C) == ["- `n` (int, default 5): a number"]
+
+
+def test_generated_config_reference_is_current() -> None:
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "edge-config.md"
+    assert page.exists(), "docs/edge-config.md is missing: run `python -m edge config-doc > docs/edge-config.md`"
+    assert page.read_text() == config.describe(), (
+        "docs/edge-config.md is stale: run `python -m edge config-doc > docs/edge-config.md`")
+
+
+@pytest.mark.parametrize("body, msg", [
+    ('[device]\nid = "$SYS"\n', "invalid id '$SYS'"),
+    ('[device]\nid = "cam/1"\n', "invalid id 'cam/1'"),
+    ('[device]\ngroup = "a/b"\n', "invalid group 'a/b'"),
+    ('[device]\ngroup = ""\n', "invalid group ''"),
+    ('[mqtt]\nport = 0\n', "port must be 1..65535"),
+    ('[mqtt]\nport = 70000\n', "port must be 1..65535"),
+    ('[mqtt]\nack_timeout_s = 0\n', "ack_timeout_s must be > 0"),
+    ('[mqtt]\nkeepalive_s = 0\n', "keepalive_s must be 5..65535"),
+    ('[mqtt]\nauth_retry_s = -1\n', "auth_retry_s must be > 0"),
+    ('[mqtt]\nmax_send_attempts = 0\n', "max_send_attempts must be > 0"),
+    ('[mqtt]\ncert_file = "c.pem"\n', "needs both cert_file and key_file"),
+    ('[source]\nstall_timeout_s = 0\n', "stall_timeout_s must be > 0"),
+    ('[source]\nmax_corrupt_in_row = 0\n', "max_corrupt_in_row must be > 0"),
+    ('[sampler]\nmax_per_minute = -1\n', "max_per_minute must be >= 0"),
+    ('[sampler]\ndedup_window_s = 0\n', "dedup_window_s must be > 0"),
+    ('[sampler]\ndedup_history = 0\n', "dedup_history must be > 0"),
+    ('[sampler]\ndedup_distance = -2\n', "dedup_distance must be -1"),
+    ('[spool]\nmax_frames = 0\n', "max_frames must be > 0"),
+    ('[pipeline]\nsink_queue_size = 0\n', "sink_queue_size must be >= 1"),
+    ('[telemetry]\nmetrics_port = 70000\n', "metrics_port must be 0..65535"),
+    ('[telemetry]\ninterval_s = -5\n', "interval_s must be >= 0"),
+])
+def test_limits_and_names_are_validated(tmp_path, body: str, msg: str) -> None:
+    p = tmp_path / "edge.toml"
+    p.write_text(body)
+    with pytest.raises(ConfigError, match=msg.replace("$", r"\$").replace(".", r"\.")):
+        config.load(p)

@@ -488,6 +488,38 @@ def test_spool_write_failure_is_logged_once_and_counted(tmp_path: Path, caplog) 
     assert [q for q, _ in pub.spool.after(None, 10)] == [0]
 
 
+def test_frames_over_tls_and_a_wrong_ca_is_refused(tmp_path: Path, publishers, caplog) -> None:  # noqa: ANN001
+    from tests.helpers.tlscerts import make_tls
+
+    tls = make_tls(tmp_path / "tls")
+    other = make_tls(tmp_path / "other", ca_name="someone-else")
+    b = Mosquitto(tmp_path / "mosq-tls", tls=(tls.ca, tls.cert, tls.key)).start()
+    dev = "tls1"
+    try:
+        col = Collector(b.host, b.port, [topics.frames(dev), topics.status(dev)], ca_file=str(tls.ca))
+        try:
+            pub = publishers(make_cfg(b.host, b.port, tls=True, ca_file=str(tls.ca)), dev, tmp_path / "s1")
+            pub.start()
+            for i in range(3):
+                assert pub.publish_frame(frame(i, dev))
+            got = decode_frames(col.wait_count(3, "/frames"))
+            assert [f.frame_id for f in got] == [f"{dev}-{i}" for i in range(3)]
+            assert decode_status(col.wait_count(1, "/status")[0]).state == "online"
+        finally:
+            col.close()
+        with caplog.at_level(logging.WARNING, logger="edge.mqttclient"):
+            bad = publishers(make_cfg(b.host, b.port, tls=True, ca_file=str(other.ca)), "tls2", tmp_path / "s2")
+            bad.start()
+            bad.publish_frame(frame(0, "tls2"))
+            wait_for(lambda: bad.mqtt.connect_attempts >= 3, 15, what="three refused TLS handshakes")
+        assert not bad.connected and bad.spool_stats()[1] == 1  # kept for when the CA is fixed
+        assert "certificate verify failed" in str(bad.last_error)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and "certificate verify failed" in warnings[0], warnings
+    finally:
+        b.stop()
+
+
 # ---- the subprocess publisher ----------------------------------------------------------------------
 
 

@@ -150,3 +150,53 @@ def test_infer_from_two_threads_matches_serial(models_dir):  # noqa: ANN001
     m.close()
     with pytest.raises(ModelError, match="closed"):
         m.infer(frames[0])
+
+
+def test_signed_int8_model_answers_like_the_unsigned_one(models_dir):  # noqa: ANN001
+    """Converters emit int8 (signed) I/O with inference_input_type=tf.int8: zero point near -128."""
+    signed = load_model(models_dir / "brightness_sint8.tflite", labels=LABELS, threads=1)
+    unsigned = load_model(models_dir / "brightness_int8.tflite", labels=LABELS, threads=1)
+    try:
+        assert signed.spec.dtype == "int8" and signed.spec.zero_point < -100 and signed.spec.scale > 0
+        x = signed.preprocess(uniform(0.9))
+        assert x.dtype == np.int8 and int(x.min()) >= -128 and int(x.max()) > 0
+        for level, want in ((0.9, "bright"), (0.1, "dark")):
+            s = signed.infer(uniform(level))
+            assert s.dtype == np.float32 and LABELS[int(np.argmax(s))] == want and s.max() > 0.9, s
+            np.testing.assert_allclose(s, unsigned.infer(uniform(level)), atol=0.02)
+        mid = signed.infer(uniform(0.5))
+        assert mid.max() < 0.45 and abs(float(mid.sum()) - 1.0) < 0.02  # dequantized, not raw int8 codes
+    finally:
+        signed.close()
+        unsigned.close()
+
+
+@pytest.mark.needs_tf
+def test_tensorflow_runtime_when_configured(models_dir, tmp_path):  # noqa: ANN001
+    """runtime = "tensorflow" (tf.lite) gives the same answers; auto never picks it. In a subprocess: the
+    test process itself stays free of TensorFlow."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    probe = (
+        "import json, sys, numpy as np\n"
+        "from edge.runtime import load_model\n"
+        f"p = {str(models_dir / 'brightness_int8.tflite')!r}\n"
+        "auto = load_model(p, threads=1)\n"
+        "assert 'tensorflow' not in sys.modules\n"
+        "tf = load_model(p, runtime='tensorflow', threads=1)\n"
+        "out = {'auto': auto.runtime, 'tf': tf.runtime, 'diff': 0.0}\n"
+        "for lv in (0.1, 0.5, 0.9):\n"
+        "    f = np.full((48, 64, 3), int(lv * 255), np.uint8)\n"
+        "    out['diff'] = max(out['diff'], float(np.abs(auto.infer(f) - tf.infer(f)).max()))\n"
+        "print(json.dumps(out))\n")
+    env = dict(os.environ, PYTHONPATH=str(repo), TF_CPP_MIN_LOG_LEVEL="2")
+    res = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["auto"] in ("tflite-runtime", "ai-edge-litert") and out["tf"] == "tensorflow"
+    assert out["diff"] < 0.02

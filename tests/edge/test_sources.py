@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import struct
 import threading
 from pathlib import Path
@@ -64,8 +63,7 @@ def test_unreadable_file_is_a_clear_error(tmp_path):  # noqa: ANN001
         open_source(SourceConfig(kind="file", uri=str(tmp_path / "missing.mp4")))
 
 
-@pytest.mark.skipif(shutil.which("gst-launch-1.0") is None, reason="gst-launch-1.0 not installed")
-def test_gstreamer_pipe_delivers_frames_of_the_right_size():
+def test_gstreamer_pipe_delivers_frames_of_the_right_size(gst):  # noqa: ANN001
     cfg = SourceConfig(kind="gstreamer", uri="videotestsrc num-buffers=6 pattern=smpte", width=176,
                        height=144, max_frames=6)
     src = open_source(cfg)
@@ -79,8 +77,7 @@ def test_gstreamer_pipe_delivers_frames_of_the_right_size():
     assert frames[0].std() > 10  # colour bars, not a blank buffer
 
 
-@pytest.mark.skipif(shutil.which("gst-launch-1.0") is None, reason="gst-launch-1.0 not installed")
-def test_gstreamer_bad_pipeline_is_retried_not_fatal():
+def test_gstreamer_bad_pipeline_is_retried_not_fatal(gst):  # noqa: ANN001
     cfg = SourceConfig(kind="gstreamer", uri="nosuchelement_xyz", width=64, height=48,
                        reconnect_initial_s=0.01, reconnect_max_s=0.04)
     src = open_source(cfg)
@@ -196,11 +193,7 @@ def test_corrupt_frames_with_loop(tmp_path):  # noqa: ANN001
 
 
 # --- a GStreamer pipeline that ends or dies mid-stream ----------------------------------------------
-needs_gst = pytest.mark.skipif(shutil.which("gst-launch-1.0") is None, reason="gst-launch-1.0 not installed")
-
-
-@needs_gst
-def test_gstreamer_eos_is_the_normal_end():
+def test_gstreamer_eos_is_the_normal_end(gst):  # noqa: ANN001
     src = open_source(SourceConfig(kind="gstreamer", uri="videotestsrc num-buffers=4", width=32, height=24,
                                    reconnect_initial_s=0.01, reconnect_max_s=0.02))
     frames = read_all(src, limit=50)
@@ -208,8 +201,7 @@ def test_gstreamer_eos_is_the_normal_end():
     assert len(frames) == 4 and src.exit_codes == [0] and src.failures == 0
 
 
-@needs_gst
-def test_gstreamer_element_failing_mid_stream_is_a_clear_error_and_retried(caplog):  # noqa: ANN001
+def test_gstreamer_element_failing_mid_stream_is_a_clear_error_and_retried(gst, caplog):  # noqa: ANN001
     # identity error-after=3 lets 2 buffers through, then fails the pipeline (gst-launch exits 1)
     src = open_source(SourceConfig(kind="gstreamer", uri="videotestsrc ! identity error-after=3", width=32,
                                    height=24, reconnect_initial_s=0.01, reconnect_max_s=0.02))
@@ -237,3 +229,23 @@ def test_gstreamer_element_failing_mid_stream_is_a_clear_error_and_retried(caplo
     failed = [r.getMessage() for r in caplog.records if "pipeline failed" in r.getMessage()]
     assert len(failed) == 1, failed  # one line per kind of failure, not one per retry
     assert "exit code 1" in failed[0] and "Failed after iterations as requested" in failed[0]
+
+
+def test_a_stalled_live_source_is_reopened_after_stall_timeout(gst, caplog):  # noqa: ANN001
+    """A pipeline that runs but delivers nothing (a closed valve: a camera that hangs) is reopened after
+    stall_timeout_s, with backoff, logged once."""
+    src = open_source(SourceConfig(kind="gstreamer", uri="videotestsrc ! valve drop=true", width=32, height=24,
+                                   stall_timeout_s=0.4, reconnect_initial_s=0.01, reconnect_max_s=0.02))
+    result: List = []
+    with caplog.at_level(logging.WARNING, logger="edge.sources"):
+        t = threading.Thread(target=lambda: result.append(src.read()))
+        t.start()
+        try:
+            wait_for(lambda: src.failures >= 3, 30, what="three stalls detected and the pipeline reopened")
+        finally:
+            src.close()
+            t.join(10)
+    assert not t.is_alive() and result[0][0] is False and src.attempts >= 3
+    stalled = [r.getMessage() for r in caplog.records if "stalled" in r.getMessage()]
+    assert len(stalled) == 1 and "no frame for 0.4s" in stalled[0], stalled
+    assert src.backoffs[:2] == [0.01, 0.02]

@@ -162,9 +162,16 @@ def test_telemetry_message_arrives_on_mqtt(broker, tmp_path: Path) -> None:  # n
     dev = "tel1"
     col = Collector(broker.host, broker.port, [topics.telemetry(dev)], qos=0)
     cfg = make_cfg(broker.host, broker.port, 0.05)
+    cfg.mqtt.max_inflight = 0  # a closed send window: spooled frames wait (as while a broker lags)
+    cfg.spool.max_frames = 1
     pub = Publisher(cfg, dev, tmp_path / "spool")
-    st = Stats()
-    st.inference(0.012)
+    for _ in range(3):  # the frame budget keeps one frame: two evictions
+        pub.spool.append(lambda seq: b"y" * 300)
+    clock = FakeClock()
+    st = Stats(clock=clock)
+    for _ in range(20):  # 20 inferences in 4 s: 5 fps
+        clock.t += 0.2
+        st.inference(0.012)
     st.frame_sampled()
     st.set_queue_depth(3)
     st.set_model(kestrel_pb2.ModelRef(name="m", version=5, sha256="cd"))
@@ -178,7 +185,9 @@ def test_telemetry_message_arrives_on_mqtt(broker, tmp_path: Path) -> None:  # n
         t = msgs[0]
         assert t.device_id == dev and t.time_ms > 0
         assert t.latency_p50_ms == pytest.approx(12.0) and t.latency_p95_ms == pytest.approx(12.0)
-        assert t.queue_depth == 3 and t.frames_processed == 1 and t.frames_sampled == 1
+        assert t.queue_depth == 3 and t.frames_processed == 20 and t.frames_sampled == 1
+        assert t.fps == pytest.approx(5.0)
+        assert t.spool_frames == 1 and t.spool_bytes == pub.spool_stats()[0] > 300 and t.spool_evictions == 2
         assert t.model.name == "m" and t.model.version == 5
         assert t.uptime_s > 0
         assert col.messages[0][0] == topics.telemetry(dev)

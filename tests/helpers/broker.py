@@ -8,7 +8,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 
 def free_port() -> int:
@@ -27,7 +27,8 @@ class Mosquitto:
     """``start()``/``stop()`` keep the same port, so clients can reconnect to a restarted broker."""
 
     def __init__(self, workdir: Path, port: Optional[int] = None, users: Optional[dict] = None,
-                 max_packet_size: int = 0) -> None:
+                 max_packet_size: int = 0, tls: Optional[Tuple[Path, Path, Path]] = None) -> None:
+        """``tls``: (ca, cert, key) files: the listener speaks TLS only (tests/helpers/tlscerts.py)."""
         self.exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(self.exe).exists():
             raise RuntimeError("mosquitto is not installed: apt-get install mosquitto mosquitto-clients")
@@ -52,6 +53,9 @@ class Mosquitto:
             lines.append("user root")  # as root mosquitto drops to "mosquitto", who cannot read our 0600 files
         if max_packet_size:
             lines.append(f"max_packet_size {max_packet_size}")
+        if tls is not None:
+            ca, cert, key = tls
+            lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}", "tls_version tlsv1.2"]
         if self.users:
             pw = self.workdir / "passwd"
             pw.write_text("")

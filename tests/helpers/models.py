@@ -7,6 +7,8 @@ Models (all 64x64x3 RGB input in [0, 1] unless said otherwise):
 * ``brightness_float.tflite`` / ``brightness_int8.tflite`` (uint8 in/out): 3 classes whose
   confidence follows the mean brightness m of the frame: m near 0.5 gives ~1/3 each (low
   confidence), m >= 0.8 gives class 0 ("bright") above 0.95, m <= 0.2 class 1 ("dark").
+* ``brightness_sint8.tflite``: the same network with *signed* int8 input and output (what
+  converters produce with ``inference_input_type = tf.int8``): zero points around -128.
 * ``uniform_int8.tflite``: always ~1/3 each (a model that is "always low confidence").
 * ``slow_int8.tflite``: same answers as brightness but with a heavy conv stack (much slower).
 * ``mobilenet_int8.tflite`` / ``mobilenet_float.tflite``: MobileNetV2 alpha 0.35 at 96x96,
@@ -26,8 +28,16 @@ SIZE = 64
 _STAMP = "stamp.json"
 
 
+REPO = Path(__file__).resolve().parents[2]
+# Everything the cached models depend on: this file and the trainer's converter settings.
+SOURCES = (Path(__file__).resolve(), REPO / "trainer" / "optimize.py")
+
+
 def _source_hash() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for p in SOURCES:
+        h.update(p.read_bytes() if p.exists() else b"missing:" + p.name.encode())
+    return h.hexdigest()[:16]
 
 
 def _tf():
@@ -76,14 +86,14 @@ def _representative(np, n: int = 64, size: int = SIZE):
     return gen
 
 
-def convert(tf, model, int8: bool, size: int = SIZE) -> bytes:
+def convert(tf, model, int8: bool, size: int = SIZE, io_dtype: str = "uint8") -> bytes:
     """Through the trainer's own converter (trainer.optimize.to_tflite): the settings bundles ship with."""
     import numpy as np
 
     from trainer.optimize import to_tflite
 
     del tf
-    return to_tflite(model, _representative(np, size=size) if int8 else None, io_dtype="uint8")
+    return to_tflite(model, _representative(np, size=size) if int8 else None, io_dtype=io_dtype)
 
 
 def build_all(out: Path, force: bool = False) -> Path:
@@ -97,6 +107,7 @@ def build_all(out: Path, force: bool = False) -> Path:
     files = {
         "brightness_float.tflite": convert(tf, _brightness_model(tf), int8=False),
         "brightness_int8.tflite": convert(tf, _brightness_model(tf), int8=True),
+        "brightness_sint8.tflite": convert(tf, _brightness_model(tf), int8=True, io_dtype="int8"),
         "uniform_int8.tflite": convert(tf, _brightness_model(tf, uniform=True), int8=True),
         "slow_int8.tflite": convert(tf, _brightness_model(tf, heavy=True), int8=True),
     }

@@ -11,7 +11,8 @@ from tests.helpers.wait import wait_for
 
 
 class Collector:
-    def __init__(self, host: str, port: int, topics: List[str], qos: int = 1, client_id: str = "") -> None:
+    def __init__(self, host: str, port: int, topics: List[str], qos: int = 1, client_id: str = "",
+                 ca_file: str = "") -> None:
         self.messages: List[Tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
@@ -22,6 +23,8 @@ class Collector:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a, **k: self._subscribed.set()
+        if ca_file:
+            self.client.tls_set(ca_certs=ca_file)
         self.client.connect(host, port)
         self.client.loop_start()
         if not self._subscribed.wait(10):
