@@ -364,6 +364,24 @@ def test_unsupported_schema_version(kp: KeyPair, good: bytes) -> None:
     (lambda d: d["files"].update({"../x": {"sha256": "0" * 64, "length": 1}}), "not allowed"),
     (lambda d: d["self_test"].update(cases=[{"input": "!!", "expected": [1, 0, 0]}]), "base64"),
     (lambda d: d["self_test"].update(tolerance=-1), "tolerance"),
+    # bounds: whatever is signed must fit the wire (proto uint64) and float arithmetic
+    (lambda d: d.update(version=2 ** 70), "version"),
+    (lambda d: d.update(version=2 ** 63), "version"),
+    (lambda d: d.update(created=10 ** 400), "unix times"),
+    (lambda d: d.update(expires=10 ** 400), "unix times"),
+    (lambda d: d.update(model_name="brightness\n"), "model_name"),  # "$" matched before a trailing newline
+    (lambda d: d["files"].update({"x\n": {"sha256": "0" * 64, "length": 1}}), "not allowed"),
+    (lambda d: d["files"].update({"slot.json": {"sha256": "0" * 64, "length": 1}}), "not allowed"),
+    (lambda d: d["files"].update({"bundle.kbundle": {"sha256": "0" * 64, "length": 1}}), "not allowed"),
+    (lambda d: d["files"]["labels.txt"].update(length=2 ** 70), "length"),
+    (lambda d: d["input"].update(shape=[1, True, 2.0, 3]), "input.shape"),
+    (lambda d: d["input"].update(shape=[1, 10 ** 6, 10 ** 6, 3]), "input.shape"),
+    (lambda d: d["input"].update(zero_point=False), "zero_point"),
+    (lambda d: d["self_test"].update(latency_budget_ms=10 ** 400), "latency_budget_ms"),
+    (lambda d: d["self_test"].update(cases=[{"input": base64.b64encode(bytes(64 * 64 * 3)).decode(),
+                                             "expected": [10 ** 400, 0, 0]}]), "expected"),
+    (lambda d: d.update(metrics={"n": 2 ** 64}), "metrics"),
+    (lambda d: d.update(labels=["x" * 300, "dark", "mid"]), "labels"),
 ])
 def test_signed_manifest_with_schema_errors(kp: KeyPair, good: bytes, mutate: Any, needle: str) -> None:
     doc, payload = doc_and_payload(good)
@@ -411,3 +429,47 @@ def test_unverified_manifest_reader_refuses_cleanly(kp: KeyPair, good: bytes, ra
     with pytest.raises(BundleError) as e:
         B.read_manifest_unverified(bad)
     assert e.value.reason == "bad_manifest"
+
+
+def test_unverified_reader_raises_only_bundle_error_on_huge_numbers(kp: KeyPair, good: bytes) -> None:
+    doc, payload = doc_and_payload(good)
+    doc["created"] = 10 ** 400  # used to raise OverflowError from float()
+    with pytest.raises(BundleError) as e:
+        B.read_manifest_unverified(resign(kp.key, doc, payload))
+    assert e.value.reason == "bad_manifest"
+
+
+def test_payload_name_with_trailing_newline_is_not_a_plain_name(kp: KeyPair, good: bytes) -> None:
+    members = members_of(good)
+    ents = [(tar_header(n, len(c)), c) for n, c in members] + [(tar_header(b"x\n", 1), b"x")]
+    assert refused(raw_container(ents), kp.trusted).reason == "bad_container"
+
+
+def test_expected_model_and_version_floor(kp: KeyPair) -> None:
+    v3 = make_bundle(None, kp, version=3, created=NOW)
+    e = refused(v3, kp.trusted, expected_model="other")
+    assert e.reason == "wrong_model" and "'brightness'" in str(e)
+    assert B.verify_bundle(v3, kp.trusted, now=NOW, expected_model="brightness").manifest.version == 3
+    # installed v2, but v3 ran before and was rolled back: the floor refuses the replay
+    e = refused(v3, kp.trusted, installed_version=2, version_floor=3)
+    assert e.reason == "downgrade" and "highest version" in str(e)
+    assert refused(v3, kp.trusted, installed_version=3, version_floor=3).reason == "same_version"
+    assert B.verify_bundle(v3, kp.trusted, now=NOW, installed_version=1, version_floor=2).manifest.version == 3
+
+
+def test_unset_clock_skips_not_yet_valid_but_still_judges_expiry(kp: KeyPair) -> None:
+    future = make_bundle(None, kp, version=3, created=NOW + 10 * DAY, expires_in_s=30 * DAY)
+    assert refused(future, kp.trusted).reason == "not_yet_valid"
+    assert B.verify_bundle(future, kp.trusted, now=NOW, clock_set=False).manifest.version == 3
+    assert refused(future, kp.trusted, now=NOW + 50 * DAY, clock_set=False).reason == "expired"
+
+
+def test_verify_manifest_rechecks_a_slot_against_todays_keys(tmp_path: Path, kp: KeyPair) -> None:
+    members = dict(members_of(make_bundle(None, kp, version=3, created=NOW)))
+    m, kid = B.verify_manifest(members["manifest.json"], members["manifest.sig"], kp.trusted,
+                               expected_model="brightness")
+    assert (m.version, kid) == (3, kp.key_id)
+    other = make_keypair(tmp_path, name="rotated")
+    with pytest.raises(BundleError) as e:
+        B.verify_manifest(members["manifest.json"], members["manifest.sig"], other.trusted)
+    assert e.value.reason == "untrusted_key"

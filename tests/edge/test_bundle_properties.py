@@ -140,3 +140,81 @@ def test_arbitrary_bytes_raise_only_bundle_error(data: bytes) -> None:
         B.read_manifest_unverified(data)
     except BundleError:
         pass
+
+
+# ---- re-signed random manifests: the signature passes, so the schema bounds must hold ------------
+
+EDGE_NUMBERS = [10 ** 400, -(10 ** 400), 2 ** 63, 2 ** 64, 2 ** 63 - 1, -1, 0, 2 ** 53 + 1, True, False, 1e308,
+                -1e308, 5e-324, 253402300800, 0.5]
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.sampled_from(EDGE_NUMBERS),
+                      st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12))
+json_value = st.recursive(json_leaf, lambda kids: st.one_of(st.lists(kids, max_size=4),
+                                                            st.dictionaries(st.text(max_size=8), kids, max_size=4)),
+                          max_leaves=10)
+GOOD_DOC = __import__("json").loads(members_of(GOOD)[0][1])
+GOOD_PAYLOAD = members_of(GOOD)[2:]
+
+
+def _paths(obj: Any, prefix: Tuple[Any, ...] = ()) -> List[Tuple[Any, ...]]:
+    out = [prefix] if prefix else []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _paths(v, prefix + (i,))
+    return out
+
+
+PATHS = _paths(GOOD_DOC)
+
+
+def _resigned(doc: Any) -> bytes:
+    import base64
+
+    mb = B.canonical_json(doc)
+    kid, sig = K.sign(KEY, B.DOMAIN + mb)
+    sb = B.canonical_json({"alg": "ed25519", "key_id": kid, "sig": base64.b64encode(sig).decode()})
+    return rebuild([("manifest.json", mb), ("manifest.sig", sb)] + GOOD_PAYLOAD)
+
+
+@PROFILE
+@given(st.lists(st.tuples(st.sampled_from(PATHS), st.sampled_from(["set", "delete", "add"]), json_value,
+                          st.text(max_size=8)), min_size=1, max_size=3))
+def test_resigned_random_manifests_raise_only_bundle_error_and_respect_bounds(edits: Any) -> None:
+    import copy
+
+    from proto import kestrel_pb2
+
+    doc = copy.deepcopy(GOOD_DOC)
+    for path, op, value, key in edits:
+        parent: Any = doc
+        try:
+            for p in path[:-1]:
+                parent = parent[p]
+            last = path[-1]
+            if op == "set":
+                parent[last] = value
+            elif op == "delete":
+                del parent[last]
+            elif isinstance(parent, dict):
+                parent[key] = value
+            else:
+                parent.append(value)
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier edit removed or retyped this spot
+    data = _resigned(doc)
+    result = outcome(data)
+    event(result)
+    try:
+        B.read_manifest_unverified(data)
+    except BundleError:
+        pass
+    if result == "ok":  # whatever a signer put there, an accepted manifest fits every consumer
+        m = B.verify_bundle(data, TRUSTED, now=NOW).manifest
+        kestrel_pb2.ModelRef(name=m.model_name, version=m.version)  # proto uint64
+        assert 1 <= m.version < 2 ** 63 and 0 <= m.created < m.expires <= B.MAX_TIME_S
+        assert all(isinstance(d, int) and not isinstance(d, bool) for d in m.input_spec.shape)
+        assert 0 <= m.self_test.tolerance <= 1 and 0 <= m.default_threshold <= 1
+        assert all(abs(x) <= B.MAX_SCORE for c in m.self_test.cases for x in c.expected)
+        B._iso(m.expires)
