@@ -1,10 +1,13 @@
 """Which broker the hub talks to: the configured one, or an embedded Mosquitto it supervises.
 
-With ``[mqtt] host`` empty the hub starts ``mosquitto`` on 127.0.0.1 (a free port unless
-``embedded_port`` is set) with a generated config under ``<data_dir>/broker/`` (persistence on,
-so queued QoS 1 frames survive a broker restart), restarts it when it dies (same port), and writes
-``broker.json`` ({"host", "port", "pid"}) atomically so local tools and demos can find it. The
-broker dies with the hub (PR_SET_PDEATHSIG on Linux), even when the hub is SIGKILLed.
+With ``[mqtt] host`` empty the hub starts ``mosquitto`` on 127.0.0.1 with a generated config under
+``<data_dir>/broker/`` (persistence on, saved every ``embedded_autosave_s``, so queued QoS 1 frames
+survive a broker restart), restarts it when it dies (same port), and writes ``broker.json``
+({"host", "port", "pid"}) atomically so local tools, demos and devices can find it. The port is
+``embedded_port``, else the port of the previous run (from broker.json, so devices configured with
+it reconnect after a hub restart) when it is still free, else a free one. The broker dies with the
+hub (PR_SET_PDEATHSIG on Linux), even when the hub is SIGKILLed. Its stderr goes to
+``mosquitto.stderr`` in the same folder.
 """
 
 from __future__ import annotations
@@ -70,16 +73,36 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class EmbeddedBroker:
     """A supervised Mosquitto on loopback. ``start()`` blocks until the port accepts connections."""
 
-    def __init__(self, workdir: Path, port: int = 0, exe: Optional[str] = None) -> None:
+    def __init__(self, workdir: Path, port: int = 0, exe: Optional[str] = None, autosave_s: int = 5) -> None:
         self.exe = exe or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.workdir = Path(workdir)
         self.host = "127.0.0.1"
-        self.port = port or free_port()
+        self.autosave_s = autosave_s
+        self.port = port or self._previous_port() or free_port()
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.restarts = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
+
+    def _previous_port(self) -> int:
+        """The port of the last run when it is free again (0 otherwise): devices keep working."""
+        try:
+            port = int(json.loads((self.workdir / "broker.json").read_text())["port"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+        if not 0 < port < 65536:
+            return 0
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as mosquitto does: TIME_WAIT is fine
+            try:
+                s.bind((self.host, port))
+            except OSError:
+                log.warning("the embedded broker's previous port %d is taken; using a free one (devices "
+                            "configured with %d must be told the new port, or set [mqtt] embedded_port)",
+                            port, port)
+                return 0
+        return port
 
     def _write_config(self) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +112,7 @@ class EmbeddedBroker:
             "allow_anonymous true",
             "persistence true",
             f"persistence_location {self.workdir}/",
-            "autosave_interval 30",
+            f"autosave_interval {int(self.autosave_s)}",
             f"log_dest file {self.workdir / 'mosquitto.log'}",
             "log_type error", "log_type warning", "log_type notice",
             "max_queued_messages 100000",
@@ -107,13 +130,20 @@ class EmbeddedBroker:
             raise ConfigError("mosquitto is not installed (apt-get install mosquitto) and [mqtt] host "
                               "is empty: install it or configure an external broker")
         conf = self._write_config()
-        self.proc = subprocess.Popen([self.exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+        stderr_path = self.workdir / "mosquitto.stderr"
+        # a file, not a pipe: a pipe nobody reads fills up and blocks mosquitto
+        with open(stderr_path, "ab") as err_file:
+            self.proc = subprocess.Popen([self.exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                         stderr=err_file, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not port_open(self.host, self.port):
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise TransportError(f"embedded mosquitto exited at start (port {self.port}): {err.strip()}")
+                err = stderr_path.read_text(errors="replace")[-2000:]
+                log_file = self.workdir / "mosquitto.log"
+                if log_file.exists():
+                    err += log_file.read_text(errors="replace")[-1000:]
+                raise TransportError(f"embedded mosquitto exited at start (port {self.port}): "
+                                     f"{' '.join(err.split())[-600:]}")
             if time.monotonic() > deadline:
                 raise TransportError(
                     f"embedded mosquitto did not open port {self.port} in {START_TIMEOUT_S}s")

@@ -20,6 +20,7 @@ from hub.errors import ArtifactError, KestrelError, TransportError
 COMMANDS = {
     "serve": ("hub.server", "run the hub: MQTT ingest, gRPC registry + fleet, HTTP health/metrics"),
     "export": ("hub.exportcmd", "export labelled frames for training"),
+    "label": ("hub.labelcmd", "set or clear a frame's label"),
     "devices": ("hub.fleetcmd", "list the fleet's devices"),
     "deploy": ("hub.fleetcmd", "deploy a model version to a device or group"),
     "rollback": ("hub.fleetcmd", "roll a device or group back to its previous model"),

@@ -7,25 +7,17 @@ validates it and exits. docs/hub.md describes the sections; ``describe_config()`
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import socket
+import secrets
 from pathlib import Path
 from typing import Any, List, Union
 
-from edge import tomlconf
+from edge import atomic, tomlconf
 from edge.tomlconf import field
+from hub.errors import ConfigError
+from hub.registry import RegistryConfig
 
 MiB = 1024 * 1024
-
-try:  # F2 owns the registry section; fall back to a placeholder until hub/registry.py exists.
-    from hub.registry import RegistryConfig  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - only before hub/registry.py lands
-
-    @dataclasses.dataclass
-    class RegistryConfig:  # type: ignore[no-redef]
-        """Placeholder until hub.registry defines the real section."""
-
-        blob_dir: str = field("", doc="Where pushed bundles are kept; empty = <data_dir>/models.")
+CLIENT_ID_FILE = "mqtt-client-id"  # in data_dir: the generated default client id, kept across restarts
 
 
 @dataclasses.dataclass
@@ -46,10 +38,23 @@ class StoreSection:
                              "<data_dir>/hub.db.")
     busy_timeout_ms: int = field(10000, doc="SQLite: how long a writer waits for another process's lock.")
     timeout_ms: int = field(5000, doc="MongoDB: server selection / connect timeout.")
+    sqlite_synchronous: str = field("FULL", doc="SQLite: FULL (default) fsyncs the WAL at every commit, so an "
+                                                "acknowledged frame survives a power loss or OS crash. "
+                                                "NORMAL fsyncs only at checkpoints (faster): a power loss "
+                                                "or OS crash (not a hub crash) can lose the frames "
+                                                "acknowledged in the last sqlite_checkpoint_s seconds. "
+                                                "EXTRA also fsyncs the directory.")
+    sqlite_checkpoint_s: float = field(0.5, doc="SQLite: a background thread copies the WAL into the "
+                                                "database this often (commits never wait for it); 0 = "
+                                                "SQLite's own checkpoints inside commits.")
 
     def validate(self) -> None:
         if self.busy_timeout_ms < 0 or self.timeout_ms <= 0:
             raise ValueError("busy_timeout_ms must be >= 0 and timeout_ms > 0")
+        if self.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError(f"sqlite_synchronous must be FULL, NORMAL or EXTRA, not {self.sqlite_synchronous!r}")
+        if not 0 <= self.sqlite_checkpoint_s <= 60:
+            raise ValueError("sqlite_checkpoint_s must be between 0 and 60")
 
 
 @dataclasses.dataclass
@@ -64,8 +69,9 @@ class MqttSection:
     cert_file: str = field("", doc="Client certificate for mutual TLS.")
     key_file: str = field("", doc="Client key for mutual TLS.")
     client_id: str = field("", doc="Fixed MQTT client id (persistent session: the broker queues frames while "
-                                   "this hub is down). Empty = kestrel-hub-<hostname>-<hash of data_dir>. "
-                                   "Every hub process needs its own.")
+                                   "this hub is down). Empty = kestrel-hub-<random>, generated once and "
+                                   f"kept in <data_dir>/{CLIENT_ID_FILE} (it survives a new hostname). "
+                                   "Every hub process needs its own (its own data_dir, or set this).")
     share_group: str = field("kestrel-hub", doc="Shared-subscription group: hubs in one group split the "
                                                 "frames ($share/<group>/...); empty = no sharing.")
     max_payload_bytes: int = field(4 * MiB, doc="Frame messages larger than this are rejected (too_large).")
@@ -74,13 +80,25 @@ class MqttSection:
                                                   "false = "
                                                   "frames from devices not in the store are rejected "
                                                   "(unknown_device).")
-    batch_max: int = field(200, doc="Most frames committed in one store transaction.")
+    batch_max: int = field(200, doc="Most messages committed in one store transaction.")
+    batch_max_bytes: int = field(8 * MiB, doc="Most payload bytes committed in one store transaction (a batch "
+                                              "closes at batch_max messages or this many bytes).")
+    queue_max_qos0: int = field(10000, doc="Telemetry (QoS 0) waiting in memory beyond this many messages is "
+                                           "dropped and counted (dropped_qos0), e.g. while the store is "
+                                           "paused; QoS 1 is bounded by the broker's in-flight window.")
+    dead_letter_dir: str = field("", doc="Where frames are kept that the store refused for a reason of their "
+                                         "own, or whose frame_id belongs to another device: the raw "
+                                         "payload + a .json with the reason; empty = <data_dir>/dead-letter.")
     validate_workers: int = field(0, doc="Threads decoding images to validate frames (decoding releases the "
                                          "GIL); 0 = min(4, CPU count), 1 = in the ingest thread.")
     retry_initial_s: float = field(0.2, doc="First wait before retrying an unreachable store.")
     retry_max_s: float = field(10.0, doc="Longest wait between store retries (exponential backoff).")
-    embedded_port: int = field(0, doc="Embedded broker: port on 127.0.0.1; 0 = a free port (written to "
-                                      "<data_dir>/broker/broker.json).")
+    embedded_port: int = field(0, doc="Embedded broker: port on 127.0.0.1; 0 = the port of the last run "
+                                      "(from <data_dir>/broker/broker.json) when it is free, else a free "
+                                      "port (written there).")
+    embedded_autosave_s: int = field(5, doc="Embedded broker: Mosquitto writes its queued messages to disk "
+                                            "this often; a crash of Mosquitto itself (not of the hub) loses "
+                                            "the frames it accepted in that window and had not delivered.")
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.embedded_port <= 65535:
@@ -89,14 +107,24 @@ class MqttSection:
             raise ValueError("max_payload_bytes must be >= 1024")
         if self.validate_workers < 0:
             raise ValueError("validate_workers must be >= 0")
-        if self.batch_max < 1:
-            raise ValueError("batch_max must be >= 1")
+        if self.batch_max < 1 or self.batch_max_bytes < 1024:
+            raise ValueError("batch_max must be >= 1 and batch_max_bytes >= 1024")
+        if self.queue_max_qos0 < 1 or self.embedded_autosave_s < 1:
+            raise ValueError("queue_max_qos0 and embedded_autosave_s must be >= 1")
         if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
             raise ValueError("need 0 < retry_initial_s <= retry_max_s")
         if any(c in self.share_group for c in "/+#"):
             raise ValueError(f"share_group {self.share_group!r} must not contain '/', '+' or '#'")
         if self.port and not self.host:
             raise ValueError("port is set but host is empty (leave both empty for the embedded broker)")
+        if (self.ca_file or self.cert_file or self.key_file) and not self.tls:
+            raise ValueError("ca_file/cert_file/key_file are set but tls = false")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("mutual TLS needs both cert_file and key_file")
+        for name in ("ca_file", "cert_file", "key_file", "password_file"):
+            value = getattr(self, name)
+            if value and not Path(value).expanduser().is_file():
+                raise ValueError(f"{name} {value!r} does not exist or is not a file")
 
     @property
     def embedded(self) -> bool:
@@ -143,12 +171,26 @@ class HubConfig:
     def store_url(self) -> str:
         return self.store.url or f"sqlite:///{self.data_dir / 'hub.db'}"
 
-    @property
-    def client_id(self) -> str:
+    def resolve_client_id(self) -> str:
+        """[mqtt] client_id, or the one generated at the first start and kept in data_dir.
+
+        Generated once (not derived from the hostname): a renamed machine keeps its MQTT session, so
+        no orphaned session of the share group goes on taking frames for a hub that never returns."""
         if self.mqtt.client_id:
             return self.mqtt.client_id
-        digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:8]
-        return f"kestrel-hub-{socket.gethostname()}-{digest}"
+        path = self.data_dir / CLIENT_ID_FILE
+        try:
+            if path.exists():
+                cid = path.read_text(encoding="utf-8").strip()
+                if cid:
+                    return cid
+            cid = f"kestrel-hub-{secrets.token_hex(6)}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(path, cid + "\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot read or write the hub's client id file {path}: {exc.strerror}; "
+                              "make data_dir writable or set [mqtt] client_id") from exc
+        return cid
 
 
 def load(path: Union[str, Path, None]) -> HubConfig:

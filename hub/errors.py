@@ -20,11 +20,15 @@ class PayloadRejected(ArtifactError):
         self.reason = reason
 
 
-class StoreError(KestrelError):
-    """The store refused an operation for a reason other than being unreachable."""
+class StoreError(TransportError):
+    """The store failed an operation (refused a write, a corrupt record, a broken database...).
+
+    A TransportError: the problem is on the server side, not in what the caller sent, so the CLI
+    exits 3 and gRPC answers UNAVAILABLE. The ingest pauses and retries on it (it only drops a
+    frame, to the dead-letter folder, when the failure is clearly about that one record)."""
 
 
-class StoreUnavailable(TransportError):
+class StoreUnavailable(StoreError):
     """The store cannot be reached; the ingest pauses and retries without acknowledging."""
 
 

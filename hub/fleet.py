@@ -87,8 +87,10 @@ class FleetService:
         desired = kestrel_pb2.DesiredState(model_name=rec.model_name, version=rec.version,
                                            sha256=rec.bundle_sha256, size=rec.size, issued_ms=self._now_ms(),
                                            rollback=False, grpc_target=self.grpc_target)
-        self.publish_retained(topic, desired.SerializeToString())
+        # recorded first: if the store fails nothing was announced (a retry is clean); if the publish
+        # fails, the record says what was intended and the caller's error says it was not announced
         self._record(device_id, group, desired)
+        self.publish_retained(topic, desired.SerializeToString())
         log.info("deploy %s v%d -> %s", rec.model_name, rec.version, topic)
         return Announcement(desired, topic)
 

@@ -1,7 +1,8 @@
 """Fleet and registry CLI (``kestrel-hub devices|deploy|rollback|models``) and the gRPC client behind it.
 
-:class:`HubClient` is the one gRPC client of the hub's services (the CLIs and the trainer's push use
-it): insecure channel, a deadline on every call, grpc.RpcError turned into ours: refusals
+:class:`HubClient` is the gRPC client of the hub's services for the hub's CLIs (the trainer may not
+import hub, so trainer/push.py has its own, with the same error mapping): insecure channel, a
+deadline on every call, grpc.RpcError turned into ours: refusals
 (INVALID_ARGUMENT, FAILED_PRECONDITION, ALREADY_EXISTS, NOT_FOUND) -> :class:`HubRefused`
 (an ArtifactError: the request is wrong, retrying will not help); anything else -> edge.errors.HubError.
 """
@@ -46,8 +47,8 @@ def wrap_rpc_error(exc: grpc.RpcError, what: str, target: str) -> Exception:
     if code in _REFUSALS:
         return HubRefused(name, detail or "")
     if code == grpc.StatusCode.UNAVAILABLE:
-        return HubError(f"{what}: hub at {target} is unreachable ({detail}); is `kestrel-hub serve` running "
-                        "and --hub right?")
+        return HubError(f"{what}: hub at {target} is unreachable or cannot serve it ({detail}); is "
+                        "`kestrel-hub serve` running and --hub right?")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return HubError(f"{what}: hub at {target} did not answer in time (deadline exceeded)")
     return HubError(f"{what}: hub at {target} failed ({name}): {detail}")

@@ -151,11 +151,22 @@ def make_server(registry: Registry, fleet: Optional[FleetService], bind: str = "
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          options=server_options(registry.cfg.chunk_size))
     add_services(server, registry, fleet)
-    bound = server.add_insecure_port(f"{bind}:{port}")
+    return server, bind_grpc(server, bind, port)
+
+
+def bind_grpc(server: grpc.Server, bind: str, port: int) -> int:
+    """add_insecure_port with our error: grpcio raises RuntimeError (older versions return 0) when the
+    address is taken or cannot be bound."""
+    try:
+        bound = int(server.add_insecure_port(f"{bind}:{port}"))
+    except RuntimeError as exc:
+        raise TransportError(f"cannot listen for gRPC on {bind}:{port} ({exc}): is another hub running, or "
+                             "is the port taken? Set [grpc] port (0 = any free port)") from exc
     if not bound:
-        raise TransportError(f"cannot listen for gRPC on {bind}:{port}")
-    return server, bound
+        raise TransportError(f"cannot listen for gRPC on {bind}:{port}: is another hub running, or is the "
+                             "port taken? Set [grpc] port (0 = any free port)")
+    return bound
 
 
-__all__: List[Any] = ["add_services", "make_server", "server_options", "status_for",
+__all__: List[Any] = ["add_services", "bind_grpc", "make_server", "server_options", "status_for",
                       "RegistryServicer", "FleetServicer"]

@@ -12,6 +12,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from hub.errors import TransportError
+
 log = logging.getLogger("hub.http")
 
 Route = Callable[[str], Tuple[int, str, bytes]]
@@ -35,14 +37,23 @@ def prometheus_text(health: Dict[str, Any]) -> str:
            [("", 1 if health.get("broker", {}).get("connected") else 0)])
     metric("kestrel_hub_ingest_paused", "gauge", "1 while the ingest waits for an unavailable store.",
            [("", 1 if ing.get("paused") else 0)])
+    metric("kestrel_hub_ingest_threads_alive", "gauge", "1 while the ingest's validate and commit threads run.",
+           [("", 1 if ing.get("threads_alive") else 0)])
+    metric("kestrel_hub_ingest_commit_ms_max", "gauge", "Slowest batch commit so far (ms).",
+           [("", float(ing.get("commit_ms_max", 0)))])
     for key, help_ in (("received", "MQTT messages taken from the broker."),
                        ("stored", "Frames newly stored."),
                        ("duplicates", "Frames already stored (redeliveries)."),
                        ("telemetry", "Telemetry messages applied."),
                        ("status", "Status messages applied."),
                        ("acked", "Messages acknowledged to the broker."),
-                       ("store_retries", "Store writes retried after StoreUnavailable.")):
-        metric(f"kestrel_hub_ingest_{key}_total", "counter", help_, [("", float(ing.get(key, 0)))])
+                       ("store_retries", "Batch commits retried after a store failure."),
+                       ("dead_lettered", "Payloads kept in the dead-letter folder instead of the store."),
+                       ("dropped_qos0", "Telemetry (QoS 0) dropped because the in-memory queue was full."),
+                       ("commits", "Batches committed to the store."),
+                       ("commit_ms", "Milliseconds spent committing batches (with commits: the mean).")):
+        value = ing.get(f"{key}_total", 0) if key == "commit_ms" else ing.get(key, 0)
+        metric(f"kestrel_hub_ingest_{key}_total", "counter", help_, [("", float(value))])
     metric("kestrel_hub_ingest_rejected_total", "counter", "Payloads rejected, per reason.",
            [(f'{{reason="{r}"}}', float(n)) for r, n in sorted(ing.get("rejected", {}).items())])
     broker = health.get("broker", {})
@@ -76,7 +87,12 @@ class HttpServer:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 log.debug("%s " + format, self.address_string(), *args)
 
-        self.server = ThreadingHTTPServer((bind, port), Handler)
+        try:
+            self.server = ThreadingHTTPServer((bind, port), Handler)
+        except OSError as exc:
+            raise TransportError(f"cannot listen for HTTP on {bind}:{port}: {exc.strerror or exc}; is another "
+                                 "hub running, or is the port taken? Set [http] port (0 = any free port)") \
+                from exc
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
         self._thread: Optional[threading.Thread] = None

@@ -7,25 +7,35 @@ Guarantees (docs/hub.md):
   fixed client id): the broker queues this hub's share while it is down and resends what was
   delivered but not acknowledged.
 * A message is acknowledged (PUBACK) only after the store committed it. paho runs in manual-ack
-  mode; ``on_message`` only enqueues, one worker thread validates, commits a batch, then acks the
-  batch in arrival order.
-* Storage is idempotent on frame_id: a redelivery never creates a second record.
+  mode; ``on_message`` only enqueues; a validate thread parses the batch and decodes its images (on
+  a small pool: decoding releases the GIL); a commit thread writes the batch to the store and only
+  then acknowledges it, in arrival order.
+* Storage is idempotent on frame_id: a redelivery never creates a second record. A frame whose id
+  is already stored for *another* device is not silently dropped as a duplicate: it is rejected
+  (``frame_id_conflict``) and kept in the dead-letter folder.
 * Bad payloads are counted per reason, logged (rate-limited) and acknowledged: redelivery cannot
   fix them, and they never stop the ingest.
-* StoreUnavailable: the worker keeps the batch, acknowledges nothing, and retries with
-  exponential backoff (``paused`` in /healthz) until the store answers.
+* Any store failure (StoreUnavailable, StoreError, or an unexpected error): the commit thread keeps
+  the batch, acknowledges nothing, and retries with exponential backoff (``paused`` in /healthz)
+  until it succeeds. It never dies of it. A frame is given up on only when the store clearly
+  refuses that record (others of the batch were stored, or a probe write succeeds after
+  ``POISON_ATTEMPTS`` attempts): then its raw payload goes to the dead-letter folder first, and it
+  is counted as ``store_error``, never as a duplicate.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
+import re
 import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import cv2
@@ -34,10 +44,10 @@ import paho.mqtt.client as mqtt
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
-from edge import topics
+from edge import atomic, topics
 from hub.broker import BrokerTarget
 from hub.config import MqttSection
-from hub.errors import PayloadRejected, StoreError, StoreUnavailable
+from hub.errors import ConfigError, PayloadRejected, StoreError, StoreUnavailable
 from hub.store.base import FrameRecord, Store
 from proto import kestrel_pb2
 
@@ -48,9 +58,14 @@ LAST_SEEN_WRITE_INTERVAL_MS = 1000
 QUEUE_POLL_S = 0.2
 RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 10.0
+PREPARED_MAX = 4          # validated batches waiting for the commit thread
+POISON_ATTEMPTS = 3       # a batch whose every frame the store refuses is retried this often before a probe
+SLOW_COMMIT_MS = 1000.0   # a batch that takes longer than this to commit is logged (rate-limited)
 
 REASONS = ("too_large", "bad_topic", "bad_protobuf", "device_mismatch", "missing_frame_id", "bad_image",
-           "unknown_device", "store_error")
+           "unknown_device", "frame_id_conflict", "validation_error", "store_error")
+# rejections whose payload is kept in the dead-letter folder (the payload itself may be fine)
+DEAD_LETTER_REASONS = ("frame_id_conflict", "validation_error", "store_error")
 
 
 _REASON_NAMES: Dict[int, str] = {v: k for k, v in kestrel_pb2.SampleReason.items()}
@@ -91,7 +106,10 @@ def check_image(data: bytes, image_format: str) -> Tuple[int, int]:
     dims = header_dims(data)
     flags = cv2.IMREAD_REDUCED_GRAYSCALE_8 if dims is not None and data[:2] == b"\xff\xd8" \
         else cv2.IMREAD_UNCHANGED
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    except cv2.error as exc:  # e.g. absurd dimensions in the header
+        raise PayloadRejected("bad_image", f"image ({len(data)} bytes) does not decode: {exc}") from exc
     if img is None or img.size == 0 or (dims is not None and (dims[0] == 0 or dims[1] == 0)):
         raise PayloadRejected("bad_image",
                               f"image ({len(data)} bytes, {image_format or '?'}) does not decode")
@@ -127,10 +145,17 @@ def validate_frame(topic_device: str, payload: bytes, max_bytes: int, received_m
         source=msg.source, sequence=int(msg.sequence))
 
 
-def status_fields(msg: kestrel_pb2.Status, received_ms: int) -> Dict[str, object]:
-    """Device-record fields from a Status message (VersionManifest included)."""
-    out: Dict[str, object] = {"state": msg.state or "unknown",
-                              "last_seen_ms": int(msg.time_ms or received_ms)}
+def seen_ms(device_time_ms: int, received_ms: int) -> int:
+    """When the hub last heard of a device: the message's own time, never later than its arrival (a
+    device clock running ahead must not pin last_seen in the future)."""
+    return min(int(device_time_ms or received_ms), int(received_ms))
+
+
+def status_fields(msg: kestrel_pb2.Status) -> Dict[str, object]:
+    """Device-record fields from a Status message (VersionManifest included). last_seen_ms is not
+    among them: it only ever goes up (Store.touch_devices), since a device's offline last-will carries
+    the time it connected."""
+    out: Dict[str, object] = {"state": msg.state or "unknown"}
     if msg.group:
         out["group"] = msg.group
     installed = msg.versions.installed if msg.HasField("versions") and msg.versions.HasField("installed") \
@@ -146,6 +171,8 @@ def status_fields(msg: kestrel_pb2.Status, received_ms: int) -> Dict[str, object
 
 Validated = Union[FrameRecord, PayloadRejected, None]  # None: not a frames topic
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
 
 @dataclass
 class Message:
@@ -158,6 +185,15 @@ class Message:
 
 
 @dataclass
+class _BatchState:
+    """What earlier attempts at one batch already achieved: a retry never stores, counts or
+    dead-letters a frame twice."""
+    outcomes: Dict[int, str] = field(default_factory=dict)   # batch index -> stored/duplicate/conflict/refused
+    details: Dict[int, str] = field(default_factory=dict)    # batch index -> why (conflict/refused)
+    dead_lettered: Set[int] = field(default_factory=set)      # id() of the batch's Message objects
+
+
+@dataclass
 class IngestStats:
     received: int = 0
     stored: int = 0
@@ -166,6 +202,12 @@ class IngestStats:
     status: int = 0
     acked: int = 0
     store_retries: int = 0
+    dead_lettered: int = 0
+    dropped_qos0: int = 0
+    commits: int = 0
+    commit_ms_last: float = 0.0
+    commit_ms_max: float = 0.0
+    commit_ms_total: float = 0.0
     paused: bool = False
     connected: bool = False
     last_store_error: str = ""
@@ -174,32 +216,43 @@ class IngestStats:
     def snapshot(self) -> Dict[str, Any]:
         return {"received": self.received, "stored": self.stored, "duplicates": self.duplicates,
                 "telemetry": self.telemetry, "status": self.status, "acked": self.acked,
-                "store_retries": self.store_retries, "paused": self.paused, "connected": self.connected,
-                "last_store_error": self.last_store_error, "rejected": dict(self.rejected)}
+                "store_retries": self.store_retries, "dead_lettered": self.dead_lettered,
+                "dropped_qos0": self.dropped_qos0, "commits": self.commits,
+                "commit_ms_last": round(self.commit_ms_last, 2), "commit_ms_max": round(self.commit_ms_max, 2),
+                "commit_ms_total": round(self.commit_ms_total, 1), "paused": self.paused,
+                "connected": self.connected, "last_store_error": self.last_store_error,
+                "rejected": dict(self.rejected)}
 
 
 class Ingest:
-    """Subscribe, validate, store, then acknowledge. ``start()`` returns at once (connects in background)."""
+    """Subscribe, validate, store, then acknowledge. ``start()`` returns at once (connects in background).
+
+    ``dead_letter_dir``: where frames the store refuses (or whose id another device owns) are kept
+    before they are acknowledged; None = such frames are never given up on (the ingest stays paused).
+    """
 
     def __init__(self, store: Store, target: BrokerTarget, cfg: MqttSection, client_id: str,
-                 on_stored: Optional[Callable[[List[FrameRecord]], None]] = None) -> None:
+                 on_stored: Optional[Callable[[List[FrameRecord]], None]] = None,
+                 dead_letter_dir: Optional[Path] = None) -> None:
         self.store = store
         self.target = target
         self.cfg = cfg
         self.client_id = client_id
         self.on_stored = on_stored
+        self.dead_letter_dir = Path(dead_letter_dir) if dead_letter_dir else None
         self.stats = IngestStats()
         self._lock = threading.Lock()
         self._queue: queue.Queue[Message] = queue.Queue()
         self._stop = threading.Event()
         self._generation = 0
         self._known: Set[str] = set()
-        self._last_seen_written: Dict[str, int] = {}
+        self._pending_seen: Dict[str, int] = {}
+        self._last_seen_flush = 0
         self._reject_log: Dict[str, Tuple[float, int]] = {}
+        self._slow_log = 0.0
         self._subscribed = threading.Event()
         self._threads: List[threading.Thread] = []
-        # validated batches waiting for the commit thread (bounded: validation runs at most 2 ahead)
-        self._prepared: queue.Queue[Tuple[List[Message], List[Validated]]] = queue.Queue(maxsize=2)
+        self._prepared: queue.Queue[Tuple[List[Message], List[Validated]]] = queue.Queue(maxsize=PREPARED_MAX)
         workers = cfg.validate_workers or min(4, os.cpu_count() or 1)
         self._workers = workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ingest-validate") \
@@ -216,8 +269,13 @@ class Ingest:
         if self.target.username:
             c.username_pw_set(self.target.username, self.target.password or None)
         if self.target.tls:
-            c.tls_set(ca_certs=self.target.ca_file or None, certfile=self.target.cert_file or None,
-                      keyfile=self.target.key_file or None, cert_reqs=ssl.CERT_REQUIRED)
+            try:
+                c.tls_set(ca_certs=self.target.ca_file or None, certfile=self.target.cert_file or None,
+                          keyfile=self.target.key_file or None, cert_reqs=ssl.CERT_REQUIRED)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise ConfigError(f"[mqtt] TLS: cannot load ca_file/cert_file/key_file "
+                                  f"({self.target.ca_file or 'system CAs'}, {self.target.cert_file or '-'}, "
+                                  f"{self.target.key_file or '-'}): {exc}") from exc
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -253,6 +311,11 @@ class Ingest:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # QoS 1 is bounded by the broker's in-flight window (we ack late); QoS 0 is not: shed it
+        if msg.qos == 0 and self._queue.qsize() >= self.cfg.queue_max_qos0:
+            with self._lock:
+                self.stats.dropped_qos0 += 1
+            return
         with self._lock:
             gen = self._generation
         self._queue.put(Message(msg.mid, msg.qos, msg.topic, bytes(msg.payload), gen, now_ms()))
@@ -279,12 +342,17 @@ class Ingest:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
+    @property
+    def threads_alive(self) -> bool:
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
     def health(self) -> Dict[str, Any]:
         with self._lock:
-            return self.stats.snapshot()
+            snap = self.stats.snapshot()
+        snap["threads_alive"] = self.threads_alive
+        return snap
 
-    # ---- worker ----
-    # Two stages so image decoding (validate) overlaps the store commit; both release the GIL.
+    # ---- validate stage ----
     def _validate_loop(self) -> None:
         while not self._stop.is_set():
             try:
@@ -292,11 +360,14 @@ class Ingest:
             except queue.Empty:
                 continue
             batch = [first]
-            while len(batch) < self.cfg.batch_max:
+            size = len(first.payload)
+            while len(batch) < self.cfg.batch_max and size < self.cfg.batch_max_bytes:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    m = self._queue.get_nowait()
                 except queue.Empty:
                     break
+                batch.append(m)
+                size += len(m.payload)
             item = (batch, self._validate_frames(batch))
             while not self._stop.is_set():
                 try:
@@ -305,32 +376,86 @@ class Ingest:
                 except queue.Full:
                     continue
 
+    def _validate_one(self, m: Message) -> Validated:
+        try:
+            device_id, kind = topics.parse_device_topic(m.topic)
+        except ValueError:
+            return None
+        if kind != "frames":
+            return None
+        try:
+            return validate_frame(device_id, m.payload, self.cfg.max_payload_bytes, m.received_ms)
+        except PayloadRejected as exc:
+            return exc
+        except Exception as exc:  # a bug or a library surprise: keep the payload, never stop the ingest
+            log.exception("validating a frame on %s failed unexpectedly", m.topic)
+            return PayloadRejected("validation_error", f"{type(exc).__name__}: {exc}")
+
+    def _validate_chunk(self, chunk: List[Message]) -> List[Validated]:
+        return [self._validate_one(m) for m in chunk]
+
+    def _validate_frames(self, batch: List[Message]) -> List[Validated]:
+        """Validate every frame of the batch; image decoding releases the GIL, so a pool helps. The batch
+        is split into one contiguous chunk per worker (one task each, not one per frame: less overhead)."""
+        if self._pool is None or len(batch) < 2:
+            return self._validate_chunk(batch)
+        n = min(self._workers, len(batch))
+        size = -(-len(batch) // n)
+        chunks = [batch[i:i + size] for i in range(0, len(batch), size)]
+        out: List[Validated] = []
+        try:
+            for part in self._pool.map(self._validate_chunk, chunks):
+                out.extend(part)
+        except RuntimeError:  # the pool is shut down (stopping): validate here
+            return self._validate_chunk(batch)
+        return out
+
+    # ---- commit stage ----
     def _commit_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 batch, validated = self._prepared.get(timeout=QUEUE_POLL_S)
             except queue.Empty:
                 continue
+            # under load several validated batches wait: commit them together (one fsync)
+            size = sum(len(m.payload) for m in batch)
+            while len(batch) < self.cfg.batch_max and size < self.cfg.batch_max_bytes:
+                try:
+                    more, more_validated = self._prepared.get_nowait()
+                except queue.Empty:
+                    break
+                batch, validated = batch + more, validated + more_validated
+                size += sum(len(m.payload) for m in more)
             self._process_with_retry(batch, validated)
 
     def _process_with_retry(self, batch: List[Message], validated: List[Validated]) -> None:
+        """Commit one batch, retrying on any failure until it succeeds or the ingest stops.
+
+        Nothing of the batch is acknowledged before every write succeeded, so giving up (stopping)
+        leaves it with the broker, which resends it to the next session with this client id."""
         delay = self.cfg.retry_initial_s
+        state = _BatchState()
+        attempt = 0
         while True:
+            attempt += 1
             try:
-                self._process(batch, validated)
+                self._process(batch, validated, state, attempt)
                 if self.stats.paused:
                     log.info("store is back; ingest resumed")
                 with self._lock:
                     self.stats.paused = False
                 return
-            except StoreUnavailable as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the thread lives and acks nothing
+                what = "store unavailable" if isinstance(exc, StoreUnavailable) else \
+                    "store error" if isinstance(exc, StoreError) else "unexpected error"
                 with self._lock:
                     first = not self.stats.paused
                     self.stats.paused = True
                     self.stats.store_retries += 1
-                    self.stats.last_store_error = str(exc)
+                    self.stats.last_store_error = f"{what}: {exc}"
                 if first:
-                    log.error("store unavailable, ingest paused (nothing acknowledged): %s", exc)
+                    log.error("%s, ingest paused (nothing acknowledged, retrying): %s", what, exc,
+                              exc_info=not isinstance(exc, StoreError))
                 if self._stop.wait(delay):
                     return  # shutting down: unacknowledged messages stay with the broker
                 delay = min(delay * 2, self.cfg.retry_max_s)
@@ -349,7 +474,7 @@ class Ingest:
             self._reject_log[exc.reason] = (last, suppressed + 1)
 
     def _check_device(self, device_id: str) -> None:
-        """Auto-register (or refuse) a device the first time it is seen. May raise StoreUnavailable."""
+        """Auto-register (or refuse) a device the first time it is seen. May raise StoreError."""
         if device_id in self._known:
             return
         if self.store.get_device(device_id) is None:
@@ -360,12 +485,15 @@ class Ingest:
             log.info("auto-registered device %s", device_id)
         self._known.add(device_id)
 
-    def _process(self, batch: List[Message], validated: List[Validated]) -> None:
-        """Validate, commit, then count and acknowledge. Safe to re-run after StoreUnavailable:
-        nothing is counted or acknowledged before every store write of the batch succeeded."""
+    def _classify(self, batch: List[Message], validated: List[Validated]) -> Tuple[
+            List[Tuple[Message, PayloadRejected]], List[Tuple[int, FrameRecord]],
+            List[Tuple[str, Dict[str, object]]], Dict[str, int], int, int]:
+        """Sort a batch into rejections, frames, device updates and last-seen times. May raise StoreError
+        (device lookups); nothing is written for frames yet."""
         rejected: List[Tuple[Message, PayloadRejected]] = []
-        frames: List[FrameRecord] = []
+        frames: List[Tuple[int, FrameRecord]] = []
         device_updates: List[Tuple[str, Dict[str, object]]] = []
+        seen: Dict[str, int] = {}
         n_tele = n_status = 0
         for i, m in enumerate(batch):
             try:
@@ -378,9 +506,10 @@ class Ingest:
                     rec = validated[i]
                     if isinstance(rec, PayloadRejected):
                         raise rec
-                    assert rec is not None  # a frames topic always has a validation result
+                    if rec is None:  # pragma: no cover - a frames topic always has a validation result
+                        raise PayloadRejected("validation_error", "no validation result")
                     self._check_device(device_id)
-                    frames.append(rec)
+                    frames.append((i, rec))
                 elif kind == "telemetry":
                     tmsg = kestrel_pb2.Telemetry()
                     try:
@@ -392,8 +521,9 @@ class Ingest:
                                                                  f"{device_id!r}'s topic")
                     self._check_device(device_id)
                     device_updates.append((device_id, {
-                        "last_telemetry": json_format.MessageToDict(tmsg, preserving_proto_field_name=True),
-                        "last_seen_ms": int(tmsg.time_ms or m.received_ms)}))
+                        "last_telemetry": json_format.MessageToDict(tmsg, preserving_proto_field_name=True)}))
+                    t = seen_ms(tmsg.time_ms, m.received_ms)
+                    seen[device_id] = max(seen.get(device_id, 0), t)
                     n_tele += 1
                 elif kind == "status":
                     if not m.payload:  # a cleared retained status
@@ -407,36 +537,76 @@ class Ingest:
                         raise PayloadRejected("device_mismatch", f"status for {smsg.device_id!r} on "
                                                                  f"{device_id!r}'s topic")
                     self._check_device(device_id)
-                    device_updates.append((device_id, status_fields(smsg, m.received_ms)))
+                    device_updates.append((device_id, status_fields(smsg)))
+                    t = seen_ms(smsg.time_ms, m.received_ms)
+                    seen[device_id] = max(seen.get(device_id, 0), t)
                     n_status += 1
                 else:
                     raise PayloadRejected("bad_topic", f"unexpected topic kind {kind!r}")
             except PayloadRejected as exc:
                 rejected.append((m, exc))
-        results = self._store_frames(frames)
+        return rejected, frames, device_updates, seen, n_tele, n_status
+
+    def _process(self, batch: List[Message], validated: List[Validated], state: _BatchState,
+                 attempt: int) -> None:
+        """Commit, then count and acknowledge. Safe to re-run after any failure: nothing is counted
+        or acknowledged before every store write of the batch succeeded, and ``state`` remembers
+        what earlier attempts stored or dead-lettered."""
+        t0 = time.monotonic()
+        rejected, frames, device_updates, seen, n_tele, n_status = self._classify(batch, validated)
+        self._store_frames(frames, state, attempt)
         for device_id, fields_ in device_updates:
             self.store.upsert_device(device_id, **fields_)
-        # last_seen from frames, written at most once per LAST_SEEN_WRITE_INTERVAL_MS per device
-        latest: Dict[str, int] = {}
-        for f in frames:
-            latest[f.device_id] = max(latest.get(f.device_id, 0), f.received_ms)
-        for device_id, seen in latest.items():
-            if seen - self._last_seen_written.get(device_id, 0) >= LAST_SEEN_WRITE_INTERVAL_MS:
-                self.store.upsert_device(device_id, last_seen_ms=seen)
-                self._last_seen_written[device_id] = seen
-        # everything is committed: acknowledge in arrival order
+        # last_seen: raised (never lowered) at most once per LAST_SEEN_WRITE_INTERVAL_MS, and with
+        # every batch that carries a status or telemetry
+        for i, rec in frames:
+            if state.outcomes.get(i) in ("stored", "duplicate"):
+                seen[rec.device_id] = max(seen.get(rec.device_id, 0), rec.received_ms)
+        for device_id, ms in seen.items():
+            self._pending_seen[device_id] = max(self._pending_seen.get(device_id, 0), ms)
+        t_now = now_ms()
+        if self._pending_seen and (device_updates or t_now - self._last_seen_flush >= LAST_SEEN_WRITE_INTERVAL_MS):
+            self.store.touch_devices(dict(self._pending_seen))
+            self._pending_seen.clear()
+            self._last_seen_flush = t_now
+        # everything is committed: count, then acknowledge in arrival order
+        outcomes = [state.outcomes.get(i) for i, _ in frames]
+        for i, _rec in frames:
+            outcome = state.outcomes.get(i)
+            if outcome == "conflict":
+                rejected.append((batch[i], PayloadRejected("frame_id_conflict", state.details.get(i, ""))))
+            elif outcome == "refused":
+                rejected.append((batch[i], PayloadRejected("store_error", state.details.get(i, ""))))
+        # frames given up on: keep their payload before the ack lets the broker forget them
+        for m, why in rejected:
+            if why.reason in DEAD_LETTER_REASONS and id(m) not in state.dead_lettered:
+                self._dead_letter(m, why.reason, str(why))
+                state.dead_lettered.add(id(m))
         for m, why in rejected:
             self._reject(m, why)
-        stored = sum(1 for r in results if r)
+        commit_ms = (time.monotonic() - t0) * 1000.0
         with self._lock:
             gen = self._generation
             self.stats.received += len(batch)
-            self.stats.stored += stored
-            self.stats.duplicates += len(results) - stored
+            self.stats.stored += outcomes.count("stored")
+            self.stats.duplicates += outcomes.count("duplicate")
+            self.stats.dead_lettered += len(state.dead_lettered)
             self.stats.telemetry += n_tele
             self.stats.status += n_status
-        if self.on_stored is not None and frames:
-            self.on_stored(frames)
+            self.stats.commits += 1
+            self.stats.commit_ms_last = commit_ms
+            self.stats.commit_ms_max = max(self.stats.commit_ms_max, commit_ms)
+            self.stats.commit_ms_total += commit_ms
+        if commit_ms > SLOW_COMMIT_MS and time.monotonic() - self._slow_log >= REJECT_LOG_INTERVAL_S:
+            self._slow_log = time.monotonic()
+            log.warning("committing a batch of %d messages took %.0f ms", len(batch), commit_ms)
+        if self.on_stored is not None:
+            stored = [rec for i, rec in frames if state.outcomes.get(i) == "stored"]
+            if stored:
+                try:
+                    self.on_stored(stored)
+                except Exception:  # noqa: BLE001 - a hook must not make us store the batch again
+                    log.exception("on_stored hook failed (the frames are stored and acknowledged)")
         acked = 0
         for m in batch:
             if m.qos > 0 and m.generation == gen:  # older connections' messages are resent by the broker
@@ -445,54 +615,71 @@ class Ingest:
         with self._lock:
             self.stats.acked += acked
 
-    def _validate_one(self, m: Message) -> Validated:
-        try:
-            device_id, kind = topics.parse_device_topic(m.topic)
-        except ValueError:
-            return None
-        if kind != "frames":
-            return None
-        try:
-            return validate_frame(device_id, m.payload, self.cfg.max_payload_bytes, m.received_ms)
-        except PayloadRejected as exc:
-            return exc
+    def _store_frames(self, frames: List[Tuple[int, FrameRecord]], state: _BatchState, attempt: int) -> None:
+        """Store the frames not stored by an earlier attempt; record each one's outcome in ``state``.
 
-    def _validate_chunk(self, chunk: List[Message]) -> List[Validated]:
-        return [self._validate_one(m) for m in chunk]
-
-    def _validate_frames(self, batch: List[Message]) -> List[Validated]:
-        """Validate every frame of the batch; image decoding releases the GIL, so a pool helps. The batch
-        is split into one contiguous chunk per worker (one task each, not one per frame: less overhead)."""
-        if self._pool is None or len(batch) < 2:
-            return self._validate_chunk(batch)
-        n = min(self._workers, len(batch))
-        size = -(-len(batch) // n)
-        chunks = [batch[i:i + size] for i in range(0, len(batch), size)]
-        out: List[Validated] = []
-        for part in self._pool.map(self._validate_chunk, chunks):
-            out.extend(part)
-        return out
-
-    def _store_frames(self, frames: List[FrameRecord]) -> List[bool]:
-        if not frames:
-            return []
+        Raises (so the batch is retried) when the store fails as a whole. A frame is marked
+        ``refused`` only when the failure is clearly about that record: another frame of the batch
+        went in, or, when all of them failed POISON_ATTEMPTS times, a probe write succeeds."""
+        todo = [(i, f) for i, f in frames if i not in state.outcomes]
+        if not todo:
+            return
+        flags: Optional[List[bool]]
         try:
-            return self.store.add_frames(frames)
+            flags = self.store.add_frames([f for _, f in todo])
         except StoreUnavailable:
             raise
-        except StoreError:
-            # one bad record must not block the rest: retry one by one, count the ones refused
-            out: List[bool] = []
-            refused = 0
-            for f in frames:
+        except StoreError as exc:
+            log.warning("the store refused a batch of %d frames (%s); trying them one by one", len(todo), exc)
+            flags = None
+        if flags is not None:
+            for (i, _), ok in zip(todo, flags):
+                state.outcomes[i] = "stored" if ok else "duplicate"
+        else:
+            refused: List[Tuple[int, FrameRecord, StoreError]] = []
+            for i, f in todo:
                 try:
-                    out.append(self.store.add_frame(f))
+                    ok = self.store.add_frame(f)
                 except StoreUnavailable:
                     raise
                 except StoreError as exc:
-                    log.error("store refused frame %s: %s", f.frame_id, exc)
-                    refused += 1
-                    out.append(False)
-            with self._lock:
-                self.stats.rejected["store_error"] += refused
-            return out
+                    refused.append((i, f, exc))
+                    continue
+                state.outcomes[i] = "stored" if ok else "duplicate"
+            if refused:
+                some_went_in = any(state.outcomes.get(i) in ("stored", "duplicate") for i, _ in frames)
+                if not some_went_in:
+                    if attempt < POISON_ATTEMPTS:
+                        raise refused[0][2]
+                    # the store may be broken as a whole: a probe write tells (raises if it is)
+                    self.store.upsert_device(refused[0][1].device_id)
+                for i, f, why in refused:
+                    state.outcomes[i] = "refused"
+                    state.details[i] = f"the store refused frame {f.frame_id!r}: {why}"
+        # a frame_id seen before is a redelivery only if the stored frame is the same device's
+        for i, f in todo:
+            if state.outcomes.get(i) == "duplicate":
+                existing = self.store.get_frame(f.frame_id)
+                if existing is not None and existing.device_id != f.device_id:
+                    state.outcomes[i] = "conflict"
+                    state.details[i] = (f"frame_id {f.frame_id!r} from device {f.device_id!r} is already "
+                                        f"stored for device {existing.device_id!r}")
+
+    def _dead_letter(self, m: Message, reason: str, detail: str) -> None:
+        """Keep a payload we are about to acknowledge without storing: <dir>/<time>-<id>.frame + .json.
+        Raises StoreError when it cannot (then nothing is acknowledged and the batch is retried)."""
+        if self.dead_letter_dir is None:
+            raise StoreError(f"{reason}: {detail}; no dead-letter folder to keep it in, so it is not "
+                             "acknowledged (the broker keeps it)")
+        stem = f"{now_ms()}-{_UNSAFE.sub('_', m.topic.split('/')[-2] if '/' in m.topic else 'x')}-{m.mid}"
+        meta = {"topic": m.topic, "reason": reason, "detail": detail, "received_ms": m.received_ms,
+                "bytes": len(m.payload)}
+        try:
+            atomic.write_bytes(self.dead_letter_dir / f"{stem}.frame", m.payload)
+            atomic.write_bytes(self.dead_letter_dir / f"{stem}.json",
+                               (json.dumps(meta, sort_keys=True) + "\n").encode())
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write to the dead-letter folder {self.dead_letter_dir}: "
+                                   f"{exc.strerror}") from exc
+        log.warning("kept %s payload from %s in %s/%s.frame: %s", reason, m.topic, self.dead_letter_dir,
+                    stem, detail)

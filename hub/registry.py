@@ -82,6 +82,10 @@ class PushRefused(RegistryError):
         self.kind = kind
 
 
+class BundleBytesMissing(StoreError):
+    """A version's record exists but this hub cannot read its bytes (gRPC UNAVAILABLE: retry elsewhere)."""
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -267,8 +271,15 @@ class Registry:
         try:
             f = path.open("rb")
         except FileNotFoundError as exc:
-            raise StoreError(f"bundle file of {model_name} v{rec.version} is missing from "
-                             f"{self.blob_dir}") from exc
+            # the record is in the (shared) store but the bytes are not in this hub's blob_dir: pushed
+            # through another hub whose blob_dir is not shared with this one, or the file was removed
+            raise BundleBytesMissing(
+                f"{model_name} v{rec.version} is in the registry but its bundle file {path.name} is not in "
+                f"this hub's blob_dir {self.blob_dir}: hubs that share a store must share [registry] "
+                "blob_dir (docs/hub-registry.md); fetch from the hub it was pushed to") from exc
+        except OSError as exc:
+            raise BundleBytesMissing(f"cannot read the bundle file of {model_name} v{rec.version} "
+                                     f"({path}): {exc.strerror}") from exc
         return self._read(f, rec, offset, size)
 
     @staticmethod

@@ -22,7 +22,7 @@ from edge import atomic
 from hub import config as hubconfig
 from hub.broker import BrokerTarget, EmbeddedBroker, resolve
 from hub.config import HubConfig
-from hub.errors import KestrelError, TransportError
+from hub.errors import ConfigError, KestrelError, TransportError
 from hub.http import HttpServer
 from hub.ingest import Ingest
 from hub.store.base import Store
@@ -49,19 +49,26 @@ class HubServer:
     # ---- start/stop ----
     def start(self) -> HubServer:
         cfg = self.cfg
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"[hub] data_dir {cfg.data_dir}: cannot create it: {exc.strerror}") from exc
+        client_id = cfg.resolve_client_id()
         self.store = open_store(cfg)
         if cfg.mqtt.embedded:
-            self.embedded = EmbeddedBroker(cfg.data_dir / "broker", port=cfg.mqtt.embedded_port).start()
+            self.embedded = EmbeddedBroker(cfg.data_dir / "broker", port=cfg.mqtt.embedded_port,
+                                           autosave_s=cfg.mqtt.embedded_autosave_s).start()
             self.target = BrokerTarget(host=self.embedded.host, port=self.embedded.port, embedded=True)
         else:
             self.target = resolve(cfg)
-        self.ingest = Ingest(self.store, self.target, cfg.mqtt, cfg.client_id).start()
+        dead_letter = Path(cfg.mqtt.dead_letter_dir).expanduser() if cfg.mqtt.dead_letter_dir \
+            else cfg.data_dir / "dead-letter"
+        self.ingest = Ingest(self.store, self.target, cfg.mqtt, client_id, dead_letter_dir=dead_letter).start()
         self._start_grpc()
         self.http = HttpServer(cfg.http.bind, cfg.http.port, self.health).start()
         info = {"pid": os.getpid(), "http_port": self.http.port, "grpc_port": self.grpc_port,
                 "mqtt_host": self.target.host, "mqtt_port": self.target.port,
-                "mqtt_embedded": self.target.embedded, "client_id": cfg.client_id, "store": cfg.store_url}
+                "mqtt_embedded": self.target.embedded, "client_id": client_id, "store": cfg.store_url}
         atomic.write_text(cfg.data_dir / "hub.json", json.dumps(info, indent=1) + "\n")
         log.info("kestrel-hub serving: http %s:%d, grpc %s:%d, mqtt %s:%d%s, store %s", cfg.http.bind,
                  self.http.port, cfg.grpc.bind, self.grpc_port, self.target.host, self.target.port,
@@ -73,7 +80,7 @@ class HubServer:
         import grpc
 
         from hub.fleet import FleetService
-        from hub.grpc_service import add_services, server_options
+        from hub.grpc_service import add_services, bind_grpc, server_options
         from hub.registry import Registry
 
         assert self.store is not None
@@ -84,9 +91,7 @@ class HubServer:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc.max_workers),
                              options=server_options(cfg.registry.chunk_size))
         add_services(server, self.registry, self.fleet)
-        port = server.add_insecure_port(f"{cfg.grpc.bind}:{cfg.grpc.port}")
-        if not port:
-            raise TransportError(f"cannot listen for gRPC on {cfg.grpc.bind}:{cfg.grpc.port}")
+        port = bind_grpc(server, cfg.grpc.bind, cfg.grpc.port)
         server.start()
         self.grpc_server, self.grpc_port = server, port
 
@@ -130,7 +135,8 @@ class HubServer:
             broker.update(host=self.target.host, port=self.target.port, embedded=self.target.embedded)
         if self.embedded is not None:
             broker.update(running=self.embedded.running, restarts=self.embedded.restarts)
-        ok = store["ok"] and broker["connected"] and not ingest.get("paused")
+        ok = store["ok"] and broker["connected"] and not ingest.get("paused") \
+            and bool(ingest.get("threads_alive"))
         return {"ok": ok, "store": store, "broker": broker, "ingest": ingest,
                 "grpc": {"port": self.grpc_port, "running": self.grpc_server is not None}}
 

@@ -117,6 +117,15 @@ class Store(abc.ABC):
     def upsert_device(self, device_id: str, **fields: object) -> DeviceRecord:
         """Create or update the named fields; returns the record after the change."""
 
+    def touch_devices(self, seen: Dict[str, int]) -> None:
+        """Raise each named device's last_seen_ms to the given value; never lower it (a device's
+        offline last-will carries the time it connected). Unknown devices are skipped. Backends
+        override this to do it in one round trip / transaction."""
+        for device_id, ms in seen.items():
+            dev = self.get_device(device_id)
+            if dev is not None and int(ms) > dev.last_seen_ms:
+                self.upsert_device(device_id, last_seen_ms=int(ms))
+
     @abc.abstractmethod
     def get_device(self, device_id: str) -> Optional[DeviceRecord]: ...
 
@@ -133,7 +142,7 @@ class Store(abc.ABC):
     def get_group_desired(self, group: str) -> Optional[GroupDesired]:
         """None when no deploy/rollback has named the group."""
 
-    # ---- models (bundle bytes live in the registry's blob dir or GridFS; see hub.registry) ----
+    # ---- models (records only: bundle bytes live in the registry's blob_dir; see hub.registry) ----
     @abc.abstractmethod
     def add_model(self, model: ModelRecord) -> bool:
         """False when (model_name, version) exists already."""

@@ -21,6 +21,7 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 INLINE_IMAGE_MAX = 15 * 1024 * 1024  # BSON documents are capped at 16 MiB
+WRITE_CONCERN_W = "majority"  # with j=True: acknowledged writes are journaled on a majority
 ITER_PAGE = 100  # iter_labelled reads this many frames (with images) per query
 DEVICE_FIELDS = {f.name for f in dataclasses.fields(DeviceRecord)}
 FRAME_FIELDS = [f.name for f in dataclasses.fields(FrameRecord)]
@@ -74,11 +75,14 @@ class MongoStore(Store):
     def _setup(self, client: Any, dbname: str, url: str) -> None:
         import gridfs
         import pymongo
+        from pymongo.write_concern import WriteConcern
 
         self.url = url
         self._pymongo = pymongo
         self.client: Any = client
-        self.db = self.client[dbname]
+        # Acknowledged only once a majority of the replica set has it in its journal: what the ingest
+        # acknowledges to the broker survives a primary's crash or power loss (docs/hub.md).
+        self.db = self.client.get_database(dbname, write_concern=WriteConcern(w=WRITE_CONCERN_W, j=True))
         self.frames = self.db["frames"]
         self.devices = self.db["devices"]
         self.models = self.db["models"]
@@ -231,6 +235,11 @@ class MongoStore(Store):
     @staticmethod
     def _to_device(doc: Dict[str, Any]) -> DeviceRecord:
         return DeviceRecord(**{k: v for k, v in doc.items() if k in DEVICE_FIELDS})
+
+    @_wrapped
+    def touch_devices(self, seen: Dict[str, int]) -> None:
+        for device_id, ms in sorted(seen.items()):  # $max: never lowers it; no upsert
+            self.devices.update_one({"device_id": device_id}, {"$max": {"last_seen_ms": int(ms)}})
 
     @_wrapped
     def get_device(self, device_id: str) -> Optional[DeviceRecord]:

@@ -3,12 +3,28 @@
 Thread-safe by giving every thread its own connection; several processes may share the file (WAL +
 busy_timeout), which is how two hub workers on one machine split the ingest. Locked/unreachable
 database errors become StoreUnavailable (the ingest retries), everything else StoreError.
+
+Durability and speed (docs/hub.md, docs/adr/hub-ingest-durability.md):
+
+* ``synchronous`` is FULL by default: every commit fsyncs the WAL, so what the ingest acknowledged
+  survives a power loss or an OS crash. NORMAL (opt-in) fsyncs only at checkpoints: a power loss
+  can take back the commits since the last checkpoint (at most ``checkpoint_interval_s``).
+* New databases use 64 KiB pages, so a 50 KB frame is one page instead of a chain of 13.
+* Checkpoints run on a background thread of their own (``wal_autocheckpoint`` is off on the
+  store's connections), never inside a commit: a commit does not stall while the WAL is copied
+  into the database. A PASSIVE checkpoint never waits for anyone, but under continuous writes it
+  never quite catches up, and SQLite only restarts the WAL from its beginning once everything was
+  copied. So once the WAL is past ``WAL_RESET_BYTES`` the checkpointer copies the bulk without any
+  lock, then holds this process's writers (an in-process lock, not SQLite's) for a second PASSIVE
+  pass over the few pages written meanwhile; the next commit then restarts the WAL. Readers are
+  never waited for (a RESTART checkpoint would, stalling the ingest behind a dashboard query).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sqlite3
 import threading
 from pathlib import Path
@@ -18,6 +34,15 @@ from hub.errors import StoreError, StoreUnavailable
 from hub.store.base import DeviceRecord, FrameRecord, GroupDesired, ModelRecord, Store
 
 T = TypeVar("T")
+
+log = logging.getLogger("hub.store.sqlite")
+
+SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
+PAGE_SIZE = 65536                   # new databases only (SQLite keeps an existing file's page size)
+CHECKPOINT_INTERVAL_S = 0.5         # how often the background checkpointer looks at the WAL
+WAL_RESET_BYTES = 32 * 1024 * 1024  # from this WAL size on, a checkpoint catches up so the WAL restarts
+WAL_HARD_BYTES = 512 * 1024 * 1024  # past this (other processes writing too), a blocking TRUNCATE checkpoint
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # a restarted WAL file is truncated back to this
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -86,9 +111,21 @@ def path_from_url(url: str) -> Path:
 
 
 class SqliteStore(Store):
-    def __init__(self, path: Union[str, Path], busy_timeout_ms: int = 10000) -> None:
+    def __init__(self, path: Union[str, Path], busy_timeout_ms: int = 10000, synchronous: str = "FULL",
+                 checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S) -> None:
         self.path = Path(path).expanduser().resolve()
         self.busy_timeout_ms = busy_timeout_ms
+        self.synchronous = synchronous.upper()
+        if self.synchronous not in SYNCHRONOUS_MODES:
+            raise StoreError(f"SQLite synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, "
+                             f"not {synchronous!r}")
+        # 0 = SQLite's own auto-checkpoint inside commits (no background thread)
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self._checkpointer: Optional[threading.Thread] = None
+        self._checkpoint_stop = threading.Event()
+        self.checkpoints = 0
+        self.checkpoint_catchups = 0
+        self._write_lock = threading.Lock()  # this process's writers, so a checkpoint can catch up
         self._local = threading.local()
         self._conns: List[Tuple[threading.Thread, sqlite3.Connection]] = []
         self._conns_lock = threading.Lock()
@@ -108,9 +145,7 @@ class SqliteStore(Store):
             try:
                 conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout_ms / 1000.0,
                                        isolation_level=None, check_same_thread=False)
-                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")
+                self._configure(conn)
             except sqlite3.Error as exc:
                 raise _wrap(exc, f"open {self.path}") from exc
             self._local.conn = conn
@@ -125,6 +160,75 @@ class SqliteStore(Store):
                 self._conns = alive + [(threading.current_thread(), conn)]
         return conn
 
+    def _configure(self, conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # a no-op unless the file is new
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+        if self.checkpoint_interval_s > 0:
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+
+    # ---- background checkpoints ----
+    def _start_checkpointer(self) -> None:
+        if self.checkpoint_interval_s <= 0 or self._checkpointer is not None:
+            return
+        with self._conns_lock:
+            if self._checkpointer is not None:
+                return
+            self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="sqlite-checkpoint",
+                                                  daemon=True)
+            self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        """PASSIVE checkpoints (never block a writer) every interval; RESTART when the WAL is large.
+
+        Every error is logged and retried at the next interval: this thread must never die, since
+        the store's own connections do not checkpoint any more."""
+        conn: Optional[sqlite3.Connection] = None
+        failing = False
+        while not self._checkpoint_stop.wait(self.checkpoint_interval_s):
+            try:
+                if conn is None:
+                    conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout_ms / 1000.0,
+                                           isolation_level=None, check_same_thread=False)
+                    self._configure(conn)
+                self.checkpoint_once(conn)
+                if failing:
+                    log.info("WAL checkpoints work again")
+                failing = False
+            except sqlite3.Error as exc:
+                if not failing:
+                    log.error("WAL checkpoint of %s failed (retrying every %.1fs): %s", self.path,
+                              self.checkpoint_interval_s, exc)
+                failing = True
+                if conn is not None:
+                    conn.close()
+                    conn = None
+        if conn is not None:
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error:
+                pass
+            conn.close()
+
+    def checkpoint_once(self, conn: Optional[sqlite3.Connection] = None) -> Tuple[int, int]:
+        """One checkpoint step: (WAL frames, frames checkpointed). Public for tests and tools."""
+        c = conn or self._conn()
+        page = int(c.execute("PRAGMA page_size").fetchone()[0])
+        _, wal_frames, done = c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        self.checkpoints += 1
+        wal_bytes = int(wal_frames) * (page + 24)
+        if wal_bytes >= WAL_RESET_BYTES:
+            with self._write_lock:  # only the pages committed during the pass above are left to copy
+                _, wal_frames, done = c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self.checkpoint_catchups += 1
+        if wal_bytes >= WAL_HARD_BYTES:
+            # other processes keep writing: make room the blocking way (waits for their writers)
+            log.warning("the WAL of %s is %d MB; running a blocking checkpoint", self.path, wal_bytes >> 20)
+            _, wal_frames, done = c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return int(wal_frames), int(done)
+
     def _run(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
             return fn(self._conn())
@@ -136,12 +240,33 @@ class SqliteStore(Store):
             c.execute("BEGIN IMMEDIATE")
             try:
                 out = fn(c)
+                c.execute("COMMIT")
             except BaseException:
-                c.execute("ROLLBACK")
+                # also when COMMIT itself failed (busy, I/O error): a transaction left open would make
+                # every later write on this connection fail with "cannot start a transaction within a
+                # transaction"
+                if c.in_transaction:
+                    try:
+                        c.execute("ROLLBACK")
+                    except sqlite3.Error as exc:  # the connection is unusable: drop it, open anew
+                        log.error("ROLLBACK after a failed %s failed too (%s); reopening the connection",
+                                  what, exc)
+                        self._drop_conn(c)
                 raise
-            c.execute("COMMIT")
             return out
-        return self._run(what, tx)
+        self._start_checkpointer()
+        with self._write_lock:
+            return self._run(what, tx)
+
+    def _drop_conn(self, conn: sqlite3.Connection) -> None:
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        with self._conns_lock:
+            self._conns = [(t, c) for t, c in self._conns if c is not conn]
+        try:
+            conn.close()
+        except sqlite3.Error:  # pragma: no cover
+            pass
 
     # ---- frames ----
     @staticmethod
@@ -251,6 +376,21 @@ class SqliteStore(Store):
             return rec
         return self._write("upsert_device", up)
 
+    def touch_devices(self, seen: Dict[str, int]) -> None:
+        if not seen:
+            return
+
+        def touch(c: sqlite3.Connection) -> None:
+            for device_id, ms in sorted(seen.items()):
+                row = c.execute("SELECT doc FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+                if row is None:
+                    continue
+                doc = json.loads(row[0])
+                if int(ms) > int(doc.get("last_seen_ms") or 0):
+                    doc["last_seen_ms"] = int(ms)
+                    c.execute("UPDATE devices SET doc = ? WHERE device_id = ?", (json.dumps(doc), device_id))
+        self._write("touch_devices", touch)
+
     def get_device(self, device_id: str) -> Optional[DeviceRecord]:
         row = self._run("get_device", lambda c: c.execute(
             "SELECT doc FROM devices WHERE device_id = ?", (device_id,)).fetchone())
@@ -310,6 +450,9 @@ class SqliteStore(Store):
 
     def close(self) -> None:
         self._closed = True
+        self._checkpoint_stop.set()
+        if self._checkpointer is not None and self._checkpointer is not threading.current_thread():
+            self._checkpointer.join(10)
         with self._conns_lock:
             conns, self._conns = self._conns, []
         for _, c in conns:

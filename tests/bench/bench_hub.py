@@ -1,28 +1,39 @@
-"""Hub ingest benchmark: 50 KB frames at QoS 1 into the SQLite store, on a private Mosquitto.
+"""Hub ingest benchmark: 50 KB JPEG frames at QoS 1 into the SQLite store, against the real hub.
 
-1. Throughput: one burst of THROUGHPUT_FRAMES frames is published as fast as the broker takes them;
-   a `kestrel-hub serve` subprocess (share group of one) and a bare `mosquitto_sub -q 1` drain the
-   same stream in the same run. Figures: frames/s of each from the first publish to the last frame
-   stored (hub, read from /healthz) or received (mosquitto_sub), and the ratio (target >= 0.8).
+Every phase starts a fresh ``kestrel-hub serve`` process (``python -m hub serve``) on a fresh data
+directory with its embedded Mosquitto (the embedded default: a fresh broker, so no session of an
+earlier phase is subscribed and nothing is queued for it). The hub's config is the default one
+except for ephemeral ports; ``KESTREL_BENCH_HUB_SYNC`` picks ``[store] sqlite_synchronous``.
+
+1. Throughput (live): THROUGHPUT_FRAMES frames are published as fast as the broker takes them while
+   the hub and a bare ``mosquitto_sub -q 1`` (clean session, prints one line per message) drain the
+   same stream. Figures: frames/s of each from the first publish to the last frame stored (hub:
+   ``stored`` in /healthz) or received (mosquitto_sub), their ratio (target >= 0.8), and the hub's
+   CPU per frame.
 2. Latency: LAT_DEVICES devices x LAT_FPS frames/s for LAT_SECONDS, paced, from a publisher
-   subprocess; the hub's ingest runs in this process with an on_stored hook, so publish->stored is
-   measured per frame on one clock. Figures: p50/p95/max ms (target p95 < 50 ms).
+   subprocess; a reader in this process polls the hub's SQLite file (``PRAGMA data_version``, then
+   the new rows) so publish -> committed and visible to another process is measured per frame on
+   one clock. Figures: p50/p95/max ms (target p95 < 50 ms).
 
-Run: PYTHONPATH=. .venv/bin/python tests/bench/bench_hub.py [out_dir]
+Run alone: ``.venv/bin/python -m tests.bench.run --out /tmp/bench-hub --only bench_hub``.
+Profiling: ``KESTREL_BENCH_HUB_PYSPY=/path/to/py-spy`` records the hub's stacks per phase (collapsed, <phase>.txt).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -38,7 +49,11 @@ FRAME_BYTES = 50 * 1024
 THROUGHPUT_FRAMES = int(os.environ.get("KESTREL_BENCH_HUB_FRAMES", "3000"))
 LAT_DEVICES = 20
 LAT_FPS = 10.0
-LAT_SECONDS = float(os.environ.get("KESTREL_BENCH_HUB_SECONDS", "15"))
+LAT_SECONDS = float(os.environ.get("KESTREL_BENCH_HUB_SECONDS", "10"))
+SYNC = os.environ.get("KESTREL_BENCH_HUB_SYNC", "")  # "" = the hub's default
+PYSPY = os.environ.get("KESTREL_BENCH_HUB_PYSPY", "")
+MQTT_EXTRA = os.environ.get("KESTREL_BENCH_HUB_MQTT", "")  # extra [mqtt] lines, e.g. "validate_workers = 1"
+POLL_S = 0.001
 
 
 def _image(seed: int) -> bytes:
@@ -77,16 +92,15 @@ def publish_main(argv: List[str]) -> int:
     run = uuid.uuid4().hex[:6]
     if mode == "burst":
         n = int(argv[4])
+        payloads = [_payload(f"{run}-{i}", f"dev{i % 20}", images[i % 8], i) for i in range(n)]
         t0 = time.time()
-        for i in range(n):
-            dev = f"dev{i % 20}"
-            infos.append(c.publish(topics.frames(dev), _payload(f"{run}-{i}", dev, images[i % 8], i), qos=1))
+        for i, p in enumerate(payloads):
+            infos.append(c.publish(topics.frames(f"dev{i % 20}"), p, qos=1))
         for info in infos:
             info.wait_for_publish(120)
         times = {"start": t0, "acked": time.time()}
     else:
         devices, fps, seconds = int(argv[4]), float(argv[5]), float(argv[6])
-        payloads = {}
         period = 1.0 / (fps * devices)
         t0 = time.monotonic()
         i = 0
@@ -99,9 +113,9 @@ def publish_main(argv: List[str]) -> int:
                 time.sleep(due - now)
             dev = f"dev{i % devices}"
             fid = f"{run}-{i}"
-            payloads[fid] = _payload(fid, dev, images[i % 8], i)
+            payload = _payload(fid, dev, images[i % 8], i)
             times[fid] = time.time()
-            infos.append(c.publish(topics.frames(dev), payloads.pop(fid), qos=1))
+            infos.append(c.publish(topics.frames(dev), payload, qos=1))
             i += 1
         for info in infos:
             info.wait_for_publish(60)
@@ -111,49 +125,21 @@ def publish_main(argv: List[str]) -> int:
     return 0
 
 
-def _publisher(host: str, port: int, out: Path, *args: str) -> subprocess.Popen:
+def _publisher(host: str, port: int, out: Path, *args: str) -> subprocess.Popen[bytes]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--publish", host, str(port), *args[:1], str(out),
             *args[1:]]
     return subprocess.Popen(argv, cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)))
 
 
-def _health(port: int) -> Dict[str, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            return dict(json.loads(r.read()))
-    except urllib.error.HTTPError as exc:
-        return dict(json.loads(exc.read()))
-
-
-def _wait(cond: Any, timeout: float, what: str) -> None:
+def _wait(cond: Any, timeout: float, what: str, interval: float = 0.01) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(interval)
 
 
-def _start_hub(out_dir: Path, name: str, broker: Any, client_id: str,
-               group: str) -> Tuple[subprocess.Popen, int]:
-    data = out_dir / name
-    cfg = out_dir / f"{name}.toml"
-    cfg.write_text(f'[hub]\ndata_dir = "{data}"\n[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
-                   f'client_id = "{client_id}"\nshare_group = "{group}"\n'
-                   '[grpc]\nport = 0\n[http]\nport = 0\n')
-    info = data / "hub.json"
-    if info.exists():
-        info.unlink()
-    with open(out_dir / f"{name}.log", "ab") as log:
-        hub = subprocess.Popen([sys.executable, "-m", "hub", "serve", "--config", str(cfg)],
-                               cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=log,
-                               stderr=subprocess.STDOUT)
-    _wait(lambda: info.exists(), 60, "hub.json")
-    port = int(json.loads(info.read_text())["http_port"])
-    _wait(lambda: _health(port)["broker"]["connected"], 30, "hub connected")
-    return hub, port
-
-
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -163,17 +149,94 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-class SubCounter:
-    """`mosquitto_sub -q 1` printing one line per message; counts lines with their arrival times."""
+def _system_busy() -> Tuple[float, float]:
+    """(busy, total) CPU jiffies of the whole machine since boot (/proc/stat)."""
+    vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = vals[3] + vals[4]
+    return float(sum(vals) - idle), float(sum(vals))
 
-    def __init__(self, broker: Any, client_id: str, persistent: bool) -> None:
-        args = ["mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-q", "1",
-                "-t", topics.ALL_FRAMES, "-i", client_id, "-F", "%m"]
-        if persistent:
-            args.append("-c")
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE)
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Hub:
+    """A fresh ``kestrel-hub serve`` with its embedded broker on a fresh data dir."""
+
+    def __init__(self, out_dir: Path, name: str) -> None:
+        self.data = out_dir / name
+        if self.data.exists():
+            shutil.rmtree(self.data)
+        self.data.mkdir(parents=True)
+        cfg = out_dir / f"{name}.toml"
+        store = f'[store]\nsqlite_synchronous = "{SYNC}"\n' if SYNC else ""
+        mqtt = f'[mqtt]\n{MQTT_EXTRA}\n' if MQTT_EXTRA else ""
+        cfg.write_text(f'[hub]\ndata_dir = "{self.data}"\n{store}{mqtt}[grpc]\nport = 0\n[http]\nport = 0\n')
+        self.log = open(out_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "hub", "serve", "--config", str(cfg)],
+                                     cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)),
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        info = self.data / "hub.json"
+        _wait(lambda: info.exists() or self.proc.poll() is not None, 60, "hub.json")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the hub exited {self.proc.returncode}; see {self.log.name}")
+        meta = json.loads(info.read_text())
+        self.http_port, self.host, self.port = int(meta["http_port"]), meta["mqtt_host"], int(meta["mqtt_port"])
+        self.db = self.data / "hub.db"
+        _wait(lambda: self.health()["broker"]["connected"], 30, "hub connected")
+        self.spy: Optional[subprocess.Popen[bytes]] = None
+        if PYSPY:
+            extra = os.environ.get("KESTREL_BENCH_HUB_PYSPY_ARGS", "").split()
+            self.spy = subprocess.Popen([PYSPY, "record", "--pid", str(self.proc.pid), "--threads", "--rate", "250",
+                                         *extra,
+                                         "--format", "raw", "--output", str(out_dir / f"{name}.txt")],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def health(self) -> Dict[str, Any]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=5) as r:
+                return dict(json.loads(r.read()))
+        except urllib.error.HTTPError as exc:  # 503 carries the same JSON
+            return dict(json.loads(exc.read()))
+
+    def stored(self) -> int:
+        return int(self.health()["ingest"]["stored"])
+
+    def stop(self) -> None:
+        if self.spy is not None:
+            self.spy.send_signal(2)
+            try:
+                self.spy.wait(30)
+            except subprocess.TimeoutExpired:
+                self.spy.kill()
+        _stop(self.proc)
+        self.log.close()
+
+
+def _prime(hub: Hub, n: int) -> None:
+    """Publish one frame and wait until the hub stored it: proves the shared subscription is live."""
+    import paho.mqtt.client as mqtt
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    c.connect(hub.host, hub.port)
+    c.loop_start()
+    try:
+        c.publish(topics.frames("dev0"), _payload(f"prime-{uuid.uuid4().hex}", "dev0", _image(99), 0),
+                  qos=1).wait_for_publish(10)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    _wait(lambda: hub.stored() >= n, 30, "the hub stored the primer")
+
+
+class SubCounter:
+    """``mosquitto_sub -q 1`` (clean session) printing one line per message (the payload length)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.proc = subprocess.Popen(["mosquitto_sub", "-h", host, "-p", str(port), "-q", "1",
+                                      "-t", topics.ALL_FRAMES, "-F", "%l"], stdout=subprocess.PIPE)
         self.times: List[float] = []
-        self.primes = 0
         self._t = threading.Thread(target=self._read, daemon=True)
         self._t.start()
 
@@ -186,148 +249,123 @@ class SubCounter:
         _stop(self.proc)
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _hub_progress(port: int, n: int, base: int, timeout: float) -> Tuple[float, float, int]:
-    """Poll /healthz until `stored` reaches base + n: (time of first progress, time done, stored at first)."""
-    t_first = 0.0
-    at_first = base
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stored = int(_health(port)["ingest"]["stored"])
-        now = time.time()
-        if not t_first and stored > base:
-            t_first, at_first = now, stored
-        if stored >= base + n:
-            return t_first, now, at_first
-        time.sleep(0.01)
-    raise RuntimeError(f"the hub stored only {stored - base} of {n} frames in {timeout}s")
-
-
-def bench_throughput(out_dir: Path, broker: Any) -> Dict[str, Any]:
-    """Two runs: `live` (consumers drain while the publisher sends) and `backlog` (the frames are queued
-    at the broker for both persistent sessions first, then both consumers start and drain them)."""
+def bench_throughput(out_dir: Path) -> Dict[str, Any]:
     n = THROUGHPUT_FRAMES
-    result: Dict[str, Any] = {"frames": n, "frame_bytes": FRAME_BYTES, "target_ratio": 0.8}
-    tag = uuid.uuid4().hex[:6]
-    hub_id, sub_id, group = f"bench-hub-{tag}", f"bench-sub-{tag}", f"bench{tag}"
-
-    # live
-    hub, port = _start_hub(out_dir, "hub-tp", broker, hub_id, group)
-    sub = SubCounter(broker, sub_id, persistent=True)
+    hub = Hub(out_dir, "hub-throughput")
+    sub = SubCounter(hub.host, hub.port)
+    watcher: Optional[StoreWatcher] = None
     try:
-        _wait(lambda: _prime(broker, sub, 1), 30, "mosquitto_sub subscribed")
-        primes = sub.primes
-        _wait(lambda: int(_health(port)["ingest"]["stored"]) >= primes, 30, "hub stored the primer")
-        base = primes
-        out = out_dir / "burst-live.json"
-        pub = _publisher(broker.host, broker.port, out, "burst", str(n))
-        _, t_hub, _ = _hub_progress(port, n, base, 600)
-        pub.wait(120)
-        _wait(lambda: len(sub.times) >= n + primes, 60, "mosquitto_sub got every frame")
-        start = json.loads(out.read_text())["start"]
+        _prime(hub, 1)
+        _wait(lambda: len(sub.times) >= 1, 30, "mosquitto_sub subscribed")
+        watcher = StoreWatcher(hub.db)
+        w = watcher
+        _wait(lambda: len(w.seen) >= 1, 30, "the watcher saw the primer")
+        base_sub = len(sub.times)
+        broker_pid = int(json.loads((hub.data / "broker" / "broker.json").read_text())["pid"])
+        pids = {"hub": hub.proc.pid, "broker": broker_pid, "mosquitto_sub": sub.proc.pid}
+        cpu0 = {k: _cpu_s(p) for k, p in pids.items()}
+        sys0 = _system_busy()
+        out = out_dir / "burst.json"
+        pub = _publisher(hub.host, hub.port, out, "burst", str(n))
+        pids["publisher"] = pub.pid
+        cpu0["publisher"] = _cpu_s(pids["publisher"])
+        pub_cpu = cpu0["publisher"]
+        while pub.poll() is None and len(sub.times) < base_sub + n:
+            pub_cpu = _cpu_s(pids["publisher"])  # last reading before it exits (includes image making)
+            time.sleep(0.01)
+        _wait(lambda: len(w.seen) >= n + 1, 300, f"the hub stored {n} frames", interval=0.005)
+        sys1 = _system_busy()
+        cpu = {k: _cpu_s(p) - cpu0[k] for k, p in pids.items() if k != "publisher"}
+        cpu["publisher"] = pub_cpu - cpu0["publisher"]
+        t_hub = max(w.seen.values())
+        if pub.wait(120) != 0:
+            raise RuntimeError("the publisher failed")
+        _wait(lambda: len(sub.times) >= base_sub + n, 60, "mosquitto_sub got every frame")
         times = json.loads(out.read_text())
-        hub_fps, sub_fps = n / (t_hub - start), n / (sub.times[n + primes - 1] - start)
-        result["live"] = {"publish_fps": round(n / (times["acked"] - start), 1), "hub_fps": round(hub_fps, 1),
-                          "mosquitto_sub_fps": round(sub_fps, 1), "ratio": round(hub_fps / sub_fps, 3)}
+        start = times["start"]
+        hub_fps = n / (t_hub - start)
+        sub_fps = n / (sub.times[base_sub + n - 1] - start)
+        h = hub.health()["ingest"]
+        return {"frames": n, "frame_bytes": FRAME_BYTES, "publish_fps": round(n / (times["acked"] - start), 1),
+                "hub_fps": round(hub_fps, 1), "mosquitto_sub_fps": round(sub_fps, 1),
+                "ratio": round(hub_fps / sub_fps, 3), "target_ratio": 0.8,
+                "cpu_ms_per_frame": {k: round(v * 1000 / n, 3) for k, v in cpu.items()},
+                "machine_busy": round((sys1[0] - sys0[0]) / max(1.0, sys1[1] - sys0[1]), 2),
+                "hub_commits": h["commits"], "hub_commit_ms_max": h["commit_ms_max"],
+                "duplicates": h["duplicates"], "rejected": sum(h["rejected"].values())}
     finally:
+        if watcher is not None:
+            watcher.stop()
         sub.stop()
-        _stop(hub)
-    # backlog: both sessions are offline and persistent; queue n frames, then start both at once
-    out = out_dir / "burst-backlog.json"
-    pub = _publisher(broker.host, broker.port, out, "burst", str(n))
-    pub.wait(300)
-    sub = SubCounter(broker, sub_id, persistent=True)
-    hub, port = _start_hub(out_dir, "hub-tp", broker, hub_id, group)
+        hub.stop()
+
+
+class StoreWatcher:
+    """Polls the hub's SQLite file from another connection and records when each frame becomes visible."""
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.seen: Dict[str, float] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, isolation_level=None)
+        last_version, last_rowid = -1, 0
+        while not self._stop.is_set():
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != last_version:
+                last_version = version
+                rows = conn.execute("SELECT rowid, frame_id FROM frames WHERE rowid > ? ORDER BY rowid",
+                                    (last_rowid,)).fetchall()
+                t = time.time()
+                for rowid, fid in rows:
+                    self.seen.setdefault(fid, t)
+                    last_rowid = max(last_rowid, rowid)
+            time.sleep(POLL_S)
+        conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join(5)
+
+
+def bench_latency(out_dir: Path) -> Dict[str, Any]:
+    hub = Hub(out_dir, "hub-latency")
+    watcher: Optional[StoreWatcher] = None
     try:
-        cpu0 = _cpu_s(hub.pid)
-        t_first, t_done, at_first = _hub_progress(port, n, 0, 600)
-        cpu_hub = _cpu_s(hub.pid) - cpu0
-        _wait(lambda: len(sub.times) >= n, 60, "mosquitto_sub drained the backlog")
-        cpu_sub = _cpu_s(sub.proc.pid)
-        hub_fps = (n - at_first) / max(1e-6, t_done - t_first)
-        sub_fps = (n - 1) / max(1e-6, sub.times[n - 1] - sub.times[0])
-        result["backlog"] = {"hub_fps": round(hub_fps, 1), "mosquitto_sub_fps": round(sub_fps, 1),
-                             "ratio": round(hub_fps / sub_fps, 3),
-                             "hub_cpu_ms_per_frame": round(cpu_hub * 1000 / n, 3),
-                             "mosquitto_sub_cpu_ms_per_frame": round(cpu_sub * 1000 / n, 3),
-                             "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
-    finally:
-        sub.stop()
-        _stop(hub)
-    return result
-
-
-def _prime(broker: Any, sub: SubCounter, k: int) -> bool:
-    """Publish one frame and report whether mosquitto_sub has received k so far (proves it subscribed)."""
-    if len(sub.times) >= k:
-        return True
-    import paho.mqtt.client as mqtt
-    sub.primes += 1
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    c.connect(broker.host, broker.port)
-    c.loop_start()
-    c.publish(topics.frames("dev0"), _payload(f"prime-{uuid.uuid4().hex}", "dev0", _image(99), 0),
-              qos=1).wait_for_publish(10)
-    c.disconnect()
-    c.loop_stop()
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline and len(sub.times) < k:
-        time.sleep(0.01)
-    return len(sub.times) >= k
-
-
-def bench_latency(out_dir: Path, broker: Any) -> Dict[str, Any]:
-    from hub.broker import BrokerTarget
-    from hub.config import MqttSection
-    from hub.ingest import Ingest
-    from hub.store.base import FrameRecord
-    from hub.store.sqlite import SqliteStore
-
-    stored_at: Dict[str, float] = {}
-
-    def on_stored(frames: List[FrameRecord]) -> None:
-        t = time.time()
-        for f in frames:
-            stored_at[f.frame_id] = t
-
-    store = SqliteStore(out_dir / "latency.db")
-    ing = Ingest(store, BrokerTarget(broker.host, broker.port),
-                 MqttSection(share_group=f"lat{uuid.uuid4().hex[:6]}"), f"bench-lat-{uuid.uuid4().hex[:6]}",
-                 on_stored=on_stored).start()
-    try:
-        if not ing.wait_subscribed(15):
-            raise RuntimeError("ingest did not subscribe")
+        _prime(hub, 1)
+        watcher = StoreWatcher(hub.db)
         out = out_dir / "paced.json"
-        pub = _publisher(broker.host, broker.port, out, "paced", str(LAT_DEVICES), str(LAT_FPS),
-                         str(LAT_SECONDS))
-        pub.wait(LAT_SECONDS + 120)
-        sent = json.loads(out.read_text())
-        _wait(lambda: all(k in stored_at for k in sent), 60, "every paced frame stored")
-        lat = np.array([(stored_at[k] - t) * 1000.0 for k, t in sent.items()])
+        pub = _publisher(hub.host, hub.port, out, "paced", str(LAT_DEVICES), str(LAT_FPS), str(LAT_SECONDS))
+        if pub.wait(LAT_SECONDS + 120) != 0:
+            raise RuntimeError("the publisher failed")
+        sent: Dict[str, float] = json.loads(out.read_text())
+        w = watcher
+        _wait(lambda: all(k in w.seen for k in sent), 60, "every paced frame stored", interval=0.05)
+        lat = np.array([(w.seen[k] - t) * 1000.0 for k, t in sent.items()])
+        h = hub.health()["ingest"]
         return {"devices": LAT_DEVICES, "fps_per_device": LAT_FPS, "seconds": LAT_SECONDS,
                 "frames": len(sent),
                 "latency_ms_p50": round(float(np.percentile(lat, 50)), 2),
                 "latency_ms_p95": round(float(np.percentile(lat, 95)), 2),
-                "latency_ms_max": round(float(lat.max()), 2), "target_p95_ms": 50}
+                "latency_ms_max": round(float(lat.max()), 2), "target_p95_ms": 50,
+                "hub_commits": h["commits"], "hub_commit_ms_max": h["commit_ms_max"]}
     finally:
-        ing.stop()
-        store.close()
+        if watcher is not None:
+            watcher.stop()
+        hub.stop()
 
 
 def main(out_dir: Path) -> Dict[str, Any]:
-    from tests.helpers.broker import Mosquitto
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    broker = Mosquitto(out_dir / "mosquitto").start()
-    try:
-        result = {"throughput": bench_throughput(out_dir, broker), "latency": bench_latency(out_dir, broker)}
-    finally:
-        broker.stop()
+    result: Dict[str, Any] = {"sqlite_synchronous": SYNC or "default",
+                              "load_avg_1m_before": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+    result["throughput"] = bench_throughput(out_dir)
+    result["latency"] = bench_latency(out_dir)
+    result["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     (out_dir / "bench_hub.json").write_text(json.dumps(result, indent=2))
     return result
 

@@ -226,3 +226,31 @@ def test_group_rollback_shows_in_the_listing(fleet_hub, models_dir):
     assert _desired(client, group) == {"cam-x": ("brightness", 1), "cam-new": ("", 0)}
     client.deploy("brightness", 2, group=group)  # a later deploy replaces the rollback for both
     assert _desired(client, group) == {"cam-x": ("brightness", 2), "cam-new": ("brightness", 2)}
+
+
+def test_deploy_is_recorded_before_it_is_announced(tmp_path, models_dir):
+    """The broker refuses the announcement: the caller gets a TransportError (gRPC UNAVAILABLE, so the
+    operator retries) and the store already says what was intended; nothing was announced unrecorded."""
+    from hub.errors import TransportError
+
+    keys = make_keypair(tmp_path, "fleet")
+    data = tmp_path / "hub"
+    (data / "trust").mkdir(parents=True)
+    (data / "trust" / "fleet.pub").write_text(public_key_text(keys.public))
+    store = open_store(data / "hub.db")
+    reg = Registry(store, RegistryConfig(), data)
+    reg.push(iter([kestrel_pb2.PushChunk(data=b, total_size=len(b), sha256=hashlib.sha256(b).hexdigest())
+                   for b in [make_bundle(models_dir / "brightness_int8.tflite", keys, version=3)]]))
+    order = []
+
+    def refuse(topic: str, payload: bytes) -> None:
+        order.append(("publish", store.get_device("cam-1") is not None))
+        raise TransportError("injected: broker gone")
+
+    fleet = FleetService(store, reg, refuse)
+    with pytest.raises(TransportError):
+        fleet.deploy("brightness", 3, device_id="cam-1")
+    assert order == [("publish", True)]  # the record existed when the publish was tried
+    dev = store.get_device("cam-1")
+    assert dev is not None and (dev.desired_model, dev.desired_version) == ("brightness", 3)
+    store.close()

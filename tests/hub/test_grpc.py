@@ -223,3 +223,36 @@ def test_stalled_push_is_cut_off_by_push_timeout(tmp_path, keys, model_path):
         release.set()
         server.stop(None)
         store.close()
+
+
+def _replace_once(data: bytes, old: bytes, new: bytes) -> bytes:
+    assert len(old) == len(new) and data.count(old) == 1, old
+    return data.replace(old, new)
+
+
+def test_manifest_or_signature_byte_changed_under_a_trusted_key_is_refused(hub, keys, model_path):
+    """The signer is trusted, the container is well formed, the file hashes match: only the signed
+    manifest (one digit) or the signature (one base64 character) differs. Refused, nothing stored."""
+    reg, client, _ = hub
+    good = make_bundle(model_path, keys, version=5)
+    manifest_changed = _replace_once(good, b'"version":5', b'"version":6')
+    sig_at = good.index(b'"sig":"') + len(b'"sig":"') + 10
+    sig_changed = bytearray(good)
+    sig_changed[sig_at] = ord("A") if good[sig_at] != ord("A") else ord("B")
+    for bad in (manifest_changed, bytes(sig_changed)):
+        with pytest.raises(HubRefused) as ei:
+            client.push(bad)
+        assert ei.value.code == "INVALID_ARGUMENT" and "bad_signature" in ei.value.detail, ei.value.detail
+    assert client.list_models() == [] and _stored_files(reg) == []
+    assert client.push(good).model.version == 5  # the untouched bundle still goes in
+
+
+def test_fetch_when_the_bundle_file_is_missing_is_unavailable_with_the_reason(hub, keys, model_path):
+    """A record without its bytes (a hub whose blob_dir is not shared): UNAVAILABLE, not INTERNAL."""
+    reg, client, _ = hub
+    data = make_bundle(model_path, keys, version=2)
+    res = client.push(data)
+    reg.blob_path(res.bundle_sha256).unlink()
+    with pytest.raises(HubError) as ei:
+        client.fetch("brightness", 2)
+    assert "blob_dir" in str(ei.value) and "unreachable" in str(ei.value)

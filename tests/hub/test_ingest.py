@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Set
 
 import pytest
 
 from edge import topics
 from hub.broker import BrokerTarget
 from hub.config import MqttSection
-from hub.errors import PayloadRejected, StoreUnavailable
-from hub.ingest import Ingest, Message, check_image
+from hub.errors import PayloadRejected, StoreError, StoreUnavailable
+from hub.ingest import POISON_ATTEMPTS, Ingest, Message, check_image
 from hub.store.base import DeviceRecord, FrameRecord, GroupDesired, ModelRecord, Store
 from hub.store.sqlite import SqliteStore
 from proto import kestrel_pb2
@@ -22,25 +24,40 @@ from tests.hub import frame_msg, frame_payload, jpeg, publish_all
 
 
 class FlakyStore(Store):
-    """The real SQLite store behind a switch that makes every call raise StoreUnavailable."""
+    """The real SQLite store behind switches: ``down`` makes every write-path call fail with ``failure``
+    (StoreUnavailable by default; a StoreError or any exception can be set), ``refuse`` makes the
+    store refuse the named frame ids (StoreError) while the rest goes in."""
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner
         self.down = threading.Event()
         self.failed_calls = 0
+        self.failure: Exception = StoreUnavailable("injected: store down")
+        self.refuse: Set[str] = set()
 
     def _gate(self) -> None:
         if self.down.is_set():
             self.failed_calls += 1
-            raise StoreUnavailable("injected: store down")
+            raise self.failure
+
+    def _refuse(self, frames: List[FrameRecord]) -> None:
+        bad = [f.frame_id for f in frames if f.frame_id in self.refuse]
+        if bad:
+            raise StoreError(f"injected: document for {bad[0]} refused")
 
     def add_frame(self, frame: FrameRecord) -> bool:
         self._gate()
+        self._refuse([frame])
         return self.inner.add_frame(frame)
 
     def add_frames(self, frames: List[FrameRecord]) -> List[bool]:
         self._gate()
+        self._refuse(frames)
         return self.inner.add_frames(frames)
+
+    def touch_devices(self, seen: Dict[str, int]) -> None:
+        self._gate()
+        self.inner.touch_devices(seen)
 
     def get_frame(self, frame_id: str) -> Optional[FrameRecord]:
         return self.inner.get_frame(frame_id)
@@ -111,10 +128,11 @@ def frame_acks(ing: Ingest) -> int:
     return int(h["acked"]) - int(h["status"])
 
 
-def make_ingest(broker: Any, store: Store, group: str, client_id: str = "", **mqtt: Any) -> Ingest:
+def make_ingest(broker: Any, store: Store, group: str, client_id: str = "", dead_letter: Optional[Path] = None,
+                **mqtt: Any) -> Ingest:
     cfg = MqttSection(share_group=group, retry_initial_s=0.05, retry_max_s=0.3, **mqtt)
     ing = Ingest(store, BrokerTarget(broker.host, broker.port), cfg,
-                 client_id or f"hub-{uuid.uuid4().hex[:8]}")
+                 client_id or f"hub-{uuid.uuid4().hex[:8]}", dead_letter_dir=dead_letter)
     ing.start()
     assert ing.wait_subscribed(10), "ingest did not subscribe"
     return ing
@@ -171,7 +189,8 @@ def test_bad_payloads_are_rejected_per_reason_and_ingest_goes_on(broker: Any, st
         ing.stop()
 
 
-def test_redelivered_frame_id_is_stored_once(broker: Any, store: SqliteStore, group: str) -> None:
+def test_frame_resent_by_the_device_is_stored_once(broker: Any, store: SqliteStore, group: str) -> None:
+    """A device re-sending from its spool (new PUBLISH, same frame_id): one record, counted as duplicate."""
     ing = make_ingest(broker, store, group)
     try:
         p = frame_payload("dup-1", "cam-1")
@@ -182,6 +201,30 @@ def test_redelivered_frame_id_is_stored_once(broker: Any, store: SqliteStore, gr
         assert ing.health()["duplicates"] == 2
     finally:
         ing.stop()
+
+
+def test_qos1_redelivery_after_lost_acks_is_deduplicated(broker: Any, store: SqliteStore, group: str) -> None:
+    """A real broker redelivery: the hub commits but its PUBACKs never leave (as if it died right after
+    the commit); the broker resends the unacknowledged messages to the next session with the same
+    client id. They count as duplicates and make no second record."""
+    cid = f"hub-{uuid.uuid4().hex[:8]}"
+    ing = make_ingest(broker, store, group, client_id=cid)
+    suppressed: List[int] = []
+    ing.client.ack = lambda mid, qos: suppressed.append(mid)  # type: ignore[method-assign,assignment]
+    publish_all(broker.host, broker.port,
+                [(topics.frames("cam-1"), frame_payload(f"r{i}", "cam-1", seq=i)) for i in range(6)])
+    wait_for(lambda: ing.health()["stored"] == 6, 10, what="6 frames committed")
+    assert len(suppressed) >= 6 and store.count_frames() == 6
+    ing.stop()
+    ing2 = make_ingest(broker, store, group, client_id=cid)
+    try:
+        h = wait_for(lambda: (lambda h: h if h["duplicates"] >= 6 else None)(ing2.health()), 10,
+                     what="the broker's redeliveries")
+        assert h["duplicates"] == 6 and h["stored"] == 0
+        assert store.count_frames() == 6
+        wait_for(lambda: frame_acks(ing2) >= 6, 5, what="redeliveries acknowledged this time")
+    finally:
+        ing2.stop()
 
 
 def test_unknown_devices_rejected_when_not_allowed(broker_factory: Any, store: SqliteStore, group: str) -> None:
@@ -317,4 +360,185 @@ def test_parallel_validation_keeps_the_batch_order(tmp_path: Path):
         assert results[11] is None  # not a frames topic
     finally:
         ing.stop()
+        store.close()
+
+
+def test_store_error_pauses_without_ack_and_the_commit_thread_survives(broker: Any, store: SqliteStore,
+                                                                        group: str) -> None:
+    """Not only StoreUnavailable: a StoreError on a device write, or an unexpected exception, pauses
+    the ingest (healthz 503), acknowledges nothing, and the thread retries until the store works."""
+    flaky = FlakyStore(store)
+    ing = make_ingest(broker, flaky, group)
+    try:
+        _pause_then_resume(broker, store, flaky, ing, StoreError("injected: auth failed"))
+        _pause_then_resume(broker, store, flaky, ing, RuntimeError("injected: a bug"))
+    finally:
+        ing.stop()
+
+
+def _pause_then_resume(broker: Any, store: Store, flaky: FlakyStore, ing: Ingest, failure: Exception) -> None:
+    flaky.failure = failure
+    flaky.down.set()
+    before = ing.health()
+    n = int(before["stored"])
+    publish_all(broker.host, broker.port,
+                [(topics.frames("cam-1"), frame_payload(f"e{n + i}", "cam-1", seq=i)) for i in range(5)])
+    h = wait_for(lambda: (lambda h: h if h["paused"] and h["store_retries"] >= before["store_retries"] + 2
+                          else None)(ing.health()), 10, what="paused, retrying")
+    assert h["threads_alive"] and str(failure) in h["last_store_error"]
+    assert frame_acks(ing) == frame_acks_of(before) and store.count_frames() == n
+    flaky.down.clear()
+    wait_for(lambda: store.count_frames() == n + 5, 10, what="stored once the store works")
+    wait_for(lambda: frame_acks(ing) == frame_acks_of(before) + 5, 5, what="acks after the commit")
+    h = ing.health()
+    assert h["paused"] is False and h["duplicates"] == 0 and h["rejected"]["store_error"] == 0
+
+
+def frame_acks_of(h: Dict[str, Any]) -> int:
+    return int(h["acked"]) - int(h["status"])
+
+
+def test_a_frame_the_store_refuses_is_dead_lettered_not_counted_as_duplicate(
+        broker: Any, store: SqliteStore, group: str, tmp_path: Path) -> None:
+    """The store refuses one record while the others of the batch go in: that one is clearly the
+    problem. Its payload is kept in the dead-letter folder, it is counted as store_error (not as a
+    duplicate), and the batch is acknowledged."""
+    flaky = FlakyStore(store)
+    flaky.refuse = {"bad-1"}
+    dead = tmp_path / "dead"
+    ing = make_ingest(broker, flaky, group, dead_letter=dead)
+    try:
+        bad = frame_payload("bad-1", "cam-1", seq=1)
+        items = [(topics.frames("cam-1"), frame_payload(f"ok{i}", "cam-1", seq=i)) for i in range(4)]
+        publish_all(broker.host, broker.port, items[:2] + [(topics.frames("cam-1"), bad)] + items[2:])
+        wait_for(lambda: frame_acks(ing) == 5, 10, what="all 5 acknowledged")
+        h = ing.health()
+        assert store.count_frames() == 4 and store.get_frame("bad-1") is None
+        assert h["rejected"]["store_error"] == 1 and h["duplicates"] == 0 and h["dead_lettered"] == 1
+        kept = sorted(dead.glob("*.frame"))
+        assert len(kept) == 1 and kept[0].read_bytes() == bad
+        meta = json.loads(kept[0].with_suffix(".json").read_text())
+        assert meta["reason"] == "store_error" and "bad-1" in meta["detail"]
+    finally:
+        ing.stop()
+
+
+def test_a_lone_refused_frame_is_given_up_only_after_a_probe_write_succeeds(
+        broker: Any, store: SqliteStore, group: str, tmp_path: Path) -> None:
+    """Every frame of the batch refused: maybe the store is broken as a whole, so it is retried
+    POISON_ATTEMPTS times; then a probe write tells: it succeeds, so the frame goes to the dead letters."""
+    flaky = FlakyStore(store)
+    flaky.refuse = {"lone"}
+    ing = make_ingest(broker, flaky, group, dead_letter=tmp_path / "dead")
+    try:
+        publish_all(broker.host, broker.port, [(topics.frames("cam-1"), frame_payload("lone", "cam-1"))])
+        wait_for(lambda: frame_acks(ing) == 1, 10, what="the lone frame acknowledged")
+        h = ing.health()
+        assert h["store_retries"] == POISON_ATTEMPTS - 1 and h["rejected"]["store_error"] == 1
+        assert len(list((tmp_path / "dead").glob("*.frame"))) == 1 and store.count_frames() == 0
+    finally:
+        ing.stop()
+
+
+def test_without_a_dead_letter_folder_a_refused_frame_is_never_acknowledged(
+        broker: Any, store: SqliteStore, group: str) -> None:
+    flaky = FlakyStore(store)
+    flaky.refuse = {"keep-me"}
+    ing = make_ingest(broker, flaky, group)
+    try:
+        publish_all(broker.host, broker.port, [(topics.frames("cam-1"), frame_payload("keep-me", "cam-1"))])
+        wait_for(lambda: "dead-letter" in ing.health()["last_store_error"], 10, what="paused on the frame")
+        h = ing.health()
+        assert h["paused"] and frame_acks(ing) == 0 and store.count_frames() == 0
+        assert h["rejected"]["store_error"] == 0  # not given up on, so not counted either
+    finally:
+        ing.stop()
+
+
+def test_a_frame_id_of_another_device_is_a_conflict_not_a_duplicate(
+        broker: Any, store: SqliteStore, group: str, tmp_path: Path) -> None:
+    """Frame ids are predictable ({device}-{boot}-{seq}): a frame from cam-2 reusing cam-1's id must
+    not pass as a redelivery of cam-1's frame."""
+    ing = make_ingest(broker, store, group, dead_letter=tmp_path / "dead")
+    try:
+        publish_all(broker.host, broker.port, [(topics.frames("cam-1"), frame_payload("cam-1-0-1", "cam-1"))])
+        wait_for(lambda: store.count_frames() == 1, 10, what="cam-1's frame")
+        forged = frame_payload("cam-1-0-1", "cam-2", seq=9)
+        publish_all(broker.host, broker.port, [(topics.frames("cam-2"), forged)])
+        h = wait_for(lambda: (lambda h: h if h["rejected"]["frame_id_conflict"] else None)(ing.health()), 10,
+                     what="conflict counted")
+        assert h["duplicates"] == 0 and h["dead_lettered"] == 1
+        got = store.get_frame("cam-1-0-1")
+        assert got is not None and got.device_id == "cam-1" and got.sequence == 0
+        assert [p.read_bytes() for p in (tmp_path / "dead").glob("*.frame")] == [forged]
+    finally:
+        ing.stop()
+
+
+def test_last_seen_never_goes_backwards_or_into_the_future(broker_factory: Any, store: SqliteStore,
+                                                           group: str) -> None:
+    """The device's offline last-will carries the time it connected: it must not pull last_seen back.
+    A clock running ahead must not push it into the future either."""
+    broker = broker_factory()
+    ing = make_ingest(broker, store, group)
+    try:
+        now = int(time.time() * 1000)
+        online = kestrel_pb2.Status(device_id="cam-5", state="online", time_ms=now - 1000)
+        publish_all(broker.host, broker.port, [(topics.status("cam-5"), online.SerializeToString())])
+        d = wait_for(lambda: store.get_device("cam-5"), 10, what="cam-5 registered")
+        publish_all(broker.host, broker.port, [(topics.frames("cam-5"), frame_payload("s1", "cam-5"))])
+        wait_for(lambda: store.count_frames() == 1, 10, what="frame")
+        ahead = kestrel_pb2.Telemetry(device_id="cam-5", time_ms=now + 3_600_000)
+        publish_all(broker.host, broker.port, [(topics.telemetry("cam-5"), ahead.SerializeToString())], qos=0)
+        d = wait_for(lambda: (lambda d: d if d and d.last_telemetry else None)(store.get_device("cam-5")), 10,
+                     what="telemetry")
+        after_frame = d.last_seen_ms
+        assert now <= after_frame <= int(time.time() * 1000)  # received time, not the clock ahead
+        will = kestrel_pb2.Status(device_id="cam-5", state="offline", time_ms=now - 60_000)
+        publish_all(broker.host, broker.port, [(topics.status("cam-5"), will.SerializeToString())])
+        d = wait_for(lambda: (lambda d: d if d and d.state == "offline" else None)(store.get_device("cam-5")), 10,
+                     what="offline")
+        assert d.last_seen_ms == after_frame
+    finally:
+        ing.stop()
+
+
+def test_a_failing_on_stored_hook_neither_stops_nor_repeats_the_batch(broker: Any, store: SqliteStore,
+                                                                       group: str) -> None:
+    calls: List[int] = []
+
+    def hook(frames: List[FrameRecord]) -> None:
+        calls.append(len(frames))
+        raise RuntimeError("injected: dashboard push failed")
+
+    ing = Ingest(store, BrokerTarget(broker.host, broker.port),
+                 MqttSection(share_group=group, retry_initial_s=0.05), f"hub-{uuid.uuid4().hex[:8]}",
+                 on_stored=hook).start()
+    try:
+        assert ing.wait_subscribed(10)
+        publish_all(broker.host, broker.port,
+                    [(topics.frames("cam-1"), frame_payload(f"h{i}", "cam-1", seq=i)) for i in range(3)])
+        wait_for(lambda: frame_acks(ing) == 3, 10, what="3 acks")
+        h = ing.health()
+        assert sum(calls) == 3 and h["stored"] == 3 and h["duplicates"] == 0 and h["store_retries"] == 0
+    finally:
+        ing.stop()
+
+
+def test_qos0_backlog_is_bounded_and_counted(tmp_path: Path) -> None:
+    """While the commit thread waits for the store, telemetry (QoS 0, no broker window) must not grow
+    the in-memory queue without bound: past queue_max_qos0 it is dropped and counted. QoS 1 is kept."""
+    store = SqliteStore(tmp_path / "q.db")
+    ing = Ingest(store, BrokerTarget("127.0.0.1", 1), MqttSection(queue_max_qos0=5), "qos0-bound")
+    try:
+        class Msg:
+            def __init__(self, mid: int, qos: int, topic: str) -> None:
+                self.mid, self.qos, self.topic, self.payload = mid, qos, topic, b"x"
+
+        for i in range(12):  # not started: nothing drains the queue
+            ing._on_message(ing.client, None, Msg(i, 0, topics.telemetry("cam-1")))  # type: ignore[arg-type]
+        ing._on_message(ing.client, None, Msg(99, 1, topics.frames("cam-1")))  # type: ignore[arg-type]
+        assert ing._queue.qsize() == 6 and ing.health()["dropped_qos0"] == 7
+        assert ing.health()["threads_alive"] is False  # not started: /healthz would say so
+    finally:
         store.close()

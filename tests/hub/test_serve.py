@@ -126,3 +126,70 @@ def test_healthz_is_503_when_unhealthy_and_metrics_render(tmp_path: Path) -> Non
         assert get(f"http://127.0.0.1:{srv.port}/nope")[0] == 404
     finally:
         srv.stop()
+
+
+def test_embedded_broker_port_and_client_id_survive_a_restart(tmp_path: Path) -> None:
+    """Devices configured with the embedded broker's port reconnect after a hub restart, and the hub's
+    MQTT session (client id) is the same one: generated once, kept in data_dir, not the hostname."""
+    data = tmp_path / "hub"
+    cfg = write_config(tmp_path / "hub.toml", data)
+    hub = HubProcess(cfg, data, tmp_path / "hub.log").start()
+    first = dict(hub.info)
+    assert hub.stop() == 0
+    assert (data / "mqtt-client-id").read_text().strip() == first["client_id"]
+    hub = HubProcess(cfg, data, tmp_path / "hub.log").start()
+    try:
+        assert hub.info["mqtt_port"] == first["mqtt_port"] and hub.info["client_id"] == first["client_id"]
+        assert str(first["client_id"]).startswith("kestrel-hub-")
+    finally:
+        assert hub.stop() == 0
+
+
+def _busy_port() -> tuple:
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    return s, s.getsockname()[1]
+
+
+def test_busy_ports_and_missing_tls_files_are_one_line_errors(broker, tmp_path: Path) -> None:  # noqa: ANN001
+    holder, port = _busy_port()
+    try:
+        for section in ("grpc", "http"):
+            cfg = tmp_path / f"{section}.toml"
+            write_config(cfg, tmp_path / section, broker.host, broker.port)
+            text = cfg.read_text().replace(f"[{section}]\nport = 0", f"[{section}]\nport = {port}")
+            cfg.write_text(text)
+            r = run_cli("serve", "--config", str(cfg))
+            err = r.stderr.strip().splitlines()
+            assert r.returncode == 3, r.stderr[-2000:]
+            assert f"cannot listen for {section}" in err[-1].lower()
+            assert "Traceback" not in r.stderr and str(port) in err[-1]
+    finally:
+        holder.close()
+    tls = tmp_path / "tls.toml"
+    write_config(tls, tmp_path / "tls", "broker.example", 8883,
+                 extra_mqtt=f'tls = true\nca_file = "{tmp_path / "missing-ca.pem"}"')
+    r = run_cli("serve", "--config", str(tls), "--check-config")
+    assert r.returncode == 2 and "ca_file" in r.stderr and "missing-ca.pem" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_label_command_sets_validates_and_clears(tmp_path: Path) -> None:
+    from tests.hub.test_store_contract import rec
+
+    data = tmp_path / "hub"
+    cfg = write_config(tmp_path / "hub.toml", data, "127.0.0.1", 1883)
+    store = SqliteStore(data / "hub.db")
+    store.add_frame(rec("f-1"))
+    r = run_cli("label", "--config", str(cfg), "f-1", "cat", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["label"] == "cat" and store.get_frame("f-1").label == "cat"  # type: ignore[union-attr]
+    for args, why in ((["f-1", "../etc"], "invalid label"), (["nope", "cat"], "does not exist"),
+                      (["f-1"], "either a LABEL or --clear")):
+        r = run_cli("label", "--config", str(cfg), *args)
+        assert r.returncode == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_cli("label", "--config", str(cfg), "f-1", "--clear")
+    assert r.returncode == 0 and store.get_frame("f-1").label is None  # type: ignore[union-attr]
+    store.close()

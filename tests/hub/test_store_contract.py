@@ -22,6 +22,7 @@ from hub.store.base import FrameRecord, GroupDesired, ModelRecord, Store
 from hub.store.mongo import MongoStore
 from hub.store.open import open_store
 from hub.store.sqlite import SqliteStore
+from tests.helpers.wait import wait_for
 from tests.hub import jpeg
 
 MONGO_URI = os.environ.get("KESTREL_MONGODB_URI", "")
@@ -189,8 +190,20 @@ def test_large_image_roundtrip(store: Store) -> None:
     assert store.get_frame("big").image == big  # type: ignore[union-attr]
 
 
-def test_ping(store: Store) -> None:
-    store.ping()
+def test_ping_answers_and_the_store_still_works(store: Store) -> None:
+    assert store.ping() is None
+    assert store.add_frame(rec("after-ping")) is True and store.count_frames() == 1
+
+
+def test_touch_devices_only_raises_last_seen(store: Store) -> None:
+    store.upsert_device("d1", last_seen_ms=5000, state="online")
+    store.upsert_device("d2", last_seen_ms=100)
+    store.touch_devices({"d1": 3000, "d2": 200, "ghost": 999})
+    assert store.get_device("d1").last_seen_ms == 5000  # type: ignore[union-attr]  # not lowered
+    assert store.get_device("d2").last_seen_ms == 200  # type: ignore[union-attr]
+    assert store.get_device("d1").state == "online"  # type: ignore[union-attr]  # nothing else touched
+    assert store.get_device("ghost") is None  # not created
+    store.touch_devices({})
 
 
 # ---- MongoDB specifics (mongomock always, a real server with KESTREL_MONGODB_URI) ----
@@ -300,6 +313,66 @@ def test_sqlite_locked_database_is_unavailable(tmp_path) -> None:  # noqa: ANN00
         holder.close()
     assert s.add_frame(rec("z")) is True
     s.close()
+
+
+def test_sqlite_failed_commit_leaves_no_open_transaction(tmp_path) -> None:  # noqa: ANN001
+    """A COMMIT that fails (here: a deferred foreign-key check, as a full disk or an I/O error would)
+    must be rolled back; else every later write on that connection fails with "cannot start a
+    transaction within a transaction"."""
+    s = SqliteStore(tmp_path / "c.db")
+    s._run("setup", lambda c: c.executescript(
+        "PRAGMA foreign_keys = ON; CREATE TEMP TABLE p (id INTEGER PRIMARY KEY);"
+        "CREATE TEMP TABLE ch (pid INTEGER REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED);"))
+    with pytest.raises(StoreError, match="FOREIGN KEY"):
+        s._write("orphan", lambda c: c.execute("INSERT INTO ch VALUES (42)"))
+    assert not s._conn().in_transaction
+    assert s.add_frame(rec("next")) is True and s.count_frames() == 1
+    s.close()
+
+
+def test_sqlite_durability_settings(tmp_path) -> None:  # noqa: ANN001
+    """FULL by default (an acknowledged frame survives a power loss), NORMAL only when asked for;
+    64 KiB pages for a new file; checkpoints off the commit path."""
+    safe = SqliteStore(tmp_path / "safe.db")
+    pragma = lambda st, name: st._run(name, lambda c: c.execute(f"PRAGMA {name}").fetchone()[0])  # noqa: E731
+    assert pragma(safe, "synchronous") == 2  # FULL
+    assert pragma(safe, "page_size") == 65536 and pragma(safe, "wal_autocheckpoint") == 0
+    fast = open_store(f"sqlite:///{tmp_path / 'fast.db'}", sqlite_synchronous="NORMAL")
+    assert pragma(fast, "synchronous") == 1
+    with pytest.raises(StoreError, match="synchronous"):
+        SqliteStore(tmp_path / "x.db", synchronous="OFF")
+    own = SqliteStore(tmp_path / "own.db", checkpoint_interval_s=0)  # SQLite's own checkpoints
+    assert pragma(own, "wal_autocheckpoint") == 1000
+    for st in (safe, fast, own):
+        st.close()
+
+
+def test_sqlite_checkpoints_keep_the_wal_bounded(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Under continuous writes a PASSIVE checkpoint never catches up by itself; past WAL_RESET_BYTES the
+    checkpointer finishes the copy while holding this process's writers, so the next commit restarts
+    the WAL from its beginning (a few pages) instead of appending for ever."""
+    import hub.store.sqlite as sq
+    monkeypatch.setattr(sq, "WAL_RESET_BYTES", 1024 * 1024)
+    s = SqliteStore(tmp_path / "w.db", checkpoint_interval_s=3600)  # checkpoints only when we say
+    image = os.urandom(50 * 1024)
+    for i in range(40):  # ~2 MB of WAL
+        s.add_frame(rec(f"w{i}", t=i, image=image))
+    frames_before, _ = s.checkpoint_once()
+    assert frames_before >= 40
+    assert s.checkpoint_catchups == 1
+    s.add_frame(rec("after", t=99, image=image))
+    frames_after, done = s.checkpoint_once()
+    assert frames_after < 15 and done == frames_after  # restarted at the beginning (one frame: a few pages)
+    assert s.count_frames() == 41
+    s.close()
+
+
+def test_sqlite_background_checkpointer_runs(tmp_path) -> None:  # noqa: ANN001
+    s = SqliteStore(tmp_path / "b.db", checkpoint_interval_s=0.02)
+    s.add_frame(rec("b1"))
+    wait_for(lambda: s.checkpoints >= 2, 10, what="background checkpoints")
+    s.close()
+    assert s._checkpointer is not None and not s._checkpointer.is_alive()
 
 
 def test_sqlite_indexes_exist(tmp_path) -> None:  # noqa: ANN001
