@@ -260,6 +260,10 @@ def cmd_push_model(args: argparse.Namespace) -> int:
 
         man = read_manifest_unverified(data)
         name, version = man.model_name, man.version
+        if args.version is not None and args.version != version:
+            raise ArtifactError(f"--version {args.version} (VERSION=) does not match the bundle {args.bundle}, "
+                                f"which is {name} version {version}: leave VERSION out with BUNDLE, or "
+                                "package the run again with that version")
     else:
         rundir = Path(args.run) if args.run else latest_run()
         _load_key_early(args.key)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -133,15 +132,33 @@ def test_push_and_push_model_deploy_to_a_real_hub(bundle_run, tmp_path, broker, 
         assert "pushed kestrel-classifier v3" in text and "deployed kestrel-classifier v3 to cameras" in text
         assert sorted(r.version for r in registry.list_models("kestrel-classifier")) == [2, 3]
         assert published and "cameras" in published[-1]
-        # A tampered bundle is refused by the hub: a clear one-line gRPC error, exit 3.
+        # A tampered bundle is refused by the hub: a clear one-line error, exit 2 (bad input, not
+        # "unreachable": pushing it again will not help).
         data = bytearray(out.read_bytes())
         model = (rundir / "optimize" / "pruned_int8.tflite").read_bytes()
         data[data.find(model[:64]) + len(model) // 2] ^= 0xFF       # one bit-flip inside the signed model
         (tmp_path / "bad.kbundle").write_bytes(bytes(data))
         rc = main(["push", str(tmp_path / "bad.kbundle"), "--hub", hub, "--no-progress"])
         err = capsys.readouterr().err.strip().splitlines()
-        assert rc == 3 and len(err) == 1 and "PushModel at hub" in err[0], err
-        print(err[0], file=sys.stderr)
+        assert rc == 2 and len(err) == 1 and "hub refused (INVALID_ARGUMENT)" in err[0], err
+        assert sorted(r.version for r in registry.list_models("kestrel-classifier")) == [2, 3]
+        # The make target with BUNDLE=: VERSION= must agree with the bundle's manifest ...
+        make = ["make", "-s", "--no-print-directory", "-o", "setup", "push-model"]
+        proc = subprocess.run(make + [f"BUNDLE={out}", f"HUB={hub}", "VERSION=9"], cwd=str(REPO),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "does not match the bundle" in proc.stderr, proc.stderr[-2000:]
+        # ... and pushes and deploys the given bundle as it is.
+        v4 = tmp_path / "model-v4.kbundle"
+        assert main(["package", str(rundir), "--key", str(key), "--version", "4", "--out", str(v4),
+                     "--no-progress"]) == 0
+        proc = subprocess.run(make + [f"BUNDLE={v4}", f"HUB={hub}", "VERSION=4", "DEPLOY=device:cam-9"],
+                              cwd=str(REPO), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "pushed kestrel-classifier v4" in proc.stdout and "deployed kestrel-classifier v4" in proc.stdout
+        assert sorted(r.version for r in registry.list_models("kestrel-classifier")) == [2, 3, 4]
+        assert published[-1].endswith("/devices/cam-9/desired")
+        # An unreachable hub is a transport error: exit 3.
+        assert main(["push", str(v4), "--hub", "127.0.0.1:1", "--no-progress"]) == 3
     finally:
         server.stop(0)
         client.loop_stop()
