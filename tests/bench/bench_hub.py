@@ -5,18 +5,22 @@ directory with its embedded Mosquitto (the embedded default: a fresh broker, so 
 earlier phase is subscribed and nothing is queued for it). The hub's config is the default one
 except for ephemeral ports; ``KESTREL_BENCH_HUB_SYNC`` picks ``[store] sqlite_synchronous``.
 
-1. Throughput (live): THROUGHPUT_FRAMES frames are published as fast as the broker takes them while
+1. Throughput (live; then once more with ``sqlite_synchronous = "NORMAL"`` for comparison):
+   THROUGHPUT_FRAMES frames are published as fast as the broker takes them while
    the hub and a bare ``mosquitto_sub -q 1`` (clean session, prints one line per message) drain the
-   same stream. Figures: frames/s of each from the first publish to the last frame stored (hub:
-   ``stored`` in /healthz) or received (mosquitto_sub), their ratio (target >= 0.8), and the hub's
-   CPU per frame.
+   same stream. Figures: frames/s of each from the first publish to the last frame committed (seen
+   in the hub's SQLite file by a reader in this process) or received (mosquitto_sub), their ratio
+   (target >= 0.8), CPU ms per frame of the hub, its broker, the publisher and mosquitto_sub, and
+   how busy the whole machine was (1.0 = every core; other work on the machine shows here).
 2. Latency: LAT_DEVICES devices x LAT_FPS frames/s for LAT_SECONDS, paced, from a publisher
    subprocess; a reader in this process polls the hub's SQLite file (``PRAGMA data_version``, then
    the new rows) so publish -> committed and visible to another process is measured per frame on
    one clock. Figures: p50/p95/max ms (target p95 < 50 ms).
 
 Run alone: ``.venv/bin/python -m tests.bench.run --out /tmp/bench-hub --only bench_hub``.
-Profiling: ``KESTREL_BENCH_HUB_PYSPY=/path/to/py-spy`` records the hub's stacks per phase (collapsed, <phase>.txt).
+Knobs: ``KESTREL_BENCH_HUB_FRAMES`` (3000), ``KESTREL_BENCH_HUB_SECONDS`` (10), ``KESTREL_BENCH_HUB_MQTT``
+(extra ``[mqtt]`` lines). Profiling: ``KESTREL_BENCH_HUB_PYSPY=/path/to/py-spy`` records the hub's
+stacks per phase (collapsed, ``<phase>.txt``; ``KESTREL_BENCH_HUB_PYSPY_ARGS=--gil`` etc.).
 """
 
 from __future__ import annotations
@@ -165,13 +169,14 @@ def _cpu_s(pid: int) -> float:
 class Hub:
     """A fresh ``kestrel-hub serve`` with its embedded broker on a fresh data dir."""
 
-    def __init__(self, out_dir: Path, name: str) -> None:
+    def __init__(self, out_dir: Path, name: str, sync: str = "") -> None:
         self.data = out_dir / name
         if self.data.exists():
             shutil.rmtree(self.data)
         self.data.mkdir(parents=True)
         cfg = out_dir / f"{name}.toml"
-        store = f'[store]\nsqlite_synchronous = "{SYNC}"\n' if SYNC else ""
+        sync = sync or SYNC
+        store = f'[store]\nsqlite_synchronous = "{sync}"\n' if sync else ""
         mqtt = f'[mqtt]\n{MQTT_EXTRA}\n' if MQTT_EXTRA else ""
         cfg.write_text(f'[hub]\ndata_dir = "{self.data}"\n{store}{mqtt}[grpc]\nport = 0\n[http]\nport = 0\n')
         self.log = open(out_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
@@ -249,9 +254,9 @@ class SubCounter:
         _stop(self.proc)
 
 
-def bench_throughput(out_dir: Path) -> Dict[str, Any]:
+def bench_throughput(out_dir: Path, sync: str = "") -> Dict[str, Any]:
     n = THROUGHPUT_FRAMES
-    hub = Hub(out_dir, "hub-throughput")
+    hub = Hub(out_dir, f"hub-throughput{'-' + sync.lower() if sync else ''}", sync)
     sub = SubCounter(hub.host, hub.port)
     watcher: Optional[StoreWatcher] = None
     try:
@@ -365,6 +370,8 @@ def main(out_dir: Path) -> Dict[str, Any]:
                               "load_avg_1m_before": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
     result["throughput"] = bench_throughput(out_dir)
     result["latency"] = bench_latency(out_dir)
+    if not SYNC:  # the same stream with the faster, less durable setting, for comparison (docs/hub.md)
+        result["throughput_sqlite_normal"] = bench_throughput(out_dir, "NORMAL")
     result["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     (out_dir / "bench_hub.json").write_text(json.dumps(result, indent=2))
     return result
