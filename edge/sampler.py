@@ -33,7 +33,7 @@ import numpy as np
 
 from edge import atomic
 from edge.config import SamplerConfig
-from edge.phash import dhash, hamming
+from edge.phash import dhash, popcount
 from proto import kestrel_pb2
 
 log = logging.getLogger(__name__)
@@ -175,14 +175,11 @@ class RateLimiter:
         if not self.limits:
             return True
         now = self.clock()
+        events = self._events  # oldest first, in clock order
+        n = len(events)
         for window, limit in self.limits:
-            # count events within the window, newest first
-            recent = 0
-            for t in reversed(self._events):
-                if now - t >= window or recent >= limit:
-                    break
-                recent += 1
-            if recent >= limit:
+            # full when the limit-th most recent event is still inside the window
+            if n >= limit and now - events[-limit] < window:
                 return False
         return True
 
@@ -205,7 +202,8 @@ class DuplicateFilter:
         now = self.clock()
         while self._recent and now - self._recent[0][0] > self.window_s:
             self._recent.popleft()
-        return any(hamming(h, old) <= self.distance for _, old in self._recent)
+        limit = self.distance
+        return any(popcount(h ^ old) <= limit for _, old in self._recent)
 
     def remember(self, h: int) -> None:
         self._recent.append((self.clock(), h))

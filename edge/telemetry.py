@@ -230,6 +230,12 @@ class TelemetryService:
                   int(getattr(pub, "oversize_refused", 0)))
             t.add("kestrel_edge_spool_corrupt_total", "counter", "Damaged spool records skipped.",
                   int(pub.spool.corrupt))
+            t.add("kestrel_edge_frames_dead_lettered_total", "counter",
+                  "Frames set aside in spool/dead because the broker kept refusing them.",
+                  int(getattr(pub, "dead_letters", 0)))
+            t.add("kestrel_edge_spool_write_failed_total", "counter",
+                  "Sampled frames lost because the spool could not be written (disk full, read-only).",
+                  int(getattr(pub, "spool_write_failed", 0)))
             t.add("kestrel_edge_telemetry_dropped_total", "counter", "Telemetry messages dropped offline.",
                   int(getattr(pub, "telemetry_dropped", 0)))
         model = snap["model"]

@@ -138,6 +138,8 @@ def test_metrics_endpoint_serves_prometheus_text(broker, tmp_path: Path) -> None
         assert int(m["kestrel_edge_spool_bytes"]) == pub.spool_stats()[0] > 100
         assert m["kestrel_edge_spool_evictions_total"] == "0"
         assert m["kestrel_edge_spool_corrupt_total"] == "0"
+        assert m["kestrel_edge_frames_dead_lettered_total"] == "0"
+        assert m["kestrel_edge_spool_write_failed_total"] == "0"
         assert m["kestrel_edge_mqtt_connected"] == "0"
         assert m['kestrel_edge_model_info{name="cam \\"A\\"",sha256="ff",version="3"}'] == "1"
         with pytest.raises(urllib.error.HTTPError) as err:
