@@ -1,8 +1,9 @@
 """64-bit perceptual hashes for near-duplicate suppression.
 
-``dhash``: shrunk to 9x8 grey (bilinear to 36x32, then area average), one bit per horizontal
-neighbour comparison (fast, robust to brightness/colour changes and JPEG noise). ``phash``: grey 32x32, DCT, the 8x8 low frequencies
-compared with their median. Both return a Python int in 0..2**64-1; compare with :func:`hamming`.
+``dhash``: shrunk to 9x8 grey (bilinear to 36x32, then area average), one bit per
+horizontal neighbour comparison (fast, robust to brightness/colour changes and JPEG noise).
+``phash``: grey 32x32, DCT, the 8x8 low frequencies compared with their median. Both return a
+Python int in 0..2**64-1; compare with :func:`hamming`.
 """
 
 from __future__ import annotations

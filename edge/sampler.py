@@ -177,11 +177,8 @@ class RateLimiter:
         now = self.clock()
         events = self._events  # oldest first, in clock order
         n = len(events)
-        for window, limit in self.limits:
-            # full when the limit-th most recent event is still inside the window
-            if n >= limit and now - events[-limit] < window:
-                return False
-        return True
+        # a window is full when its limit-th most recent event is still inside it
+        return all(n < limit or now - events[-limit] >= window for window, limit in self.limits)
 
 
 class DuplicateFilter:
