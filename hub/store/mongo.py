@@ -36,7 +36,8 @@ def _wrapped(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (perr.AutoReconnect, perr.ServerSelectionTimeoutError, perr.NetworkTimeout,
-                perr.ConnectionFailure, perr.ExecutionTimeout, perr.WTimeoutError) as exc:
+                perr.ConnectionFailure, perr.ExecutionTimeout, perr.WTimeoutError,
+                perr.WriteConcernError) as exc:  # majority + journal not confirmed: not durable yet
             raise StoreUnavailable(f"MongoDB unavailable during {fn.__name__}: {exc}") from exc
         except (perr.PyMongoError, BSONError) as exc:
             raise StoreError(f"MongoDB error during {fn.__name__}: {exc}") from exc
@@ -144,6 +145,11 @@ class MongoStore(Store):
             self.frames.insert_many(docs, ordered=False)
             return [True] * len(frames)
         except BulkWriteError as exc:
+            if exc.details.get("writeConcernErrors"):
+                # written on the primary but not (yet) journaled on a majority: not durable, so not
+                # "stored"; the retry finds the ones that made it as duplicates
+                raise StoreUnavailable("MongoDB could not confirm the write concern for a batch of frames: "
+                                       f"{exc.details['writeConcernErrors'][0].get('errmsg')}") from exc
             dup_idx = {e["index"] for e in exc.details.get("writeErrors", []) if e.get("code") == 11000}
             other = [e for e in exc.details.get("writeErrors", []) if e.get("code") != 11000]
             if other:

@@ -265,6 +265,22 @@ def test_mongo_unencodable_values_are_store_errors(mongo_store: MongoStore) -> N
     assert mongo_store.get_device("cam-1") is None
 
 
+def test_mongo_write_concern_error_is_not_a_stored_batch(mongo_store: MongoStore,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server took the documents but could not confirm majority + journal: the batch must not be
+    reported as stored (the ingest would acknowledge frames that a failover can lose). pymongo reports
+    it as a BulkWriteError with writeConcernErrors; no replica set runs here, so the error is injected."""
+    from pymongo.errors import BulkWriteError
+
+    def insert_many(docs, ordered=True):  # noqa: ANN001, ANN202
+        raise BulkWriteError({"writeErrors": [], "nInserted": len(docs),
+                              "writeConcernErrors": [{"code": 64, "errmsg": "waiting for replication timed out"}]})
+
+    monkeypatch.setattr(mongo_store.frames, "insert_many", insert_many)
+    with pytest.raises(StoreUnavailable, match="write concern"):
+        mongo_store.add_frames([rec("wc1"), rec("wc2")])
+
+
 def test_mongo_from_client_uses_the_given_database() -> None:
     s = mongomock_store()
     s.add_model(ModelRecord("m", 1, "a" * 64, 1, 1))
