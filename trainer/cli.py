@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from edge.errors import ArtifactError, KestrelError, TransportError
+from trainer.config import ARCHS
 
 # flag dest -> config field
 OVERRIDES: Dict[str, str] = {
@@ -24,7 +25,8 @@ OVERRIDES: Dict[str, str] = {
     "channels": "model.channels", "width": "model.width", "weights": "model.weights",
     "normalization": "model.normalization", "epochs": "train.epochs", "batch_size": "train.batch_size",
     "learning_rate": "train.learning_rate", "folds": "train.folds", "cv_epochs": "train.cv_epochs",
-    "augment": "train.augment", "flip": "train.flip", "sparsity": "optimize.sparsity",
+    "augment": "train.augment", "flip": "train.flip", "head_epochs": "train.head_epochs",
+    "sparsity": "optimize.sparsity", "latency_budget_ms": "gate.latency_budget_ms",
     "prune_epochs": "optimize.prune_epochs", "qat": "optimize.qat", "io_dtype": "optimize.io_dtype",
     "max_accuracy_drop": "gate.max_accuracy_drop", "model_name": "gate.model_name",
 }
@@ -36,7 +38,10 @@ RUNS_DIR = "runs"
 def _quiet() -> None:
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    warnings.filterwarnings("ignore")
+    # Silence the ML libraries' own chatter (deprecations, h5 "legacy format" notes), not everything:
+    # our data checks raise errors rather than relying on library warnings being seen.
+    warnings.filterwarnings("ignore", module=r"(tensorflow|tf_keras|keras|tensorflow_model_optimization|absl|h5py)")
+    warnings.filterwarnings("ignore", message=r".*(HDF5|legacy|quantized inputs).*")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
         import absl.logging
@@ -61,7 +66,7 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--phash-distance", type=int)
     g.add_argument("--test-fraction", type=float)
     g.add_argument("--seed", type=int)
-    g.add_argument("--arch", choices=["small_cnn", "mobilenet_v2", "mobilenet_v3_small"])
+    g.add_argument("--arch", choices=list(ARCHS))
     g.add_argument("--input-size", type=int)
     g.add_argument("--alpha", type=float)
     g.add_argument("--channels", type=int, choices=[1, 3])
@@ -75,12 +80,15 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cv-epochs", type=int)
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--head-epochs", type=int, help="transfer learning: frozen-backbone epochs before fine-tuning")
     g.add_argument("--sparsity", type=float)
     g.add_argument("--prune-epochs", type=int)
     g.add_argument("--qat", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--io-dtype", choices=["uint8", "int8"])
     g.add_argument("--max-accuracy-drop", type=float, help="gate tolerance in accuracy points (default 1.0)")
     g.add_argument("--model-name")
+    g.add_argument("--latency-budget-ms", type=float,
+                   help="self-test latency budget recorded in the bundle (default 0 = none: the device decides)")
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -141,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("config-doc", help="print the documented config reference")
     for sp in sub.choices.values():
         sp.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+        sp.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     return p
 
 
@@ -157,9 +166,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from trainer.models import check_weights
 
     cfg = _config(args)
+    rundir = Path(args.out)
+    bundle_out = Path(args.bundle or rundir / f"model-v{args.version}.kbundle")
+    # Everything that can be wrong with the input is checked before ingest and training start.
+    if args.version < 1:
+        raise ArtifactError(f"--version must be >= 1 (bundle versions are monotonic from 1), got {args.version}")
+    pipeline.check_writable_dir(rundir, "--out")
+    if args.key:
+        pipeline.check_writable_dir(bundle_out.parent, "--bundle folder")
     _load_key_early(args.key)             # loose permissions -> error before any long work
     check_weights(cfg.model)              # wrong architecture -> error before any long work
-    rundir = Path(args.out)
     prog = _progress(args)
     rep = pipeline.ingest(rundir, args.data, cfg, prog)
     print(f"ingest: kept {rep['kept']} of {rep['seen']} ({rep['dropped_by_reason'] or 'nothing dropped'}); "
@@ -176,12 +192,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name, st in ev["stages"].items():
         print(f"  {name:13s} accuracy {st['accuracy']:.4f}  {st['bytes']:9d} B  gzip {st['gzip_bytes']:9d} B  "
               f"{st['latency']['median_ms']:.3f} ms")
+    for w in ev.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
     html = pipeline.report(rundir)
     print(f"report: {html}")
     enforce_gate(ev["gate"])
     if args.key:
-        out = Path(args.bundle or rundir / f"model-v{args.version}.kbundle")
-        res = pipeline.package(rundir, args.key, args.version, out)
+        res = pipeline.package(rundir, args.key, args.version, bundle_out)
         print(f"bundle: {res['bundle']} ({res['bytes']} bytes, version {res['version']})")
     return 0
 
@@ -191,6 +208,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     rep = pipeline.ingest(Path(args.out), args.data, _config(args), _progress(args))
     print(f"ingest: kept {rep['kept']} of {rep['seen']}; dropped {rep['dropped_by_reason']}; split {rep['split']}")
+    for w in rep.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
     return 0
 
 
@@ -205,9 +224,14 @@ def cmd_stage(args: argparse.Namespace) -> int:
         return 0
     res = getattr(pipeline, args.command)(rundir, _progress(args))
     if args.command == "evaluate":
+        from trainer.evaluate import enforce_gate
+
         g = res["gate"]
         print(f"gate {'passed' if g['passed'] else 'FAILED'}: int8 {g['int8_accuracy']:.4f} vs float "
               f"{g['float_accuracy']:.4f} (drop {g['drop_points']:.2f} points, allowed {g['max_drop_points']})")
+        for w in res.get("warnings", []):
+            print(f"warning: {w}", file=sys.stderr)
+        enforce_gate(g)                   # exit 2 like `run`: the results are written, packaging will refuse
     return 0
 
 
@@ -319,3 +343,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"kestrel-train {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:                # disk full, permissions, a path that is a file ...
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"kestrel-train {args.command}: error: cannot access{where}: {exc.strerror or exc}; check the "
+              "path, its permissions and free space", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if getattr(args, "debug", False):
+            raise
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        print(f"kestrel-train {args.command}: error: unexpected {type(exc).__name__}: {first} "
+              "(a bug: rerun with --debug for the traceback and report it)", file=sys.stderr)
+        return 1

@@ -18,7 +18,8 @@ from typing import Any, Dict, Optional
 
 from edge.tomlconf import describe, field, load
 
-ARCHS = ("small_cnn", "mobilenet_v2", "mobilenet_v3_small")
+ARCHS = ("small_cnn", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
+MOBILENET_V3 = ("mobilenet_v3_small", "mobilenet_v3_large")
 IO_DTYPES = ("uint8", "int8")
 
 
@@ -38,6 +39,8 @@ class DataConfig:
             raise ValueError("phash_distance must be 0..64")
         if not 0.05 <= self.test_fraction <= 0.5:
             raise ValueError("test_fraction must be between 0.05 and 0.5")
+        if self.seed < 0:
+            raise ValueError("seed must be >= 0")
 
 
 @dataclasses.dataclass
@@ -45,7 +48,8 @@ class ModelConfig:
     arch: str = field("small_cnn", doc=f"Network: one of {', '.join(ARCHS)}. small_cnn suits tiny data sets.")
     input_size: int = field(32, doc="Model input height = width in pixels.")
     channels: int = field(3, doc="Input channels: 3 (colour) or 1 (grey; small_cnn only).")
-    alpha: float = field(0.35, doc="Width multiplier of MobileNetV2/V3Small.")
+    alpha: float = field(0.35, doc="Width multiplier of the MobileNets (ImageNet weights exist for V2: 0.35, 0.5, "
+                         "0.75, 1.0, 1.3, 1.4; V3: 0.75, 1.0).")
     width: int = field(16, doc="Filters of the first small_cnn block (doubled per block).")
     weights: str = field("", doc="Path of a Keras ImageNet weights file (.h5) for the MobileNet backbone; "
                          "empty = train from scratch. Must match arch, alpha and input size.")
@@ -57,8 +61,12 @@ class ModelConfig:
     def validate(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        if self.input_size < 8:
-            raise ValueError("input_size must be >= 8")
+        if not 8 <= self.input_size <= 1024:
+            raise ValueError("input_size must be 8..1024")
+        if not 0.0 < self.alpha <= 2.0:
+            raise ValueError("alpha must be > 0 and <= 2")
+        if not 1 <= self.width <= 512:
+            raise ValueError("width must be 1..512")
         if self.channels not in (1, 3):
             raise ValueError("channels must be 1 or 3")
         if self.channels == 1 and self.arch != "small_cnn":
@@ -72,11 +80,18 @@ class ModelConfig:
                                      ("resize", self.resize, RESIZES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.weights and self.arch == "small_cnn":
+            raise ValueError("weights is only for the MobileNet architectures; small_cnn trains from scratch")
+        if self.weights and self.normalization != "-1_1":
+            # Keras' ImageNet MobileNet weights were trained on p/127.5 - 1; 0..1 inputs silently cost accuracy.
+            raise ValueError(f"ImageNet weights expect normalization '-1_1' (pixels / 127.5 - 1), got "
+                             f"{self.normalization!r}: pass --normalization=-1_1")
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    epochs: int = field(10, doc="Training epochs of the final model (and of each cross-validation fold).")
+    epochs: int = field(10, doc="Training epochs of the final model (and of each cross-validation fold). With "
+                        "ImageNet weights: the fine-tuning epochs after the head_epochs.")
     batch_size: int = field(32, doc="Mini-batch size.")
     learning_rate: float = field(1e-3, doc="Adam learning rate.")
     folds: int = field(5, doc="k of the stratified k-fold cross-validation (0 or 1 = skip CV).")
@@ -86,12 +101,26 @@ class TrainConfig:
     crop: float = field(0.1, doc="Random crop: up to this share of each side is cut, then resized back.")
     brightness: float = field(0.15, doc="Random brightness shift, as a share of full scale.")
     contrast: float = field(0.15, doc="Random contrast factor range (1 +- contrast).")
+    head_epochs: int = field(3, doc="Transfer learning only (model.weights set): epochs training the new "
+                             "classifier head on the frozen backbone before fine-tuning everything.")
+    fine_tune_lr_scale: float = field(0.1, doc="Transfer learning only: the fine-tuning learning rate is "
+                                      "learning_rate x this (small, so the ImageNet features are not wiped out).")
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
-        if self.folds < 0:
-            raise ValueError("folds must be >= 0")
+        if not 0 <= self.folds <= 20:
+            raise ValueError("folds must be 0..20 (0 or 1 = skip cross-validation)")
+        if self.cv_epochs < 0 or self.head_epochs < 0:
+            raise ValueError("cv_epochs and head_epochs must be >= 0")
+        if not 0.0 < self.learning_rate < 1.0:
+            raise ValueError("learning_rate must be > 0 and < 1")
+        if not 0.0 < self.fine_tune_lr_scale <= 1.0:
+            raise ValueError("fine_tune_lr_scale must be > 0 and <= 1")
+        if not 0.0 <= self.crop <= 0.5:
+            raise ValueError("crop must be 0..0.5 (share of each side cut off)")
+        if not 0.0 <= self.brightness <= 1.0 or not 0.0 <= self.contrast <= 1.0:
+            raise ValueError("brightness and contrast must be 0..1")
 
 
 @dataclasses.dataclass
@@ -112,19 +141,45 @@ class OptimizeConfig:
             raise ValueError(f"io_dtype must be one of {IO_DTYPES}")
         if self.representative_samples < 1:
             raise ValueError("representative_samples must be >= 1")
+        if self.prune_epochs < 1 or self.qat_epochs < 1:
+            raise ValueError("prune_epochs and qat_epochs must be >= 1")
 
 
 @dataclasses.dataclass
 class GateConfig:
     max_accuracy_drop: float = field(1.0, doc="Packaging is refused when the int8 model's held-out accuracy is "
-                                     "more than this many percentage points below the float model's.")
-    self_test_cases: int = field(4, doc="Held-out inputs stored in the bundle as self-test cases.")
-    self_test_tolerance: float = field(0.02, doc="Max absolute score difference a device may show on self-test.")
-    latency_budget_ms: float = field(0.0, doc="Self-test latency budget per inference; 0 = 20 x measured here "
-                                     "(at least 50 ms).")
-    default_threshold: float = field(0.6, doc="Default confidence threshold recorded in the bundle.")
-    model_name: str = field("kestrel-classifier", doc="Model name recorded in the bundle.")
-    expires_in_days: float = field(365.0, doc="Bundle validity in days.")
+                                     "more than this many percentage points below the float model's. One test "
+                                     "image is worth 100 / n_test points: keep n_test >= 100 / this.")
+    self_test_cases: int = field(4, doc="Held-out inputs stored in the bundle as self-test cases (1..64; one per "
+                                 "class first).")
+    self_test_tolerance: float = field(0.02, doc="Max absolute score difference a device may show on self-test "
+                                       "(> 0 and <= 1).")
+    latency_budget_ms: float = field(0.0, doc="Self-test latency budget per inference recorded in the bundle; "
+                                     "0 = none (the device's own update.self_test_latency_ms decides). A "
+                                     "device uses the smaller of the two, so only set it for the slowest "
+                                     "device class you deploy to, never from a desktop measurement.")
+    default_threshold: float = field(0.6, doc="Default confidence threshold recorded in the bundle (0..1).")
+    model_name: str = field("kestrel-classifier", doc="Model name recorded in the bundle (1-64 of A-Z a-z 0-9 . _ -).")
+    expires_in_days: float = field(365.0, doc="Bundle validity in days (> 0, <= 3650).")
+
+    def validate(self) -> None:
+        from edge.bundle import valid_model_name
+
+        if not 0.0 <= self.max_accuracy_drop <= 100.0:
+            raise ValueError("max_accuracy_drop must be 0..100 accuracy points")
+        if not 1 <= self.self_test_cases <= 64:
+            raise ValueError("self_test_cases must be 1..64 (devices refuse a bundle without self-test cases)")
+        if not 0.0 < self.self_test_tolerance <= 1.0:
+            raise ValueError("self_test_tolerance must be > 0 and <= 1")
+        if self.latency_budget_ms < 0:
+            raise ValueError("latency_budget_ms must be >= 0 (0 = none: the device decides)")
+        if not 0.0 <= self.default_threshold <= 1.0:
+            raise ValueError("default_threshold must be 0..1")
+        if not valid_model_name(self.model_name):
+            raise ValueError(f"model_name {self.model_name!r} must be 1-64 characters of A-Z a-z 0-9 . _ - "
+                             "(starting with a letter or digit)")
+        if not 0.0 < self.expires_in_days <= 3650.0:
+            raise ValueError("expires_in_days must be > 0 and <= 3650")
 
 
 @dataclasses.dataclass
@@ -134,6 +189,12 @@ class Config:
     train: TrainConfig = field(factory=TrainConfig, doc="Training and cross-validation.")
     optimize: OptimizeConfig = field(factory=OptimizeConfig, doc="Pruning and int8 quantization.")
     gate: GateConfig = field(factory=GateConfig, doc="Evaluation gate and bundle contents.")
+
+    def validate(self) -> None:
+        if self.optimize.qat and self.model.arch in MOBILENET_V3:
+            # tfmot's quantize_apply cannot clone V3's hard-swish (TFOpLambda `x + 3.0`) layers.
+            raise ValueError(f"optimize.qat does not support {self.model.arch} (tfmot cannot rebuild its "
+                             "hard-swish layers): use post-training int8 (qat = false) or mobilenet_v2 / small_cnn")
 
 
 def load_config(path: Optional[str]) -> Config:

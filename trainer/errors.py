@@ -18,7 +18,11 @@ class GateError(ArtifactError):
 
 
 class RunDirError(ArtifactError):
-    """A run directory is missing a stage's output (run the earlier stage first)."""
+    """A run directory is missing a stage's output, or an output is stale (run the earlier stage first)."""
 
 
-__all__ = ["DataError", "WeightsError", "GateError", "RunDirError", "HubError"]
+class OptimizeError(ArtifactError):
+    """Pruning, QAT or TFLite conversion cannot handle this model."""
+
+
+__all__ = ["DataError", "WeightsError", "GateError", "RunDirError", "OptimizeError", "HubError"]

@@ -1,6 +1,7 @@
 """Reading images of any common mode (grey, RGBA, 16-bit, palette) into 8-bit BGR, strictly.
 
-Truncated files are detected with Pillow's full decode (OpenCV silently pads truncated JPEGs).
+Truncated files are detected with Pillow's full decode (OpenCV silently pads truncated JPEGs). The EXIF
+orientation tag is applied (a phone photo taken upright trains upright), as cameras' JPEGs rely on it.
 """
 
 from __future__ import annotations
@@ -19,22 +20,52 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTS
 
 
-def _pil_check(data: bytes) -> Optional[str]:
+EXIF_ORIENTATION = 0x0112
+
+
+def _pil_check(data: bytes) -> Tuple[Optional[str], int]:
+    """(problem or None, EXIF orientation 1..8; 1 = as stored)."""
     try:
         import io
 
         from PIL import Image, ImageFile
     except ImportError:  # pragma: no cover - Pillow comes with matplotlib
-        return None
+        return None, 1
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
+                try:
+                    orientation = int(im.getexif().get(EXIF_ORIENTATION, 1))
+                except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image
+                    orientation = 1
     except Exception as exc:  # noqa: BLE001 - any decoder failure means unreadable
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        return f"{type(exc).__name__}: {exc}", 1
+    return None, orientation if 1 <= orientation <= 8 else 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn a decoded array (rows x cols [x channels]) upright per the EXIF orientation tag (as Pillow's
+    ImageOps.exif_transpose does)."""
+    if orientation == 2:
+        out = img[:, ::-1]
+    elif orientation == 3:
+        out = img[::-1, ::-1]
+    elif orientation == 4:
+        out = img[::-1]
+    elif orientation == 5:
+        out = img.swapaxes(0, 1)
+    elif orientation == 6:
+        out = np.rot90(img, k=-1)
+    elif orientation == 7:
+        out = img[::-1, ::-1].swapaxes(0, 1)
+    elif orientation == 8:
+        out = np.rot90(img, k=1)
+    else:
+        out = img
+    return np.ascontiguousarray(out)
 
 
 def to_bgr8(img: np.ndarray) -> np.ndarray:
@@ -63,10 +94,11 @@ def read_image(path: Path) -> Tuple[Optional[np.ndarray], bytes, str]:
         return None, b"", f"cannot read: {exc.strerror}"
     if not data:
         return None, data, "empty file"
-    problem = _pil_check(data)
+    problem, orientation = _pil_check(data)
     if problem is not None:
         return None, data, f"corrupt or truncated ({problem})"
+    # IMREAD_UNCHANGED keeps 16-bit depth and alpha, and ignores EXIF orientation: applied below.
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None or arr.size == 0:
         return None, data, "OpenCV cannot decode it"
-    return to_bgr8(arr), data, ""
+    return apply_orientation(to_bgr8(arr), orientation), data, ""

@@ -3,12 +3,15 @@ the same plus an optional manifest.json) -> one cleaned, grouped, split data set
 
 Cleaning drops unreadable/truncated files, tiny images and exact duplicates (sha256 of the decoded
 pixels), and groups near duplicates (64-bit DCT perceptual hash within ``phash_distance`` bits) so a
-group always lands on one side of every split. Every drop is recorded with its reason.
+group always lands on one side of every split. Every drop is recorded with its reason; near duplicates
+filed under different classes are reported as label conflicts. Hidden files and folders (``.git``,
+``.ipynb_checkpoints`` ...) are skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +69,7 @@ def scan_sources(sources: Sequence[str]) -> Scan:
         classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         for cdir in classes:
             for f in sorted(cdir.rglob("*")):
-                if not f.is_file() or f.name.startswith("."):
+                if not f.is_file() or any(part.startswith(".") for part in f.relative_to(cdir).parts):
                     continue
                 if not is_image_name(f):
                     scan.dropped.append(Dropped(str(f), cdir.name, "not_an_image", f"extension {f.suffix!r}"))
@@ -88,6 +91,33 @@ def _popcount64(x: np.ndarray) -> np.ndarray:
     return np.unpackbits(b, axis=-1).sum(axis=-1)
 
 
+# Above this distance the pigeonhole chunks get too short to narrow anything: compare all pairs.
+MAX_BUCKETED_DISTANCE = 15
+
+
+def _candidate_blocks(h: np.ndarray, max_distance: int) -> List[np.ndarray]:
+    """Index sets whose members may be within max_distance bits of each other.
+
+    Pigeonhole: cut the 64 bits into max_distance + 1 chunks; two hashes differing in at most
+    max_distance bits agree exactly on at least one chunk. So only items sharing a chunk value are
+    compared: about n log n work on real data instead of n^2 (identical chunks, e.g. many blank
+    images, still compare within their bucket)."""
+    n = len(h)
+    if max_distance > MAX_BUCKETED_DISTANCE:
+        return [np.arange(n)]
+    bounds = np.linspace(0, 64, max_distance + 2).astype(int)
+    blocks = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        key = (h >> np.uint64(lo)) & np.uint64((1 << int(hi - lo)) - 1)
+        order = np.argsort(key, kind="stable")
+        ks = key[order]
+        cuts = np.nonzero(ks[1:] != ks[:-1])[0] + 1
+        for run in np.split(order, cuts):
+            if len(run) > 1:
+                blocks.append(run)
+    return blocks
+
+
 def near_duplicate_groups(hashes: Sequence[int], max_distance: int) -> List[int]:
     """Union-find groups of items whose hashes are within max_distance bits; returns a group id per item."""
     n = len(hashes)
@@ -100,14 +130,28 @@ def near_duplicate_groups(hashes: Sequence[int], max_distance: int) -> List[int]
         return i
 
     h = np.array(hashes, dtype=np.uint64)
-    for i in range(n - 1):
-        d = _popcount64(h[i + 1:] ^ h[i])
-        for j in np.nonzero(d <= max_distance)[0]:
-            a, b = find(i), find(i + 1 + int(j))
-            if a != b:
-                parent[b] = a
+    for block in _candidate_blocks(h, max_distance):
+        hb = h[block]
+        for k in range(len(block) - 1):
+            d = _popcount64(hb[k + 1:] ^ hb[k])
+            for j in np.nonzero(d <= max_distance)[0]:
+                a, b = find(int(block[k])), find(int(block[k + 1 + int(j)]))
+                if a != b:
+                    parent[b] = a
     roots: Dict[int, int] = {}
     return [roots.setdefault(find(i), len(roots)) for i in range(n)]
+
+
+def label_conflicts(groups: Sequence[int], labels: Sequence[str], paths: Sequence[str]) -> List[Dict[str, Any]]:
+    """Near-duplicate groups whose images are filed under more than one class (likely labelling mistakes)."""
+    by_group: Dict[int, List[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(int(g), []).append(i)
+    out = []
+    for g, idx in sorted(by_group.items()):
+        if len({labels[i] for i in idx}) > 1:
+            out.append({"group": g, "files": [{"path": paths[i], "label": labels[i]} for i in idx]})
+    return out
 
 
 @dataclass
@@ -118,9 +162,17 @@ class Dataset:
     class_names: List[str]
     paths: List[str]
 
-    def save(self, path: Path) -> None:
-        np.savez_compressed(path, images=self.images, labels=self.labels, groups=self.groups,
+    def to_bytes(self) -> bytes:
+        """The .npz bytes (written by the caller with edge.atomic)."""
+        buf = io.BytesIO()
+        np.savez_compressed(buf, images=self.images, labels=self.labels, groups=self.groups,
                             class_names=np.array(self.class_names), paths=np.array(self.paths))
+        return buf.getvalue()
+
+    def save(self, path: Path) -> None:
+        from edge.atomic import write_bytes
+
+        write_bytes(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: Path) -> Dataset:
@@ -176,6 +228,11 @@ def clean(scan: Scan, spec: InputSpec, min_side: int, phash_distance: int,
         raise DataError(f"after cleaning only {len(class_names)} class(es) with usable images remain "
                         f"({len(dropped)} files dropped; see the reasons above): need at least two")
     groups = near_duplicate_groups(hashes, phash_distance)
+    conflicts_near = label_conflicts(groups, [c.label for c in kept], [str(c.path) for c in kept])
+    warnings = list(scan.warnings)
+    if conflicts_near:
+        warnings.append(f"{len(conflicts_near)} near-duplicate group(s) hold images of different classes "
+                        "(see near_duplicate_label_conflicts): check those labels")
     labels = np.array([class_names.index(c.label) for c in kept], np.int64)
     ds = Dataset(np.stack(kept_imgs).astype(np.uint8), labels, np.array(groups, np.int64), class_names,
                  [str(c.path) for c in kept])
@@ -186,21 +243,23 @@ def clean(scan: Scan, spec: InputSpec, min_side: int, phash_distance: int,
     report = {
         "sources": sorted({c.source for c in scan.candidates}),
         "manifests": scan.manifests,
-        "warnings": scan.warnings,
+        "warnings": warnings,
         "seen": len(scan.candidates) + len(scan.dropped),
         "kept": len(kept),
         "classes": {name: int((labels == i).sum()) for i, name in enumerate(class_names)},
         "dropped_by_reason": reasons,
         "dropped": [d.__dict__ for d in dropped],
         "near_duplicate_groups": {"groups": n_groups, "images_in_shared_groups": int(len(kept) - n_groups)},
+        "near_duplicate_label_conflicts": conflicts_near[:200],
         "original_sizes": dict(sorted(modes.items(), key=lambda kv: -kv[1])[:20]),
     }
     return ds, report
 
 
 def check_enough(ds: Dataset, folds: int, min_per_class: Optional[int] = None) -> None:
-    """Each class needs enough independent groups for the test split and the k folds."""
-    need = max(2, folds if folds >= 2 else 2) if min_per_class is None else min_per_class
+    """Each class needs enough independent groups for the test split (>= 1) and the k folds (>= k on the
+    training side). A quick lower bound before splitting; trainer.split.check_split checks the real split."""
+    need = (folds + 1 if folds >= 2 else 2) if min_per_class is None else min_per_class
     for i, name in enumerate(ds.class_names):
         n = len(set(ds.groups[ds.labels == i].tolist()))
         if n < need:

@@ -1,5 +1,12 @@
-"""Networks: a small CNN (tiny data, tests, demo) and Keras MobileNetV2 / MobileNetV3Small (transfer
-learning from a local ImageNet weights file, or from scratch)."""
+"""Networks: a small CNN (tiny data, tests, demo) and Keras MobileNetV2 / MobileNetV3 Small / Large (transfer
+learning from a local ImageNet weights file, or from scratch).
+
+Every model is flat (the backbone's layers sit directly in the model, tfmot cannot prune nested models)
+and ends in the same head: ``dropout`` -> ``scores`` (Dense softmax). Transfer learning first trains
+the head on the frozen backbone (``freeze_backbone``), then fine-tunes with the BatchNormalization
+layers kept in inference mode (``unfreeze_for_fine_tuning``): small data sets would otherwise wreck the
+ImageNet statistics in the first steps.
+"""
 
 from __future__ import annotations
 
@@ -19,11 +26,12 @@ def _backbone(cfg: ModelConfig, input_tensor: Any = None) -> Any:
     if cfg.arch == "mobilenet_v2":
         return keras.applications.MobileNetV2(input_shape=shape, alpha=cfg.alpha, include_top=False,
                                               weights=None, pooling="avg", input_tensor=input_tensor)
-    if cfg.arch == "mobilenet_v3_small":
+    if cfg.arch in ("mobilenet_v3_small", "mobilenet_v3_large"):
         # include_preprocessing=False: normalization is ours (InputSpec), not a layer inside the model.
-        return keras.applications.MobileNetV3Small(input_shape=shape, alpha=cfg.alpha, include_top=False,
-                                                   weights=None, pooling="avg", minimalistic=False,
-                                                   include_preprocessing=False, input_tensor=input_tensor)
+        ctor = (keras.applications.MobileNetV3Small if cfg.arch == "mobilenet_v3_small"
+                else keras.applications.MobileNetV3Large)
+        return ctor(input_shape=shape, alpha=cfg.alpha, include_top=False, weights=None, pooling="avg",
+                    minimalistic=False, include_preprocessing=False, input_tensor=input_tensor)
     raise ValueError(cfg.arch)  # pragma: no cover
 
 
@@ -48,6 +56,7 @@ def check_weights(cfg: ModelConfig) -> None:
     if cfg.arch == "small_cnn":
         raise WeightsError("--weights is only for the MobileNet architectures; small_cnn trains from scratch")
     load_backbone_weights(_backbone(cfg), cfg)
+    tf().keras.backend.clear_session()
 
 
 def build_model(cfg: ModelConfig, num_classes: int, seed: int = 0) -> Any:
@@ -75,7 +84,25 @@ def build_model(cfg: ModelConfig, num_classes: int, seed: int = 0) -> Any:
     return keras.Model(inp, out, name=f"kestrel_{cfg.arch}")
 
 
+HEAD_LAYERS = ("dropout", "scores")
+# Tests set True: tiny MobileNets for one step skip the (much longer) graph tracing. Same layers, same math.
+RUN_EAGERLY = False
+
+
+def freeze_backbone(model: Any) -> None:
+    """Transfer learning, phase 1: only the head trains (frozen BatchNormalization runs in inference mode)."""
+    for layer in model.layers:
+        layer.trainable = layer.name in HEAD_LAYERS
+
+
+def unfreeze_for_fine_tuning(model: Any) -> None:
+    """Phase 2: every layer trains except BatchNormalization, which keeps its ImageNet statistics."""
+    keras = tf().keras
+    for layer in model.layers:
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+
+
 def compile_model(model: Any, learning_rate: float) -> None:
     keras = tf().keras
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+                  metrics=["accuracy"], run_eagerly=RUN_EAGERLY)

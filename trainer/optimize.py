@@ -1,6 +1,14 @@
 """Optimization: magnitude pruning (tfmot, PolynomialDecay schedule) -> strip_pruning -> optional
 pruning-preserving QAT -> full-integer post-training quantization (TFLITE_BUILTINS_INT8, uint8/int8 I/O,
-representative data set = training images through the device preprocessing)."""
+representative data set = training images through the device preprocessing).
+
+Only the kernels of Conv2D, DepthwiseConv2D and Dense layers are pruned: the model is cloned with just
+those layers wrapped, so architectures with layers tfmot cannot wrap (MobileNetV3's hard-swish
+TFOpLambda and Multiply layers) prune too. The converter settings that decide whether a bundle runs on
+the oldest device runtime (tflite-runtime 2.14) are pinned in ``CONVERTER_PINS``, not left to the
+TensorFlow version's defaults; tests/trainer/test_convert.py runs every architecture x io dtype (x QAT)
+on tflite-runtime 2.14 under Python 3.8.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 import numpy as np
 
 from trainer.config import Config
+from trainer.errors import OptimizeError
 from trainer.models import compile_model
 from trainer.preprocess import normalize
 from trainer.tfenv import tf, tfmot
@@ -28,9 +37,34 @@ SCHEDULE_TEXT = (
     "the zeros.")
 
 
+def _prunable_types() -> tuple:
+    keras = tf().keras
+    return (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+
+
+def wrap_for_pruning(model: Any, schedule: Any) -> Any:
+    """A clone of `model` whose Conv2D / DepthwiseConv2D / Dense layers are wrapped for magnitude pruning.
+
+    The other layers (and the wrapped layers' weights) are the model's own objects: training the clone
+    trains `model` in place; convert `model` first if its unpruned form is needed."""
+    keras, mot = tf().keras, tfmot()
+    kinds = _prunable_types()
+
+    def wrap(layer: Any) -> Any:
+        if isinstance(layer, kinds):
+            return mot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)
+        return layer
+
+    try:
+        return keras.models.clone_model(model, clone_function=wrap)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise OptimizeError(f"cannot prepare {model.name} for pruning: {str(exc).splitlines()[0][:200]}; "
+                            "set optimize.sparsity = 0 to skip pruning") from exc
+
+
 def prune(model: Any, images: np.ndarray, labels: np.ndarray, cfg: Config) -> tuple:
     """Fine-tune with pruning to cfg.optimize.sparsity; returns (stripped model, schedule dict, history)."""
-    t, mot = tf(), tfmot()
+    mot = tfmot()
     oc = cfg.optimize
     steps_per_epoch = int(np.ceil(len(images) / cfg.train.batch_size))
     epochs = max(oc.prune_epochs, int(np.ceil(MIN_PRUNE_STEPS / steps_per_epoch)))
@@ -40,16 +74,15 @@ def prune(model: Any, images: np.ndarray, labels: np.ndarray, cfg: Config) -> tu
     schedule = mot.sparsity.keras.PolynomialDecay(initial_sparsity=oc.initial_sparsity,
                                                   final_sparsity=oc.sparsity, begin_step=0, end_step=end,
                                                   frequency=freq)
-    pruned = mot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
+    pruned = wrap_for_pruning(model, schedule)
     compile_model(pruned, cfg.train.learning_rate * 0.5)
     hist = pruned.fit(make_dataset(images, labels, cfg, training=True, seed=cfg.data.seed + 100),
                       epochs=epochs, verbose=0,
                       callbacks=[mot.sparsity.keras.UpdatePruningStep()])
     stripped = mot.sparsity.keras.strip_pruning(pruned)
-    del t
     info = {"initial_sparsity": oc.initial_sparsity, "final_sparsity": oc.sparsity, "begin_step": 0,
             "end_step": end, "frequency": freq, "total_steps": total, "epochs": epochs, "power": 3,
-            "explained": SCHEDULE_TEXT}
+            "pruned_layer_types": ["Conv2D", "DepthwiseConv2D", "Dense"], "explained": SCHEDULE_TEXT}
     return stripped, info, {k: [float(v) for v in vals] for k, vals in hist.history.items()}
 
 
@@ -61,7 +94,11 @@ def prune_preserving_qat(model: Any, images: np.ndarray, labels: np.ndarray, cfg
         default_8bit_prune_preserve_quantize_scheme as pp,
     )
 
-    qat = mot.quantization.keras.quantize_apply(annotated, pp.Default8BitPrunePreserveQuantizeScheme())
+    try:
+        qat = mot.quantization.keras.quantize_apply(annotated, pp.Default8BitPrunePreserveQuantizeScheme())
+    except (ValueError, TypeError, AttributeError, RuntimeError) as exc:
+        raise OptimizeError(f"pruning-preserving QAT cannot handle {model.name}: "
+                            f"{str(exc).strip().splitlines()[0][:200]}; set optimize.qat = false") from exc
     compile_model(qat, cfg.train.learning_rate * 0.2)
     qat.fit(make_dataset(images, labels, cfg, training=True, seed=cfg.data.seed + 200),
             epochs=cfg.optimize.qat_epochs, verbose=0)
@@ -95,10 +132,36 @@ def representative(images: np.ndarray, cfg: Config, n: int) -> Callable[[], Iter
     return gen
 
 
+# Converter settings pinned (not left to TensorFlow's defaults, which move between versions): the MLIR
+# converter and quantizer; builtin ops only (no Select TF ops, no custom ops: tflite-runtime has neither);
+# per-channel int8 weights with int32 biases (what TFLite 2.x kernels and XNNPACK's QC8 path run);
+# no buffer-offset flatbuffers (a >2 GB format older runtimes cannot read); no StableHLO quantizer.
+CONVERTER_PINS: Dict[str, Any] = {
+    "experimental_new_converter": True,
+    "experimental_new_quantizer": True,
+    "allow_custom_ops": False,
+    "experimental_use_stablehlo_quantizer": False,
+    "_experimental_disable_per_channel": False,
+    "_experimental_full_integer_quantization_bias_type": None,
+    "_experimental_use_buffer_offset": False,
+    "_experimental_strict_qdq": False,
+}
+
+
+def converter_settings() -> Dict[str, Any]:
+    """What optimize.json records about the converter (TF version + the pins)."""
+    return {"tensorflow": str(tf().__version__), **{k.lstrip("_"): v for k, v in CONVERTER_PINS.items()}}
+
+
 def to_tflite(model: Any, rep: Optional[Callable[[], Iterable[list]]] = None, io_dtype: str = "uint8") -> bytes:
     """Float .tflite when rep is None, else full-integer int8 with io_dtype input/output."""
     t = tf()
     conv = t.lite.TFLiteConverter.from_keras_model(model)
+    for key, value in CONVERTER_PINS.items():
+        if not hasattr(conv, key):  # pragma: no cover - a TensorFlow without this knob: say so, do not guess
+            raise OptimizeError(f"this TensorFlow ({t.__version__}) has no converter setting {key}: "
+                                "check trainer.optimize.CONVERTER_PINS against it")
+        setattr(conv, key, value)
     if rep is not None:
         conv.optimizations = [t.lite.Optimize.DEFAULT]
         conv.representative_dataset = rep
@@ -106,7 +169,14 @@ def to_tflite(model: Any, rep: Optional[Callable[[], Iterable[list]]] = None, io
         dt = t.uint8 if io_dtype == "uint8" else t.int8
         conv.inference_input_type = dt
         conv.inference_output_type = dt
-    return bytes(conv.convert())
+    else:
+        conv.target_spec.supported_ops = [t.lite.OpsSet.TFLITE_BUILTINS]
+    try:
+        return bytes(conv.convert())
+    except Exception as exc:  # noqa: BLE001 - the converter raises ConverterError, ValueError, RuntimeError ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OptimizeError(f"TFLite conversion of {getattr(model, 'name', 'the model')} failed: "
+                            f"{first[:300]}") from exc
 
 
 def gzip_size(data: bytes) -> int:

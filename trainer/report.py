@@ -50,6 +50,16 @@ def figures(data: Dict[str, Any]) -> Dict[str, Any]:
     return figs
 
 
+def _save_png(fig: Any, path: Path) -> None:
+    import io
+
+    from trainer.pipeline import write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    write_bytes(path, buf.getvalue())
+
+
 def _plots(figs: Dict[str, Any], out: Path) -> List[str]:
     import matplotlib
 
@@ -72,7 +82,7 @@ def _plots(figs: Dict[str, Any], out: Path) -> List[str]:
             a.set_xlabel("epoch")
             a.legend()
         fig.tight_layout()
-        fig.savefig(out / "learning_curves.png", dpi=90)
+        _save_png(fig, out / "learning_curves.png")
         plt.close(fig)
         made.append("learning_curves")
     if "fold_accuracy" in figs:
@@ -85,7 +95,7 @@ def _plots(figs: Dict[str, Any], out: Path) -> List[str]:
         ax.set_ylim(0, 1.05)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "fold_accuracy.png", dpi=90)
+        _save_png(fig, out / "fold_accuracy.png")
         plt.close(fig)
         made.append("fold_accuracy")
     if "confusion_matrix" in figs:
@@ -104,7 +114,7 @@ def _plots(figs: Dict[str, Any], out: Path) -> List[str]:
         ax.set_ylabel("true")
         ax.set_title("int8 (pruned) on held-out test")
         fig.tight_layout()
-        fig.savefig(out / "confusion_matrix.png", dpi=90)
+        _save_png(fig, out / "confusion_matrix.png")
         plt.close(fig)
         made.append("confusion_matrix")
     if "size_latency" in figs:
@@ -119,7 +129,7 @@ def _plots(figs: Dict[str, Any], out: Path) -> List[str]:
         for a in axes:
             a.tick_params(axis="x", labelrotation=20)
         fig.tight_layout()
-        fig.savefig(out / "size_latency.png", dpi=90)
+        _save_png(fig, out / "size_latency.png")
         plt.close(fig)
         made.append("size_latency")
     return made
@@ -150,6 +160,13 @@ def write_report(rundir: Path) -> Path:
         parts.append(_table([[k, v] for k, v in cl["classes"].items()], ["class", "images kept"]))
         parts.append(f"<p>seen {cl['seen']}, kept {cl['kept']}, split {cl.get('split')}; near-duplicate groups: "
                      f"{cl['near_duplicate_groups']} (a group never straddles a split)</p>")
+        for w in cl.get("warnings", []):
+            parts.append(f"<p><b>warning:</b> {html.escape(str(w))}</p>")
+        conflicts = cl.get("near_duplicate_label_conflicts") or []
+        if conflicts:
+            parts.append("<h3>Near duplicates under different classes (check these labels)</h3>" + _table(
+                [[c["group"], ", ".join(f"{f['path']} ({f['label']})" for f in c["files"])] for c in conflicts],
+                ["group", "files"]))
         parts.append("<h3>Dropped</h3>" + _table([[k, v] for k, v in cl["dropped_by_reason"].items()],
                                                   ["reason", "count"]))
         parts.append(_table([[d["path"], d["label"], d["reason"], d["detail"]] for d in cl["dropped"][:200]],
@@ -178,6 +195,9 @@ def write_report(rundir: Path) -> Path:
             rows, ["model", "accuracy", "macro F1", "bytes", "gzip bytes", "latency ms"]))
         g = ev["gate"]
         parts.append(f"<h2>Gate: {'PASSED' if g['passed'] else 'FAILED'}</h2><p>int8 drop {g['drop_points']:.2f} "
-                     f"points (allowed {g['max_drop_points']})</p>")
+                     f"points (allowed {g['max_drop_points']}); {g.get('n_test', '?')} held-out images, one image = "
+                     f"{g.get('points_per_test_image', float('nan')):.2f} points</p>")
+        for w in ev.get("warnings", []):
+            parts.append(f"<p><b>warning:</b> {html.escape(str(w))}</p>")
     write_bytes(out / "report.html", "\n".join(parts).encode("utf-8"))
     return out / "report.html"

@@ -1,10 +1,14 @@
-"""Trainer fixtures: a tiny digits data set and one trained + optimized + evaluated run shared by the
-stage tests (the expensive part runs once per session)."""
+"""Trainer fixtures: a tiny digits data set and ONE whole pipeline run through `kestrel-train run`
+(progress bars on, packaging on), shared by the stage and end-to-end tests: the expensive part runs once
+per session. Tests that change a run work on a private copy (`run_copy`)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -15,18 +19,47 @@ else:
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+REPO = Path(__file__).resolve().parents[2]
+PY38 = REPO / ".venv38" / "bin" / "python"
+
 # Small but learnable: 4 digits x 60 images at 32x32, 2 folds, few epochs.
 CLASSES = 4
 PER_CLASS = 60
-TINY = {"train.folds": 2, "train.epochs": 8, "train.cv_epochs": 3, "train.flip": False,
+TINY = {"train.folds": 2, "train.epochs": 8, "train.cv_epochs": 5, "train.flip": False,
         "optimize.prune_epochs": 3, "optimize.representative_samples": 50, "model.input_size": 32,
         "gate.max_accuracy_drop": 10.0}
+# The same settings as the TOML file the shared run uses (exercises --config).
+TINY_TOML = """
+[model]
+input_size = 32
+[train]
+folds = 2
+epochs = 8
+cv_epochs = 5
+flip = false
+[optimize]
+prune_epochs = 3
+representative_samples = 50
+[gate]
+max_accuracy_drop = 10.0
+"""
+BUNDLE_VERSION = 2
 
 
 def tiny_config(**extra):  # noqa: ANN003, ANN201
     from trainer.config import Config, apply_overrides
 
     return apply_overrides(Config(), {**TINY, **extra})
+
+
+def need_py38() -> bool:
+    """Device-runtime tests run when the Python 3.8 venv exists, and must run when KESTREL_REQUIRE_PY38=1."""
+    if PY38.exists():
+        return True
+    if os.environ.get("KESTREL_REQUIRE_PY38") == "1":
+        pytest.fail(f"KESTREL_REQUIRE_PY38=1 but {PY38} is absent: create it with `make .venv38/.stamp`")
+    pytest.skip(f"{PY38} is absent: create the device venv with `make .venv38/.stamp` to test Python 3.8")
+    return False  # pragma: no cover
 
 
 @pytest.fixture(scope="session")
@@ -37,17 +70,30 @@ def digits_dir(tmp_path_factory) -> Path:  # noqa: ANN001
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, digits_dir) -> Path:  # noqa: ANN001
-    """A run dir after ingest, train, optimize, evaluate and report (session-wide; do not modify)."""
-    from trainer import pipeline
+def cli_run(tmp_path_factory, digits_dir) -> types.SimpleNamespace:  # noqa: ANN001
+    """`kestrel-train run ... --key K --version 2 --bundle B` once, with progress bars (session-wide; the
+    run dir must not be modified: use run_copy)."""
+    from edge.keys import generate_keypair
+    from trainer.cli import main
 
-    rundir = tmp_path_factory.mktemp("run") / "r"
-    pipeline.ingest(rundir, [str(digits_dir)], tiny_config())
-    pipeline.train(rundir)
-    pipeline.optimize(rundir)
-    pipeline.evaluate(rundir)
-    pipeline.report(rundir)
-    return rundir
+    tmp = tmp_path_factory.mktemp("e2e")
+    key, pub = generate_keypair(tmp / "keys")
+    rundir = tmp / "runs" / "r1"
+    bundle = tmp / "model.kbundle"
+    (tmp / "tiny.toml").write_text(TINY_TOML)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["run", "--data", str(digits_dir), "--out", str(rundir), "--config", str(tmp / "tiny.toml"),
+                   "--key", str(key), "--version", str(BUNDLE_VERSION), "--bundle", str(bundle)])
+    assert rc == 0, f"kestrel-train run failed:\n{err.getvalue()[-3000:]}"
+    return types.SimpleNamespace(tmp=tmp, key=key, pub=pub, rundir=rundir, bundle=bundle,
+                                 stdout=out.getvalue(), stderr=err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def trained_run(cli_run) -> Path:  # noqa: ANN001
+    """The shared run dir after ingest, train, optimize, evaluate, report and package (do not modify)."""
+    return Path(cli_run.rundir)
 
 
 @pytest.fixture

@@ -53,9 +53,13 @@ def test_wrong_weights_refused_before_work(tmp_path, capsys):
     (tmp_path / "w.h5").write_bytes(b"not an hdf5 file")
     class_folders(tmp_path / "data", {"a": 6, "b": 6})
     rc, err = _run(capsys, "run", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"),
-                   "--arch", "mobilenet_v2", "--weights", str(tmp_path / "w.h5"))
+                   "--arch", "mobilenet_v2", "--weights", str(tmp_path / "w.h5"), "--normalization=-1_1")
     assert rc == 2 and "does not fit mobilenet_v2" in err[-1]
     assert not (tmp_path / "r").exists()
+    # ImageNet weights with 0..1 inputs would quietly cost accuracy: refused, with the fix.
+    rc, err = _run(capsys, "run", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"),
+                   "--arch", "mobilenet_v2", "--weights", str(tmp_path / "w.h5"))
+    assert rc == 2 and "--normalization=-1_1" in err[-1]
 
 
 def test_unknown_config_key(tmp_path, capsys):
@@ -83,7 +87,8 @@ def test_push_to_unreachable_hub_exits_3(tmp_path, capsys):
     s.close()                                     # nothing listens there now
     (tmp_path / "b.kbundle").write_bytes(b"x" * 100)
     rc, err = _run(capsys, "push", str(tmp_path / "b.kbundle"), "--hub", f"127.0.0.1:{port}")
-    assert rc == 3 and len(err) == 1 and "PushModel at hub" in err[0] and "UNAVAILABLE" in err[0]
+    assert rc == 3 and len(err) == 1 and "PushModel" in err[0] and f"127.0.0.1:{port}" in err[0], err
+    assert "unreachable" in err[0] or "UNAVAILABLE" in err[0], err
 
 
 def test_push_model_without_runs(tmp_path, capsys, monkeypatch):
@@ -103,3 +108,95 @@ def test_argparse_errors_exit_nonzero(argv):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--version", "0", "--key", "KEY"], "--version must be >= 1"),
+    (["--model-name", "my model"], "model_name 'my model' must be"),
+    (["--test-fraction", "0.9"], "test_fraction must be between"),
+    (["--learning-rate", "0"], "learning_rate must be > 0"),
+    (["--alpha", "0", "--arch", "mobilenet_v2"], "alpha must be > 0"),
+    (["--width", "0"], "width must be 1..512"),
+    (["--prune-epochs", "0"], "prune_epochs and qat_epochs must be >= 1"),
+    (["--cv-epochs", "-1"], "cv_epochs and head_epochs must be >= 0"),
+    (["--max-accuracy-drop", "-5"], "max_accuracy_drop must be 0..100"),
+    (["--latency-budget-ms", "-1"], "latency_budget_ms must be >= 0"),
+    (["--qat", "--arch", "mobilenet_v3_large"], "optimize.qat does not support mobilenet_v3_large"),
+])
+def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, monkeypatch, flags, message):
+    from edge.keys import generate_keypair
+    from trainer import pipeline
+
+    key, _ = generate_keypair(tmp_path / "keys")
+    flags = [str(key) if f == "KEY" else f for f in flags]
+    class_folders(tmp_path / "data", {"a": 6, "b": 6})
+    monkeypatch.setattr(pipeline, "ingest", lambda *a, **k: pytest.fail("ingest ran"))  # noqa: ARG005
+    rc, err = _run(capsys, "run", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"), *flags)
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("[gate]\ndefault_threshold = 1.5", "default_threshold must be 0..1"),
+    ("[gate]\nself_test_tolerance = 2.0", "self_test_tolerance must be > 0 and <= 1"),
+    ("[gate]\nexpires_in_days = -1.0", "expires_in_days must be > 0"),
+    ("[gate]\nself_test_cases = 0", "self_test_cases must be 1..64"),
+    ("[train]\ncrop = 1.0", "crop must be 0..0.5"),
+])
+def test_bad_config_file_values_are_refused(tmp_path, capsys, setting, message):
+    (tmp_path / "t.toml").write_text(setting + "\n")
+    class_folders(tmp_path / "data", {"a": 6, "b": 6})
+    rc, err = _run(capsys, "ingest", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"),
+                   "--config", str(tmp_path / "t.toml"))
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_out_under_a_file_is_refused_before_cleaning(tmp_path, capsys, monkeypatch):
+    from trainer import ingest
+
+    (tmp_path / "afile").write_text("x")
+    class_folders(tmp_path / "data", {"a": 6, "b": 6})
+    monkeypatch.setattr(ingest, "clean", lambda *a, **k: pytest.fail("cleaning ran"))  # noqa: ARG005
+    rc, err = _run(capsys, "run", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "afile" / "r"))
+    assert rc == 2 and len(err) == 1 and "is a file, not a directory" in err[0]
+
+
+def test_test_fraction_leaving_too_few_for_the_folds_is_a_data_error(tmp_path, capsys):
+    class_folders(tmp_path / "data", {"a": 6, "b": 6})
+    rc, err = _run(capsys, "ingest", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"),
+                   "--test-fraction", "0.4", "--folds", "5")
+    assert rc == 2 and len(err) == 1 and "keeps only 4 distinct image(s) for training" in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_unexpected_errors_are_one_line_unless_debug(tmp_path, capsys, monkeypatch):
+    from trainer import pipeline
+
+    def boom(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("something nobody expected\nsecond line")
+
+    class_folders(tmp_path / "data", {"a": 6, "b": 6})
+    monkeypatch.setattr(pipeline, "ingest", boom)
+    rc, err = _run(capsys, "ingest", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"))
+    assert rc == 1 and len(err) == 1 and "unexpected RuntimeError: something nobody expected" in err[0]
+    assert "--debug" in err[0]
+    with pytest.raises(RuntimeError):
+        main(["ingest", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"), "--debug"])
+
+
+def test_unwritable_bundle_path_is_one_line(tmp_path, capsys, trained_run):
+    from edge.keys import generate_keypair
+
+    key, _ = generate_keypair(tmp_path / "keys")
+    (tmp_path / "afile").write_text("x")
+    rc, err = _run(capsys, "package", str(trained_run), "--key", str(key), "--version", "1",
+                   "--out", str(tmp_path / "afile" / "b.kbundle"))
+    assert rc == 2 and len(err) == 1 and "is a file, not a directory" in err[0]
+
+
+def test_keygen_refuses_to_overwrite(tmp_path, capsys):
+    assert main(["keygen", "--out", str(tmp_path / "k")]) == 0
+    assert "signing.key" in capsys.readouterr().out
+    assert os.stat(tmp_path / "k" / "signing.key").st_mode & 0o077 == 0
+    rc, err = _run(capsys, "keygen", "--out", str(tmp_path / "k"))
+    assert rc == 2 and len(err) == 1

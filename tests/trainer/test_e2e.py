@@ -15,10 +15,8 @@ from edge.bundle import verify_bundle
 from edge.keys import generate_keypair, load_public_keys
 from edge.runtime import load_model
 from edge.updater.selftest import run_self_test
+from tests.trainer.conftest import BUNDLE_VERSION, PY38, REPO, need_py38
 from trainer.cli import main
-
-REPO = Path(__file__).resolve().parents[2]
-PY38 = REPO / ".venv38" / "bin" / "python"
 
 PY38_SCRIPT = r"""
 import base64, json, sys
@@ -42,44 +40,77 @@ print(json.dumps({"version": tflite_runtime.__version__, "worst": worst, "n": le
 
 
 @pytest.fixture(scope="module")
-def bundle_run(tmp_path_factory, digits_dir):  # noqa: ANN001, ANN201
-    tmp = tmp_path_factory.mktemp("e2e")
-    key, pub = generate_keypair(tmp / "keys")
-    rundir = tmp / "runs" / "r1"
-    out = tmp / "model.kbundle"
-    rc = main(["run", "--data", str(digits_dir), "--out", str(rundir), "--folds", "2", "--epochs", "8",
-               "--cv-epochs", "2", "--no-flip", "--prune-epochs", "3", "--input-size", "32",
-               "--max-accuracy-drop", "100", "--key", str(key), "--version", "2", "--bundle", str(out),
-               "--no-progress"])
-    # (the gate is exercised in test_stages; a tiny noisy run must not make this test flaky)
-    assert rc == 0, "kestrel-train run failed; see the captured stderr"
-    return tmp, key, pub, rundir, out
+def bundle_run(cli_run):  # noqa: ANN001, ANN201
+    """(tmp, key, pub, rundir, bundle) of the shared `kestrel-train run` (tests/trainer/conftest.py)."""
+    return cli_run.tmp, cli_run.key, cli_run.pub, cli_run.rundir, cli_run.bundle
+
+
+def _held_out(rundir: Path):  # noqa: ANN202
+    from trainer.ingest import Dataset
+
+    ds = Dataset.load(rundir / "ingest" / "dataset.npz")
+    te = np.array(json.loads((rundir / "ingest" / "split.json").read_text())["test"])
+    return ds.images[te], ds.labels[te]
 
 
 @pytest.mark.slow
-def test_bundle_verifies_and_self_test_passes_on_edge_runtime(bundle_run):
+def test_bundle_verifies_and_its_model_classifies_held_out_images(bundle_run):
+    from trainer.preprocess import model_input
+
     _tmp, _key, pub, rundir, out = bundle_run
     vb = verify_bundle(out.read_bytes(), load_public_keys(pub), installed_version=1, now=time.time())
     m = vb.manifest
-    assert m.version == 2 and m.labels == ["0", "1", "2", "3"]
+    assert m.version == BUNDLE_VERSION and m.labels == ["0", "1", "2", "3"]
     assert m.input_spec.dtype == "uint8" and m.input_spec.shape == [1, 32, 32, 3]
-    assert m.metrics["accuracy"] == json.loads((rundir / "evaluate" / "evaluate.json").read_text())[
-        "stages"]["pruned_int8"]["accuracy"]
     assert vb.model_bytes == (rundir / "optimize" / "pruned_int8.tflite").read_bytes()
-    assert len(m.self_test.cases) == 4
+    # The bundle's own model, fed by the edge preprocessing, on held-out images with their TRUE labels.
+    images, labels = _held_out(rundir)
     model = load_model(vb.model_bytes, spec=m.input_spec, labels=vb.labels)
-    res = run_self_test(model, m.self_test, latency_budget_ms=1000.0)
-    assert res["cases"] == 4 and res["max_diff"] <= m.self_test.tolerance
-    # The cases are real held-out inputs: the model's top class agrees with the expected scores.
-    for c in m.self_test.cases:
-        x = np.frombuffer(c.input, np.uint8).reshape(m.input_spec.shape)
-        assert int(np.argmax(model.invoke(x))) == int(np.argmax(c.expected))
+    pred = np.array([int(np.argmax(model.invoke(model_input(p, m.input_spec)))) for p in images])
+    accuracy = float((pred == labels).mean())
+    assert accuracy >= 0.85, f"the shipped model gets only {accuracy:.3f} on held-out digits"
+    assert m.metrics["accuracy"] == pytest.approx(accuracy)          # the manifest tells the truth
+    assert m.metrics["n_test"] == len(labels)
+    assert m.metrics["accuracy_drop_points"] <= 10.0                 # the gate (tolerance 10 here) passed
+
+
+@pytest.mark.slow
+def test_bundle_self_test_passes_on_edge_runtime_without_a_desktop_latency_budget(bundle_run):
+    _tmp, _key, pub, _rundir, out = bundle_run
+    vb = verify_bundle(out.read_bytes(), load_public_keys(pub), installed_version=1, now=time.time())
+    st = vb.manifest.self_test
+    assert len(st.cases) == 4
+    # No x86-derived budget in the bundle: the device's own (larger, device-class) budget applies.
+    assert st.latency_budget_ms is None
+    model = load_model(vb.model_bytes, spec=vb.manifest.input_spec, labels=vb.labels)
+    res = run_self_test(model, st, latency_budget_ms=1000.0)
+    assert res["cases"] == 4 and res["max_diff"] <= st.tolerance
+    # The cases cover every class (one per class first): their expected top classes are 0, 1, 2, 3.
+    assert sorted(int(np.argmax(c.expected)) for c in st.cases) == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_kestrel_edge_verify_accepts_the_trainer_bundle_and_refuses_other_keys(bundle_run, tmp_path, capsys):
+    from edge.cli import main as edge_main
+
+    _tmp, _key, pub, _rundir, out = bundle_run
+    assert edge_main(["verify", str(out), "--trust", str(pub)]) == 0
+    assert "kestrel-classifier" in capsys.readouterr().out
+    _other_key, other_pub = generate_keypair(tmp_path / "other")
+    assert edge_main(["verify", str(out), "--trust", str(other_pub)]) == 2
+    assert "untrusted_key" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_shows_progress_bars_and_summaries(cli_run):
+    for bar in ("ingest", "cv folds", "train", "optimize", "evaluate"):
+        assert f"{bar}:" in cli_run.stderr, bar
+    assert "cv (2-fold): accuracy" in cli_run.stdout and f"bundle: {cli_run.bundle}" in cli_run.stdout
 
 
 @pytest.mark.slow
 def test_bundle_model_runs_on_python38_tflite_runtime(bundle_run, tmp_path):
-    if not PY38.exists():
-        pytest.skip(f"{PY38} is absent: create the device venv with `make .venv38/.stamp` to test Python 3.8")
+    need_py38()
     _tmp, _key, _pub, rundir, _out = bundle_run
     ev = json.loads((rundir / "evaluate" / "evaluate.json").read_text())
     (tmp_path / "cases.json").write_text(json.dumps(ev["self_test"]))

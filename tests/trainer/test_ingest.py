@@ -13,7 +13,7 @@ from tests.trainer.imgs import class_folders, pattern, write
 from trainer.errors import DataError
 from trainer.ingest import check_enough, clean, near_duplicate_groups, phash, scan_sources
 from trainer.preprocess import resize_to_input
-from trainer.split import holdout_split, kfold
+from trainer.split import check_split, holdout_split, kfold
 
 SPEC = InputSpec(shape=[1, 16, 16, 3])
 
@@ -136,5 +136,104 @@ def test_too_few_images_per_class_for_the_folds(tmp_path):
     root = class_folders(tmp_path / "d", {"a": 10, "b": 3})
     ds, _ = clean(scan_sources([str(root)]), SPEC, min_side=8, phash_distance=0)
     with pytest.raises(DataError, match="class 'b' has only 3"):
-        check_enough(ds, folds=5)
-    check_enough(ds, folds=3)
+        check_enough(ds, folds=3)          # 3 folds on the training side + at least 1 held out
+    check_enough(ds, folds=2)
+
+
+def test_cv_folds_see_every_class_after_the_test_split():
+    """The audit's case: 5 groups in a class with 5 folds used to pass, leaving a fold without that class."""
+    labels = np.array([0] * 30 + [1] * 5)
+    groups = np.arange(35)
+    ds_like = type("D", (), {"labels": labels, "groups": groups, "class_names": ["a", "b"]})
+    with pytest.raises(DataError, match="class 'b' has only 5 distinct image"):
+        check_enough(ds_like, folds=5)     # type: ignore[arg-type]
+    labels = np.array([0] * 30 + [1] * 6)
+    groups = np.arange(36)
+    tr, te = holdout_split(labels, groups, 0.2, seed=0)
+    check_split(labels, groups, tr, te, ["a", "b"], folds=5)
+    assert (labels[te] == 1).sum() == 1 and (labels[tr] == 1).sum() == 5
+    for _a, va in kfold(labels[tr], groups[tr], 5, seed=0):
+        assert (labels[tr][va] == 1).sum() >= 1
+    # More test share would leave too few for 5 folds: said clearly, before any training.
+    tr, te = holdout_split(labels, groups, 0.5, seed=0)
+    with pytest.raises(DataError, match="class 'b' keeps only 3 distinct image"):
+        check_split(labels, groups, tr, te, ["a", "b"], folds=5)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.3, 0.4, 0.5])
+def test_holdout_split_honours_the_fraction_per_class(fraction):
+    labels = np.repeat([0, 1, 2], [50, 30, 11])
+    groups = np.arange(len(labels))
+    tr, te = holdout_split(labels, groups, fraction, seed=3)
+    assert sorted(np.concatenate([tr, te]).tolist()) == list(range(len(labels)))
+    for c, n in enumerate([50, 30, 11]):
+        assert (labels[te] == c).sum() == max(1, round(fraction * n)), (fraction, c)
+
+
+def test_holdout_split_keeps_groups_whole_and_close_to_the_fraction():
+    labels = np.repeat([0, 1], [60, 60])
+    groups = np.arange(120) // 3                      # groups of 3 near duplicates
+    tr, te = holdout_split(labels, groups, 0.25, seed=2)
+    assert not set(groups[tr]) & set(groups[te])
+    for c in (0, 1):
+        assert abs((labels[te] == c).sum() - 15) <= 2
+
+
+def test_hidden_folders_and_files_are_skipped(tmp_path):
+    root = class_folders(tmp_path / "d", {"a": 3, "b": 3})
+    write(root / "a" / ".ipynb_checkpoints" / "000-checkpoint.png", pattern(500, 24))
+    write(root / "a" / ".hidden.png", pattern(501, 24))
+    write(root / ".git" / "x.png", pattern(502, 24))
+    scan = scan_sources([str(root)])
+    assert len(scan.candidates) == 6 and not scan.dropped
+    assert sorted({c.label for c in scan.candidates}) == ["a", "b"]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from trainer.imageio import read_image
+
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :10] = 255                                  # a white band on the left, as stored
+    for fmt, name in (("JPEG", "a.jpg"), ("PNG", "a.png")):
+        im = Image.fromarray(arr)
+        exif = im.getexif()
+        exif[0x0112] = 6                               # "rotate 90 degrees clockwise to display"
+        buf = io.BytesIO()
+        im.save(buf, fmt, exif=exif.tobytes())
+        (tmp_path / name).write_bytes(buf.getvalue())
+        bgr, _raw, problem = read_image(tmp_path / name)
+        assert problem == "" and bgr.shape == (40, 20, 3), fmt
+        assert bgr[:8].mean() > 200 and bgr[-8:].mean() < 50, fmt   # the band is now on top
+
+
+def test_near_duplicates_under_different_classes_are_reported(tmp_path):
+    root = class_folders(tmp_path / "d", {"a": 3, "b": 3})
+    img = pattern(900, 48)
+    write(root / "a" / "x.png", img)
+    write(root / "b" / "x_near.png", np.clip(img.astype(int) + 2, 0, 255).astype(np.uint8))
+    _ds, rep = clean(scan_sources([str(root)]), SPEC, min_side=8, phash_distance=4)
+    conflicts = rep["near_duplicate_label_conflicts"]
+    assert len(conflicts) == 1
+    assert sorted(f["label"] for f in conflicts[0]["files"]) == ["a", "b"]
+    assert any("different classes" in w for w in rep["warnings"])
+
+
+def test_bucketed_near_duplicate_search_equals_all_pairs():
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 2 ** 63, 300, dtype=np.int64).astype(np.uint64)
+    flips = rng.integers(0, 64, (300, 3))
+    near = base.copy()
+    for i in range(300):                               # near copies: 0-3 bits flipped
+        for b in flips[i][: i % 4]:
+            near[i] ^= np.uint64(1) << np.uint64(int(b))
+    hashes = [int(v) for v in np.concatenate([base, near])]
+    for d in (0, 2, 4, 8):
+        got = near_duplicate_groups(hashes, d)
+        h = np.array(hashes, dtype=np.uint64)
+        pairs = np.unpackbits((h[:, None] ^ h[None, :]).view(np.uint8).reshape(len(h), len(h), 8), axis=-1).sum(-1)
+        for i, j in zip(*np.nonzero(pairs <= d)):
+            assert got[i] == got[j], (d, i, j)

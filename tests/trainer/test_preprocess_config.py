@@ -69,8 +69,9 @@ def test_config_doc_documents_every_field():
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(section.type if not isinstance(section.type, str) else
                                     type(getattr(Config(), section.name))):
-            assert f"`{section.name}.{f.name}`" in doc
-            assert f.metadata["doc"]
+            line = next(ln for ln in doc.splitlines() if ln.startswith(f"- `{section.name}.{f.name}`"))
+            default = getattr(getattr(Config(), section.name), f.name)
+            assert f"default {default!r}" in line and len(f.metadata["doc"]) >= 15 and f.metadata["doc"] in line
 
 
 def test_docs_list_every_config_field():
@@ -80,3 +81,49 @@ def test_docs_list_every_config_field():
     for line in config_doc().splitlines():
         if line.startswith("- `"):
             assert line.split(":")[0] in docs
+
+
+def _batch(cfg, images, labels, training, seed=1):  # noqa: ANN001, ANN202
+    from trainer.train import make_dataset
+
+    x, y = next(iter(make_dataset(images, labels, cfg, training=training, seed=seed)))
+    return x.numpy(), y.numpy()
+
+
+def test_augmentation_changes_training_pixels_only():
+    images = np.stack([pattern(40 + i, 32) for i in range(4)])
+    labels = np.arange(4)                       # label i = image i, to find each sample's source
+    cfg = apply_overrides(Config(), {"train.batch_size": 4})
+    clean = normalize(images, "0_1")
+    x, y = _batch(cfg, images, labels, training=False)
+    np.testing.assert_allclose(x, clean, atol=1e-6)                  # evaluation: exactly the normalization
+    x, y = _batch(cfg, images, labels, training=True)
+    assert sorted(y.tolist()) == [0, 1, 2, 3] and x.shape == clean.shape
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    for xi, yi in zip(x, y):
+        assert np.abs(xi - clean[yi]).mean() > 0.005                 # flip/crop/brightness/contrast applied
+    off = apply_overrides(Config(), {"train.batch_size": 4, "train.augment": False})
+    x, y = _batch(off, images, labels, training=True)
+    for xi, yi in zip(x, y):
+        np.testing.assert_allclose(xi, clean[yi], atol=1e-6)
+
+
+def test_flip_only_augmentation_mirrors_or_keeps():
+    images = np.stack([pattern(60 + i, 32) for i in range(8)])
+    labels = np.arange(8)
+    cfg = apply_overrides(Config(), {"train.batch_size": 8, "train.crop": 0.0, "train.brightness": 0.0,
+                                     "train.contrast": 0.0})
+    clean = normalize(images, "0_1")
+    seen = set()
+    for seed in (1, 2):
+        x, y = _batch(cfg, images, labels, training=True, seed=seed)
+        for xi, yi in zip(x, y):
+            same, mirrored = np.allclose(xi, clean[yi], atol=1e-6), np.allclose(xi, clean[yi][:, ::-1], atol=1e-6)
+            assert same or mirrored
+            seen.add("mirrored" if mirrored else "same")
+    assert seen == {"same", "mirrored"}
+    no_flip = apply_overrides(Config(), {"train.batch_size": 8, "train.crop": 0.0, "train.brightness": 0.0,
+                                         "train.contrast": 0.0, "train.flip": False})
+    x, y = _batch(no_flip, images, labels, training=True)
+    for xi, yi in zip(x, y):
+        np.testing.assert_allclose(xi, clean[yi], atol=1e-6)
