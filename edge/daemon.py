@@ -357,12 +357,15 @@ class Daemon:
                                          on_stall=lambda why: self.request_stop("a hung trial model"))
             self.pipeline.start()
             while not self.stop_requested.is_set() and not self.pipeline.done:
-                self.stop_requested.wait(POLL_S)
+                self.pipeline.wait(POLL_S)  # returns at once when the source ends; signals are seen per POLL_S
             why = "signal" if self.stop_requested.is_set() else "source ended"
             log.info("stopping (%s): draining the pipeline", why)
             self._wait_for_pipeline(self.pipeline)
             self._close_sink()
-            self.run_seconds = time.monotonic() - self.pipeline.started_at
+            # the run ends when inference finished and the last sampled frame was stored (not when
+            # this thread, polling every POLL_S, noticed)
+            end = max(self.pipeline.finished_at, self.sink_worker.last_done_at)
+            self.run_seconds = max(1e-9, end - self.pipeline.started_at)
         finally:
             source.request_stop()
             self._close_sink()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Any, Callable, Dict, Optional, Tuple, cast
 
 import cv2
@@ -120,6 +121,7 @@ class SinkWorker:
         self.spooled = 0
         self.refused = 0
         self.errors = 0
+        self.last_done_at = 0.0  # monotonic time the last handed-over frame was stored (or failed)
 
     def start(self) -> SinkWorker:
         self._thread = threading.Thread(target=self._run, name="frame-sink", daemon=True)
@@ -174,6 +176,8 @@ class SinkWorker:
                 log.error("sampled frame %d could not be encoded or spooled (%s: %s); later %s errors are "
                           "counted, not logged", s.seq, kind, exc, kind, exc_info=exc)
             return
+        finally:
+            self.last_done_at = time.monotonic()
         with self._lock:
             if stored:
                 self.spooled += 1

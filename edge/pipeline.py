@@ -12,7 +12,8 @@ observer about the :class:`InferenceResult` and hands frames to send to ``sink``
 A frame that makes anything on the inference thread fail (the model, preprocessing, the sampler,
 an unexpected OpenCV error) is counted in ``errors`` and skipped: the loop goes on with the next
 frame. The first failure of each kind is logged with its traceback, later ones only counted, so a
-bad stream cannot flood the log. ``started_at``/``finished_at`` (monotonic) time the run.
+bad stream cannot flood the log. ``started_at``/``finished_at`` (monotonic) time the run;
+``capture_cpu_s``/``inference_cpu_s`` are the CPU seconds each thread used (benchmarks).
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ class Pipeline:
         self._error_kinds: Dict[str, int] = {}
         self.started_at = 0.0
         self.finished_at = 0.0
+        self.capture_cpu_s = 0.0
+        self.inference_cpu_s = 0.0
 
     def add_observer(self, fn: Callable[[InferenceResult], None]) -> None:
         self.observers.append(fn)
@@ -157,6 +160,7 @@ class Pipeline:
 
     # --- threads ---------------------------------------------------------------------------
     def _capture_loop(self) -> None:
+        cpu0 = time.thread_time()
         corrupt_seen = 0
         source, stats, stop = self.source, self.stats, self._stop
         try:
@@ -174,6 +178,7 @@ class Pipeline:
             self.capture_error = exc
             log.error("capture stopped: %s", exc)
         finally:
+            self.capture_cpu_s = time.thread_time() - cpu0
             try:
                 self.source.close()
             finally:
@@ -211,6 +216,7 @@ class Pipeline:
             self.stats.set_queue_depth(depth)
 
     def _inference_loop(self) -> None:
+        cpu0 = time.thread_time()
         q = self._q
         try:
             while True:
@@ -223,6 +229,7 @@ class Pipeline:
                 except Exception as exc:  # one bad frame must not end the run
                     self._unexpected(item[0], exc)
         finally:
+            self.inference_cpu_s = time.thread_time() - cpu0
             self.finished_at = time.monotonic()
             self._done.set()
 
