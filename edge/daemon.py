@@ -264,6 +264,7 @@ class Daemon:
 
     def _on_model_swapped(self, model: Any) -> None:
         default = model_default_threshold(model, self.updater.updater.slots)
+        self.sampler.model_changed()
         before = self.sampler.confidence_threshold
         value = self.sampler.follow_model_default(default)
         if self.sampler.threshold_from_config:
@@ -319,9 +320,30 @@ class Daemon:
         if cfg.model.path:
             log.warning("no signed model installed: running the UNSIGNED factory model %s (model.path; see "
                         "docs/threat-model.md)", cfg.model.path)
+        if not cfg.model.path:
+            if not self.can_wait_for_hub():
+                raise ConfigError("no model: nothing is installed in data_dir, model.path is empty and no hub "
+                                  "can deploy one ([mqtt] host and [update] hub_grpc unset, or [update] "
+                                  "enabled = false); set model.path or run `kestrel-edge install BUNDLE`")
+            log.info("no model installed yet: waiting for the hub to deploy one (kestrel-hub deploy NAME "
+                     "VERSION --group %s) or for `kestrel-edge install BUNDLE`", cfg.device.group)
+            return None
         model = initial_model(cfg)
         self.holder.swap(model)
         return model
+
+    def can_wait_for_hub(self) -> bool:
+        """A device with no model may wait for its first one when the hub can deploy to it."""
+        return bool(self.cfg.update.enabled and self.cfg.update.hub_grpc and self.cfg.mqtt.host)
+
+    def _wait_for_first_model(self) -> Any:
+        """Block until the updater installed a first model (hot swap into the holder) or a stop request."""
+        while not self.stop_requested.is_set():
+            model = self.holder.get()
+            if model is not None:
+                return model
+            self.stop_requested.wait(POLL_S)
+        return None
 
     def _wait_for_pipeline(self, pipeline: Pipeline) -> None:
         deadline = time.monotonic() + PIPELINE_DRAIN_S
@@ -338,17 +360,23 @@ class Daemon:
 
     def run(self) -> int:
         cfg = self.cfg
-        model = self._boot()
-        self.stats.set_model(model.ref)
-        log.info("device %s boot %s: model %s v%d (%s, %s) on source %s (%s)", self.device_id, self.boot_id,
-                 model.ref.name, model.ref.version, model.ref.sha256[:12], getattr(model, "runtime", "?"),
-                 cfg.source.name, cfg.source.kind)
-        source = open_source(cfg.source)
+        model = self._boot()  # None: no model yet, the hub will deploy the first one
+        source = None
         self.publisher.set_status_provider(self.status)
         self.publisher.start()
         try:
             self.telemetry.start()
             self.updater.start()
+            if model is None:
+                model = self._wait_for_first_model()
+                if model is None:
+                    log.info("stopping before a first model arrived")
+                    return 0
+            self.stats.set_model(model.ref)
+            log.info("device %s boot %s: model %s v%d (%s, %s) on source %s (%s)", self.device_id, self.boot_id,
+                     model.ref.name, model.ref.version, model.ref.sha256[:12], getattr(model, "runtime", "?"),
+                     cfg.source.name, cfg.source.kind)
+            source = open_source(cfg.source)
             self.sink_worker.start()
             self.pipeline = Pipeline(source, self.holder, self.sampler, self.sink, cfg.pipeline, self.stats,
                                      observers=[self._observe])
@@ -367,7 +395,8 @@ class Daemon:
             end = max(self.pipeline.finished_at, self.sink_worker.last_done_at)
             self.run_seconds = max(1e-9, end - self.pipeline.started_at)
         finally:
-            source.request_stop()
+            if source is not None:
+                source.request_stop()
             self._close_sink()
             for name, fn in (("updater", self.updater.stop), ("telemetry", self.telemetry.stop)):
                 try:

@@ -205,6 +205,9 @@ class DuplicateFilter:
     def remember(self, h: int) -> None:
         self._recent.append((self.clock(), h))
 
+    def forget(self) -> None:
+        self._recent.clear()
+
 
 class Sampler:
     """``decide(scores, bgr) -> Decision``; thread-safe; counters in ``counters()``."""
@@ -246,6 +249,12 @@ class Sampler:
             value = DEFAULT_CONFIDENCE_THRESHOLD if default is None else float(default)
             self.cfg = dataclasses.replace(self.cfg, confidence_threshold=value)
         return self.confidence_threshold
+
+    def model_changed(self) -> None:
+        """A different model runs from now on: what it is unsure about is news even for a scene the previous
+        model's frames already showed, so the near-duplicate memory starts empty (rate limits carry on)."""
+        with self._lock:
+            self.dedup.forget()
 
     def decide(self, scores: np.ndarray, bgr: Optional[np.ndarray] = None,
                extra_reasons: Optional[List[int]] = None, thumbnail: Optional[np.ndarray] = None) -> Decision:

@@ -8,32 +8,26 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Iterator
 
 import pytest
 
-from tests.e2e.loop import DEVICE_ID, GROUP, MODEL_NAME, Loop, broker_gone
+from tests.e2e.loop import DEVICE_ID, GROUP, MODEL_NAME, BrightnessLoop, broker_gone, edge_summary
 from tests.helpers.wait import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
-def loop(tmp_path: Path, models_dir: Path) -> Iterator[Loop]:
-    lp = Loop(tmp_path / "loop", models_dir)
+def loop(tmp_path: Path, models_dir: Path) -> Iterator[BrightnessLoop]:
+    lp = BrightnessLoop(tmp_path / "loop", models_dir)
     try:
         yield lp
     finally:
         lp.close()  # SIGTERM edge and hub (and the broker if the hub left it) even when the test failed
 
 
-def edge_summary(log: Path) -> Dict[str, Any]:
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if "edge.daemon: summary " in ln]
-    assert lines, f"the edge daemon logged no summary:\n{log.read_text()[-2000:]}"
-    return dict(json.loads(lines[-1].split("edge.daemon: summary ", 1)[1]))
-
-
-def test_train_push_deploy_infer_sample_rollback_label_export(loop: Loop, tmp_path: Path) -> None:
+def test_train_push_deploy_infer_sample_rollback_label_export(loop: BrightnessLoop, tmp_path: Path) -> None:
     from tests.helpers.bundles import BRIGHTNESS_SPEC
     from trainer.ingest import clean, scan_sources
 
@@ -52,18 +46,18 @@ def test_train_push_deploy_infer_sample_rollback_label_export(loop: Loop, tmp_pa
     model_sha = hashlib.sha256((loop.models_dir / "brightness_int8.tflite").read_bytes()).hexdigest()
     assert pushed.model.sha256 == model_sha
     assert [m.model.version for m in loop.client.list_models(MODEL_NAME)] == [1]
-    dep = loop.deploy(1)
+    dep = loop.deploy_version(1)
     assert dep.desired.version == 1 and dep.topic == f"kestrel/v1/groups/{GROUP}/desired"
 
-    # the device boots on a bare bootstrap model, fetches v1, verifies, self-tests, switches, commits
-    loop.start_edge()
+    # a freshly flashed device (no model) waits for the hub: fetches v1, verifies, self-tests, switches, commits
+    loop.start_brightness_edge()
     dev = loop.wait_device(1, "COMMITTED")
     assert dev.group == GROUP and dev.state == "online"
     assert dev.reported.name == MODEL_NAME and dev.reported.sha256 == model_sha
     assert dev.desired_model == MODEL_NAME and dev.desired_version == 1  # the group's, though it joined later
 
     # low-confidence frames of v1 land in the hub's SQLite store with the right ids, version and reasons
-    frames = loop.wait_frames(1, n=3)
+    frames = loop.wait_version_frames(1, n=3)
     for f in frames:
         assert f.device_id == DEVICE_ID and f.frame_id.startswith(f"{DEVICE_ID}-")
         assert f.model_sha256 == model_sha
@@ -73,17 +67,18 @@ def test_train_push_deploy_infer_sample_rollback_label_export(loop: Loop, tmp_pa
 
     # v2: the device moves forward, v1 becomes its previous slot
     loop.push(loop.bundle(2))
-    loop.deploy(2)
+    loop.deploy_version(2)
     dev = loop.wait_device(2, "COMMITTED")
     assert dev.versions.previous.version == 1
     assert dev.desired_model == MODEL_NAME and dev.desired_version == 2
-    loop.wait_frames(2, n=1)
+    loop.wait_version_frames(2, n=1)
 
     # fleet rollback: back to its own previous slot (v1), never an older bundle over the network
     rb = loop.rollback()
     assert rb.desired.rollback is True
     dev = loop.wait_device(1, "ROLLED_BACK")
-    assert dev.versions.previous.version == 2 and "rollback" in dev.versions.reason
+    # "previous" is what a rollback would go to: nothing (v2 was rolled back from, and is rejected)
+    assert dev.versions.previous.version == 0 and "rollback" in dev.versions.reason
 
     # telemetry (every second) reaches the hub and lands on the device record
     wait_for(lambda: (loop.health()[1] or {}).get("ingest", {}).get("telemetry", 0) >= 1, 15, what="telemetry")

@@ -589,3 +589,47 @@ def test_unusable_data_dir_and_broken_model_are_one_line(tmp_path, models_dir): 
         errors = [ln for ln in res.stderr.splitlines() if ln.startswith("kestrel-edge run: error:")]
         assert len(errors) == 1 and message in errors[0], (extra, res.stderr[-2000:])
         assert "Traceback" not in res.stderr
+
+
+def test_a_fresh_device_without_a_model_waits_for_the_hub_and_stops_cleanly(tmp_path, broker):  # noqa: ANN001
+    """A freshly flashed device (no slot, no model.path) stays up, reports itself online with no model and
+    listens for the hub's desired state; SIGTERM ends it with exit 0 before any camera was opened."""
+    device = "cam-fresh-1"
+    src = '[source]\nkind = "rtsp"\nuri = "rtsp://127.0.0.1:1/never-opened"'
+    toml = write_toml(tmp_path, device, broker.port, src, tmp_path, model='path = ""',
+                      extra=f'[update]\nhub_grpc = "127.0.0.1:1"\ntrust_dir = "{tmp_path}"')
+    toml.write_text(toml.read_text().replace("enabled = false", "enabled = true"))  # follow the hub
+    col = Collector(broker.host, broker.port, [topics.status(device)])
+    proc = subprocess.Popen(daemon_cmd(toml), env=env(), cwd=str(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        def online() -> Optional[pb.Status]:
+            for p in col.payloads("/status"):
+                st = pb.Status()
+                st.ParseFromString(p)
+                if st.state == "online":
+                    return st
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            return None
+
+        st = wait_for(online, 30, what="the device's birth message")
+        assert not st.model.name and st.model.version == 0  # no model yet
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        col.close()
+    assert proc.returncode == 0, err[-2000:]
+    assert "waiting for the hub to deploy one" in err and "stopping before a first model arrived" in err
+    assert "never-opened" not in err  # the source is opened only once a model runs
+
+
+def test_no_model_and_no_hub_is_a_one_line_config_error(tmp_path, broker):  # noqa: ANN001
+    src = '[source]\nkind = "testpattern"'
+    toml = write_toml(tmp_path, "cam-fresh-2", broker.port, src, tmp_path, model='path = ""')  # updates off
+    proc = subprocess.run(daemon_cmd(toml), env=env(), cwd=str(tmp_path), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no model: nothing is installed" in proc.stderr and "Traceback" not in proc.stderr

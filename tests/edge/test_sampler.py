@@ -103,6 +103,19 @@ def test_duplicates_suppressed_for_static_scene_changed_scene_passes():
     assert s.decide(low, a).send
 
 
+def test_a_new_model_may_send_a_scene_the_previous_model_already_sent():
+    clock = Clock()
+    s = Sampler(cfg(dedup_distance=6, dedup_window_s=300, max_per_minute=3), clock=clock)
+    low = np.array([0.4, 0.3, 0.3])
+    assert s.decide(low, scene(1)).send
+    assert s.decide(low, scene(1)).skipped == "duplicate"
+    s.model_changed()                            # hot swap: the new model's doubts are news
+    assert s.decide(low, scene(1)).send
+    assert s.decide(low, scene(1)).skipped == "duplicate"
+    assert s.decide(low, scene(2)).send          # the rate limit carried on across the swap: 3 sent
+    assert s.decide(low, scene(3)).skipped == "rate_limited"
+
+
 def test_phash_and_dhash_distances():
     a, b = scene(1), scene(2)
     for h in (dhash, phash):

@@ -1,0 +1,421 @@
+"""The whole Kestrel loop on one machine, as real processes: keys -> hub -> signed bundles -> edge -> frames back.
+
+Used by ``python -m demo`` (``make demo``) and by tests/e2e. ``python -m hub serve`` (embedded Mosquitto,
+SQLite) and ``python -m edge run`` run as subprocesses; bundles are pushed and deployed over the hub's
+gRPC API. Every wait is a condition with a timeout (:func:`wait_for`); nothing sleeps for synchronisation.
+
+    with Loop(work_dir) as loop:
+        loop.make_keys()
+        loop.start_hub()
+        loop.push(bundle_bytes); loop.deploy("digits", 1)
+        loop.start_edge(loop.write_edge_config(source={...}))
+        loop.wait_device(version=1, state="COMMITTED")
+        ...
+    # __exit__ stops the edge and the hub (SIGTERM, then SIGKILL if they hang) even on failure
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICE_ID = "cam-1"
+GROUP = "demo"
+HUB_START_S = 30.0
+STOP_TIMEOUT_S = 20.0
+
+T = TypeVar("T")
+
+
+class LoopError(RuntimeError):
+    """A step of the loop failed; the message says which and why (with the tail of the process log)."""
+
+
+def wait_for(cond: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: Optional[str] = None) -> T:
+    """Poll ``cond`` until it returns something truthy; return it. AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    last: T = cond()
+    while not last:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or cond}")
+        time.sleep(interval)
+        last = cond()
+    return last
+
+
+def tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return "(no log)"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - someone else's process
+        return True
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def child_env() -> Dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                TF_CPP_MIN_LOG_LEVEL="2", TF_USE_LEGACY_KERAS="1", PYTHONUNBUFFERED="1")
+
+
+class Proc:
+    """A child process with its log file; ``stop()`` = SIGTERM, wait, SIGKILL as a last resort."""
+
+    def __init__(self, name: str, argv: List[str], log: Path) -> None:
+        self.name, self.argv, self.log = name, argv, log
+        self._fh = open(log, "ab")  # noqa: SIM115 - lives as long as the process
+        self.popen = subprocess.Popen(argv, cwd=str(REPO), env=child_env(), stdout=self._fh,
+                                      stderr=subprocess.STDOUT)
+        self.killed = False
+
+    @property
+    def pid(self) -> int:
+        return int(self.popen.pid)
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def check_running(self) -> None:
+        if not self.running():
+            text = tail(self.log)
+            last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), "(empty log)")
+            raise LoopError(f"{self.name} exited with code {self.popen.returncode}: {last.strip()} (log {self.log})"
+                            f"\n{text}")
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        if self.running():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.killed = True
+                self.popen.kill()
+                self.popen.wait(5)
+        self._fh.close()
+        return int(self.popen.returncode)
+
+
+def run_tool(argv: Sequence[str], log: Path, timeout: float = 900.0) -> subprocess.CompletedProcess:
+    """Run one of our commands to completion (``python -m trainer ...``), appending its output to ``log``.
+
+    A non-zero exit raises LoopError with the command's last line (its one-line error)."""
+    with open(log, "ab") as fh:
+        fh.write(("\n$ " + " ".join(argv) + "\n").encode())
+        fh.flush()
+        r = subprocess.run(list(argv), cwd=str(REPO), env=child_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=timeout)
+        fh.write(r.stdout)
+    if r.returncode != 0:
+        text = r.stdout.decode(errors="replace")
+        last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), "(no output)")
+        raise LoopError(f"`{' '.join(argv[2:4])}` exited {r.returncode}: {last.strip()} (log {log})")
+    return r
+
+
+def http_json(url: str, timeout: float = 5.0) -> tuple:
+    """(status, parsed JSON body or None); (0, None) when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"null")
+        except ValueError:
+            return exc.code, None
+    except (OSError, ValueError):
+        return 0, None
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a TOML basic string is a JSON string for what we write
+
+
+def toml_doc(sections: Mapping[str, Mapping[str, Any]]) -> str:
+    out: List[str] = []
+    for name, fields in sections.items():
+        out.append(f"[{name}]")
+        out.extend(f"{k} = {toml_value(v)}" for k, v in fields.items())
+    return "\n".join(out) + "\n"
+
+
+class Loop:
+    """One hub and one edge device in ``work`` (keys, hub data, device data, logs, export)."""
+
+    def __init__(self, work: Path, device_id: str = DEVICE_ID, group: str = GROUP) -> None:
+        self.work = Path(work).resolve()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.device_id, self.group = device_id, group
+        self.hub: Optional[Proc] = None
+        self.edge: Optional[Proc] = None
+        self.hub_info: Dict[str, Any] = {}
+        self.priv_path: Optional[Path] = None
+        self.trust_dir = self.work / "trust"
+        self.hub_dir = self.work / "hub-data"
+        self.edge_dir = self.work / "edge-data"
+        self._client: Any = None
+        self._store: Any = None
+
+    def __enter__(self) -> Loop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- keys ----
+    def make_keys(self) -> Path:
+        """An Ed25519 signing key (keys/signing.key) and its public half in trust/ (what hub and edge trust)."""
+        from edge import keys
+
+        priv, pub = keys.generate_keypair(self.work / "keys")
+        self.trust_dir.mkdir(exist_ok=True)
+        shutil.copyfile(pub, self.trust_dir / pub.name)
+        self.priv_path = priv
+        return priv
+
+    # ---- hub ----
+    def write_hub_config(self) -> Path:
+        path = self.work / "hub.toml"
+        path.write_text(toml_doc({
+            "hub": {"data_dir": str(self.hub_dir)},
+            "store": {"url": ""},                                    # SQLite in data_dir
+            "mqtt": {"host": "", "retry_initial_s": 0.05, "retry_max_s": 0.5},  # embedded Mosquitto
+            "grpc": {"bind": "127.0.0.1", "port": 0},
+            "http": {"bind": "127.0.0.1", "port": 0},
+            "registry": {"trust_dir": str(self.trust_dir)},
+        }))
+        return path
+
+    def start_hub(self, timeout: float = HUB_START_S) -> Dict[str, Any]:
+        cfg = self.write_hub_config()
+        info = self.hub_dir / "hub.json"
+        if info.exists():
+            info.unlink()
+        self.hub = Proc("hub", [sys.executable, "-m", "hub", "serve", "--config", str(cfg)], self.work / "hub.log")
+        hub = self.hub
+
+        def ready() -> bool:
+            hub.check_running()
+            return info.exists()
+
+        wait_for(ready, timeout, interval=0.05, what="the hub to write hub.json")
+        self.hub_info = json.loads(info.read_text())
+
+        def healthy() -> bool:
+            hub.check_running()
+            return bool(self.health()[0] == 200)
+
+        wait_for(healthy, timeout, interval=0.05, what="hub /healthz 200")
+        return self.hub_info
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.hub_info['grpc_port']}"
+
+    @property
+    def http_base(self) -> str:
+        return f"http://127.0.0.1:{self.hub_info['http_port']}"
+
+    def health(self) -> tuple:
+        return http_json(self.http_base + "/healthz")
+
+    def broker_pid(self) -> Optional[int]:
+        p = self.hub_dir / "broker" / "broker.json"
+        try:
+            return int(json.loads(p.read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from hub.fleetcmd import HubClient
+
+            self._client = HubClient(self.grpc_target, timeout_s=30.0)
+        return self._client
+
+    @property
+    def store(self) -> Any:
+        """The hub's own SQLite store, opened next to the running hub (WAL allows it)."""
+        if self._store is None:
+            from hub.store.open import open_store
+
+            self._store = open_store(str(self.hub_info.get("store") or self.hub_dir / "hub.db"))
+        return self._store
+
+    # ---- registry, fleet ----
+    def push(self, data: bytes) -> Any:
+        return self.client.push(data)
+
+    def deploy(self, model_name: str, version: int) -> Any:
+        return self.client.deploy(model_name, version, group=self.group)
+
+    def rollback(self) -> Any:
+        return self.client.rollback(group=self.group)
+
+    def device(self) -> Any:
+        """This device's record as the hub's Fleet.ListDevices reports it (None before its first status)."""
+        for d in self.client.list_devices(self.group):
+            if d.device_id == self.device_id:
+                return d
+        return None
+
+    def wait_device(self, version: int, state: str, timeout: float = 30.0) -> Any:
+        """Wait until the hub sees the device reporting ``version`` in update state ``state``."""
+        def cond() -> Any:
+            if self.edge is not None:
+                self.edge.check_running()
+            d = self.device()
+            if d is not None and d.reported.version == version and d.versions.update_state == state:
+                return d
+            return None
+
+        try:
+            return wait_for(cond, timeout, interval=0.1, what=f"{self.device_id} to report v{version} {state}")
+        except AssertionError as exc:
+            d = self.device()
+            seen = (f"v{d.reported.version} {d.versions.update_state} {d.versions.reason!r}" if d is not None
+                    else "no status yet")
+            raise LoopError(f"{exc} (hub sees: {seen}); edge log:\n{tail(self.work / 'edge.log')}") from None
+
+    # ---- edge ----
+    def edge_sections(self) -> Dict[str, Dict[str, Any]]:
+        """The edge config this loop needs (device, broker, hub, trust); callers add source and model."""
+        return {
+            "device": {"id": self.device_id, "group": self.group, "data_dir": str(self.edge_dir)},
+            "mqtt": {"host": self.hub_info["mqtt_host"], "port": int(self.hub_info["mqtt_port"]),
+                     "reconnect_min_s": 0.1, "reconnect_max_s": 1.0},
+            "spool": {"max_bytes": 16 * 1024 * 1024},
+            "telemetry": {"interval_s": 1.0, "metrics_port": 0},
+            "update": {"trust_dir": str(self.trust_dir), "hub_grpc": self.grpc_target,
+                       "trial_frames": 20, "trial_seconds": 1.0},
+        }
+
+    def write_edge_config(self, **sections: Mapping[str, Any]) -> Path:
+        """edge.toml from :meth:`edge_sections`, each keyword a section merged over it."""
+        doc = self.edge_sections()
+        for name, fields in sections.items():
+            doc.setdefault(name, {}).update(fields)
+        path = self.work / "edge.toml"
+        path.write_text(toml_doc(doc))
+        return path
+
+    def start_edge(self, config: Path) -> Proc:
+        self.edge = Proc("edge", [sys.executable, "-m", "edge", "run", "--config", str(config)],
+                         self.work / "edge.log")
+        return self.edge
+
+    # ---- frames, export ----
+    def frames(self, limit: int = 10000) -> List[Any]:
+        return list(self.store.list_frames(device_id=self.device_id, limit=limit))
+
+    def wait_frames(self, model_name: str, version: int, n: int = 3, timeout: float = 30.0) -> List[Any]:
+        """Wait until ``n`` frames of ``model_name`` ``version`` are in the hub's store."""
+        def cond() -> List[Any]:
+            if self.edge is not None:
+                self.edge.check_running()
+            got = [f for f in self.frames() if f.model_name == model_name and f.model_version == version]
+            return got if len(got) >= n else []
+
+        try:
+            return wait_for(cond, timeout, interval=0.1, what=f"{n} frames of v{version} in the hub's store")
+        except AssertionError as exc:
+            raise LoopError(f"{exc}; edge log:\n{tail(self.work / 'edge.log')}") from None
+
+    def export(self, out: Path) -> subprocess.CompletedProcess:
+        cfg = self.work / "hub.toml"
+        return subprocess.run([sys.executable, "-m", "hub", "export", "--config", str(cfg), "--out", str(out),
+                               "--force"], cwd=str(REPO), env=child_env(), capture_output=True, text=True,
+                              timeout=120)
+
+    # ---- shutdown ----
+    def stop_edge(self) -> int:
+        if self.edge is None:
+            return 0
+        rc = self.edge.stop()
+        if self.edge.killed:
+            raise LoopError(f"the edge daemon did not stop within {STOP_TIMEOUT_S}s of SIGTERM (killed)")
+        return rc
+
+    def stop_hub(self) -> int:
+        if self.hub is None:
+            return 0
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        rc = self.hub.stop()
+        if self.hub.killed:
+            raise LoopError(f"the hub did not stop within {STOP_TIMEOUT_S}s of SIGTERM (killed)")
+        return rc
+
+    def close(self) -> None:
+        """Stop everything still running (edge first, then hub); never raises."""
+        broker = self.broker_pid()
+        for proc in (self.edge, self.hub):
+            if proc is not None:
+                try:
+                    proc.stop()
+                except Exception:  # noqa: BLE001 - cleanup must go on
+                    pass
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._store is not None:
+            try:
+                self._store.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._store = None
+        if broker is not None and pid_alive(broker):  # the hub should have taken it down; make sure
+            try:
+                os.kill(broker, signal.SIGTERM)
+            except OSError:
+                pass
+
+
+def broker_gone(pid: Optional[int], timeout: float = 10.0) -> bool:
+    """True once the embedded Mosquitto ``pid`` has exited."""
+    if pid is None:
+        return True
+    try:
+        wait_for(lambda: not pid_alive(pid), timeout, interval=0.05, what=f"mosquitto pid {pid} to exit")
+    except AssertionError:
+        return False
+    return True
+
+
+def edge_summary(log: Path) -> Dict[str, Any]:
+    """The edge daemon's last ``summary`` log line (JSON) as a dict."""
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if "edge.daemon: summary " in ln]
+    if not lines:
+        raise LoopError(f"the edge daemon logged no summary; see {log}")
+    return dict(json.loads(lines[-1].split("edge.daemon: summary ", 1)[1]))
