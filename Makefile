@@ -80,14 +80,13 @@ check: setup
 	$(VPY) -m mypy edge hub trainer
 
 demo: setup
-	$(VPY) -m tests.helpers.models --out $(KESTREL_TEST_MODELS) >/dev/null
 	$(VPY) -m demo --out demo-out
 
 bench: setup test-models
 	$(VPY) -m tests.bench.run --out bench-out
 
 push-model: setup
-	$(VPY) -m trainer push-model $(if $(BUNDLE),--bundle $(BUNDLE)) $(if $(HUB),--hub $(HUB)) $(if $(VERSION),--version $(VERSION)) $(if $(DEPLOY),--deploy $(DEPLOY))
+	$(VPY) -m trainer push-model $(if $(BUNDLE),--bundle $(BUNDLE)) $(if $(RUN),--run $(RUN)) $(if $(KEY),--key $(KEY)) $(if $(HUB),--hub $(HUB)) $(if $(VERSION),--version $(VERSION)) $(if $(DEPLOY),--deploy $(DEPLOY))
 
 clean:
 	rm -rf $(VENV) .venv38 .venv-proto .cache build *.egg-info

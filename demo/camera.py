@@ -46,7 +46,7 @@ def render(img8: np.ndarray, size: int) -> np.ndarray:
 def write_video(path: Path, imgs: np.ndarray, size: int = 128, fps: float = 20.0, seed: int = 7) -> List[int]:
     """Write the digits as an MJPG .avi in a shuffled order; returns the order (indices into ``imgs``)."""
     order = [int(i) for i in np.random.default_rng(seed).permutation(len(imgs))]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (size, size))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (size, size))  # type: ignore[attr-defined]
     if not writer.isOpened():
         raise RuntimeError(f"OpenCV cannot write an MJPG video to {path}")
     try:
@@ -63,6 +63,7 @@ class Oracle:
     def __init__(self, imgs: np.ndarray, targets: np.ndarray) -> None:
         self.flat = imgs.reshape(len(imgs), -1).astype(np.float32)
         self.targets = targets
+        self.last_index = -1  # the camera digit the last labelled frame showed
 
     def index(self, bgr_or_grey: np.ndarray) -> int:
         grey = bgr_or_grey if bgr_or_grey.ndim == 2 else cv2.cvtColor(bgr_or_grey, cv2.COLOR_BGR2GRAY)
@@ -71,4 +72,7 @@ class Oracle:
 
     def label(self, encoded: bytes) -> Optional[int]:
         img = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_GRAYSCALE)
-        return None if img is None else int(self.targets[self.index(img)])
+        if img is None:
+            return None
+        self.last_index = self.index(img)
+        return int(self.targets[self.last_index])

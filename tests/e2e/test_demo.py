@@ -1,0 +1,41 @@
+"""``make demo`` end to end (about a minute and a half): train, sign, push, deploy to a fresh device,
+frames back, label, export, retrain, update, rollback, shutdown - every part as the real program."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.slow, pytest.mark.needs_tf, pytest.mark.timeout(600)]
+
+
+def test_demo_closes_the_loop_and_reports_its_figures(tmp_path: Path) -> None:
+    out = tmp_path / "demo-out"
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    r = subprocess.run([sys.executable, "-m", "demo", "--out", str(out)], cwd=str(REPO), env=env,
+                       capture_output=True, text=True, timeout=540)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "loop closed in" in r.stdout
+    fig = json.loads((out / "demo.json").read_text())["figures"]
+    assert fig["labelled"] >= 40 and fig["exported"] == fig["labelled"]
+    assert fig["frames_stored"] == fig["frames_sent"] > 0
+    assert 0.5 < fig["camera_accuracy"]["v1"] <= 1.0 and 0.5 < fig["camera_accuracy"]["v2"] <= 1.0
+    for bundle in ("runs/r1/model-v1.kbundle", "runs/r2/model-v2.kbundle"):
+        assert (out / bundle).is_file()
+    manifest = json.loads((out / "dataset" / "manifest.json").read_text())
+    assert len(manifest["frames"]) == fig["exported"]
+    # a directory that is not a previous demo output is refused with exit 2 and one line, untouched
+    other = tmp_path / "not-a-demo"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    r2 = subprocess.run([sys.executable, "-m", "demo", "--out", str(other)], cwd=str(REPO), env=env,
+                        capture_output=True, text=True, timeout=60)
+    assert r2.returncode == 2 and "not a previous demo output" in r2.stderr
+    assert (other / "precious.txt").read_text() == "keep me"
