@@ -2,9 +2,9 @@
 pruning-preserving QAT -> full-integer post-training quantization (TFLITE_BUILTINS_INT8, uint8/int8 I/O,
 representative data set = training images through the device preprocessing).
 
-Only the kernels of Conv2D, DepthwiseConv2D and Dense layers are pruned: the model is cloned with just
-those layers wrapped, so architectures with layers tfmot cannot wrap (MobileNetV3's hard-swish
-TFOpLambda and Multiply layers) prune too. The converter settings that decide whether a bundle runs on
+Only the kernels of Conv2D and Dense layers are pruned (tfmot leaves DepthwiseConv2D dense): the model is
+cloned with just those layers wrapped, so architectures with layers tfmot cannot wrap (MobileNetV3's
+hard-swish TFOpLambda and Multiply layers) prune too. The converter settings that decide whether a bundle runs on
 the oldest device runtime (tflite-runtime 2.14) are pinned in ``CONVERTER_PINS``, not left to the
 TensorFlow version's defaults; tests/trainer/test_convert.py runs every architecture x io dtype (x QAT)
 on tflite-runtime 2.14 under Python 3.8.
@@ -30,28 +30,31 @@ MIN_PRUNE_STEPS = 30
 
 SCHEDULE_TEXT = (
     "Magnitude pruning with a PolynomialDecay schedule: every `frequency` steps the smallest-magnitude "
-    "weights of each prunable layer (convolutions, dense) are masked to zero. Sparsity starts at "
+    "weights of each prunable layer (convolutions except depthwise, dense) are masked to zero. Sparsity starts at "
     "initial_sparsity and rises along s(t) = final + (initial - final) * (1 - t/T)^3 to the target at step T "
     "(2/3 of the pruning fine-tune), then holds while the remaining weights recover. strip_pruning then "
     "removes the masks, leaving ordinary layers whose zeros compress well (gzip) - the int8 conversion keeps "
     "the zeros.")
 
 
-def _prunable_types() -> tuple:
+def is_prunable(layer: Any) -> bool:
+    """Conv2D and Dense kernels. DepthwiseConv2D (a Conv2D subclass) is left out: tfmot's registry lists
+    no prunable weight for it (its 3x3 per-channel kernels are a few % of a MobileNet's weights and
+    sensitive), so wrapping it would only add overhead."""
     keras = tf().keras
-    return (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+    return (isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))
+            and not isinstance(layer, keras.layers.DepthwiseConv2D))
 
 
 def wrap_for_pruning(model: Any, schedule: Any) -> Any:
-    """A clone of `model` whose Conv2D / DepthwiseConv2D / Dense layers are wrapped for magnitude pruning.
+    """A clone of `model` whose Conv2D and Dense layers are wrapped for magnitude pruning.
 
     The other layers (and the wrapped layers' weights) are the model's own objects: training the clone
     trains `model` in place; convert `model` first if its unpruned form is needed."""
     keras, mot = tf().keras, tfmot()
-    kinds = _prunable_types()
 
     def wrap(layer: Any) -> Any:
-        if isinstance(layer, kinds):
+        if is_prunable(layer):
             return mot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)
         return layer
 
@@ -71,6 +74,7 @@ def prune(model: Any, images: np.ndarray, labels: np.ndarray, cfg: Config) -> tu
     total = max(1, steps_per_epoch * epochs)
     end = max(1, int(total * 2 / 3))
     freq = max(1, min(100, end // 4 or 1))
+    end = freq * max(1, end // freq)    # the last mask update lands on end_step: the target is reached exactly
     schedule = mot.sparsity.keras.PolynomialDecay(initial_sparsity=oc.initial_sparsity,
                                                   final_sparsity=oc.sparsity, begin_step=0, end_step=end,
                                                   frequency=freq)
@@ -82,7 +86,7 @@ def prune(model: Any, images: np.ndarray, labels: np.ndarray, cfg: Config) -> tu
     stripped = mot.sparsity.keras.strip_pruning(pruned)
     info = {"initial_sparsity": oc.initial_sparsity, "final_sparsity": oc.sparsity, "begin_step": 0,
             "end_step": end, "frequency": freq, "total_steps": total, "epochs": epochs, "power": 3,
-            "pruned_layer_types": ["Conv2D", "DepthwiseConv2D", "Dense"], "explained": SCHEDULE_TEXT}
+            "pruned_layer_types": ["Conv2D", "Dense"], "explained": SCHEDULE_TEXT}
     return stripped, info, {k: [float(v) for v in vals] for k, vals in hist.history.items()}
 
 
@@ -106,18 +110,23 @@ def prune_preserving_qat(model: Any, images: np.ndarray, labels: np.ndarray, cfg
 
 
 def sparsity_of(model: Any) -> Dict[str, float]:
-    """Share of exact zeros in the kernels of prunable layers (conv, depthwise, dense)."""
+    """Share of exact zeros: `overall` over the pruned kernels (Conv2D, Dense), `all_kernels` also counting
+    the (unpruned) depthwise kernels, and per layer."""
     keras = tf().keras
-    zeros = total = 0
+    zeros = total = all_zeros = all_total = 0
     per_layer: Dict[str, float] = {}
     for layer in model.layers:
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense, keras.layers.DepthwiseConv2D)):
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
             w = layer.get_weights()[0]
             z = int((w == 0).sum())
             per_layer[layer.name] = z / w.size
-            zeros += z
-            total += w.size
-    return {"overall": zeros / max(1, total), **{f"layer:{k}": v for k, v in per_layer.items()}}
+            all_zeros += z
+            all_total += w.size
+            if is_prunable(layer):
+                zeros += z
+                total += w.size
+    return {"overall": zeros / max(1, total), "all_kernels": all_zeros / max(1, all_total),
+            **{f"layer:{k}": v for k, v in per_layer.items()}}
 
 
 def representative(images: np.ndarray, cfg: Config, n: int) -> Callable[[], Iterable[list]]:
@@ -134,14 +143,13 @@ def representative(images: np.ndarray, cfg: Config, n: int) -> Callable[[], Iter
 
 # Converter settings pinned (not left to TensorFlow's defaults, which move between versions): the MLIR
 # converter and quantizer; builtin ops only (no Select TF ops, no custom ops: tflite-runtime has neither);
-# per-channel int8 weights with int32 biases (what TFLite 2.x kernels and XNNPACK's QC8 path run);
+# per-channel int8 weights (unless optimize.per_channel = false) with int32 biases;
 # no buffer-offset flatbuffers (a >2 GB format older runtimes cannot read); no StableHLO quantizer.
 CONVERTER_PINS: Dict[str, Any] = {
     "experimental_new_converter": True,
     "experimental_new_quantizer": True,
     "allow_custom_ops": False,
     "experimental_use_stablehlo_quantizer": False,
-    "_experimental_disable_per_channel": False,
     "_experimental_full_integer_quantization_bias_type": None,
     "_experimental_use_buffer_offset": False,
     "_experimental_strict_qdq": False,
@@ -153,11 +161,14 @@ def converter_settings() -> Dict[str, Any]:
     return {"tensorflow": str(tf().__version__), **{k.lstrip("_"): v for k, v in CONVERTER_PINS.items()}}
 
 
-def to_tflite(model: Any, rep: Optional[Callable[[], Iterable[list]]] = None, io_dtype: str = "uint8") -> bytes:
-    """Float .tflite when rep is None, else full-integer int8 with io_dtype input/output."""
+def to_tflite(model: Any, rep: Optional[Callable[[], Iterable[list]]] = None, io_dtype: str = "uint8",
+              per_channel: bool = True) -> bytes:
+    """Float .tflite when rep is None, else full-integer int8 with io_dtype input/output (per-channel or
+    per-tensor weight scales)."""
     t = tf()
     conv = t.lite.TFLiteConverter.from_keras_model(model)
-    for key, value in CONVERTER_PINS.items():
+    pins = dict(CONVERTER_PINS, _experimental_disable_per_channel=not per_channel)
+    for key, value in pins.items():
         if not hasattr(conv, key):  # pragma: no cover - a TensorFlow without this knob: say so, do not guess
             raise OptimizeError(f"this TensorFlow ({t.__version__}) has no converter setting {key}: "
                                 "check trainer.optimize.CONVERTER_PINS against it")

@@ -318,9 +318,10 @@ def optimize(rundir: Path, progress: Progress = None, rep_override: Any = None) 
 
     write_bytes(out / "float.tflite", opt.to_tflite(model))
     step("float")
-    write_bytes(out / "int8.tflite", opt.to_tflite(model, rep, cfg.optimize.io_dtype))
+    oc = cfg.optimize
+    write_bytes(out / "int8.tflite", opt.to_tflite(model, rep, oc.io_dtype, oc.per_channel))
     step("int8")
-    info: Dict[str, Any] = {"qat": cfg.optimize.qat, "io_dtype": cfg.optimize.io_dtype,
+    info: Dict[str, Any] = {"qat": oc.qat, "io_dtype": oc.io_dtype, "per_channel": oc.per_channel,
                             "converter": opt.converter_settings()}
     if cfg.optimize.sparsity > 0:
         pruned, sched, hist = opt.prune(model, ds.images[tr], ds.labels[tr], cfg)  # trains `model` in place
@@ -336,7 +337,7 @@ def optimize(rundir: Path, progress: Progress = None, rep_override: Any = None) 
     if cfg.optimize.qat:
         final = opt.prune_preserving_qat(pruned, ds.images[tr], ds.labels[tr], cfg)
         step("qat")
-    write_bytes(out / "pruned_int8.tflite", opt.to_tflite(final, rep, cfg.optimize.io_dtype))
+    write_bytes(out / "pruned_int8.tflite", opt.to_tflite(final, rep, oc.io_dtype, oc.per_channel))
     step("pruned_int8")
     if bar is not None:
         bar.close()

@@ -68,7 +68,7 @@ def test_bundle_verifies_and_its_model_classifies_held_out_images(bundle_run):
     model = load_model(vb.model_bytes, spec=m.input_spec, labels=vb.labels)
     pred = np.array([int(np.argmax(model.invoke(model_input(p, m.input_spec)))) for p in images])
     accuracy = float((pred == labels).mean())
-    assert accuracy >= 0.85, f"the shipped model gets only {accuracy:.3f} on held-out digits"
+    assert accuracy >= 0.8, f"the shipped model gets only {accuracy:.3f} on held-out digits (chance: 0.25)"
     assert m.metrics["accuracy"] == pytest.approx(accuracy)          # the manifest tells the truth
     assert m.metrics["n_test"] == len(labels)
     assert m.metrics["accuracy_drop_points"] <= 10.0                 # the gate (tolerance 10 here) passed

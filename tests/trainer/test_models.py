@@ -1,6 +1,6 @@
 """Every architecture through pruning and full-integer conversion (tiny: 32 px, alpha 0.35, one pruning
 step), transfer learning from a local weights file, and every converted model (each architecture, both
-io dtypes, QAT) on the oldest device runtime: tflite-runtime 2.14 under Python 3.8."""
+io dtypes, QAT, per-tensor weights) on the oldest device runtime: tflite-runtime 2.14 under Python 3.8."""
 
 from __future__ import annotations
 
@@ -68,14 +68,16 @@ def converted(tmp_path_factory):  # noqa: ANN001, ANN201
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(models, "RUN_EAGERLY", True)        # one step on a tiny model: skip graph tracing
         mp.setattr(opt, "MIN_PRUNE_STEPS", 1)
-        for arch, io in CASES + [("small_cnn", "uint8")]:
-            cfg = _cfg(arch, io, **({"optimize.qat": True, "optimize.qat_epochs": 1} if arch == "small_cnn"
-                                    and io == "uint8" else {}))
+        extra = [("small_cnn", "uint8", {"optimize.qat": True, "optimize.qat_epochs": 1}),
+                 ("small_cnn", "int8", {"optimize.per_channel": False})]
+        for arch, io, more in [(a, i, {}) for a, i in CASES] + extra:
+            cfg = _cfg(arch, io, **more)
             model = models.build_model(cfg.model, N_CLASSES, seed=0)
             pruned, _info, _hist = opt.prune(model, x, y, cfg)
             final = opt.prune_preserving_qat(pruned, x, y, cfg) if cfg.optimize.qat else pruned
-            name = f"{arch}-{io}" + ("-qat" if cfg.optimize.qat else "")
-            data = opt.to_tflite(final, opt.representative(x, cfg, 4), io)
+            name = f"{arch}-{io}" + ("-qat" if cfg.optimize.qat else "") + ("" if cfg.optimize.per_channel
+                                                                             else "-per_tensor")
+            data = opt.to_tflite(final, opt.representative(x, cfg, 4), io, cfg.optimize.per_channel)
             path = out / f"{name}.tflite"
             path.write_bytes(data)
             spec = load_model(data).spec
@@ -87,8 +89,8 @@ def converted(tmp_path_factory):  # noqa: ANN001, ANN201
                 it.set_tensor(it.get_input_details()[0]["index"], t)
                 it.invoke()
                 outputs.append(it.get_tensor(it.get_output_details()[0]["index"]).reshape(-1).astype(int).tolist())
-            res[name] = {"path": str(path), "sparsity": opt.sparsity_of(pruned)["overall"], "io": io,
-                         "spec": spec, "inputs": [t.reshape(-1).astype(int).tolist() for t in inputs],
+            res[name] = {"path": str(path), "bytes": len(data), "sparsity": opt.sparsity_of(pruned)["overall"],
+                         "io": io, "spec": spec, "inputs": [t.reshape(-1).astype(int).tolist() for t in inputs],
                          "outputs": outputs, "tensors": opt.tensor_types(data)}
             tf().keras.backend.clear_session()
     return res
@@ -96,7 +98,11 @@ def converted(tmp_path_factory):  # noqa: ANN001, ANN201
 
 @pytest.mark.slow
 def test_every_architecture_prunes_and_converts_to_full_integer(converted):
-    assert sorted(converted) == sorted([f"{a}-{io}" for a, io in CASES] + ["small_cnn-uint8-qat"])
+    assert sorted(converted) == sorted([f"{a}-{io}" for a, io in CASES]
+                                       + ["small_cnn-uint8-qat", "small_cnn-int8-per_tensor"])
+    # Per-tensor weight scales drop ~12 bytes of quantization parameters per output channel.
+    channels = 16 + 32 + 64 + 128 + N_CLASSES
+    assert converted["small_cnn-int8-per_tensor"]["bytes"] <= converted["small_cnn-int8"]["bytes"] - 10 * channels
     for name, c in converted.items():
         assert c["sparsity"] > 0.3, (name, c["sparsity"])            # pruning really ran on every arch
         assert c["spec"].dtype == c["io"] and c["spec"].scale > 0, name
@@ -171,3 +177,25 @@ def test_transfer_learning_trains_the_head_on_the_frozen_backbone_then_fine_tune
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(snaps[1]["scores"][0], snaps[0]["scores"][0])
     assert snaps[1]["lr"] == pytest.approx(0.001)
+
+
+@pytest.mark.slow
+def test_int8_io_model_goes_through_evaluation_and_the_device_self_test(converted):
+    """io_dtype = int8: signed inputs with a zero point, through the trainer's evaluation helpers and the
+    device's self-test (what a bundle of such a model would replay)."""
+    from pathlib import Path
+
+    from edge.updater.selftest import run_self_test
+    from trainer.evaluate import evaluate_tflite, self_test_cases
+
+    c = converted["small_cnn-int8"]
+    data = Path(c["path"]).read_bytes()
+    assert c["spec"].dtype == "int8" and -128 <= c["spec"].zero_point <= 127
+    x, y = _data()
+    m = evaluate_tflite(data, c["spec"], x, y, N_CLASSES)
+    assert sum(map(sum, m["confusion"])) == len(y)
+    cases = self_test_cases(data, c["spec"], x, y, 4)
+    assert len(cases) == 4
+    res = run_self_test(load_model(data, spec=c["spec"]), {"cases": cases, "tolerance": 1e-6,
+                                                           "latency_budget_ms": None}, latency_budget_ms=1000.0)
+    assert res["cases"] == 4 and res["max_diff"] == 0.0

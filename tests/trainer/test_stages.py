@@ -86,7 +86,7 @@ def test_evaluation_on_edge_runtime_reproduces_and_the_gate_passes(trained_run):
     ev = _json(trained_run / "evaluate" / "evaluate.json")
     st = ev["stages"]
     assert set(st) == {"float", "pruned_float", "int8", "pruned_int8"}
-    assert st["float"]["accuracy"] >= 0.85                      # 4 digits: clearly learned
+    assert st["float"]["accuracy"] >= 0.8                       # 4 digits: clearly learned (chance: 0.25)
     assert st["int8"]["bytes"] < 0.35 * st["float"]["bytes"]
     assert st["pruned_int8"]["latency"]["runtime"] in ("ai-edge-litert", "tflite-runtime")
     assert ev["gate"]["passed"] is True and ev["gate"]["max_drop_points"] == 10.0
