@@ -264,3 +264,25 @@ def test_pruning_preserving_qat_through_the_cli_keeps_sparsity_and_accuracy(run_
     assert rc == 0 and "gate passed" in out, err
     ev = _json(run_copy / "evaluate" / "evaluate.json")
     assert ev["stages"]["pruned_int8"]["accuracy"] >= 0.8
+
+
+def test_run_exits_2_on_a_refused_gate_and_writes_the_report_but_no_bundle(digits_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    """The whole `run` with a deliberately broken quantization (all-zero calibration data)."""
+    from edge.keys import generate_keypair
+    from trainer import optimize as opt
+
+    def zeros_rep(images, cfg, n):  # noqa: ANN001, ANN202, ARG001
+        def gen():  # noqa: ANN202
+            for _ in range(10):
+                yield [np.zeros((1, 32, 32, 3), np.float32)]
+        return gen
+
+    monkeypatch.setattr(opt, "representative", zeros_rep)
+    key, _ = generate_keypair(tmp_path / "keys")
+    rundir = tmp_path / "r"
+    rc, out, err = _cli(capsys, "run", "--data", str(digits_dir), "--out", str(rundir), "--folds", "0",
+                        "--epochs", "5", "--sparsity", "0", "--no-flip", "--key", str(key), "--version", "1")
+    assert rc == 2 and "evaluation gate failed" in err[-1] and "packaging refused" in err[-1]
+    assert "report:" in out and "Gate: FAILED" in (rundir / "report" / "report.html").read_text()
+    assert not list(rundir.glob("*.kbundle"))
