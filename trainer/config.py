@@ -157,7 +157,8 @@ class GateConfig:
     self_test_cases: int = field(4, doc="Held-out inputs stored in the bundle as self-test cases (1..64; one per "
                                  "class first).")
     self_test_tolerance: float = field(0.02, doc="Max absolute score difference a device may show on self-test "
-                                       "(> 0 and <= 1).")
+                                       "(> 0 and <= 1; devices use at most their own "
+                                       "update.self_test_max_tolerance, default 0.1).")
     latency_budget_ms: float = field(0.0, doc="Self-test latency budget per inference recorded in the bundle; "
                                      "0 = none (the device's own update.self_test_latency_ms decides). A "
                                      "device uses the smaller of the two, so only set it for the slowest "
@@ -175,8 +176,8 @@ class GateConfig:
             raise ValueError("self_test_cases must be 1..64 (devices refuse a bundle without self-test cases)")
         if not 0.0 < self.self_test_tolerance <= 1.0:
             raise ValueError("self_test_tolerance must be > 0 and <= 1")
-        if self.latency_budget_ms < 0:
-            raise ValueError("latency_budget_ms must be >= 0 (0 = none: the device decides)")
+        if not 0.0 <= self.latency_budget_ms <= 3_600_000.0:
+            raise ValueError("latency_budget_ms must be 0..3600000 (0 = none: the device decides)")
         if not 0.0 <= self.default_threshold <= 1.0:
             raise ValueError("default_threshold must be 0..1")
         if not valid_model_name(self.model_name):

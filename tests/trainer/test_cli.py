@@ -120,7 +120,7 @@ def test_argparse_errors_exit_nonzero(argv):
     (["--prune-epochs", "0"], "prune_epochs and qat_epochs must be >= 1"),
     (["--cv-epochs", "-1"], "cv_epochs and head_epochs must be >= 0"),
     (["--max-accuracy-drop", "-5"], "max_accuracy_drop must be 0..100"),
-    (["--latency-budget-ms", "-1"], "latency_budget_ms must be >= 0"),
+    (["--latency-budget-ms", "-1"], "latency_budget_ms must be 0..3600000"),
     (["--qat", "--arch", "mobilenet_v3_large"], "optimize.qat does not support mobilenet_v3_large"),
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, monkeypatch, flags, message):
