@@ -4,7 +4,7 @@ Thread-safe by giving every thread its own connection; several processes may sha
 busy_timeout), which is how two hub workers on one machine split the ingest. Locked/unreachable
 database errors become StoreUnavailable (the ingest retries), everything else StoreError.
 
-Durability and speed (docs/hub.md, docs/adr/hub-ingest-durability.md):
+Durability and speed (docs/hub.md, docs/adr/0005-hub-ingest-durability.md):
 
 * ``synchronous`` is FULL by default: every commit fsyncs the WAL, so what the ingest acknowledged
   survives a power loss or an OS crash. NORMAL (opt-in) fsyncs only at checkpoints: a power loss
