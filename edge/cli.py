@@ -14,7 +14,7 @@ import warnings
 from typing import List, Optional
 
 from edge import __version__
-from edge.errors import ArtifactError, KestrelError, TransportError
+from edge.errors import EXIT_INTERRUPTED, run_command
 
 # cryptography warns on every import under Python 3.8 (still the JetPack 4.6/5 Python); the
 # device has no other Python, so the warning is noise that breaks "one clear line" errors.
@@ -52,18 +52,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     mod = importlib.import_module(args._module)
     runner = getattr(mod, f"run_{args._name.replace('-', '_')}", None) or mod.run
     try:
-        return int(runner(args) or 0)
-    except ArtifactError as exc:
-        print(f"kestrel-edge {args._name}: error: {exc}", file=sys.stderr)
-        return 2
-    except TransportError as exc:
-        print(f"kestrel-edge {args._name}: error: {exc}", file=sys.stderr)
-        return 3
-    except KestrelError as exc:  # pragma: no cover - every error has one of the two roots
-        print(f"kestrel-edge {args._name}: error: {exc}", file=sys.stderr)
-        return 1
+        return run_command(f"kestrel-edge {args._name}", lambda: runner(args))
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ Third-party errors (paho, grpc, TFLite, OpenCV) are wrapped at the boundary with
 
 from __future__ import annotations
 
+import sys
+from typing import Callable, Optional
+
 
 class KestrelError(Exception):
     """Root of every Kestrel error."""
@@ -67,3 +70,25 @@ class HubError(TransportError):
 
 class RuntimeUnavailable(ModelError):
     """No usable TFLite runtime is installed."""
+
+
+EXIT_OTHER = 1        # a KestrelError with neither root (should not happen), or a bug
+EXIT_ARTIFACT = 2     # bad input: fix it, retrying will not help
+EXIT_TRANSPORT = 3    # something we talk to is unavailable: retry later
+EXIT_INTERRUPTED = 130
+
+
+def run_command(what: str, body: Callable[[], Optional[int]]) -> int:
+    """Run a command's body and return its exit code; a KestrelError becomes one line on stderr
+    (``what: error: message``) and the exit code of its root. Anything else propagates."""
+    try:
+        return int(body() or 0)
+    except ArtifactError as exc:
+        print(f"{what}: error: {exc}", file=sys.stderr)
+        return EXIT_ARTIFACT
+    except TransportError as exc:
+        print(f"{what}: error: {exc}", file=sys.stderr)
+        return EXIT_TRANSPORT
+    except KestrelError as exc:  # every error has one of the two roots; kept as a safety net
+        print(f"{what}: error: {exc}", file=sys.stderr)
+        return EXIT_OTHER

@@ -148,7 +148,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Stand-alone entry (tests, and before edge.cli knows these commands)."""
-    from edge.errors import KestrelError, TransportError
+    from edge.errors import run_command
 
     p = argparse.ArgumentParser(prog="kestrel-edge")
     sub = p.add_subparsers(dest="command")
@@ -158,17 +158,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         adder(sub.add_parser(name))
     args = p.parse_args(argv)
     runner = {"install": run_install, "rollback": run_rollback, "status": run_status}[args.command]
-    try:
-        return runner(args)
-    except ArtifactError as exc:
-        print(f"kestrel-edge {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except TransportError as exc:
-        print(f"kestrel-edge {args.command}: error: {exc}", file=sys.stderr)
-        return 3
-    except KestrelError as exc:
-        print(f"kestrel-edge {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    return run_command(f"kestrel-edge {args.command}", lambda: runner(args))
 
 
 if __name__ == "__main__":

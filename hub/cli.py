@@ -13,8 +13,8 @@ import logging
 import sys
 from typing import List, Optional
 
+from edge.errors import EXIT_INTERRUPTED, run_command
 from hub import __version__
-from hub.errors import ArtifactError, KestrelError, TransportError
 
 # subcommand -> (module, help)
 COMMANDS = {
@@ -61,18 +61,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     mod = importlib.import_module(args._module)
     runner = getattr(mod, f"run_{args._name.replace('-', '_')}", None) or mod.run
     try:
-        return int(runner(args) or 0)
-    except ArtifactError as exc:
-        print(f"kestrel-hub {args._name}: error: {exc}", file=sys.stderr)
-        return 2
-    except TransportError as exc:
-        print(f"kestrel-hub {args._name}: error: {exc}", file=sys.stderr)
-        return 3
-    except KestrelError as exc:  # pragma: no cover - every error has one of the two roots
-        print(f"kestrel-hub {args._name}: error: {exc}", file=sys.stderr)
-        return 1
+        return run_command(f"kestrel-hub {args._name}", lambda: runner(args))
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

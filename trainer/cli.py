@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from edge.errors import ArtifactError, KestrelError, TransportError
+from edge.errors import ArtifactError, run_command
 from trainer.config import ARCHS
 
 # flag dest -> config field
@@ -330,16 +330,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _quiet()
     args = build_parser().parse_args(argv)
     try:
-        return HANDLERS[args.command](args)
-    except ArtifactError as exc:
-        print(f"kestrel-train {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except TransportError as exc:
-        print(f"kestrel-train {args.command}: error: {exc}", file=sys.stderr)
-        return 3
-    except KestrelError as exc:  # pragma: no cover
-        print(f"kestrel-train {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return run_command(f"kestrel-train {args.command}", lambda: HANDLERS[args.command](args))
     except KeyboardInterrupt:
         print(f"kestrel-train {args.command}: interrupted", file=sys.stderr)
         return 130
