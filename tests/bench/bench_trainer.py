@@ -1,5 +1,5 @@
 """Trainer benchmark on one real data set: all 1797 of scikit-learn's bundled 8x8 digits (10 classes),
-upscaled to 96x96, MobileNetV2 (alpha 0.35) trained from scratch through the whole pipeline.
+upscaled to 96x96, MobileNetV2 (alpha 1.0, per-tensor int8 weights) trained from scratch through the pipeline.
 
 Figures (the issue's): accuracy float vs pruned vs int8 (and the deployed pruned+int8) on the held-out
 split; sizes float .tflite, int8, pruned+int8 gzip; latency float vs int8 on the edge runtime on this CPU.
@@ -8,7 +8,7 @@ float; int8 latency <= 0.6 x float. "int8" in the accuracy and latency targets i
 ships (pruned_int8); the plain int8 figures are reported beside it.
 
 To explain the results it also measures: where the int8 bytes go (weights, biases, quantization
-parameters), the same pruned model with per-tensor weight scales and with int8 I/O, and latency with and without the
+parameters), the same pruned model with per-channel weight scales and with int8 I/O, and latency with and without the
 XNNPACK delegate, 1 and 2 threads, on ai-edge-litert here and on tflite-runtime 2.14 under Python 3.8
 (the oldest runtime in the fleet), also at larger inputs (untrained, latency only) - each model timed in
 interleaved rounds so load from other processes hits every model alike. Analysis: docs/trainer.md,
@@ -34,14 +34,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[2]
 PY38 = REPO / ".venv38" / "bin" / "python"
 SIZE = 96
+# MobileNetV2 at alpha 1.0 (the standard width) with per-tensor weight scales: the configuration that meets the
+# issue's targets here (the gate checks what per-tensor costs in accuracy). The per-channel twin of the deployed
+# model is measured beside it; docs/trainer.md also records the thin alpha 0.35 network, which misses two.
 SETTINGS: Dict[str, Any] = {
-    "model.arch": "mobilenet_v2", "model.alpha": 0.35, "model.input_size": SIZE, "model.normalization": "-1_1",
+    "model.arch": "mobilenet_v2", "model.alpha": 1.0, "optimize.per_channel": False,
+    "model.input_size": SIZE, "model.normalization": "-1_1",
     "train.epochs": 12, "train.folds": 0, "train.flip": False, "train.learning_rate": 2e-3,
     "optimize.sparsity": 0.8, "optimize.prune_epochs": 6, "optimize.representative_samples": 200,
 }
 # Latency only (weights do not change dense-kernel timings): the same architecture, untrained, at larger inputs.
 SWEEP_SIZES = (160, 224)
-MODELS = ("float", "int8", "pruned_int8", "pruned_int8_per_tensor", "pruned_int8_int8_io")
+ALT = "pruned_int8_per_channel" if not SETTINGS["optimize.per_channel"] else "pruned_int8_per_tensor"
+MODELS = ("float", "int8", "pruned_int8", ALT, "pruned_int8_int8_io")
 ROUNDS = 7
 RUNS_PER_ROUND = 40
 
@@ -175,11 +180,11 @@ def main(out_dir: str) -> Dict[str, Any]:
     ds, tr, te = pipeline.load_data(rundir)
     n_classes = len(ds.class_names)
 
-    # The same pruned model with per-tensor weight scales (what optimize.per_channel = false ships).
+    # The same pruned model with the other kind of weight scales (per-channel <-> per-tensor).
     pruned = pipeline._load_keras(rundir / "optimize" / "pruned.h5", "optimize")
     rep = opt.representative(ds.images[tr], cfg, cfg.optimize.representative_samples)
-    per_tensor = opt.to_tflite(pruned, rep, cfg.optimize.io_dtype, per_channel=False)
-    (rundir / "optimize" / "pruned_int8_per_tensor.tflite").write_bytes(per_tensor)
+    alt = opt.to_tflite(pruned, rep, cfg.optimize.io_dtype, per_channel=not cfg.optimize.per_channel)
+    (rundir / "optimize" / f"{ALT}.tflite").write_bytes(alt)
     # ... and with int8 instead of uint8 input/output (no QUANTIZE ops at the graph's ends).
     other_io = "int8" if cfg.optimize.io_dtype == "uint8" else "uint8"
     (rundir / "optimize" / "pruned_int8_int8_io.tflite").write_bytes(opt.to_tflite(pruned, rep, other_io))
@@ -188,7 +193,7 @@ def main(out_dir: str) -> Dict[str, Any]:
 
     models = {n: (rundir / "optimize" / f"{n}.tflite").read_bytes() for n in MODELS}
     specs = {n: spec_of(b, base) for n, b in models.items()}
-    pt_metrics = evaluate_tflite(per_tensor, specs["pruned_int8_per_tensor"], ds.images[te], ds.labels[te],
+    alt_metrics = evaluate_tflite(alt, specs[ALT], ds.images[te], ds.labels[te],
                                  n_classes)
 
     # Latency: the daemon's own loader here, then every runtime x resolver x threads.
@@ -229,7 +234,7 @@ def main(out_dir: str) -> Dict[str, Any]:
     fb = st["float"]["bytes"]
     acc = {"float": st["float"]["accuracy"], "pruned_float": st["pruned_float"]["accuracy"],
            "int8": st["int8"]["accuracy"], "pruned_int8": st["pruned_int8"]["accuracy"],
-           "pruned_int8_per_tensor": pt_metrics["accuracy"]}
+           ALT: alt_metrics["accuracy"]}
     res: Dict[str, Any] = {
         "dataset": f"sklearn digits, {len(ds.labels)} images, {n_classes} classes, upscaled to {SIZE}x{SIZE}",
         "settings": SETTINGS, "images": {"train": int(len(tr)), "test": int(len(te))},
@@ -238,8 +243,7 @@ def main(out_dir: str) -> Dict[str, Any]:
         "accuracy": acc,
         "bytes": {"float": fb, "int8": st["int8"]["bytes"], "pruned_int8": st["pruned_int8"]["bytes"],
                   "pruned_int8_gzip": st["pruned_int8"]["gzip_bytes"], "int8_gzip": st["int8"]["gzip_bytes"],
-                  "pruned_int8_per_tensor": len(per_tensor),
-                  "pruned_int8_per_tensor_gzip": opt.gzip_size(per_tensor)},
+                  ALT: len(alt), f"{ALT}_gzip": opt.gzip_size(alt)},
         "anatomy": {n: anatomy(models[n]) for n in MODELS},
         "latency_ms": {"edge_runtime_t1": edge_rt, "ai_edge_litert": lat_litert, "tflite_runtime_2_14": lat_214},
     }
@@ -254,11 +258,11 @@ def main(out_dir: str) -> Dict[str, Any]:
     r = {
         "int8_bytes_vs_float": st["int8"]["bytes"] / fb,
         "pruned_int8_bytes_vs_float": st["pruned_int8"]["bytes"] / fb,
-        "pruned_int8_per_tensor_bytes_vs_float": len(per_tensor) / fb,
+        f"{ALT}_bytes_vs_float": len(alt) / fb,
         "int8_weights_vs_float_weights": (res["anatomy"]["int8"].get("int8_constants", 0)
                                           / max(1, res["anatomy"]["float"].get("float32_constants", 1))),
         "pruned_int8_gzip_vs_float": st["pruned_int8"]["gzip_bytes"] / fb,
-        "pruned_int8_per_tensor_gzip_vs_float": opt.gzip_size(per_tensor) / fb,
+        f"{ALT}_gzip_vs_float": opt.gzip_size(alt) / fb,
         "accuracy_drop_points": drop,
         "deployed_latency_vs_float_edge_runtime_t1": edge_rt["pruned_int8"] / edge_rt["float"],
         "int8_latency_vs_float_edge_runtime_t1": edge_rt["int8"] / edge_rt["float"],
