@@ -246,6 +246,7 @@ class Ingest:
         self._stop = threading.Event()
         self._generation = 0
         self._known: Set[str] = set()
+        self._registering: Set[str] = set()  # new devices of the batch being processed
         self._pending_seen: Dict[str, int] = {}
         self._last_seen_flush = 0
         self._reject_log: Dict[str, Tuple[float, int]] = {}
@@ -474,16 +475,18 @@ class Ingest:
             self._reject_log[exc.reason] = (last, suppressed + 1)
 
     def _check_device(self, device_id: str) -> None:
-        """Auto-register (or refuse) a device the first time it is seen. May raise StoreError."""
-        if device_id in self._known:
+        """Refuse an unknown device (allow_unknown_devices = false) or note it for auto-registration,
+        which _process does with the batch's other writes: a device whose first message is its status
+        appears with that status at once, never as a blank record first. May raise StoreError."""
+        if device_id in self._known or device_id in self._registering:
             return
         if self.store.get_device(device_id) is None:
             if not self.cfg.allow_unknown_devices:
                 raise PayloadRejected("unknown_device", f"device {device_id!r} is not registered "
                                                         "(allow_unknown_devices = false)")
-            self.store.upsert_device(device_id, last_seen_ms=now_ms())
-            log.info("auto-registered device %s", device_id)
-        self._known.add(device_id)
+            self._registering.add(device_id)
+        else:
+            self._known.add(device_id)
 
     def _classify(self, batch: List[Message], validated: List[Validated]) -> Tuple[
             List[Tuple[Message, PayloadRejected]], List[Tuple[int, FrameRecord]],
@@ -553,10 +556,17 @@ class Ingest:
         or acknowledged before every store write of the batch succeeded, and ``state`` remembers
         what earlier attempts stored or dead-lettered."""
         t0 = time.monotonic()
+        self._registering = set()
         rejected, frames, device_updates, seen, n_tele, n_status = self._classify(batch, validated)
-        self._store_frames(frames, state, attempt)
         for device_id, fields_ in device_updates:
             self.store.upsert_device(device_id, **fields_)
+        for device_id in sorted(self._registering - {d for d, _ in device_updates}):
+            self.store.upsert_device(device_id, last_seen_ms=now_ms())
+        for device_id in sorted(self._registering):
+            log.info("auto-registered device %s", device_id)
+        self._known |= self._registering
+        self._registering = set()
+        self._store_frames(frames, state, attempt)
         # last_seen: raised (never lowered) at most once per LAST_SEEN_WRITE_INTERVAL_MS, and with
         # every batch that carries a status or telemetry
         for i, rec in frames:
