@@ -38,13 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
-import cv2
-import numpy as np
 import paho.mqtt.client as mqtt
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from edge import atomic, topics
+from hub import imagecheck
 from hub.broker import BrokerTarget
 from hub.config import MqttSection
 from hub.errors import ConfigError, PayloadRejected, StoreError, StoreUnavailable
@@ -75,50 +74,16 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def header_dims(data: bytes) -> Optional[Tuple[int, int]]:
-    """(width, height) from a JPEG SOF or PNG IHDR header without decoding; None when not found."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if data[:2] != b"\xff\xd8":
-        return None
-    i, n = 2, len(data)
-    while i + 9 < n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0x01, 0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7):
-            i += 2
-            continue
-        seg = int.from_bytes(data[i + 2:i + 4], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
-        i += 2 + seg
-    return None
-
-
-def check_image(data: bytes, image_format: str) -> Tuple[int, int]:
-    """Decode the image (JPEG at 1/8 scale: every entropy-coded block is still read, which is what
-    finds corruption, at a fraction of the cost) and return its (width, height); PayloadRejected
-    (bad_image) when it does not decode."""
-    dims = header_dims(data)
-    flags = cv2.IMREAD_REDUCED_GRAYSCALE_8 if dims is not None and data[:2] == b"\xff\xd8" \
-        else cv2.IMREAD_UNCHANGED
+def check_image(data: bytes, image_format: str, mode: str = "structure") -> Tuple[int, int]:
+    """(width, height) of a well-formed image (hub/imagecheck.py); PayloadRejected(bad_image) otherwise."""
     try:
-        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
-    except cv2.error as exc:  # e.g. absurd dimensions in the header
-        raise PayloadRejected("bad_image", f"image ({len(data)} bytes) does not decode: {exc}") from exc
-    if img is None or img.size == 0 or (dims is not None and (dims[0] == 0 or dims[1] == 0)):
-        raise PayloadRejected("bad_image",
-                              f"image ({len(data)} bytes, {image_format or '?'}) does not decode")
-    if dims is None:
-        dims = (int(img.shape[1]), int(img.shape[0]))
-    return dims
+        return imagecheck.check_image(data, image_format, mode)
+    except imagecheck.ImageRejected as exc:
+        raise PayloadRejected("bad_image", str(exc)) from exc
 
 
-def validate_frame(topic_device: str, payload: bytes, max_bytes: int, received_ms: int) -> FrameRecord:
+def validate_frame(topic_device: str, payload: bytes, max_bytes: int, received_ms: int,
+                   image_check: str = "structure") -> FrameRecord:
     """Parse and check one frame message; PayloadRejected(reason, message) when it is bad."""
     if len(payload) > max_bytes:
         raise PayloadRejected("too_large", f"{len(payload)} bytes > max_payload_bytes {max_bytes}")
@@ -134,7 +99,7 @@ def validate_frame(topic_device: str, payload: bytes, max_bytes: int, received_m
                               f"device_id {msg.device_id!r} in the message, {topic_device!r} in the topic")
     if not msg.image:
         raise PayloadRejected("bad_image", "no image")
-    width, height = check_image(msg.image, msg.image_format)
+    width, height = check_image(msg.image, msg.image_format, image_check)
     return FrameRecord(
         frame_id=msg.frame_id, device_id=msg.device_id, capture_time_ms=int(msg.capture_time_ms),
         received_ms=received_ms, model_name=msg.model.name, model_version=int(msg.model.version),
@@ -385,7 +350,8 @@ class Ingest:
         if kind != "frames":
             return None
         try:
-            return validate_frame(device_id, m.payload, self.cfg.max_payload_bytes, m.received_ms)
+            return validate_frame(device_id, m.payload, self.cfg.max_payload_bytes, m.received_ms,
+                                  self.cfg.image_check)
         except PayloadRejected as exc:
             return exc
         except Exception as exc:  # a bug or a library surprise: keep the payload, never stop the ingest
