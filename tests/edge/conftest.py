@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import shutil
+from typing import Any, Callable, Iterator, List
 
 import pytest
+
+from tests.helpers.bundles import KeyPair, make_keypair
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +18,26 @@ def gst() -> str:
         pytest.fail("gst-launch-1.0 is not installed: apt-get install gstreamer1.0-tools "
                     "gstreamer1.0-plugins-base gstreamer1.0-plugins-good (make test does this as root)")
     return exe
+
+
+@pytest.fixture
+def kp(tmp_path) -> KeyPair:  # noqa: ANN001
+    """A fresh Ed25519 signing key pair (the trainer's) with its public half as the device's trust."""
+    return make_keypair(tmp_path)
+
+
+@pytest.fixture
+def device(tmp_path, kp: KeyPair) -> Iterator[Callable[..., Any]]:  # noqa: ANN001
+    """``device(**update_config)`` -> a test_updater.Device (real updater, real interpreters), closed after."""
+    from tests.edge.test_updater import Device, make_cfg
+
+    devs: List[Any] = []
+
+    def make(**update: Any) -> Device:
+        d = Device(make_cfg(tmp_path, kp.pub_path, **update))
+        devs.append(d)
+        return d
+
+    yield make
+    for d in devs:
+        d.close()

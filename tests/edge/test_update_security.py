@@ -10,7 +10,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, List
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,25 +23,6 @@ from edge.updater.slots import SlotError
 from proto import kestrel_pb2
 from tests.edge.test_updater import BRIGHT, Device, _Registry, bundle, frame, make_cfg
 from tests.helpers.bundles import make_keypair
-
-
-@pytest.fixture
-def kp(tmp_path):  # noqa: ANN001
-    return make_keypair(tmp_path)
-
-
-@pytest.fixture
-def device(tmp_path, kp):  # noqa: ANN001
-    devs: List[Device] = []
-
-    def make(**update: Any) -> Device:
-        d = Device(make_cfg(tmp_path, kp.pub_path, **update))
-        devs.append(d)
-        return d
-
-    yield make
-    for d in devs:
-        d.close()
 
 
 def desired(name: str, version: int, data: bytes = b"", **kw: Any) -> Any:

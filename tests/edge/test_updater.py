@@ -111,25 +111,6 @@ class Device:
         self.svc.stop()
 
 
-@pytest.fixture
-def kp(tmp_path):  # noqa: ANN001
-    return make_keypair(tmp_path)
-
-
-@pytest.fixture
-def device(tmp_path, kp):  # noqa: ANN001
-    devs = []
-
-    def make(**update: Any) -> Device:
-        d = Device(make_cfg(tmp_path, kp.pub_path, **update))
-        devs.append(d)
-        return d
-
-    yield make
-    for d in devs:
-        d.close()
-
-
 def test_good_bundle_committed_after_healthy_trial(device, kp, models_dir):  # noqa: ANN001
     dev = device()
     assert dev.holder.get() is None
