@@ -146,8 +146,10 @@ class RateLimiter:
                 fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0),
                              0o644)
                 try:
+                    # no fsync: this runs on the inference thread, and a write in the page cache
+                    # survives any crash of the daemon (the crash loop this guards against); only a
+                    # power cut may lose the newest lines, i.e. allow a few more frames after it
                     os.write(fd, f"{wall:.3f}\n".encode())
-                    os.fsync(fd)
                 finally:
                     os.close(fd)
                 self._state_lines += 1
