@@ -203,7 +203,8 @@ def test_hung_trial_model_rolled_back_and_daemon_told_to_restart(tmp_path, kp, m
     try:
         assert dev.install(bundle(models_dir, kp, 2))
         assert dev.version == 2
-        wait_for(lambda: dev.svc.updater.state.state == st.ROLLED_BACK, 30, what="stall rollback")
+        # the rollback is persisted first, then the daemon is told (on_stall): wait for both
+        wait_for(lambda: dev.svc.updater.state.state == st.ROLLED_BACK and stalls, 30, what="stall rollback")
         assert dev.version == 1 and len(stalls) == 1 and "stalled" in stalls[0]
         assert dev.svc.updater.state.is_rejected("brightness", 2)
     finally:
