@@ -77,8 +77,8 @@ test-py38: .venv38/.stamp test-models
 	.venv38/bin/python -m pytest tests/test_contracts.py tests/test_config_loader.py tests/edge -m 'not needs_tf' -p no:cacheprovider $(PYTEST_ARGS)
 
 check: setup
-	$(VPY) -m ruff check edge hub trainer tests
-	$(VPY) -m mypy edge hub trainer
+	$(VPY) -m ruff check edge hub trainer demo tests
+	$(VPY) -m mypy edge hub trainer demo
 
 demo: setup
 	$(VPY) -m demo --out demo-out
