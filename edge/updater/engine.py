@@ -280,7 +280,7 @@ class Updater:
                              "judge_threshold": judge_threshold})
         self.slots.switch(slot_name)
         st.crash_point("SWITCHED")
-        self.raise_floors(slot)  # a crash before this is repaired at boot (boot_slot)
+        self.raise_floors(slot)  # a crash before this is repaired at boot (boot_slot, or _finish_rollback)
 
     def raise_floors(self, slot: Slot) -> None:
         """The slot's version becomes the model's version floor and its signed creation time the time
@@ -360,12 +360,14 @@ class Updater:
         """Complete a persisted ROLLING_BACK (also at boot, after a crash in the middle)."""
         rb = self.state.get("rolling_back") or {}
         to = rb.get("to_slot")
+        from_slot = self.slots.slot(str(rb["from_slot"])) if rb.get("from_slot") else None
+        if from_slot is not None:  # it ran (maybe crashed before begin_trial raised its floor): never again
+            self.raise_floors(from_slot)
         if to:
             self.slots.switch(str(to))
         else:
             self.slots.clear_pointer()
         st.crash_point("ROLLBACK_SWITCHED")
-        from_slot = self.slots.slot(str(rb["from_slot"])) if rb.get("from_slot") else None
         reject = bool(rb.get("reject", True))
 
         def mark(d: Dict[str, Any]) -> None:

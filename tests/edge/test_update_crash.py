@@ -174,3 +174,21 @@ def test_sigkill_during_rollback_finishes_it_at_boot(rig, models_dir, point):  #
     upd = Updater(config.load(rig["cfg"]))
     assert upd.state.is_rejected("brightness", 2)  # the rollback's intent was carried out in full
     assert upd.outcome(upd.slots.inactive()) == st.OUT_REJECTED
+
+
+def test_crash_between_switch_and_floor_keeps_the_crashed_version_out(rig):  # noqa: ANN001
+    # the daemon dies right after the pointer flip, before the floor was raised; the next start rolls
+    # back, and the version that crashed must still count as run: an operator's install is refused
+    r = _run([str(rig["driver"]), "install", str(rig["cfg"]), str(rig["v2"])], crash="SWITCHED")
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
+    after = _boot(rig)
+    assert (after["version"], after["state"]) == (1, st.ROLLED_BACK)
+    from edge.errors import BundleError
+    from edge.updater.engine import Updater
+
+    upd = Updater(config.load(rig["cfg"]))
+    assert upd.state.floor("brightness") == 2
+    with upd.locked(), pytest.raises(BundleError) as ei:
+        upd.prepare(rig["v2"].read_bytes(), manual=True)
+    assert ei.value.reason == "downgrade"
+    assert upd.slots.active().version == 1
