@@ -10,7 +10,9 @@ What it does for you:
 
 * a last will (built by ``will()`` right before every connect attempt), set before connect;
 * ``on_connected`` after every successful CONNACK (birth message, resend) and re-subscription of
-  every :meth:`subscribe` d topic on every connection;
+  every :meth:`subscribe` d topic on every connection; ``on_disconnected(peer_closed)`` after a
+  connection that got connected ended: ``peer_closed`` is True when the broker or the network closed
+  it, False when we did (:meth:`stop`, or our own drop on a missing PUBACK);
 * reconnect with exponential backoff ``reconnect_min_s`` .. ``reconnect_max_s``; the backoff is
   reset only after a connection stayed up for STABLE_CONNECTION_S, so a broker that accepts us and
   then drops us at once (e.g. on a packet it refuses) is not hammered;
@@ -62,7 +64,7 @@ class MqttClient:
     def __init__(self, cfg: MqttConfig, client_id: str,
                  will: Optional[Callable[[], Optional[Message]]] = None,
                  on_connected: Optional[Callable[[], None]] = None,
-                 on_disconnected: Optional[Callable[[], None]] = None,
+                 on_disconnected: Optional[Callable[[bool], None]] = None,
                  pump: Optional[Callable[[], None]] = None) -> None:
         self.cfg = cfg
         self.client_id = client_id
@@ -339,13 +341,13 @@ class MqttClient:
                 self._wait(delay)
                 delay = min(delay * 2, self.cfg.reconnect_max_s)
                 continue
-            was_connected, up_for = self._serve(client)
+            was_connected, up_for, peer_closed = self._serve(client)
             self._client = None
             self._connected.clear()
             self._pending.clear()
             if was_connected and self._on_disconnected is not None:
                 try:
-                    self._on_disconnected()
+                    self._on_disconnected(peer_closed)
                 except Exception:
                     log.exception("mqtt: on_disconnected failed")
             if self._stop.is_set():
@@ -367,11 +369,12 @@ class MqttClient:
             delay = min(delay * 2, self.cfg.reconnect_max_s)
         self.state = STATE_STOPPED
 
-    def _serve(self, client: paho.Client) -> Tuple[bool, float]:
+    def _serve(self, client: paho.Client) -> Tuple[bool, float, bool]:
         """Run one connection until it breaks or we are stopped; (whether it got connected, how
-        long it stayed connected in seconds)."""
+        long it stayed connected in seconds, whether the peer closed it rather than we)."""
         started = time.monotonic()
         was_connected = False
+        peer_closed = False
         up_since = started
         while True:
             try:
@@ -379,6 +382,7 @@ class MqttClient:
             except Exception as exc:  # paho raises assorted errors on a dying socket
                 self._trouble("connection error: %s", exc)
                 self._drop_link(client)
+                peer_closed = True
                 break
             if self._connected.is_set() and not was_connected:
                 was_connected = True
@@ -386,6 +390,7 @@ class MqttClient:
             if was_connected and self._outage_logged and time.monotonic() - up_since >= STABLE_CONNECTION_S:
                 self._outage_logged = False
             if rc != paho.MQTT_ERR_SUCCESS or (was_connected and not self._connected.is_set()):
+                peer_closed = True
                 break
             if self._stop.is_set():
                 self._finish(client)
@@ -408,8 +413,8 @@ class MqttClient:
                 self._trouble("no PUBACK within %.1fs: treating the link as broken, reconnecting and "
                               "resending from the spool", self.cfg.ack_timeout_s)
                 self._drop_link(client)
-                break
-        return was_connected, (time.monotonic() - up_since if was_connected else 0.0)
+                break  # we dropped it: the broker did not refuse what was in flight
+        return was_connected, (time.monotonic() - up_since if was_connected else 0.0), peer_closed
 
     def _finish(self, client: paho.Client) -> None:
         """Clean shutdown on a live connection: final message (acked, bounded), then DISCONNECT."""

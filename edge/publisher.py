@@ -8,8 +8,8 @@
   *at least once* (a frame whose PUBACK was lost is sent again; the hub stores frames idempotently
   on ``frame_id``), in order, without loss.
 * A frame the broker keeps refusing (it closes the connection while that frame is in flight, e.g.
-  over its ``max_packet_size``) must not block the frames behind it: a frame in flight when a
-  connection breaks is *suspect* and is sent alone on the next connection; after
+  over its ``max_packet_size``) must not block the frames behind it: the oldest frame in flight when
+  the broker or the network closes a connection (not when we close it: stop, missing PUBACK) is *suspect* and is sent alone on the next connection; after
   ``[mqtt] max_send_attempts`` such connections it is set aside in ``{spool}/dead/`` (kept, one
   ERROR line, counted in ``dead_letters``) and the next frames go out.
 * A spool write that fails (disk full, read-only) is logged once per outage (ERROR), counted in
@@ -211,8 +211,10 @@ class Publisher:
         with self._cond:
             self._cond.notify_all()
 
-    def _on_disconnected(self) -> None:
-        if self._inflight:
+    def _on_disconnected(self, peer_closed: bool) -> None:
+        # only a link the broker (or the network) closed can mean it refused the frame; our own
+        # stop() or our drop on a missing PUBACK says nothing about it
+        if peer_closed and self._inflight:
             self._blame(min(self._inflight))
         self._inflight.clear()
         self._cursor = None

@@ -449,6 +449,36 @@ def test_frame_the_broker_refuses_is_set_aside_and_does_not_block_the_rest(broke
     assert again.dead_letters == 1 and again.spool.next_sequence == 3
 
 
+def test_our_own_disconnects_never_set_a_good_frame_aside(broker_factory, tmp_path: Path, publishers) -> None:  # noqa: ANN001
+    """Only a link the broker closed can blame the frame in flight: with max_send_attempts=1 a drop on
+    a missing PUBACK and our own stop() while frames are in flight leave them in the spool, not in dead/."""
+    b = broker_factory()
+    dev = "blame1"
+    assert b.proc is not None
+    pub = publishers(make_cfg(b.host, b.port, ack_timeout_s=0.5, max_send_attempts=1), dev, tmp_path / "spool")
+    pub.start()
+    wait_for(lambda: pub.connected, 10, what="connected")
+    os.kill(b.proc.pid, signal.SIGSTOP)  # the broker hangs: no PUBACK comes, we drop the link
+    try:
+        pub.publish_frame(frame(0, dev))
+        wait_for(lambda: pub.frames_sent >= 1, 10, what="frame 0 in flight")
+        wait_for(lambda: not pub.connected, 10, what="link dropped on the missing PUBACK")
+    finally:
+        os.kill(b.proc.pid, signal.SIGCONT)
+    wait_for(lambda: pub.spool_stats()[1] == 0, 15, what="frame 0 resent and acknowledged")
+    assert pub.dead_letters == 0 and pub.spool.dead_letters() == []
+    os.kill(b.proc.pid, signal.SIGSTOP)  # frames in flight when we stop
+    try:
+        sent = pub.frames_sent
+        pub.publish_frame(frame(1, dev))
+        wait_for(lambda: pub.frames_sent > sent, 10, what="frame 1 in flight")
+        pub.stop(flush_timeout_s=0.3)
+    finally:
+        os.kill(b.proc.pid, signal.SIGCONT)
+    assert pub.dead_letters == 0 and pub.spool.dead_letters() == []
+    assert pub.spool_stats()[1] == 1  # kept in the spool for the next start
+
+
 def test_broker_outage_is_one_warning_line(broker_factory, tmp_path: Path, publishers, caplog) -> None:  # noqa: ANN001
     b = broker_factory()
     dev = "outlog1"
