@@ -478,26 +478,33 @@ class UpdateService:
 
     def _fleet_rollback(self, desired: Any) -> None:
         """A hub-ordered rollback: applied at most once per issued_ms, only when the device runs the
-        version the message rolls back from, only to its own committed previous slot."""
+        version the message rolls back from, only to its own committed previous slot. Handled (never
+        looked at again) once applied, found not to apply, or refused for want of a target; any other
+        failure (the CLI holds the update lock, the previous model does not load) is retried."""
         issued = int(desired.issued_ms)
         last = int(self.updater.state.get("fleet_rollback_ms", 0) or 0)
         if issued <= last:
             log.info("fleet rollback issued at %d already handled (last %d): ignored", issued, last)
             return
-        try:
-            frm = int(getattr(desired, "rollback_from_version", 0))
-            active = self.updater.slots.active()
-            if frm <= 0:
-                log.warning("fleet rollback ignored: it names no version to roll back from (update the hub)")
-            elif active is None or active.version != frm or (desired.model_name and
-                                                              desired.model_name != active.model_name):
-                log.info("fleet rollback from %s v%d does not apply: this device runs %s", desired.model_name,
-                         frm, f"{active.model_name} v{active.version}" if active else "no installed model")
-            else:
-                try:
-                    self._rollback(f"fleet rollback from v{frm} ordered by the hub", reject=True)
-                except NoRollbackTarget as exc:
-                    log.warning("fleet rollback from v%d refused: %s", frm, exc)
-                self._after_trial()
-        finally:
-            self.updater.state.update(fleet_rollback_ms=issued)
+        frm = int(getattr(desired, "rollback_from_version", 0))
+        active = self.updater.slots.active()
+        if frm <= 0:
+            log.warning("fleet rollback ignored: it names no version to roll back from (update the hub)")
+        elif active is None or active.version != frm or (desired.model_name and
+                                                          desired.model_name != active.model_name):
+            log.info("fleet rollback from %s v%d does not apply: this device runs %s", desired.model_name,
+                     frm, f"{active.model_name} v{active.version}" if active else "no installed model")
+        else:
+            try:
+                self._rollback(f"fleet rollback from v{frm} ordered by the hub", reject=True)
+            except NoRollbackTarget as exc:
+                log.warning("fleet rollback from v%d refused: %s", frm, exc)
+            except (KestrelError, OSError) as exc:
+                self._handled_desired = None
+                self._retry = (time.monotonic() + self._retry_delay, desired)
+                log.warning("fleet rollback from v%d failed, retried in %.0f s: %s", frm, self._retry_delay, exc)
+                self._retry_delay = min(self._retry_delay * 2, RETRY_DESIRED_MAX_S)
+                return
+            self._retry_delay = RETRY_DESIRED_S
+            self._after_trial()
+        self.updater.state.update(fleet_rollback_ms=issued)

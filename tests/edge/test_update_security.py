@@ -300,6 +300,24 @@ def test_fleet_rollback_without_from_version_is_ignored(device, kp, models_dir):
     assert dev.version == 2 and dev.svc.updater.state.state == st.COMMITTED
 
 
+def test_fleet_rollback_blocked_by_the_update_lock_is_retried(device, kp, models_dir, monkeypatch):  # noqa: ANN001
+    from edge.updater import service
+
+    monkeypatch.setattr(service, "LOCK_WAIT_S", 0.05)
+    dev = device()
+    on_v1_v2(dev, models_dir, kp)
+    order = desired("brightness", 0, rollback=True, rollback_from_version=2)
+    cli = Updater(dev.svc.cfg)  # an operator's `kestrel-edge install` holds the update lock
+    with cli.locked():
+        dev.svc._on_desired_state(order)
+    assert dev.version == 2 and dev.svc.updater.state.get("fleet_rollback_ms") != order.issued_ms
+    assert dev.svc._retry is not None and dev.svc._retry[1] is order  # not marked handled: retried
+    dev.svc._retry = (0.0, order)  # the retry is due
+    dev.svc._tick()
+    assert dev.version == 1 and dev.svc.updater.state.state == st.ROLLED_BACK
+    assert dev.svc.updater.state.get("fleet_rollback_ms") == order.issued_ms
+
+
 # ---- trust store and clock --------------------------------------------------------------------
 
 def test_revoked_key_untrusts_installed_slots_at_boot(tmp_path, models_dir):  # noqa: ANN001
