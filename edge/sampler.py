@@ -12,9 +12,11 @@ or its 64-bit perceptual hash is within ``dedup_distance`` of a frame sent in th
 ``dedup_window_s`` seconds. Every decision is counted, so telemetry can say why frames were not sent.
 
 The rate limits hold across restarts (a daemon in a crash loop must not exceed its daily budget):
-with ``state_path`` every sent frame appends its wall-clock time to that file (one line, fsynced);
-it is read back at start and compacted (atomically) when it grows to twice what the limits need.
-A torn last line (power cut) is ignored.
+with ``state_path`` every sent frame appends its wall-clock time to that file (one line, not fsynced:
+the page cache survives a daemon crash, a power cut may lose the newest lines); it is read back at
+start and compacted (atomically) when it grows to twice what the limits need. A torn last line (power
+cut) is ignored and the file rewritten at once. Saved times in the future (the wall clock went back,
+or is unset after a power cut without RTC) keep their spacing, the newest counting as now.
 """
 
 from __future__ import annotations
@@ -121,16 +123,40 @@ class RateLimiter:
                 continue  # a torn last line
         now_wall, now = self.wall_clock(), self.clock()
         horizon = max(w for w, _ in self.limits)
+        compact = bool(text) and not text.endswith("\n")  # a torn last line: the next append must not join it
+        newest = max(walls, default=now_wall)
+        if newest > now_wall:
+            # the wall clock went back (or is unset: 1970 after a power cut without RTC). Keep the
+            # spacing of the saved times and let the newest count as now: counting them all as now
+            # would fill every window for up to a day. Rewritten at once in this clock's terms.
+            log.warning("sampler: the rate-limit state %s holds times up to %.0f s in the future (the wall "
+                        "clock went back or is not set); counting the newest as now", self.state_path,
+                        newest - now_wall)
+            walls = [w - (newest - now_wall) for w in walls]
+            compact = True
         for w in sorted(walls):
             age = now_wall - w
             if 0 <= age < horizon:
                 self._events.append(now - age)
-            elif age < 0:  # the wall clock went back: count it as just now
-                self._events.append(now)
         self._state_lines = len(walls)
+        if compact:
+            try:
+                self._compact()
+            except OSError as exc:
+                log.warning("sampler: cannot rewrite the rate-limit state %s: %s", self.state_path,
+                            exc.strerror or exc)
         if self._events:
             log.info("sampler: %d frames sent in the last %s count against the rate limits",
                      len(self._events), "day" if horizon >= DAY else "hour" if horizon >= HOUR else "minute")
+
+    def _compact(self) -> None:
+        """Rewrite the state file with the events in the windows (atomic; not fsynced: a statistic that
+        the page cache keeps across a daemon crash, see :meth:`_persist`)."""
+        assert self.state_path is not None
+        now_wall, now = self.wall_clock(), self.clock()
+        atomic.write_text(self.state_path, "".join(f"{now_wall - (now - e):.3f}\n" for e in self._events),
+                          fsync=False)
+        self._state_lines = len(self._events)
 
     def _persist(self, t: float) -> None:
         path = self.state_path
@@ -139,9 +165,7 @@ class RateLimiter:
         wall = self.wall_clock() - (self.clock() - t)
         try:
             if self._state_lines + 1 > 2 * (self._events.maxlen or 1):
-                now_wall, now = self.wall_clock(), self.clock()
-                atomic.write_text(path, "".join(f"{now_wall - (now - e):.3f}\n" for e in self._events))
-                self._state_lines = len(self._events)
+                self._compact()  # holds the event just recorded
             else:
                 fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0),
                              0o644)

@@ -188,7 +188,32 @@ def test_rate_limit_windows_persist_across_restarts(tmp_path):  # noqa: ANN001
     assert not third.decide(low).send and third.counters()["rate_limited"] == 1   # the day holds 5
     wall.t += 86400
     fourth = Sampler(cfg(max_per_minute=3, max_per_day=5), clock=Clock(), state_path=state, wall_clock=wall)
-    assert fourth.decide(low).send                   # a day later everything has expired
+    assert [fourth.decide(low).send for _ in range(2)] == [True, True]   # a day later everything has expired
+    times = [float(line) for line in state.read_text().splitlines()]
+    assert all(1_700_000_000 <= t <= wall.t for t in times), times   # nothing appended onto the torn line
+    fifth = Sampler(cfg(max_per_minute=3, max_per_day=5), clock=Clock(), state_path=state, wall_clock=wall)
+    assert [fifth.decide(low).send for _ in range(2)] == [True, False]   # both of fourth's count: 3 this minute
+
+
+def test_saved_times_in_the_future_do_not_fill_the_windows(tmp_path, caplog):  # noqa: ANN001
+    """A device whose wall clock is unset after a power cut (1970): the saved times are all "in the
+    future". They keep their spacing with the newest counting as now, so the ones older than a day
+    (relative to it) no longer count, and the file is rewritten in the current clock's terms."""
+    import logging
+
+    state = tmp_path / "sent.log"
+    t = 1_700_000_000.0
+    state.write_text("".join(f"{t - 2 * 86400 + i:.3f}\n" for i in range(5)) + f"{t:.3f}\n")
+    wall = Clock()
+    wall.t = 100.0                                   # 1970
+    low = np.array([0.4, 0.3, 0.3])
+    with caplog.at_level(logging.WARNING, logger="edge.sampler"):
+        s = Sampler(cfg(max_per_minute=3, max_per_day=5), clock=Clock(), state_path=state, wall_clock=wall)
+    assert [s.decide(low).send for _ in range(3)] == [True, True, False]   # 1 + 2 this minute
+    assert any("in the future" in r.getMessage() for r in caplog.records)
+    assert s.counters()["rate_limited"] == 1
+    times = [float(line) for line in state.read_text().splitlines()]
+    assert len(times) == 3 and all(0 < x <= wall.t for x in times), times
 
 
 def test_rate_state_file_is_compacted(tmp_path):  # noqa: ANN001
