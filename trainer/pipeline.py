@@ -145,10 +145,12 @@ def check_lineage(rundir: Path, stage: str, cfg: Config) -> Dict[str, Any]:
 
 
 def save_keras(model: Any, path: Path) -> None:
-    """Keras .h5, written to a temp name then renamed into place."""
+    """Keras .h5, written to a temp name, fsynced, then renamed into place."""
     tmp = atomic.temp_name(path)
     try:
         model.save(str(tmp), save_format="h5")
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(str(tmp), str(path))
     finally:
         if tmp.exists():
@@ -157,7 +159,8 @@ def save_keras(model: Any, path: Path) -> None:
 
 
 def save_saved_model(model: Any, path: Path, spec: InputSpec, labels: List[str]) -> None:
-    """The float SavedModel (for TF Serving users) with its input contract beside the graph, swapped in whole."""
+    """The float SavedModel (for TF Serving users) with its input contract beside the graph, swapped in whole:
+    the previous one is moved aside, and deleted only once the new one is in place (put back if not)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     old = path.with_name(f".{path.name}.old{os.getpid()}")
     for p in (tmp, old):
@@ -166,13 +169,19 @@ def save_saved_model(model: Any, path: Path, spec: InputSpec, labels: List[str])
         model.save(str(tmp), save_format="tf")
         write_json(tmp / INPUT_CONTRACT, input_contract(spec, labels))
         atomic.fsync_tree(tmp)
-        if path.exists():
+        had_old = path.exists()
+        if had_old:
             os.replace(str(path), str(old))
-        os.replace(str(tmp), str(path))
+        try:
+            os.replace(str(tmp), str(path))
+        except BaseException:
+            if had_old:
+                os.replace(str(old), str(path))
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     atomic.fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 INPUT_CONTRACT = "kestrel_input_spec.json"
