@@ -292,7 +292,7 @@ def cmd_push_model(args: argparse.Namespace) -> int:
         rundir = Path(args.run) if args.run else latest_run()
         _load_key_early(args.key)
         name = pipeline.run_config(rundir).gate.model_name
-        version = args.version or latest_version(args.hub, name) + 1
+        version = args.version if args.version is not None else latest_version(args.hub, name) + 1
         out = rundir / f"model-v{version}.kbundle"
         pipeline.package(rundir, args.key, version, out)
         print(f"packaged {rundir} as {out}")

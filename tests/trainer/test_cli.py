@@ -97,6 +97,17 @@ def test_push_model_without_runs(tmp_path, capsys, monkeypatch):
     assert rc == 2 and "no evaluated run under ./runs" in err[-1]
 
 
+def test_push_model_version_0_is_refused_not_taken_as_unset(tmp_path, capsys, trained_run):
+    """VERSION=0 is a bad version (refused before the hub is asked), not "the hub's latest + 1"."""
+    from edge.keys import generate_keypair
+
+    key, _ = generate_keypair(tmp_path / "keys")
+    rc, err = _run(capsys, "push-model", "--run", str(trained_run), "--key", str(key), "--version", "0",
+                   "--hub", "127.0.0.1:1")
+    assert rc == 2 and len(err) == 1 and "version must be an integer >= 1" in err[0], err
+    assert not (trained_run / "model-v0.kbundle").exists()
+
+
 def test_config_doc(capsys):
     assert main(["config-doc"]) == 0
     out = capsys.readouterr().out
