@@ -20,7 +20,8 @@ else:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[2]
-PY38 = REPO / ".venv38" / "bin" / "python"
+VENV38 = REPO / ".venv38"
+PY38 = VENV38 / "bin" / "python"
 
 # Small but learnable: 4 digits x 60 images at 32x32, 2 folds, few epochs.
 CLASSES = 4
@@ -52,13 +53,15 @@ def tiny_config(**extra):  # noqa: ANN003, ANN201
     return apply_overrides(Config(), {**TINY, **extra})
 
 
-def need_py38() -> bool:
-    """Device-runtime tests run when the Python 3.8 venv exists, and must run when KESTREL_REQUIRE_PY38=1."""
-    if PY38.exists():
+def need_py38(venv: Path = VENV38) -> bool:
+    """Device-runtime tests run when the Python 3.8 venv is complete (`make` touches its .stamp after the
+    last install: a bare bin/python may lack tflite-runtime), and must run when KESTREL_REQUIRE_PY38=1."""
+    stamp = venv / ".stamp"
+    if stamp.exists():
         return True
     if os.environ.get("KESTREL_REQUIRE_PY38") == "1":
-        pytest.fail(f"KESTREL_REQUIRE_PY38=1 but {PY38} is absent: create it with `make .venv38/.stamp`")
-    pytest.skip(f"{PY38} is absent: create the device venv with `make .venv38/.stamp` to test Python 3.8")
+        pytest.fail(f"KESTREL_REQUIRE_PY38=1 but {stamp} is absent: create the device venv with `make .venv38/.stamp`")
+    pytest.skip(f"{stamp} is absent: create the device venv with `make .venv38/.stamp` to test Python 3.8")
     return False  # pragma: no cover
 
 

@@ -127,6 +127,20 @@ def test_converted_models_run_on_tflite_runtime_2_14(converted, tmp_path):
         assert r["worst_quanta"] * r["out_scale"] <= Config().gate.self_test_tolerance, (name, r)
 
 
+def test_device_venv_counts_only_once_make_finished_it(tmp_path, monkeypatch):
+    """A bare .venv38/bin/python (make stopped before the installs) is no device venv: the Makefile's .stamp is."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text("")
+    monkeypatch.delenv("KESTREL_REQUIRE_PY38", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"\.stamp is absent"):
+        need_py38(tmp_path)
+    monkeypatch.setenv("KESTREL_REQUIRE_PY38", "1")
+    with pytest.raises(pytest.fail.Exception, match="KESTREL_REQUIRE_PY38=1"):
+        need_py38(tmp_path)
+    (tmp_path / ".stamp").touch()
+    assert need_py38(tmp_path) is True
+
+
 def test_qat_on_mobilenet_v3_is_refused_at_config_time():
     from edge.errors import ConfigError
 
