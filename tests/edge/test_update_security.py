@@ -23,6 +23,7 @@ from edge.updater.slots import SlotError
 from proto import kestrel_pb2
 from tests.edge.test_updater import BRIGHT, Device, _Registry, bundle, frame, make_cfg
 from tests.helpers.bundles import make_keypair
+from tests.helpers.wait import wait_for
 
 
 def desired(name: str, version: int, data: bytes = b"", **kw: Any) -> Any:
@@ -308,14 +309,13 @@ def test_fleet_rollback_blocked_by_the_update_lock_is_retried(device, kp, models
     on_v1_v2(dev, models_dir, kp)
     order = desired("brightness", 0, rollback=True, rollback_from_version=2)
     cli = Updater(dev.svc.cfg)  # an operator's `kestrel-edge install` holds the update lock
-    with cli.locked():
+    with cli.locked(wait_s=10.0):  # (the worker may still hold it for the commit)
         dev.svc._on_desired_state(order)
     assert dev.version == 2 and dev.svc.updater.state.get("fleet_rollback_ms") != order.issued_ms
     assert dev.svc._retry is not None and dev.svc._retry[1] is order  # not marked handled: retried
-    dev.svc._retry = (0.0, order)  # the retry is due
-    dev.svc._tick()
+    dev.svc._retry = (0.0, order)  # the retry is due: the worker runs it
+    wait_for(lambda: dev.svc.updater.state.get("fleet_rollback_ms") == order.issued_ms, what="the retry")
     assert dev.version == 1 and dev.svc.updater.state.state == st.ROLLED_BACK
-    assert dev.svc.updater.state.get("fleet_rollback_ms") == order.issued_ms
 
 
 # ---- trust store and clock --------------------------------------------------------------------
