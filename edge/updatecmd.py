@@ -100,13 +100,10 @@ def run_rollback(args: argparse.Namespace) -> int:
     reason = "manual rollback (kestrel-edge rollback)"
     with upd.locked():
         running = daemon_running(upd.dir)
-        in_trial = upd.state.state == st.TRIAL
         try:
-            target = upd.rollback_target()  # the same rule the daemon applies: say why here
+            target = upd.rollback_plan()  # the same rule the daemon applies (None: the factory model)
         except NoRollbackTarget as exc:
-            if not (in_trial and upd.factory_allowed()):
-                raise ArtifactError(f"nothing to roll back to: {exc}") from exc
-            target = None  # a first model on trial: back to the factory model
+            raise ArtifactError(f"nothing to roll back to: {exc}") from exc
         if not running:
             slot = upd.rollback(reason, target=target, to_factory=target is None)
             if slot is None:

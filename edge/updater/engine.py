@@ -343,6 +343,17 @@ class Updater:
             raise NoRollbackTarget(f"the previous model cannot be used: {exc}") from exc
         return slot
 
+    def rollback_plan(self) -> Optional[Slot]:
+        """Where a rollback goes (the one rule for the daemon, the boot and the CLI): the committed
+        previous slot, re-verified; else, for a model on trial, the factory model (None) when
+        allowed; else NoRollbackTarget, saying why (nothing is changed)."""
+        try:
+            return self.rollback_target()
+        except NoRollbackTarget:
+            if self.state.state == st.TRIAL and self.factory_allowed():
+                return None
+            raise
+
     def rollback(self, reason: str, *, reject: bool = True, target: Optional[Slot] = None,
                  to_factory: bool = False) -> Optional[Slot]:
         """Persist ROLLING_BACK, move the pointer back (or clear it: the factory model), persist
@@ -450,12 +461,12 @@ class Updater:
         why = f"the daemon stopped {starts} time(s) during the trial; rolled back at boot"
         log.warning("trial model crashed %d time(s); rolling back before loading it", starts)
         try:
-            self.rollback(why)
+            target = self.rollback_plan()
         except NoRollbackTarget as exc:
-            if self.factory_allowed():
-                self.rollback(f"{why} (to the factory model: {exc})", to_factory=True)
-            else:
-                self.give_up_trial(f"{why}: {exc}")
+            self.give_up_trial(f"{why}: {exc}")
+            return
+        self.rollback(why if target is not None else f"{why} (back to the factory model)", target=target,
+                      to_factory=target is None)
 
     def factory_allowed(self) -> bool:
         """A factory model (model.path, a bare .tflite) may run when no slot is active."""

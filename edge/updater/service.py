@@ -333,36 +333,38 @@ class UpdateService:
             self._q.put(("desired", desired))
 
     def _rollback(self, reason: str, *, reject: bool) -> bool:
-        """Hot-swap back to the previous committed slot's model (or, for a first trial, the factory
-        model), then persist the rollback. A failed trial with nothing to go back to ends in a
-        terminal FAILED. NoRollbackTarget (nothing changed) outside a trial."""
+        """Hot-swap to where Updater.rollback_plan says (the previous committed slot's model, or for a
+        model on trial with none, the factory model), then persist the rollback. A failed trial with
+        nothing to go back to ends in a terminal FAILED. NoRollbackTarget (nothing changed) outside a trial."""
         with self.updater.locked(wait_s=LOCK_WAIT_S):
             self.updater.state.reload()
             in_trial = self.updater.state.state == st.TRIAL
             try:
-                slot = self.updater.rollback_target()
+                slot = self.updater.rollback_plan()
             except NoRollbackTarget as exc:
                 if not in_trial:
                     raise
                 self.health.end_trial()
-                if (self._previous_model is not None and self._previous_is_factory
-                        and self.updater.factory_allowed()):
-                    model, self._previous_model = self._previous_model, None
-                    self._retire(self.holder.swap(model) if self.holder is not None else None)
-                    self.updater.rollback(f"{reason} (back to the factory model)", reject=reject,
-                                          to_factory=True)
-                    log.warning("rolled back to the factory model: %s", reason)
-                    return True
                 self.updater.give_up_trial(f"{reason}: {exc}")
                 log.error("trial failed (%s) and there is nothing to go back to: %s", reason, exc)
                 return False
             model = self._previous_model
             self._previous_model = None
-            if model is None or getattr(model.ref, "sha256", None) != slot.model_sha256:
+            if slot is None:
+                if model is None or not self._previous_is_factory:  # e.g. the daemon restarted mid-trial
+                    from edge.daemon import initial_model
+
+                    self._retire(model)
+                    model = initial_model(self.cfg)
+            elif model is None or getattr(model.ref, "sha256", None) != slot.model_sha256:
                 self._retire(model)
-                model = self.updater.load_slot(slot, verify=False)  # rollback_target re-verified it
+                model = self.updater.load_slot(slot, verify=False)  # rollback_plan re-verified it
             self._retire(self.holder.swap(model) if self.holder is not None else None)
             self.health.end_trial()
+            if slot is None:
+                self.updater.rollback(f"{reason} (back to the factory model)", reject=reject, to_factory=True)
+                log.warning("rolled back to the factory model: %s", reason)
+                return True
             self.updater.rollback(reason, reject=reject, target=slot)
         log.warning("rolled back to %s v%d: %s", slot.model_name, slot.version, reason)
         return True

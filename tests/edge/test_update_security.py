@@ -430,6 +430,30 @@ def test_first_trial_failing_goes_back_to_the_factory_model(tmp_path, kp, models
         dev.close()
 
 
+def test_first_trial_failing_after_a_restart_goes_back_to_the_factory_model(tmp_path, kp, models_dir):  # noqa: ANN001
+    # the daemon was restarted cleanly during a first model's trial: the factory model is no longer
+    # loaded, yet the failing trial ends where boot and `kestrel-edge rollback` would go (one rule)
+    from tests.helpers.wait import wait_for
+
+    cfg = make_cfg(tmp_path, kp.pub_path, trial_frames=10)
+    cfg.model.path = str(models_dir / "brightness_int8.tflite")
+    dev = Device(cfg)
+    assert dev.install(bundle(models_dir, kp, 1, model="uniform_int8"))  # always low confidence
+    dev.close()
+    dev = Device(cfg)
+    try:
+        assert dev.svc.updater.state.state == st.TRIAL and dev.version == 1
+        wait_for(lambda: (_feed(dev, 2), dev.svc.updater.state.state in (st.ROLLED_BACK, st.FAILED))[1], 30,
+                 what="the trial to end")
+        snap = dev.svc.updater.state.snapshot()
+        assert snap["state"] == st.ROLLED_BACK and "factory model" in snap["reason"], snap["reason"]
+        assert dev.holder.get().ref.name == "brightness_int8"  # model.path's model runs again
+        assert dev.svc.updater.slots.active_name() is None
+        assert dev.svc.updater.state.is_rejected("brightness", 1)
+    finally:
+        dev.close()
+
+
 def test_first_trial_failing_without_factory_ends_in_a_terminal_state(tmp_path, kp, models_dir):  # noqa: ANN001
     from tests.helpers.wait import wait_for
 
