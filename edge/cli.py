@@ -14,7 +14,7 @@ import warnings
 from typing import List, Optional
 
 from edge import __version__
-from edge.errors import EXIT_INTERRUPTED, run_command
+from edge.errors import DEBUG_HELP, run_command
 
 # cryptography warns on every import under Python 3.8 (still the JetPack 4.6/5 Python); the
 # device has no other Python, so the warning is noise that breaks "one clear line" errors.
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (module, help_) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--debug", action="store_true", help=DEBUG_HELP)
         mod = importlib.import_module(module)
         adder = getattr(mod, f"add_{name.replace('-', '_')}_arguments", None) or mod.add_arguments
         adder(sp)
@@ -51,10 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mod = importlib.import_module(args._module)
     runner = getattr(mod, f"run_{args._name.replace('-', '_')}", None) or mod.run
-    try:
-        return run_command(f"kestrel-edge {args._name}", lambda: runner(args))
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    return run_command(f"kestrel-edge {args._name}", lambda: runner(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Third-party errors (paho, grpc, TFLite, OpenCV) are wrapped at the boundary with
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Optional
 
@@ -75,12 +76,27 @@ class RuntimeUnavailable(ModelError):
 EXIT_OTHER = 1        # a KestrelError with neither root (should not happen), or a bug
 EXIT_ARTIFACT = 2     # bad input: fix it, retrying will not help
 EXIT_TRANSPORT = 3    # something we talk to is unavailable: retry later
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+DEBUG_ENV = "KESTREL_DEBUG"  # =1 (or a command's --debug): an unexpected error shows its traceback, not one line
+DEBUG_HELP = "show the full traceback of an unexpected error (or set KESTREL_DEBUG=1)"
+_FIRST_LINE_CHARS = 300
 
 
-def run_command(what: str, body: Callable[[], Optional[int]]) -> int:
-    """Run a command's body and return its exit code; a KestrelError becomes one line on stderr
-    (``what: error: message``) and the exit code of its root. Anything else propagates."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:_FIRST_LINE_CHARS] if text else ""
+
+
+def run_command(what: str, body: Callable[[], Optional[int]], debug: bool = False) -> int:
+    """Run a command's body and return its exit code; every error becomes one line on stderr
+    (``what: error: message``):
+
+    * a KestrelError: the exit code of its root (2 bad input, 3 something unavailable);
+    * an OSError the command did not wrap (disk full, permissions, a path that is a file): 2;
+    * Ctrl-C: ``what: interrupted``, EXIT_INTERRUPTED;
+    * anything else is a bug: 1, unless ``debug`` (every command's --debug) or KESTREL_DEBUG=1 asks for the
+      traceback.
+    """
     try:
         return int(body() or 0)
     except ArtifactError as exc:
@@ -91,4 +107,18 @@ def run_command(what: str, body: Callable[[], Optional[int]]) -> int:
         return EXIT_TRANSPORT
     except KestrelError as exc:  # every error has one of the two roots; kept as a safety net
         print(f"{what}: error: {exc}", file=sys.stderr)
+        return EXIT_OTHER
+    except KeyboardInterrupt:
+        print(f"{what}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"{what}: error: cannot access{where}: {exc.strerror or _first_line(exc)}; check the path, "
+              "its permissions and free space", file=sys.stderr)
+        return EXIT_ARTIFACT
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if debug or os.environ.get(DEBUG_ENV) == "1":
+            raise
+        print(f"{what}: error: unexpected {type(exc).__name__}: {_first_line(exc)} (a bug: rerun with "
+              f"--debug or {DEBUG_ENV}=1 for the traceback and report it)", file=sys.stderr)
         return EXIT_OTHER

@@ -145,17 +145,19 @@ def run_status(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Stand-alone entry (tests, and before edge.cli knows these commands)."""
-    from edge.errors import run_command
+    from edge.errors import DEBUG_HELP, run_command
 
     p = argparse.ArgumentParser(prog="kestrel-edge")
     sub = p.add_subparsers(dest="command")
     sub.required = True
     for name, adder in (("install", add_install_arguments), ("rollback", add_rollback_arguments),
                         ("status", add_status_arguments)):
-        adder(sub.add_parser(name))
+        sp = sub.add_parser(name)
+        sp.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+        adder(sp)
     args = p.parse_args(argv)
     runner = {"install": run_install, "rollback": run_rollback, "status": run_status}[args.command]
-    return run_command(f"kestrel-edge {args.command}", lambda: runner(args))
+    return run_command(f"kestrel-edge {args.command}", lambda: runner(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from edge.errors import EXIT_INTERRUPTED, run_command
+from edge.errors import DEBUG_HELP, run_command
 from hub import __version__
 
 # subcommand -> (module, help)
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (module, help_) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--debug", action="store_true", help=DEBUG_HELP)
         try:
             mod = importlib.import_module(module)
         except ImportError as exc:
@@ -60,10 +61,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _unavailable(args._name, args._import_error)
     mod = importlib.import_module(args._module)
     runner = getattr(mod, f"run_{args._name.replace('-', '_')}", None) or mod.run
-    try:
-        return run_command(f"kestrel-hub {args._name}", lambda: runner(args))
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    return run_command(f"kestrel-hub {args._name}", lambda: runner(args), debug=args.debug)
 
 
 if __name__ == "__main__":

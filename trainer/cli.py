@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from edge.errors import ArtifactError, run_command
+from edge.errors import DEBUG_HELP, ArtifactError, run_command
 from trainer.config import ARCHS
 
 # flag dest -> config field
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("config-doc", help="print the documented config reference")
     for sp in sub.choices.values():
         sp.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
-        sp.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
+        sp.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return p
 
 
@@ -329,20 +329,4 @@ HANDLERS = {"run": cmd_run, "ingest": cmd_ingest, "train": cmd_stage, "optimize"
 def main(argv: Optional[List[str]] = None) -> int:
     _quiet()
     args = build_parser().parse_args(argv)
-    try:
-        return run_command(f"kestrel-train {args.command}", lambda: HANDLERS[args.command](args))
-    except KeyboardInterrupt:
-        print(f"kestrel-train {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except OSError as exc:                # disk full, permissions, a path that is a file ...
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"kestrel-train {args.command}: error: cannot access{where}: {exc.strerror or exc}; check the "
-              "path, its permissions and free space", file=sys.stderr)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-        if getattr(args, "debug", False):
-            raise
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        print(f"kestrel-train {args.command}: error: unexpected {type(exc).__name__}: {first} "
-              "(a bug: rerun with --debug for the traceback and report it)", file=sys.stderr)
-        return 1
+    return run_command(f"kestrel-train {args.command}", lambda: HANDLERS[args.command](args), debug=args.debug)
