@@ -37,6 +37,7 @@ from edge import atomic
 from edge import keys as keymod
 from edge.errors import BundleError
 from edge.inputspec import InputSpec
+from edge.modelname import valid_model_name
 
 SCHEMA_VERSION = 1
 DOMAIN = b"kestrel-bundle-v1\n"
@@ -79,7 +80,6 @@ REASONS = (
 BLOCK = 512
 # fullmatch with \Z semantics: "$" would also match before a trailing newline ("name\n").
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-_MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 _KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
 
@@ -87,10 +87,6 @@ _KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
 def _full(rx: re.Pattern[str], value: Any) -> bool:
     return isinstance(value, str) and rx.fullmatch(value) is not None
 
-
-def valid_model_name(name: Any) -> bool:
-    """True for a model name a manifest may carry (also used for desired-state messages)."""
-    return _full(_MODEL_NAME_RE, name)
 
 _DTYPE_SIZE = {"float32": 4, "uint8": 1, "int8": 1}
 _MANIFEST_KEYS = {

@@ -15,6 +15,7 @@ from typing import List, Optional, Union
 
 from edge import tomlconf, topics
 from edge.errors import ConfigError
+from edge.modelname import MODEL_NAME_RULE, valid_model_name
 from edge.tomlconf import field
 
 MiB = 1024 * 1024
@@ -309,8 +310,8 @@ class UpdateConfig:
                                           "at boot (1: the first crash during a trial rolls back).")
 
     def validate(self) -> None:
-        if self.model_name and not all(c.isalnum() or c in "._-" for c in self.model_name):
-            raise ValueError("model_name must be letters, digits, '.', '_' or '-'")
+        if self.model_name and not valid_model_name(self.model_name):
+            raise ValueError(f"model_name must be {MODEL_NAME_RULE} (the name bundles carry)")
         if self.max_bundle_bytes < 1024:
             raise ValueError("max_bundle_bytes must be at least 1024")
         if self.clock_slack_s < 0:

@@ -275,6 +275,20 @@ def _toml(tmp_path: Path, kp: Any, **update: Any) -> Path:
     return p
 
 
+@pytest.mark.parametrize("name", ["modèle", ".hidden", "-a", "_a", "a" * 65, "a b", "a/b"])
+def test_update_model_name_no_bundle_can_carry_is_a_config_error(tmp_path, kp, name):  # noqa: ANN001
+    from edge.errors import ConfigError
+
+    with pytest.raises(ConfigError) as ei:
+        config.load(str(_toml(tmp_path, kp, model_name=name)))
+    assert "model_name" in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_update_model_name_bundles_carry_is_accepted(tmp_path, kp):  # noqa: ANN001
+    for name in ("brightness", "B-2.v_3", "a" * 64):
+        assert config.load(str(_toml(tmp_path, kp, model_name=name))).update.model_name == name
+
+
 def test_cli_install_status_rollback(tmp_path, kp, models_dir, capsys):  # noqa: ANN001
     from edge import updatecmd
 
