@@ -45,8 +45,10 @@ class StoreSection:
                                                 "acknowledged in the last sqlite_checkpoint_s seconds. "
                                                 "EXTRA also fsyncs the directory.")
     sqlite_checkpoint_s: float = field(0.5, doc="SQLite: a background thread copies the WAL into the "
-                                                "database this often (commits never wait for it); 0 = "
-                                                "SQLite's own checkpoints inside commits.")
+                                                "database this often, outside commits; only when the WAL "
+                                                "passed 32 MB do commits wait for its short final pass "
+                                                "(the few pages written meanwhile); 0 = SQLite's own "
+                                                "checkpoints inside commits.")
 
     def validate(self) -> None:
         if self.busy_timeout_ms < 0 or self.timeout_ms <= 0:

@@ -36,7 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import paho.mqtt.client as mqtt
 from google.protobuf import json_format
@@ -155,7 +155,7 @@ class _BatchState:
     dead-letters a frame twice."""
     outcomes: Dict[int, str] = field(default_factory=dict)   # batch index -> stored/duplicate/conflict/refused
     details: Dict[int, str] = field(default_factory=dict)    # batch index -> why (conflict/refused)
-    dead_lettered: Set[int] = field(default_factory=set)      # id() of the batch's Message objects
+    dead_lettered: Set[int] = field(default_factory=set)      # batch indexes
 
 
 @dataclass
@@ -197,13 +197,11 @@ class Ingest:
     """
 
     def __init__(self, store: Store, target: BrokerTarget, cfg: MqttSection, client_id: str,
-                 on_stored: Optional[Callable[[List[FrameRecord]], None]] = None,
                  dead_letter_dir: Optional[Path] = None) -> None:
         self.store = store
         self.target = target
         self.cfg = cfg
         self.client_id = client_id
-        self.on_stored = on_stored
         self.dead_letter_dir = Path(dead_letter_dir) if dead_letter_dir else None
         self.stats = IngestStats()
         self._lock = threading.Lock()
@@ -214,6 +212,7 @@ class Ingest:
         self._registering: Set[str] = set()  # new devices of the batch being processed
         self._pending_seen: Dict[str, int] = {}
         self._last_seen_flush = 0
+        self._dead_letters = 0  # dead letters written by this process (part of their names)
         self._reject_log: Dict[str, Tuple[float, int]] = {}
         self._slow_log = 0.0
         self._subscribed = threading.Event()
@@ -455,11 +454,11 @@ class Ingest:
             self._known.add(device_id)
 
     def _classify(self, batch: List[Message], validated: List[Validated]) -> Tuple[
-            List[Tuple[Message, PayloadRejected]], List[Tuple[int, FrameRecord]],
+            List[Tuple[int, PayloadRejected]], List[Tuple[int, FrameRecord]],
             List[Tuple[str, Dict[str, object]]], Dict[str, int], int, int]:
         """Sort a batch into rejections, frames, device updates and last-seen times. May raise StoreError
         (device lookups); nothing is written for frames yet."""
-        rejected: List[Tuple[Message, PayloadRejected]] = []
+        rejected: List[Tuple[int, PayloadRejected]] = []
         frames: List[Tuple[int, FrameRecord]] = []
         device_updates: List[Tuple[str, Dict[str, object]]] = []
         seen: Dict[str, int] = {}
@@ -468,7 +467,7 @@ class Ingest:
             try:
                 device_id, kind = topics.parse_device_topic(m.topic)
             except ValueError as exc:
-                rejected.append((m, PayloadRejected("bad_topic", str(exc))))
+                rejected.append((i, PayloadRejected("bad_topic", str(exc))))
                 continue
             try:
                 if kind == "frames":
@@ -513,7 +512,7 @@ class Ingest:
                 else:
                     raise PayloadRejected("bad_topic", f"unexpected topic kind {kind!r}")
             except PayloadRejected as exc:
-                rejected.append((m, exc))
+                rejected.append((i, exc))
         return rejected, frames, device_updates, seen, n_tele, n_status
 
     def _process(self, batch: List[Message], validated: List[Validated], state: _BatchState,
@@ -524,42 +523,44 @@ class Ingest:
         t0 = time.monotonic()
         self._registering = set()
         rejected, frames, device_updates, seen, n_tele, n_status = self._classify(batch, validated)
+        # one upsert per device and batch: its messages' fields merged in arrival order (the last wins)
+        devices: Dict[str, Dict[str, object]] = {}
         for device_id, fields_ in device_updates:
-            self.store.upsert_device(device_id, **fields_)
-        for device_id in sorted(self._registering - {d for d, _ in device_updates}):
-            self.store.upsert_device(device_id, last_seen_ms=now_ms())
+            devices.setdefault(device_id, {}).update(fields_)
+        for device_id in self._registering:
+            devices.setdefault(device_id, {})
+        # last_seen: raised (never lowered) at most once per LAST_SEEN_WRITE_INTERVAL_MS, and with
+        # every batch that writes a device anyway. A frame on a device's topic is word from it.
+        for _, rec in frames:
+            seen[rec.device_id] = max(seen.get(rec.device_id, 0), rec.received_ms)
+        for device_id, ms in seen.items():
+            self._pending_seen[device_id] = max(self._pending_seen.get(device_id, 0), ms)
+        t_now = now_ms()
+        flush_seen = bool(self._pending_seen) and (
+            bool(devices) or t_now - self._last_seen_flush >= LAST_SEEN_WRITE_INTERVAL_MS)
+        self._write_batch(frames, devices, dict(self._pending_seen) if flush_seen else {}, state, attempt)
+        if flush_seen:
+            self._pending_seen.clear()
+            self._last_seen_flush = t_now
         for device_id in sorted(self._registering):
             log.info("auto-registered device %s", device_id)
         self._known |= self._registering
         self._registering = set()
-        self._store_frames(frames, state, attempt)
-        # last_seen: raised (never lowered) at most once per LAST_SEEN_WRITE_INTERVAL_MS, and with
-        # every batch that carries a status or telemetry
-        for i, rec in frames:
-            if state.outcomes.get(i) in ("stored", "duplicate"):
-                seen[rec.device_id] = max(seen.get(rec.device_id, 0), rec.received_ms)
-        for device_id, ms in seen.items():
-            self._pending_seen[device_id] = max(self._pending_seen.get(device_id, 0), ms)
-        t_now = now_ms()
-        if self._pending_seen and (device_updates or t_now - self._last_seen_flush >= LAST_SEEN_WRITE_INTERVAL_MS):
-            self.store.touch_devices(dict(self._pending_seen))
-            self._pending_seen.clear()
-            self._last_seen_flush = t_now
         # everything is committed: count, then acknowledge in arrival order
         outcomes = [state.outcomes.get(i) for i, _ in frames]
         for i, _rec in frames:
             outcome = state.outcomes.get(i)
             if outcome == "conflict":
-                rejected.append((batch[i], PayloadRejected("frame_id_conflict", state.details.get(i, ""))))
+                rejected.append((i, PayloadRejected("frame_id_conflict", state.details.get(i, ""))))
             elif outcome == "refused":
-                rejected.append((batch[i], PayloadRejected("store_error", state.details.get(i, ""))))
+                rejected.append((i, PayloadRejected("store_error", state.details.get(i, ""))))
         # frames given up on: keep their payload before the ack lets the broker forget them
-        for m, why in rejected:
-            if why.reason in DEAD_LETTER_REASONS and id(m) not in state.dead_lettered:
-                self._dead_letter(m, why.reason, str(why))
-                state.dead_lettered.add(id(m))
-        for m, why in rejected:
-            self._reject(m, why)
+        for i, why in rejected:
+            if why.reason in DEAD_LETTER_REASONS and i not in state.dead_lettered:
+                self._dead_letter(batch[i], why.reason, str(why), i)
+                state.dead_lettered.add(i)
+        for i, why in rejected:
+            self._reject(batch[i], why)
         commit_ms = (time.monotonic() - t0) * 1000.0
         with self._lock:
             gen = self._generation
@@ -576,13 +577,6 @@ class Ingest:
         if commit_ms > SLOW_COMMIT_MS and time.monotonic() - self._slow_log >= REJECT_LOG_INTERVAL_S:
             self._slow_log = time.monotonic()
             log.warning("committing a batch of %d messages took %.0f ms", len(batch), commit_ms)
-        if self.on_stored is not None:
-            stored = [rec for i, rec in frames if state.outcomes.get(i) == "stored"]
-            if stored:
-                try:
-                    self.on_stored(stored)
-                except Exception:  # noqa: BLE001 - a hook must not make us store the batch again
-                    log.exception("on_stored hook failed (the frames are stored and acknowledged)")
         acked = 0
         for m in batch:
             if m.qos > 0 and m.generation == gen:  # older connections' messages are resent by the broker
@@ -591,65 +585,81 @@ class Ingest:
         with self._lock:
             self.stats.acked += acked
 
-    def _store_frames(self, frames: List[Tuple[int, FrameRecord]], state: _BatchState, attempt: int) -> None:
-        """Store the frames not stored by an earlier attempt; record each one's outcome in ``state``.
+    @staticmethod
+    def _outcome(state: _BatchState, i: int, f: FrameRecord, owner: Optional[str]) -> None:
+        """Record what the store said of frame ``i``: stored now (None), or the device its id is stored for:
+        a redelivery when that is the frame's own device, else a conflict (decided from the same store
+        call that found the id, so a failure between the two cannot let a forged id pass as a duplicate)."""
+        if owner is None:
+            state.outcomes[i] = "stored"
+        elif owner == f.device_id:
+            state.outcomes[i] = "duplicate"
+        else:
+            state.outcomes[i] = "conflict"
+            state.details[i] = (f"frame_id {f.frame_id!r} from device {f.device_id!r} is already "
+                                f"stored for device {owner!r}")
 
-        Raises (so the batch is retried) when the store fails as a whole. A frame is marked
+    def _write_batch(self, frames: List[Tuple[int, FrameRecord]], devices: Dict[str, Dict[str, object]],
+                     seen: Dict[str, int], state: _BatchState, attempt: int) -> None:
+        """Write the batch in one store call (Store.apply_batch: one transaction in SQLite): the frames not
+        stored by an earlier attempt, the merged device updates, the last_seen raises. Records each
+        frame's outcome in ``state``.
+
+        Raises (so the batch is retried) when the store fails as a whole. When the store refuses the
+        batch (StoreError), the device writes go alone and the frames one by one: a frame is marked
         ``refused`` only when the failure is clearly about that record: another frame of the batch
         went in, or, when all of them failed POISON_ATTEMPTS times, a probe write succeeds."""
         todo = [(i, f) for i, f in frames if i not in state.outcomes]
-        if not todo:
+        if not todo and not devices and not seen:
             return
-        flags: Optional[List[bool]]
         try:
-            flags = self.store.add_frames([f for _, f in todo])
+            owners = self.store.apply_batch([f for _, f in todo], devices, seen)
         except StoreUnavailable:
             raise
         except StoreError as exc:
+            if not todo:
+                raise
             log.warning("the store refused a batch of %d frames (%s); trying them one by one", len(todo), exc)
-            flags = None
-        if flags is not None:
-            for (i, _), ok in zip(todo, flags):
-                state.outcomes[i] = "stored" if ok else "duplicate"
         else:
-            refused: List[Tuple[int, FrameRecord, StoreError]] = []
-            for i, f in todo:
-                try:
-                    ok = self.store.add_frame(f)
-                except StoreUnavailable:
-                    raise
-                except StoreError as exc:
-                    refused.append((i, f, exc))
-                    continue
-                state.outcomes[i] = "stored" if ok else "duplicate"
-            if refused:
-                some_went_in = any(state.outcomes.get(i) in ("stored", "duplicate") for i, _ in frames)
-                if not some_went_in:
-                    if attempt < POISON_ATTEMPTS:
-                        raise refused[0][2]
-                    # the store may be broken as a whole: a probe write tells (raises if it is)
-                    self.store.upsert_device(refused[0][1].device_id)
-                for i, f, why in refused:
-                    state.outcomes[i] = "refused"
-                    state.details[i] = f"the store refused frame {f.frame_id!r}: {why}"
-        # a frame_id seen before is a redelivery only if the stored frame is the same device's
+            for (i, f), owner in zip(todo, owners):
+                self._outcome(state, i, f, owner)
+            return
+        if devices or seen:
+            self.store.apply_batch([], devices, seen)  # raises if these are what the store refuses
+        refused: List[Tuple[int, FrameRecord, StoreError]] = []
         for i, f in todo:
-            if state.outcomes.get(i) == "duplicate":
-                existing = self.store.get_frame(f.frame_id)
-                if existing is not None and existing.device_id != f.device_id:
-                    state.outcomes[i] = "conflict"
-                    state.details[i] = (f"frame_id {f.frame_id!r} from device {f.device_id!r} is already "
-                                        f"stored for device {existing.device_id!r}")
+            try:
+                owner = self.store.add_frames([f])[0]
+            except StoreUnavailable:
+                raise
+            except StoreError as exc:
+                refused.append((i, f, exc))
+                continue
+            self._outcome(state, i, f, owner)
+        if refused:
+            some_went_in = any(i in state.outcomes for i, _ in frames)
+            if not some_went_in:
+                if attempt < POISON_ATTEMPTS:
+                    raise refused[0][2]
+                # the store may be broken as a whole: a probe write tells (raises if it is)
+                self.store.upsert_device(refused[0][1].device_id)
+            for i, f, why in refused:
+                state.outcomes[i] = "refused"
+                state.details[i] = f"the store refused frame {f.frame_id!r}: {why}"
 
-    def _dead_letter(self, m: Message, reason: str, detail: str) -> None:
-        """Keep a payload we are about to acknowledge without storing: <dir>/<time>-<id>.frame + .json.
+    def _dead_letter(self, m: Message, reason: str, detail: str, index: int) -> None:
+        """Keep a payload we are about to acknowledge without storing:
+        <dir>/<time>-<device>-<mid>-<n>.frame + .json, n counting every dead letter of this process (QoS 0
+        messages all have mid 0: two of one millisecond must not overwrite each other).
         Raises StoreError when it cannot (then nothing is acknowledged and the batch is retried)."""
         if self.dead_letter_dir is None:
             raise StoreError(f"{reason}: {detail}; no dead-letter folder to keep it in, so it is not "
                              "acknowledged (the broker keeps it)")
-        stem = f"{now_ms()}-{_UNSAFE.sub('_', m.topic.split('/')[-2] if '/' in m.topic else 'x')}-{m.mid}"
+        self._dead_letters += 1
+        device = _UNSAFE.sub('_', m.topic.split('/')[-2] if '/' in m.topic else 'x')
+        stem = f"{now_ms()}-{device}-{m.mid}-{self._dead_letters}"
         meta = {"topic": m.topic, "reason": reason, "detail": detail, "received_ms": m.received_ms,
-                "bytes": len(m.payload)}
+                "bytes": len(m.payload), "batch_index": index}
         try:
             atomic.write_bytes(self.dead_letter_dir / f"{stem}.frame", m.payload)
             atomic.write_bytes(self.dead_letter_dir / f"{stem}.json",

@@ -84,13 +84,35 @@ class Store(abc.ABC):
     def add_frame(self, frame: FrameRecord) -> bool:
         """Store a frame; False (and no change) when frame_id exists already."""
 
-    def add_frames(self, frames: List[FrameRecord]) -> List[bool]:
-        """Store several frames, committed together where the backend can (the ingest's batch path).
+    def add_frames(self, frames: List[FrameRecord]) -> List[Optional[str]]:
+        """Store several frames, committed together where the backend can.
 
-        Returns one flag per frame like add_frame. Either all of them are durable when this returns,
+        Returns, per frame, None when it was stored now, or the device_id its frame_id is already
+        stored for (nothing changed): the caller tells a redelivery (the same device) from an id
+        another device owns without a second read. Either all of them are durable when this returns,
         or it raises (StoreUnavailable / StoreError) and the caller retries the whole batch.
         """
-        return [self.add_frame(f) for f in frames]
+        return self.apply_batch(frames, {}, {})
+
+    def apply_batch(self, frames: List[FrameRecord], devices: Dict[str, Dict[str, object]],
+                    seen: Dict[str, int]) -> List[Optional[str]]:
+        """The ingest's writes of one batch: ``devices`` upserted (device_id -> fields, as
+        upsert_device), ``frames`` added (results as add_frames), last_seen_ms raised to ``seen``
+        (as touch_devices). SQLite commits all of it in one transaction (one fsync); MongoDB in one
+        bulk write per collection (every part is idempotent, so a retry after a partial write is
+        safe). Durable when it returns, else it raises and the caller retries the whole batch."""
+        for device_id, fields in devices.items():
+            self.upsert_device(device_id, **fields)
+        out: List[Optional[str]] = []
+        for f in frames:
+            if self.add_frame(f):
+                out.append(None)
+            else:
+                existing = self.get_frame(f.frame_id)
+                out.append(existing.device_id if existing is not None else f.device_id)
+        if seen:
+            self.touch_devices(seen)
+        return out
 
     @abc.abstractmethod
     def get_frame(self, frame_id: str) -> Optional[FrameRecord]: ...

@@ -27,6 +27,12 @@ DEVICE_FIELDS = {f.name for f in dataclasses.fields(DeviceRecord)}
 FRAME_FIELDS = [f.name for f in dataclasses.fields(FrameRecord)]
 
 
+def _check_device_fields(fields: Dict[str, object]) -> None:
+    unknown = sorted(set(fields) - DEVICE_FIELDS)
+    if unknown or "device_id" in fields:
+        raise StoreError(f"upsert_device: unknown or immutable field(s) {unknown or ['device_id']}")
+
+
 def _wrapped(fn: F) -> F:
     """Translate pymongo errors (and BSON encoding errors, e.g. DocumentTooLarge) at the boundary."""
     @functools.wraps(fn)
@@ -136,25 +142,56 @@ class MongoStore(Store):
         return True
 
     @_wrapped
-    def add_frames(self, frames: List[FrameRecord]) -> List[bool]:
+    def apply_batch(self, frames: List[FrameRecord], devices: Dict[str, Dict[str, object]],
+                    seen: Dict[str, int]) -> List[Optional[str]]:
+        """Frames in one insert_many (large images to GridFS first), then the device upserts and
+        last_seen raises in one ordered bulk_write. Not a transaction: every part is idempotent, so
+        the retry after a failure anywhere redoes what is missing.
+
+        Counts only (never data): after a write-concern error the frames that did reach the primary
+        are found again by the retry and reported as already stored by their own device, so the
+        ingest counts them as duplicates rather than stored."""
+        for fields in devices.values():
+            _check_device_fields(fields)
+        out: List[Optional[str]] = [None] * len(frames)
+        if frames:
+            out = self._insert_frames(frames)
+        ops = [self._pymongo.UpdateOne({"device_id": d}, self._device_update(d, fields), upsert=True)
+               for d, fields in sorted(devices.items())]
+        ops += [self._pymongo.UpdateOne({"device_id": d}, {"$max": {"last_seen_ms": int(ms)}})  # no upsert
+                for d, ms in sorted(seen.items())]
+        if ops:
+            self.devices.bulk_write(ops, ordered=True)  # a device's upsert before its last_seen raise
+        return out
+
+    def _insert_frames(self, frames: List[FrameRecord]) -> List[Optional[str]]:
         from pymongo.errors import BulkWriteError
-        if not frames:
-            return []
         docs = [self._frame_doc(f) for f in frames]
         try:
             self.frames.insert_many(docs, ordered=False)
-            return [True] * len(frames)
+            return [None] * len(frames)
         except BulkWriteError as exc:
             if exc.details.get("writeConcernErrors"):
                 # written on the primary but not (yet) journaled on a majority: not durable, so not
-                # "stored"; the retry finds the ones that made it as duplicates
+                # "stored"; the retry finds the ones that made it as already stored
                 raise StoreUnavailable("MongoDB could not confirm the write concern for a batch of frames: "
                                        f"{exc.details['writeConcernErrors'][0].get('errmsg')}") from exc
             dup_idx = {e["index"] for e in exc.details.get("writeErrors", []) if e.get("code") == 11000}
             other = [e for e in exc.details.get("writeErrors", []) if e.get("code") != 11000]
             if other:
                 raise StoreError(f"MongoDB refused frames: {other[0].get('errmsg')}") from exc
-            return [i not in dup_idx for i in range(len(frames))]
+        ids = sorted({frames[i].frame_id for i in dup_idx})
+        owners = {d["frame_id"]: str(d.get("device_id", "")) for d in
+                  self.frames.find({"frame_id": {"$in": ids}}, {"frame_id": 1, "device_id": 1})}
+        out: List[Optional[str]] = []
+        for i, f in enumerate(frames):
+            if i not in dup_idx:
+                out.append(None)
+            elif f.frame_id in owners:
+                out.append(owners[f.frame_id])
+            else:  # pragma: no cover - a duplicate key whose document is gone (deleted meanwhile)
+                raise StoreUnavailable(f"frame {f.frame_id!r} was a duplicate but is not found; retrying")
+        return out
 
     def _to_frame(self, doc: Dict[str, Any], with_image: bool) -> FrameRecord:
         data: Dict[str, Any] = {k: doc.get(k) for k in FRAME_FIELDS if k in doc}
@@ -221,18 +258,20 @@ class MongoStore(Store):
         return [self._to_frame(d, True) for d in cur]
 
     # ---- devices ----
-    @_wrapped
-    def upsert_device(self, device_id: str, **fields: object) -> DeviceRecord:
-        unknown = sorted(set(fields) - DEVICE_FIELDS)
-        if unknown or "device_id" in fields:
-            raise StoreError(f"upsert_device: unknown or immutable field(s) {unknown or ['device_id']}")
+    @staticmethod
+    def _device_update(device_id: str, fields: Dict[str, object]) -> Dict[str, Any]:
         defaults = {k: v for k, v in dataclasses.asdict(DeviceRecord(device_id=device_id)).items()
                     if k not in fields and k != "device_id"}
         update: Dict[str, Any] = {"$setOnInsert": defaults}
         if fields:  # MongoDB < 5.0 rejects an empty $set
             update["$set"] = dict(fields)
+        return update
+
+    @_wrapped
+    def upsert_device(self, device_id: str, **fields: object) -> DeviceRecord:
+        _check_device_fields(fields)
         doc = self.devices.find_one_and_update(
-            {"device_id": device_id}, update,
+            {"device_id": device_id}, self._device_update(device_id, fields),
             upsert=True, return_document=self._pymongo.ReturnDocument.AFTER)
         if doc is None:  # pragma: no cover - upsert with AFTER always returns the document
             raise StoreError(f"upsert_device {device_id!r} returned nothing")
@@ -244,8 +283,9 @@ class MongoStore(Store):
 
     @_wrapped
     def touch_devices(self, seen: Dict[str, int]) -> None:
-        for device_id, ms in sorted(seen.items()):  # $max: never lowers it; no upsert
-            self.devices.update_one({"device_id": device_id}, {"$max": {"last_seen_ms": int(ms)}})
+        if seen:  # $max: never lowers it; no upsert; one round trip
+            self.devices.bulk_write([self._pymongo.UpdateOne({"device_id": d}, {"$max": {"last_seen_ms": int(ms)}})
+                                     for d, ms in sorted(seen.items())], ordered=False)
 
     @_wrapped
     def get_device(self, device_id: str) -> Optional[DeviceRecord]:

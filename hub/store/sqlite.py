@@ -102,6 +102,12 @@ def _wrap(exc: sqlite3.Error, what: str) -> Exception:
     return StoreError(f"SQLite store error during {what}: {exc}")
 
 
+def _check_device_fields(fields: Dict[str, object]) -> None:
+    unknown = sorted(set(fields) - DEVICE_FIELDS)
+    if unknown or "device_id" in fields:
+        raise StoreError(f"upsert_device: unknown or immutable field(s) {unknown or ['device_id']}")
+
+
 def path_from_url(url: str) -> Path:
     if url.startswith("sqlite:///"):
         return Path(url[len("sqlite:///"):])
@@ -280,16 +286,32 @@ class SqliteStore(Store):
                f"VALUES ({', '.join('?' * len(FRAME_COLUMNS))})")
 
     def add_frame(self, frame: FrameRecord) -> bool:
-        return self.add_frames([frame])[0]
+        return self.add_frames([frame])[0] is None
 
-    def add_frames(self, frames: List[FrameRecord]) -> List[bool]:
-        if not frames:
+    def apply_batch(self, frames: List[FrameRecord], devices: Dict[str, Dict[str, object]],
+                    seen: Dict[str, int]) -> List[Optional[str]]:
+        """One transaction (one fsync with FULL): device upserts, frames, last_seen raises."""
+        if not frames and not devices and not seen:
             return []
+        for fields in devices.values():
+            _check_device_fields(fields)
         rows = [self._frame_row(f) for f in frames]
 
-        def ins(c: sqlite3.Connection) -> List[bool]:
-            return [c.execute(self._INSERT, row).rowcount == 1 for row in rows]
-        return self._write("add_frames", ins)
+        def tx(c: sqlite3.Connection) -> List[Optional[str]]:
+            for device_id, fields in sorted(devices.items()):
+                self._upsert(c, device_id, fields)
+            out: List[Optional[str]] = []
+            for f, row in zip(frames, rows):
+                if c.execute(self._INSERT, row).rowcount == 1:
+                    out.append(None)
+                    continue
+                owner = c.execute("SELECT device_id FROM frames WHERE frame_id = ?", (f.frame_id,)).fetchone()
+                if owner is None:  # OR IGNORE also skips rows breaking NOT NULL/CHECK: not a duplicate
+                    raise StoreError(f"SQLite refused frame {f.frame_id!r} (a constraint other than its id)")
+                out.append(str(owner[0]))
+            self._touch(c, seen)
+            return out
+        return self._write("apply_batch", tx)
 
     @staticmethod
     def _to_frame(d: Dict[str, Any]) -> FrameRecord:
@@ -360,36 +382,35 @@ class SqliteStore(Store):
             last = (page[-1].capture_time_ms, page[-1].frame_id)
 
     # ---- devices ----
-    def upsert_device(self, device_id: str, **fields: object) -> DeviceRecord:
-        unknown = sorted(set(fields) - DEVICE_FIELDS)
-        if unknown or "device_id" in fields:
-            raise StoreError(f"upsert_device: unknown or immutable field(s) {unknown or ['device_id']}")
+    @staticmethod
+    def _upsert(c: sqlite3.Connection, device_id: str, fields: Dict[str, object]) -> DeviceRecord:
+        row = c.execute("SELECT doc FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        doc: Dict[str, Any] = json.loads(row[0]) if row else {}
+        doc.update(fields)
+        doc["device_id"] = device_id
+        rec = DeviceRecord(**doc)
+        c.execute("INSERT OR REPLACE INTO devices (device_id, doc, grp) VALUES (?, ?, ?)",
+                  (device_id, json.dumps(dataclasses.asdict(rec)), rec.group))
+        return rec
 
-        def up(c: sqlite3.Connection) -> DeviceRecord:
+    @staticmethod
+    def _touch(c: sqlite3.Connection, seen: Dict[str, int]) -> None:
+        for device_id, ms in sorted(seen.items()):
             row = c.execute("SELECT doc FROM devices WHERE device_id = ?", (device_id,)).fetchone()
-            doc: Dict[str, Any] = json.loads(row[0]) if row else {}
-            doc.update(fields)
-            doc["device_id"] = device_id
-            rec = DeviceRecord(**doc)
-            c.execute("INSERT OR REPLACE INTO devices (device_id, doc, grp) VALUES (?, ?, ?)",
-                      (device_id, json.dumps(dataclasses.asdict(rec)), rec.group))
-            return rec
-        return self._write("upsert_device", up)
+            if row is None:
+                continue
+            doc = json.loads(row[0])
+            if int(ms) > int(doc.get("last_seen_ms") or 0):
+                doc["last_seen_ms"] = int(ms)
+                c.execute("UPDATE devices SET doc = ? WHERE device_id = ?", (json.dumps(doc), device_id))
+
+    def upsert_device(self, device_id: str, **fields: object) -> DeviceRecord:
+        _check_device_fields(fields)
+        return self._write("upsert_device", lambda c: self._upsert(c, device_id, fields))
 
     def touch_devices(self, seen: Dict[str, int]) -> None:
-        if not seen:
-            return
-
-        def touch(c: sqlite3.Connection) -> None:
-            for device_id, ms in sorted(seen.items()):
-                row = c.execute("SELECT doc FROM devices WHERE device_id = ?", (device_id,)).fetchone()
-                if row is None:
-                    continue
-                doc = json.loads(row[0])
-                if int(ms) > int(doc.get("last_seen_ms") or 0):
-                    doc["last_seen_ms"] = int(ms)
-                    c.execute("UPDATE devices SET doc = ? WHERE device_id = ?", (json.dumps(doc), device_id))
-        self._write("touch_devices", touch)
+        if seen:
+            self._write("touch_devices", lambda c: self._touch(c, seen))
 
     def get_device(self, device_id: str) -> Optional[DeviceRecord]:
         row = self._run("get_device", lambda c: c.execute(

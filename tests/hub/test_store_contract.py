@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, List
 
 import pytest
 
@@ -48,11 +48,28 @@ def open_backend(kind: str, tmp_path: Path) -> Iterator[Store]:
     m.close()
 
 
+def _bulk_ignores_sort(builder: Any) -> None:
+    """pymongo 4.11+ passes ``sort=`` to a bulk builder's add_update/add_replace; mongomock 4.3 does not
+    know the argument (bulk_write raises TypeError). The store never sorts its bulk updates: drop it."""
+    for name in ("add_update", "add_replace"):
+        real = getattr(builder, name)
+        if getattr(real, "_drops_sort", False):
+            continue
+
+        def shim(self: Any, *a: Any, _real: Any = real, sort: Any = None, **k: Any) -> Any:
+            assert sort is None, "the store's bulk updates never sort"
+            return _real(self, *a, **k)
+        shim._drops_sort = True  # type: ignore[attr-defined]
+        setattr(builder, name, shim)
+
+
 def mongomock_store() -> MongoStore:
     """The Mongo backend on mongomock: a fake of pymongo's own MongoClient (GridFS included), fresh per call."""
     import mongomock
+    import mongomock.collection
     import mongomock.gridfs
     mongomock.gridfs.enable_gridfs_integration()
+    _bulk_ignores_sort(mongomock.collection.BulkOperationBuilder)
     return MongoStore.from_client(mongomock.MongoClient(), database="kestrel_contract")
 
 
@@ -86,11 +103,38 @@ def test_add_get_roundtrip_and_idempotent(store: Store) -> None:
     assert store.get_frame("nope") is None
 
 
-def test_add_frames_batch_reports_duplicates(store: Store) -> None:
-    assert store.add_frames([rec("a"), rec("b")]) == [True, True]
-    assert store.add_frames([rec("b"), rec("c"), rec("a")]) == [False, True, False]
-    assert store.count_frames() == 3
+def test_add_frames_batch_reports_the_owner_of_existing_ids(store: Store) -> None:
+    """None = stored now; an id that exists gives the device it is stored for, from the same call
+    (the ingest tells a redelivery from another device's id without reading the frame back)."""
+    assert store.add_frames([rec("a"), rec("b", device="cam-2")]) == [None, None]
+    assert store.add_frames([rec("b"), rec("c"), rec("a", device="cam-9")]) == ["cam-2", None, "cam-1"]
+    assert store.add_frames([rec("d", device="cam-3"), rec("d", device="cam-4")]) == [None, "cam-3"]
+    assert store.count_frames() == 4
+    assert store.get_frame("a").device_id == "cam-1"  # type: ignore[union-attr]  # not overwritten
     assert store.add_frames([]) == []
+
+
+def test_apply_batch_writes_frames_devices_and_last_seen(store: Store) -> None:
+    store.upsert_device("old", last_seen_ms=5000, state="online")
+    store.add_frame(rec("x", device="old"))
+    out = store.apply_batch([rec("n1", device="new"), rec("x", device="new")],
+                            {"new": {"state": "online", "group": "g"}, "old": {"reported_version": 3}},
+                            {"new": 7000, "old": 4000, "ghost": 1})
+    assert out == [None, "old"]
+    new, old = store.get_device("new"), store.get_device("old")
+    assert new is not None and (new.state, new.group, new.last_seen_ms) == ("online", "g", 7000)
+    assert old is not None and (old.state, old.reported_version, old.last_seen_ms) == ("online", 3, 5000)
+    assert store.get_device("ghost") is None and store.count_frames() == 2
+    assert store.apply_batch([], {}, {}) == []
+    # a retry of the same batch changes nothing and reports both ids as stored
+    assert store.apply_batch([rec("n1", device="new")], {"new": {"state": "online"}}, {"new": 7000}) == ["new"]
+    assert store.count_frames() == 2
+
+
+def test_apply_batch_refuses_unknown_device_fields_before_writing(store: Store) -> None:
+    with pytest.raises(StoreError, match="unknown or immutable"):
+        store.apply_batch([rec("u1")], {"cam-1": {"colour": "red"}}, {})
+    assert store.count_frames() == 0 and store.get_device("cam-1") is None
 
 
 def test_list_filters_newest_first(store: Store) -> None:
@@ -126,7 +170,7 @@ def test_labels_and_iter_labelled(store: Store) -> None:
 def test_iter_labelled_pages_through_many_frames_in_order(store: Store) -> None:
     # 250 frames, 7 per capture time: pages (100 a query in both backends) end inside a run of equal times
     frames = [rec(f"p{i:03d}", t=1000 + i // 7, image=b"img%d" % i) for i in range(250)]
-    assert all(store.add_frames(frames))
+    assert store.add_frames(frames) == [None] * len(frames)
     for f in frames[::2]:
         store.set_label(f.frame_id, "cat", 1)
     got = list(store.iter_labelled())
@@ -235,7 +279,7 @@ def test_mongo_gridfs_frames_are_idempotent(mongo_store: MongoStore, small_inlin
     big = os.urandom(small_inline * 3)
     assert mongo_store.add_frame(rec("g1", image=big)) is True
     assert mongo_store.add_frame(rec("g1", image=os.urandom(small_inline * 3))) is False  # redelivery
-    assert mongo_store.add_frames([rec("g1", image=big), rec("g2", image=big)]) == [False, True]
+    assert mongo_store.add_frames([rec("g1", image=big), rec("g2", image=big)]) == ["cam-1", None]
     assert mongo_store.fs.get("img:g1").read() == big  # the first copy stays
     assert mongo_store.db["images.files"].count_documents({}) == 2
     assert mongo_store.count_frames() == 2
@@ -254,7 +298,7 @@ def test_mongo_gridfs_file_stored_by_another_worker_meanwhile(mongo_store: Mongo
     big = os.urandom(small_inline * 3)
     mongo_store.fs.put(big, _id="img:r1", filename="r1")
     monkeypatch.setattr(mongo_store.fs, "exists", lambda *a, **k: False)  # lost the exists/put race
-    assert mongo_store.add_frames([rec("r1", image=big)]) == [True]
+    assert mongo_store.add_frames([rec("r1", image=big)]) == [None]
     assert mongo_store.get_frame("r1").image == big  # type: ignore[union-attr]
 
 
@@ -279,6 +323,22 @@ def test_mongo_write_concern_error_is_not_a_stored_batch(mongo_store: MongoStore
     monkeypatch.setattr(mongo_store.frames, "insert_many", insert_many)
     with pytest.raises(StoreUnavailable, match="write concern"):
         mongo_store.add_frames([rec("wc1"), rec("wc2")])
+
+
+def test_mongo_apply_batch_is_one_write_per_collection(mongo_store: MongoStore,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: List[str] = []
+    for coll in (mongo_store.frames, mongo_store.devices):
+        for name in ("insert_many", "insert_one", "bulk_write", "update_one", "find_one_and_update"):
+            real = getattr(coll, name)
+            monkeypatch.setattr(coll, name, lambda *a, _r=real, _n=f"{coll.name}.{name}", **k:
+                                (calls.append(_n), _r(*a, **k))[1])
+    mongo_store.apply_batch([rec("m1"), rec("m2", device="cam-2")], {"cam-1": {"state": "online"}, "cam-2": {}},
+                            {"cam-1": 5, "cam-2": 6})
+    assert calls == ["frames.insert_many", "devices.bulk_write"]
+    mongo_store.touch_devices({"cam-1": 7, "cam-2": 8})
+    assert calls[-1] == "devices.bulk_write" and len(calls) == 3
+    assert [mongo_store.get_device(d).last_seen_ms for d in ("cam-1", "cam-2")] == [7, 8]  # type: ignore[union-attr]
 
 
 def test_mongo_from_client_uses_the_given_database() -> None:
@@ -343,6 +403,25 @@ def test_sqlite_failed_commit_leaves_no_open_transaction(tmp_path) -> None:  # n
         s._write("orphan", lambda c: c.execute("INSERT INTO ch VALUES (42)"))
     assert not s._conn().in_transaction
     assert s.add_frame(rec("next")) is True and s.count_frames() == 1
+    s.close()
+
+
+def test_sqlite_apply_batch_is_one_transaction(tmp_path) -> None:  # noqa: ANN001
+    """Frames, device upserts and last_seen raises of a batch: one COMMIT (one fsync with FULL), and a
+    failure anywhere in it leaves nothing behind."""
+    s = SqliteStore(tmp_path / "tx.db")
+    s.upsert_device("cam-1")
+    statements: List[str] = []
+    s._conn().set_trace_callback(statements.append)
+    s.apply_batch([rec(f"t{i}") for i in range(20)], {"cam-1": {"state": "online"}, "cam-2": {}},
+                  {"cam-1": 9, "cam-2": 9})
+    assert [q for q in statements if q in ("BEGIN IMMEDIATE", "COMMIT")] == ["BEGIN IMMEDIATE", "COMMIT"]
+    bad = rec("t-bad")
+    bad.image_format = None  # type: ignore[assignment]  # NOT NULL: refused inside the transaction
+    with pytest.raises(StoreError, match="t-bad"):
+        s.apply_batch([rec("t-new"), bad], {"cam-3": {"state": "online"}}, {"cam-1": 99})
+    assert s.get_frame("t-new") is None and s.get_device("cam-3") is None
+    assert s.get_device("cam-1").last_seen_ms == 9  # type: ignore[union-attr]
     s.close()
 
 
