@@ -35,6 +35,13 @@ class FleetRequestError(ArtifactError):
     """A deploy/rollback request is malformed (both or neither of device and group, bad id...)."""
 
 
+class NothingToRollBack(FleetRequestError):
+    """A rollback the hub cannot name a version for (devices act only on the version they run):
+    refused instead of announcing a message every device would ignore."""
+
+    kind = "failed_precondition"  # hub.registry.PRECONDITION: the request is fine, the fleet state is not
+
+
 @dataclasses.dataclass
 class Announcement:
     desired: kestrel_pb2.DesiredState
@@ -87,10 +94,7 @@ class FleetService:
         desired = kestrel_pb2.DesiredState(model_name=rec.model_name, version=rec.version,
                                            sha256=rec.bundle_sha256, size=rec.size, issued_ms=self._now_ms(),
                                            rollback=False, grpc_target=self.grpc_target)
-        # recorded first: if the store fails nothing was announced (a retry is clean); if the publish
-        # fails, the record says what was intended and the caller's error says it was not announced
-        self._record(device_id, group, desired)
-        self.publish_retained(topic, desired.SerializeToString())
+        self._announce(device_id, group, topic, desired)
         log.info("deploy %s v%d -> %s", rec.model_name, rec.version, topic)
         return Announcement(desired, topic)
 
@@ -101,25 +105,69 @@ class FleetService:
         unknown); for a group, version is 0. ``rollback_from_version`` names the version rolled back
         from (the device's reported version; for a group, the version last deployed to it): a device
         acts only when it runs exactly that version, and at most once per ``issued_ms`` (persisted).
+        NothingToRollBack when the hub cannot name that version (no model reported, no deploy to the
+        group, or its last announcement was already a rollback): nothing is announced then.
         """
         topic, _ = _target(device_id, group)
-        model_name, version, from_version = "", 0, 0
         if device_id:
             dev = self.store.get_device(device_id)
             if dev is None:
                 raise NotFound(f"device {device_id!r} is not known to the hub (it has not reported yet)")
+            if dev.reported_version <= 0:
+                raise NothingToRollBack(f"nothing to roll back from: device {device_id!r} reports no installed "
+                                        "model")
             model_name, version, from_version = dev.reported_model, dev.previous_version, dev.reported_version
         else:
             gd = self.store.get_group_desired(group)
-            if gd is not None and not gd.rollback:
-                model_name, from_version = gd.model_name, gd.version
+            if gd is not None and gd.rollback:
+                raise NothingToRollBack(f"nothing to roll back from: the last announcement to group {group!r} "
+                                        "was a rollback already (deploy a version, or roll back single devices)")
+            if gd is None or gd.version <= 0:
+                raise NothingToRollBack(f"nothing to roll back from: no version was deployed to group {group!r}")
+            model_name, version, from_version = gd.model_name, 0, gd.version
         desired = kestrel_pb2.DesiredState(model_name=model_name, version=version, issued_ms=self._now_ms(),
                                            rollback=True, grpc_target=self.grpc_target,
                                            rollback_from_version=from_version)
-        self.publish_retained(topic, desired.SerializeToString())
-        self._record(device_id, group, desired)
-        log.info("rollback -> %s", topic)
+        self._announce(device_id, group, topic, desired)
+        log.info("rollback from v%d -> %s", from_version, topic)
         return Announcement(desired, topic)
+
+    def _announce(self, device_id: str, group: str, topic: str, desired: kestrel_pb2.DesiredState) -> None:
+        """Record, then publish (deploy and rollback alike): if the store fails nothing was announced
+        (a retry is clean); if the publish fails, the previous record is put back, so the store never
+        shows an announcement the broker did not take, and the caller's error says so."""
+        restore = self._saved_record(device_id, group)
+        self._record(device_id, group, desired)
+        try:
+            self.publish_retained(topic, desired.SerializeToString())
+        except BaseException:
+            try:
+                restore()
+            except Exception:  # noqa: BLE001 - the publish error is the one to report
+                log.exception("could not restore the desired state recorded for %s", topic)
+            raise
+
+    def _saved_record(self, device_id: str, group: str) -> Callable[[], None]:
+        """A function that writes back what _record is about to overwrite."""
+        def desired_of(dev: Optional[DeviceRecord]) -> Dict[str, object]:
+            dev = dev or DeviceRecord("")
+            return {"desired_model": dev.desired_model, "desired_version": dev.desired_version,
+                    "desired_scope": dev.desired_scope}
+
+        gd: Optional[GroupDesired] = None
+        if device_id:
+            devices = [(device_id, desired_of(self.store.get_device(device_id)))]
+        else:  # a group that was never named gets an empty, non-rollback record back
+            gd = self.store.get_group_desired(group) or GroupDesired(group, "", 0, False, 0)
+            devices = [(d.device_id, desired_of(d)) for d in self.store.list_devices(group)]
+
+        def restore() -> None:
+            if gd is not None:
+                self.store.set_group_desired(group, gd.model_name, gd.version, gd.rollback, gd.issued_ms)
+            for device, saved in devices:
+                self.store.upsert_device(device, **saved)
+
+        return restore
 
     def _record(self, device_id: str, group: str, desired: kestrel_pb2.DesiredState) -> None:
         """The announcement in the store: a device-specific one pins the device; a group's is kept as

@@ -90,6 +90,7 @@ def test_deploy_to_group_publishes_retained_desired_state(fleet_hub, broker, mod
 def test_rollback_publishes_rollback_true(fleet_hub, broker):
     store, client, _, _ = fleet_hub
     group = _group()
+    store.set_group_desired(group, "brightness", 3, False, 1)  # v3 was deployed to the group
     store.upsert_device("cam-r", group=group, reported_model="brightness", reported_version=3,
                         previous_version=2)
     resp = client.rollback(group=group)
@@ -101,9 +102,11 @@ def test_rollback_publishes_rollback_true(fleet_hub, broker):
     finally:
         sub.close()
     assert resp.topic in by_topic and dev_resp.topic in by_topic
-    assert by_topic[topics.group_desired(group)].rollback is True
+    group_msg = by_topic[topics.group_desired(group)]
+    assert group_msg.rollback is True and group_msg.rollback_from_version == 3  # the group's deployed version
     dev_msg = by_topic[topics.device_desired("cam-r")]
     assert dev_msg.rollback is True and dev_msg.version == 2 and dev_msg.sha256 == ""
+    assert dev_msg.rollback_from_version == 3  # the version the device reported
     with pytest.raises(HubRefused) as ei:
         client.rollback(device_id="never-seen")
     assert ei.value.code == "NOT_FOUND"
@@ -228,9 +231,35 @@ def test_group_rollback_shows_in_the_listing(fleet_hub, models_dir):
     assert _desired(client, group) == {"cam-x": ("brightness", 2), "cam-new": ("brightness", 2)}
 
 
+def test_a_rollback_no_device_would_act_on_is_refused(fleet_hub, broker, publisher):
+    """Devices act only on the version they run: a rollback naming none would be ignored by every
+    device while the operator saw success. The hub refuses it (one line) and announces nothing."""
+    store, client, _, _ = fleet_hub
+    never, rolled, cam = _group(), _group(), f"cam-{uuid.uuid4().hex[:8]}"
+    store.set_group_desired(rolled, "brightness", 0, True, 1)  # the last announcement was a rollback
+    store.upsert_device(cam, group=never)  # known, but reports no model
+    for kw, why in (({"group": never}, "no version was deployed"), ({"group": rolled}, "was a rollback already"),
+                    ({"device_id": cam}, "reports no installed model")):
+        with pytest.raises(HubRefused) as ei:
+            client.rollback(**kw)
+        assert ei.value.detail.startswith("nothing to roll back from: ") and why in ei.value.detail
+        assert "\n" not in ei.value.detail and ei.value.code in ("FAILED_PRECONDITION", "INVALID_ARGUMENT")
+    gd = store.get_group_desired(never)
+    assert gd is None and store.get_device(cam).desired_scope == ""  # type: ignore[union-attr]
+    marker = f"test/marker-{uuid.uuid4().hex[:8]}"
+    sub = Collector(broker.host, broker.port, [topics.group_desired(never), topics.device_desired(cam), marker])
+    try:
+        publisher(marker, b"m")  # delivered after any retained message of the subscription
+        sub.wait_count(1, marker)
+        assert [t for t, _, _ in sub.messages] == [marker]  # nothing was announced
+    finally:
+        sub.close()
+
+
 def test_deploy_is_recorded_before_it_is_announced(tmp_path, models_dir):
     """The broker refuses the announcement: the caller gets a TransportError (gRPC UNAVAILABLE, so the
-    operator retries) and the store already says what was intended; nothing was announced unrecorded."""
+    operator retries); the record existed when the publish was tried and the previous one is put back,
+    so the store never shows an announcement the broker did not take (deploy and rollback alike)."""
     from hub.errors import TransportError
 
     keys = make_keypair(tmp_path, "fleet")
@@ -242,15 +271,24 @@ def test_deploy_is_recorded_before_it_is_announced(tmp_path, models_dir):
     reg.push(iter([kestrel_pb2.PushChunk(data=b, total_size=len(b), sha256=hashlib.sha256(b).hexdigest())
                    for b in [make_bundle(models_dir / "brightness_int8.tflite", keys, version=3)]]))
     order = []
+    store.upsert_device("cam-1", group="lab", reported_model="brightness", reported_version=3,
+                        previous_version=2, desired_model="brightness", desired_version=2, desired_scope="group")
+    store.set_group_desired("lab", "brightness", 2, False, 1)
 
     def refuse(topic: str, payload: bytes) -> None:
-        order.append(("publish", store.get_device("cam-1") is not None))
+        order.append(("publish", store.get_device("cam-1").desired_version))  # type: ignore[union-attr]
         raise TransportError("injected: broker gone")
 
     fleet = FleetService(store, reg, refuse)
     with pytest.raises(TransportError):
         fleet.deploy("brightness", 3, device_id="cam-1")
-    assert order == [("publish", True)]  # the record existed when the publish was tried
+    with pytest.raises(TransportError):
+        fleet.deploy("brightness", 3, group="lab")
+    with pytest.raises(TransportError):
+        fleet.rollback(group="lab")
+    assert order == [("publish", 3), ("publish", 3), ("publish", 2)]  # recorded when the publish was tried
     dev = store.get_device("cam-1")
-    assert dev is not None and (dev.desired_model, dev.desired_version) == ("brightness", 3)
+    assert dev is not None and (dev.desired_model, dev.desired_version, dev.desired_scope) == (
+        "brightness", 2, "group")  # ... and put back when it failed
+    assert store.get_group_desired("lab") == GroupDesired("lab", "brightness", 2, False, 1)
     store.close()
