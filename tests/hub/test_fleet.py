@@ -18,6 +18,7 @@ from hub.fleet import FleetRequestError, FleetService
 from hub.fleetcmd import HubClient, HubRefused
 from hub.grpc_service import make_server
 from hub.registry import Registry, RegistryConfig
+from hub.store.base import GroupDesired
 from hub.store.open import open_store
 from proto import kestrel_pb2
 from tests.helpers.bundles import make_bundle, make_keypair
