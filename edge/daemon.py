@@ -248,9 +248,6 @@ class Daemon:
             log.error("sampled frames were not all spooled within %.0fs (%d waiting)", SINK_DRAIN_S,
                       self.sink_worker.pending)
 
-    def on_model_change(self, model: Any) -> None:
-        self.stats.set_model(model.ref)
-
     def request_stop(self, signame: str = "signal") -> None:
         """Signal handler body: the first request stops gracefully, the next ones skip the waiting."""
         self.signals += 1
@@ -263,6 +260,7 @@ class Daemon:
         self.stop_requested.set()
 
     def _on_model_swapped(self, model: Any) -> None:
+        self.stats.set_model(model.ref)  # telemetry names the running model (set here, not per frame)
         default = model_default_threshold(model, self.updater.updater.slots)
         self.sampler.model_changed()
         before = self.sampler.confidence_threshold
@@ -372,14 +370,13 @@ class Daemon:
                 if model is None:
                     log.info("stopping before a first model arrived")
                     return 0
-            self.stats.set_model(model.ref)
             log.info("device %s boot %s: model %s v%d (%s, %s) on source %s (%s)", self.device_id, self.boot_id,
                      model.ref.name, model.ref.version, model.ref.sha256[:12], getattr(model, "runtime", "?"),
                      cfg.source.name, cfg.source.kind)
             source = open_source(cfg.source)
             self.sink_worker.start()
             self.pipeline = Pipeline(source, self.holder, self.sampler, self.sink, cfg.pipeline, self.stats,
-                                     observers=[self._observe])
+                                     observers=[self.updater.observe])
             pipe = self.pipeline
             self.updater.attach_pipeline(lambda: (pipe.captured, pipe.processed, pipe.done),
                                          on_stall=lambda why: self.request_stop("a hung trial model"))
@@ -416,12 +413,6 @@ class Daemon:
             log.error("the source failed: %s; exiting with code %d", failure, EXIT_CAPTURE_FAILED)
             return EXIT_CAPTURE_FAILED
         return 0
-
-    def _observe(self, result: Any) -> None:
-        self.updater.observe(result)
-        model = self.holder.get()
-        if model is not None and result.model_ref is not model.ref:
-            self.stats.set_model(model.ref)
 
     def _summary(self, sampler: Sampler) -> None:
         p = self.pipeline

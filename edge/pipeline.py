@@ -10,9 +10,12 @@ observer about the :class:`InferenceResult` and hands frames to send to ``sink``
 ``stop()`` stops capture, lets the inference thread drain what is queued, then returns.
 
 A frame that makes anything on the inference thread fail (the model, preprocessing, the sampler,
-an unexpected OpenCV error) is counted in ``errors`` and skipped: the loop goes on with the next
-frame. The first failure of each kind is logged with its traceback, later ones only counted, so a
-bad stream cannot flood the log. ``started_at``/``finished_at`` (monotonic) time the run;
+an unexpected OpenCV error), and a model answer that is not a number (NaN anywhere, or an infinite
+top score), is counted in ``errors`` (by kind in ``error_kinds``) and becomes an InferenceResult
+with ``error`` set: the observers (the updater's trial watch) see every failure, and the loop goes
+on with the next frame. Every frame taken from the queue counts in ``processed``. The first failure
+of each kind is logged (unexpected ones with their traceback), later ones only counted, so a bad
+stream cannot flood the log. ``started_at``/``finished_at`` (monotonic) time the run;
 ``capture_cpu_s``/``inference_cpu_s`` are the CPU seconds each thread used (benchmarks).
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -67,6 +71,21 @@ class InferenceResult:
     capture_time: float = 0.0
     sampled: bool = False
     skipped: str = ""  # why a low-confidence frame was not sent: rate_limited or duplicate
+    top: Optional[float] = None  # the top score (None with an error or no scores)
+
+    def __post_init__(self) -> None:
+        if self.top is None and self.scores is not None and self.error is None:  # built outside the pipeline
+            self.top = top_score(self.scores)
+
+
+NON_FINITE = "non-finite scores (NaN or infinity)"
+
+
+def top_score(scores: np.ndarray) -> float:
+    """The highest score; NaN when any score is NaN (argmax picks the first NaN, and costs a fraction
+    of max()), +inf when one is +inf."""
+    s = scores.reshape(-1)
+    return float(s[s.argmax()])
 
 
 @dataclasses.dataclass
@@ -224,25 +243,24 @@ class Pipeline:
                 if item is _END:
                     break
                 self._depth(q.qsize())
-                try:
-                    self._process(*item)
-                except Exception as exc:  # one bad frame must not end the run
-                    self._unexpected(item[0], exc)
+                self._process(*item)
         finally:
             self.inference_cpu_s = time.thread_time() - cpu0
             self.finished_at = time.monotonic()
             self._done.set()
 
-    def _unexpected(self, seq: int, exc: Exception) -> None:
+    def _failed(self, seq: int, kind: str, error: str, exc: Optional[BaseException] = None) -> None:
+        """Count a frame that failed; log the first of each kind (unexpected ones with the traceback)."""
         self.errors += 1
-        kind = type(exc).__name__
         seen = self._error_kinds.get(kind, 0)
         self._error_kinds[kind] = seen + 1
-        if not seen:
-            log.error("frame %d could not be processed (%s: %s); skipping it and going on (later %s "
-                      "errors are counted, not logged)", seq, kind, exc, kind, exc_info=exc)
+        if seen:
+            log.debug("frame %d: %s", seq, error)
+        elif exc is not None:
+            log.error("frame %d could not be processed (%s); skipping it and going on (later %s errors are "
+                      "counted, not logged)", seq, error, kind, exc_info=exc)
         else:
-            log.debug("frame %d could not be processed: %s: %s", seq, kind, exc)
+            log.warning("frame %d: %s (later %s errors are counted, not logged)", seq, error, kind)
 
     @property
     def error_kinds(self) -> Dict[str, int]:
@@ -267,32 +285,44 @@ class Pipeline:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _process(self, seq: int, capture_time: float, frame: np.ndarray) -> None:
-        model, scores, error, latency = self._infer(frame)
-        ref = getattr(model, "ref", None)
         self.processed += 1
-        if error is not None:
-            self.errors += 1
-            seen = self._error_kinds.get("inference", 0)
-            self._error_kinds["inference"] = seen + 1
-            log.log(logging.WARNING if not seen else logging.DEBUG, "inference error on frame %d: %s%s", seq,
-                    error, " (later inference errors are counted, not logged)" if not seen else "")
-            result = InferenceResult(seq, ref, None, latency, error, False, [], capture_time)
+        model: Any = None
+        latency = 0.0
+        result: Optional[InferenceResult] = None
+        try:
+            model, scores, error, latency = self._infer(frame)
+            if scores is not None:
+                top = top_score(scores)
+                if math.isfinite(top):
+                    decision = self.sampler.decide(scores, frame, thumbnail=getattr(model, "last_resized", None),
+                                                   top=top)
+                    result = InferenceResult(seq, model.ref, scores, latency, None, decision.low_confidence,
+                                             decision.reasons, capture_time, decision.send, decision.skipped, top)
+                else:  # NaN would look confident to the sampler: an error, never a frame
+                    error = NON_FINITE
+                    self._failed(seq, "non_finite_scores", f"the model returned {NON_FINITE}")
+            else:
+                self._failed(seq, "inference", f"inference error: {error}")
+        except Exception as exc:  # one bad frame must not end the run
+            error = f"{type(exc).__name__}: {exc}"
+            self._failed(seq, type(exc).__name__, error, exc)
+        if result is None:
+            if model is None:
+                model = self.holder.get()  # failed before inference: the model in use
+            result = InferenceResult(seq, getattr(model, "ref", None), None, latency, error, False, [],
+                                     capture_time)
         else:
             self.stats.inference(latency)
-            assert scores is not None
-            decision = self.sampler.decide(scores, frame, thumbnail=getattr(model, "last_resized", None))
-            result = InferenceResult(seq, ref, scores, latency, None, decision.low_confidence,
-                                     list(decision.reasons), capture_time, decision.send, decision.skipped)
         for fn in self.observers:
             try:
                 fn(result)
             except Exception:
                 log.exception("inference observer %r failed", fn)
-        if result.sampled and scores is not None:
+        if result.sampled and result.scores is not None:
             self.stats.frame_sampled()
             try:
-                self.sink(SampledFrame(seq, capture_time, frame, scores, list(model.labels), ref,
-                                       list(result.reasons)))
+                self.sink(SampledFrame(seq, capture_time, frame, result.scores, list(model.labels),
+                                       result.model_ref, list(result.reasons)))
             except Exception:
                 self.sink_errors += 1
                 log.exception("could not hand sampled frame %d on", seq)

@@ -9,9 +9,10 @@
   on ``frame_id``), in order, without loss.
 * A frame the broker keeps refusing (it closes the connection while that frame is in flight, e.g.
   over its ``max_packet_size``) must not block the frames behind it: the oldest frame in flight when
-  the broker or the network closes a connection (not when we close it: stop, missing PUBACK) is *suspect* and is sent alone on the next connection; after
-  ``[mqtt] max_send_attempts`` such connections it is set aside in ``{spool}/dead/`` (kept, one
-  ERROR line, counted in ``dead_letters``) and the next frames go out.
+  the broker or the network closes a connection (not when we close it: stop, missing PUBACK) is
+  *suspect* and is sent alone on the next connection; after ``[mqtt] max_send_attempts`` such
+  connections it is set aside in ``{spool}/dead/`` (kept, one ERROR line, counted in
+  ``dead_letters``) and the next frames go out.
 * A spool write that fails (disk full, read-only) is logged once per outage (ERROR), counted in
   ``spool_write_failed``; ``publish_frame`` then returns False.
 * Status: retained QoS 1 on ``topics.status(device_id)``; birth ``online`` after every connect,

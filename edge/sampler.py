@@ -44,8 +44,9 @@ MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 DEFAULT_CONFIDENCE_THRESHOLD = 0.6  # when neither the config nor the model's bundle sets one
 
 
-def uncertainty_reasons(scores: np.ndarray, cfg: SamplerConfig) -> List[int]:
-    """The SampleReason values whose strategy fires for these scores (empty = confident)."""
+def uncertainty_reasons(scores: np.ndarray, cfg: SamplerConfig, top: Optional[float] = None) -> List[int]:
+    """The SampleReason values whose strategy fires for these scores (empty = confident).
+    ``top``: the highest score when the caller knows it already (the pipeline does)."""
     s = np.asarray(scores).reshape(-1)
     reasons: List[int] = []
     if s.size == 0:
@@ -55,7 +56,7 @@ def uncertainty_reasons(scores: np.ndarray, cfg: SamplerConfig) -> List[int]:
         two = np.partition(s, s.size - 2)[-2:]
         top, second = float(two[1]), float(two[0])
     else:
-        top, second = float(s.max()), 0.0
+        top, second = (float(s.max()) if top is None else top), 0.0
     threshold = DEFAULT_CONFIDENCE_THRESHOLD if cfg.confidence_threshold is None else cfg.confidence_threshold
     if "confidence" in strategies and top < threshold:
         reasons.append(kestrel_pb2.LOW_CONFIDENCE)
@@ -283,9 +284,11 @@ class Sampler:
             self.dedup.forget()
 
     def decide(self, scores: np.ndarray, bgr: Optional[np.ndarray] = None,
-               extra_reasons: Optional[List[int]] = None, thumbnail: Optional[np.ndarray] = None) -> Decision:
-        """``thumbnail``: a small version of ``bgr`` to hash instead of it (the model's resized input)."""
-        reasons = uncertainty_reasons(scores, self.cfg)
+               extra_reasons: Optional[List[int]] = None, thumbnail: Optional[np.ndarray] = None,
+               top: Optional[float] = None) -> Decision:
+        """``thumbnail``: a small version of ``bgr`` to hash instead of it (the model's resized input);
+        ``top``: the highest of ``scores`` when the caller computed it already."""
+        reasons = uncertainty_reasons(scores, self.cfg, top)
         for r in extra_reasons or []:
             if r not in reasons:
                 reasons.append(r)

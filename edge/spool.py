@@ -23,7 +23,8 @@ model and scene. Every eviction is counted (``evictions``, persisted: it survive
 
 Dead letters: a record the broker keeps refusing (see edge.publisher) is moved, not deleted, to
 ``dead/`` by :meth:`Spool.set_aside`, so it no longer blocks the records behind it; at most
-``max_dead`` are kept (the oldest go first, counted as evictions).
+``max_dead`` are kept (the oldest go first, counted as evictions). When ``dead/`` cannot be written
+the record stays in the spool (one ERROR line). The eviction count is written without fsync.
 
 Filesystem errors: opening a spool directory that cannot be created or read raises ConfigError
 (check ``[device] data_dir``); a write that fails (disk full, read-only) raises StorageError, after
@@ -89,6 +90,7 @@ class Spool:
         self.max_dead = int(max_dead)
         self.fsync = fsync
         self.corrupt = 0
+        self._set_aside_failed = False
         self._lock = threading.RLock()
         self._index: Dict[int, int] = {}  # seq -> size on disk
         self._seqs: List[int] = []  # sorted, oldest first
@@ -149,8 +151,8 @@ class Spool:
 
     def _count_evictions(self, n: int) -> None:
         self.evictions += n
-        try:
-            atomic.write_text(self.dir / EVICTIONS_FILE, str(self.evictions), fsync=self.fsync)
+        try:  # atomic, never fsynced: a statistic (a power cut may lose the last few counts)
+            atomic.write_text(self.dir / EVICTIONS_FILE, str(self.evictions), fsync=False)
         except OSError as exc:  # the count is a statistic: never fail a frame because of it
             log.debug("spool: cannot persist the eviction count: %s", exc)
 
@@ -247,9 +249,11 @@ class Spool:
                 os.replace(str(src), str(dead / src.name))
                 atomic.fsync_dir(dead)
                 atomic.fsync_dir(self.dir)
-            except OSError as exc:
-                log.error("spool: cannot move %s to %s (%s): deleting it", src.name, dead, exc.strerror or exc)
-                self._delete(seq)
+            except OSError as exc:  # kept where it is (and sent again), never deleted uncounted
+                if not self._set_aside_failed:
+                    log.error("spool: cannot move %s to %s (%s): it stays in the spool (later failures are "
+                              "not logged)", src.name, dead, exc.strerror or exc)
+                self._set_aside_failed = True
                 return None
             self._forget(seq)
             kept = self.dead_letters()

@@ -27,8 +27,6 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-import numpy as np
-
 BASELINE_WINDOW = 300
 MIN_BASELINE = 5
 DEFAULT_THRESHOLD = 0.6  # the sampler's default for a bare .tflite (edge.sampler)
@@ -58,17 +56,10 @@ Verdict = Tuple[str, str]  # ("commit" | "rollback", reason)
 
 
 def top_score(result: Any) -> Optional[float]:
-    """The result's top score, NaN when the scores are not finite, None when there are none."""
-    scores = getattr(result, "scores", None)
-    if scores is None:
-        return None
-    try:
-        a = np.asarray(scores, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        return float("nan")
-    if a.size == 0 or not bool(np.all(np.isfinite(a))):
-        return float("nan")
-    return float(a.max())
+    """The result's top score (``InferenceResult.top``, computed once by the pipeline), None when it has
+    none; NaN marks non-finite scores (the pipeline turns those into error results itself)."""
+    top = getattr(result, "top", None)
+    return None if top is None else float(top)
 
 
 class HealthWatch:
@@ -136,7 +127,7 @@ class HealthWatch:
         err = getattr(result, "error", None)
         lat = float(getattr(result, "latency_s", 0.0) or 0.0)
         top = top_score(result)
-        if not err and top is not None and math.isnan(top):
+        if not err and top is not None and not math.isfinite(top):
             err = "non-finite scores (NaN or infinity)"
         flag = bool(getattr(result, "low_confidence", False))
         ref = getattr(result, "model_ref", None)

@@ -256,8 +256,9 @@ def test_bundle_default_threshold_is_followed_across_swaps(tmp_path, models_dir)
         assert daemon.updater.install_bytes(bundle(models_dir, kp, 1, default_threshold=0.3))
         assert daemon.sampler.confidence_threshold == 0.3
         assert _sampled_mid_frames(daemon) == 0
+        assert daemon.stats.model is not None and daemon.stats.model.version == 1  # telemetry follows swaps
         assert daemon.updater.install_bytes(bundle(models_dir, kp, 2, default_threshold=0.9))  # hot swap
-        assert daemon.holder.get().ref.version == 2
+        assert daemon.holder.get().ref.version == 2 and daemon.stats.model.version == 2
         assert daemon.sampler.confidence_threshold == 0.9
         assert _sampled_mid_frames(daemon) == 6
     finally:

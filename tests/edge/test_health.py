@@ -140,19 +140,16 @@ def test_new_bundle_cannot_choose_the_threshold_its_trial_is_judged_by(tmp_path,
         dev.close()
 
 
-class _Scores(_R):
-    def __init__(self, ref, scores):  # noqa: ANN001
-        super().__init__(ref)
-        self.scores = scores
-
-
 def test_non_finite_scores_count_as_errors():
+    """Results built outside the pipeline (which makes them error results itself, see test_pipeline)."""
     import numpy as np
+
+    from edge.pipeline import InferenceResult
 
     w = HealthWatch(TrialCriteria(frames=100, seconds=0, max_errors=2))
     w.begin_trial("new", None)
-    assert w.observe(_Scores("new", np.array([0.1, float("nan"), 0.2]))) is None
-    verdict = w.observe(_Scores("new", np.array([float("inf"), 0.0, 0.0])))
+    assert w.observe(InferenceResult(1, "new", np.array([0.1, float("nan"), 0.2]), 0.01, None, False, [])) is None
+    verdict = w.observe(InferenceResult(2, "new", np.array([float("inf"), 0.0, 0.0]), 0.01, None, False, []))
     assert verdict is not None and verdict[0] == "rollback" and "non-finite" in verdict[1]
 
 

@@ -143,9 +143,54 @@ def test_a_frame_that_fails_unexpectedly_is_counted_and_the_run_goes_on(models_d
     with caplog.at_level(logging.DEBUG, logger="edge.pipeline"):
         p.run()
     assert p.processed == len(levels) and p.errors == 5 and p.error_kinds == {"error": 5}
-    assert [r.seq for r in rec.results] == [1, 3, 5, 7, 9] and rec.sampled == []
+    # every frame reaches the observers (the updater's trial watch): the failed ones as error results
+    assert [r.seq for r in rec.results] == list(range(1, len(levels) + 1)) and rec.sampled == []
+    failed = [r for r in rec.results if r.error is not None]
+    assert [r.seq for r in failed] == [2, 4, 6, 8, 10]
+    assert all(r.error.startswith("error:") and r.model_ref == model.ref and not r.sampled for r in failed)
+    assert all(r.top is not None and r.top > 0.9 for r in rec.results if r.error is None)
     logged = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(logged) == 1 and "frame 2 could not be processed" in logged[0].getMessage()
+
+
+class NanModel:
+    """A real float TFLite model fed a NaN tensor (a camera frame cannot carry NaN): it answers NaN."""
+
+    def __init__(self, models_dir) -> None:  # noqa: ANN001
+        self.real = load_model(models_dir / "brightness_float.tflite", labels=LABELS, threads=1)
+        self.ref, self.labels, self.last_resized = self.real.ref, self.real.labels, None
+
+    def infer(self, bgr):  # noqa: ANN001, ANN201
+        import numpy as np
+
+        return self.real.invoke(np.full(self.real.spec.shape, np.nan, np.float32))
+
+
+def test_non_finite_scores_are_error_results_never_confident_frames(models_dir):  # noqa: ANN001
+    """NaN scores look confident to a threshold test (NaN < t is False): the pipeline makes them error
+    results, counted, never sampled, and the trial watch counts them as errors."""
+    from edge.updater.health import HealthWatch, TrialCriteria
+
+    model = NanModel(models_dir)
+    assert str(model.infer(None)[0]) == "nan"
+    watch = HealthWatch(TrialCriteria(frames=100, seconds=0, max_errors=3))
+    watch.begin_trial(model.ref, None)
+    verdicts = []
+    rec = Recorder()
+
+    def observe(r: InferenceResult) -> None:
+        rec.observe(r)
+        verdicts.append(watch.observe(r))
+
+    src = open_source(SourceConfig(kind="testpattern", width=64, height=48, fps=0, max_frames=4))
+    smp = Sampler(SamplerConfig(strategies=["confidence"], confidence_threshold=0.6, max_per_minute=0,
+                                max_per_hour=0, max_per_day=0, dedup_distance=-1))
+    p = Pipeline(src, ModelHolder(model), smp, rec.sink, PipelineConfig(), observers=[observe])
+    p.run()
+    assert p.processed == 4 and p.errors == 4 and p.error_kinds == {"non_finite_scores": 4}
+    assert all(r.error is not None and "non-finite" in r.error and r.scores is None for r in rec.results)
+    assert rec.sampled == [] and smp.counters()["seen"] == 0
+    assert verdicts[2] is not None and verdicts[2][0] == "rollback" and "non-finite" in verdicts[2][1]
 
 
 def test_sixteen_bit_frames_are_counted_as_corrupt(tmp_path):  # noqa: ANN001

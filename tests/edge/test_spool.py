@@ -151,6 +151,18 @@ def test_set_aside_moves_a_record_out_of_the_queue(tmp_path: Path) -> None:
     assert again.sequences() == [3, 4] and again.next_sequence == 5
 
 
+def test_a_record_that_cannot_be_set_aside_stays_in_the_spool(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    s = Spool(tmp_path, BIG, 1000)
+    for i in range(3):
+        s.append(lambda seq, i=i: b"r%d" % i)
+    (tmp_path / "dead").write_text("in the way")  # dead/ cannot be created
+    with caplog.at_level(logging.ERROR, logger="edge.spool"):
+        assert s.set_aside(0) is None and s.set_aside(0) is None
+    assert s.sequences() == [0, 1, 2] and payloads(s)[0] == b"r0"  # kept, not deleted uncounted
+    assert len([r for r in caplog.records if "stays in the spool" in r.getMessage()]) == 1
+    assert Spool(tmp_path, BIG, 1000).sequences() == [0, 1, 2]
+
+
 def test_a_directory_that_cannot_be_used_is_a_config_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
