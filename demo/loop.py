@@ -255,7 +255,7 @@ class Loop:
     @property
     def client(self) -> Any:
         if self._client is None:
-            from hub.fleetcmd import HubClient
+            from edge.hubrpc import HubClient
 
             self._client = HubClient(self.grpc_target, timeout_s=30.0)
         return self._client

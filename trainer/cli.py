@@ -30,7 +30,7 @@ OVERRIDES: Dict[str, str] = {
     "prune_epochs": "optimize.prune_epochs", "qat": "optimize.qat", "io_dtype": "optimize.io_dtype",
     "max_accuracy_drop": "gate.max_accuracy_drop", "model_name": "gate.model_name",
 }
-DEFAULT_HUB = "127.0.0.1:50051"
+DEFAULT_HUB = "127.0.0.1:50051"  # edge.hubrpc.DEFAULT_HUB, not imported: it loads grpc (~0.1 s a command)
 DEFAULT_KEY = "keys/signing.key"
 RUNS_DIR = "runs"
 
@@ -259,9 +259,11 @@ def _read_bundle(path: str) -> bytes:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from trainer.push import describe, push
+    from edge.hubrpc import HubClient
+    from trainer.push import describe
 
-    res = push(_read_bundle(args.bundle), args.hub)
+    with HubClient(args.hub) as client:
+        res = client.push(_read_bundle(args.bundle))
     print(f"pushed {describe(res)} to {args.hub}")
     return 0
 
@@ -275,33 +277,35 @@ def latest_run(root: Path = Path(RUNS_DIR)) -> Path:
 
 
 def cmd_push_model(args: argparse.Namespace) -> int:
+    from edge.hubrpc import HubClient
     from trainer import pipeline
-    from trainer.push import deploy, describe, latest_version, push
+    from trainer.push import deploy_target, describe, latest_version
 
-    if args.bundle:
-        data = _read_bundle(args.bundle)
-        from edge.bundle import read_manifest_unverified
+    with HubClient(args.hub) as client:
+        if args.bundle:
+            data = _read_bundle(args.bundle)
+            from edge.bundle import read_manifest_unverified
 
-        man = read_manifest_unverified(data)
-        name, version = man.model_name, man.version
-        if args.version is not None and args.version != version:
-            raise ArtifactError(f"--version {args.version} (VERSION=) does not match the bundle {args.bundle}, "
-                                f"which is {name} version {version}: leave VERSION out with BUNDLE, or "
-                                "package the run again with that version")
-    else:
-        rundir = Path(args.run) if args.run else latest_run()
-        _load_key_early(args.key)
-        name = pipeline.run_config(rundir).gate.model_name
-        version = args.version if args.version is not None else latest_version(args.hub, name) + 1
-        out = rundir / f"model-v{version}.kbundle"
-        pipeline.package(rundir, args.key, version, out)
-        print(f"packaged {rundir} as {out}")
-        data = out.read_bytes()
-    res = push(data, args.hub)
-    print(f"pushed {describe(res)} to {args.hub}")
-    if args.deploy:
-        d = deploy(args.hub, name, version, args.deploy)
-        print(f"deployed {name} v{version} to {args.deploy} (topic {d.topic})")
+            man = read_manifest_unverified(data)
+            name, version = man.model_name, man.version
+            if args.version is not None and args.version != version:
+                raise ArtifactError(f"--version {args.version} (VERSION=) does not match the bundle {args.bundle}, "
+                                    f"which is {name} version {version}: leave VERSION out with BUNDLE, or "
+                                    "package the run again with that version")
+        else:
+            rundir = Path(args.run) if args.run else latest_run()
+            _load_key_early(args.key)
+            name = pipeline.run_config(rundir).gate.model_name
+            version = args.version if args.version is not None else latest_version(client, name) + 1
+            out = rundir / f"model-v{version}.kbundle"
+            pipeline.package(rundir, args.key, version, out)
+            print(f"packaged {rundir} as {out}")
+            data = out.read_bytes()
+        res = client.push(data)
+        print(f"pushed {describe(res)} to {args.hub}")
+        if args.deploy:
+            d = client.deploy(name, version, **deploy_target(args.deploy))
+            print(f"deployed {name} v{version} to {args.deploy} (topic {d.topic})")
     return 0
 
 

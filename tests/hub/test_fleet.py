@@ -11,11 +11,11 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edge import topics
+from edge.hubrpc import HubClient, HubRefused
 from edge.keys import public_key_text
 from hub import fleetcmd
 from hub.errors import NotFound
 from hub.fleet import FleetRequestError, FleetService
-from hub.fleetcmd import HubClient, HubRefused
 from hub.grpc_service import make_server
 from hub.registry import Registry, RegistryConfig
 from hub.store.base import GroupDesired

@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from edge.errors import HubError
+from edge.hubrpc import HubClient, HubRefused
 from edge.keys import public_key_text
-from hub.fleetcmd import HubClient, HubRefused
 from hub.grpc_service import make_server
 from hub.registry import Registry, RegistryConfig
 from hub.store.open import open_store
