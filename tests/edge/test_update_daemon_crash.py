@@ -126,15 +126,15 @@ def _publish_desired(rig: Dict[str, Any], device_id: str, data: bytes) -> None:
         c.disconnect()
 
 
-def _check_slot(data_dir: Path, version: int, model_sha_prefix: str) -> None:
-    """The active slot is complete and matches its signed manifest, and it is what the daemon runs."""
+def _check_active_slot(data_dir: Path) -> None:
+    """The active slot is complete: every file matches its signed manifest's hash (which version it
+    holds depends on how far the restarted daemon got with the update before it was stopped)."""
     active = (data_dir / "slots" / "active").read_text().strip()
     slot = data_dir / "slots" / active
     man = json.loads((slot / "manifest.json").read_text())
+    assert man["files"], "the manifest lists no files"
     for name, ent in man["files"].items():
         assert hashlib.sha256((slot / name).read_bytes()).hexdigest() == ent["sha256"], name
-    assert man["version"] == version
-    assert man["files"][man["model_file"]]["sha256"].startswith(model_sha_prefix)
 
 
 @pytest.mark.parametrize("point", list(POINTS))
@@ -156,7 +156,7 @@ def test_sigkill_real_daemon_at_every_update_step(rig, point):  # noqa: ANN001
             assert (m.group(1), int(m.group(2))) == ("brightness", expect), "".join(d.lines[-30:])
         finally:
             assert d.stop() == 0, "".join(d.lines[-30:])
-        _check_slot(rig["tmp"] / "data", _active_version(rig["tmp"] / "data"), "")
+        _check_active_slot(rig["tmp"] / "data")
         booted = m.group(3)
         # what it booted was a complete slot holding exactly that model (whatever happened after)
         slots = [json.loads((rig["tmp"] / "data" / "slots" / s / "slot.json").read_text())
@@ -166,7 +166,3 @@ def test_sigkill_real_daemon_at_every_update_step(rig, point):  # noqa: ANN001
         _publish_desired(rig, device_id, b"")
         reg.stop()
 
-
-def _active_version(data_dir: Path) -> int:
-    active = (data_dir / "slots" / "active").read_text().strip()
-    return int(json.loads((data_dir / "slots" / active / "manifest.json").read_text())["version"])
