@@ -91,10 +91,6 @@ class HealthWatch:
                     "threshold": float(threshold)}
 
     # ---- trial ----
-    @property
-    def in_trial(self) -> bool:
-        return self._trial_ref is not None
-
     def begin_trial(self, ref: Any, baseline: Optional[Dict[str, float]],
                     threshold: Optional[float] = None) -> None:
         with self._lock:
@@ -213,12 +209,6 @@ class HealthWatch:
         self._trial_ref = None
         self._base.clear()
         return self._verdict
-
-    def figures(self) -> Dict[str, float]:
-        with self._lock:
-            n = len(self._lat)
-            return {"frames": float(n), "errors": float(self._errors),
-                    "p95_latency_s": p95(self._lat), "low_conf_rate": (self._low / n) if n else 0.0}
 
 
 def _is_low(top: Optional[float], flag: bool, threshold: float) -> bool:

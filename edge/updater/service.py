@@ -180,9 +180,6 @@ class UpdateService:
             return False
         return True
 
-    def submit_desired(self, desired: Any) -> None:
-        self._q.put(("desired", desired))
-
     # ---- reporting ----
     def _report(self, snap: Dict[str, Any]) -> None:
         if self.publisher is None:
