@@ -13,9 +13,10 @@ size limits; the container headers in memory (types, names, sizes, canonical lay
 extracted); the signature over the manifest bytes with a trusted key; the manifest schema (every
 number bounded); every file's presence, length and hash; the model name the caller expects;
 expiry; the version against the installed one and the caller's version floor. It raises only
-``BundleError`` whose ``reason`` is one of ``REASONS``. ``verify_installed`` re-checks a slot that
-was installed earlier (signature against today's trusted keys, files, model name; no time or
-version rule). Full format: docs/bundle-format.md.
+``BundleError`` whose ``reason`` is one of ``REASONS``. ``verify_manifest`` is the signature and
+schema part alone: the updater re-checks an installed slot with it (edge.updater.slots.SlotStore.check:
+signature against today's trusted keys, then the files; no model-name, time or version rule).
+Full format: docs/bundle-format.md.
 """
 
 from __future__ import annotations

@@ -120,18 +120,19 @@ class SlotStore:
         name = self.active_name()
         return self.slot(other(name)) if name else None
 
-    def check(self, slot: Slot, trusted: Any = None, expected_model: Optional[str] = None) -> None:
+    def check(self, slot: Slot, trusted: Any = None) -> None:
         """Re-hash every file of the slot against its record; SlotError on any difference.
 
         With ``trusted`` (key id -> public key), first re-verify the slot's signed manifest with
-        those keys (edge.bundle.verify_manifest: signature, schema, ``expected_model``) and check
-        every payload file's length and sha256 against it, and the record against the manifest.
+        those keys (edge.bundle.verify_manifest: signature, schema; no model-name, time or version
+        rule: the slot was admitted by those at install) and check every payload file's length and
+        sha256 against it, and the record against the manifest.
         """
         files: Dict[str, str] = slot.record.get("files", {})
         if not files or slot.record.get("model_file") not in files:
             raise SlotError(f"slot {slot.name} has no file list")
         if trusted is not None:
-            self._reverify(slot, trusted, expected_model)
+            self._reverify(slot, trusted)
         for rel, want in files.items():
             p = slot.path / rel
             if not p.is_file() or p.is_symlink():
@@ -140,7 +141,7 @@ class SlotStore:
             if got != want:
                 raise SlotError(f"slot {slot.name}: {rel} does not match its manifest hash")
 
-    def _reverify(self, slot: Slot, trusted: Any, expected_model: Optional[str]) -> None:
+    def _reverify(self, slot: Slot, trusted: Any) -> None:
         try:
             mb = _read_small(slot.path / bundle_mod.MANIFEST_NAME, bundle_mod.MAX_MANIFEST_BYTES)
             sb = _read_small(slot.path / bundle_mod.SIG_NAME, bundle_mod.MAX_SIG_BYTES)
@@ -148,7 +149,7 @@ class SlotStore:
             raise SlotError(f"slot {slot.name}: cannot read its signed manifest: {exc.strerror or exc}") \
                 from exc
         try:
-            man, _kid = bundle_mod.verify_manifest(mb, sb, trusted, expected_model=expected_model)
+            man, _kid = bundle_mod.verify_manifest(mb, sb, trusted)
         except BundleError as exc:
             raise SlotError(f"slot {slot.name} is no longer trusted: {exc}") from exc
         rec = slot.record
