@@ -308,8 +308,9 @@ class Updater:
         self.state.modify(mark)
         self._transition(st.COMMITTED, reason=reason, trial=None)
 
-    def rollback_target(self) -> Slot:
-        """The slot a rollback goes to, re-verified; NoRollbackTarget (saying why) when there is none.
+    def rollback_target(self, *, verify: bool = True) -> Slot:
+        """The slot a rollback goes to, re-verified (unless ``verify=False``: for display);
+        NoRollbackTarget (saying why) when there is none.
 
         On trial: the slot the trial started from, if its bundle was committed. Otherwise: the other
         slot, if its bundle was committed and is an older version of the same model.
@@ -337,6 +338,8 @@ class Updater:
             if slot.model_name != active.model_name or slot.version >= active.version:
                 raise NoRollbackTarget(f"the other slot holds {slot.model_name} v{slot.version}, not an older "
                                        f"version of the running {active.model_name} v{active.version}")
+        if not verify:
+            return slot
         try:
             self.check_slot(slot)
         except (SlotError, ArtifactError) as exc:
@@ -476,18 +479,12 @@ class Updater:
     # ---- reporting ----
     def previous_slot(self) -> Optional[Slot]:
         """The committed slot a rollback would go to, or None (no re-verification: for display)."""
-        active = self.slots.active()
-        if active is None:
+        if self.slots.active() is None:
             return None
-        trial = self.state.trial if self.state.state == st.TRIAL else None
-        if trial is not None:
-            name = trial.get("previous_slot")
-            slot = self.slots.slot(str(name)) if name else None
-        else:
-            slot = self.slots.slot(slots_mod.other(active.name))
-            if slot is not None and (slot.model_name != active.model_name or slot.version >= active.version):
-                slot = None
-        return slot if slot is not None and self.outcome(slot) == st.OUT_COMMITTED else None
+        try:
+            return self.rollback_target(verify=False)
+        except NoRollbackTarget:
+            return None
 
     def manifest(self) -> Any:
         from proto import kestrel_pb2
