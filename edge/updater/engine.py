@@ -176,14 +176,36 @@ class Updater:
                 raise NothingToDo(f"version {self.installed_version()} is already installed; "
                                   "nothing to do") from exc
             raise
-        if new_model:  # another model: its own floor still applies
-            f = self.state.floor(vb.manifest.model_name)
-            if vb.manifest.version <= f:
-                from edge.bundle import refuse
-
-                raise refuse("downgrade", f"{vb.manifest.model_name} v{vb.manifest.version} is at or below "
-                                          f"v{f}, the highest version of it this device has run")
         return vb
+
+    def admit(self, name: str, version: int, *, manual: bool = False, new_model: bool = False) -> None:
+        """Whether this device takes model ``name`` ``version``: the one set of rules desired state
+        applies before a download and prepare applies again to verified bytes (where the verifier has
+        checked the same against the signed manifest). NothingToDo: that version is installed.
+        BundleError: ``bad_manifest`` (no valid name/version), ``wrong_model`` (another model, unless
+        ``new_model``: then that model's own floor applies), ``downgrade`` (at or below the installed
+        version or the model's floor), ``rejected`` (given up on before; ``manual``, an operator's
+        install, may retry it)."""
+        from edge.bundle import MAX_VERSION, refuse, valid_model_name
+
+        if not valid_model_name(name) or not 1 <= version <= MAX_VERSION:
+            raise refuse("bad_manifest", f"{name!r} v{version} is not a valid model name and version")
+        expected = None if new_model else self.expected_model()
+        if expected is not None and name != expected:
+            raise refuse("wrong_model", f"{name} v{version}: this device runs {expected!r} (a different model "
+                                        "is installed only on purpose: see docs/updates.md)")
+        active = self.slots.active()
+        installed = active.version if active is not None and active.model_name == name else 0
+        if version == installed:
+            raise NothingToDo(f"version {version} is already installed; nothing to do")
+        floor = max(installed, self.state.floor(name))
+        if version <= floor:
+            raise refuse("downgrade", f"{name} v{version} is at or below v{floor}, the highest version of it "
+                                      "this device has run")
+        rejected = self.state.is_rejected(name, version)
+        if rejected and not manual:
+            raise BundleError(f"bundle refused: rejected: {name} v{version} was refused or rolled back before "
+                              f"({rejected})", reason="rejected")
 
     def prepare(self, data: Any, *, source: str = "", manual: bool = False,
                 expect: Optional[Tuple[str, int]] = None, new_model: bool = False) -> Slot:
@@ -202,10 +224,7 @@ class Updater:
             if expect is not None and (man.model_name, man.version) != (expect[0], int(expect[1])):
                 raise BundleError(f"bundle refused: not_desired: the hub announced {expect[0]} v{expect[1]} "
                                   f"but sent {man.model_name} v{man.version}", reason="not_desired")
-            rejected = self.state.is_rejected(man.model_name, man.version)
-            if rejected and not manual:
-                raise BundleError(f"bundle refused: rejected: {man.model_name} v{man.version} was refused "
-                                  f"or rolled back before ({rejected})", reason="rejected")
+            self.admit(man.model_name, man.version, manual=manual, new_model=new_model)
         except NothingToDo:
             raise
         except BundleError as exc:

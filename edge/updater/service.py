@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from edge.errors import KestrelError
+from edge.errors import BundleError, KestrelError
 from edge.updater import state as st
 from edge.updater.engine import LOCK_WAIT_S, DaemonLock, NoRollbackTarget, NothingToDo, UpdateBusy, Updater
 from edge.updater.health import DEFAULT_THRESHOLD, HealthWatch, TrialCriteria
@@ -388,8 +388,6 @@ class UpdateService:
             log.warning("unknown control request %r", action)
 
     def _on_desired_state(self, desired: Any) -> None:
-        from edge.bundle import MAX_VERSION, valid_model_name
-
         key = (desired.model_name, int(desired.version), bool(desired.rollback), int(desired.issued_ms),
                int(getattr(desired, "rollback_from_version", 0)))
         if key == self._handled_desired:
@@ -405,25 +403,12 @@ class UpdateService:
             return
         self._handled_desired = key
         name, version = desired.model_name, int(desired.version)
-        if not valid_model_name(name) or not 1 <= version <= MAX_VERSION:
-            log.warning("ignoring a desired state with model %r version %d: not a valid model", name, version)
-            return
-        expected = self.updater.expected_model()
-        if expected is not None and name != expected:
-            log.warning("desired model %s v%d refused (wrong_model): this device runs %s", name, version, expected)
-            return
-        active = self.updater.slots.active()
-        installed = active.version if active is not None and active.model_name == name else 0
-        floor = max(installed, self.updater.state.floor(name))
-        if version == installed:
+        try:
+            self.updater.admit(name, version)  # the rules prepare applies again to the verified bytes
+        except NothingToDo:
             return  # equal: nothing to do
-        if version <= floor:
-            log.warning("desired %s v%d refused as a downgrade: at or below v%d, the highest version this device "
-                        "has run (a fleet rollback uses rollback=true)", name, version, floor)
-            return
-        rejected = self.updater.state.is_rejected(name, version)
-        if rejected:
-            log.info("desired %s v%d was refused before (%s); not retrying", name, version, rejected)
+        except BundleError as exc:
+            log.warning("desired %s v%d not fetched: %s", name, version, exc)
             return
         self._fetch_and_install(desired)
 
