@@ -9,10 +9,11 @@ import cv2
 import numpy as np
 
 from edge.config import EdgeConfig
-from edge.framesink import FrameBuilder, SinkWorker
+from edge.framesink import FrameBuilder, SinkWorker, downscale
 from edge.pipeline import SampledFrame
 from edge.publisher import Publisher
 from proto import kestrel_pb2 as pb
+from tests.helpers.wait import wait_for
 
 LABELS = ["bright", "dark", "mid"]
 
@@ -47,8 +48,10 @@ def test_frames_are_built_and_spooled_in_order_and_close_drains(tmp_path: Path) 
     worker = SinkWorker(builder, slow_publish, queue_size=2).start()
     putter = threading.Thread(target=lambda: [worker.put(sampled(i, seed=i)) for i in range(1, 7)])
     putter.start()
-    putter.join(0.5)
+    # frame 1 held by the sink thread, 2 and 3 queued, the producer waits to hand over frame 4
+    wait_for(lambda: worker.sampled == 4 and worker.pending == 2, 10, what="the sink queue full")
     assert putter.is_alive()  # back-pressure: the bounded queue made the producer wait, nothing dropped
+    assert worker.sampled == 4 and worker.spooled == 0
     gate.set()
     putter.join(10)
     assert worker.close(10)
@@ -101,3 +104,58 @@ def test_an_unencodable_frame_is_counted_and_the_next_one_goes(tmp_path: Path) -
     assert worker.close(10)
     assert (worker.sampled, worker.spooled, worker.errors) == (2, 1, 1)
     assert [f.frame_id for f in spooled_frames(pub)] == ["sink1-b00t-2"]
+
+
+def test_downscale_matches_an_area_resize_at_any_factor() -> None:
+    rng = np.random.default_rng(3)
+    small = rng.integers(0, 256, (27, 48, 3), dtype=np.uint8)
+    img = cv2.resize(small, (1920, 1080), interpolation=cv2.INTER_CUBIC)  # a smooth camera-size scene
+    for side, shape in ((640, (360, 640, 3)), (1280, (720, 1280, 3)), (500, (281, 500, 3)), (2000, img.shape)):
+        out = downscale(img, side)
+        assert out.shape == shape
+        ref = cv2.resize(img, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+        assert np.abs(out.astype(np.int16) - ref).mean() < 2.0  # the same picture
+    assert downscale(img, 0) is img
+
+
+def test_the_sink_thread_runs_at_a_lower_priority(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    import pytest
+
+    from edge.framesink import SINK_NICENESS
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread priorities are set on Linux only")
+    seen = []
+
+    def publish(frame: pb.Frame) -> bool:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return True
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    worker = SinkWorker(FrameBuilder("sink1", "b00t", "cam0", 1, 80, 0), publish, queue_size=2).start()
+    worker.put(sampled(1))
+    assert worker.close(10)
+    assert seen == [min(19, mine + SINK_NICENESS)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # this thread is unchanged
+
+
+def test_a_low_quality_frame_over_the_limit_is_not_re_encoded_identically() -> None:
+    class Counting(FrameBuilder):
+        calls: list = []
+
+        def encode(self, bgr, quality=None, max_side=None):  # noqa: ANN001, ANN201
+            self.calls.append((quality, max_side))
+            return super().encode(bgr, quality, max_side)
+
+    limit = 40_000
+    builder = Counting("sink1", "b00t", "cam0", top_k=3, jpeg_quality=30, max_side=1280, max_bytes=limit)
+    s = sampled(1, h=480, w=640)  # noise: over the limit even at quality 30
+    assert len(builder.encode(s.bgr)[0]) > limit
+    builder.calls.clear()
+    frame = builder.build(s)
+    assert frame.ByteSize() <= limit
+    # the first encoding, then straight to half the size (quality 30 at full size was tried already)
+    assert builder.calls[:2] == [(None, None), (30, 320)]
