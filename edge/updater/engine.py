@@ -204,8 +204,8 @@ class Updater:
                                       "this device has run")
         rejected = self.state.is_rejected(name, version)
         if rejected and not manual:
-            raise BundleError(f"bundle refused: rejected: {name} v{version} was refused or rolled back before "
-                              f"({rejected})", reason="rejected")
+            raise BundleError(f"bundle refused: rejected: {name} v{version} was refused before ({rejected})",
+                              reason="rejected")
 
     def prepare(self, data: Any, *, source: str = "", manual: bool = False,
                 expect: Optional[Tuple[str, int]] = None, new_model: bool = False) -> Slot:
@@ -376,8 +376,7 @@ class Updater:
                 return None
             raise
 
-    def rollback(self, reason: str, *, reject: bool = True, target: Optional[Slot] = None,
-                 to_factory: bool = False) -> Optional[Slot]:
+    def rollback(self, reason: str, *, target: Optional[Slot] = None, to_factory: bool = False) -> Optional[Slot]:
         """Persist ROLLING_BACK, move the pointer back (or clear it: the factory model), persist
         ROLLED_BACK. Returns the target slot (None for the factory model). NoRollbackTarget when
         there is nothing to go back to (nothing is changed then)."""
@@ -385,7 +384,7 @@ class Updater:
         current = self.slots.active()
         self._transition(st.ROLLING_BACK, reason=reason, rolling_back={
             "from_slot": current.name if current else None, "to_slot": slot.name if slot else None,
-            "reason": reason, "reject": reject},
+            "reason": reason},
             **({"model_name": current.model_name, "target_version": current.version} if current else {}))
         return self._finish_rollback()
 
@@ -401,25 +400,23 @@ class Updater:
         else:
             self.slots.clear_pointer()
         st.crash_point("ROLLBACK_SWITCHED")
-        reject = bool(rb.get("reject", True))
 
-        def mark(d: Dict[str, Any]) -> None:
-            if from_slot is not None and reject:
+        def mark(d: Dict[str, Any]) -> None:  # never a rollback target again (its version is below the floor)
+            if from_slot is not None:
                 self._set_outcome(d, from_slot, st.OUT_REJECTED)
 
         self.state.modify(mark)
-        self._transition(st.ROLLED_BACK, reason=str(rb.get("reason", "")), reject=reject, trial=None,
-                         rolling_back=None)
+        self._transition(st.ROLLED_BACK, reason=str(rb.get("reason", "")), trial=None, rolling_back=None)
         return self.slots.slot(str(to)) if to else None
 
     def give_up_trial(self, reason: str) -> None:
-        """A failed trial with nothing to go back to: a terminal FAILED (the model keeps running, its
-        version is rejected so desired state does not retry it)."""
+        """A failed trial with nothing to go back to: a terminal FAILED (the model keeps running; its
+        slot is never a rollback target, and its version is at the floor: desired state does not retry it)."""
         active = self.slots.active()
         if active is not None:
             self.set_outcome(active, st.OUT_REJECTED)
         self._transition(st.FAILED, reason=f"{reason}; there is no previous model to go back to, so it keeps "
-                                           "running: deploy a newer version", reject=True, trial=None)
+                                           "running: deploy a newer version", trial=None)
 
     # ---- boot ----
     def boot_slot(self) -> Optional[Slot]:

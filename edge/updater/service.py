@@ -319,7 +319,7 @@ class UpdateService:
             self._previous_model = None
         else:
             stalled = self.health.stalled
-            self._rollback(reason, reject=True)
+            self._rollback(reason)
             if stalled and self.on_stall is not None:
                 self.on_stall(reason)  # the inference thread is stuck inside the old model: restart
         self._after_trial()
@@ -329,7 +329,7 @@ class UpdateService:
             desired, self._pending_desired = self._pending_desired, None
             self._q.put(("desired", desired))
 
-    def _rollback(self, reason: str, *, reject: bool) -> bool:
+    def _rollback(self, reason: str) -> bool:
         """Hot-swap to where Updater.rollback_plan says (the previous committed slot's model, or for a
         model on trial with none, the factory model), then persist the rollback. A failed trial with
         nothing to go back to ends in a terminal FAILED. NoRollbackTarget (nothing changed) outside a trial."""
@@ -359,10 +359,10 @@ class UpdateService:
             self._retire(self.holder.swap(model) if self.holder is not None else None)
             self.health.end_trial()
             if slot is None:
-                self.updater.rollback(f"{reason} (back to the factory model)", reject=reject, to_factory=True)
+                self.updater.rollback(f"{reason} (back to the factory model)", to_factory=True)
                 log.warning("rolled back to the factory model: %s", reason)
                 return True
-            self.updater.rollback(reason, reject=reject, target=slot)
+            self.updater.rollback(reason, target=slot)
         log.warning("rolled back to %s v%d: %s", slot.model_name, slot.version, reason)
         return True
 
@@ -380,7 +380,7 @@ class UpdateService:
                 self._switch(slot, verify=True)  # staged by another process: re-verify it
         elif action == "rollback":
             try:
-                self._rollback(str(req.get("reason") or "manual rollback (kestrel-edge rollback)"), reject=True)
+                self._rollback(str(req.get("reason") or "manual rollback (kestrel-edge rollback)"))
             except NoRollbackTarget as exc:
                 log.warning("rollback refused: %s", exc)
             self._after_trial()
@@ -454,7 +454,7 @@ class UpdateService:
                 self.updater._transition(st.FAILED, reason=f"refused (not_desired): the hub announced {name} "
                                                            f"v{version} but sent the installed version")
                 return
-            except KestrelError as exc:  # refused: recorded as FAILED (and rejected when it is the bundle's fault)
+            except KestrelError as exc:  # refused: recorded as FAILED (and rejected when its self-test failed)
                 log.warning("update to %s v%d refused: %s", name, version, exc)
                 return
             del data
@@ -480,7 +480,7 @@ class UpdateService:
                      frm, f"{active.model_name} v{active.version}" if active else "no installed model")
         else:
             try:
-                self._rollback(f"fleet rollback from v{frm} ordered by the hub", reject=True)
+                self._rollback(f"fleet rollback from v{frm} ordered by the hub")
             except NoRollbackTarget as exc:
                 log.warning("fleet rollback from v%d refused: %s", frm, exc)
             except (KestrelError, OSError) as exc:

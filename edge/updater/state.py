@@ -15,7 +15,8 @@ Besides the state, the file keeps what the device must never forget (docs/update
 * ``time_floor_s``: the newest signed ``created`` time seen in an installed bundle: the device's
   clock is never believed below it;
 * ``fleet_rollback_ms``: the ``issued_ms`` of the last fleet rollback handled (applied once);
-* ``rejected``: name:version refused or rolled back; desired state does not retry them.
+* ``rejected``: name:version that failed its self-test or was too large; desired state does not
+  retry them (a version that was switched to and rolled back is at or below the floor instead).
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def _default() -> Dict[str, Any]:
         "target_version": 0,
         "updated_ms": 0,
         "trial": None,  # {slot, previous_slot, boot_count, started_ms, baseline, judge_threshold}
-        "rolling_back": None,  # {from_slot, to_slot (None = the factory model), reason, reject}
-        "rejected": {},  # "name:version" -> reason; not retried from desired state
+        "rolling_back": None,  # {from_slot, to_slot (None = the factory model), reason}
+        "rejected": {},  # "name:version" -> reason (self-test failed, too large); not retried from desired state
         "floors": {},  # model name -> highest version ever switched to (never lowered)
         "slots": {},  # "a"/"b" -> {bundle_sha256, model_name, version, outcome}
         "time_floor_s": 0.0,

@@ -127,7 +127,7 @@ def main(out_dir: Path) -> Dict[str, Any]:
                 installs.append(time.perf_counter() - t0)
                 frames_pass()
                 t0 = time.perf_counter()
-                svc._rollback("bench: failed trial", reject=True)  # warm: previous model still loaded
+                svc._rollback("bench: failed trial")  # warm: previous model still loaded
                 warm.append(time.perf_counter() - t0)
                 frames_pass()
                 t0 = time.perf_counter()
@@ -138,7 +138,7 @@ def main(out_dir: Path) -> Dict[str, Any]:
                 svc.health.end_trial()
                 frames_pass()
                 t0 = time.perf_counter()
-                svc._rollback("bench: ordered rollback", reject=True)  # cold: reload from disk
+                svc._rollback("bench: ordered rollback")  # cold: reload from disk
                 cold.append(time.perf_counter() - t0)
                 assert svc.updater.state.state == st.ROLLED_BACK
                 frames_pass()

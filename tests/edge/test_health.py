@@ -34,7 +34,7 @@ def test_always_low_confidence_model_rolled_back(tmp_path, kp, models_dir):  # n
         snap = dev.svc.updater.state.snapshot()
         assert "low-confidence" in snap["reason"]
         assert dev.svc.updater.slots.active().version == 1
-        assert dev.svc.updater.state.is_rejected("brightness", 2)
+        assert dev.svc.updater.state.floor("brightness") == 2  # never installed again
     finally:
         dev.close()
 
@@ -203,7 +203,7 @@ def test_hung_trial_model_rolled_back_and_daemon_told_to_restart(tmp_path, kp, m
         # the rollback is persisted first, then the daemon is told (on_stall): wait for both
         wait_for(lambda: dev.svc.updater.state.state == st.ROLLED_BACK and stalls, 30, what="stall rollback")
         assert dev.version == 1 and len(stalls) == 1 and "stalled" in stalls[0]
-        assert dev.svc.updater.state.is_rejected("brightness", 2)
+        assert dev.svc.updater.state.floor("brightness") == 2  # never installed again
     finally:
         dev.svc._progress = None  # the fake pipeline is not "done": let stop() close the models
         dev.close()

@@ -208,10 +208,10 @@ def test_download_write_error_ends_in_failed_state(device, kp, models_dir):  # n
 def test_second_rollback_never_switches_forward_to_the_rejected_model(device, kp, models_dir):  # noqa: ANN001
     dev = device()
     on_v1_v2(dev, models_dir, kp)
-    dev.svc._rollback("test", reject=True)
+    dev.svc._rollback("test")
     assert dev.version == 1
     with pytest.raises(NoRollbackTarget) as ei:
-        dev.svc._rollback("again", reject=True)
+        dev.svc._rollback("again")
     assert "never committed" in str(ei.value)
     assert dev.version == 1 and active(dev).version == 1
     assert dev.svc.updater.state.state == st.ROLLED_BACK
@@ -425,7 +425,7 @@ def test_first_trial_failing_goes_back_to_the_factory_model(tmp_path, kp, models
         assert snap["state"] == st.ROLLED_BACK and "factory model" in snap["reason"], snap["reason"]
         assert dev.holder.get() is factory
         assert dev.svc.updater.slots.active_name() is None  # the next start runs model.path again
-        assert dev.svc.updater.state.is_rejected("brightness", 1)
+        assert dev.svc.updater.state.floor("brightness") == 1  # never installed again
     finally:
         dev.close()
 
@@ -449,7 +449,7 @@ def test_first_trial_failing_after_a_restart_goes_back_to_the_factory_model(tmp_
         assert snap["state"] == st.ROLLED_BACK and "factory model" in snap["reason"], snap["reason"]
         assert dev.holder.get().ref.name == "brightness_int8"  # model.path's model runs again
         assert dev.svc.updater.slots.active_name() is None
-        assert dev.svc.updater.state.is_rejected("brightness", 1)
+        assert dev.svc.updater.state.floor("brightness") == 1  # never installed again
     finally:
         dev.close()
 
@@ -465,7 +465,7 @@ def test_first_trial_failing_without_factory_ends_in_a_terminal_state(tmp_path, 
         assert snap["state"] == st.FAILED and snap["trial"] is None
         assert "no previous model to go back to" in snap["reason"]
         assert dev.version == 1  # keeps running: there is nothing else
-        assert dev.svc.updater.state.is_rejected("brightness", 1)
+        assert dev.svc.updater.state.floor("brightness") == 1  # never installed again
         # a later desired state is handled at once, not parked behind a trial that never ends
         dev.svc._on_desired_state(desired("brightness", 2))
         assert dev.svc._pending_desired is None
