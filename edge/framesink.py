@@ -2,9 +2,10 @@
 
 JPEG-encoding a camera frame and writing it to the spool (fsync) cost milliseconds; done on the
 inference thread they would slow every frame behind a sampled one. :class:`SinkWorker` takes
-sampled frames through a bounded queue (``[pipeline] sink_queue_size``) and does that work on its
-own thread, at a lower OS priority (SINK_NICENESS, Linux): on a small device where capture and
-inference keep the cores busy it runs in their idle moments instead of preempting them. When the
+sampled frames through a bounded queue (``[pipeline] sink_queue_size``) and does that work on two
+threads of its own (encoding; the spool write, which mostly waits for fsync), at a lower OS priority
+(SINK_NICENESS, Linux): on a small device where capture and inference keep the cores busy they run
+in their idle moments instead of preempting them. When the
 queue is full the inference thread waits (back-pressure): a sampled frame is never dropped.
 :meth:`SinkWorker.close` drains the queue before it returns, and a frame handed over after close()
 is processed on the caller's thread, so nothing sampled is lost on SIGTERM.
@@ -23,7 +24,7 @@ import queue
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 import cv2
 import numpy as np
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 REENCODE_STEPS = 4         # smaller encodings tried for a frame over max_payload_bytes
 REENCODE_MIN_QUALITY = 40  # the first step lowers the quality to this (if it was higher)
 MESSAGE_SLACK = 64         # bytes the publisher still adds (sequence, image_bytes) after building
-SINK_NICENESS = 10         # added to the sink thread's nice value (Linux): encoding yields to capture and inference
+SINK_NICENESS = 10         # added to the sink threads' nice value (Linux): encoding yields to capture and inference
+BUILT_QUEUE_SIZE = 32      # encoded messages waiting for the spool write (each at most max_payload_bytes)
 _END = object()
 
 
@@ -135,21 +137,26 @@ class FrameBuilder:
 
 
 class SinkWorker:
-    """A bounded hand-off from the inference thread to a thread that builds and spools frames.
+    """A bounded hand-off from the inference thread to two threads: one builds Frame messages (JPEG
+    encoding: CPU), the other stores them (the publisher's spool write: mostly waiting for fsync).
 
-    ``publish(frame) -> bool`` stores a built message (the publisher's ``publish_frame``).
-    Counters: ``sampled`` (handed over), ``spooled`` (in the spool), ``refused`` (the publisher
-    would not store it), ``errors`` (building failed).
+    Two stages so that camera frames are released at the speed of encoding: while one message waits
+    for the disk, the next frames are encoded, and the inference thread only waits when *encoding*
+    falls ``queue_size`` frames behind. Built messages (small: a JPEG of at most ``max_image_side``)
+    wait in a queue of BUILT_QUEUE_SIZE. ``publish(frame) -> bool`` stores a built message (the
+    publisher's ``publish_frame``). Counters: ``sampled`` (handed over), ``spooled`` (in the spool),
+    ``refused`` (the publisher would not store it), ``errors`` (building or storing failed).
     """
 
     def __init__(self, builder: FrameBuilder, publish: Callable[[Any], bool], queue_size: int) -> None:
         self.builder = builder
         self._publish = publish
         self._q: queue.Queue[Any] = queue.Queue(maxsize=max(1, int(queue_size)))
+        self._built: queue.Queue[Any] = queue.Queue(maxsize=BUILT_QUEUE_SIZE)
         self._lock = threading.Lock()      # counters
         self._put_lock = threading.Lock()  # orders hand-overs against close(): none is left behind
         self._closed = False
-        self._thread: Optional[threading.Thread] = None
+        self._threads: List[threading.Thread] = []
         self._error_kinds: Dict[str, int] = {}
         self.sampled = 0
         self.spooled = 0
@@ -158,8 +165,10 @@ class SinkWorker:
         self.last_done_at = 0.0  # monotonic time the last handed-over frame was stored (or failed)
 
     def start(self) -> SinkWorker:
-        self._thread = threading.Thread(target=self._run, name="frame-sink", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._encode_loop, name="frame-sink", daemon=True),
+                         threading.Thread(target=self._store_loop, name="frame-spool", daemon=True)]
+        for t in self._threads:
+            t.start()
         return self
 
     def put(self, s: SampledFrame) -> None:
@@ -167,54 +176,79 @@ class SinkWorker:
         with self._lock:
             self.sampled += 1
         with self._put_lock:
-            inline = self._closed or self._thread is None
+            inline = self._closed or not self._threads
             if not inline:
-                self._q.put(s)  # may wait for room; the worker never takes _put_lock
-        if inline:
-            self._handle(s)  # nobody is consuming any more: do it here, lose nothing
+                self._q.put(s)  # may wait for room; the workers never take _put_lock
+        if inline:  # nobody is consuming any more: do it here, lose nothing
+            frame = self._build(s)
+            if frame is not None:
+                self._store(s.seq, frame)
 
     @property
     def pending(self) -> int:
+        """Sampled frames waiting to be encoded."""
         return self._q.qsize()
 
     def close(self, timeout: Optional[float] = None) -> bool:
-        """Spool everything handed over so far, stop the thread; True if it finished in time."""
+        """Spool everything handed over so far, stop the threads; True if they finished in time."""
         with self._put_lock:
             if self._closed:
-                return self._thread is None or not self._thread.is_alive()
+                return not any(t.is_alive() for t in self._threads)
             self._closed = True
-            if self._thread is None:
+            if not self._threads:
                 return True
             self._q.put(_END)
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
 
-    def _run(self) -> None:
+    def _encode_loop(self) -> None:
         lower_thread_priority(SINK_NICENESS)
         while True:
             item = self._q.get()
             if item is _END:
+                self._built.put(_END)
                 break
-            self._handle(item)
+            frame = self._build(item)
+            if frame is not None:
+                self._built.put((item.seq, frame))
 
-    def _handle(self, s: SampledFrame) -> None:
+    def _store_loop(self) -> None:
+        lower_thread_priority(SINK_NICENESS)
+        while True:
+            item = self._built.get()
+            if item is _END:
+                break
+            self._store(*item)
+
+    def _build(self, s: SampledFrame) -> Any:
         try:
-            frame = self.builder.build(s)
-            stored = self._publish(frame)
+            return self.builder.build(s)
         except Exception as exc:  # one frame that cannot be encoded must not stop the others
-            with self._lock:
-                self.errors += 1
-                kind = type(exc).__name__
-                seen = self._error_kinds.get(kind, 0)
-                self._error_kinds[kind] = seen + 1
-            if not seen:
-                log.error("sampled frame %d could not be encoded or spooled (%s: %s); later %s errors are "
-                          "counted, not logged", s.seq, kind, exc, kind, exc_info=exc)
+            self._failed(s.seq, exc)
+            return None
+
+    def _store(self, seq: int, frame: Any) -> None:
+        try:
+            stored = self._publish(frame)
+        except Exception as exc:
+            self._failed(seq, exc)
             return
-        finally:
-            self.last_done_at = time.monotonic()
         with self._lock:
             if stored:
                 self.spooled += 1
             else:
                 self.refused += 1
+        self.last_done_at = time.monotonic()
+
+    def _failed(self, seq: int, exc: Exception) -> None:
+        with self._lock:
+            self.errors += 1
+            kind = type(exc).__name__
+            seen = self._error_kinds.get(kind, 0)
+            self._error_kinds[kind] = seen + 1
+        self.last_done_at = time.monotonic()
+        if not seen:
+            log.error("sampled frame %d could not be encoded or spooled (%s: %s); later %s errors are "
+                      "counted, not logged", seq, kind, exc, kind, exc_info=exc)

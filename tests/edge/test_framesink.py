@@ -38,21 +38,30 @@ def spooled_frames(pub: Publisher) -> list:
 
 def test_frames_are_built_and_spooled_in_order_and_close_drains(tmp_path: Path) -> None:
     pub = spool_only_publisher(tmp_path)
-    builder = FrameBuilder("sink1", "b00t", "cam0", top_k=2, jpeg_quality=80, max_side=100)
-    gate = threading.Event()
+    encoding, storing = threading.Event(), threading.Event()
+
+    class SlowBuilder(FrameBuilder):
+        def build(self, s: SampledFrame) -> pb.Frame:
+            encoding.wait(10)  # hold the encoding thread: the queue fills and put() has to wait
+            return super().build(s)
 
     def slow_publish(frame: pb.Frame) -> bool:
-        gate.wait(10)  # hold the sink thread: the queue fills and put() has to wait
+        storing.wait(10)  # hold the spool thread: encoding goes on meanwhile
         return pub.publish_frame(frame)
 
+    builder = SlowBuilder("sink1", "b00t", "cam0", top_k=2, jpeg_quality=80, max_side=100)
     worker = SinkWorker(builder, slow_publish, queue_size=2).start()
     putter = threading.Thread(target=lambda: [worker.put(sampled(i, seed=i)) for i in range(1, 7)])
     putter.start()
-    # frame 1 held by the sink thread, 2 and 3 queued, the producer waits to hand over frame 4
+    # frame 1 held by the encoding thread, 2 and 3 queued, the producer waits to hand over frame 4
     wait_for(lambda: worker.sampled == 4 and worker.pending == 2, 10, what="the sink queue full")
     assert putter.is_alive()  # back-pressure: the bounded queue made the producer wait, nothing dropped
     assert worker.sampled == 4 and worker.spooled == 0
-    gate.set()
+    encoding.set()  # a slow disk does not hold camera frames: they are all encoded while it waits
+    putter.join(10)
+    wait_for(lambda: worker.pending == 0 and worker.sampled == 6, 10, what="all frames encoded")
+    assert worker.spooled == 0
+    storing.set()
     putter.join(10)
     assert worker.close(10)
     worker.put(sampled(7, seed=7))  # after close: handled on the caller's thread, not lost
