@@ -35,7 +35,7 @@ import cv2
 from edge import __version__, config
 from edge.errors import ArtifactError, ConfigError, KestrelError
 from edge.framesink import FrameBuilder, SinkWorker
-from edge.pipeline import ModelHolder, Pipeline, SampledFrame
+from edge.pipeline import ModelHolder, Pipeline
 from edge.runtime import Model, load_labels, load_model
 from edge.sampler import Sampler
 from edge.sources import open_source
@@ -215,8 +215,6 @@ class Daemon:
                                     max_bytes=cfg.mqtt.max_payload_bytes)
         self.sink_worker = SinkWorker(self.builder, self.publisher.publish_frame, cfg.pipeline.sink_queue_size)
         self.pipeline: Optional[Pipeline] = None
-        self.run_seconds = 0.0  # pipeline start -> every sampled frame spooled (benchmarks)
-        self.acked_seconds = 0.0  # pipeline start -> the last frame PUBACK, when the spool was emptied
 
     def status(self, state: str) -> Any:
         model = self.holder.get()
@@ -229,19 +227,6 @@ class Daemon:
         except Exception:  # the status must go out even if the updater is confused
             log.exception("version manifest unavailable")
         return msg
-
-    def sink(self, s: SampledFrame) -> None:
-        """Inference thread: hand the sampled frame to the sink worker (waits while its queue is full)."""
-        self.sink_worker.put(s)
-
-    @property
-    def sampled(self) -> int:
-        return self.sink_worker.sampled
-
-    @property
-    def published(self) -> int:
-        """Sampled frames that are in the spool (refused and failed ones are not)."""
-        return self.sink_worker.spooled
 
     def _close_sink(self) -> None:
         if not self.sink_worker.close(SINK_DRAIN_S):
@@ -375,8 +360,9 @@ class Daemon:
                      cfg.source.name, cfg.source.kind)
             source = open_source(cfg.source)
             self.sink_worker.start()
-            self.pipeline = Pipeline(source, self.holder, self.sampler, self.sink, cfg.pipeline, self.stats,
-                                     observers=[self.updater.observe])
+            # the inference thread hands sampled frames over (waiting while the sink's queue is full)
+            self.pipeline = Pipeline(source, self.holder, self.sampler, self.sink_worker.put, cfg.pipeline,
+                                     self.stats, observers=[self.updater.observe])
             pipe = self.pipeline
             self.updater.attach_pipeline(lambda: (pipe.captured, pipe.processed, pipe.done),
                                          on_stall=lambda why: self.request_stop("a hung trial model"))
@@ -387,10 +373,6 @@ class Daemon:
             log.info("stopping (%s): draining the pipeline", why)
             self._wait_for_pipeline(self.pipeline)
             self._close_sink()
-            # the run ends when inference finished and the last sampled frame was stored (not when
-            # this thread, polling every POLL_S, noticed)
-            end = max(self.pipeline.finished_at, self.sink_worker.last_done_at)
-            self.run_seconds = max(1e-9, end - self.pipeline.started_at)
         finally:
             if source is not None:
                 source.request_stop()
@@ -401,8 +383,6 @@ class Daemon:
                 except Exception:
                     log.exception("%s did not stop cleanly", name)
             self.publisher.stop(flush_timeout_s=0.0 if self.hurry.is_set() else FLUSH_TIMEOUT_S)
-            if self.pipeline is not None and self.publisher.last_ack_at and not self.publisher.spool_stats()[1]:
-                self.acked_seconds = self.publisher.last_ack_at - self.pipeline.started_at
             if self.pipeline is None or self.pipeline.done:  # else the inference thread may still use it
                 current = self.holder.get()
                 if current is not None:
@@ -414,6 +394,13 @@ class Daemon:
             return EXIT_CAPTURE_FAILED
         return 0
 
+    def run_seconds(self) -> float:
+        """Pipeline start -> inference finished and the last sampled frame stored (0 before a run)."""
+        p = self.pipeline
+        if p is None or not p.finished_at:
+            return 0.0
+        return max(p.finished_at, self.sink_worker.last_done_at) - p.started_at
+
     def _summary(self, sampler: Sampler) -> None:
         p = self.pipeline
         spool_bytes, spool_frames, evictions = self.publisher.spool_stats()
@@ -422,13 +409,13 @@ class Daemon:
         summary = {"captured": p.captured if p else 0, "processed": p.processed if p else 0,
                    "dropped": p.dropped if p else 0, "corrupt": p.source.corrupt if p else 0,
                    "errors": p.errors if p else 0, "error_kinds": p.error_kinds if p else {},
-                   "sink_errors": (p.sink_errors if p else 0) + sink.errors,
-                   "sampled": sink.sampled, "spooled": sink.spooled, "refused": sink.refused,
+                   "sink_errors": sink.errors, "sampled": self.stats.sampled, "spooled": sink.spooled,
+                   "refused": sink.refused,
                    "reencoded": self.builder.reencoded, "spool_write_failed": pub.spool_write_failed,
                    "confidence_threshold": sampler.confidence_threshold,
                    "spool_frames": spool_frames, "spool_bytes": spool_bytes, "spool_evictions": evictions,
                    "dead_letters": pub.dead_letters, "frames_acked": pub.frames_acked,
-                   "run_s": round(self.run_seconds, 3), "sampler": sampler.counters()}
+                   "run_s": round(self.run_seconds(), 3), "sampler": sampler.counters()}
         log.info("summary %s", json.dumps(summary, sort_keys=True))
 
 

@@ -138,7 +138,6 @@ class Pipeline:
         self.dropped = 0
         self.processed = 0
         self.errors = 0
-        self.sink_errors = 0
         self.capture_error: Optional[BaseException] = None
         self._last_depth = -1
         self._error_kinds: Dict[str, int] = {}
@@ -323,6 +322,6 @@ class Pipeline:
             try:
                 self.sink(SampledFrame(seq, capture_time, frame, result.scores, list(model.labels),
                                        result.model_ref, list(result.reasons)))
-            except Exception:
-                self.sink_errors += 1
-                log.exception("could not hand sampled frame %d on", seq)
+            except Exception as exc:
+                self._failed(seq, "sink", f"could not hand the sampled frame on ({type(exc).__name__}: {exc})",
+                             exc)

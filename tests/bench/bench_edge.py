@@ -219,17 +219,20 @@ def daemon_once(model_path: Path, video: Path, broker: Mosquitto, work: Path, sa
     c0 = time.process_time()
     code = daemon.run()
     cpu = time.process_time() - c0
-    p = daemon.pipeline
+    p, pub = daemon.pipeline, daemon.publisher
     if code != 0 or p is None or p.errors or daemon.sink_worker.errors:
         raise RuntimeError(f"the daemon run failed (exit {code})")
-    acked_s = daemon.acked_seconds
-    info = {"processed": p.processed, "dropped": p.dropped, "sampled": daemon.sampled,
-            "spooled": daemon.published, "acked": daemon.publisher.frames_acked,
-            "spool_left": daemon.publisher.spool_stats()[1], "run_s": daemon.run_seconds,
+    # the run ends when inference finished and the last sampled frame was stored (not when the
+    # daemon's main thread, polling, noticed); "acked" when the broker acknowledged the last frame
+    run_s = daemon.run_seconds()
+    acked_s = pub.last_ack_at - p.started_at if pub.last_ack_at and not pub.spool_stats()[1] else 0.0
+    info = {"processed": p.processed, "dropped": p.dropped, "sampled": daemon.stats.sampled,
+            "spooled": daemon.sink_worker.spooled, "acked": pub.frames_acked,
+            "spool_left": pub.spool_stats()[1], "run_s": run_s,
             "acked_fps": p.processed / acked_s if acked_s else 0.0,
             "capture_cpu_ms": p.capture_cpu_s * 1e3 / max(1, p.captured),
             "inference_cpu_ms": p.inference_cpu_s * 1e3 / max(1, p.processed)}
-    return p.processed / daemon.run_seconds, cpu * 1e3 / max(1, p.processed), info
+    return p.processed / run_s, cpu * 1e3 / max(1, p.processed), info
 
 
 def sampler_cost(model: Model, frames: List[np.ndarray]) -> float:

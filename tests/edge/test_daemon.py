@@ -102,7 +102,8 @@ def test_low_confidence_frames_arrive_with_correct_fields(tmp_path, broker, mode
         assert proc.returncode == 0, proc.stderr[-2000:]
         expected = [i + 1 for i, lv in enumerate(levels) if lv < 0.7]
         s = summary(proc.stderr)
-        assert s["processed"] == len(levels) and s["sampled"] == len(expected)
+        assert s["processed"] == len(levels) and s["sampled"] == s["spooled"] == len(expected)
+        assert 0 < s["run_s"] < 60 and s["errors"] == s["sink_errors"] == 0
         frames = parse(col.wait_count(len(expected), "/frames"))
     finally:
         col.close()
