@@ -18,7 +18,7 @@ import grpc
 
 from edge.errors import ArtifactError, KestrelError, TransportError
 from hub.errors import NotFound
-from hub.fleet import FleetService, device_message
+from hub.fleet import FleetService, NothingToRollBack, device_message
 from hub.registry import EXISTS, INVALID, PRECONDITION, PushRefused, Registry, model_version_message
 from proto import kestrel_pb2, kestrel_pb2_grpc
 
@@ -41,7 +41,7 @@ def server_options(chunk_size: int) -> List[Tuple[str, int]]:
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
-    if isinstance(exc, PushRefused):
+    if isinstance(exc, (PushRefused, NothingToRollBack)):
         return _KIND_CODES.get(exc.kind, grpc.StatusCode.INVALID_ARGUMENT)
     if isinstance(exc, NotFound):
         return grpc.StatusCode.NOT_FOUND
