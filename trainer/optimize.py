@@ -6,7 +6,7 @@ Only the kernels of Conv2D and Dense layers are pruned (tfmot leaves DepthwiseCo
 cloned with just those layers wrapped, so architectures with layers tfmot cannot wrap (MobileNetV3's
 hard-swish TFOpLambda and Multiply layers) prune too. The converter settings that decide whether a bundle runs on
 the oldest device runtime (tflite-runtime 2.14) are pinned in ``CONVERTER_PINS``, not left to the
-TensorFlow version's defaults; tests/trainer/test_convert.py runs every architecture x io dtype (x QAT)
+TensorFlow version's defaults; tests/trainer/test_models.py runs every architecture x io dtype (x QAT)
 on tflite-runtime 2.14 under Python 3.8.
 """
 
