@@ -90,3 +90,15 @@ def self_test_cases(tflite: bytes, spec: InputSpec, pixels: np.ndarray, labels: 
         return cases
     finally:
         m.close()
+
+
+def gate_resolution_warning(n_test: int, max_drop_points: float) -> str:
+    """One held-out image is worth 100 / n_test accuracy points; above the gate tolerance, a single image
+    decides the verdict."""
+    per_image = 100.0 / max(1, n_test)
+    if per_image <= max_drop_points:
+        return ""
+    need = int(np.ceil(100.0 / max_drop_points)) if max_drop_points > 0 else None
+    return (f"the held-out test split has {n_test} images: one image is {per_image:.2f} accuracy points, more than "
+            f"the gate tolerance {max_drop_points:g}, so a single image decides the gate"
+            + (f"; use at least {need} test images (more data or a larger --test-fraction)" if need else ""))

@@ -163,13 +163,14 @@ class Dataset:
     paths: List[str]
 
     def to_bytes(self) -> bytes:
-        """The .npz bytes (written by the caller with edge.atomic)."""
+        """The .npz bytes (what :meth:`save` writes)."""
         buf = io.BytesIO()
         np.savez_compressed(buf, images=self.images, labels=self.labels, groups=self.groups,
                             class_names=np.array(self.class_names), paths=np.array(self.paths))
         return buf.getvalue()
 
     def save(self, path: Path) -> None:
+        """Atomically (edge.atomic: temp file, fsync, rename)."""
         from edge.atomic import write_bytes
 
         write_bytes(path, self.to_bytes())

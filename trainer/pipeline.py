@@ -8,195 +8,51 @@
     RUNDIR/evaluate/{evaluate.json,lineage.json}   accuracies per stage, sizes, latency, gate, self-test cases
     RUNDIR/report/{report.html,*.png,figures.json}
 
-Lineage: each stage finishes by writing ``STAGE/lineage.json`` with the sha256 of the files it read and
-wrote and a hash of the config sections it depends on. The next stage (and ``package``) first checks
-that record against the disk and the current config, so a re-run or edited earlier stage can never
-flow into a later one unnoticed: above all, ``package`` signs only the exact model ``evaluate`` gated,
-with the input spec and self-test cases measured on it.
+Lineage (trainer/rundir.py): each stage finishes by writing ``STAGE/lineage.json`` with the sha256 of the
+files it read and wrote and a hash of the config sections it depends on. The next stage (and ``package``)
+first checks that record against the disk and the current config, so a re-run or edited earlier stage can
+never flow into a later one unnoticed: above all, ``package`` signs only the exact model ``evaluate``
+gated, with the input spec and self-test cases measured on it.
 
-Every file is written with edge.atomic (temp file in the same directory, fsync, rename, directory
+Every file is written atomically (edge.atomic: temp file in the same directory, fsync, rename, directory
 fsync; mode 0644): a crash leaves the old file or the new one, never a torn one.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional
-
-import numpy as np
+from typing import Any, Callable, Dict, List, Optional
 
 from edge import atomic
 from edge.inputspec import InputSpec
-from edge.tomlconf import from_dict, to_dict
+from edge.tomlconf import to_dict
 from trainer.config import Config
 from trainer.errors import DataError, RunDirError
+from trainer.rundir import (
+    base_spec,
+    check_lineage,
+    check_writable_dir,
+    input_contract,
+    load_data,
+    read_json,
+    run_config,
+    save_keras,
+    save_saved_model,
+    write_lineage,
+)
 
 Progress = Optional[Callable[..., Any]]
 
-# Config sections each stage's outputs depend on (cumulative). Packaging-only gate fields (model name,
-# threshold, expiry) may change after evaluate.
-PACKAGE_ONLY = ("model_name", "default_threshold", "expires_in_days")
-ALL = None
-STAGE_CONFIG: Dict[str, Dict[str, Optional[tuple]]] = {
-    "ingest": {"data": ALL, "model": ("input_size", "channels", "color_order", "resize")},
-    "train": {"data": ALL, "model": ALL, "train": ALL},
-    "optimize": {"data": ALL, "model": ALL, "train": ALL, "optimize": ALL},
-    "evaluate": {"data": ALL, "model": ALL, "train": ALL, "optimize": ALL, "gate": ALL},
-}
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic.write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    atomic.write_bytes(path, data)
-
-
-def read_json(path: Path, stage: str) -> Any:
-    try:
-        return json.loads(path.read_text("utf-8"))
-    except FileNotFoundError as exc:
-        raise RunDirError(f"{path} is missing: run `kestrel-train {stage}` on this run dir first") from exc
-    except (OSError, ValueError) as exc:
-        raise RunDirError(f"{path} is unreadable ({exc}): run `kestrel-train {stage}` on this run dir again") from exc
-
-
-def run_config(rundir: Path) -> Config:
-    return from_dict(Config, read_json(rundir / "config.json", "ingest"))
-
-
-def base_spec(cfg: Config) -> InputSpec:
-    m = cfg.model
-    return InputSpec(shape=[1, m.input_size, m.input_size, m.channels], dtype="float32",
-                     color_order=m.color_order, normalization=m.normalization, resize=m.resize)
-
-
-def check_writable_dir(path: Path, what: str) -> None:
-    """Fail fast (before any long work) when `path` cannot become a writable directory."""
-    p = Path(path)
-    probe = p
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise RunDirError(f"{what} {p}: {probe} is a file, not a directory: choose another path")
-    if not os.access(str(probe), os.W_OK | os.X_OK):
-        raise RunDirError(f"{what} {p}: {probe} is not writable: choose another path or fix its permissions")
-
-
-# ---------------------------------------------------------------- lineage
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except FileNotFoundError:
-        return ""
-    return h.hexdigest()
-
-
-def config_hash(cfg: Config, stage: str) -> str:
-    """Hash of the config fields `stage`'s outputs depend on."""
-    d = to_dict(cfg)
-    doc = {}
-    for section, fields in STAGE_CONFIG[stage].items():
-        doc[section] = {k: v for k, v in d[section].items()
-                        if (fields is None or k in fields) and not (section == "gate" and k in PACKAGE_ONLY)}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
-def _digests(rundir: Path, paths: Iterable[Path], known: Optional[Dict[Path, str]]) -> Dict[str, str]:
-    known = known or {}
-    return {str(p.relative_to(rundir)): known.get(p) or sha256_file(p) for p in paths}
-
-
-def write_lineage(rundir: Path, stage: str, cfg: Config, inputs: Iterable[Path], outputs: Iterable[Path],
-                  known: Optional[Dict[Path, str]] = None) -> None:
-    """Record what `stage` read and wrote (sha256; `known` = digests of bytes already in memory)."""
-    write_json(rundir / stage / "lineage.json", {
-        "stage": stage, "config": config_hash(cfg, stage),
-        "inputs": _digests(rundir, inputs, known), "outputs": _digests(rundir, outputs, known)})
-
-
-def check_lineage(rundir: Path, stage: str, cfg: Config) -> Dict[str, Any]:
-    """Refuse to build on `stage`'s outputs unless they, their inputs and their config are what it recorded."""
-    lin = rundir / stage / "lineage.json"
-    hint = f"kestrel-train {stage} {rundir}" if stage != "ingest" else f"kestrel-train ingest --data DIR --out {rundir}"
-    if not lin.is_file():
-        raise RunDirError(f"{lin} is missing (`{stage}` has not finished on this run dir): run `{hint}` first")
-    rec = read_json(lin, stage)
-    if rec.get("config") != config_hash(cfg, stage):
-        raise RunDirError(f"config.json changed after `{stage}` ran (in {', '.join(STAGE_CONFIG[stage])}): "
-                          f"run `{hint}` and the later stages again")
-    for kind in ("inputs", "outputs"):
-        for rel, digest in rec.get(kind, {}).items():
-            if sha256_file(rundir / rel) != digest:
-                raise RunDirError(f"{rundir / rel} changed after `{stage}` ran: run `{hint}` and the later "
-                                  "stages again")
-    return dict(rec)
-
-
-def save_keras(model: Any, path: Path) -> None:
-    """Keras .h5, written to a temp name, fsynced, then renamed into place."""
-    tmp = atomic.temp_name(path)
-    try:
-        model.save(str(tmp), save_format="h5")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(str(tmp), str(path))
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    atomic.fsync_dir(path.parent)
-
-
-def save_saved_model(model: Any, path: Path, spec: InputSpec, labels: List[str]) -> None:
-    """The float SavedModel (for TF Serving users) with its input contract beside the graph, swapped in whole:
-    the previous one is moved aside, and deleted only once the new one is in place (put back if not)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    old = path.with_name(f".{path.name}.old{os.getpid()}")
-    for p in (tmp, old):
-        shutil.rmtree(p, ignore_errors=True)
-    try:
-        model.save(str(tmp), save_format="tf")
-        write_json(tmp / INPUT_CONTRACT, input_contract(spec, labels))
-        atomic.fsync_tree(tmp)
-        had_old = path.exists()
-        if had_old:
-            os.replace(str(path), str(old))
-        try:
-            os.replace(str(tmp), str(path))
-        except BaseException:
-            if had_old:
-                os.replace(str(old), str(path))
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    atomic.fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-INPUT_CONTRACT = "kestrel_input_spec.json"
-
-
-def input_contract(spec: InputSpec, labels: List[str]) -> Dict[str, Any]:
-    return {"input": spec.to_dict(), "labels": list(labels), "input_name": "image",
-            "how": "BGR frame -> color_order -> resize (stretch | center_crop) to shape[1:3] -> float32 by "
-                   "normalization (0_1: p/255, -1_1: p/127.5-1, raw: p); output = softmax scores in label order "
-                   "(edge/inputspec.py)"}
+# The four models optimize writes (optimize/NAME.tflite) and evaluate measures, in report order.
+STAGES = ("float", "pruned_float", "int8", "pruned_int8")
+DEPLOYED = "pruned_int8"
 
 
 # ---------------------------------------------------------------- ingest
 
 def ingest(rundir: Path, sources: List[str], cfg: Config, progress: Progress = None) -> Dict[str, Any]:
+    from trainer.evaluate import gate_resolution_warning
     from trainer.ingest import check_enough, clean, scan_sources
     from trainer.split import check_split, holdout_split
 
@@ -213,64 +69,19 @@ def ingest(rundir: Path, sources: List[str], cfg: Config, progress: Progress = N
     if warn:
         report["warnings"].append(warn)
     rundir.mkdir(parents=True, exist_ok=True)
-    write_json(rundir / "config.json", to_dict(cfg))
-    write_bytes(rundir / "ingest" / "dataset.npz", ds.to_bytes())
-    write_json(rundir / "ingest" / "cleaning.json", report)
-    write_json(rundir / "ingest" / "split.json", {"train": train_idx.tolist(), "test": test_idx.tolist()})
+    atomic.write_json(rundir / "config.json", to_dict(cfg))
+    ds.save(rundir / "ingest" / "dataset.npz")
+    atomic.write_json(rundir / "ingest" / "cleaning.json", report)
+    atomic.write_json(rundir / "ingest" / "split.json", {"train": train_idx.tolist(), "test": test_idx.tolist()})
     write_lineage(rundir, "ingest", cfg, [], [rundir / "ingest" / "dataset.npz", rundir / "ingest" / "split.json"])
     return report
 
 
-def gate_resolution_warning(n_test: int, max_drop_points: float) -> str:
-    """One held-out image is worth 100 / n_test accuracy points; above the gate tolerance, a single image
-    decides the verdict."""
-    per_image = 100.0 / max(1, n_test)
-    if per_image <= max_drop_points:
-        return ""
-    need = int(np.ceil(100.0 / max_drop_points)) if max_drop_points > 0 else None
-    return (f"the held-out test split has {n_test} images: one image is {per_image:.2f} accuracy points, more than "
-            f"the gate tolerance {max_drop_points:g}, so a single image decides the gate"
-            + (f"; use at least {need} test images (more data or a larger --test-fraction)" if need else ""))
-
-
-def load_data(rundir: Path) -> tuple:
-    from trainer.ingest import Dataset
-
-    p = rundir / "ingest" / "dataset.npz"
-    if not p.is_file():
-        raise RunDirError(f"{p} is missing: run `kestrel-train ingest --data DIR --out {rundir}` first")
-    try:
-        ds = Dataset.load(p)
-    except (OSError, ValueError, KeyError) as exc:
-        raise RunDirError(f"{p} is unreadable ({exc}): run `kestrel-train ingest` again") from exc
-    split = read_json(rundir / "ingest" / "split.json", "ingest")
-    return ds, np.array(split["train"], np.int64), np.array(split["test"], np.int64)
-
-
 # ---------------------------------------------------------------- train
-
-def _EpochBar(progress: Callable[..., Any], epochs: int) -> Any:  # noqa: N802 - a class factory
-    """A Keras callback advancing a progress bar per epoch (shows loss/accuracy)."""
-    from trainer.tfenv import tf
-
-    class EpochBar(tf().keras.callbacks.Callback):  # type: ignore[misc]
-        def on_train_begin(self, logs: Any = None) -> None:
-            if not hasattr(self, "bar"):
-                self.bar = progress(total=epochs, desc="train", unit="epoch")
-
-        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            logs = logs or {}
-            self.bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "accuracy", "val_accuracy")})
-            self.bar.update(1)
-            if self.bar.n >= epochs:
-                self.bar.close()
-
-    return EpochBar()
-
 
 def train(rundir: Path, progress: Progress = None) -> Dict[str, Any]:
     from trainer.models import check_weights
-    from trainer.train import cross_validate, fit, metrics, predict_float, total_epochs
+    from trainer.train import cross_validate, epoch_bar, fit, metrics, predict_float, total_epochs
 
     cfg = run_config(rundir)
     check_lineage(rundir, "ingest", cfg)
@@ -279,16 +90,16 @@ def train(rundir: Path, progress: Progress = None) -> Dict[str, Any]:
     n = len(ds.class_names)
     cv = cross_validate(ds.images[tr], ds.labels[tr], ds.groups[tr], n, cfg, progress)
     out = rundir / "train"
-    write_json(out / "cv.json", cv)
-    callbacks = [_EpochBar(progress, total_epochs(cfg, cfg.train.epochs))] if progress is not None else []
+    atomic.write_json(out / "cv.json", cv)
+    callbacks = [epoch_bar(progress, total_epochs(cfg, cfg.train.epochs))] if progress is not None else []
     model, history = fit(ds.images[tr], ds.labels[tr], n, cfg, cfg.train.epochs,
                          val=(ds.images[te], ds.labels[te]), seed=cfg.data.seed, callbacks=callbacks)
     m = metrics(ds.labels[te], predict_float(model, ds.images[te], cfg).argmax(1), n)
     save_keras(model, out / "float.h5")
     save_saved_model(model, out / "saved_model", base_spec(cfg), ds.class_names)
-    write_json(out / "input_spec.json", input_contract(base_spec(cfg), ds.class_names))
-    write_json(out / "history.json", history)
-    write_json(out / "metrics.json", {"test": m, "class_names": ds.class_names})
+    atomic.write_json(out / "input_spec.json", input_contract(base_spec(cfg), ds.class_names))
+    atomic.write_json(out / "history.json", history)
+    atomic.write_json(out / "metrics.json", {"test": m, "class_names": ds.class_names})
     write_lineage(rundir, "train", cfg, [rundir / "ingest" / "dataset.npz", rundir / "ingest" / "split.json"],
                   [out / "float.h5"])
     return {"cv": cv, "test": m}
@@ -303,9 +114,6 @@ def _load_keras(path: Path, stage: str) -> Any:
         raise RunDirError(f"{path} is missing: run `kestrel-train {stage}` on this run dir first")
     tfmot()
     return tf().keras.models.load_model(str(path), compile=False)
-
-
-TFLITES = ("float", "int8", "pruned_float", "pruned_int8")
 
 
 def optimize(rundir: Path, progress: Progress = None, rep_override: Any = None) -> Dict[str, Any]:
@@ -325,10 +133,10 @@ def optimize(rundir: Path, progress: Progress = None, rep_override: Any = None) 
             bar.set_postfix_str(name)
             bar.update(1)
 
-    write_bytes(out / "float.tflite", opt.to_tflite(model))
+    atomic.write_bytes(out / "float.tflite", opt.to_tflite(model))
     step("float")
     oc = cfg.optimize
-    write_bytes(out / "int8.tflite", opt.to_tflite(model, rep, oc.io_dtype, oc.per_channel))
+    atomic.write_bytes(out / "int8.tflite", opt.to_tflite(model, rep, oc.io_dtype, oc.per_channel))
     step("int8")
     info: Dict[str, Any] = {"qat": oc.qat, "io_dtype": oc.io_dtype, "per_channel": oc.per_channel,
                             "converter": opt.converter_settings()}
@@ -340,27 +148,25 @@ def optimize(rundir: Path, progress: Progress = None, rep_override: Any = None) 
         info["schedule"] = {"final_sparsity": 0.0, "explained": "pruning disabled (sparsity = 0)"}
     info["sparsity"] = opt.sparsity_of(pruned)
     save_keras(pruned, out / "pruned.h5")
-    write_bytes(out / "pruned_float.tflite", opt.to_tflite(pruned))
+    atomic.write_bytes(out / "pruned_float.tflite", opt.to_tflite(pruned))
     step("prune")
     final = pruned
     if cfg.optimize.qat:
         final = opt.prune_preserving_qat(pruned, ds.images[tr], ds.labels[tr], cfg)
         step("qat")
-    write_bytes(out / "pruned_int8.tflite", opt.to_tflite(final, rep, oc.io_dtype, oc.per_channel))
+    atomic.write_bytes(out / "pruned_int8.tflite", opt.to_tflite(final, rep, oc.io_dtype, oc.per_channel))
     step("pruned_int8")
     if bar is not None:
         bar.close()
-    write_json(out / "optimize.json", info)
+    atomic.write_json(out / "optimize.json", info)
     write_lineage(rundir, "optimize", cfg,
                   [rundir / "train" / "float.h5", rundir / "ingest" / "dataset.npz", rundir / "ingest" / "split.json"],
-                  [out / f"{name}.tflite" for name in TFLITES] + [out / "pruned.h5"])
+                  [out / f"{name}.tflite" for name in STAGES] + [out / "pruned.h5"])
     return info
 
 
 # ---------------------------------------------------------------- evaluate
 
-STAGES = ("float", "pruned_float", "int8", "pruned_int8")
-DEPLOYED = "pruned_int8"
 
 
 def evaluate(rundir: Path, progress: Progress = None) -> Dict[str, Any]:
@@ -396,7 +202,7 @@ def evaluate(rundir: Path, progress: Progress = None) -> Dict[str, Any]:
                 cfg.gate.max_accuracy_drop)
     g["n_test"] = int(len(te))
     g["points_per_test_image"] = 100.0 / max(1, len(te))
-    warn = gate_resolution_warning(len(te), cfg.gate.max_accuracy_drop)
+    warn = ev.gate_resolution_warning(len(te), cfg.gate.max_accuracy_drop)
     if warn:
         result["warnings"].append(warn)
     result["gate"] = g
@@ -408,7 +214,7 @@ def evaluate(rundir: Path, progress: Progress = None) -> Dict[str, Any]:
                                                        cfg.gate.self_test_cases),
                            "tolerance": cfg.gate.self_test_tolerance,
                            "latency_budget_ms": cfg.gate.latency_budget_ms or None}
-    write_json(rundir / "evaluate" / "evaluate.json", result)
+    atomic.write_json(rundir / "evaluate" / "evaluate.json", result)
     known = {rundir / "optimize" / f"{k}.tflite": result["stages"][k]["sha256"] for k in STAGES}
     write_lineage(rundir, "evaluate", cfg,
                   [rundir / "optimize" / f"{k}.tflite" for k in STAGES]
@@ -469,5 +275,5 @@ def package(rundir: Path, key_path: str, version: int, out: Path, allow_failed_g
         model_bytes=model_bytes, labels=ev["class_names"], model_name=cfg.gate.model_name, version=int(version),
         input_spec=spec, signing_key=signing_key, default_threshold=cfg.gate.default_threshold,
         metrics=metrics, self_test=ev["self_test"], expires_in_s=int(cfg.gate.expires_in_days * 86400))
-    write_bytes(Path(out), data)
+    atomic.write_bytes(Path(out), data)
     return {"bundle": str(out), "bytes": len(data), "version": int(version), "metrics": metrics}

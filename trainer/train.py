@@ -137,3 +137,20 @@ def cross_validate(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, n
         vals = np.array([f[key] for f in folds])
         out[key] = {"mean": float(vals.mean()), "std": float(vals.std())}
     return out
+
+
+def epoch_bar(progress: Callable[..., Any], epochs: int) -> Any:
+    """A Keras callback advancing a progress bar per epoch (shows loss/accuracy)."""
+    class EpochBar(tf().keras.callbacks.Callback):  # type: ignore[misc]
+        def on_train_begin(self, logs: Any = None) -> None:
+            if not hasattr(self, "bar"):
+                self.bar = progress(total=epochs, desc="train", unit="epoch")
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            logs = logs or {}
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "accuracy", "val_accuracy")})
+            self.bar.update(1)
+            if self.bar.n >= epochs:
+                self.bar.close()
+
+    return EpochBar()

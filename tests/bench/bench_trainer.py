@@ -158,6 +158,7 @@ def main(out_dir: str) -> Dict[str, Any]:
 
     from trainer import optimize as opt
     from trainer import pipeline
+    from trainer import rundir as rundir_io
     from trainer.config import Config, apply_overrides
     from trainer.datasets import write_digits
     from trainer.evaluate import evaluate_tflite
@@ -178,7 +179,7 @@ def main(out_dir: str) -> Dict[str, Any]:
     pipeline.report(rundir)
     ev = json.loads((rundir / "evaluate" / "evaluate.json").read_text())
     st = ev["stages"]
-    ds, tr, te = pipeline.load_data(rundir)
+    ds, tr, te = rundir_io.load_data(rundir)
     n_classes = len(ds.class_names)
 
     # The same pruned model with the other kind of weight scales (per-channel <-> per-tensor).
@@ -189,7 +190,7 @@ def main(out_dir: str) -> Dict[str, Any]:
     # ... and with int8 instead of uint8 input/output (no QUANTIZE ops at the graph's ends).
     other_io = "int8" if cfg.optimize.io_dtype == "uint8" else "uint8"
     (rundir / "optimize" / "pruned_int8_int8_io.tflite").write_bytes(opt.to_tflite(pruned, rep, other_io))
-    base = pipeline.base_spec(cfg)
+    base = rundir_io.base_spec(cfg)
     from trainer.evaluate import spec_of
 
     models = {n: (rundir / "optimize" / f"{n}.tflite").read_bytes() for n in MODELS}
@@ -224,7 +225,7 @@ def main(out_dir: str) -> Dict[str, Any]:
             for name, blob in (("float", opt.to_tflite(m)),
                                ("int8", opt.to_tflite(m, opt.representative(imgs, scfg, 16), scfg.optimize.io_dtype))):
                 (work / f"{name}.tflite").write_bytes(blob)
-                sp = spec_of(blob, pipeline.base_spec(scfg))
+                sp = spec_of(blob, rundir_io.base_spec(scfg))
                 np.save(work / f"{name}.npy", model_input(imgs[0], sp))
                 job[name] = {"path": str(work / f"{name}.tflite"), "input": str(work / f"{name}.npy")}
             sweep[str(size)] = {"ai_edge_litert": _latency(job, sys.executable, work),

@@ -10,7 +10,7 @@ import pytest
 
 from edge import atomic
 from tests.trainer.conftest import tiny_config
-from trainer import pipeline as rundir
+from trainer import rundir
 
 
 def _tiny_model(units: int = 2):  # noqa: ANN202
