@@ -2,7 +2,7 @@
 
 Commands: run (the whole pipeline), ingest / train / optimize / evaluate / report (one stage on a run dir),
 keygen, package, push, push-model, digits (a local demo data set), config-doc. Errors print one line and exit non-zero
-(2 = bad input or refused gate, 3 = hub unreachable / gRPC error).
+(edge.errors.run_command: 2 = bad input, a refused gate or a push the hub refused; 3 = hub unreachable or failing).
 """
 
 from __future__ import annotations
@@ -164,6 +164,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from trainer import pipeline
     from trainer.evaluate import enforce_gate
     from trainer.models import check_weights
+    from trainer.rundir import check_writable_dir
 
     cfg = _config(args)
     rundir = Path(args.out)
@@ -171,9 +172,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Everything that can be wrong with the input is checked before ingest and training start.
     if args.version < 1:
         raise ArtifactError(f"--version must be >= 1 (bundle versions are monotonic from 1), got {args.version}")
-    pipeline.check_writable_dir(rundir, "--out")
+    check_writable_dir(rundir, "--out")
     if args.key:
-        pipeline.check_writable_dir(bundle_out.parent, "--bundle folder")
+        check_writable_dir(bundle_out.parent, "--bundle folder")
     _load_key_early(args.key)             # loose permissions -> error before any long work
     check_weights(cfg.model)              # wrong architecture -> error before any long work
     prog = _progress(args)
@@ -280,6 +281,7 @@ def cmd_push_model(args: argparse.Namespace) -> int:
     from edge.hubrpc import HubClient
     from trainer import pipeline
     from trainer.push import deploy_target, describe, latest_version
+    from trainer.rundir import run_config
 
     with HubClient(args.hub) as client:
         if args.bundle:
@@ -295,7 +297,7 @@ def cmd_push_model(args: argparse.Namespace) -> int:
         else:
             rundir = Path(args.run) if args.run else latest_run()
             _load_key_early(args.key)
-            name = pipeline.run_config(rundir).gate.model_name
+            name = run_config(rundir).gate.model_name
             version = args.version if args.version is not None else latest_version(client, name) + 1
             out = rundir / f"model-v{version}.kbundle"
             pipeline.package(rundir, args.key, version, out)

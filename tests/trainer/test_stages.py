@@ -16,6 +16,7 @@ from tests.trainer.conftest import CLASSES, tiny_config
 from trainer import pipeline
 from trainer.cli import main
 from trainer.errors import GateError, RunDirError, WeightsError
+from trainer.rundir import INPUT_CONTRACT
 
 
 def _json(p):  # noqa: ANN001, ANN202
@@ -105,33 +106,6 @@ def test_evaluation_on_edge_runtime_reproduces_and_the_gate_passes(trained_run):
     assert ev["deployed"]["sha256"] == hashlib.sha256(data).hexdigest()
 
 
-def test_broken_quantization_is_refused_by_evaluate_package_and_report(run_copy, tmp_path, capsys):
-    """A representative data set of constant zeros calibrates every range to ~0: int8 accuracy collapses."""
-    cfg = _json(run_copy / "config.json")
-    cfg["gate"]["max_accuracy_drop"] = 1.0
-    (run_copy / "config.json").write_text(json.dumps(cfg))
-
-    def zeros():  # noqa: ANN202
-        for _ in range(10):
-            yield [np.zeros((1, 32, 32, 3), np.float32)]
-
-    pipeline.optimize(run_copy, rep_override=zeros)
-    rc, out, err = _cli(capsys, "evaluate", str(run_copy))
-    assert rc == 2 and "gate FAILED" in out and "evaluation gate failed" in err[-1]
-    assert _json(run_copy / "evaluate" / "evaluate.json")["gate"]["drop_points"] > 10
-    from edge.keys import generate_keypair
-
-    key, _ = generate_keypair(tmp_path / "keys")
-    bundle = tmp_path / "b.kbundle"
-    rc, _out, err = _cli(capsys, "package", str(run_copy), "--key", str(key), "--version", "1", "--out", str(bundle))
-    assert rc == 2 and len(err) == 1 and "packaging refused" in err[0]
-    assert not bundle.exists()
-    with pytest.raises(GateError, match="evaluation gate failed: int8 accuracy .* points below"):
-        pipeline.package(run_copy, str(key), 1, bundle)
-    rc, _out, _err = _cli(capsys, "report", str(run_copy))
-    assert rc == 0 and "Gate: FAILED" in (run_copy / "report" / "report.html").read_text()
-
-
 def test_package_signs_only_the_evaluated_model(run_copy, tmp_path, capsys):
     from edge.keys import generate_keypair
 
@@ -206,7 +180,7 @@ def test_run_dir_files_are_atomic_and_world_readable(cli_run):
 
 
 def test_saved_model_carries_its_input_contract(trained_run):
-    doc = _json(trained_run / "train" / "saved_model" / pipeline.INPUT_CONTRACT)
+    doc = _json(trained_run / "train" / "saved_model" / INPUT_CONTRACT)
     assert doc == _json(trained_run / "train" / "input_spec.json")
     spec = InputSpec.from_dict(doc["input"])
     assert spec.dtype == "float32" and spec.shape == [1, 32, 32, 3] and spec.normalization == "0_1"
@@ -266,9 +240,12 @@ def test_pruning_preserving_qat_through_the_cli_keeps_sparsity_and_accuracy(run_
     assert ev["stages"]["pruned_int8"]["accuracy"] >= 0.8
 
 
-def test_run_exits_2_on_a_refused_gate_and_writes_the_report_but_no_bundle(digits_dir, tmp_path, capsys,
+def test_broken_quantization_is_refused_by_run_evaluate_package_and_report(digits_dir, tmp_path, capsys,
                                                                            monkeypatch):
-    """The whole `run` with a deliberately broken quantization (all-zero calibration data)."""
+    """The whole `run` with a deliberately broken quantization: a representative data set of constant zeros
+    calibrates every range to ~0, so int8 accuracy collapses. `run` exits 2 with the report written and no
+    bundle; then `evaluate`, `package` and the report on that run dir refuse or show it too. (One run for all:
+    a second training would only repeat the refusal.)"""
     from edge.keys import generate_keypair
     from trainer import optimize as opt
 
@@ -286,3 +263,16 @@ def test_run_exits_2_on_a_refused_gate_and_writes_the_report_but_no_bundle(digit
     assert rc == 2 and "evaluation gate failed" in err[-1] and "packaging refused" in err[-1]
     assert "report:" in out and "Gate: FAILED" in (rundir / "report" / "report.html").read_text()
     assert not list(rundir.glob("*.kbundle"))
+    assert _json(rundir / "config.json")["gate"]["max_accuracy_drop"] == 1.0
+    assert _json(rundir / "evaluate" / "evaluate.json")["gate"]["drop_points"] > 10
+
+    rc, out, err = _cli(capsys, "evaluate", str(rundir))
+    assert rc == 2 and "gate FAILED" in out and "evaluation gate failed" in err[-1]
+    bundle = tmp_path / "b.kbundle"
+    rc, _out, err = _cli(capsys, "package", str(rundir), "--key", str(key), "--version", "1", "--out", str(bundle))
+    assert rc == 2 and len(err) == 1 and "packaging refused" in err[0]
+    assert not bundle.exists()
+    with pytest.raises(GateError, match="evaluation gate failed: int8 accuracy .* points below"):
+        pipeline.package(rundir, str(key), 1, bundle)
+    rc, _out, _err = _cli(capsys, "report", str(rundir))
+    assert rc == 0 and "Gate: FAILED" in (rundir / "report" / "report.html").read_text()
