@@ -24,12 +24,13 @@ import queue
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, cast
+from typing import Any, Callable, List, Optional, Tuple, cast
 
 import cv2
 import numpy as np
 
 from edge.errors import FrameError
+from edge.logonce import OncePerKind
 from edge.pipeline import SampledFrame
 from proto import kestrel_pb2
 
@@ -157,7 +158,7 @@ class SinkWorker:
         self._put_lock = threading.Lock()  # orders hand-overs against close(): none is left behind
         self._closed = False
         self._threads: List[threading.Thread] = []
-        self._error_kinds: Dict[str, int] = {}
+        self._once = OncePerKind(log)
         self.sampled = 0
         self.spooled = 0
         self.refused = 0
@@ -245,10 +246,7 @@ class SinkWorker:
     def _failed(self, seq: int, exc: Exception) -> None:
         with self._lock:
             self.errors += 1
-            kind = type(exc).__name__
-            seen = self._error_kinds.get(kind, 0)
-            self._error_kinds[kind] = seen + 1
         self.last_done_at = time.monotonic()
-        if not seen:
-            log.error("sampled frame %d could not be encoded or spooled (%s: %s); later %s errors are "
-                      "counted, not logged", seq, kind, exc, kind, exc_info=exc)
+        kind = type(exc).__name__
+        self._once.log(kind, logging.ERROR, "sampled frame %d could not be encoded or spooled (%s: %s); later %s "
+                       "errors are counted, not logged", seq, kind, exc, kind, exc_info=exc)

@@ -42,6 +42,7 @@ import paho.mqtt.client as paho
 
 from edge.config import MqttConfig, read_secret
 from edge.errors import AuthError, BrokerError, ConfigError
+from edge.logonce import OncePerKind
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class MqttClient:
         self._final: Optional[Message] = None
         self._final_timeout = 2.0
         self._auth_refused = False
-        self._outage_logged = False
+        self._outage = OncePerKind(log)  # one WARNING per outage (kind "outage"), the rest at DEBUG
         self.next_attempt_at = 0.0  # monotonic time of the next connect attempt while waiting
         self.delays: Deque[float] = collections.deque(maxlen=64)  # recent waits before reconnecting
         self._thread: Optional[threading.Thread] = None
@@ -266,9 +267,7 @@ class MqttClient:
 
     def _trouble(self, msg: str, *args: object) -> None:
         """Log a connection problem: WARNING for the first of an outage, DEBUG for the rest."""
-        level = logging.DEBUG if self._outage_logged else logging.WARNING
-        self._outage_logged = True
-        log.log(level, "mqtt: " + msg, *args)
+        self._outage.log("outage", logging.WARNING, "mqtt: " + msg, *args)
 
     def _wait(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -359,7 +358,7 @@ class MqttClient:
                 continue
             if was_connected:
                 if up_for >= STABLE_CONNECTION_S:
-                    self._outage_logged = False  # that outage is over: this is a new one
+                    self._outage.reset()  # that outage is over: this is a new one
                     delay = self.cfg.reconnect_min_s
                 self._trouble("connection to %s:%d lost after %.1fs; reconnecting with backoff (frames are "
                               "kept in the spool)", self.cfg.host, self.cfg.port, up_for)
@@ -387,8 +386,8 @@ class MqttClient:
             if self._connected.is_set() and not was_connected:
                 was_connected = True
                 up_since = time.monotonic()
-            if was_connected and self._outage_logged and time.monotonic() - up_since >= STABLE_CONNECTION_S:
-                self._outage_logged = False
+            if was_connected and self._outage.logged() and time.monotonic() - up_since >= STABLE_CONNECTION_S:
+                self._outage.reset()
             if rc != paho.MQTT_ERR_SUCCESS or (was_connected and not self._connected.is_set()):
                 peer_closed = True
                 break

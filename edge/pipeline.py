@@ -33,6 +33,7 @@ import numpy as np
 
 from edge.config import PipelineConfig
 from edge.errors import ModelError
+from edge.logonce import OncePerKind
 from edge.sampler import Sampler
 from edge.sources import FrameSource
 
@@ -140,7 +141,7 @@ class Pipeline:
         self.errors = 0
         self.capture_error: Optional[BaseException] = None
         self._last_depth = -1
-        self._error_kinds: Dict[str, int] = {}
+        self._once = OncePerKind(log)  # errors by kind; the first of each kind logged
         self.started_at = 0.0
         self.finished_at = 0.0
         self.capture_cpu_s = 0.0
@@ -251,20 +252,17 @@ class Pipeline:
     def _failed(self, seq: int, kind: str, error: str, exc: Optional[BaseException] = None) -> None:
         """Count a frame that failed; log the first of each kind (unexpected ones with the traceback)."""
         self.errors += 1
-        seen = self._error_kinds.get(kind, 0)
-        self._error_kinds[kind] = seen + 1
-        if seen:
-            log.debug("frame %d: %s", seq, error)
-        elif exc is not None:
-            log.error("frame %d could not be processed (%s); skipping it and going on (later %s errors are "
-                      "counted, not logged)", seq, error, kind, exc_info=exc)
+        if exc is not None:
+            self._once.log(kind, logging.ERROR, "frame %d could not be processed (%s); skipping it and going on "
+                           "(later %s errors are counted, not logged)", seq, error, kind, exc_info=exc)
         else:
-            log.warning("frame %d: %s (later %s errors are counted, not logged)", seq, error, kind)
+            self._once.log(kind, logging.WARNING, "frame %d: %s (later %s errors are counted, not logged)", seq,
+                           error, kind)
 
     @property
     def error_kinds(self) -> Dict[str, int]:
-        """Unexpected per-frame failures by exception type."""
-        return dict(self._error_kinds)
+        """Per-frame failures by kind (``inference``, ``non_finite_scores``, ``sink``, else the exception type)."""
+        return self._once.counts()
 
     def _infer(self, frame: np.ndarray) -> tuple[Any, Optional[np.ndarray], Optional[str], float]:
         model = self.holder.get()

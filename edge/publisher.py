@@ -35,6 +35,7 @@ from typing import Callable, Dict, Optional, Tuple
 from edge import topics
 from edge.config import EdgeConfig
 from edge.errors import FrameError, StorageError
+from edge.logonce import OncePerKind
 from edge.mqttclient import Message, MessageCallback, MqttClient
 from edge.spool import Spool
 from proto import kestrel_pb2
@@ -65,7 +66,7 @@ class Publisher:
         self._cursor: Optional[int] = None
         # seq -> connections that broke while it was the oldest unacknowledged frame in flight
         self._suspects: Dict[int, int] = {}
-        self._write_failing = False
+        self._write_failing = OncePerKind(log)  # one ERROR line per outage of the spool
         self.frames_sent = 0
         self.frames_acked = 0
         self.oversize_refused = 0
@@ -161,13 +162,12 @@ class Publisher:
         except StorageError as exc:
             self.spool_write_failed += 1
             frame.sequence = 0
-            if not self._write_failing:
-                self._write_failing = True
-                log.error("publisher: %s; sampled frames are counted and dropped until the spool can be "
-                          "written again (free space in %s)", exc, self.spool.dir)
+            self._write_failing.log("spool write", logging.ERROR, "publisher: %s; sampled frames are counted and "
+                                    "dropped until the spool can be written again (free space in %s)", exc,
+                                    self.spool.dir)
             return False
-        if self._write_failing:
-            self._write_failing = False
+        if self._write_failing.logged():
+            self._write_failing.reset()
             log.info("publisher: the spool is writable again (%d frames could not be stored)",
                      self.spool_write_failed)
         return True
