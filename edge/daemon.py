@@ -141,12 +141,9 @@ def load_config(path: str) -> config.EdgeConfig:
 
 
 def initial_model(cfg: config.EdgeConfig) -> Model:
-    """The configured fallback model (used when the updater has no installed slot)."""
+    """The configured fallback model: ``model.path``, a bare .tflite (the callers check that it is set
+    and not a bundle; bundles are installed through the updater)."""
     m = cfg.model
-    if not m.path:
-        raise ConfigError("no model: nothing is installed in data_dir and model.path is empty")
-    if is_bundle_path(m.path):
-        raise ConfigError(f"model.path {m.path} is a bundle; it is installed through the updater")
     labels = load_labels(m.labels) if m.labels else None
     return load_model(m.path, labels=labels, runtime=m.runtime, threads=m.threads, name=Path(m.path).stem,
                       color_order=m.color_order, normalization=m.normalization, resize=m.resize)
@@ -287,23 +284,13 @@ class Daemon:
 
     def _boot(self) -> Any:
         cfg = self.cfg
+        path = cfg.model.path
         model = self.updater.boot_model()
         if model is not None:
-            if cfg.model.path and is_bundle_path(cfg.model.path):
+            if path and is_bundle_path(path):
                 log.info("model.path %s ignored: a model is installed (update it with `kestrel-edge install`)",
-                         cfg.model.path)
-            self.holder.swap(model)
-            return model
-        if cfg.model.path and is_bundle_path(cfg.model.path):
-            return self._install_configured_bundle(cfg.model.path)
-        if cfg.model.path and not cfg.update.allow_unsigned_factory:
-            raise ConfigError(f"no signed model is installed and model.path {cfg.model.path} is an unsigned "
-                              ".tflite, which [update] allow_unsigned_factory = false forbids; install a "
-                              "signed bundle (kestrel-edge install, or model.path = a .kbundle)")
-        if cfg.model.path:
-            log.warning("no signed model installed: running the UNSIGNED factory model %s (model.path; see "
-                        "docs/threat-model.md)", cfg.model.path)
-        if not cfg.model.path:
+                         path)
+        elif not path:
             if not self.can_wait_for_hub():
                 raise ConfigError("no model: nothing is installed in data_dir, model.path is empty and no hub "
                                   "can deploy one ([mqtt] host and [update] hub_grpc unset, or [update] "
@@ -311,7 +298,16 @@ class Daemon:
             log.info("no model installed yet: waiting for the hub to deploy one (kestrel-hub deploy NAME "
                      "VERSION --group %s) or for `kestrel-edge install BUNDLE`", cfg.device.group)
             return None
-        model = initial_model(cfg)
+        elif is_bundle_path(path):
+            return self._install_configured_bundle(path)
+        elif not cfg.update.allow_unsigned_factory:
+            raise ConfigError(f"no signed model is installed and model.path {path} is an unsigned .tflite, "
+                              "which [update] allow_unsigned_factory = false forbids; install a signed bundle "
+                              "(kestrel-edge install, or model.path = a .kbundle)")
+        else:
+            log.warning("no signed model installed: running the UNSIGNED factory model %s (model.path; see "
+                        "docs/threat-model.md)", path)
+            model = initial_model(cfg)
         self.holder.swap(model)
         return model
 

@@ -84,7 +84,7 @@ class MetricsServer:
 
         try:
             self._server = ThreadingHTTPServer((self.bind, self.port), Handler)
-        except (OSError, OverflowError) as exc:
+        except OSError as exc:  # ports are validated 0..65535 by the config
             raise ConfigError(f"cannot serve /metrics on {self.bind}:{self.port}: "
                               f"{getattr(exc, 'strerror', None) or exc}; "
                               f"change [telemetry] metrics_port/metrics_bind (0 = off)") from exc

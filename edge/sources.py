@@ -23,13 +23,14 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Deque, List, Optional, Set, Tuple
+from typing import Any, Deque, List, Optional, Tuple
 
 import cv2
 import numpy as np
 
 from edge.config import SourceConfig
 from edge.errors import SourceError
+from edge.logonce import OncePerKind
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ ReadResult = Tuple[bool, Optional[np.ndarray], float]
 _END: ReadResult = (False, None, 0.0)
 _POLL_S = 0.2  # how often a blocked pipe read checks for stop
 STABLE_AFTER_S = 10.0  # a reopened live source counts as recovered after delivering frames this long
+HISTORY = 64  # reopen waits and gst exit codes kept for diagnostics (a live source runs for months)
 _EXIT_WAIT_S = 3.0  # how long a gst-launch-1.0 whose output ended gets to exit and flush its stderr
 
 
@@ -194,8 +196,8 @@ class LiveSource(FrameSource):
         super().__init__(cfg)
         self.attempts = 0                # open attempts
         self.failures = 0                # failed opens + lost streams
-        self.backoffs: List[float] = []  # every wait before a reopen (for telemetry and tests)
-        self._logged: Set[str] = set()
+        self.backoffs: Deque[float] = collections.deque(maxlen=HISTORY)  # the latest waits before a reopen
+        self._once = OncePerKind(log)  # failures by kind, logged once per kind until frames come again
         self._backoff = cfg.reconnect_initial_s
         self._is_open = False
         self._up_since = 0.0  # monotonic time of the last successful open
@@ -215,10 +217,8 @@ class LiveSource(FrameSource):
 
     def _fail(self, kind: str, detail: str) -> None:
         self.failures += 1
-        if kind not in self._logged:
-            self._logged.add(kind)
-            log.warning("source %s (%s): %s: %s; retrying with backoff (logged once per kind)",
-                        self.name, self.describe(), kind, detail)
+        self._once.log(kind, logging.WARNING, "source %s (%s): %s: %s; retrying with backoff (logged once per kind)",
+                       self.name, self.describe(), kind, detail)
         if self._is_open:
             self._close_device()
             self._is_open = False
@@ -272,9 +272,9 @@ class LiveSource(FrameSource):
             if self.failures and time.monotonic() - self._up_since >= STABLE_AFTER_S:
                 # recovered: only now, so a pipeline that fails after every few frames keeps backing
                 # off and logs once, instead of restarting at full speed and logging every cycle
-                if self._logged:
+                if self._once.logged():
                     log.info("source %s: receiving frames again", self.name)
-                    self._logged.clear()
+                    self._once.reset()
                 self._backoff = self.cfg.reconnect_initial_s
             return True, frame, time.time()
         return _END
@@ -376,7 +376,7 @@ class GStreamerSource(LiveSource):
         self._frame_bytes = cfg.width * cfg.height * 3
         self._stderr: Deque[str] = collections.deque(maxlen=20)
         self._stderr_thread: Optional[threading.Thread] = None
-        self.exit_codes: List[int] = []  # of every gst-launch-1.0 run that ended (tests, diagnostics)
+        self.exit_codes: Deque[int] = collections.deque(maxlen=HISTORY)  # of the latest gst-launch-1.0 runs
 
     def command(self) -> List[str]:
         caps = f"video/x-raw,format=BGR,width={self.cfg.width},height={self.cfg.height}"

@@ -198,7 +198,7 @@ def test_gstreamer_eos_is_the_normal_end(gst):  # noqa: ANN001
                                    reconnect_initial_s=0.01, reconnect_max_s=0.02))
     frames = read_all(src, limit=50)
     src.close()
-    assert len(frames) == 4 and src.exit_codes == [0] and src.failures == 0
+    assert len(frames) == 4 and list(src.exit_codes) == [0] and src.failures == 0
 
 
 def test_gstreamer_element_failing_mid_stream_is_a_clear_error_and_retried(gst, caplog):  # noqa: ANN001
@@ -248,4 +248,7 @@ def test_a_stalled_live_source_is_reopened_after_stall_timeout(gst, caplog):  # 
     assert not t.is_alive() and result[0][0] is False and src.attempts >= 3
     stalled = [r.getMessage() for r in caplog.records if "stalled" in r.getMessage()]
     assert len(stalled) == 1 and "no frame for 0.4s" in stalled[0], stalled
-    assert src.backoffs[:2] == [0.01, 0.02]
+    assert list(src.backoffs)[:2] == [0.01, 0.02]
+    from edge.sources import HISTORY
+
+    assert src.backoffs.maxlen == src.exit_codes.maxlen == HISTORY  # bounded over months of reopening
