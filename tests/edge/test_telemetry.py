@@ -164,7 +164,6 @@ def test_telemetry_message_arrives_on_mqtt(broker, tmp_path: Path) -> None:  # n
     dev = "tel1"
     col = Collector(broker.host, broker.port, [topics.telemetry(dev)], qos=0)
     cfg = make_cfg(broker.host, broker.port, 0.05)
-    cfg.mqtt.max_inflight = 0  # a closed send window: spooled frames wait (as while a broker lags)
     cfg.spool.max_frames = 1
     pub = Publisher(cfg, dev, tmp_path / "spool")
     for _ in range(3):  # the frame budget keeps one frame: two evictions
@@ -178,9 +177,12 @@ def test_telemetry_message_arrives_on_mqtt(broker, tmp_path: Path) -> None:  # n
     st.set_queue_depth(3)
     st.set_model(kestrel_pb2.ModelRef(name="m", version=5, sha256="cd"))
     svc = TelemetryService(cfg, dev, st, pub, metrics_port=0)
+    before = svc.build_message()  # not connected yet: the spooled frame waits
+    assert before.spool_frames == 1 and before.spool_bytes == pub.spool_stats()[0] > 300
+    assert before.spool_evictions == 2
     try:
         pub.start()
-        wait_for(lambda: pub.connected, 10, what="connected")
+        wait_for(lambda: pub.connected and pub.spool_stats()[1] == 0, 10, what="connected, the frame sent")
         svc.start()
         msgs: List[kestrel_pb2.Telemetry] = [kestrel_pb2.Telemetry.FromString(p)
                                              for p in col.wait_count(1, "/telemetry")]
@@ -189,7 +191,7 @@ def test_telemetry_message_arrives_on_mqtt(broker, tmp_path: Path) -> None:  # n
         assert t.latency_p50_ms == pytest.approx(12.0) and t.latency_p95_ms == pytest.approx(12.0)
         assert t.queue_depth == 3 and t.frames_processed == 20 and t.frames_sampled == 1
         assert t.fps == pytest.approx(5.0)
-        assert t.spool_frames == 1 and t.spool_bytes == pub.spool_stats()[0] > 300 and t.spool_evictions == 2
+        assert t.spool_frames == 0 and t.spool_bytes == 0 and t.spool_evictions == 2  # evictions are kept
         assert t.model.name == "m" and t.model.version == 5
         assert t.uptime_s > 0
         assert col.messages[0][0] == topics.telemetry(dev)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import queue
 import subprocess
+import threading
 from pathlib import Path
 from typing import Optional
 
 from tests.helpers.broker import free_port
-from tests.helpers.wait import wait_for
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 SCRIPT = Path(__file__).with_name("rtsp_server.py")
@@ -36,7 +37,16 @@ class RtspCamera:
         self.proc = subprocess.Popen([SYSTEM_PYTHON, str(SCRIPT), str(self.port)], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         proc = self.proc
-        line = proc.stdout.readline() if proc.stdout else ""  # blocks until "ready" or the process ends
+        lines: queue.Queue[str] = queue.Queue()
+        out = proc.stdout
+        # "ready", or "" when the process ends; read on a thread so a hung server cannot hang the suite
+        threading.Thread(target=lambda: lines.put(out.readline() if out else ""), daemon=True).start()
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            proc.kill()
+            proc.wait(10)
+            raise RuntimeError(f"the RTSP test server did not say ready within {timeout:.0f}s") from None
         if line.strip() != "ready":
             err = proc.communicate(timeout=timeout)[1] if proc.poll() is not None else ""
             raise RuntimeError(f"the RTSP test server did not start: {line.strip()} {err[-500:]}")
@@ -45,6 +55,5 @@ class RtspCamera:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(10)
-            wait_for(lambda: self.proc is not None and self.proc.poll() is not None, 10, what="rtsp server exit")
+            self.proc.wait(10)  # raises TimeoutExpired if it did not exit
         self.proc = None
