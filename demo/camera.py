@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 
-def held_out_digits(classes: int, train_per_class: int, per_class: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+def held_out_digits(classes: int, train_per_class: int) -> Tuple[np.ndarray, np.ndarray]:
     """(images 8x8 uint8 0..255, targets) of the digits ``kestrel-train digits --per-class N`` leaves out."""
     from sklearn.datasets import load_digits
 
@@ -30,7 +30,7 @@ def held_out_digits(classes: int, train_per_class: int, per_class: int = 0) -> T
         if t >= classes:
             continue
         seen[t] = seen.get(t, 0) + 1
-        if seen[t] <= train_per_class or (per_class and seen[t] > train_per_class + per_class):
+        if seen[t] <= train_per_class:
             continue
         imgs.append(np.clip(img * (255.0 / 16.0), 0, 255).astype(np.uint8))
         targets.append(t)
@@ -58,21 +58,19 @@ def write_video(path: Path, imgs: np.ndarray, size: int = 128, fps: float = 20.0
 
 
 class Oracle:
-    """Labels a camera frame with the class of the nearest held-out digit (what a person would say)."""
+    """Finds the camera digit a frame shows (the nearest held-out digit); its target is what a person would
+    label the frame."""
 
     def __init__(self, imgs: np.ndarray, targets: np.ndarray) -> None:
         self.flat = imgs.reshape(len(imgs), -1).astype(np.float32)
         self.targets = targets
-        self.last_index = -1  # the camera digit the last labelled frame showed
 
     def index(self, bgr_or_grey: np.ndarray) -> int:
         grey = bgr_or_grey if bgr_or_grey.ndim == 2 else cv2.cvtColor(bgr_or_grey, cv2.COLOR_BGR2GRAY)
         small = cv2.resize(grey, (8, 8), interpolation=cv2.INTER_AREA).astype(np.float32).reshape(1, -1)
         return int(np.argmin(((self.flat - small) ** 2).sum(axis=1)))
 
-    def label(self, encoded: bytes) -> Optional[int]:
+    def find(self, encoded: bytes) -> Optional[int]:
+        """The index of the camera digit an encoded frame shows; None if it does not decode."""
         img = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_GRAYSCALE)
-        if img is None:
-            return None
-        self.last_index = self.index(img)
-        return int(self.targets[self.last_index])
+        return None if img is None else self.index(img)

@@ -5,7 +5,7 @@ SQLite) and ``python -m edge run`` run as subprocesses; bundles are pushed and d
 gRPC API. Every wait is a condition with a timeout (:func:`wait_for`); nothing sleeps for synchronisation.
 
     with Loop(work_dir) as loop:
-        loop.make_keys()
+        loop.make_keys()                       # `kestrel-train keygen`
         loop.start_hub()
         loop.push(bundle_bytes); loop.deploy("digits", 1)
         loop.start_edge(loop.write_edge_config(source={...}))
@@ -33,6 +33,7 @@ DEVICE_ID = "cam-1"
 GROUP = "demo"
 HUB_START_S = 30.0
 STOP_TIMEOUT_S = 20.0
+EXPORT_TIMEOUT_S = 120.0
 
 T = TypeVar("T")
 
@@ -178,6 +179,7 @@ class Loop:
         self.priv_path: Optional[Path] = None
         self.trust_dir = self.work / "trust"
         self.hub_dir = self.work / "hub-data"
+        self.tools_log = self.work / "tools.log"  # output of the commands run to completion (keygen, export ...)
         self.edge_dir = self.work / "edge-data"
         self._client: Any = None
         self._store: Any = None
@@ -190,10 +192,13 @@ class Loop:
 
     # ---- keys ----
     def make_keys(self) -> Path:
-        """An Ed25519 signing key (keys/signing.key) and its public half in trust/ (what hub and edge trust)."""
-        from edge import keys
+        """`kestrel-train keygen`: an Ed25519 signing key (keys/signing.key) and its public half, copied to
+        trust/ (what hub and edge trust)."""
+        from edge.keys import PRIVATE_NAME, PUBLIC_NAME
 
-        priv, pub = keys.generate_keypair(self.work / "keys")
+        keys = self.work / "keys"
+        run_tool([sys.executable, "-m", "trainer", "keygen", "--out", str(keys)], self.tools_log)
+        priv, pub = keys / PRIVATE_NAME, keys / PUBLIC_NAME
         self.trust_dir.mkdir(exist_ok=True)
         shutil.copyfile(pub, self.trust_dir / pub.name)
         self.priv_path = priv
@@ -276,8 +281,11 @@ class Loop:
     def deploy(self, model_name: str, version: int) -> Any:
         return self.client.deploy(model_name, version, group=self.group)
 
-    def rollback(self) -> Any:
-        return self.client.rollback(group=self.group)
+    def rollback(self) -> Dict[str, Any]:
+        """`kestrel-hub rollback --group GROUP`; its JSON answer (desired, topic)."""
+        r = run_tool([sys.executable, "-m", "hub", "rollback", "--hub", self.grpc_target, "--group", self.group,
+                      "--json"], self.tools_log)
+        return dict(json.loads(r.stdout.decode().strip().splitlines()[-1]))
 
     def device(self) -> Any:
         """This device's record as the hub's Fleet.ListDevices reports it (None before its first status)."""
@@ -349,10 +357,9 @@ class Loop:
             raise LoopError(f"{exc}; edge log:\n{tail(self.work / 'edge.log')}") from None
 
     def export(self, out: Path) -> subprocess.CompletedProcess:
-        cfg = self.work / "hub.toml"
-        return subprocess.run([sys.executable, "-m", "hub", "export", "--config", str(cfg), "--out", str(out),
-                               "--force"], cwd=str(REPO), env=child_env(), capture_output=True, text=True,
-                              timeout=120)
+        """`kestrel-hub export --force` of the labelled frames to ``out``; LoopError if it fails."""
+        return run_tool([sys.executable, "-m", "hub", "export", "--config", str(self.work / "hub.toml"),
+                         "--out", str(out), "--force"], self.tools_log, timeout=EXPORT_TIMEOUT_S)
 
     # ---- shutdown ----
     def stop_edge(self) -> int:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Sequence
 
 import numpy as np
 
-from demo.loop import DEVICE_ID, GROUP, Loop, LoopError, Proc, broker_gone, edge_summary, http_json  # noqa: F401
+from demo.loop import DEVICE_ID, GROUP, Loop, LoopError, Proc
 
 MODEL_NAME = "brightness"
 LABELS = ["bright", "dark", "mid"]
@@ -61,24 +61,13 @@ class BrightnessLoop(Loop):
             input_spec=BRIGHTNESS_SPEC, signing_key=keys.load_private_key(self.priv_path),
             default_threshold=0.6, metrics={"source": model}, self_test=self_test_cases(path))
 
-    def deploy_version(self, version: int) -> Any:
-        return self.deploy(MODEL_NAME, version)
-
-    def start_brightness_edge(self, bootstrap: Optional[str] = None) -> Proc:
-        """The device on the test pattern (160x120 at 25 fps): with no model (a freshly flashed device that
-        waits for the hub), or booting on an unsigned factory model (``bootstrap``, a test model's name)."""
-        model: Dict[str, Any] = {"threads": 1}
-        if bootstrap:
-            model.update(path=str(self.models_dir / f"{bootstrap}.tflite"),
-                         labels=str(self.models_dir / "labels.txt"))
+    def start_brightness_edge(self) -> Proc:
+        """A freshly flashed device (no model: it waits for the hub) on the test pattern (160x120 at 25 fps)."""
         cfg = self.write_edge_config(
             source={"kind": "testpattern", "name": "cam0", "width": 160, "height": 120, "fps": 25.0,
                     "pattern_brightness": PATTERN},
-            model=model, sampler={"max_per_minute": 600, "max_per_hour": 6000})
+            model={"threads": 1}, sampler={"max_per_minute": 600, "max_per_hour": 6000})
         return self.start_edge(cfg)
-
-    def wait_version_frames(self, version: int, n: int = 3, timeout: float = 30.0) -> Any:
-        return self.wait_frames(MODEL_NAME, version, n=n, timeout=timeout)
 
     def label(self, frames: Sequence[Any]) -> Dict[str, int]:
         """Label frames by the test pattern's ground truth: the frame's mean grey level (0.45 / 0.5 / 0.55
