@@ -50,11 +50,10 @@ def load_backbone_weights(backbone: Any, cfg: ModelConfig) -> None:
 
 
 def check_weights(cfg: ModelConfig) -> None:
-    """Fail fast (before ingest/training) when the weights file is wrong."""
+    """Fail fast (before ingest/training) when the weights file is wrong (the config already refuses weights
+    for small_cnn)."""
     if not cfg.weights:
         return
-    if cfg.arch == "small_cnn":
-        raise WeightsError("--weights is only for the MobileNet architectures; small_cnn trains from scratch")
     load_backbone_weights(_backbone(cfg), cfg)
     tf().keras.backend.clear_session()
 

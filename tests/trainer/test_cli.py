@@ -133,6 +133,7 @@ def test_argparse_errors_exit_nonzero(argv):
     (["--max-accuracy-drop", "-5"], "max_accuracy_drop must be 0..100"),
     (["--latency-budget-ms", "-1"], "latency_budget_ms must be 0..3600000"),
     (["--qat", "--arch", "mobilenet_v3_large"], "optimize.qat does not support mobilenet_v3_large"),
+    (["--weights", "w.h5", "--normalization=-1_1"], "weights is only for the MobileNet architectures"),
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, monkeypatch, flags, message):
     from edge.keys import generate_keypair
