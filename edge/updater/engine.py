@@ -34,6 +34,7 @@ from edge.updater.slots import Slot, SlotError, SlotStore
 log = logging.getLogger("kestrel.updater")
 
 Listener = Callable[[Dict[str, Any]], None]
+Mutator = Callable[[Dict[str, Any]], None]  # changes the freshly read state record in place
 
 # The device's clock is never believed below this (2026-01-01T00:00:00Z): a device without a
 # real-time clock that boots at 1970 counts its clock as unset (see docs/threat-model.md).
@@ -139,13 +140,15 @@ class Updater:
             return ""  # the slot was re-staged since: nothing known about this bundle
         return str(rec.get("outcome", ""))
 
-    def _set_outcome(self, data: Dict[str, Any], slot: Slot, outcome: str) -> None:
-        data.setdefault("slots", {})[slot.name] = {
-            "bundle_sha256": slot.record.get("bundle_sha256", ""), "model_name": slot.model_name,
-            "version": slot.version, "outcome": outcome}
+    @staticmethod
+    def _set_outcome(slot: Slot, outcome: str) -> Mutator:
+        """A state change (for ``transition(mutate=...)``) recording ``outcome`` for the bundle in ``slot``."""
+        def mark(data: Dict[str, Any]) -> None:
+            data.setdefault("slots", {})[slot.name] = {
+                "bundle_sha256": slot.record.get("bundle_sha256", ""), "model_name": slot.model_name,
+                "version": slot.version, "outcome": outcome}
 
-    def set_outcome(self, slot: Slot, outcome: str) -> None:
-        self.state.modify(lambda d: self._set_outcome(d, slot, outcome))
+        return mark
 
     def check_slot(self, slot: Slot, trusted: Any = None) -> None:
         """Files against slot.json and the slot's signed manifest against today's trusted keys."""
@@ -244,8 +247,7 @@ class Updater:
             self._transition(st.FAILED, reason=f"staging failed: {exc}")
             raise ArtifactError(f"could not stage {name} v{version}: {exc}") from exc
         del verified  # views into ``data``: nothing of the bundle stays referenced from here
-        self.state.modify(lambda d: self._set_outcome(d, slot, st.OUT_STAGED))
-        self._transition(st.STAGED, reason=f"slot {target}")
+        self._transition(st.STAGED, reason=f"slot {target}", mutate=self._set_outcome(slot, st.OUT_STAGED))
         self._transition(st.SELF_TEST, reason=f"slot {target}")
         u = self.cfg.update
         try:
@@ -256,8 +258,8 @@ class Updater:
             finally:
                 model.close()
         except KestrelError as exc:
-            self.state.modify(lambda d: self._set_outcome(d, slot, st.OUT_SELFTEST_FAILED))
-            self._transition(st.FAILED, reason=f"self-test failed: {exc}", reject=True)
+            self._transition(st.FAILED, reason=f"self-test failed: {exc}", reject=True,
+                             mutate=self._set_outcome(slot, st.OUT_SELFTEST_FAILED))
             raise
         self.state.update(pending_slot=target, self_test=figs)
         log.info("self-test of %s v%s passed: %s", name, version, figs)
@@ -282,7 +284,9 @@ class Updater:
 
     def begin_trial(self, slot_name: str, *, baseline: Optional[Dict[str, float]], boot_count: int,
                     judge_threshold: Optional[float] = None) -> None:
-        """Persist TRIAL (with the rollback target), raise the version floor, then flip the pointer."""
+        """Persist TRIAL (with the rollback target and the slot's outcome), flip the pointer, then
+        raise the version floor (the model has run from the flip on: a crash before the floor is
+        written is repaired at boot, by boot_slot or _finish_rollback)."""
         slot = self.slots.slot(slot_name)
         if slot is None:
             raise SlotError(f"slot {slot_name} is empty; nothing to switch to")
@@ -291,15 +295,14 @@ class Updater:
         if prev_slot is not None and self.outcome(prev_slot) != st.OUT_COMMITTED:
             previous = None  # never a rollback target: a rollback goes to a committed slot only
 
-        self.state.modify(lambda d: self._set_outcome(d, slot, st.OUT_TRIAL))
         self._transition(st.TRIAL, reason="", pending_slot=None, model_name=slot.model_name,
                          target_version=slot.version, trial={
                              "slot": slot_name, "previous_slot": previous, "boot_count": boot_count,
                              "started_ms": int(time.time() * 1000), "baseline": baseline,
-                             "judge_threshold": judge_threshold})
+                             "judge_threshold": judge_threshold}, mutate=self._set_outcome(slot, st.OUT_TRIAL))
         self.slots.switch(slot_name)
         st.crash_point("SWITCHED")
-        self.raise_floors(slot)  # a crash before this is repaired at boot (boot_slot, or _finish_rollback)
+        self.raise_floors(slot)
 
     def raise_floors(self, slot: Slot) -> None:
         """The slot's version becomes the model's version floor and its signed creation time the time
@@ -309,23 +312,24 @@ class Updater:
         if (int((snap.get("floors") or {}).get(slot.model_name, 0)) >= slot.version
                 and float(snap.get("time_floor_s", 0.0) or 0.0) >= created):
             return
+        self.state.modify(self._raise_floors(slot))
+
+    @staticmethod
+    def _raise_floors(slot: Slot) -> Mutator:
+        """The state change of raise_floors (for ``transition(mutate=...)``)."""
+        created = _slot_created(slot)
 
         def mark(d: Dict[str, Any]) -> None:
             floors = d.setdefault("floors", {})
             floors[slot.model_name] = max(int(floors.get(slot.model_name, 0)), slot.version)
             d["time_floor_s"] = max(float(d.get("time_floor_s", 0.0) or 0.0), created)
 
-        self.state.modify(mark)
+        return mark
 
     def commit(self, reason: str = "") -> None:
         active = self.slots.active()
-
-        def mark(d: Dict[str, Any]) -> None:
-            if active is not None:
-                self._set_outcome(d, active, st.OUT_COMMITTED)
-
-        self.state.modify(mark)
-        self._transition(st.COMMITTED, reason=reason, trial=None)
+        self._transition(st.COMMITTED, reason=reason, trial=None,
+                         mutate=self._set_outcome(active, st.OUT_COMMITTED) if active is not None else None)
 
     def rollback_target(self, *, verify: bool = True) -> Slot:
         """The slot a rollback goes to, re-verified (unless ``verify=False``: for display);
@@ -393,30 +397,31 @@ class Updater:
         rb = self.state.get("rolling_back") or {}
         to = rb.get("to_slot")
         from_slot = self.slots.slot(str(rb["from_slot"])) if rb.get("from_slot") else None
-        if from_slot is not None:  # it ran (maybe crashed before begin_trial raised its floor): never again
-            self.raise_floors(from_slot)
         if to:
             self.slots.switch(str(to))
         else:
             self.slots.clear_pointer()
         st.crash_point("ROLLBACK_SWITCHED")
 
-        def mark(d: Dict[str, Any]) -> None:  # never a rollback target again (its version is below the floor)
+        def mark(d: Dict[str, Any]) -> None:
+            # the slot left ran (maybe crashed before begin_trial raised its floor): its version is never
+            # installed again, and its slot is never a rollback target. A crash before this write leaves
+            # ROLLING_BACK persisted: the next boot finishes the rollback and makes it then.
             if from_slot is not None:
-                self._set_outcome(d, from_slot, st.OUT_REJECTED)
+                self._raise_floors(from_slot)(d)
+                self._set_outcome(from_slot, st.OUT_REJECTED)(d)
 
-        self.state.modify(mark)
-        self._transition(st.ROLLED_BACK, reason=str(rb.get("reason", "")), trial=None, rolling_back=None)
+        self._transition(st.ROLLED_BACK, reason=str(rb.get("reason", "")), trial=None, rolling_back=None,
+                         mutate=mark)
         return self.slots.slot(str(to)) if to else None
 
     def give_up_trial(self, reason: str) -> None:
         """A failed trial with nothing to go back to: a terminal FAILED (the model keeps running; its
         slot is never a rollback target, and its version is at the floor: desired state does not retry it)."""
         active = self.slots.active()
-        if active is not None:
-            self.set_outcome(active, st.OUT_REJECTED)
         self._transition(st.FAILED, reason=f"{reason}; there is no previous model to go back to, so it keeps "
-                                           "running: deploy a newer version", trial=None)
+                                           "running: deploy a newer version", trial=None,
+                         mutate=self._set_outcome(active, st.OUT_REJECTED) if active is not None else None)
 
     # ---- boot ----
     def boot_slot(self) -> Optional[Slot]:
@@ -458,9 +463,9 @@ class Updater:
                     why += f"; the other slot cannot be used either ({exc2})"
                 else:
                     self.slots.switch(alt.name)
-                    self.raise_floors(alt)
                     self._transition(st.FAILED, reason=f"active slot unusable ({exc}); switched to the "
-                                                       f"committed slot {alt.name}", trial=None, crash=False)
+                                                       f"committed slot {alt.name}", trial=None, crash=False,
+                                     mutate=self._raise_floors(alt))
                     return alt
             self._transition(st.FAILED, reason=f"no usable signed model ({why})", trial=None, crash=False)
             raise SlotError(f"no usable signed model: {why}") from exc

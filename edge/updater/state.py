@@ -31,7 +31,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from edge import atomic
 
@@ -158,10 +158,12 @@ class StateFile:
             return copy.deepcopy(self._data.get(key, default))
 
     def transition(self, state: str, *, reason: str = "", crash: bool = True, reject: bool = False,
-                   **fields: Any) -> Dict[str, Any]:
+                   mutate: Optional[Callable[[Dict[str, Any]], None]] = None, **fields: Any) -> Dict[str, Any]:
         """Persist a new state (and extra fields); log it; return the new snapshot.
 
         ``reject`` remembers the target version as refused: desired-state messages do not retry it.
+        ``mutate(data)`` changes the freshly read record in place (a slot outcome, a floor) in the
+        same atomic write as the state: one write per transition, and never one without the other.
         """
         if state not in STATES:
             raise ValueError(f"unknown update state {state!r}")
@@ -169,6 +171,8 @@ class StateFile:
             self._data = self._read()  # the CLI may have written it from another process
             prev = self._data["state"]
             self._data.update(fields)
+            if mutate is not None:
+                mutate(self._data)
             self._data["state"] = state
             self._data["reason"] = reason
             self._data["updated_ms"] = _now_ms()
@@ -194,7 +198,7 @@ class StateFile:
             self._data.update(fields)
             atomic.write_json(self.path, self._data)
 
-    def modify(self, fn: Any) -> Dict[str, Any]:
+    def modify(self, fn: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
         """Apply ``fn(data)`` (in place) to the freshly read record and write it: one atomic
         read-modify-write under the inter-process lock. Returns a snapshot."""
         with self._lock, self._file_lock():

@@ -263,6 +263,40 @@ def test_status_reported_on_every_transition(tmp_path, kp, models_dir):  # noqa:
     assert rec.msgs[-1].versions.installed.version == 1 and rec.msgs[-1].model.version == 1
 
 
+def test_one_state_write_per_transition(device, kp, models_dir, monkeypatch):  # noqa: ANN001
+    """A slot outcome or a floor changes in the same write as its transition; the only writes without
+    a transition are the floor raised right after each pointer flip and the self-test figures."""
+    from edge import atomic
+
+    writes: list = []
+    real = atomic.write_json
+
+    def counting(path: Any, doc: Any, *a: Any, **k: Any) -> None:
+        if Path(path).name == "state.json":
+            writes.append(json.loads(json.dumps(doc)))
+        real(path, doc, *a, **k)
+
+    monkeypatch.setattr(atomic, "write_json", counting)
+    dev = device(trial_frames=5)
+    dev.install(bundle(models_dir, kp, 1))
+    assert dev.settle() == st.COMMITTED
+    dev.install(bundle(models_dir, kp, 2))
+    assert dev.settle() == st.COMMITTED
+    upd = dev.svc.updater
+    with upd.locked():
+        upd.rollback("test: ordered rollback")
+    assert upd.state.state == st.ROLLED_BACK and upd.state.floor("brightness") == 2
+    without_transition = []
+    for prev, cur in zip(writes, writes[1:]):
+        if cur["history"] != prev["history"]:
+            continue
+        changed = sorted(k for k in cur if cur[k] != prev.get(k))
+        without_transition.append(changed)
+    # per install: the self-test figures (pending_slot, self_test), then the floor after the flip
+    assert without_transition == [["pending_slot", "self_test"], ["floors", "time_floor_s"]] * 2
+    assert len(writes) == len(writes[-1]["history"]) + 4
+
+
 # ---- the CLI ----------------------------------------------------------------------------------
 
 def _toml(tmp_path: Path, kp: Any, **update: Any) -> Path:
