@@ -114,6 +114,12 @@ class Store(abc.ABC):
             self.touch_devices(seen)
         return out
 
+    def stage_frames(self, frames: List[FrameRecord]) -> None:
+        """Optional: durably write ahead what a later apply_batch of these very records will need, so
+        that commit has less to do (SQLite: the images, into segment files). The ingest calls it off its
+        commit thread and ignores failures (apply_batch then writes the images itself). Default: no-op."""
+        return None
+
     @abc.abstractmethod
     def get_frame(self, frame_id: str) -> Optional[FrameRecord]: ...
 

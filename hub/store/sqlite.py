@@ -28,21 +28,23 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, TypeVar, Union
 
 from hub.errors import StoreError, StoreUnavailable
 from hub.store.base import DeviceRecord, FrameRecord, GroupDesired, ModelRecord, Store
+from hub.store.segments import ImageRef, Segments
 
 T = TypeVar("T")
 
 log = logging.getLogger("hub.store.sqlite")
 
 SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
-PAGE_SIZE = 65536                   # new databases only (SQLite keeps an existing file's page size)
+PAGE_SIZE = 4096                    # new databases only (SQLite keeps an existing file's page size)
 CHECKPOINT_INTERVAL_S = 0.5         # how often the background checkpointer looks at the WAL
 WAL_RESET_BYTES = 32 * 1024 * 1024  # from this WAL size on, a checkpoint catches up so the WAL restarts
 WAL_HARD_BYTES = 512 * 1024 * 1024  # past this (other processes writing too), a blocking TRUNCATE checkpoint
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # a restarted WAL file is truncated back to this
+STAGED_MAX = 4096                   # images written ahead by stage_frames and not yet committed, at most
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -62,7 +64,11 @@ CREATE TABLE IF NOT EXISTS frames (
   source TEXT NOT NULL DEFAULT '',
   sequence INTEGER NOT NULL DEFAULT 0,
   label TEXT,
-  labelled_ms INTEGER
+  labelled_ms INTEGER,
+  image_segment TEXT,
+  image_offset INTEGER,
+  image_length INTEGER,
+  image_sha256 TEXT
 );
 CREATE INDEX IF NOT EXISTS frames_time ON frames (capture_time_ms DESC);
 CREATE INDEX IF NOT EXISTS frames_device_time ON frames (device_id, capture_time_ms DESC);
@@ -90,6 +96,9 @@ CREATE TABLE IF NOT EXISTS models (
 """
 
 FRAME_COLUMNS = [f.name for f in dataclasses.fields(FrameRecord)]
+# where a frame's image is when it is in a segment file (hub/store/segments.py); NULL: in column image
+SEGMENT_COLUMNS = ["image_segment", "image_offset", "image_length", "image_sha256"]
+SEGMENT_DIR_SUFFIX = "-images"  # <db file name>-images/, next to the database (like its -wal file)
 DEVICE_FIELDS = {f.name for f in dataclasses.fields(DeviceRecord)}
 _UNAVAILABLE_HINTS = ("locked", "busy", "unable to open", "disk i/o", "readonly", "read-only",
                       "no such table", "disk is full")
@@ -140,7 +149,18 @@ class SqliteStore(Store):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreUnavailable(f"cannot create the directory for {self.path}: {exc.strerror}") from exc
-        self._run("create schema", lambda c: c.executescript(SCHEMA))
+        self.segments = Segments(self.path.parent / f"{self.path.name}{SEGMENT_DIR_SUFFIX}")
+        self._staged: Dict[int, Tuple[FrameRecord, ImageRef]] = {}  # id(frame) -> its image, written ahead
+        self._staged_lock = threading.Lock()
+        self._run("create schema", self._create_schema)
+
+    @staticmethod
+    def _create_schema(c: sqlite3.Connection) -> None:
+        c.executescript(SCHEMA)
+        have = {row[1] for row in c.execute("PRAGMA table_info(frames)")}
+        for col, kind in zip(SEGMENT_COLUMNS, ("TEXT", "INTEGER", "INTEGER", "TEXT")):
+            if col not in have:  # a database of an older hub: its rows keep their images as BLOBs
+                c.execute(f"ALTER TABLE frames ADD COLUMN {col} {kind}")
 
     # ---- plumbing ----
     def _conn(self) -> sqlite3.Connection:
@@ -276,14 +296,26 @@ class SqliteStore(Store):
 
     # ---- frames ----
     @staticmethod
-    def _frame_row(f: FrameRecord) -> Tuple[Any, ...]:
+    def _frame_row(f: FrameRecord, ref: Optional[ImageRef]) -> Tuple[Any, ...]:
+        where: Tuple[Any, ...] = (ref.segment, ref.offset, ref.length, ref.sha256) if ref else (None,) * 4
         return (f.frame_id, f.device_id, int(f.capture_time_ms), int(f.received_ms), f.model_name,
                 int(f.model_version), f.model_sha256, json.dumps(list(f.reasons)), json.dumps(list(f.top_k)),
-                sqlite3.Binary(f.image), f.image_format, int(f.width), int(f.height), f.source,
-                int(f.sequence), f.label, f.labelled_ms)
+                sqlite3.Binary(b"" if ref else f.image), f.image_format, int(f.width), int(f.height), f.source,
+                int(f.sequence), f.label, f.labelled_ms) + where
 
-    _INSERT = (f"INSERT OR IGNORE INTO frames ({', '.join(FRAME_COLUMNS)}) "
-               f"VALUES ({', '.join('?' * len(FRAME_COLUMNS))})")
+    _INSERT = (f"INSERT OR IGNORE INTO frames ({', '.join(FRAME_COLUMNS + SEGMENT_COLUMNS)}) "
+               f"VALUES ({', '.join('?' * len(FRAME_COLUMNS + SEGMENT_COLUMNS))})")
+
+    def _existing(self, frame_ids: List[str]) -> Set[str]:
+        """Which of these frame ids are stored already (their images need not be written again)."""
+        def q(c: sqlite3.Connection) -> Set[str]:
+            found: Set[str] = set()
+            for i in range(0, len(frame_ids), 500):
+                part = frame_ids[i:i + 500]
+                sql = f"SELECT frame_id FROM frames WHERE frame_id IN ({', '.join('?' * len(part))})"
+                found.update(r[0] for r in c.execute(sql, part).fetchall())
+            return found
+        return self._run("apply_batch", q)
 
     def add_frame(self, frame: FrameRecord) -> bool:
         return self.add_frames([frame])[0] is None
@@ -295,7 +327,10 @@ class SqliteStore(Store):
             return []
         for fields in devices.values():
             _check_device_fields(fields)
-        rows = [self._frame_row(f) for f in frames]
+        # images first (unless stage_frames wrote them already), each new one once, in one write and one
+        # fdatasync: a committed row never points at bytes that are not on disk
+        refs = self._images_for(frames)
+        rows = [self._frame_row(f, refs.get(id(f))) for f in frames]
 
         def tx(c: sqlite3.Connection) -> List[Optional[str]]:
             for device_id, fields in sorted(devices.items()):
@@ -311,28 +346,71 @@ class SqliteStore(Store):
                 out.append(str(owner[0]))
             self._touch(c, seen)
             return out
-        return self._write("apply_batch", tx)
+        out = self._write("apply_batch", tx)
+        if refs:
+            with self._staged_lock:
+                for f in frames:
+                    self._staged.pop(id(f), None)
+        return out
 
-    @staticmethod
-    def _to_frame(d: Dict[str, Any]) -> FrameRecord:
+    def stage_frames(self, frames: List[FrameRecord]) -> None:
+        """Write the images of frames that a later apply_batch will add (segment files, one write and one
+        fdatasync), so that commit only writes rows: the ingest calls this on its validate thread while
+        the commit thread commits the batch before. Frames already stored are skipped."""
+        refs = self._write_images([f for f in frames if f.image])
+        with self._staged_lock:
+            for f in frames:
+                if id(f) in refs:
+                    self._staged[id(f)] = (f, refs[id(f)])
+            while len(self._staged) > STAGED_MAX:  # never applied (a stopped ingest): forget the oldest
+                self._staged.pop(next(iter(self._staged)))
+
+    def _write_images(self, frames: List[FrameRecord]) -> Dict[int, ImageRef]:
+        """id(frame) -> where its image is now, for those frames whose id is not stored yet."""
+        known = self._existing([f.frame_id for f in frames]) if frames else set()
+        new = [f for f in frames if f.frame_id not in known and f.image]
+        return dict(zip((id(f) for f in new), self.segments.append([f.image for f in new]))) if new else {}
+
+    def _images_for(self, frames: List[FrameRecord]) -> Dict[int, ImageRef]:
+        refs: Dict[int, ImageRef] = {}
+        missing: List[FrameRecord] = []
+        with self._staged_lock:
+            for f in frames:
+                got = self._staged.get(id(f))
+                if got is not None and got[0] is f:
+                    refs[id(f)] = got[1]
+                elif f.image:
+                    missing.append(f)
+        refs.update(self._write_images(missing))
+        return refs
+
+    def _to_frame(self, d: Dict[str, Any]) -> FrameRecord:
         d["reasons"] = json.loads(d["reasons"])
         d["top_k"] = json.loads(d["top_k"])
-        d["image"] = bytes(d["image"]) if d["image"] is not None else b""
+        where = [d.pop(c, None) for c in SEGMENT_COLUMNS]
+        if where[0] is not None:  # in a segment file; else (an older hub's row) the BLOB itself
+            d["image"] = self.segments.read(d["frame_id"], ImageRef(str(where[0]), int(where[1]), int(where[2]),
+                                                                     str(where[3])))
+        else:
+            d["image"] = bytes(d["image"]) if d["image"] is not None else b""
         return FrameRecord(**d)
 
     def _select(self, where: str, params: List[Any], order: str, limit: Optional[int], offset: int,
                 with_images: bool) -> List[FrameRecord]:
         cols = ", ".join(c if c != "image" or with_images else "x'' AS image" for c in FRAME_COLUMNS)
+        if with_images:
+            cols += ", " + ", ".join(SEGMENT_COLUMNS)
         sql = f"SELECT {cols} FROM frames {where} ORDER BY {order}"
         if limit is not None:
             sql += " LIMIT ? OFFSET ?"
             params = params + [int(limit), int(offset)]
 
-        def q(c: sqlite3.Connection) -> List[FrameRecord]:
+        def q(c: sqlite3.Connection) -> List[Dict[str, Any]]:
             cur = c.execute(sql, params)
             names = [d[0] for d in cur.description]
-            return [self._to_frame(dict(zip(names, r))) for r in cur.fetchall()]
-        return self._run("list_frames", q)
+            return [dict(zip(names, r)) for r in cur.fetchall()]
+        # images are read (and checked) after the query, outside SQLite's error translation
+        return [self._to_frame(d) for d in self._run("list_frames", q)]
 
     def get_frame(self, frame_id: str) -> Optional[FrameRecord]:
         got = self._select("WHERE frame_id = ?", [frame_id], "frame_id", None, 0, True)
@@ -471,6 +549,7 @@ class SqliteStore(Store):
 
     def close(self) -> None:
         self._closed = True
+        self.segments.close()
         self._checkpoint_stop.set()
         if self._checkpointer is not None and self._checkpointer is not threading.current_thread():
             self._checkpointer.join(10)

@@ -220,7 +220,7 @@ def test_qos1_redelivery_after_lost_acks_is_deduplicated(broker: Any, store: Sql
     cid = f"hub-{uuid.uuid4().hex[:8]}"
     ing = make_ingest(broker, store, group, client_id=cid)
     suppressed: List[int] = []
-    ing.client.ack = lambda mid, qos: suppressed.append(mid)  # type: ignore[method-assign,assignment]
+    ing._ack = lambda msgs: (suppressed.extend(m.mid for m in msgs), len(msgs))[1]  # type: ignore[method-assign]
     publish_all(broker.host, broker.port,
                 [(topics.frames("cam-1"), frame_payload(f"r{i}", "cam-1", seq=i)) for i in range(6)])
     wait_for(lambda: ing.health()["stored"] == 6, 10, what="6 frames committed")
@@ -233,6 +233,28 @@ def test_qos1_redelivery_after_lost_acks_is_deduplicated(broker: Any, store: Sql
         assert h["duplicates"] == 6 and h["stored"] == 0
         assert store.count_frames() == 6
         wait_for(lambda: frame_acks(ing2) >= 6, 5, what="redeliveries acknowledged this time")
+    finally:
+        ing2.stop()
+
+
+def test_a_batch_of_acks_reaches_the_broker(broker: Any, store: SqliteStore, group: str) -> None:
+    """The QoS 1 acks of a batch leave as one write of back-to-back PUBACKs: the broker takes every one
+    (nothing is resent to the next session with the same client id)."""
+    cid = f"hub-{uuid.uuid4().hex[:8]}"
+    ing = make_ingest(broker, store, group, client_id=cid)
+    writes: List[int] = []
+    real = ing.client._packet_queue  # type: ignore[attr-defined]
+    ing.client._packet_queue = lambda *a, **k: (writes.append(len(a[1])), real(*a, **k))[1]  # type: ignore[attr-defined]
+    publish_all(broker.host, broker.port,
+                [(topics.frames("cam-1"), frame_payload(f"k{i}", "cam-1", seq=i)) for i in range(30)])
+    wait_for(lambda: frame_acks(ing) == 30, 10, what="30 acks")
+    assert sum(writes) == 30 * 4 and len(writes) < 30  # 4 bytes per PUBACK, fewer writes than frames
+    ing.stop()
+    ing2 = make_ingest(broker, store, group, client_id=cid)
+    try:
+        publish_all(broker.host, broker.port, [(topics.frames("cam-1"), frame_payload("k-last", "cam-1", seq=99))])
+        wait_for(lambda: ing2.health()["stored"] == 1, 10, what="the next frame")
+        assert ing2.health()["duplicates"] == 0 and store.count_frames() == 31  # no redelivery
     finally:
         ing2.stop()
 

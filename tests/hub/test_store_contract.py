@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, List
+from typing import Any, Iterator, List, Tuple
 
 import pytest
 
@@ -425,13 +425,153 @@ def test_sqlite_apply_batch_is_one_transaction(tmp_path) -> None:  # noqa: ANN00
     s.close()
 
 
+def test_stage_frames_then_apply_batch(store: Store) -> None:
+    """Writing ahead is optional and idempotent: staged or not, stored once, read back the same."""
+    frames = [rec("s1"), rec("s2", device="cam-2")]
+    store.stage_frames(frames)
+    store.stage_frames(frames[:1])  # staged twice (a retried stage): still one record
+    assert store.apply_batch(frames + [rec("s3")], {}, {}) == [None, None, None]
+    assert store.apply_batch([rec("s1")], {}, {}) == ["cam-1"]
+    assert [store.get_frame(f"s{i}").image for i in (1, 2, 3)] == [jpeg(1000)] * 3  # type: ignore[union-attr]
+
+
+def _segment_row(s: SqliteStore, frame_id: str) -> Tuple[Any, ...]:
+    return tuple(s._run("row", lambda c: c.execute(
+        "SELECT length(image), image_segment, image_offset, image_length, image_sha256 FROM frames "
+        "WHERE frame_id = ?", (frame_id,)).fetchone()))
+
+
+def test_sqlite_images_are_in_segment_files_fsynced_before_the_row(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """One write and one fdatasync of the batch's images, then the rows (segment, offset, length, sha256)
+    in one transaction: a committed row never points at bytes that were not on disk first."""
+    import hashlib
+
+    import hub.store.segments as seg
+    s = SqliteStore(tmp_path / "seg.db")
+    events: List[str] = []
+    real_sync = seg.os.fdatasync
+    monkeypatch.setattr(seg.os, "fdatasync", lambda fd: (events.append("fdatasync"), real_sync(fd))[1])
+    s._conn().set_trace_callback(lambda q: events.append(q) if q == "COMMIT" else None)
+    images = [os.urandom(3000 + i) for i in range(3)]
+    assert s.add_frames([rec(f"i{i}", image=img) for i, img in enumerate(images)]) == [None] * 3
+    assert events == ["fdatasync", "COMMIT"]
+    blob_len, name, offset, length, sha = _segment_row(s, "i1")
+    assert blob_len == 0 and (offset, length, sha) == (3000, 3001, hashlib.sha256(images[1]).hexdigest())
+    with open(tmp_path / "seg.db-images" / name, "rb") as f:
+        assert f.read() == b"".join(images)
+    assert [s.get_frame(f"i{i}").image for i in range(3)] == images  # type: ignore[union-attr]
+    events.clear()
+    assert s.add_frames([rec("i0", image=images[0])]) == ["cam-1"]  # a redelivery: no image written again
+    assert events == ["COMMIT"] and os.path.getsize(tmp_path / "seg.db-images" / name) == sum(map(len, images))
+    s.close()
+
+
+def test_sqlite_orphan_image_bytes_after_a_failed_commit_are_harmless(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The images went to disk, then the commit failed (a crash would be the same): nothing points at
+    those bytes, and the retry stores the frame and reads it back intact."""
+    s = SqliteStore(tmp_path / "orphan.db")
+    real = s._write
+
+    def failing(what: str, fn: Any) -> Any:
+        raise StoreUnavailable("injected: crash before the commit")
+    monkeypatch.setattr(s, "_write", failing)
+    with pytest.raises(StoreUnavailable):
+        s.add_frames([rec("o1", image=b"first-copy" * 100)])
+    monkeypatch.setattr(s, "_write", real)
+    assert s.count_frames() == 0
+    assert s.add_frames([rec("o1", image=b"first-copy" * 100)]) == [None]
+    assert s.get_frame("o1").image == b"first-copy" * 100  # type: ignore[union-attr]
+    assert _segment_row(s, "o1")[2] == 1000  # after the orphan copy
+    s.close()
+
+
+def test_sqlite_damaged_or_missing_image_bytes_are_a_clear_error(tmp_path) -> None:  # noqa: ANN001
+    s = SqliteStore(tmp_path / "dmg.db")
+    s.add_frames([rec("d1", image=b"a" * 500), rec("d2", image=b"b" * 500)])
+    path = tmp_path / "dmg.db-images" / _segment_row(s, "d1")[1]
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"frame 'd1'.*does not match its sha256"):
+        s.get_frame("d1")
+    assert s.get_frame("d2").image == b"b" * 500  # type: ignore[union-attr]  # its neighbour is intact
+    assert [f.frame_id for f in s.list_frames()] == ["d2", "d1"] or s.count_frames() == 2  # rows still list
+    path.write_bytes(bytes(data[:700]))
+    with pytest.raises(StoreError, match=r"frame 'd2'.*holds 200 of the 500 bytes"):
+        s.get_frame("d2")
+    path.unlink()
+    with pytest.raises(StoreError, match=r"frame 'd1'.*is missing"):
+        s.get_frame("d1")
+    s.close()
+
+
+def test_sqlite_a_failed_image_write_starts_a_new_segment(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    import errno
+
+    import hub.store.segments as seg
+    s = SqliteStore(tmp_path / "full.db")
+    s.add_frame(rec("f1", image=b"x" * 100))
+    first = _segment_row(s, "f1")[1]
+    real = seg.os.writev
+
+    def full(fd: int, bufs: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(seg.os, "writev", full)
+    with pytest.raises(StoreUnavailable, match="No space left"):
+        s.add_frame(rec("f2", image=b"y" * 100))
+    monkeypatch.setattr(seg.os, "writev", real)
+    s.add_frame(rec("f2", image=b"y" * 100))
+    assert _segment_row(s, "f2")[1] != first and _segment_row(s, "f2")[2] == 0
+    assert [s.get_frame(f).image for f in ("f1", "f2")] == [b"x" * 100, b"y" * 100]  # type: ignore[union-attr]
+    s.close()
+
+
+def test_sqlite_segments_roll_over_and_other_processes_write_their_own(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    import hub.store.segments as seg
+    monkeypatch.setattr(seg, "SEGMENT_MAX_BYTES", 1000)
+    a, b = SqliteStore(tmp_path / "roll.db"), SqliteStore(tmp_path / "roll.db")
+    for i in range(4):
+        a.add_frame(rec(f"a{i}", image=bytes([i]) * 600))
+        b.add_frame(rec(f"b{i}", image=bytes([i + 10]) * 600))
+    names = {p: {_segment_row(a, f"{p}{i}")[1] for i in range(4)} for p in "ab"}
+    assert len(names["a"]) == len(names["b"]) == 2 and not names["a"] & names["b"]  # 600 + 600 bytes each
+    assert len(list((tmp_path / "roll.db-images").iterdir())) == 4
+    assert [a.get_frame(f"b{i}").image for i in range(4)] == [bytes([i + 10]) * 600 for i in range(4)]  # type: ignore[union-attr]
+    a.close()
+    b.close()
+
+
+def test_sqlite_database_with_blob_images_still_reads(tmp_path) -> None:  # noqa: ANN001
+    """A database of an older hub keeps its images as BLOBs: they read as before (no migration of the
+    bytes), new frames go to segment files, and listing/export see both."""
+    path = tmp_path / "blobs.db"
+    db = sqlite3.connect(str(path))
+    db.executescript("""CREATE TABLE frames (frame_id TEXT PRIMARY KEY, device_id TEXT NOT NULL,
+      capture_time_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL, model_name TEXT NOT NULL,
+      model_version INTEGER NOT NULL, model_sha256 TEXT NOT NULL, reasons TEXT NOT NULL, top_k TEXT NOT NULL,
+      image BLOB NOT NULL, image_format TEXT NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL,
+      source TEXT NOT NULL DEFAULT '', sequence INTEGER NOT NULL DEFAULT 0, label TEXT, labelled_ms INTEGER);""")
+    db.execute("INSERT INTO frames VALUES ('old', 'cam-1', 5, 5, 'm', 1, '', '[]', '[]', ?, 'jpeg', 1, 1, '', 0, "
+               "'cat', 6)", (b"old-blob-image",))
+    db.commit()
+    db.close()
+    s = SqliteStore(path)
+    assert s.get_frame("old").image == b"old-blob-image"  # type: ignore[union-attr]
+    s.add_frame(rec("new", t=7, image=b"new-image"))
+    s.set_label("new", "dog", 8)
+    assert _segment_row(s, "new")[1] and _segment_row(s, "old")[1] is None
+    assert [(f.frame_id, f.image) for f in s.iter_labelled()] == [("old", b"old-blob-image"), ("new", b"new-image")]
+    s.close()
+
+
 def test_sqlite_durability_settings(tmp_path) -> None:  # noqa: ANN001
     """FULL by default (an acknowledged frame survives a power loss), NORMAL only when asked for;
-    64 KiB pages for a new file; checkpoints off the commit path."""
+    4 KiB pages for a new file (rows are small: the images are in segment files); checkpoints off the
+    commit path."""
     safe = SqliteStore(tmp_path / "safe.db")
     pragma = lambda st, name: st._run(name, lambda c: c.execute(f"PRAGMA {name}").fetchone()[0])  # noqa: E731
     assert pragma(safe, "synchronous") == 2  # FULL
-    assert pragma(safe, "page_size") == 65536 and pragma(safe, "wal_autocheckpoint") == 0
+    assert pragma(safe, "page_size") == 4096 and pragma(safe, "wal_autocheckpoint") == 0
     fast = open_store(f"sqlite:///{tmp_path / 'fast.db'}", sqlite_synchronous="NORMAL")
     assert pragma(fast, "synchronous") == 1
     with pytest.raises(StoreError, match="synchronous"):
@@ -447,10 +587,10 @@ def test_sqlite_checkpoints_keep_the_wal_bounded(tmp_path, monkeypatch) -> None:
     checkpointer finishes the copy while holding this process's writers, so the next commit restarts
     the WAL from its beginning (a few pages) instead of appending for ever."""
     import hub.store.sqlite as sq
-    monkeypatch.setattr(sq, "WAL_RESET_BYTES", 1024 * 1024)
+    monkeypatch.setattr(sq, "WAL_RESET_BYTES", 256 * 1024)
     s = SqliteStore(tmp_path / "w.db", checkpoint_interval_s=3600)  # checkpoints only when we say
     image = os.urandom(50 * 1024)
-    for i in range(40):  # ~2 MB of WAL
+    for i in range(40):  # ~1 MB of WAL (rows and index pages: the images are in segment files)
         s.add_frame(rec(f"w{i}", t=i, image=image))
     frames_before, _ = s.checkpoint_once()
     assert frames_before >= 40
