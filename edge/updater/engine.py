@@ -563,14 +563,19 @@ class Updater:
 
 
 def _slot_created(slot: Slot) -> float:
-    """The signed ``created`` time of the bundle in ``slot`` (0 when unreadable)."""
-    try:
-        with open(str(slot.path / "manifest.json"), "rb") as fh:
-            doc = json.loads(fh.read(16 * 1024 * 1024))
+    """The signed ``created`` time of the bundle in ``slot`` (0 when unknown): from slot.json, which
+    has it since it is staged; a slot staged before that reads it from its manifest.json."""
+    from edge.bundle import MANIFEST_NAME, MAX_MANIFEST_BYTES, MAX_TIME_S, read_bounded
+
+    created = slot.record.get("created")
+    if created is None:
+        try:
+            doc = json.loads(read_bounded(slot.path / MANIFEST_NAME, MAX_MANIFEST_BYTES))
+        except (BundleError, ValueError):
+            return 0.0
         created = doc.get("created", 0) if isinstance(doc, dict) else 0
-        return float(created) if isinstance(created, (int, float)) and 0 <= created <= 253402300799 else 0.0
-    except (OSError, ValueError):
-        return 0.0
+    ok = isinstance(created, (int, float)) and not isinstance(created, bool) and 0 <= created <= MAX_TIME_S
+    return float(created) if ok else 0.0
 
 
 def slot_ref(slot: Slot) -> Any:

@@ -154,7 +154,8 @@ class SlotStore:
             raise SlotError(f"slot {slot.name} is no longer trusted: {exc}") from exc
         rec = slot.record
         if (rec.get("model_name") != man.model_name or int(rec.get("version", -1)) != man.version
-                or rec.get("model_file") != man.model_file):
+                or rec.get("model_file") != man.model_file
+                or ("created" in rec and rec["created"] != man.created)):  # absent: staged before it was kept
             raise SlotError(f"slot {slot.name}: slot.json does not match its signed manifest")
         for name, ent in man.files.items():
             p = slot.path / name
@@ -207,6 +208,7 @@ class SlotStore:
             "labels": list(getattr(verified, "labels", None) or _get(manifest, "labels", [])),
             "input_spec": _spec_dict(_get(manifest, "input_spec", None) or _get(manifest, "input", None)),
             "default_threshold": _get(manifest, "default_threshold", None),
+            "created": _get(manifest, "created", 0),  # signed; raises the time floor (engine.raise_floors)
             "files": files,
             "installed_ms": int(time.time() * 1000),
         }

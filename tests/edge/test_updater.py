@@ -297,6 +297,40 @@ def test_one_state_write_per_transition(device, kp, models_dir, monkeypatch):  #
     assert len(writes) == len(writes[-1]["history"]) + 4
 
 
+def test_signed_created_time_kept_in_slot_record_and_old_slots_still_boot(tmp_path, kp, models_dir):  # noqa: ANN001
+    """slot.json carries the bundle's signed ``created`` (the time floor comes from it, not from
+    re-parsing the manifest); a slot staged before it had that field boots and reads the manifest."""
+    from edge import atomic
+
+    created = int(time.time()) - 600
+    cfg = make_cfg(tmp_path, kp.pub_path, trial_frames=0)
+    dev = Device(cfg)
+    try:
+        assert dev.install(bundle(models_dir, kp, 1, created=created))
+        slot = dev.svc.updater.slots.active()
+        assert slot.record["created"] == created
+        assert dev.svc.updater.state.get("time_floor_s") == created
+    finally:
+        dev.close()
+    rec = dict(slot.record)
+    del rec["created"]  # as staged by an older version of the updater
+    atomic.write_json(slot.path / "slot.json", rec)
+    upd = dev.svc.updater
+    upd.state.modify(lambda d: d.update(time_floor_s=0.0))
+    again = Device(cfg)
+    try:
+        assert again.version == 1
+        assert again.svc.updater.state.get("time_floor_s") == created
+    finally:
+        again.close()
+    rec["created"] = created + 10 ** 6  # an unsigned time in slot.json must not raise the time floor
+    atomic.write_json(slot.path / "slot.json", rec)
+    from edge.updater.slots import SlotError
+
+    with pytest.raises(SlotError, match="does not match its signed manifest"):
+        again.svc.updater.check_slot(again.svc.updater.slots.active())
+
+
 # ---- the CLI ----------------------------------------------------------------------------------
 
 def _toml(tmp_path: Path, kp: Any, **update: Any) -> Path:
