@@ -20,6 +20,7 @@ import select
 import shlex
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -44,6 +45,54 @@ _EXIT_WAIT_S = 3.0  # how long a gst-launch-1.0 whose output ended gets to exit 
 
 class EndOfStream(Exception):
     """A live source reached a normal end (a GStreamer pipeline's EOS): the source ends, no retry."""
+
+
+class FramePool:
+    """Camera frame buffers that OpenCV decodes into again once nothing refers to them any more.
+
+    A new camera-size array per frame costs page faults: the allocator hands freed frames back to
+    the OS when several are released at once (the queue drains) and the next frames fault their
+    pages in again, a few percent of the capture thread. A buffer is free when only the pool holds
+    it: the frame queue, the inference thread, a sampled frame waiting for JPEG encoding and any
+    numpy view of it each hold a reference (CPython reference counts, calibrated at start). At most
+    ``limit`` buffers are kept; beyond that frames are allocated as before.
+    """
+
+    def __init__(self, limit: int = 16) -> None:
+        self.limit = limit
+        self._bufs: List[np.ndarray] = []
+        self.reused = 0
+        probe = [np.empty(1, np.uint8)]
+        self._free_refs = self._refs(probe)  # what "only the pool holds it" looks like here
+
+    @staticmethod
+    def _refs(bufs: List[np.ndarray]) -> int:
+        for buf in bufs:
+            return sys.getrefcount(buf)
+        return 0
+
+    def take(self) -> Optional[np.ndarray]:
+        """A buffer nothing else refers to, or None."""
+        free = self._free_refs
+        for buf in self._bufs:
+            if sys.getrefcount(buf) == free:
+                return buf
+        return None
+
+    def read(self, cap: Any) -> Tuple[bool, Optional[np.ndarray]]:
+        """``cap.read()`` into a free buffer when there is one (OpenCV reuses it when the size fits)."""
+        buf = self.take()
+        if buf is None:
+            ok, frame = cap.read()
+            if ok and frame is not None and len(self._bufs) < self.limit:
+                self._bufs.append(frame)
+            return ok, frame
+        ok, frame = cap.read(buf)
+        if frame is buf:
+            self.reused += 1
+        elif ok and frame is not None:  # another size (the stream changed): keep the new one instead
+            self._bufs[self._bufs.index(buf)] = frame
+        return ok, frame
 
 
 class FrameSource:
@@ -110,6 +159,7 @@ class FileSource(FrameSource):
         self._packets = 0  # read attempts since the start of the file (each consumes one frame)
         self._period = 0.0
         self._next_t = 0.0
+        self._pool = FramePool()
 
     def open(self) -> FileSource:
         if not self.path.is_file():
@@ -140,7 +190,7 @@ class FileSource(FrameSource):
             self.open()
         pending = 0  # failed reads since the last good frame
         while not self._closed.is_set():
-            ok, frame = self._cap.read()
+            ok, frame = self._pool.read(self._cap)
             self._packets += 1
             if ok and _valid(frame):
                 if pending:
@@ -292,6 +342,7 @@ class OpenCVLiveSource(LiveSource):
     def __init__(self, cfg: SourceConfig) -> None:
         super().__init__(cfg)
         self._cap: Any = None
+        self._pool = FramePool()
 
     def _capture(self) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -305,7 +356,7 @@ class OpenCVLiveSource(LiveSource):
 
     def _read_device(self) -> Tuple[bool, Optional[np.ndarray]]:
         start = time.monotonic()
-        ok, frame = self._cap.read()
+        ok, frame = self._pool.read(self._cap)
         if not ok and time.monotonic() - start >= self.cfg.stall_timeout_s:
             raise SourceError(f"no frame for {self.cfg.stall_timeout_s:g}s (stalled)")
         return bool(ok), frame

@@ -45,6 +45,26 @@ def test_file_source_reads_every_frame(tmp_path):  # noqa: ANN001
     assert src.corrupt == 0
 
 
+def test_file_source_decodes_into_frames_nobody_holds_any_more(tmp_path):  # noqa: ANN001
+    """Frame buffers are reused (no fresh camera-size allocation per frame), never while still held."""
+    levels = [0.1, 0.5, 0.9] * 6
+    video = write_video(tmp_path / "v.avi", levels, width=160, height=120)
+    src = open_source(SourceConfig(kind="file", uri=str(video)))
+    kept, means, seen = [], [], set()
+    for i in range(len(levels)):
+        ok, frame, _ = src.read()
+        assert ok
+        means.append(frame.mean() / 255)
+        seen.add(id(frame))
+        if i % 3 == 0:
+            kept.append(frame)  # held, like a frame waiting in the queue or for JPEG encoding
+        del frame
+    src.close()
+    assert means == pytest.approx(levels, abs=0.05)
+    assert [k.mean() / 255 for k in kept] == pytest.approx(levels[::3], abs=0.05)  # never overwritten
+    assert src._pool.reused >= len(levels) - len(kept) - 2 and len(seen) <= len(kept) + 2
+
+
 def test_file_source_max_frames_and_loop(tmp_path):  # noqa: ANN001
     video = write_video(tmp_path / "v.avi", [0.2, 0.8, 0.5], width=64, height=48)
     src = open_source(SourceConfig(kind="file", uri=str(video), loop=True, max_frames=7))
