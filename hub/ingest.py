@@ -26,6 +26,7 @@ Guarantees (docs/hub.md):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -110,7 +111,8 @@ def validate_frame(topic_device: str, payload: bytes, max_bytes: int, received_m
         reasons=[_REASON_NAMES.get(r) or str(r) for r in msg.reasons],
         top_k=[{"index": int(t.index), "label": t.label, "score": float(t.score)} for t in msg.top_k],
         image=bytes(msg.image), image_format=msg.image_format or "jpeg", width=width, height=height,
-        source=msg.source, sequence=int(msg.sequence))
+        source=msg.source, sequence=int(msg.sequence),
+        image_sha256=hashlib.sha256(msg.image).hexdigest())  # here, on the validate pool, not at commit
 
 
 def seen_ms(device_time_ms: int, received_ms: int) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
 
 from hub.errors import StoreError, StoreUnavailable
@@ -116,6 +117,7 @@ class MongoStore(Store):
     # ---- frames ----
     def _frame_doc(self, f: FrameRecord) -> Dict[str, Any]:
         doc = dataclasses.asdict(f)
+        doc["image_sha256"] = f.image_sha256 or hashlib.sha256(f.image).hexdigest()
         doc["_id"] = f.frame_id
         if len(f.image) > INLINE_IMAGE_MAX:
             # deterministic GridFS id: a retried insert reuses (or replaces) the same file

@@ -89,10 +89,12 @@ class Segments:
                 if bufs and n:
                     bufs[0] = bufs[0][n:]
 
-    def append(self, images: Sequence[bytes]) -> List[ImageRef]:
-        """Append the images (one write, one fdatasync); their refs, in order. StoreUnavailable on an
-        OS error (disk full, I/O error): nothing of this call is referenced, the ingest retries."""
-        hashes = [hashlib.sha256(b).hexdigest() for b in images]  # releases the GIL
+    def append(self, images: Sequence[bytes], hashes: Optional[Sequence[str]] = None) -> List[ImageRef]:
+        """Append the images (one write, one fdatasync); their refs, in order. ``hashes``: their sha256
+        where the caller has it already (the ingest hashes on its validate pool), else computed here.
+        StoreUnavailable on an OS error (disk full, I/O error): nothing of this call is referenced."""
+        given = list(hashes) if hashes is not None else [""] * len(images)
+        hashes = [h or hashlib.sha256(b).hexdigest() for b, h in zip(images, given)]
         with self._lock:
             try:
                 if self._fd is None or self._size >= SEGMENT_MAX_BYTES:

@@ -23,6 +23,7 @@ Durability and speed (docs/hub.md, docs/adr/0005-hub-ingest-durability.md):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import sqlite3
@@ -97,7 +98,7 @@ CREATE TABLE IF NOT EXISTS models (
 
 FRAME_COLUMNS = [f.name for f in dataclasses.fields(FrameRecord)]
 # where a frame's image is when it is in a segment file (hub/store/segments.py); NULL: in column image
-SEGMENT_COLUMNS = ["image_segment", "image_offset", "image_length", "image_sha256"]
+SEGMENT_COLUMNS = ["image_segment", "image_offset", "image_length"]
 SEGMENT_DIR_SUFFIX = "-images"  # <db file name>-images/, next to the database (like its -wal file)
 DEVICE_FIELDS = {f.name for f in dataclasses.fields(DeviceRecord)}
 _UNAVAILABLE_HINTS = ("locked", "busy", "unable to open", "disk i/o", "readonly", "read-only",
@@ -158,7 +159,7 @@ class SqliteStore(Store):
     def _create_schema(c: sqlite3.Connection) -> None:
         c.executescript(SCHEMA)
         have = {row[1] for row in c.execute("PRAGMA table_info(frames)")}
-        for col, kind in zip(SEGMENT_COLUMNS, ("TEXT", "INTEGER", "INTEGER", "TEXT")):
+        for col, kind in zip(SEGMENT_COLUMNS + ["image_sha256"], ("TEXT", "INTEGER", "INTEGER", "TEXT")):
             if col not in have:  # a database of an older hub: its rows keep their images as BLOBs
                 c.execute(f"ALTER TABLE frames ADD COLUMN {col} {kind}")
 
@@ -297,11 +298,12 @@ class SqliteStore(Store):
     # ---- frames ----
     @staticmethod
     def _frame_row(f: FrameRecord, ref: Optional[ImageRef]) -> Tuple[Any, ...]:
-        where: Tuple[Any, ...] = (ref.segment, ref.offset, ref.length, ref.sha256) if ref else (None,) * 4
+        where: Tuple[Any, ...] = (ref.segment, ref.offset, ref.length) if ref else (None,) * 3
+        sha = ref.sha256 if ref else (f.image_sha256 or hashlib.sha256(f.image).hexdigest())
         return (f.frame_id, f.device_id, int(f.capture_time_ms), int(f.received_ms), f.model_name,
                 int(f.model_version), f.model_sha256, json.dumps(list(f.reasons)), json.dumps(list(f.top_k)),
                 sqlite3.Binary(b"" if ref else f.image), f.image_format, int(f.width), int(f.height), f.source,
-                int(f.sequence), f.label, f.labelled_ms) + where
+                int(f.sequence), f.label, f.labelled_ms, sha) + where
 
     _INSERT = (f"INSERT OR IGNORE INTO frames ({', '.join(FRAME_COLUMNS + SEGMENT_COLUMNS)}) "
                f"VALUES ({', '.join('?' * len(FRAME_COLUMNS + SEGMENT_COLUMNS))})")
@@ -369,7 +371,10 @@ class SqliteStore(Store):
         """id(frame) -> where its image is now, for those frames whose id is not stored yet."""
         known = self._existing([f.frame_id for f in frames]) if frames else set()
         new = [f for f in frames if f.frame_id not in known and f.image]
-        return dict(zip((id(f) for f in new), self.segments.append([f.image for f in new]))) if new else {}
+        if not new:
+            return {}
+        return dict(zip((id(f) for f in new), self.segments.append([f.image for f in new],
+                                                                   [f.image_sha256 for f in new])))
 
     def _images_for(self, frames: List[FrameRecord]) -> Dict[int, ImageRef]:
         refs: Dict[int, ImageRef] = {}
@@ -388,9 +393,10 @@ class SqliteStore(Store):
         d["reasons"] = json.loads(d["reasons"])
         d["top_k"] = json.loads(d["top_k"])
         where = [d.pop(c, None) for c in SEGMENT_COLUMNS]
+        d["image_sha256"] = d.get("image_sha256") or ""
         if where[0] is not None:  # in a segment file; else (an older hub's row) the BLOB itself
             d["image"] = self.segments.read(d["frame_id"], ImageRef(str(where[0]), int(where[1]), int(where[2]),
-                                                                     str(where[3])))
+                                                                     d["image_sha256"]))
         else:
             d["image"] = bytes(d["image"]) if d["image"] is not None else b""
         return FrameRecord(**d)

@@ -8,6 +8,8 @@ each Mongo test uses a fresh database that is dropped afterwards.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import os
 import sqlite3
 import threading
@@ -98,7 +100,7 @@ def test_add_get_roundtrip_and_idempotent(store: Store) -> None:
     assert store.add_frame(f) is True
     assert store.add_frame(rec("f1", t=9999)) is False  # same frame_id: no change
     got = store.get_frame("f1")
-    assert got == f
+    assert got == dataclasses.replace(f, image_sha256=hashlib.sha256(f.image).hexdigest())  # filled in
     assert store.count_frames() == 1
     assert store.get_frame("nope") is None
 
@@ -444,8 +446,6 @@ def _segment_row(s: SqliteStore, frame_id: str) -> Tuple[Any, ...]:
 def test_sqlite_images_are_in_segment_files_fsynced_before_the_row(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     """One write and one fdatasync of the batch's images, then the rows (segment, offset, length, sha256)
     in one transaction: a committed row never points at bytes that were not on disk first."""
-    import hashlib
-
     import hub.store.segments as seg
     s = SqliteStore(tmp_path / "seg.db")
     events: List[str] = []
@@ -543,7 +543,7 @@ def test_sqlite_segments_roll_over_and_other_processes_write_their_own(tmp_path,
 
 def test_sqlite_database_with_blob_images_still_reads(tmp_path) -> None:  # noqa: ANN001
     """A database of an older hub keeps its images as BLOBs: they read as before (no migration of the
-    bytes), new frames go to segment files, and listing/export see both."""
+    bytes; their image_sha256 is unknown: ""), new frames go to segment files, and listing/export see both."""
     path = tmp_path / "blobs.db"
     db = sqlite3.connect(str(path))
     db.executescript("""CREATE TABLE frames (frame_id TEXT PRIMARY KEY, device_id TEXT NOT NULL,
@@ -556,7 +556,8 @@ def test_sqlite_database_with_blob_images_still_reads(tmp_path) -> None:  # noqa
     db.commit()
     db.close()
     s = SqliteStore(path)
-    assert s.get_frame("old").image == b"old-blob-image"  # type: ignore[union-attr]
+    old = s.get_frame("old")
+    assert old is not None and (old.image, old.image_sha256) == (b"old-blob-image", "")
     s.add_frame(rec("new", t=7, image=b"new-image"))
     s.set_label("new", "dog", 8)
     assert _segment_row(s, "new")[1] and _segment_row(s, "old")[1] is None
