@@ -596,12 +596,13 @@ def _split(members: List[Tuple[str, memoryview]]) -> Tuple[bytes, bytes, Dict[st
         raise refuse("bad_container", "members are not in canonical order")
     d = dict(members)
     payload = {k: v for k, v in d.items() if k not in RESERVED}
-    if len(d[MANIFEST_NAME]) > MAX_MANIFEST_BYTES:
-        raise refuse("too_large", f"{MANIFEST_NAME} is {len(d[MANIFEST_NAME])} bytes "
+    return bytes(d[MANIFEST_NAME]), bytes(d[SIG_NAME]), payload  # sizes: _signed_manifest, _parse_sig
+
+
+def _check_manifest_size(manifest_bytes: bytes) -> None:
+    if len(manifest_bytes) > MAX_MANIFEST_BYTES:
+        raise refuse("too_large", f"{MANIFEST_NAME} is {len(manifest_bytes)} bytes "
                                   f"(limit {MAX_MANIFEST_BYTES})")
-    if len(d[SIG_NAME]) > MAX_SIG_BYTES:
-        raise refuse("bad_signature", f"{SIG_NAME} is too large")
-    return bytes(d[MANIFEST_NAME]), bytes(d[SIG_NAME]), payload
 
 
 def _parse_sig(sig_bytes: bytes) -> Tuple[str, bytes]:
@@ -636,9 +637,7 @@ def _parse_sig(sig_bytes: bytes) -> Tuple[str, bytes]:
 def _signed_manifest(
     manifest_bytes: bytes, sig_bytes: bytes, trusted_keys: Mapping[str, keymod.PublicKey]
 ) -> Tuple[Dict[str, Any], str]:
-    if len(manifest_bytes) > MAX_MANIFEST_BYTES:
-        raise refuse("too_large", f"{MANIFEST_NAME} is {len(manifest_bytes)} bytes "
-                                  f"(limit {MAX_MANIFEST_BYTES})")
+    _check_manifest_size(manifest_bytes)
     kid, sig = _parse_sig(sig_bytes)
     pub = trusted_keys.get(kid)
     if pub is None:
@@ -695,8 +694,6 @@ def verify_manifest(
     Used to re-check an installed slot (its manifest.json and manifest.sig) against today's trusted
     keys; the caller then hashes the slot's files against ``Manifest.files``.
     """
-    if len(manifest_bytes) > MAX_MANIFEST_BYTES:
-        raise refuse("too_large", f"{MANIFEST_NAME} is {len(manifest_bytes)} bytes (limit {MAX_MANIFEST_BYTES})")
     doc, kid = _signed_manifest(bytes(manifest_bytes), bytes(sig_bytes), trusted_keys)
     m = parse_manifest(doc)
     _check_model(m, expected_model)
@@ -773,6 +770,7 @@ def read_manifest_unverified(data: Any) -> Manifest:
     if len(data) > MAX_BUNDLE_BYTES:
         raise refuse("too_large", f"{len(data)} bytes (limit {MAX_BUNDLE_BYTES})")
     manifest_bytes, _sig, _payload = _split(parse_container(data))
+    _check_manifest_size(manifest_bytes)
     try:
         doc = _strict_json(manifest_bytes)
     except (ValueError, RecursionError):
@@ -788,7 +786,8 @@ def write_staged(verified: VerifiedBundle, staging_dir: Path) -> None:
     """Write the verified payload files plus manifest.json and manifest.sig into ``staging_dir``.
 
     Names were checked to be plain file names; they are checked again here so nothing can land
-    outside ``staging_dir``. Each file is written atomically (temp, fsync, replace).
+    outside ``staging_dir``. Each file is written atomically (temp, replace) but NOT fsynced: the
+    caller fsyncs the whole staging directory once (edge.atomic.fsync_tree) before it is used.
     """
     staging = Path(staging_dir)
     staging.mkdir(parents=True, exist_ok=True)
@@ -801,13 +800,7 @@ def write_staged(verified: VerifiedBundle, staging_dir: Path) -> None:
     for name in sorted(out):
         if not _full(_NAME_RE, name) or os.path.basename(name) != name:
             raise refuse("bad_container", f"refusing to stage file name {name!r}")
-        atomic.write_bytes(staging / name, bytes(out[name]))
-    if hasattr(os, "O_DIRECTORY"):
-        dfd = os.open(str(staging), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic.write_bytes(staging / name, out[name], fsync=False)  # a view: no copy
 
 
 def read_bounded(path: Any, limit: int) -> bytes:

@@ -7,12 +7,13 @@ Layout::
                         signature), bundle.kbundle (the signed bundle as received), slot.json
     slots/b/            the other slot: the previous model, or the one being staged
 
-A slot is complete only when slot.json exists; it is written last, after every file is fsynced.
-Staging always goes to ``slots/.staging`` first and is renamed into place, so a crash leaves the
-target slot either absent/old or complete. ``check()`` re-hashes a slot's files against slot.json;
-with the trusted keys it also re-verifies the slot's signed manifest (manifest.json +
-manifest.sig) against *today's* trust store and hashes every file against that manifest, so a
-slot signed by a key removed since is no longer trusted (boot and rollback do this).
+A slot is complete only when slot.json exists; it is written last. Staging always goes to
+``slots/.staging`` first, is fsynced as a whole (files and directory, once) and only then renamed
+into place, so a crash leaves the target slot either absent/old or complete. ``check()`` re-hashes
+a slot's files against slot.json; with the trusted keys it also re-verifies the slot's signed
+manifest (manifest.json + manifest.sig) against *today's* trust store and hashes every file against
+that manifest, so a slot signed by a key removed since is no longer trusted (boot and rollback do
+this).
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ class SlotStore:
 
         crash_point("STAGE_PARTIAL")  # tests: die with a half-written slot (no slot.json yet)
         atomic.write_json(staging / RECORD, record)
-        atomic.fsync_tree(staging)
+        atomic.fsync_tree(staging)  # the one fsync of the staged files (write_staged does not)
         dest = self.root / target
         if dest.exists():
             trash = self.root / f".old-{target}"

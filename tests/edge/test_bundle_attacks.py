@@ -136,6 +136,24 @@ def test_signature_file_not_canonical(kp: KeyPair, good: bytes) -> None:
     assert refused(replace_member(good, "manifest.sig", spaced), kp.trusted).reason == "bad_signature"
 
 
+def test_oversized_manifest_and_signature_refused_on_every_path(kp: KeyPair, good: bytes) -> None:
+    members = dict(members_of(good))
+    big_manifest = members["manifest.json"] + b" " * B.MAX_MANIFEST_BYTES
+    big_sig = members["manifest.sig"] + b" " * B.MAX_SIG_BYTES
+    data = replace_member(good, "manifest.json", big_manifest)
+    assert refused(data, kp.trusted).reason == "too_large"
+    with pytest.raises(BundleError) as e:
+        B.read_manifest_unverified(data)
+    assert e.value.reason == "too_large"
+    with pytest.raises(BundleError) as e:
+        B.verify_manifest(big_manifest, members["manifest.sig"], kp.trusted)
+    assert e.value.reason == "too_large"
+    assert refused(replace_member(good, "manifest.sig", big_sig), kp.trusted).reason == "bad_signature"
+    with pytest.raises(BundleError) as e:
+        B.verify_manifest(members["manifest.json"], big_sig, kp.trusted)
+    assert e.value.reason == "bad_signature" and "too large" in str(e.value)
+
+
 def test_mix_and_match_files_of_two_signed_bundles(kp: KeyPair) -> None:
     a = make_bundle(b"model A" * 10, kp, version=3, created=NOW)
     b = make_bundle(b"model B" * 10, kp, version=4, created=NOW)

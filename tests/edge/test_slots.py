@@ -82,3 +82,29 @@ def test_switch_to_empty_slot_refused(tmp_path):  # noqa: ANN001
     with pytest.raises(SlotError):
         store.switch("a")
     assert store.active_name() is None
+
+
+def test_stage_fsyncs_each_staged_file_once(tmp_path, models_dir, monkeypatch):  # noqa: ANN001
+    """write_staged leaves durability to stage's one fsync_tree: no staged file is fsynced twice, none
+    is left out."""
+    import collections
+    import time
+
+    from edge.bundle import verify_bundle
+
+    kp = make_keypair(tmp_path)
+    store = SlotStore(tmp_path / "data")
+    data = bundle(models_dir, kp, 1)
+    vb = verify_bundle(data, kp.trusted, now=time.time())
+    synced: collections.Counter = collections.Counter()
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        synced[os.fstat(fd).st_ino] += 1  # the inode: a file keeps it when renamed into place
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    slot = store.stage("a", vb, data)
+    files = sorted(slot.record["files"])
+    assert {n: synced[os.stat(slot.path / n).st_ino] for n in files} == {n: 1 for n in files}
+    assert synced[os.stat(slot.path / "slot.json").st_ino] == 2  # write_json's own fsync, then the tree's
