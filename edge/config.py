@@ -316,30 +316,16 @@ class UpdateConfig:
     def validate(self) -> None:
         if self.model_name and not valid_model_name(self.model_name):
             raise ValueError(f"model_name must be {MODEL_NAME_RULE} (the name bundles carry)")
-        if self.max_bundle_bytes < 1024:
-            raise ValueError("max_bundle_bytes must be at least 1024")
-        if self.clock_slack_s < 0:
-            raise ValueError("clock_slack_s must be >= 0")
-        if self.self_test_latency_ms <= 0:
-            raise ValueError("self_test_latency_ms must be > 0")
-        if self.self_test_min_cases < 0:
-            raise ValueError("self_test_min_cases must be >= 0")
-        if not 0.0 <= self.self_test_max_tolerance <= 1.0:
-            raise ValueError("self_test_max_tolerance must be within 0..1")
-        for n in ("trial_max_low_conf_rate", "trial_max_low_conf_abs"):
+        if not self.max_bundle_bytes >= 1024:
+            raise ValueError(f"max_bundle_bytes must be at least 1024, not {self.max_bundle_bytes!r}")
+        _positive(self, "self_test_latency_ms", "trial_max_errors", "trial_stall_s", "max_boot_attempts")
+        _not_negative(self, "clock_slack_s", "self_test_min_cases", "trial_frames", "trial_seconds",
+                      "trial_latency_floor_ms", "trial_max_latency_ms")
+        for n in ("self_test_max_tolerance", "trial_max_low_conf_rate", "trial_max_low_conf_abs"):
             if not 0.0 <= getattr(self, n) <= 1.0:
-                raise ValueError(f"{n} must be within 0..1")
-        for n in ("trial_frames", "trial_seconds", "trial_latency_floor_ms", "trial_max_latency_ms"):
-            if getattr(self, n) < 0:
-                raise ValueError(f"{n} must be >= 0")
-        if self.trial_max_latency_ratio <= 1.0:
-            raise ValueError("trial_max_latency_ratio must be > 1")
-        if self.trial_max_errors < 1:
-            raise ValueError("trial_max_errors must be >= 1")
-        if self.trial_stall_s <= 0:
-            raise ValueError("trial_stall_s must be > 0")
-        if self.max_boot_attempts < 1:
-            raise ValueError("max_boot_attempts must be >= 1")
+                raise ValueError(f"{n} must be within 0..1, not {getattr(self, n)!r}")
+        if not self.trial_max_latency_ratio > 1.0:
+            raise ValueError(f"trial_max_latency_ratio must be > 1, not {self.trial_max_latency_ratio!r}")
 
 
 @dataclasses.dataclass

@@ -45,10 +45,6 @@ def _check_exists(path: Path) -> None:
                           reason="not_a_bundle")
 
 
-def _read(path: Path, limit: int) -> bytes:
-    return bundlemod.read_bounded(path, limit)
-
-
 def _trusted_keys(args: argparse.Namespace, cfg: configmod.EdgeConfig) -> Dict[str, Any]:
     if args.trust is not None:
         return keymod.load_public_keys(args.trust)
@@ -76,7 +72,7 @@ def _verify(args: argparse.Namespace) -> int:
     trusted = _trusted_keys(args, cfg)
     limit = int(cfg.update.max_bundle_bytes)
     slack = float(cfg.update.clock_slack_s)
-    data = _read(args.bundle, limit)
+    data = bundlemod.read_bounded(args.bundle, limit)
     now = time.time()
     vb = bundlemod.verify_bundle(data, trusted, installed_version=args.installed_version, now=now,
                                  clock_slack_s=slack, max_bundle_bytes=limit)

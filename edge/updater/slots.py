@@ -144,11 +144,11 @@ class SlotStore:
 
     def _reverify(self, slot: Slot, trusted: Any) -> None:
         try:
-            mb = _read_small(slot.path / bundle_mod.MANIFEST_NAME, bundle_mod.MAX_MANIFEST_BYTES)
-            sb = _read_small(slot.path / bundle_mod.SIG_NAME, bundle_mod.MAX_SIG_BYTES)
-        except OSError as exc:
-            raise SlotError(f"slot {slot.name}: cannot read its signed manifest: {exc.strerror or exc}") \
-                from exc
+            mb = bundle_mod.read_bounded(slot.path / bundle_mod.MANIFEST_NAME, bundle_mod.MAX_MANIFEST_BYTES)
+            sb = bundle_mod.read_bounded(slot.path / bundle_mod.SIG_NAME, bundle_mod.MAX_SIG_BYTES)
+        except BundleError as exc:  # unreadable or over the size limit
+            detail = str(exc).replace(f"bundle refused: {exc.reason}: ", "", 1)
+            raise SlotError(f"slot {slot.name}: its signed manifest cannot be used: {detail}") from exc
         try:
             man, _kid = bundle_mod.verify_manifest(mb, sb, trusted)
         except BundleError as exc:
@@ -248,14 +248,6 @@ class SlotStore:
     def clean_staging(self) -> None:
         for n in (STAGING, ".old-a", ".old-b"):
             shutil.rmtree(self.root / n, ignore_errors=True)
-
-
-def _read_small(path: Path, limit: int) -> bytes:
-    with open(str(path), "rb") as fh:
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise OSError(f"{path.name} is larger than {limit} bytes")
-    return data
 
 
 def _get(manifest: Any, key: str, default: Any = KeyError) -> Any:

@@ -108,3 +108,23 @@ def test_stage_fsyncs_each_staged_file_once(tmp_path, models_dir, monkeypatch): 
     files = sorted(slot.record["files"])
     assert {n: synced[os.stat(slot.path / n).st_ino] for n in files} == {n: 1 for n in files}
     assert synced[os.stat(slot.path / "slot.json").st_ino] == 2  # write_json's own fsync, then the tree's
+
+
+def test_unreadable_or_oversized_signed_manifest_makes_the_slot_unusable(tmp_path, models_dir):  # noqa: ANN001
+    import time
+
+    from edge.bundle import MAX_SIG_BYTES, verify_bundle
+
+    kp = make_keypair(tmp_path)
+    store = SlotStore(tmp_path / "data")
+    data = bundle(models_dir, kp, 1)
+    slot = store.stage("a", verify_bundle(data, kp.trusted, now=time.time()), data)
+    sig = slot.path / "manifest.sig"
+    sig.write_bytes(sig.read_bytes() + b" " * MAX_SIG_BYTES)
+    with pytest.raises(SlotError) as ei:
+        store.check(slot, trusted=kp.trusted)
+    assert str(ei.value).startswith("slot a: its signed manifest cannot be used: ")
+    assert f"(limit {MAX_SIG_BYTES})" in str(ei.value) and "\n" not in str(ei.value)
+    sig.unlink()
+    with pytest.raises(SlotError, match="manifest.sig"):
+        store.check(slot, trusted=kp.trusted)

@@ -283,7 +283,7 @@ def test_one_state_write_per_transition(device, kp, models_dir, monkeypatch):  #
     dev.install(bundle(models_dir, kp, 2))
     assert dev.settle() == st.COMMITTED
     upd = dev.svc.updater
-    with upd.locked():
+    with upd.locked(wait_s=30.0):  # the worker may still hold it, finishing the commit
         upd.rollback("test: ordered rollback")
     assert upd.state.state == st.ROLLED_BACK and upd.state.floor("brightness") == 2
     without_transition = []
@@ -350,6 +350,29 @@ def test_update_model_name_no_bundle_can_carry_is_a_config_error(tmp_path, kp, n
     with pytest.raises(ConfigError) as ei:
         config.load(str(_toml(tmp_path, kp, model_name=name)))
     assert "model_name" in str(ei.value) and "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("max_bundle_bytes", 100, "max_bundle_bytes must be at least 1024, not 100"),
+    ("clock_slack_s", -1.0, "clock_slack_s must be >= 0, not -1.0"),
+    ("self_test_latency_ms", 0.0, "self_test_latency_ms must be > 0"),
+    ("self_test_min_cases", -1, "self_test_min_cases must be >= 0"),
+    ("self_test_max_tolerance", 1.5, "self_test_max_tolerance must be within 0..1, not 1.5"),
+    ("trial_max_low_conf_abs", -0.1, "trial_max_low_conf_abs must be within 0..1"),
+    ("trial_latency_floor_ms", -1.0, "trial_latency_floor_ms must be >= 0"),
+    ("trial_max_latency_ratio", 1.0, "trial_max_latency_ratio must be > 1, not 1.0"),
+    ("trial_max_errors", 0, "trial_max_errors must be > 0, not 0"),
+    ("trial_stall_s", float("nan"), "trial_stall_s must be > 0, not nan"),
+    ("max_boot_attempts", 0, "max_boot_attempts must be > 0"),
+])
+def test_update_config_out_of_range_is_one_line_naming_the_key(tmp_path, kp, key, value, needle):  # noqa: ANN001
+    from edge.errors import ConfigError
+
+    path = _toml(tmp_path, kp)
+    path.write_text(path.read_text() + f"{key} = {'nan' if value != value else json.dumps(value)}\n")
+    with pytest.raises(ConfigError) as ei:
+        config.load(str(path))
+    assert needle in str(ei.value) and "\n" not in str(ei.value)
 
 
 def test_update_model_name_bundles_carry_is_accepted(tmp_path, kp):  # noqa: ANN001
