@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from edge.inputspec import InputSpec
 from edge.updater import state as st
 from edge.updater.health import HealthWatch, TrialCriteria, p95
 from tests.edge.test_updater import Device, bundle, make_cfg
@@ -153,22 +154,91 @@ def test_non_finite_scores_count_as_errors():
     assert verdict is not None and verdict[0] == "rollback" and "non-finite" in verdict[1]
 
 
-def test_self_test_fails_on_non_finite_scores():
+NAN_SPEC = InputSpec(shape=[1, 64, 64, 3], dtype="float32")  # nan_float.tflite (tests/helpers/models.py)
+
+
+def _nan_bundle(models_dir, kp, version: int, cases: list) -> bytes:  # noqa: ANN001
+    return bundle(models_dir, kp, version, model="nan_float", spec=NAN_SPEC,
+                  self_test={"tolerance": 0.05, "cases": cases, "latency_budget_ms": None})
+
+
+def test_self_test_fails_on_non_finite_scores(tmp_path, kp, models_dir):  # noqa: ANN001
+    """A real model whose scores are NaN (NaN dense weights) fails its self-test on the edge runtime,
+    before any switch: the install is refused and the running model stays."""
+    import base64
+
     import numpy as np
 
-    from edge.inputspec import InputSpec
+    from edge.errors import KestrelError
+    from edge.runtime import load_model
     from edge.updater.selftest import SelfTestError, run_self_test
 
-    class NanModel:  # a stand-in: no real TFLite model produces NaN on demand
-        spec = InputSpec(shape=[1, 2, 2, 3], dtype="uint8", scale=1 / 255.0)
+    x = np.full(NAN_SPEC.shape, 0.9, np.float32)
+    case = {"input": base64.b64encode(x.tobytes()).decode(), "expected": [1 / 3] * 3}
+    m = load_model(str(models_dir / "nan_float.tflite"), spec=NAN_SPEC, labels=["bright", "dark", "mid"])
+    try:
+        assert np.isnan(m.invoke(x)).all()
+        with pytest.raises(SelfTestError, match="non-finite"):
+            run_self_test(m, {"tolerance": 0.05, "cases": [case], "latency_budget_ms": None},
+                          latency_budget_ms=1000.0)
+    finally:
+        m.close()
+    dev = _device_on_v1(tmp_path, kp, models_dir)
+    try:
+        with pytest.raises(KestrelError, match="non-finite"):
+            dev.install(_nan_bundle(models_dir, kp, 2, [case]))
+        assert dev.version == 1 and dev.svc.updater.slots.active().version == 1
+        snap = dev.svc.updater.state.snapshot()
+        assert snap["state"] == st.FAILED and "self-test failed" in snap["reason"]
+        assert dev.svc.updater.state.is_rejected("brightness", 2)
+    finally:
+        dev.close()
 
-        def invoke(self, x):  # noqa: ANN001, ANN202
-            return np.array([float("nan"), 0.0, 0.0], np.float32)
 
-    case = {"input": bytes(12), "expected": [0.0, 0.0, 0.0]}
-    with pytest.raises(SelfTestError, match="non-finite"):
-        run_self_test(NanModel(), {"tolerance": 0.05, "cases": [case], "latency_budget_ms": None},
-                      latency_budget_ms=1000.0)
+def test_nan_model_on_trial_in_the_pipeline_is_rolled_back(tmp_path, kp, models_dir):  # noqa: ANN001
+    """A NaN model that gets past the self-test (a device that asks for no cases) is switched to; the
+    pipeline turns its NaN scores into error results (never a confident frame for the sampler) and the
+    trial rolls it back after ``trial_max_errors``."""
+    import threading
+
+    from edge.config import PipelineConfig, SamplerConfig, SourceConfig
+    from edge.pipeline import NON_FINITE, Pipeline
+    from edge.sampler import Sampler
+    from edge.sources import open_source
+    from tests.helpers.wait import wait_for
+
+    dev = _device_on_v1(tmp_path, kp, models_dir, self_test_min_cases=0, trial_frames=20, trial_max_errors=3,
+                        trial_max_latency_ratio=50.0)
+    results: list = []
+    lock = threading.Lock()
+
+    def record(r) -> None:  # noqa: ANN001
+        with lock:
+            results.append(r)
+
+    source = open_source(SourceConfig(kind="testpattern", fps=30.0, width=64, height=48,
+                                      pattern_brightness=[0.9]))
+    sampler = Sampler(SamplerConfig(max_per_minute=1000, max_per_hour=1000, max_per_day=1000))
+    sampled: list = []
+    pipe = Pipeline(source, dev.holder, sampler, sampled.append, PipelineConfig(queue_size=30),
+                    observers=[dev.svc.observe, record])
+    pipe.start()
+    try:
+        assert dev.install(_nan_bundle(models_dir, kp, 2, []))
+        wait_for(lambda: dev.svc.updater.state.state == st.ROLLED_BACK, 30, what="the NaN model rolled back")
+        n = len(results)
+        wait_for(lambda: len(results) >= n + 5, 30, what="frames after the rollback")
+    finally:
+        assert pipe.stop(30)
+        dev.close()
+    on_v2 = [r for r in results if r.model_ref is not None and r.model_ref.version == 2]
+    assert len(on_v2) >= 3 and all(r.error == NON_FINITE and r.scores is None for r in on_v2)
+    assert pipe.error_kinds.get("non_finite_scores", 0) == len(on_v2)
+    assert all(s.model_ref.version == 1 for s in sampled)  # no NaN frame ever reached the sink
+    assert results[-1].model_ref.version == 1 and results[-1].error is None
+    snap = dev.svc.updater.state.snapshot()
+    assert "invoke errors" in snap["reason"] and NON_FINITE in snap["reason"]
+    assert dev.svc.updater.state.floor("brightness") == 2
 
 
 def test_stall_detector_needs_arriving_frames():

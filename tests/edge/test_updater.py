@@ -48,7 +48,8 @@ def self_test_for(model_path: Path, levels=(0.9, 0.1)) -> Dict[str, Any]:  # noq
 
 def bundle(models_dir: Path, kp: Any, version: int, model: str = "brightness_int8", **kw: Any) -> bytes:
     path = models_dir / f"{model}.tflite"
-    kw.setdefault("self_test", self_test_for(path))
+    if "self_test" not in kw:
+        kw["self_test"] = self_test_for(path)
     return make_bundle(path, kp, version=version, **kw)
 
 

@@ -10,6 +10,8 @@ Models (all 64x64x3 RGB input in [0, 1] unless said otherwise):
 * ``brightness_sint8.tflite``: the same network with *signed* int8 input and output (what
   converters produce with ``inference_input_type = tf.int8``): zero points around -128.
 * ``uniform_int8.tflite``: always ~1/3 each (a model that is "always low confidence").
+* ``nan_float.tflite``: the brightness network with NaN dense weights: every score is NaN, on the
+  real interpreter (a broken export; float only: NaN weights cannot be quantized).
 * ``slow_int8.tflite``: same answers as brightness but with a heavy conv stack (much slower).
 * ``mobilenet_int8.tflite`` / ``mobilenet_float.tflite``: MobileNetV2 alpha 0.35 at 96x96,
   random weights, for benchmarks.
@@ -46,7 +48,7 @@ def _tf():
     return tf()
 
 
-def _brightness_model(tf, heavy: bool = False, uniform: bool = False):
+def _brightness_model(tf, heavy: bool = False, uniform: bool = False, nan: bool = False):
     keras = tf.keras
     inp = keras.Input((SIZE, SIZE, 3), name="image")
     x = inp
@@ -66,6 +68,9 @@ def _brightness_model(tf, heavy: bool = False, uniform: bool = False):
 
     if uniform:
         w = np.zeros((3, 3), np.float32)
+        b = np.zeros(3, np.float32)
+    elif nan:
+        w = np.full((3, 3), np.nan, np.float32)
         b = np.zeros(3, np.float32)
     else:
         w = np.array([[4, -4, 0]] * 3, np.float32)
@@ -109,6 +114,7 @@ def build_all(out: Path, force: bool = False) -> Path:
         "brightness_int8.tflite": convert(tf, _brightness_model(tf), int8=True),
         "brightness_sint8.tflite": convert(tf, _brightness_model(tf), int8=True, io_dtype="int8"),
         "uniform_int8.tflite": convert(tf, _brightness_model(tf, uniform=True), int8=True),
+        "nan_float.tflite": convert(tf, _brightness_model(tf, nan=True), int8=False),
         "slow_int8.tflite": convert(tf, _brightness_model(tf, heavy=True), int8=True),
     }
     mnet = tf.keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, weights=None, classes=3)
