@@ -15,8 +15,10 @@ from edge import atomic, tomlconf
 from edge.tomlconf import field
 from hub.errors import ConfigError
 from hub.registry import RegistryConfig
+from hub.store.sqlite import SYNCHRONOUS_MODES
 
 MiB = 1024 * 1024
+IMAGE_CHECK_MODES = ("structure", "decode")  # hub/imagecheck.py check_image's modes
 CLIENT_ID_FILE = "mqtt-client-id"  # in data_dir: the generated default client id, kept across restarts
 
 
@@ -53,8 +55,9 @@ class StoreSection:
     def validate(self) -> None:
         if self.busy_timeout_ms < 0 or self.timeout_ms <= 0:
             raise ValueError("busy_timeout_ms must be >= 0 and timeout_ms > 0")
-        if self.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
-            raise ValueError(f"sqlite_synchronous must be FULL, NORMAL or EXTRA, not {self.sqlite_synchronous!r}")
+        if self.sqlite_synchronous.upper() not in SYNCHRONOUS_MODES:
+            raise ValueError(f"sqlite_synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, "
+                             f"not {self.sqlite_synchronous!r}")
         if not 0 <= self.sqlite_checkpoint_s <= 60:
             raise ValueError("sqlite_checkpoint_s must be between 0 and 60")
 
@@ -112,8 +115,8 @@ class MqttSection:
             raise ValueError("port and embedded_port must be 0..65535")
         if self.max_payload_bytes < 1024:
             raise ValueError("max_payload_bytes must be >= 1024")
-        if self.image_check not in ("structure", "decode"):
-            raise ValueError(f"image_check must be structure or decode, not {self.image_check!r}")
+        if self.image_check not in IMAGE_CHECK_MODES:
+            raise ValueError(f"image_check must be one of {', '.join(IMAGE_CHECK_MODES)}, not {self.image_check!r}")
         if self.validate_workers < 0:
             raise ValueError("validate_workers must be >= 0")
         if self.batch_max < 1 or self.batch_max_bytes < 1024:
@@ -175,6 +178,12 @@ class HubConfig:
     @property
     def data_dir(self) -> Path:
         return Path(self.hub.data_dir).expanduser().resolve()
+
+    @property
+    def dead_letter_dir(self) -> Path:
+        """[mqtt] dead_letter_dir, or <data_dir>/dead-letter."""
+        return Path(self.mqtt.dead_letter_dir).expanduser() if self.mqtt.dead_letter_dir \
+            else self.data_dir / "dead-letter"
 
     @property
     def store_url(self) -> str:

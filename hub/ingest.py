@@ -78,14 +78,6 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def check_image(data: bytes, image_format: str, mode: str = "structure") -> Tuple[int, int]:
-    """(width, height) of a well-formed image (hub/imagecheck.py); PayloadRejected(bad_image) otherwise."""
-    try:
-        return imagecheck.check_image(data, image_format, mode)
-    except imagecheck.ImageRejected as exc:
-        raise PayloadRejected("bad_image", str(exc)) from exc
-
-
 def validate_frame(topic_device: str, payload: bytes, max_bytes: int, received_ms: int,
                    image_check: str = "structure") -> FrameRecord:
     """Parse and check one frame message; PayloadRejected(reason, message) when it is bad."""
@@ -103,7 +95,10 @@ def validate_frame(topic_device: str, payload: bytes, max_bytes: int, received_m
                               f"device_id {msg.device_id!r} in the message, {topic_device!r} in the topic")
     if not msg.image:
         raise PayloadRejected("bad_image", "no image")
-    width, height = check_image(msg.image, msg.image_format, image_check)
+    try:
+        width, height = imagecheck.check_image(msg.image, msg.image_format, image_check)
+    except imagecheck.ImageRejected as exc:
+        raise PayloadRejected("bad_image", str(exc)) from exc
     return FrameRecord(
         frame_id=msg.frame_id, device_id=msg.device_id, capture_time_ms=int(msg.capture_time_ms),
         received_ms=received_ms, model_name=msg.model.name, model_version=int(msg.model.version),
@@ -198,16 +193,16 @@ class Ingest:
     """Subscribe, validate, store, then acknowledge. ``start()`` returns at once (connects in background).
 
     ``dead_letter_dir``: where frames the store refuses (or whose id another device owns) are kept
-    before they are acknowledged; None = such frames are never given up on (the ingest stays paused).
+    before they are acknowledged (HubConfig.dead_letter_dir).
     """
 
     def __init__(self, store: Store, target: BrokerTarget, cfg: MqttSection, client_id: str,
-                 dead_letter_dir: Optional[Path] = None) -> None:
+                 dead_letter_dir: Path) -> None:
         self.store = store
         self.target = target
         self.cfg = cfg
         self.client_id = client_id
-        self.dead_letter_dir = Path(dead_letter_dir) if dead_letter_dir else None
+        self.dead_letter_dir = Path(dead_letter_dir)
         self.stats = IngestStats()
         self._lock = threading.Lock()
         self._queue: queue.Queue[Message] = queue.Queue()
@@ -287,9 +282,8 @@ class Ingest:
             with self._lock:
                 self.stats.dropped_qos0 += 1
             return
-        with self._lock:
-            gen = self._generation
-        self._queue.put(Message(msg.mid, msg.qos, msg.topic, bytes(msg.payload), gen, now_ms()))
+        # _generation is written only on this (paho's) thread: reading it needs no lock
+        self._queue.put(Message(msg.mid, msg.qos, msg.topic, bytes(msg.payload), self._generation, now_ms()))
 
     # ---- lifecycle ----
     def start(self) -> Ingest:
@@ -698,10 +692,7 @@ class Ingest:
         """Keep a payload we are about to acknowledge without storing:
         <dir>/<time>-<device>-<mid>-<n>.frame + .json, n counting every dead letter of this process (QoS 0
         messages all have mid 0: two of one millisecond must not overwrite each other).
-        Raises StoreError when it cannot (then nothing is acknowledged and the batch is retried)."""
-        if self.dead_letter_dir is None:
-            raise StoreError(f"{reason}: {detail}; no dead-letter folder to keep it in, so it is not "
-                             "acknowledged (the broker keeps it)")
+        Raises StoreUnavailable when it cannot (then nothing is acknowledged and the batch is retried)."""
         self._dead_letters += 1
         device = _UNSAFE.sub('_', m.topic.split('/')[-2] if '/' in m.topic else 'x')
         stem = f"{now_ms()}-{device}-{m.mid}-{self._dead_letters}"

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -31,6 +32,10 @@ from hub.store.open import open_store
 log = logging.getLogger("hub.server")
 
 PUBLISH_TIMEOUT_S = 10.0
+# The ingest's threads hand the GIL over thousands of times a second (every socket read, SQLite step,
+# write and fsync releases it); a thread coming back from one waits up to this long for a busy one to
+# let go. Python's 5 ms made the commit and write-ahead threads queue behind the network thread.
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
 class HubServer:
@@ -61,8 +66,7 @@ class HubServer:
             self.target = BrokerTarget(host=self.embedded.host, port=self.embedded.port, embedded=True)
         else:
             self.target = resolve(cfg)
-        dead_letter = Path(cfg.mqtt.dead_letter_dir).expanduser() if cfg.mqtt.dead_letter_dir \
-            else cfg.data_dir / "dead-letter"
+        dead_letter = cfg.dead_letter_dir
         self.ingest = Ingest(self.store, self.target, cfg.mqtt, client_id, dead_letter_dir=dead_letter).start()
         self._start_grpc()
         self.http = HttpServer(cfg.http.bind, cfg.http.port, self.health).start()
@@ -127,6 +131,7 @@ class HubServer:
                 raise TransportError("no store")
             self.store.ping()
             store["ok"] = True
+            store.update(self.store.health())
         except KestrelError as exc:
             store["error"] = str(exc)
         ingest = self.ingest.health() if self.ingest else {}
@@ -176,6 +181,7 @@ def run_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # this process is the hub alone (see the constant)
     server = HubServer(cfg)
     try:
         server.start()

@@ -184,6 +184,10 @@ class Store(abc.ABC):
         """Highest version first."""
 
     # ---- lifecycle ----
+    def health(self) -> Dict[str, object]:
+        """Backend figures for /healthz (SQLite: its checkpoints and image writes). Default: none."""
+        return {}
+
     @abc.abstractmethod
     def ping(self) -> None:
         """Raise StoreUnavailable when the backend cannot be reached."""

@@ -550,6 +550,10 @@ class SqliteStore(Store):
         return [ModelRecord(**json.loads(r[0])) for r in rows]
 
     # ---- lifecycle ----
+    def health(self) -> Dict[str, object]:
+        return {"checkpoints": self.checkpoints, "checkpoint_catchups": self.checkpoint_catchups,
+                "image_writes": self.segments.appends}
+
     def ping(self) -> None:
         self._run("ping", lambda c: c.execute("SELECT 1 FROM frames LIMIT 1").fetchall())
 

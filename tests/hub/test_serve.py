@@ -66,6 +66,7 @@ def test_serve_with_embedded_broker_health_metrics_grpc(tmp_path: Path) -> None:
         h = json.loads(body)
         assert status == 200 and h["ok"] is True
         assert h["store"]["ok"] is True and h["broker"]["embedded"] is True
+        assert h["store"]["image_writes"] >= 1 and h["store"]["checkpoints"] >= 0  # the SQLite store's own figures
         assert h["broker"]["connected"] is True
         assert h["ingest"]["rejected"]["bad_protobuf"] == 1
         assert h["ingest"]["rejected"]["device_mismatch"] == 1

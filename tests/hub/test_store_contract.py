@@ -13,6 +13,7 @@ import hashlib
 import os
 import sqlite3
 import threading
+import types
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, List, Tuple
@@ -236,9 +237,19 @@ def test_large_image_roundtrip(store: Store) -> None:
     assert store.get_frame("big").image == big  # type: ignore[union-attr]
 
 
-def test_ping_answers_and_the_store_still_works(store: Store) -> None:
-    assert store.ping() is None
+def test_ping_answers_and_tells_an_unreachable_store(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.ping()
     assert store.add_frame(rec("after-ping")) is True and store.count_frames() == 1
+    if isinstance(store, SqliteStore):  # ping reads the database: a broken file is unavailable
+        store._run("break", lambda c: c.execute("DROP TABLE frames"))
+    else:
+        from pymongo.errors import ServerSelectionTimeoutError
+
+        def down(*a: Any, **k: Any) -> None:
+            raise ServerSelectionTimeoutError("injected: no server")
+        monkeypatch.setattr(store, "client", types.SimpleNamespace(admin=types.SimpleNamespace(command=down)))
+    with pytest.raises(StoreUnavailable):
+        store.ping()
 
 
 def test_touch_devices_only_raises_last_seen(store: Store) -> None:
