@@ -64,6 +64,8 @@ PREPARED_MAX = 4          # validated batches waiting for the commit thread
 POISON_ATTEMPTS = 3       # a batch whose every frame the store refuses is retried this often before a probe
 SLOW_COMMIT_MS = 1000.0   # a batch that takes longer than this to commit is logged (rate-limited)
 PUBACK_FORMAT = struct.Struct("!BBH")  # MQTT 3.1.1 PUBACK: type, remaining length 2, packet id
+UNKNOWN_DEVICE_CACHE_S = 5.0  # allow_unknown_devices = false: a refused device is looked up again after this
+UNKNOWN_DEVICES_MAX = 10000   # refused devices remembered at most (then forgotten all at once)
 
 REASONS = ("too_large", "bad_topic", "bad_protobuf", "device_mismatch", "missing_frame_id", "bad_image",
            "unknown_device", "frame_id_conflict", "validation_error", "store_error")
@@ -210,6 +212,7 @@ class Ingest:
         self._generation = 0
         self._known: Set[str] = set()
         self._registering: Set[str] = set()  # new devices of the batch being processed
+        self._refused: Dict[str, float] = {}  # unknown devices refused -> monotonic time to look again
         self._pending_seen: Dict[str, int] = {}
         self._last_seen_flush = 0
         self._dead_letters = 0  # dead letters written by this process (part of their names)
@@ -473,8 +476,16 @@ class Ingest:
         appears with that status at once, never as a blank record first. May raise StoreError."""
         if device_id in self._known or device_id in self._registering:
             return
+        refused_until = self._refused.get(device_id)
+        if refused_until is not None and time.monotonic() < refused_until:
+            raise PayloadRejected("unknown_device", f"device {device_id!r} is not registered "
+                                                    "(allow_unknown_devices = false)")
         if self.store.get_device(device_id) is None:
             if not self.cfg.allow_unknown_devices:
+                # remembered a while: a stranger's every message must not cost a store lookup
+                if len(self._refused) >= UNKNOWN_DEVICES_MAX:
+                    self._refused.clear()
+                self._refused[device_id] = time.monotonic() + UNKNOWN_DEVICE_CACHE_S
                 raise PayloadRejected("unknown_device", f"device {device_id!r} is not registered "
                                                         "(allow_unknown_devices = false)")
             self._registering.add(device_id)

@@ -278,6 +278,32 @@ def test_unknown_devices_rejected_when_not_allowed(broker_factory: Any, store: S
         ing.stop()
 
 
+def test_refused_unknown_devices_are_not_looked_up_for_every_message(
+        store: SqliteStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hub.ingest
+    flaky = FlakyStore(store)
+    lookups: List[str] = []
+    real = flaky.get_device
+    monkeypatch.setattr(flaky, "get_device", lambda d: (lookups.append(d), real(d))[1])
+    ing = Ingest(flaky, BrokerTarget("127.0.0.1", 1), MqttSection(validate_workers=1, allow_unknown_devices=False),
+                 "refused-cache", dead_letter_dir=tmp_path / "dead")
+    clock = [1000.0]
+    monkeypatch.setattr(hub.ingest.time, "monotonic", lambda: clock[0])
+    try:
+        for i in range(3):
+            batch = [Message(0, 0, topics.frames("stranger"), frame_payload(f"x{i}{j}", "stranger", seq=j), 0, 1)
+                     for j in range(4)]
+            ing._process_with_retry(batch, ing._validate_frames(batch))
+        assert lookups == ["stranger"] and ing.health()["rejected"]["unknown_device"] == 12
+        store.upsert_device("stranger")  # registered meanwhile: accepted once the refusal expires
+        clock[0] += hub.ingest.UNKNOWN_DEVICE_CACHE_S
+        batch = [Message(0, 0, topics.frames("stranger"), frame_payload("late", "stranger"), 0, 1)]
+        ing._process_with_retry(batch, ing._validate_frames(batch))
+        assert lookups == ["stranger", "stranger"] and store.count_frames() == 1
+    finally:
+        ing.stop()
+
+
 def test_status_and_telemetry_update_the_device(broker: Any, store: SqliteStore, group: str) -> None:
     dev = f"cam-{uuid.uuid4().hex[:6]}"
     status = kestrel_pb2.Status(
