@@ -136,7 +136,35 @@ def status_fields(msg: kestrel_pb2.Status) -> Dict[str, object]:
     return out
 
 
-Validated = Union[FrameRecord, PayloadRejected, None]  # None: not a frames topic
+@dataclass
+class DeviceUpdate:
+    """A parsed telemetry or status message: the device-record fields it sets, and when it was heard."""
+    kind: str                      # "telemetry" or "status"
+    device_id: str
+    fields: Dict[str, object]
+    seen_ms: int
+
+
+def parse_device_message(device_id: str, kind: str, payload: bytes, received_ms: int) -> Optional[DeviceUpdate]:
+    """A telemetry or status message -> DeviceUpdate; None for a cleared retained status; PayloadRejected
+    when it is bad."""
+    if kind == "status" and not payload:
+        return None
+    msg: Any = kestrel_pb2.Telemetry() if kind == "telemetry" else kestrel_pb2.Status()
+    try:
+        msg.ParseFromString(payload)
+    except (DecodeError, ValueError) as exc:
+        raise PayloadRejected("bad_protobuf", f"not a kestrel.v1.{type(msg).__name__}: {exc}") from exc
+    if msg.device_id and msg.device_id != device_id:
+        raise PayloadRejected("device_mismatch", f"{kind} for {msg.device_id!r} on {device_id!r}'s topic")
+    fields: Dict[str, object] = \
+        {"last_telemetry": json_format.MessageToDict(msg, preserving_proto_field_name=True)} \
+        if kind == "telemetry" else status_fields(msg)
+    return DeviceUpdate(kind, device_id, fields, seen_ms(msg.time_ms, received_ms))
+
+
+# what the validate stage made of each message of a batch (None: a cleared retained status)
+Validated = Union[FrameRecord, DeviceUpdate, PayloadRejected, None]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -337,7 +365,7 @@ class Ingest:
                     break
                 batch.append(m)
                 size += len(m.payload)
-            self._put(self._validated, (batch, self._validate_frames(batch)))
+            self._put(self._validated, (batch, self._validate_batch(batch)))
 
     def _put(self, q: queue.Queue[Tuple[List[Message], List[Validated]]],
              item: Tuple[List[Message], List[Validated]]) -> None:
@@ -373,26 +401,29 @@ class Ingest:
             log.debug("writing images ahead failed (the commit writes them): %s", exc)
 
     def _validate_one(self, m: Message) -> Validated:
+        """Parse any message (topic included) off the commit thread: a frame, a device update, or why not."""
         try:
             device_id, kind = topics.parse_device_topic(m.topic)
-        except ValueError:
-            return None
-        if kind != "frames":
-            return None
+        except ValueError as exc:
+            return PayloadRejected("bad_topic", str(exc))
         try:
-            return validate_frame(device_id, m.payload, self.cfg.max_payload_bytes, m.received_ms,
-                                  self.cfg.image_check)
+            if kind == "frames":
+                return validate_frame(device_id, m.payload, self.cfg.max_payload_bytes, m.received_ms,
+                                      self.cfg.image_check)
+            if kind in ("telemetry", "status"):
+                return parse_device_message(device_id, kind, m.payload, m.received_ms)
+            return PayloadRejected("bad_topic", f"unexpected topic kind {kind!r}")
         except PayloadRejected as exc:
             return exc
         except Exception as exc:  # a bug or a library surprise: keep the payload, never stop the ingest
-            log.exception("validating a frame on %s failed unexpectedly", m.topic)
+            log.exception("validating a message on %s failed unexpectedly", m.topic)
             return PayloadRejected("validation_error", f"{type(exc).__name__}: {exc}")
 
     def _validate_chunk(self, chunk: List[Message]) -> List[Validated]:
         return [self._validate_one(m) for m in chunk]
 
-    def _validate_frames(self, batch: List[Message]) -> List[Validated]:
-        """Validate every frame of the batch; image decoding releases the GIL, so a pool helps. The batch
+    def _validate_batch(self, batch: List[Message]) -> List[Validated]:
+        """Validate every message of the batch; image decoding releases the GIL, so a pool helps. The batch
         is split into one contiguous chunk per worker (one task each, not one per frame: less overhead)."""
         if self._pool is None or len(batch) < 2:
             return self._validate_chunk(batch)
@@ -502,54 +533,19 @@ class Ingest:
         device_updates: List[Tuple[str, Dict[str, object]]] = []
         seen: Dict[str, int] = {}
         n_tele = n_status = 0
-        for i, m in enumerate(batch):
+        for i, v in enumerate(validated):
             try:
-                device_id, kind = topics.parse_device_topic(m.topic)
-            except ValueError as exc:
-                rejected.append((i, PayloadRejected("bad_topic", str(exc))))
-                continue
-            try:
-                if kind == "frames":
-                    rec = validated[i]
-                    if isinstance(rec, PayloadRejected):
-                        raise rec
-                    if rec is None:  # pragma: no cover - a frames topic always has a validation result
-                        raise PayloadRejected("validation_error", "no validation result")
-                    self._check_device(device_id)
-                    frames.append((i, rec))
-                elif kind == "telemetry":
-                    tmsg = kestrel_pb2.Telemetry()
-                    try:
-                        tmsg.ParseFromString(m.payload)
-                    except (DecodeError, ValueError) as exc:
-                        raise PayloadRejected("bad_protobuf", f"not a kestrel.v1.Telemetry: {exc}") from exc
-                    if tmsg.device_id and tmsg.device_id != device_id:
-                        raise PayloadRejected("device_mismatch", f"telemetry for {tmsg.device_id!r} on "
-                                                                 f"{device_id!r}'s topic")
-                    self._check_device(device_id)
-                    device_updates.append((device_id, {
-                        "last_telemetry": json_format.MessageToDict(tmsg, preserving_proto_field_name=True)}))
-                    t = seen_ms(tmsg.time_ms, m.received_ms)
-                    seen[device_id] = max(seen.get(device_id, 0), t)
-                    n_tele += 1
-                elif kind == "status":
-                    if not m.payload:  # a cleared retained status
-                        continue
-                    smsg = kestrel_pb2.Status()
-                    try:
-                        smsg.ParseFromString(m.payload)
-                    except (DecodeError, ValueError) as exc:
-                        raise PayloadRejected("bad_protobuf", f"not a kestrel.v1.Status: {exc}") from exc
-                    if smsg.device_id and smsg.device_id != device_id:
-                        raise PayloadRejected("device_mismatch", f"status for {smsg.device_id!r} on "
-                                                                 f"{device_id!r}'s topic")
-                    self._check_device(device_id)
-                    device_updates.append((device_id, status_fields(smsg)))
-                    t = seen_ms(smsg.time_ms, m.received_ms)
-                    seen[device_id] = max(seen.get(device_id, 0), t)
-                    n_status += 1
-                else:
-                    raise PayloadRejected("bad_topic", f"unexpected topic kind {kind!r}")
+                if isinstance(v, PayloadRejected):
+                    raise v
+                if isinstance(v, FrameRecord):
+                    self._check_device(v.device_id)
+                    frames.append((i, v))
+                elif isinstance(v, DeviceUpdate):
+                    self._check_device(v.device_id)
+                    device_updates.append((v.device_id, v.fields))
+                    seen[v.device_id] = max(seen.get(v.device_id, 0), v.seen_ms)
+                    n_tele += v.kind == "telemetry"
+                    n_status += v.kind == "status"
             except PayloadRejected as exc:
                 rejected.append((i, exc))
         return rejected, frames, device_updates, seen, n_tele, n_status

@@ -17,7 +17,7 @@ from hub.broker import BrokerTarget
 from hub.config import MqttSection
 from hub.errors import PayloadRejected, StoreError, StoreUnavailable
 from hub.imagecheck import ImageRejected, check_image
-from hub.ingest import POISON_ATTEMPTS, Ingest, Message, validate_frame
+from hub.ingest import POISON_ATTEMPTS, DeviceUpdate, Ingest, Message, validate_frame
 from hub.store.base import DeviceRecord, FrameRecord, GroupDesired, ModelRecord, Store
 from hub.store.sqlite import SqliteStore
 from proto import kestrel_pb2
@@ -293,12 +293,12 @@ def test_refused_unknown_devices_are_not_looked_up_for_every_message(
         for i in range(3):
             batch = [Message(0, 0, topics.frames("stranger"), frame_payload(f"x{i}{j}", "stranger", seq=j), 0, 1)
                      for j in range(4)]
-            ing._process_with_retry(batch, ing._validate_frames(batch))
+            ing._process_with_retry(batch, ing._validate_batch(batch))
         assert lookups == ["stranger"] and ing.health()["rejected"]["unknown_device"] == 12
         store.upsert_device("stranger")  # registered meanwhile: accepted once the refusal expires
         clock[0] += hub.ingest.UNKNOWN_DEVICE_CACHE_S
         batch = [Message(0, 0, topics.frames("stranger"), frame_payload("late", "stranger"), 0, 1)]
-        ing._process_with_retry(batch, ing._validate_frames(batch))
+        ing._process_with_retry(batch, ing._validate_batch(batch))
         assert lookups == ["stranger", "stranger"] and store.count_frames() == 1
     finally:
         ing.stop()
@@ -415,7 +415,7 @@ def test_parallel_validation_keeps_the_batch_order(tmp_path: Path):
             payload = frame_payload(f"f{i}", "cam-1", image=b"junk" if i % 4 == 1 else None, seq=i)
             batch.append(Message(i, 1, topics.frames("cam-1"), payload, 0, 0))
         batch.append(Message(99, 1, topics.telemetry("cam-1"), b"", 0, 0))
-        results = ing._validate_frames(batch)
+        results = ing._validate_batch(batch)
         assert len(results) == len(batch)
         for i, r in enumerate(results[:11]):
             if i % 4 == 1:
@@ -423,7 +423,8 @@ def test_parallel_validation_keeps_the_batch_order(tmp_path: Path):
             else:
                 assert isinstance(r, FrameRecord) and r.frame_id == f"f{i}" and r.sequence == i
                 assert r.reasons == ["LOW_CONFIDENCE"]
-        assert results[11] is None  # not a frames topic
+        tele = results[11]  # parsed on the validate stage too (an empty Telemetry is a valid one)
+        assert isinstance(tele, DeviceUpdate) and (tele.kind, tele.fields) == ("telemetry", {"last_telemetry": {}})
     finally:
         ing.stop()
         store.close()
@@ -557,7 +558,7 @@ def test_dead_letters_of_one_millisecond_never_overwrite_each_other(
     try:
         batch = [Message(0, 0, topics.frames("cam-1"), frame_payload(fid, "cam-1", seq=i), 0, 1)
                  for i, fid in enumerate(["r1", "ok", "r2"])]
-        ing._process_with_retry(batch, ing._validate_frames(batch))
+        ing._process_with_retry(batch, ing._validate_batch(batch))
         kept = sorted(p.read_bytes() for p in (tmp_path / "dead").glob("*.frame"))
         assert kept == sorted([batch[0].payload, batch[2].payload])
         assert ing.health()["dead_lettered"] == 2 and store.count_frames() == 1
@@ -582,7 +583,7 @@ def test_a_batch_is_one_store_transaction_with_device_updates_merged(store: Sqli
     statements: List[str] = []
     store._conn().set_trace_callback(statements.append)
     try:
-        ing._process_with_retry(batch, ing._validate_frames(batch))
+        ing._process_with_retry(batch, ing._validate_batch(batch))
         assert flaky.writes == 1 and statements.count("COMMIT") == 1
         assert store.count_frames() == 20 and ing.health()["stored"] == 20
         assert [d.device_id for d in store.list_devices()] == [f"cam-{i}" for i in range(5)]
