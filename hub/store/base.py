@@ -32,7 +32,8 @@ class FrameRecord:
     sequence: int = 0
     label: Optional[str] = None           # set by a person (dashboard / API); exported for training
     labelled_ms: Optional[int] = None
-    image_sha256: str = ""                # hex; the store fills it in when empty ("" on an older hub's rows)
+    image_sha256: str = ""                # hex sha256 of image (the ingest computes it); the store fills it
+                                          # in when empty ("" on an older hub's SQLite rows)
 
 
 @dataclasses.dataclass

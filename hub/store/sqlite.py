@@ -151,7 +151,7 @@ class SqliteStore(Store):
         except OSError as exc:
             raise StoreUnavailable(f"cannot create the directory for {self.path}: {exc.strerror}") from exc
         self.segments = Segments(self.path.parent / f"{self.path.name}{SEGMENT_DIR_SUFFIX}")
-        self._staged: Dict[int, Tuple[FrameRecord, ImageRef]] = {}  # id(frame) -> its image, written ahead
+        self._staged: Dict[str, ImageRef] = {}  # frame_id -> its image, written ahead (no image kept in memory)
         self._staged_lock = threading.Lock()
         self._run("create schema", self._create_schema)
 
@@ -352,38 +352,42 @@ class SqliteStore(Store):
         if refs:
             with self._staged_lock:
                 for f in frames:
-                    self._staged.pop(id(f), None)
+                    self._staged.pop(f.frame_id, None)
         return out
 
     def stage_frames(self, frames: List[FrameRecord]) -> None:
         """Write the images of frames that a later apply_batch will add (segment files, one write and one
         fdatasync), so that commit only writes rows: the ingest calls this on its validate thread while
         the commit thread commits the batch before. Frames already stored are skipped."""
-        refs = self._write_images([f for f in frames if f.image])
+        refs = self._write_images([f for f in frames if f.image], trust_hashes=True)
         with self._staged_lock:
             for f in frames:
                 if id(f) in refs:
-                    self._staged[id(f)] = (f, refs[id(f)])
-            while len(self._staged) > STAGED_MAX:  # never applied (a stopped ingest): forget the oldest
+                    self._staged[f.frame_id] = refs[id(f)]
+            while len(self._staged) > STAGED_MAX:  # never applied (refused, a stopped ingest): forget the oldest
                 self._staged.pop(next(iter(self._staged)))
 
-    def _write_images(self, frames: List[FrameRecord]) -> Dict[int, ImageRef]:
-        """id(frame) -> where its image is now, for those frames whose id is not stored yet."""
+    def _write_images(self, frames: List[FrameRecord], trust_hashes: bool = False) -> Dict[int, ImageRef]:
+        """id(frame) -> where its image is now, for those frames whose id is not stored yet. The frames'
+        image_sha256 is used only when ``trust_hashes`` (stage_frames: the ingest hashed the very bytes on
+        its validate pool); else the hash is computed here, so a wrong one can never make an image unreadable."""
         known = self._existing([f.frame_id for f in frames]) if frames else set()
         new = [f for f in frames if f.frame_id not in known and f.image]
         if not new:
             return {}
-        return dict(zip((id(f) for f in new), self.segments.append([f.image for f in new],
-                                                                   [f.image_sha256 for f in new])))
+        hashes = [f.image_sha256 for f in new] if trust_hashes else None
+        return dict(zip((id(f) for f in new), self.segments.append([f.image for f in new], hashes)))
 
     def _images_for(self, frames: List[FrameRecord]) -> Dict[int, ImageRef]:
         refs: Dict[int, ImageRef] = {}
         missing: List[FrameRecord] = []
         with self._staged_lock:
             for f in frames:
-                got = self._staged.get(id(f))
-                if got is not None and got[0] is f:
-                    refs[id(f)] = got[1]
+                got = self._staged.get(f.frame_id)
+                # the very bytes written ahead: same length and hash (else they are an orphan)
+                if got is not None and got.length == len(f.image) and \
+                        got.sha256 == (f.image_sha256 or hashlib.sha256(f.image).hexdigest()):
+                    refs[id(f)] = got
                 elif f.image:
                     missing.append(f)
         refs.update(self._write_images(missing))

@@ -477,6 +477,28 @@ def test_sqlite_images_are_in_segment_files_fsynced_before_the_row(tmp_path, mon
     s.close()
 
 
+def test_sqlite_images_written_ahead_are_not_written_again(tmp_path) -> None:  # noqa: ANN001
+    s = SqliteStore(tmp_path / "ahead.db")
+    frames = [dataclasses.replace(rec(f"a{i}", image=bytes([i]) * 900), image_sha256=hashlib.sha256(bytes([i]) * 900)
+                                  .hexdigest()) for i in range(3)]
+    s.stage_frames(frames)
+    assert s.segments.appends == 1
+    other = rec("a1", image=b"another image of the same id")  # not the bytes written ahead: written itself
+    assert s.apply_batch([frames[0], frames[2], other], {}, {}) == [None, None, None]
+    assert s.segments.appends == 2 and s._staged == {}
+    assert [s.get_frame(f"a{i}").image for i in range(3)] == [b"\0" * 900, b"another image of the same id",  # type: ignore[union-attr]
+                                                              b"\2" * 900]
+    s.close()
+
+
+def test_sqlite_a_wrong_image_sha256_from_a_caller_is_not_trusted(tmp_path) -> None:  # noqa: ANN001
+    s = SqliteStore(tmp_path / "trust.db")
+    s.add_frame(dataclasses.replace(rec("w1", image=b"pixels"), image_sha256="0" * 64))
+    got = s.get_frame("w1")
+    assert got is not None and got.image == b"pixels" and got.image_sha256 == hashlib.sha256(b"pixels").hexdigest()
+    s.close()
+
+
 def test_sqlite_orphan_image_bytes_after_a_failed_commit_are_harmless(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     """The images went to disk, then the commit failed (a crash would be the same): nothing points at
     those bytes, and the retry stores the frame and reads it back intact."""
