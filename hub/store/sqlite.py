@@ -1,4 +1,6 @@
-"""SQLite backend: the embedded default. One file, WAL mode, images as BLOBs.
+"""SQLite backend: the embedded default. One file, WAL mode; images in append-only segment files next
+to it (hub/store/segments.py, docs/adr/0009-sqlite-images-in-segment-files.md), written and fsynced
+before the rows that point at them are committed; an older hub's BLOB images still read.
 
 Thread-safe by giving every thread its own connection; several processes may share the file (WAL +
 busy_timeout), which is how two hub workers on one machine split the ingest. Locked/unreachable
@@ -9,7 +11,7 @@ Durability and speed (docs/hub.md, docs/adr/0005-hub-ingest-durability.md):
 * ``synchronous`` is FULL by default: every commit fsyncs the WAL, so what the ingest acknowledged
   survives a power loss or an OS crash. NORMAL (opt-in) fsyncs only at checkpoints: a power loss
   can take back the commits since the last checkpoint (at most ``checkpoint_interval_s``).
-* New databases use 64 KiB pages, so a 50 KB frame is one page instead of a chain of 13.
+* New databases use 4 KiB pages: rows are small (the images are in segment files).
 * Checkpoints run on a background thread of their own (``wal_autocheckpoint`` is off on the
   store's connections), never inside a commit: a commit does not stall while the WAL is copied
   into the database. A PASSIVE checkpoint never waits for anyone, but under continuous writes it
