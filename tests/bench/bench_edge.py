@@ -10,8 +10,9 @@ tests/bench/bench_models.py). The video is MJPG, what USB cameras deliver (see C
   same calls the daemon makes);
 * (c) the daemon itself: an in-process :class:`edge.daemon.Daemon` built from an ``edge.toml``-like
   config (a fresh data_dir per run), with its own sink: capture thread, inference, the default
-  sampler, JPEG encoding of sampled frames and the fsynced spool write (on the sink thread), and
-  the publisher sending to a real local Mosquitto started by the benchmark. The rate is frames
+  sampler, JPEG encoding of sampled frames (at the default ``max_image_side``) and the fsynced spool
+  write (on the sink's two low-priority threads), and the publisher sending to a real local
+  Mosquitto started by the benchmark. The rate is frames
   processed / (pipeline start -> every sampled frame in the spool); the frames acknowledged by the
   broker are reported next to it;
 
