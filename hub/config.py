@@ -42,10 +42,11 @@ class StoreSection:
     timeout_ms: int = field(5000, doc="MongoDB: server selection / connect timeout.")
     sqlite_synchronous: str = field("FULL", doc="SQLite: FULL (default) fsyncs the WAL at every commit, so an "
                                                 "acknowledged frame survives a power loss or OS crash. "
-                                                "NORMAL fsyncs only at checkpoints (faster): a power loss "
+                                                "NORMAL fsyncs the WAL only at checkpoints: a power loss "
                                                 "or OS crash (not a hub crash) can lose the frames "
-                                                "acknowledged in the last sqlite_checkpoint_s seconds. "
-                                                "EXTRA also fsyncs the directory.")
+                                                "acknowledged in the last sqlite_checkpoint_s seconds; "
+                                                "the image files are fsynced in every mode, so NORMAL "
+                                                "saves little. EXTRA also fsyncs the directory.")
     sqlite_checkpoint_s: float = field(0.5, doc="SQLite: a background thread copies the WAL into the "
                                                 "database this often, outside commits; only when the WAL "
                                                 "passed 32 MB do commits wait for its short final pass "
