@@ -103,10 +103,14 @@ class HubProcess:
         return self.proc.returncode if self.proc else 0
 
 
-def publish_all(host: str, port: int, items: List[tuple], qos: int = 1, timeout: float = 30.0) -> None:
-    """Publish (topic, payload) pairs at QoS 1 and wait until the broker acknowledged every one."""
+def publish_all(host: str, port: int, items: List[tuple], qos: int = 1, timeout: float = 30.0,
+                ca_file: str = "") -> None:
+    """Publish (topic, payload) pairs at QoS 1 and wait until the broker acknowledged every one
+    (over TLS when ``ca_file`` is given)."""
     import paho.mqtt.client as mqtt
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
+    if ca_file:
+        c.tls_set(ca_certs=ca_file)
     c.max_inflight_messages_set(100)
     c.max_queued_messages_set(0)
     c.connect(host, port)
