@@ -48,10 +48,10 @@ def test_the_ingest_reads_ahead_over_tls_and_stores_every_frame(tmp_path) -> Non
     from hub.broker import BrokerTarget
     from hub.config import MqttSection
     from hub.ingest import Ingest
+    from hub.store.sqlite import SqliteStore
     from tests.helpers.broker import Mosquitto
     from tests.helpers.tlscerts import make_tls
     from tests.helpers.wait import wait_for
-    from hub.store.sqlite import SqliteStore
     from tests.hub import frame_payload, jpeg, publish_all
 
     store = SqliteStore(tmp_path / "hub.db")
