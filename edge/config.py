@@ -21,14 +21,6 @@ from edge.tomlconf import field
 MiB = 1024 * 1024
 
 
-def _segment(value: str, what: str) -> None:
-    """An MQTT topic segment, checked exactly as edge.topics checks it."""
-    try:
-        topics.check_segment(value, what)
-    except ValueError as exc:
-        raise ValueError(str(exc)) from None
-
-
 def _positive(obj: object, *names: str) -> None:
     for n in names:
         if not getattr(obj, n) > 0:
@@ -53,8 +45,8 @@ class DeviceConfig:
     def validate(self) -> None:
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}")
-        _segment(self.resolved_id, "id")
-        _segment(self.group, "group")
+        topics.check_segment(self.resolved_id, "id")  # an MQTT topic segment, as the topics are built
+        topics.check_segment(self.group, "group")
         if not self.data_dir:
             raise ValueError("data_dir must not be empty")
 

@@ -180,13 +180,3 @@ def test_non_finite_scores_are_error_results_never_confident_frames(models_dir):
     assert all(r.error is not None and "non-finite" in r.error and r.scores is None for r in rec.results)
     assert rec.sampled == [] and smp.counters()["seen"] == 0
     assert verdicts[2] is not None and verdicts[2][0] == "rollback" and "non-finite" in verdicts[2][1]
-
-
-def test_sixteen_bit_frames_are_counted_as_corrupt(tmp_path):  # noqa: ANN001
-    import numpy as np
-
-    from edge.sources import _valid
-
-    assert _valid(np.zeros((4, 4, 3), np.uint8))
-    assert not _valid(np.zeros((4, 4, 3), np.uint16))
-    assert not _valid(np.zeros((4, 4), np.uint8)) and not _valid(None)

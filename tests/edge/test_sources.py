@@ -65,6 +65,15 @@ def test_file_source_decodes_into_frames_nobody_holds_any_more(tmp_path):  # noq
     assert src._pool.reused >= len(levels) - len(kept) - 2 and len(seen) <= len(kept) + 2
 
 
+def test_only_8_bit_bgr_images_count_as_frames():
+    """16-bit, grey or missing frames are counted as corrupt by every source (the shared check)."""
+    from edge.sources import _valid
+
+    assert _valid(np.zeros((4, 4, 3), np.uint8))
+    assert not _valid(np.zeros((4, 4, 3), np.uint16))
+    assert not _valid(np.zeros((4, 4), np.uint8)) and not _valid(None)
+
+
 def test_file_source_max_frames_and_loop(tmp_path):  # noqa: ANN001
     video = write_video(tmp_path / "v.avi", [0.2, 0.8, 0.5], width=64, height=48)
     src = open_source(SourceConfig(kind="file", uri=str(video), loop=True, max_frames=7))
