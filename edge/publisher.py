@@ -72,7 +72,6 @@ class Publisher:
         self.oversize_refused = 0
         self.spool_write_failed = 0
         self.last_ack_at = 0.0  # monotonic time of the last frame PUBACK
-        self.dead_letters = len(self.spool.dead_letters())
         self.telemetry_dropped = 0
         self.telemetry_sent = 0
         self._mqtt = MqttClient(cfg.mqtt, f"kestrel-edge-{device_id}", will=self._will,
@@ -233,7 +232,6 @@ class Publisher:
         where = self.spool.set_aside(seq)
         if where is None:
             return
-        self.dead_letters += 1
         log.error("publisher: frame seq=%d was in flight each time the broker closed the connection (%d "
                   "connections, the last %d with nothing else in flight): set aside as %s so the frames "
                   "behind it can go (check the broker's max_packet_size and ACLs; %d set aside so far)",
@@ -288,6 +286,12 @@ class Publisher:
     @property
     def mqtt(self) -> MqttClient:
         return self._mqtt
+
+    @property
+    def dead_letters(self) -> int:
+        """Frames set aside in ``{spool}/dead/``, ever (persisted: it survives restarts and an operator
+        moving files out of dead/)."""
+        return self.spool.dead_lettered
 
     def spool_stats(self) -> Tuple[int, int, int]:
         """(bytes, frames, evictions) of the spool."""

@@ -5,6 +5,7 @@ Layout of the spool directory::
     00000000000000000042.rec   one file per record, named by its zero-padded sequence number
     seq                        the persisted sequence counter ("next sequence", decimal text)
     evictions                  how many records the budget evicted, ever (decimal text)
+    dead_lettered              how many records were set aside in dead/, ever (decimal text)
     dead/NNN.rec               records set aside because the broker kept refusing them
 
 A record file is ``MAGIC (4 bytes) | length (u32 BE) | crc32 (u32 BE) | payload``. It is written to a
@@ -55,6 +56,7 @@ SUFFIX = ".rec"
 WIDTH = 20
 COUNTER_FILE = "seq"
 EVICTIONS_FILE = "evictions"
+DEAD_LETTERED_FILE = "dead_lettered"
 DEAD_DIR = "dead"
 MAX_DEAD = 100
 _NAME = re.compile(r"^(\d{" + str(WIDTH) + r"})\.rec$")
@@ -105,6 +107,8 @@ class Spool:
             self._seqs.append(seq)
             self._bytes += size
         self.evictions = self._read_int(EVICTIONS_FILE)
+        # a counter (Prometheus *_total): not the number of files in dead/, which an operator may move
+        self.dead_lettered = self._read_int(DEAD_LETTERED_FILE) or len(self.dead_letters())
         self._persisted_next = self._read_counter()
         highest = self._seqs[-1] + 1 if self._seqs else 0
         self._next = max(self._persisted_next, highest)
@@ -151,10 +155,13 @@ class Spool:
 
     def _count_evictions(self, n: int) -> None:
         self.evictions += n
+        self._persist_count(EVICTIONS_FILE, self.evictions)
+
+    def _persist_count(self, name: str, value: int) -> None:
         try:  # atomic, never fsynced: a statistic (a power cut may lose the last few counts)
-            atomic.write_text(self.dir / EVICTIONS_FILE, str(self.evictions), fsync=False)
+            atomic.write_text(self.dir / name, str(value), fsync=False)
         except OSError as exc:  # the count is a statistic: never fail a frame because of it
-            log.debug("spool: cannot persist the eviction count: %s", exc)
+            log.debug("spool: cannot persist the %s count: %s", name, exc)
 
     def _cover(self, seq: int) -> None:
         """Make sure the counter file is beyond ``seq`` before its record disappears."""
@@ -256,6 +263,8 @@ class Spool:
                 self._set_aside_failed = True
                 return None
             self._forget(seq)
+            self.dead_lettered += 1
+            self._persist_count(DEAD_LETTERED_FILE, self.dead_lettered)
             kept = self.dead_letters()
             for old in kept[: max(0, len(kept) - self.max_dead)]:
                 try:

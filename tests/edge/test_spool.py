@@ -147,8 +147,11 @@ def test_set_aside_moves_a_record_out_of_the_queue(tmp_path: Path) -> None:
     s.set_aside(1)
     s.set_aside(2)  # only max_dead are kept: the oldest goes (and counts as an eviction)
     assert [p.name[-6:] for p in s.dead_letters()] == ["01.rec", "02.rec"] and s.evictions == 1
+    assert s.dead_lettered == 3  # a counter, not the files in dead/
+    s.dead_letters()[0].rename(tmp_path / "resend-me.rec")  # an operator takes one out of dead/
     again = Spool(tmp_path, BIG, 1000)
     assert again.sequences() == [3, 4] and again.next_sequence == 5
+    assert again.dead_lettered == 3 and len(again.dead_letters()) == 1  # the counter never goes down
 
 
 def test_a_record_that_cannot_be_set_aside_stays_in_the_spool(tmp_path: Path, caplog) -> None:  # noqa: ANN001
