@@ -29,7 +29,6 @@ What it does for you:
 
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import socket
@@ -40,6 +39,7 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import paho.mqtt.client as paho
 
+from edge.backoff import Backoff
 from edge.config import MqttConfig, read_secret
 from edge.errors import AuthError, BrokerError, ConfigError
 from edge.logonce import OncePerKind
@@ -89,7 +89,8 @@ class MqttClient:
         self._auth_refused = False
         self._outage = OncePerKind(log)  # one WARNING per outage (kind "outage"), the rest at DEBUG
         self.next_attempt_at = 0.0  # monotonic time of the next connect attempt while waiting
-        self.delays: Deque[float] = collections.deque(maxlen=64)  # recent waits before reconnecting
+        self._backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s, STABLE_CONNECTION_S)
+        self.delays: Deque[float] = self._backoff.history  # recent waits before reconnecting
         self._thread: Optional[threading.Thread] = None
         self._password = read_secret(cfg.password_file) if cfg.password_file else None
 
@@ -315,7 +316,8 @@ class MqttClient:
         self.state = STATE_STOPPED
 
     def _connect_loop(self) -> None:
-        delay = self.cfg.reconnect_min_s
+        backoff = self._backoff
+        backoff.reset()
         while not self._stop.is_set():
             self.state = STATE_CONNECTING
             try:
@@ -337,8 +339,7 @@ class MqttClient:
                               self.last_error, self.cfg.reconnect_max_s)
                 self._client = None
                 self.state = STATE_BACKOFF
-                self._wait(delay)
-                delay = min(delay * 2, self.cfg.reconnect_max_s)
+                self._wait(backoff.next())
                 continue
             was_connected, up_for, peer_closed = self._serve(client)
             self._client = None
@@ -354,18 +355,16 @@ class MqttClient:
             if self._auth_refused:
                 self.state = STATE_AUTH_FAILED
                 self._wait(self.cfg.auth_retry_s)
-                delay = self.cfg.reconnect_min_s
+                backoff.reset()
                 continue
             if was_connected:
-                if up_for >= STABLE_CONNECTION_S:
+                if up_for >= backoff.stable_s:
                     self._outage.reset()  # that outage is over: this is a new one
-                    delay = self.cfg.reconnect_min_s
+                    backoff.reset()
                 self._trouble("connection to %s:%d lost after %.1fs; reconnecting with backoff (frames are "
                               "kept in the spool)", self.cfg.host, self.cfg.port, up_for)
             self.state = STATE_BACKOFF
-            self.delays.append(delay)
-            self._wait(delay)
-            delay = min(delay * 2, self.cfg.reconnect_max_s)
+            self._wait(backoff.next())
         self.state = STATE_STOPPED
 
     def _serve(self, client: paho.Client) -> Tuple[bool, float, bool]:

@@ -29,6 +29,7 @@ from typing import Any, Deque, List, Optional, Tuple
 import cv2
 import numpy as np
 
+from edge.backoff import HISTORY, Backoff
 from edge.config import SourceConfig
 from edge.errors import SourceError
 from edge.logonce import OncePerKind
@@ -39,7 +40,6 @@ ReadResult = Tuple[bool, Optional[np.ndarray], float]
 _END: ReadResult = (False, None, 0.0)
 _POLL_S = 0.2  # how often a blocked pipe read checks for stop
 STABLE_AFTER_S = 10.0  # a reopened live source counts as recovered after delivering frames this long
-HISTORY = 64  # reopen waits and gst exit codes kept for diagnostics (a live source runs for months)
 _EXIT_WAIT_S = 3.0  # how long a gst-launch-1.0 whose output ended gets to exit and flush its stderr
 
 
@@ -246,11 +246,10 @@ class LiveSource(FrameSource):
         super().__init__(cfg)
         self.attempts = 0                # open attempts
         self.failures = 0                # failed opens + lost streams
-        self.backoffs: Deque[float] = collections.deque(maxlen=HISTORY)  # the latest waits before a reopen
+        self._backoff = Backoff(cfg.reconnect_initial_s, cfg.reconnect_max_s, STABLE_AFTER_S)
+        self.backoffs: Deque[float] = self._backoff.history  # the latest waits before a reopen
         self._once = OncePerKind(log)  # failures by kind, logged once per kind until frames come again
-        self._backoff = cfg.reconnect_initial_s
         self._is_open = False
-        self._up_since = 0.0  # monotonic time of the last successful open
 
     # kind-specific
     def _open_device(self) -> None:  # pragma: no cover - abstract
@@ -272,10 +271,7 @@ class LiveSource(FrameSource):
         if self._is_open:
             self._close_device()
             self._is_open = False
-        wait = self._backoff
-        self.backoffs.append(wait)
-        self._backoff = min(self._backoff * 2.0, self.cfg.reconnect_max_s)
-        self._closed.wait(wait)
+        self._closed.wait(self._backoff.next())
 
     def open(self) -> LiveSource:
         """Try once; a failure is not fatal (``read`` keeps retrying)."""
@@ -291,7 +287,7 @@ class LiveSource(FrameSource):
             self._fail("open failed", str(exc))
             return False
         self._is_open = True
-        self._up_since = time.monotonic()
+        self._backoff.up()
         return True
 
     def _read(self) -> ReadResult:
@@ -319,13 +315,11 @@ class LiveSource(FrameSource):
                     self._fail("corrupt frames", f"{corrupt_in_row} undecodable frames in a row")
                     corrupt_in_row = 0
                 continue
-            if self.failures and time.monotonic() - self._up_since >= STABLE_AFTER_S:
-                # recovered: only now, so a pipeline that fails after every few frames keeps backing
-                # off and logs once, instead of restarting at full speed and logging every cycle
-                if self._once.logged():
-                    log.info("source %s: receiving frames again", self.name)
-                    self._once.reset()
-                self._backoff = self.cfg.reconnect_initial_s
+            # recovered once up for STABLE_AFTER_S (stable() starts the backoff over): only then, so a
+            # pipeline that fails after every few frames keeps backing off and logs once
+            if self.failures and self._backoff.stable() and self._once.logged():
+                log.info("source %s: receiving frames again", self.name)
+                self._once.reset()
             return True, frame, time.time()
         return _END
 
