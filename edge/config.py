@@ -29,7 +29,7 @@ def _positive(obj: object, *names: str) -> None:
 
 def _not_negative(obj: object, *names: str) -> None:
     for n in names:
-        if getattr(obj, n) < 0:
+        if not getattr(obj, n) >= 0:  # NaN (TOML's nan) fails this too
             raise ValueError(f"{n} must be >= 0, not {getattr(obj, n)!r}")
 
 
@@ -71,6 +71,10 @@ class SourceConfig:
     reconnect_max_s: float = field(30.0, doc="Longest wait between reopen attempts (exponential backoff).")
     stall_timeout_s: float = field(10.0, doc="A live source that delivers no frame for this long is reopened.")
     max_corrupt_in_row: int = field(100, doc="A file source stops after this many unreadable frames in a row.")
+    decode_threads: int = field(1, doc="file/rtsp: threads FFmpeg may use to decode. 1 keeps decoding one "
+                                       "pipeline stage on one core beside inference (FFmpeg's own choice, 0, "
+                                       "adds helper threads that compete with inference for the same cores "
+                                       "and only pay off when cores sit idle).")
     pattern_brightness: List[float] = field(doc="testpattern: mean brightness levels (0..1) the moving "
                                                  "pattern cycles through, one per frame.",
                                             factory=lambda: [0.5])
@@ -86,7 +90,7 @@ class SourceConfig:
         if self.reconnect_initial_s <= 0 or self.reconnect_max_s < self.reconnect_initial_s:
             raise ValueError("need 0 < reconnect_initial_s <= reconnect_max_s")
         _positive(self, "stall_timeout_s", "max_corrupt_in_row")
-        _not_negative(self, "fps", "max_frames")
+        _not_negative(self, "fps", "max_frames", "decode_threads")
         if not self.pattern_brightness or not all(0.0 <= b <= 1.0 for b in self.pattern_brightness):
             raise ValueError("pattern_brightness needs one or more levels within 0..1")
 

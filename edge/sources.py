@@ -95,6 +95,18 @@ class FramePool:
         return ok, frame
 
 
+def open_capture(uri: str, decode_threads: int, params: Optional[List[int]] = None) -> Any:
+    """``cv2.VideoCapture`` through FFmpeg, decoding on at most ``decode_threads`` threads (0 = FFmpeg's
+    choice). The same call opens the daemon's file and RTSP sources and the edge benchmark's video."""
+    params = list(params or [])
+    if decode_threads > 0 and hasattr(cv2, "CAP_PROP_N_THREADS"):
+        params += [cv2.CAP_PROP_N_THREADS, decode_threads]
+    try:
+        return cv2.VideoCapture(uri, cv2.CAP_FFMPEG, params)
+    except TypeError:  # pragma: no cover - OpenCV < 4.5.2 has no params argument
+        return cv2.VideoCapture(uri, cv2.CAP_FFMPEG)
+
+
 class FrameSource:
     """Base class: counts frames, enforces ``max_frames``, wraps the kind-specific ``_read``."""
 
@@ -164,7 +176,7 @@ class FileSource(FrameSource):
     def open(self) -> FileSource:
         if not self.path.is_file():
             raise SourceError(f"video file {self.path} does not exist (source uri)")
-        cap = cv2.VideoCapture(str(self.path))
+        cap = open_capture(str(self.path), self.cfg.decode_threads)
         ok = cap.isOpened()
         first: Optional[np.ndarray] = None
         if ok:
@@ -399,10 +411,7 @@ class RTSPSource(OpenCVLiveSource):
         for name in ("CAP_PROP_OPEN_TIMEOUT_MSEC", "CAP_PROP_READ_TIMEOUT_MSEC"):
             if hasattr(cv2, name):
                 params += [getattr(cv2, name), ms]
-        try:
-            return cv2.VideoCapture(self.cfg.uri, cv2.CAP_FFMPEG, params)
-        except TypeError:  # pragma: no cover - OpenCV < 4.5.2 has no params argument
-            return cv2.VideoCapture(self.cfg.uri, cv2.CAP_FFMPEG)
+        return open_capture(self.cfg.uri, self.cfg.decode_threads, params)
 
 
 class GStreamerSource(LiveSource):

@@ -109,6 +109,8 @@ def test_generated_config_reference_is_current() -> None:
     ('[source]\nstall_timeout_s = 0\n', "stall_timeout_s must be > 0"),
     ('[source]\nmax_corrupt_in_row = 0\n', "max_corrupt_in_row must be > 0"),
     ('[sampler]\nmax_per_minute = -1\n', "max_per_minute must be >= 0"),
+    ('[source]\nfps = nan\n', "fps must be >= 0, not nan"),
+    ('[source]\ndecode_threads = -1\n', "decode_threads must be >= 0"),
     ('[sampler]\ndedup_window_s = 0\n', "dedup_window_s must be > 0"),
     ('[sampler]\ndedup_history = 0\n', "dedup_history must be > 0"),
     ('[sampler]\ndedup_distance = -2\n', "dedup_distance must be -1"),

@@ -65,6 +65,30 @@ def test_file_source_decodes_into_frames_nobody_holds_any_more(tmp_path):  # noq
     assert src._pool.reused >= len(levels) - len(kept) - 2 and len(seen) <= len(kept) + 2
 
 
+def _os_threads() -> set:
+    import os
+    return set(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not hasattr(cv2, "CAP_PROP_N_THREADS"), reason="this OpenCV cannot set decoder threads")
+def test_file_source_decodes_on_its_own_thread_only(tmp_path):  # noqa: ANN001
+    """decode_threads = 1 (the default): FFmpeg adds no decoder threads that would compete with inference
+    for the cores; 0 lets FFmpeg add its own (one per core), which it does on a multi-core machine."""
+    import os
+
+    video = write_video(tmp_path / "v.avi", [0.2, 0.5, 0.8] * 4, width=640, height=480)
+    added = {}
+    for threads in (1, 0):
+        before = _os_threads()
+        src = open_source(SourceConfig(kind="file", uri=str(video), decode_threads=threads))
+        assert len(read_all(src)) == 12
+        added[threads] = len(_os_threads() - before)
+        src.close()
+    assert added[1] == 0, added
+    if (os.cpu_count() or 1) > 1:
+        assert added[0] > 0, added  # the check above could see a helper thread if there were one
+
+
 def test_only_8_bit_bgr_images_count_as_frames():
     """16-bit, grey or missing frames are counted as corrupt by every source (the shared check)."""
     from edge.sources import _valid
