@@ -26,14 +26,14 @@ choice a helper thread decodes beside the reader, so the isolated decode time bo
 inference needs in the daemon and the "bound" was no bound). (b) and (c) runs are interleaved and each
 figure is the best of ``REPEATS`` runs; the 1-minute load average before and after is recorded (the machine is shared).
 
-The bench model has random weights, so with the default sampler *every* frame is low confidence and
-goes through the near-duplicate hash (of the model's resized input, as in the daemon) until the
-default rate limit (30 a minute) is full. (c) is that; ``c_confident`` is the daemon with
-``confidence_threshold = 0`` (no frame is low confidence, like a well-trained model on familiar
-scenes); ``c_every`` is a stress case, not a target: rate limits and dedup off, so *every* frame is
-JPEG-encoded, fsynced into the spool and published (``c_every_acked`` counts the time until the
-broker acknowledged the last one). ``sampler_ms`` is the sampler's measured cost per low-confidence
-frame.
+The bench model has random weights, so with the default sampler *every* frame is low confidence and goes
+through the near-duplicate hash (of the model's resized input, as in the daemon) until the default rate limit
+(30 a minute) is full. (c) is that, over FRAMES frames (about 5 s, so the minute's budget of sampled frames
+spent at the start is 12x the steady sampled load, not all of it); ``c_confident`` is the daemon with
+``confidence_threshold = 0`` (no frame is low confidence, like a well-trained model on familiar scenes);
+``c_every`` is a stress case, not a target: rate limits and dedup off, so *every* frame (of the first
+STRESS_FRAMES) is JPEG-encoded, fsynced into the spool and published (``c_every_acked`` counts the time until
+the broker acknowledged the last one). ``sampler_ms`` is the sampler's measured cost per low-confidence frame.
 
 Two load-independent diagnostics explain a (c) below the bound on a shared or small machine: the
 CPU per frame of the daemon's capture and inference threads (thread time) against the isolated
@@ -69,7 +69,12 @@ from tests.bench.bench_models import mobilenet_path
 from tests.helpers.broker import Mosquitto
 
 WIDTH, HEIGHT = 1280, 720
-FRAMES = 800  # ~1.5 s per daemon run: the default sampler's burst of 30 sampled frames is not the whole run
+# ~5 s per daemon run. The default sampler's budget is 30 frames a minute; the bench model scores every
+# frame low, so the whole minute's budget is spent at the start of each run: in 5 s that is still 12x the
+# sampled load of steady operation (in the earlier 1.3 s runs it was 46x, which measured the sampler's
+# burst rather than the daemon's rate). The stress case c_every reads STRESS_FRAMES of them.
+FRAMES = 3000
+STRESS_FRAMES = 800
 CALIBRATION_FRAMES = 40
 SAMPLE_FRAMES = 40  # decoded frames kept in memory to time preprocess+invoke
 REPEATS = 5
@@ -210,14 +215,14 @@ SAMPLERS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def daemon_once(model_path: Path, video: Path, broker: Mosquitto, work: Path, sampler: Dict[str, Any]
-                ) -> Tuple[float, float, Dict[str, Any]]:
+def daemon_once(model_path: Path, video: Path, broker: Mosquitto, work: Path, sampler: Dict[str, Any],
+                max_frames: int = 0) -> Tuple[float, float, Dict[str, Any]]:
     """(frames/s, CPU ms per frame over all threads of this process, counters) of one daemon run."""
     data = work / "daemon-data"
     shutil.rmtree(data, ignore_errors=True)  # a fresh spool and rate-limit memory per run
     cfg = edge_config.from_dict({
         "device": {"id": "bench-edge", "data_dir": str(data), "log_level": "WARNING"},
-        "source": {"kind": "file", "uri": str(video), "name": "bench"},
+        "source": {"kind": "file", "uri": str(video), "name": "bench", "max_frames": max_frames},
         "model": {"path": str(model_path), "threads": 1},
         "sampler": sampler,
         "mqtt": {"host": broker.host, "port": broker.port},
@@ -269,7 +274,8 @@ def serial_and_daemon(model: Model, model_path: Path, path: Path, work: Path) ->
             runs["b"].append(rate)
             cpu["b"].append(ms)
             for key, smp in SAMPLERS.items():
-                rate, ms, i = daemon_once(model_path, path, broker, work, smp)
+                rate, ms, i = daemon_once(model_path, path, broker, work, smp,
+                                          STRESS_FRAMES if key == "c_every" else 0)
                 if not runs[key] or rate > max(runs[key]):
                     info[key] = i
                 runs[key].append(rate)
