@@ -18,7 +18,7 @@ except for ephemeral ports; ``KESTREL_BENCH_HUB_SYNC`` picks ``[store] sqlite_sy
    one clock. Figures: p50/p95/max ms (target p95 < 50 ms).
 
 Run alone: ``.venv/bin/python -m tests.bench.run --out /tmp/bench-hub --only bench_hub``.
-Knobs: ``KESTREL_BENCH_HUB_FRAMES`` (3000), ``KESTREL_BENCH_HUB_SECONDS`` (10), ``KESTREL_BENCH_HUB_MQTT``
+Knobs: ``KESTREL_BENCH_HUB_FRAMES`` (10000), ``KESTREL_BENCH_HUB_SECONDS`` (10), ``KESTREL_BENCH_HUB_MQTT``
 (extra ``[mqtt]`` lines). Profiling: ``KESTREL_BENCH_HUB_PYSPY=/path/to/py-spy`` records the hub's
 stacks per phase (collapsed, ``<phase>.txt``; ``KESTREL_BENCH_HUB_PYSPY_ARGS=--gil`` etc.).
 """
@@ -50,7 +50,9 @@ from edge import topics  # noqa: E402
 from proto import kestrel_pb2  # noqa: E402
 
 FRAME_BYTES = 50 * 1024
-THROUGHPUT_FRAMES = int(os.environ.get("KESTREL_BENCH_HUB_FRAMES", "3000"))
+# ~3 s of publishing at this VM's rate: the issue asks for a *sustained* rate; 3000 frames (< 1 s) measured
+# mostly the start (the first batches, a new segment file) and moved +-5 % from run to run
+THROUGHPUT_FRAMES = int(os.environ.get("KESTREL_BENCH_HUB_FRAMES", "10000"))
 LAT_DEVICES = 20
 LAT_FPS = 10.0
 LAT_SECONDS = float(os.environ.get("KESTREL_BENCH_HUB_SECONDS", "10"))
