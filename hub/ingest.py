@@ -22,16 +22,15 @@ Guarantees (docs/hub.md):
   refuses that record (others of the batch were stored, or a probe write succeeds after
   ``POISON_ATTEMPTS`` attempts): then its raw payload goes to the dead-letter folder first, and it
   is counted as ``store_error``, never as a duplicate.
+
+Parsing and checking a message is hub/ingest_parse.py; writing a dead letter, hub/deadletter.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import queue
-import re
 import ssl
 import struct
 import threading
@@ -42,16 +41,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import paho.mqtt.client as mqtt
-from google.protobuf import json_format
-from google.protobuf.message import DecodeError
 
-from edge import atomic, topics
-from hub import imagecheck, mqttsock
+from edge import topics
+from hub import mqttsock
 from hub.broker import BrokerTarget
 from hub.config import MqttSection
+from hub.deadletter import DeadLetters
 from hub.errors import ConfigError, PayloadRejected, StoreError, StoreUnavailable
+from hub.ingest_parse import DEAD_LETTER_REASONS, REASONS, DeviceUpdate, parse_device_message, validate_frame
 from hub.store.base import FrameRecord, Store
-from proto import kestrel_pb2
 
 log = logging.getLogger("hub.ingest")
 
@@ -67,106 +65,12 @@ PUBACK_FORMAT = struct.Struct("!BBH")  # MQTT 3.1.1 PUBACK: type, remaining leng
 UNKNOWN_DEVICE_CACHE_S = 5.0  # allow_unknown_devices = false: a refused device is looked up again after this
 UNKNOWN_DEVICES_MAX = 10000   # refused devices remembered at most (then forgotten all at once)
 
-REASONS = ("too_large", "bad_topic", "bad_protobuf", "device_mismatch", "missing_frame_id", "bad_image",
-           "unknown_device", "frame_id_conflict", "validation_error", "store_error")
-# rejections whose payload is kept in the dead-letter folder (the payload itself may be fine)
-DEAD_LETTER_REASONS = ("frame_id_conflict", "validation_error", "store_error")
-
-
-_REASON_NAMES: Dict[int, str] = {v: k for k, v in kestrel_pb2.SampleReason.items()}
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def validate_frame(topic_device: str, payload: bytes, max_bytes: int, received_ms: int,
-                   image_check: str = "structure") -> FrameRecord:
-    """Parse and check one frame message; PayloadRejected(reason, message) when it is bad."""
-    if len(payload) > max_bytes:
-        raise PayloadRejected("too_large", f"{len(payload)} bytes > max_payload_bytes {max_bytes}")
-    msg = kestrel_pb2.Frame()
-    try:
-        msg.ParseFromString(payload)
-    except (DecodeError, ValueError) as exc:
-        raise PayloadRejected("bad_protobuf", f"not a kestrel.v1.Frame: {exc}") from exc
-    if not msg.frame_id:
-        raise PayloadRejected("missing_frame_id", "frame_id is empty")
-    if msg.device_id != topic_device:
-        raise PayloadRejected("device_mismatch",
-                              f"device_id {msg.device_id!r} in the message, {topic_device!r} in the topic")
-    if not msg.image:
-        raise PayloadRejected("bad_image", "no image")
-    try:
-        width, height = imagecheck.check_image(msg.image, msg.image_format, image_check)
-    except imagecheck.ImageRejected as exc:
-        raise PayloadRejected("bad_image", str(exc)) from exc
-    return FrameRecord(
-        frame_id=msg.frame_id, device_id=msg.device_id, capture_time_ms=int(msg.capture_time_ms),
-        received_ms=received_ms, model_name=msg.model.name, model_version=int(msg.model.version),
-        model_sha256=msg.model.sha256,
-        reasons=[_REASON_NAMES.get(r) or str(r) for r in msg.reasons],
-        top_k=[{"index": int(t.index), "label": t.label, "score": float(t.score)} for t in msg.top_k],
-        image=bytes(msg.image), image_format=msg.image_format or "jpeg", width=width, height=height,
-        source=msg.source, sequence=int(msg.sequence),
-        image_sha256=hashlib.sha256(msg.image).hexdigest())  # here, on the validate pool, not at commit
-
-
-def seen_ms(device_time_ms: int, received_ms: int) -> int:
-    """When the hub last heard of a device: the message's own time, never later than its arrival (a
-    device clock running ahead must not pin last_seen in the future)."""
-    return min(int(device_time_ms or received_ms), int(received_ms))
-
-
-def status_fields(msg: kestrel_pb2.Status) -> Dict[str, object]:
-    """Device-record fields from a Status message (VersionManifest included). last_seen_ms is not
-    among them: it only ever goes up (Store.touch_devices), since a device's offline last-will carries
-    the time it connected."""
-    out: Dict[str, object] = {"state": msg.state or "unknown"}
-    if msg.group:
-        out["group"] = msg.group
-    installed = msg.versions.installed if msg.HasField("versions") and msg.versions.HasField("installed") \
-        else msg.model
-    if installed.name:
-        out.update(reported_model=installed.name, reported_version=int(installed.version),
-                   reported_sha256=installed.sha256)
-    if msg.HasField("versions"):
-        out.update(update_state=msg.versions.update_state, update_reason=msg.versions.reason,
-                   previous_version=int(msg.versions.previous.version))
-    return out
-
-
-@dataclass
-class DeviceUpdate:
-    """A parsed telemetry or status message: the device-record fields it sets, and when it was heard."""
-    kind: str                      # "telemetry" or "status"
-    device_id: str
-    fields: Dict[str, object]
-    seen_ms: int
-
-
-def parse_device_message(device_id: str, kind: str, payload: bytes, received_ms: int) -> Optional[DeviceUpdate]:
-    """A telemetry or status message -> DeviceUpdate; None for a cleared retained status; PayloadRejected
-    when it is bad."""
-    if kind == "status" and not payload:
-        return None
-    msg: Any = kestrel_pb2.Telemetry() if kind == "telemetry" else kestrel_pb2.Status()
-    try:
-        msg.ParseFromString(payload)
-    except (DecodeError, ValueError) as exc:
-        raise PayloadRejected("bad_protobuf", f"not a kestrel.v1.{type(msg).__name__}: {exc}") from exc
-    if msg.device_id and msg.device_id != device_id:
-        raise PayloadRejected("device_mismatch", f"{kind} for {msg.device_id!r} on {device_id!r}'s topic")
-    fields: Dict[str, object] = \
-        {"last_telemetry": json_format.MessageToDict(msg, preserving_proto_field_name=True)} \
-        if kind == "telemetry" else status_fields(msg)
-    return DeviceUpdate(kind, device_id, fields, seen_ms(msg.time_ms, received_ms))
-
-
 # what the validate stage made of each message of a batch (None: a cleared retained status)
 Validated = Union[FrameRecord, DeviceUpdate, PayloadRejected, None]
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 @dataclass
@@ -233,6 +137,7 @@ class Ingest:
         self.cfg = cfg
         self.client_id = client_id
         self.dead_letter_dir = Path(dead_letter_dir)
+        self._dead_letters = DeadLetters(self.dead_letter_dir)
         self.stats = IngestStats()
         self._lock = threading.Lock()
         self._queue: queue.Queue[Message] = queue.Queue()
@@ -243,7 +148,6 @@ class Ingest:
         self._refused: Dict[str, float] = {}  # unknown devices refused -> monotonic time to look again
         self._pending_seen: Dict[str, int] = {}
         self._last_seen_flush = 0
-        self._dead_letters = 0  # dead letters written by this process (part of their names)
         self._reject_log: Dict[str, Tuple[float, int]] = {}
         self._slow_log = 0.0
         self._subscribed = threading.Event()
@@ -592,7 +496,7 @@ class Ingest:
         # frames given up on: keep their payload before the ack lets the broker forget them
         for i, why in rejected:
             if why.reason in DEAD_LETTER_REASONS and i not in state.dead_lettered:
-                self._dead_letter(batch[i], why.reason, str(why), i)
+                self._dead_letters.keep(batch[i], why.reason, str(why), i, now_ms())
                 state.dead_lettered.add(i)
         for i, why in rejected:
             self._reject(batch[i], why)
@@ -694,23 +598,3 @@ class Ingest:
             for i, f, why in refused:
                 state.outcomes[i] = "refused"
                 state.details[i] = f"the store refused frame {f.frame_id!r}: {why}"
-
-    def _dead_letter(self, m: Message, reason: str, detail: str, index: int) -> None:
-        """Keep a payload we are about to acknowledge without storing:
-        <dir>/<time>-<device>-<mid>-<n>.frame + .json, n counting every dead letter of this process (QoS 0
-        messages all have mid 0: two of one millisecond must not overwrite each other).
-        Raises StoreUnavailable when it cannot (then nothing is acknowledged and the batch is retried)."""
-        self._dead_letters += 1
-        device = _UNSAFE.sub('_', m.topic.split('/')[-2] if '/' in m.topic else 'x')
-        stem = f"{now_ms()}-{device}-{m.mid}-{self._dead_letters}"
-        meta = {"topic": m.topic, "reason": reason, "detail": detail, "received_ms": m.received_ms,
-                "bytes": len(m.payload), "batch_index": index}
-        try:
-            atomic.write_bytes(self.dead_letter_dir / f"{stem}.frame", m.payload)
-            atomic.write_bytes(self.dead_letter_dir / f"{stem}.json",
-                               (json.dumps(meta, sort_keys=True) + "\n").encode())
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot write to the dead-letter folder {self.dead_letter_dir}: "
-                                   f"{exc.strerror}") from exc
-        log.warning("kept %s payload from %s in %s/%s.frame: %s", reason, m.topic, self.dead_letter_dir,
-                    stem, detail)

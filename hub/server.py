@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import threading
-from concurrent import futures
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -81,10 +80,8 @@ class HubServer:
 
     def _start_grpc(self) -> None:
         """Registry + fleet from hub.registry / hub.fleet / hub.grpc_service (helper F2's modules)."""
-        import grpc
-
         from hub.fleet import FleetService
-        from hub.grpc_service import add_services, bind_grpc, server_options
+        from hub.grpc_service import make_server
         from hub.registry import Registry
 
         assert self.store is not None
@@ -92,10 +89,7 @@ class HubServer:
         self.registry = Registry(self.store, cfg.registry, cfg.data_dir)
         self.fleet = FleetService(self.store, self.registry, self.publish_retained,
                                   grpc_target=cfg.grpc.advertise)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc.max_workers),
-                             options=server_options(cfg.registry.chunk_size))
-        add_services(server, self.registry, self.fleet)
-        port = bind_grpc(server, cfg.grpc.bind, cfg.grpc.port)
+        server, port = make_server(self.registry, self.fleet, cfg.grpc.bind, cfg.grpc.port, cfg.grpc.max_workers)
         server.start()
         self.grpc_server, self.grpc_port = server, port
 

@@ -17,7 +17,8 @@ from hub.broker import BrokerTarget
 from hub.config import MqttSection
 from hub.errors import PayloadRejected, StoreError, StoreUnavailable
 from hub.imagecheck import ImageRejected, check_image
-from hub.ingest import POISON_ATTEMPTS, DeviceUpdate, Ingest, Message, validate_frame
+from hub.ingest import POISON_ATTEMPTS, Ingest, Message
+from hub.ingest_parse import DeviceUpdate, validate_frame
 from hub.store.base import DeviceRecord, FrameRecord, GroupDesired, ModelRecord, Store
 from hub.store.sqlite import SqliteStore
 from proto import kestrel_pb2
