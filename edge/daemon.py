@@ -12,6 +12,9 @@ still spooled). A capture failure ends the run with exit code 1 (systemd restart
 The sampler's confidence threshold follows the running model: unless ``[sampler]
 confidence_threshold`` is set, every model swap (boot, update, rollback) applies the bundle's
 ``default_threshold`` (0.6 for a bare .tflite).
+
+The model to start on is chosen in edge.boot; the config checks behind ``--check-config`` are in
+edge.configcheck.
 """
 
 from __future__ import annotations
@@ -19,24 +22,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import secrets
-import shutil
 import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from types import FrameType
-from typing import Any, Callable, List, Optional
-
-import cv2
+from typing import Any, Optional
 
 from edge import __version__, config
-from edge.errors import ArtifactError, ConfigError, KestrelError
+from edge.boot import FollowingHolder, boot, model_default_threshold, wait_for_first_model
+from edge.configcheck import check_model_loads, check_plausible, load_config, quiet_opencv
+from edge.errors import ConfigError
 from edge.framesink import FrameBuilder, SinkWorker
 from edge.pipeline import ModelHolder, Pipeline
-from edge.runtime import Model, load_labels, load_model
 from edge.sampler import Sampler
 from edge.sources import open_source
 from proto import kestrel_pb2
@@ -56,136 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-config", action="store_true",
                         help="validate the config (and that the model file and source are plausible), "
                              "then exit")
-
-
-# --- config checks -------------------------------------------------------------------------------
-def check_plausible(cfg: config.EdgeConfig) -> List[str]:
-    """Problems that make the config unusable on this machine (empty = fine)."""
-    problems: List[str] = []
-    src = cfg.source
-    if src.kind == "file" and not Path(src.uri).is_file():
-        problems.append(f"source.uri: video file {src.uri} does not exist")
-    if src.kind == "gstreamer" and not shutil.which("gst-launch-1.0"):
-        problems.append("source.kind = gstreamer needs gst-launch-1.0 (apt install gstreamer1.0-tools)")
-    if src.kind == "rtsp" and not src.uri.lower().startswith(("rtsp://", "rtsps://")):
-        problems.append(f"source.uri: {src.uri!r} is not an rtsp:// URL")
-    if src.kind == "v4l2" and not src.uri.isdigit() and not src.uri.startswith("/dev/"):
-        problems.append(f"source.uri: {src.uri!r} is neither a camera index nor a /dev/videoN path")
-    m = cfg.model
-    if m.path:
-        p = Path(m.path)
-        if not p.is_file():
-            problems.append(f"model.path: {m.path} does not exist")
-        elif p.suffix not in (".tflite", ".kbundle"):
-            problems.append(f"model.path: {m.path} is neither a .tflite file nor a .kbundle bundle")
-    if m.labels and not Path(m.labels).is_file():
-        problems.append(f"model.labels: {m.labels} does not exist")
-    problem = _data_dir_problem(cfg.data_dir)
-    if problem:
-        problems.append(problem)
-    q = cfg.mqtt
-    if q.host:
-        files = [("password_file", q.password_file)]
-        if q.tls:
-            files += [("ca_file", q.ca_file), ("cert_file", q.cert_file), ("key_file", q.key_file)]
-        for key, path in files:
-            if path and not _readable(path):
-                problems.append(f"mqtt.{key}: {path} does not exist or is not readable")
-        if (q.ca_file or q.cert_file or q.key_file) and not q.tls:
-            problems.append("mqtt: ca_file/cert_file/key_file are set but tls = false")
-    return problems
-
-
-def _readable(path: str) -> bool:
-    return Path(path).is_file() and os.access(path, os.R_OK)
-
-
-def _data_dir_problem(data_dir: Path) -> Optional[str]:
-    """None when ``data_dir`` exists (or can be created) and is a writable directory."""
-    d = data_dir
-    while not d.exists() and d != d.parent:
-        d = d.parent  # the first existing ancestor decides whether it can be created
-    if not d.is_dir():
-        return f"device.data_dir: {data_dir}: {d} is not a directory"
-    if not os.access(str(d), os.W_OK | os.X_OK):
-        what = "is not writable" if d == data_dir else f"cannot be created ({d} is not writable)"
-        return f"device.data_dir: {data_dir} {what}; run as a user who may write there or change it"
-    return None
-
-
-def check_model_loads(cfg: config.EdgeConfig) -> List[str]:
-    """--check-config: load the configured .tflite (and labels) once, as the daemon would."""
-    m = cfg.model
-    if not m.path or is_bundle_path(m.path) or not Path(m.path).is_file():
-        return []  # bundles are verified by the updater at start; a missing path is reported already
-    try:
-        initial_model(cfg).close()
-    except KestrelError as exc:
-        return [f"model.path: {exc}"]
-    return []
-
-
-def quiet_opencv(quiet: bool = True) -> None:
-    """OpenCV logs a warning per failed open; our sources log one line per kind of failure instead."""
-    try:
-        lg = cv2.utils.logging  # type: ignore[attr-defined]
-        lg.setLogLevel(lg.LOG_LEVEL_ERROR if quiet else lg.LOG_LEVEL_INFO)
-    except AttributeError:  # pragma: no cover - builds without cv2.utils.logging
-        pass
-
-
-def load_config(path: str) -> config.EdgeConfig:
-    if not Path(path).is_file():
-        raise ConfigError(f"config file {path} does not exist (pass --config PATH)")
-    return config.load(path)
-
-
-def initial_model(cfg: config.EdgeConfig) -> Model:
-    """The configured fallback model: ``model.path``, a bare .tflite (the callers check that it is set
-    and not a bundle; bundles are installed through the updater)."""
-    m = cfg.model
-    labels = load_labels(m.labels) if m.labels else None
-    return load_model(m.path, labels=labels, runtime=m.runtime, threads=m.threads, name=Path(m.path).stem,
-                      color_order=m.color_order, normalization=m.normalization, resize=m.resize)
-
-
-def is_bundle_path(path: str) -> bool:
-    return path.endswith(".kbundle")
-
-
-def model_default_threshold(model: Any, slots: Any) -> Optional[float]:
-    """The ``default_threshold`` of the bundle ``model`` came from (None for a bare .tflite).
-
-    Read from ``model.default_threshold`` when the loader set it, else from the record of the slot
-    holding exactly this model (same name, version and model sha256).
-    """
-    value = getattr(model, "default_threshold", None)
-    if value is None and slots is not None:
-        ref = model.ref
-        for name in ("a", "b"):
-            slot = slots.slot(name)
-            if (slot is not None and slot.model_sha256 == ref.sha256 and slot.model_name == ref.name
-                    and slot.version == int(ref.version)):
-                value = slot.record.get("default_threshold")
-                break
-    return None if value is None else float(value)
-
-
-class FollowingHolder(ModelHolder):
-    """A ModelHolder that calls ``on_swap(model)`` after every swap (boot, update, rollback)."""
-
-    def __init__(self, on_swap: Callable[[Any], None]) -> None:
-        super().__init__()
-        self._on_swap = on_swap
-
-    def swap(self, model: Any) -> Any:
-        previous = super().swap(model)
-        if model is not None:
-            try:
-                self._on_swap(model)
-            except Exception:  # a swap must never fail half-way because of a listener
-                log.exception("model swap listener failed")
-        return previous
 
 
 # --- the daemon ------------------------------------------------------------------------------------
@@ -256,74 +125,6 @@ class Daemon:
         if value != before or self.holder.swaps <= 1:
             log.info("confidence threshold %.3g (%s)", value, why)
 
-    def _install_configured_bundle(self, path: str) -> Any:
-        """No slot yet and model.path is a .kbundle: verify, stage, self-test and switch to it
-        through the updater's normal install path; the result is committed at once (there is no
-        previous model to roll back to). ConfigError (one line, exit 2) when it is refused."""
-        from edge.bundle import read_bounded
-
-        try:
-            data = read_bounded(path, int(self.cfg.update.max_bundle_bytes))  # size checked first
-            installed = self.updater.install_bytes(data, source=f"model.path {Path(path).name}")
-        except ArtifactError as exc:
-            raise ConfigError(f"model.path {path}: {exc} (trusted keys: {self.cfg.trust_dir})") from exc
-        except KestrelError as exc:
-            raise ConfigError(f"model.path {path}: could not install it: {exc}") from exc
-        model = self.holder.get()
-        if not installed or model is None:
-            raise ConfigError(f"model.path {path}: the bundle was not installed; "
-                              "check `kestrel-edge status`")
-        from edge.updater import state as st
-
-        if self.updater.updater.state.state == st.TRIAL:
-            self.updater.updater.commit("first model, installed from model.path (nothing to roll back to)")
-            self.updater.health.end_trial()
-        log.info("installed %s v%d from model.path %s into slot %s", model.ref.name, model.ref.version, path,
-                 self.updater.updater.slots.active_name())
-        return model
-
-    def _boot(self) -> Any:
-        cfg = self.cfg
-        path = cfg.model.path
-        model = self.updater.boot_model()
-        if model is not None:
-            if path and is_bundle_path(path):
-                log.info("model.path %s ignored: a model is installed (update it with `kestrel-edge install`)",
-                         path)
-        elif not path:
-            if not self.can_wait_for_hub():
-                raise ConfigError("no model: nothing is installed in data_dir, model.path is empty and no hub "
-                                  "can deploy one ([mqtt] host and [update] hub_grpc unset, or [update] "
-                                  "enabled = false); set model.path or run `kestrel-edge install BUNDLE`")
-            log.info("no model installed yet: waiting for the hub to deploy one (kestrel-hub deploy NAME "
-                     "VERSION --group %s) or for `kestrel-edge install BUNDLE`", cfg.device.group)
-            return None
-        elif is_bundle_path(path):
-            return self._install_configured_bundle(path)
-        elif not cfg.update.allow_unsigned_factory:
-            raise ConfigError(f"no signed model is installed and model.path {path} is an unsigned .tflite, "
-                              "which [update] allow_unsigned_factory = false forbids; install a signed bundle "
-                              "(kestrel-edge install, or model.path = a .kbundle)")
-        else:
-            log.warning("no signed model installed: running the UNSIGNED factory model %s (model.path; see "
-                        "docs/threat-model.md)", path)
-            model = initial_model(cfg)
-        self.holder.swap(model)
-        return model
-
-    def can_wait_for_hub(self) -> bool:
-        """A device with no model may wait for its first one when the hub can deploy to it."""
-        return bool(self.cfg.update.enabled and self.cfg.update.hub_grpc and self.cfg.mqtt.host)
-
-    def _wait_for_first_model(self) -> Any:
-        """Block until the updater installed a first model (hot swap into the holder) or a stop request."""
-        while not self.stop_requested.is_set():
-            model = self.holder.get()
-            if model is not None:
-                return model
-            self.stop_requested.wait(POLL_S)
-        return None
-
     def _wait_for_pipeline(self, pipeline: Pipeline) -> None:
         deadline = time.monotonic() + PIPELINE_DRAIN_S
         pipeline.stop(0)
@@ -339,7 +140,7 @@ class Daemon:
 
     def run(self) -> int:
         cfg = self.cfg
-        model = self._boot()  # None: no model yet, the hub will deploy the first one
+        model = boot(cfg, self.updater, self.holder)  # None: no model yet, the hub will deploy the first one
         source = None
         self.publisher.set_status_provider(self.status)
         self.publisher.start()
@@ -347,7 +148,7 @@ class Daemon:
             self.telemetry.start()
             self.updater.start()
             if model is None:
-                model = self._wait_for_first_model()
+                model = wait_for_first_model(self.holder, self.stop_requested, POLL_S)
                 if model is None:
                     log.info("stopping before a first model arrived")
                     return 0

@@ -23,7 +23,9 @@ from edge import config
 from edge.bundle import read_bounded
 from edge.errors import ArtifactError
 from edge.updater import state as st
-from edge.updater.engine import NoRollbackTarget, NothingToDo, Updater, daemon_running
+from edge.updater.control import daemon_running, request
+from edge.updater.engine import NoRollbackTarget, NothingToDo, Updater
+from edge.updater.report import status
 
 WAIT_S = 30.0
 
@@ -82,7 +84,7 @@ def run_install(args: argparse.Namespace) -> int:
                 print(f"installed {slot.model_name} v{slot.version} in slot {slot.name}; the daemon runs its "
                       f"trial on its next start")
                 return 0
-            upd.request("switch", slot=slot.name)
+            request(upd.dir, "switch", slot=slot.name)
     except NothingToDo as exc:
         print(f"nothing to do: {exc}")
         return 0
@@ -112,14 +114,14 @@ def run_rollback(args: argparse.Namespace) -> int:
                 print(f"rolled back to {slot.model_name} v{slot.version} (slot {slot.name})")
             return 0
         before = upd.state.snapshot().get("updated_ms", 0)
-        upd.request("rollback", reason=reason)
+        request(upd.dir, "rollback", reason=reason)
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         upd.state.reload()
         snap = upd.state.snapshot()
         if snap.get("updated_ms", 0) != before and snap["state"] in (st.ROLLED_BACK, st.FAILED):
             print(f"{snap['state'].lower().replace('_', ' ')}: {snap.get('reason', '')}; installed: "
-                  f"{upd.status()['installed']}")
+                  f"{status(upd)['installed']}")
             return 0 if snap["state"] == st.ROLLED_BACK else 2
         time.sleep(0.1)
     raise ArtifactError("the running daemon did not confirm the rollback within 30 s; check its log")
@@ -127,7 +129,7 @@ def run_rollback(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    s = Updater(cfg).status()
+    s = status(Updater(cfg))
     if args.json:
         print(json.dumps(s, indent=1, sort_keys=True))
         return 0

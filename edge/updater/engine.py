@@ -4,7 +4,9 @@ Verification is pure (edge.bundle.verify_bundle); this module feeds it what the 
 trusted keys, the expected model name, the per-model version floor, a clock it can believe) and
 does the writes, the self-test, the pointer switch, the rollbacks and the boot-count rule, keeping
 the state file (edge.updater.state). The daemon's UpdateService and the ``kestrel-edge
-install|rollback|status`` commands both go through it. Rules (docs/updates.md):
+install|rollback|status`` commands both go through it (the update lock and the CLI's requests to a
+running daemon are in edge.updater.control; the read-only reports in edge.updater.report). Rules
+(docs/updates.md):
 
 * a rollback only ever goes to the device's own previous slot whose bundle was **committed**
   there, re-verified against today's trusted keys; it never installs bytes;
@@ -14,20 +16,16 @@ install|rollback|status`` commands both go through it. Rules (docs/updates.md):
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
-import os
-import threading
 import time
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 
 from edge.errors import ArtifactError, BundleError, KestrelError
 from edge.updater import slots as slots_mod
 from edge.updater import state as st
+from edge.updater.control import UpdateBusy, UpdateLock
 from edge.updater.selftest import run_self_test
 from edge.updater.slots import Slot, SlotError, SlotStore
 
@@ -39,11 +37,6 @@ Mutator = Callable[[Dict[str, Any]], None]  # changes the freshly read state rec
 # The device's clock is never believed below this (2026-01-01T00:00:00Z): a device without a
 # real-time clock that boots at 1970 counts its clock as unset (see docs/threat-model.md).
 BUILD_TIME_FLOOR_S = 1767225600.0
-LOCK_WAIT_S = 60.0  # the daemon waits this long for the CLI to finish with the update lock
-
-
-class UpdateBusy(ArtifactError):
-    """Another update is in progress or on trial; nothing was changed."""
 
 
 class NothingToDo(KestrelError):
@@ -63,9 +56,8 @@ class Updater:
         self.slots = SlotStore(self.data_dir)
         self.trust = str(cfg.trust_dir)
         self.listener = listener
-        self.control_path = self.dir / "control.json"
         self.downloads = self.data_dir / "downloads"
-        self._lock_owner: Optional[int] = None
+        self.lock = UpdateLock(self.dir)
 
     # ---- helpers ----
     def _transition(self, state: str, **kw: Any) -> Dict[str, Any]:
@@ -77,33 +69,11 @@ class Updater:
                 log.exception("update status report failed")
         return snap
 
-    @contextlib.contextmanager
-    def locked(self, wait_s: float = 0.0) -> Iterator[None]:
-        """Exclusive right to change slots (CLI and daemon worker). ``wait_s`` = 0: UpdateBusy at once
-        when held elsewhere; else wait up to that long for it. Re-entrant within one thread."""
-        if self._lock_owner == threading.get_ident():
-            yield
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(str(self.dir / "update.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            deadline = time.monotonic() + wait_s
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if time.monotonic() >= deadline:
-                        raise UpdateBusy("another update is being installed right now; try again when it "
-                                         "ends") from exc
-                    time.sleep(0.05)
-            self._lock_owner = threading.get_ident()
-            try:
-                yield
-            finally:
-                self._lock_owner = None
-        finally:
-            os.close(fd)
+    def locked(self, wait_s: float = 0.0) -> ContextManager[None]:
+        """Exclusive right to change slots (CLI and daemon worker): edge.updater.control.UpdateLock.
+        ``wait_s`` = 0: UpdateBusy at once when held elsewhere; else wait up to that long for it.
+        Re-entrant within one thread."""
+        return self.lock.locked(wait_s)
 
     def trusted_keys(self) -> Any:
         """The trust store as of now (KeyFileError, an ArtifactError, when it cannot be loaded)."""
@@ -497,70 +467,6 @@ class Updater:
         p = str(self.cfg.model.path or "")
         return bool(self.cfg.update.allow_unsigned_factory) and p.endswith(".tflite")
 
-    # ---- reporting ----
-    def previous_slot(self) -> Optional[Slot]:
-        """The committed slot a rollback would go to, or None (no re-verification: for display)."""
-        if self.slots.active() is None:
-            return None
-        try:
-            return self.rollback_target(verify=False)
-        except NoRollbackTarget:
-            return None
-
-    def manifest(self) -> Any:
-        from proto import kestrel_pb2
-
-        self.state.reload()
-        snap = self.state.snapshot()
-        vm = kestrel_pb2.VersionManifest(update_state=snap["state"], reason=snap.get("reason", ""),
-                                         target_version=int(snap.get("target_version") or 0),
-                                         updated_ms=int(snap.get("updated_ms") or 0))
-        active = self.slots.active()
-        if active is not None:
-            vm.installed.CopyFrom(slot_ref(active))
-            vm.version_floor = self.state.floor(active.model_name)
-            prev = self.previous_slot()
-            if prev is not None:
-                vm.previous.CopyFrom(slot_ref(prev))
-        return vm
-
-    def status(self) -> Dict[str, Any]:
-        snap = self.state.snapshot()
-        out: Dict[str, Any] = {"state": snap["state"], "reason": snap.get("reason", ""),
-                               "target": {"model_name": snap.get("model_name", ""),
-                                          "version": snap.get("target_version", 0)},
-                               "trial": snap.get("trial"), "active_slot": self.slots.active_name(),
-                               "daemon_running": daemon_running(self.dir),
-                               "floors": snap.get("floors", {}),
-                               "history": snap.get("history", [])[-10:]}
-        for label, slot in (("installed", self.slots.active()), ("previous", self.previous_slot())):
-            out[label] = None if slot is None else {
-                "slot": slot.name, "model_name": slot.model_name, "version": slot.version,
-                "model_sha256": slot.model_sha256, "installed_ms": slot.record.get("installed_ms", 0),
-                "outcome": self.outcome(slot)}
-        return out
-
-    # ---- control requests from the CLI to a running daemon ----
-    def request(self, action: str, **fields: Any) -> str:
-        from edge import atomic
-
-        rid = uuid.uuid4().hex
-        atomic.write_json(self.control_path, dict(fields, action=action, id=rid, ms=int(time.time() * 1000)))
-        return rid
-
-    def take_request(self) -> Optional[Dict[str, Any]]:
-        try:
-            with open(str(self.control_path), "rb") as fh:
-                raw = fh.read(64 * 1024)
-            req = json.loads(raw)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            req = None
-        with contextlib.suppress(FileNotFoundError):
-            self.control_path.unlink()
-        return req if isinstance(req, dict) else None
-
 
 def _slot_created(slot: Slot) -> float:
     """The signed ``created`` time of the bundle in ``slot`` (0 when unknown): from slot.json, which
@@ -576,55 +482,3 @@ def _slot_created(slot: Slot) -> float:
         created = doc.get("created", 0) if isinstance(doc, dict) else 0
     ok = isinstance(created, (int, float)) and not isinstance(created, bool) and 0 <= created <= MAX_TIME_S
     return float(created) if ok else 0.0
-
-
-def slot_ref(slot: Slot) -> Any:
-    from proto import kestrel_pb2
-
-    return kestrel_pb2.ModelRef(name=slot.model_name, version=slot.version, sha256=slot.model_sha256)
-
-
-class DaemonLock:
-    """Held by a running daemon for its lifetime; the CLI tests it to know whether to ask the daemon."""
-
-    def __init__(self, update_dir: Path) -> None:
-        self.path = Path(update_dir) / "daemon.lock"
-        self._fd: Optional[int] = None
-
-    def acquire(self) -> bool:
-        if self._fd is not None:
-            return True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def daemon_running(update_dir: Path) -> bool:
-    """True when a daemon holds ``daemon.lock``. ArtifactError when the lock file cannot be opened."""
-    path = Path(update_dir) / "daemon.lock"
-    try:
-        fd = os.open(str(path), os.O_RDWR)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        raise ArtifactError(f"cannot open {path}: {exc.strerror or exc} (run as the daemon's user)") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False

@@ -13,13 +13,8 @@ Lifecycle inside ``kestrel-edge run``::
 All slow work (download, verify, stage, self-test, switch, rollback) runs in one background worker
 thread; ``observe`` only appends to the health watch and wakes the worker when a verdict is due.
 The CLI talks to a running daemon through ``{data_dir}/update/control.json`` (polled every
-CONTROL_POLL_S); see docs/updates.md.
-
-Desired-state messages are not authenticated (the MQTT ACL is the only gate): whatever they say,
-the device fetches only from its configured hub addresses, installs only a bundle whose signed
-manifest names exactly the announced model and version, above its version floor, and a fleet
-rollback only moves it to its own committed previous slot, once per ``issued_ms``, when it runs
-the version the message rolls back from.
+CONTROL_POLL_S; edge.updater.control); see docs/updates.md. Desired-state messages from the hub
+are followed by the service's edge.updater.desired.DesiredFollower, on the same worker thread.
 """
 
 from __future__ import annotations
@@ -30,16 +25,17 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from edge.errors import BundleError, KestrelError
+from edge.errors import KestrelError
+from edge.updater import report
 from edge.updater import state as st
-from edge.updater.engine import LOCK_WAIT_S, DaemonLock, NoRollbackTarget, NothingToDo, UpdateBusy, Updater
+from edge.updater.control import LOCK_WAIT_S, DaemonLock, UpdateBusy, take_request
+from edge.updater.desired import DesiredFollower
+from edge.updater.engine import NoRollbackTarget, NothingToDo, Updater
 from edge.updater.health import DEFAULT_THRESHOLD, HealthWatch, TrialCriteria
 
 log = logging.getLogger("kestrel.updater")
 
 CONTROL_POLL_S = 0.5
-RETRY_DESIRED_S = 60.0  # a desired version whose download failed for a transient reason is retried after this
-RETRY_DESIRED_MAX_S = 3600.0  # ... doubling up to this
 
 Progress = Callable[[], Tuple[int, int, bool]]  # (frames captured, frames inferred, pipeline done)
 
@@ -74,11 +70,8 @@ class UpdateService:
         self._progress: Optional[Progress] = None
         self._captured_at_trial = 0
         self.on_stall: Optional[Callable[[str], None]] = None
-        self._desired: Dict[str, Any] = {}  # "device" / "group" -> DesiredState (or None when cleared)
-        self._handled_desired: Optional[Tuple[str, int, bool, int, int]] = None
-        self._pending_desired: Any = None  # arrived during a trial: handled when it ends
-        self._retry: Optional[Tuple[float, Any]] = None  # (monotonic time, desired) after a transient failure
-        self._retry_delay = RETRY_DESIRED_S
+        self.desired = DesiredFollower(cfg, self.updater, queue_desired=lambda d: self._q.put(("desired", d)),
+                                       switch=self._switch, rollback=self._rollback, stop=self._stop)
 
     # ---- daemon seam ----
     def boot_model(self) -> Optional[Any]:
@@ -106,8 +99,8 @@ class UpdateService:
             from edge import topics
 
             dev = self.cfg.device.resolved_id
-            self.publisher.subscribe(topics.device_desired(dev), self._on_desired, topics.QOS_DESIRED)
-            self.publisher.subscribe(topics.group_desired(self.cfg.device.group), self._on_desired,
+            self.publisher.subscribe(topics.device_desired(dev), self.desired.on_desired, topics.QOS_DESIRED)
+            self.publisher.subscribe(topics.group_desired(self.cfg.device.group), self.desired.on_desired,
                                      topics.QOS_DESIRED)
         self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
         self._thread.start()
@@ -127,7 +120,7 @@ class UpdateService:
             self._q.put(("verdict", verdict))
 
     def version_manifest(self) -> Any:
-        return self.updater.manifest()
+        return report.manifest(self.updater)
 
     def stop(self) -> None:
         """Stop background work; never leaves a half-switched slot."""
@@ -192,26 +185,8 @@ class UpdateService:
         model = self.holder.get() if self.holder is not None else None
         if model is not None:
             msg.model.CopyFrom(model.ref)
-        msg.versions.CopyFrom(self.updater.manifest())
+        msg.versions.CopyFrom(report.manifest(self.updater))
         self.publisher.publish_status(msg)
-
-    # ---- desired state (MQTT I/O thread: keep short) ----
-    def _on_desired(self, topic: str, payload: bytes) -> None:
-        from proto import kestrel_pb2
-
-        kind = "group" if "/groups/" in topic else "device"
-        if not payload:
-            self._desired[kind] = None
-            return
-        try:
-            msg = kestrel_pb2.DesiredState.FromString(payload)
-        except Exception:  # noqa: BLE001 - protobuf raises DecodeError; anything else is bad input too
-            log.warning("ignoring an unreadable desired-state message on %s", topic)
-            return
-        self._desired[kind] = msg
-        chosen = self._desired.get("device") or self._desired.get("group")
-        if chosen is not None:
-            self._q.put(("desired", chosen))
 
     # ---- the worker ----
     def _run(self) -> None:
@@ -226,7 +201,7 @@ class UpdateService:
                 if kind == "verdict":
                     self._on_verdict(arg)
                 elif kind == "desired":
-                    self._on_desired_state(arg)
+                    self.desired.on_desired_state(arg)
                 self._tick()
             except KestrelError as exc:
                 log.warning("update refused: %s", exc)
@@ -241,14 +216,11 @@ class UpdateService:
             verdict = self.health.check_progress(captured, processed)
         if verdict is not None:
             self._on_verdict(verdict)
-        req = self.updater.take_request()
+        req = take_request(self.updater.dir)
         if req is not None:
             self._on_request(req)
         self._close_retired()
-        if self._retry is not None and time.monotonic() >= self._retry[0]:
-            desired = self._retry[1]
-            self._retry = None
-            self._on_desired_state(desired)
+        self.desired.retry_if_due()
 
     def _settle_after_error(self) -> None:
         """An unexpected error in the middle of an update: never leave DOWNLOADING & co. behind."""
@@ -322,12 +294,7 @@ class UpdateService:
             self._rollback(reason)
             if stalled and self.on_stall is not None:
                 self.on_stall(reason)  # the inference thread is stuck inside the old model: restart
-        self._after_trial()
-
-    def _after_trial(self) -> None:
-        if self._pending_desired is not None:
-            desired, self._pending_desired = self._pending_desired, None
-            self._q.put(("desired", desired))
+        self.desired.after_trial()
 
     def _rollback(self, reason: str) -> bool:
         """Hot-swap to where Updater.rollback_plan says (the previous committed slot's model, or for a
@@ -349,7 +316,7 @@ class UpdateService:
             self._previous_model = None
             if slot is None:
                 if model is None or not self._previous_is_factory:  # e.g. the daemon restarted mid-trial
-                    from edge.daemon import initial_model
+                    from edge.boot import initial_model
 
                     self._retire(model)
                     model = initial_model(self.cfg)
@@ -383,112 +350,6 @@ class UpdateService:
                 self._rollback(str(req.get("reason") or "manual rollback (kestrel-edge rollback)"))
             except NoRollbackTarget as exc:
                 log.warning("rollback refused: %s", exc)
-            self._after_trial()
+            self.desired.after_trial()
         else:
             log.warning("unknown control request %r", action)
-
-    def _on_desired_state(self, desired: Any) -> None:
-        key = (desired.model_name, int(desired.version), bool(desired.rollback), int(desired.issued_ms),
-               int(getattr(desired, "rollback_from_version", 0)))
-        if key == self._handled_desired:
-            return
-        if desired.rollback:  # acts at once, also on a model on trial
-            self._handled_desired = key
-            self._fleet_rollback(desired)
-            return
-        if self.updater.state.state in (st.TRIAL, st.ROLLING_BACK):
-            log.info("desired %s v%d waits for the current trial to finish", desired.model_name,
-                     int(desired.version))
-            self._pending_desired = desired
-            return
-        self._handled_desired = key
-        name, version = desired.model_name, int(desired.version)
-        try:
-            self.updater.admit(name, version)  # the rules prepare applies again to the verified bytes
-        except NothingToDo:
-            return  # equal: nothing to do
-        except BundleError as exc:
-            log.warning("desired %s v%d not fetched: %s", name, version, exc)
-            return
-        self._fetch_and_install(desired)
-
-    def _grpc_target(self, desired: Any) -> str:
-        """The registry to fetch from: the desired state's grpc_target only when it is one of ours."""
-        u = self.cfg.update
-        asked = str(desired.grpc_target or "")
-        if asked and (asked == u.hub_grpc or asked in u.grpc_targets):
-            return asked
-        if asked:
-            log.warning("ignoring grpc_target %r from a desired-state message: it is neither [update] hub_grpc "
-                        "nor listed in [update] grpc_targets", asked)
-        return str(u.hub_grpc or "")
-
-    def _fetch_and_install(self, desired: Any) -> None:
-        from edge.bundle import read_bounded
-        from edge.updater.fetch import fetch_bundle
-
-        name, version = desired.model_name, int(desired.version)
-        u = self.cfg.update
-        target = self._grpc_target(desired)
-        with self.updater.locked(wait_s=LOCK_WAIT_S):
-            self.updater._transition(st.DOWNLOADING, reason=f"from {target or '(no hub address)'}",
-                                     model_name=name, target_version=version)
-            try:
-                part = fetch_bundle(target, name, version, downloads=self.updater.downloads,
-                                    sha256=desired.sha256, size=int(desired.size),
-                                    max_bundle_bytes=u.max_bundle_bytes, stop=self._stop)
-                data = read_bounded(part, u.max_bundle_bytes)
-                part.unlink()
-            except (KestrelError, OSError) as exc:
-                reject = getattr(exc, "reason", "") == "too_large"
-                self.updater._transition(st.FAILED, reason=f"download failed: {exc}", reject=reject)
-                if not reject and not self._stop.is_set():
-                    self._retry = (time.monotonic() + self._retry_delay, desired)
-                    self._retry_delay = min(self._retry_delay * 2, RETRY_DESIRED_MAX_S)
-                    self._handled_desired = None
-                return
-            self._retry_delay = RETRY_DESIRED_S
-            try:
-                slot = self.updater.prepare(data, source=f"hub {name} v{version}", expect=(name, version))
-            except NothingToDo:  # the installed version was checked before the fetch: this is not v{version}
-                self.updater._transition(st.FAILED, reason=f"refused (not_desired): the hub announced {name} "
-                                                           f"v{version} but sent the installed version")
-                return
-            except KestrelError as exc:  # refused: recorded as FAILED (and rejected when its self-test failed)
-                log.warning("update to %s v%d refused: %s", name, version, exc)
-                return
-            del data
-            self._switch(slot.name, verify=False)
-
-    def _fleet_rollback(self, desired: Any) -> None:
-        """A hub-ordered rollback: applied at most once per issued_ms, only when the device runs the
-        version the message rolls back from, only to its own committed previous slot. Handled (never
-        looked at again) once applied, found not to apply, or refused for want of a target; any other
-        failure (the CLI holds the update lock, the previous model does not load) is retried."""
-        issued = int(desired.issued_ms)
-        last = int(self.updater.state.get("fleet_rollback_ms", 0) or 0)
-        if issued <= last:
-            log.info("fleet rollback issued at %d already handled (last %d): ignored", issued, last)
-            return
-        frm = int(getattr(desired, "rollback_from_version", 0))
-        active = self.updater.slots.active()
-        if frm <= 0:
-            log.warning("fleet rollback ignored: it names no version to roll back from (update the hub)")
-        elif active is None or active.version != frm or (desired.model_name and
-                                                          desired.model_name != active.model_name):
-            log.info("fleet rollback from %s v%d does not apply: this device runs %s", desired.model_name,
-                     frm, f"{active.model_name} v{active.version}" if active else "no installed model")
-        else:
-            try:
-                self._rollback(f"fleet rollback from v{frm} ordered by the hub")
-            except NoRollbackTarget as exc:
-                log.warning("fleet rollback from v%d refused: %s", frm, exc)
-            except (KestrelError, OSError) as exc:
-                self._handled_desired = None
-                self._retry = (time.monotonic() + self._retry_delay, desired)
-                log.warning("fleet rollback from v%d failed, retried in %.0f s: %s", frm, self._retry_delay, exc)
-                self._retry_delay = min(self._retry_delay * 2, RETRY_DESIRED_MAX_S)
-                return
-            self._retry_delay = RETRY_DESIRED_S
-            self._after_trial()
-        self.updater.state.update(fleet_rollback_ms=issued)

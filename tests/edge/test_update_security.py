@@ -52,12 +52,12 @@ def test_replay_after_rollback_is_refused_on_every_path(device, kp, models_dir):
     try:
         dev = device(hub_grpc=reg.target)
         on_v1_v2(dev, models_dir, kp)
-        dev.svc._fleet_rollback(desired("brightness", 0, rollback=True, rollback_from_version=2))
+        dev.svc.desired._fleet_rollback(desired("brightness", 0, rollback=True, rollback_from_version=2))
         assert dev.version == 1 and active(dev).version == 1
         assert dev.svc.updater.state.floor("brightness") == 2  # the high-water mark is not lowered
         # the hub path: a (forged or stale) desired state asking for v2 again fetches nothing
         n = len(reg.requests)
-        dev.svc._on_desired_state(desired("brightness", 2, v2))
+        dev.svc.desired.on_desired_state(desired("brightness", 2, v2))
         assert len(reg.requests) == n and dev.version == 1
         # the verifier itself: v2 is at the floor -> downgrade (not "newer than the installed v1")
         with pytest.raises(BundleError) as ei:
@@ -80,14 +80,14 @@ def test_desired_state_for_another_model_or_served_mismatch_is_refused(device, k
     try:
         dev = device(hub_grpc=reg.target)
         assert dev.install(bundle(models_dir, kp, 1)) and dev.settle() == st.COMMITTED
-        dev.svc._on_desired_state(desired("some-other-model", 50, other))
+        dev.svc.desired.on_desired_state(desired("some-other-model", 50, other))
         assert reg.requests == [] and dev.version == 1  # refused before any download
         # the hub (or whoever answers) serves another model's bundle under the announced name
-        dev.svc._on_desired_state(desired("brightness", 7, other))
+        dev.svc.desired.on_desired_state(desired("brightness", 7, other))
         snap = dev.svc.updater.state.snapshot()
         assert snap["state"] == st.FAILED and "wrong_model" in snap["reason"], snap["reason"]
         # ... or an older bundle of the right model under a newer announced version
-        dev.svc._on_desired_state(desired("brightness", 8, v1))
+        dev.svc.desired.on_desired_state(desired("brightness", 8, v1))
         snap = dev.svc.updater.state.snapshot()
         assert snap["state"] == st.FAILED and "not_desired" in snap["reason"], snap["reason"]
         assert dev.version == 1 and active(dev).version == 1
@@ -102,7 +102,7 @@ def test_announced_version_must_match_the_signed_manifest(device, kp, models_dir
     try:
         dev = device(hub_grpc=reg.target)
         assert dev.install(bundle(models_dir, kp, 1)) and dev.settle() == st.COMMITTED
-        dev.svc._on_desired_state(desired("brightness", 9, v3))
+        dev.svc.desired.on_desired_state(desired("brightness", 9, v3))
         snap = dev.svc.updater.state.snapshot()
         assert snap["state"] == st.FAILED and "not_desired" in snap["reason"], snap["reason"]
         assert dev.version == 1
@@ -117,7 +117,7 @@ def test_grpc_target_of_a_desired_state_is_used_only_when_configured(device, kp,
         dev = device(hub_grpc=hub.target)
         assert dev.install(bundle(models_dir, kp, 1)) and dev.settle() == st.COMMITTED
         dev.baseline()
-        dev.svc._on_desired_state(desired("brightness", 2, v2, grpc_target=evil.target))
+        dev.svc.desired.on_desired_state(desired("brightness", 2, v2, grpc_target=evil.target))
         assert evil.requests == [] and [r[:2] for r in hub.requests] == [("brightness", 2)]
         assert dev.version == 2
     finally:
@@ -194,7 +194,7 @@ def test_download_write_error_ends_in_failed_state(device, kp, models_dir):  # n
         assert dev.install(bundle(models_dir, kp, 1)) and dev.settle() == st.COMMITTED
         dl = dev.cfg.data_dir / "downloads"
         dl.write_text("a file where the downloads directory should be")
-        dev.svc._on_desired_state(desired("brightness", 2, v2))
+        dev.svc.desired.on_desired_state(desired("brightness", 2, v2))
         snap = dev.svc.updater.state.snapshot()
         assert snap["state"] == st.FAILED and "download failed" in snap["reason"]
         assert not dev.svc.updater.state.is_rejected("brightness", 2)  # a local problem: retried later
@@ -276,18 +276,18 @@ def test_stale_retained_fleet_rollback_is_not_applied_again(tmp_path, kp, models
     dev = Device(cfg)
     on_v1_v2(dev, models_dir, kp)
     old = desired("brightness", 0, rollback=True, rollback_from_version=3)
-    dev.svc._on_desired_state(old)  # does not apply (the device runs v2), but it is handled
+    dev.svc.desired.on_desired_state(old)  # does not apply (the device runs v2), but it is handled
     assert dev.version == 2
     assert dev.install(bundle(models_dir, kp, 3)) and dev.settle() == st.COMMITTED
     dev.close()
     dev = Device(cfg)  # restart: the broker re-delivers the retained message, which now names v3
     try:
         assert dev.version == 3
-        dev.svc._on_desired_state(old)
+        dev.svc.desired.on_desired_state(old)
         assert dev.version == 3 and active(dev).version == 3
         fresh = desired("brightness", 0, rollback=True, rollback_from_version=3)
         fresh.issued_ms = old.issued_ms + 1
-        dev.svc._on_desired_state(fresh)
+        dev.svc.desired.on_desired_state(fresh)
         assert dev.version == 2 and dev.svc.updater.state.state == st.ROLLED_BACK
         assert "fleet rollback from v3" in dev.svc.updater.state.snapshot()["reason"]
     finally:
@@ -297,7 +297,7 @@ def test_stale_retained_fleet_rollback_is_not_applied_again(tmp_path, kp, models
 def test_fleet_rollback_without_from_version_is_ignored(device, kp, models_dir):  # noqa: ANN001
     dev = device()
     on_v1_v2(dev, models_dir, kp)
-    dev.svc._on_desired_state(desired("brightness", 1, rollback=True))
+    dev.svc.desired.on_desired_state(desired("brightness", 1, rollback=True))
     assert dev.version == 2 and dev.svc.updater.state.state == st.COMMITTED
 
 
@@ -310,10 +310,10 @@ def test_fleet_rollback_blocked_by_the_update_lock_is_retried(device, kp, models
     order = desired("brightness", 0, rollback=True, rollback_from_version=2)
     cli = Updater(dev.svc.cfg)  # an operator's `kestrel-edge install` holds the update lock
     with cli.locked(wait_s=10.0):  # (the worker may still hold it for the commit)
-        dev.svc._on_desired_state(order)
+        dev.svc.desired.on_desired_state(order)
     assert dev.version == 2 and dev.svc.updater.state.get("fleet_rollback_ms") != order.issued_ms
-    assert dev.svc._retry is not None and dev.svc._retry[1] is order  # not marked handled: retried
-    dev.svc._retry = (0.0, order)  # the retry is due: the worker runs it
+    assert dev.svc.desired._retry is not None and dev.svc.desired._retry[1] is order  # not marked handled: retried
+    dev.svc.desired._retry = (0.0, order)  # the retry is due: the worker runs it
     wait_for(lambda: dev.svc.updater.state.get("fleet_rollback_ms") == order.issued_ms, what="the retry")
     assert dev.version == 1 and dev.svc.updater.state.state == st.ROLLED_BACK
 
@@ -467,8 +467,8 @@ def test_first_trial_failing_without_factory_ends_in_a_terminal_state(tmp_path, 
         assert dev.version == 1  # keeps running: there is nothing else
         assert dev.svc.updater.state.floor("brightness") == 1  # never installed again
         # a later desired state is handled at once, not parked behind a trial that never ends
-        dev.svc._on_desired_state(desired("brightness", 2))
-        assert dev.svc._pending_desired is None
+        dev.svc.desired.on_desired_state(desired("brightness", 2))
+        assert dev.svc.desired._pending_desired is None
     finally:
         dev.close()
 
