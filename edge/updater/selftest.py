@@ -70,7 +70,7 @@ def run_self_test(model: Any, self_test: Any, *, latency_budget_ms: float, min_c
 
 
 def _get(obj: Any, key: str, default: Any = KeyError) -> Any:
-    """Read a field from the manifest's dataclass (edge.bundle) or its plain-dict form."""
+    """Read a field from the manifest's dataclass (edge.manifest) or its plain-dict form."""
     if obj is None:
         value = default
     elif isinstance(obj, dict):

@@ -29,13 +29,14 @@ from typing import Any, Dict, List, Optional
 
 from edge import atomic
 from edge import bundle as bundle_mod
+from edge import manifest as manifest_mod
 from edge.errors import ArtifactError, BundleError
 
 log = logging.getLogger("kestrel.updater")
 
 SLOTS = ("a", "b")
-RECORD = bundle_mod.SLOT_RECORD_NAME  # reserved by the verifier: never a payload file name
-BUNDLE_FILE = bundle_mod.SLOT_BUNDLE_NAME
+RECORD = manifest_mod.SLOT_RECORD_NAME  # reserved by the verifier: never a payload file name
+BUNDLE_FILE = manifest_mod.SLOT_BUNDLE_NAME
 STAGING = ".staging"
 
 
@@ -144,8 +145,8 @@ class SlotStore:
 
     def _reverify(self, slot: Slot, trusted: Any) -> None:
         try:
-            mb = bundle_mod.read_bounded(slot.path / bundle_mod.MANIFEST_NAME, bundle_mod.MAX_MANIFEST_BYTES)
-            sb = bundle_mod.read_bounded(slot.path / bundle_mod.SIG_NAME, bundle_mod.MAX_SIG_BYTES)
+            mb = bundle_mod.read_bounded(slot.path / manifest_mod.MANIFEST_NAME, manifest_mod.MAX_MANIFEST_BYTES)
+            sb = bundle_mod.read_bounded(slot.path / manifest_mod.SIG_NAME, manifest_mod.MAX_SIG_BYTES)
         except BundleError as exc:  # unreadable or over the size limit
             detail = str(exc).replace(f"bundle refused: {exc.reason}: ", "", 1)
             raise SlotError(f"slot {slot.name}: its signed manifest cannot be used: {detail}") from exc

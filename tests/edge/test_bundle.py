@@ -13,7 +13,9 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 
 from edge import bundle as B
+from edge import bundle_container as C
 from edge import keys as K
+from edge import manifest as M
 from edge.errors import ArtifactError, BundleError
 from edge.inputspec import InputSpec
 from tests.helpers.bundles import BRIGHTNESS_SPEC, FAKE_MODEL, LABELS, make_bundle, make_keypair, members_of
@@ -38,7 +40,7 @@ def test_round_trip_with_the_real_int8_model(tmp_path: Path, models_dir: Path) -
     assert m.created == NOW and m.expires == NOW + 365 * 86400
     assert m.input_spec == BRIGHTNESS_SPEC
     assert m.metrics == {"accuracy": 0.93}
-    assert m.files["model.tflite"] == B.FileEntry(hashlib.sha256(model).hexdigest(), len(model))
+    assert m.files["model.tflite"] == M.FileEntry(hashlib.sha256(model).hexdigest(), len(model))
     assert m.self_test.tolerance == 0.1 and m.self_test.latency_budget_ms == 250.0
     assert m.self_test.cases[0].input == case_input
     assert m.self_test.cases[0].expected == [0.2, 0.3, 0.5]
@@ -182,7 +184,7 @@ def test_write_staged_writes_only_verified_files(tmp_path: Path) -> None:
     members = [("manifest.json", (stage / "manifest.json").read_bytes()),
                ("manifest.sig", (stage / "manifest.sig").read_bytes())]
     members += sorted((n, (stage / n).read_bytes()) for n in vb.files)
-    assert B.write_container(members) == data
+    assert C.write_container(members) == data
 
 
 def test_build_refuses_what_verify_would_refuse(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from edge import bundle as B
 from edge import keys as K
+from edge import manifest as M
 from edge.errors import BundleError
 from tests.helpers.bundles import (
     KeyPair,
@@ -53,9 +54,9 @@ def replace_member(data: bytes, name: str, content: bytes) -> bytes:
 def resign(key: K.SigningKey, doc: Dict[str, Any], payload: List[Tuple[str, bytes]],
            manifest_bytes: bytes = b"") -> bytes:
     """A container whose manifest (any content) is properly signed by ``key``."""
-    mb = manifest_bytes or B.canonical_json(doc)
+    mb = manifest_bytes or M.canonical_json(doc)
     kid, sig = K.sign(key, B.DOMAIN + mb)
-    sig_bytes = B.canonical_json({"alg": "ed25519", "key_id": kid, "sig": base64.b64encode(sig).decode()})
+    sig_bytes = M.canonical_json({"alg": "ed25519", "key_id": kid, "sig": base64.b64encode(sig).decode()})
     return rebuild([("manifest.json", mb), ("manifest.sig", sig_bytes)] + sorted(payload))
 
 
@@ -98,7 +99,7 @@ def test_byte_flipped_in_the_manifest(kp: KeyPair, good: bytes) -> None:
 def test_manifest_field_changed_after_signing(kp: KeyPair, good: bytes, field: str, value: Any) -> None:
     doc, _ = doc_and_payload(good)
     doc[field] = value
-    bad = replace_member(good, "manifest.json", B.canonical_json(doc))
+    bad = replace_member(good, "manifest.json", M.canonical_json(doc))
     assert refused(bad, kp.trusted).reason == "bad_signature"
 
 
@@ -108,7 +109,7 @@ def test_file_hash_in_manifest_changed_to_match_a_swapped_model(kp: KeyPair, goo
     import hashlib
 
     doc["files"]["model.tflite"] = {"sha256": hashlib.sha256(evil).hexdigest(), "length": len(evil)}
-    bad = replace_member(replace_member(good, "manifest.json", B.canonical_json(doc)), "model.tflite", evil)
+    bad = replace_member(replace_member(good, "manifest.json", M.canonical_json(doc)), "model.tflite", evil)
     assert refused(bad, kp.trusted).reason == "bad_signature"
 
 
@@ -117,7 +118,7 @@ def test_signature_bytes_flipped(kp: KeyPair, good: bytes) -> None:
     raw = bytearray(base64.b64decode(sig["sig"]))
     raw[10] ^= 0x04
     sig["sig"] = base64.b64encode(bytes(raw)).decode()
-    assert refused(replace_member(good, "manifest.sig", B.canonical_json(sig)), kp.trusted).reason == \
+    assert refused(replace_member(good, "manifest.sig", M.canonical_json(sig)), kp.trusted).reason == \
         "bad_signature"
 
 
@@ -138,8 +139,8 @@ def test_signature_file_not_canonical(kp: KeyPair, good: bytes) -> None:
 
 def test_oversized_manifest_and_signature_refused_on_every_path(kp: KeyPair, good: bytes) -> None:
     members = dict(members_of(good))
-    big_manifest = members["manifest.json"] + b" " * B.MAX_MANIFEST_BYTES
-    big_sig = members["manifest.sig"] + b" " * B.MAX_SIG_BYTES
+    big_manifest = members["manifest.json"] + b" " * M.MAX_MANIFEST_BYTES
+    big_sig = members["manifest.sig"] + b" " * M.MAX_SIG_BYTES
     data = replace_member(good, "manifest.json", big_manifest)
     assert refused(data, kp.trusted).reason == "too_large"
     with pytest.raises(BundleError) as e:
@@ -180,7 +181,7 @@ def test_untrusted_signature_claiming_a_trusted_key_id(tmp_path: Path, kp: KeyPa
     bad = make_bundle(None, mallory, version=3, created=NOW)
     sig = json.loads(dict(members_of(bad))["manifest.sig"])
     sig["key_id"] = kp.key_id
-    assert refused(replace_member(bad, "manifest.sig", B.canonical_json(sig)), kp.trusted).reason == \
+    assert refused(replace_member(bad, "manifest.sig", M.canonical_json(sig)), kp.trusted).reason == \
         "bad_signature"
 
 
@@ -417,7 +418,7 @@ def test_signed_but_non_canonical_manifest(kp: KeyPair, good: bytes) -> None:
 
 def test_signed_manifest_with_duplicate_keys(kp: KeyPair, good: bytes) -> None:
     doc, payload = doc_and_payload(good)
-    mb = B.canonical_json(doc)
+    mb = M.canonical_json(doc)
     dup = mb[:-1] + b',"version":999}'
     e = refused(resign(kp.key, doc, payload, manifest_bytes=dup), kp.trusted)
     assert e.reason == "bad_manifest"

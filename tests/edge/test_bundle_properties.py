@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from edge import bundle as B
 from edge import keys as K
+from edge import manifest as M
 from edge.errors import BundleError
+from edge.inputspec import InputSpec
 from tests.helpers.bundles import make_bundle, members_of, raw_container, rebuild, tar_header
 
 NOW = 1_800_000_000.0
@@ -19,7 +21,7 @@ KEY = Ed25519PrivateKey.generate()
 TRUSTED: Dict[str, K.PublicKey] = {K.key_id(KEY): KEY.public_key()}
 STEST = {"tolerance": 0.05, "latency_budget_ms": 50.0,
          "cases": [{"input": bytes(range(12)), "expected": [0.5, 0.25, 0.25]}]}
-SPEC = B.InputSpec(shape=[1, 2, 2, 3], dtype="uint8", scale=1 / 255.0)
+SPEC = InputSpec(shape=[1, 2, 2, 3], dtype="uint8", scale=1 / 255.0)
 GOOD = make_bundle(b"model-bytes " * 40, KEY, version=5, created=NOW, spec=SPEC, self_test=STEST,
                    extra_files={"README": b"hi"})
 OTHER = make_bundle(b"other-model " * 40, KEY, version=6, created=NOW, spec=SPEC, self_test=STEST,
@@ -34,7 +36,7 @@ def outcome(data: bytes) -> str:
     try:
         B.verify_bundle(data, TRUSTED, now=NOW)
     except BundleError as exc:
-        assert exc.reason in B.REASONS
+        assert exc.reason in M.REASONS
         return exc.reason
     return "ok"
 
@@ -173,9 +175,9 @@ PATHS = _paths(GOOD_DOC)
 def _resigned(doc: Any) -> bytes:
     import base64
 
-    mb = B.canonical_json(doc)
+    mb = M.canonical_json(doc)
     kid, sig = K.sign(KEY, B.DOMAIN + mb)
-    sb = B.canonical_json({"alg": "ed25519", "key_id": kid, "sig": base64.b64encode(sig).decode()})
+    sb = M.canonical_json({"alg": "ed25519", "key_id": kid, "sig": base64.b64encode(sig).decode()})
     return rebuild([("manifest.json", mb), ("manifest.sig", sb)] + GOOD_PAYLOAD)
 
 
@@ -216,8 +218,8 @@ def test_resigned_random_manifests_raise_only_bundle_error_and_respect_bounds(ed
     if result == "ok":  # whatever a signer put there, an accepted manifest fits every consumer
         m = B.verify_bundle(data, TRUSTED, now=NOW).manifest
         kestrel_pb2.ModelRef(name=m.model_name, version=m.version)  # proto uint64
-        assert 1 <= m.version < 2 ** 63 and 0 <= m.created < m.expires <= B.MAX_TIME_S
+        assert 1 <= m.version < 2 ** 63 and 0 <= m.created < m.expires <= M.MAX_TIME_S
         assert all(isinstance(d, int) and not isinstance(d, bool) for d in m.input_spec.shape)
         assert 0 <= m.self_test.tolerance <= 1 and 0 <= m.default_threshold <= 1
-        assert all(abs(x) <= B.MAX_SCORE for c in m.self_test.cases for x in c.expected)
+        assert all(abs(x) <= M.MAX_SCORE for c in m.self_test.cases for x in c.expected)
         B._iso(m.expires)

@@ -113,7 +113,8 @@ def test_stage_fsyncs_each_staged_file_once(tmp_path, models_dir, monkeypatch): 
 def test_unreadable_or_oversized_signed_manifest_makes_the_slot_unusable(tmp_path, models_dir):  # noqa: ANN001
     import time
 
-    from edge.bundle import MAX_SIG_BYTES, verify_bundle
+    from edge.bundle import verify_bundle
+    from edge.manifest import MAX_SIG_BYTES
 
     kp = make_keypair(tmp_path)
     store = SlotStore(tmp_path / "data")

@@ -146,7 +146,7 @@ def _field_changed_after_signing(data: bytes) -> bytes:
     members = _members(data)
     doc = json.loads(members[0][1])
     doc["default_threshold"] = 0.0  # e.g. to silence the sampler; the signature covers the old bytes
-    from edge.bundle import canonical_json
+    from edge.manifest import canonical_json
 
     members[0] = ("manifest.json", canonical_json(doc))
     return rebuild(members)

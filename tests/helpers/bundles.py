@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from edge import bundle as bundlemod
 from edge import keys as keymod
+from edge.bundle_container import parse_container, write_container
 from edge.inputspec import InputSpec
 
 LABELS = ["bright", "dark", "mid"]
@@ -100,13 +101,13 @@ def write_bundle(path: Path, *args: Any, **kw: Any) -> Path:
 
 def members_of(data: bytes) -> List[Tuple[str, bytes]]:
     """The (name, bytes) members of a valid bundle, in order."""
-    return [(name, bytes(content)) for name, content in bundlemod.parse_container(data)]
+    return [(name, bytes(content)) for name, content in parse_container(data)]
 
 
 def tar_header(name: Union[str, bytes], size: int, typeflag: bytes = b"0", linkname: bytes = b"",
                prefix: bytes = b"", devmajor: int = 0, devminor: int = 0) -> bytes:
     """A ustar header with a correct checksum; any name/type (for building hostile containers).
-    With the defaults it is byte-identical to the canonical header edge.bundle writes."""
+    With the defaults it is byte-identical to the canonical header edge.bundle_container writes."""
     raw = name.encode() if isinstance(name, str) else name
     h = bytearray(512)
     h[0:len(raw[:100])] = raw[:100]
@@ -139,4 +140,4 @@ def raw_container(entries: List[Tuple[bytes, bytes]]) -> bytes:
 
 def rebuild(members: List[Tuple[str, bytes]]) -> bytes:
     """A canonical container holding ``members`` (no re-signing)."""
-    return bundlemod.write_container(members)
+    return write_container(members)
