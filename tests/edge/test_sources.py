@@ -15,7 +15,8 @@ import pytest
 from edge.config import SourceConfig
 from edge.demo import write_video
 from edge.errors import SourceError
-from edge.sources import FileSource, GStreamerSource, RTSPSource, TestPatternSource, open_source
+from edge.gstsource import GStreamerSource
+from edge.sources import FileSource, RTSPSource, TestPatternSource, open_source
 from tests.helpers.broker import free_port
 from tests.helpers.wait import wait_for
 
@@ -302,6 +303,6 @@ def test_a_stalled_live_source_is_reopened_after_stall_timeout(gst, caplog):  # 
     stalled = [r.getMessage() for r in caplog.records if "stalled" in r.getMessage()]
     assert len(stalled) == 1 and "no frame for 0.4s" in stalled[0], stalled
     assert list(src.backoffs)[:2] == [0.01, 0.02]
-    from edge.sources import HISTORY
+    from edge.backoff import HISTORY
 
     assert src.backoffs.maxlen == src.exit_codes.maxlen == HISTORY  # bounded over months of reopening
