@@ -36,17 +36,17 @@ $(VENV)/.stamp: pyproject.toml
 	$(VPY) -m pip install -q -e '.[edge,hub,trainer,dev,litert]'
 	touch $@
 
-# Device interpreter: Python 3.8 + tflite-runtime 2.14 + numpy 1.24, as on JetPack.
+# Device interpreter: Python 3.8 with exactly what a Jetson Nano gets (jetson/constraints-jp46.txt).
 # No Python 3.8 on the machine: `make test` says so loudly and skips the device run, unless
 # KESTREL_REQUIRE_PY38=1 (CI sets it), which makes the missing interpreter an error.
-.venv38/.stamp: pyproject.toml
+.venv38/.stamp: pyproject.toml jetson/constraints-jp46.txt
 	@if [ -z "$(PY38)" ]; then \
 	  echo "no Python 3.8 found: install it (pyenv install 3.8, or Ubuntu 20.04's python3.8) to prove the device side" >&2; \
 	  if [ "$(KESTREL_REQUIRE_PY38)" = 1 ]; then exit 1; fi; \
 	  echo "SKIPPING the Python 3.8 device run (set KESTREL_REQUIRE_PY38=1 to make this an error)" >&2; exit 0; fi
 	test -x .venv38/bin/python || $(PY38) -m venv .venv38
 	.venv38/bin/python -m pip install -q --upgrade pip
-	.venv38/bin/python -m pip install -q -e '.[edge,tflite-runtime]' 'numpy==1.24.*' 'tflite-runtime==2.14.*' pytest pytest-timeout hypothesis
+	.venv38/bin/python -m pip install -q -c jetson/constraints-jp46.txt -e '.[edge,tflite-runtime]' pytest pytest-timeout hypothesis
 	touch $@
 
 .venv-proto/.stamp:

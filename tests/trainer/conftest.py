@@ -4,6 +4,8 @@ per session. Tests that change a run work on a private copy (`run_copy`)."""
 
 from __future__ import annotations
 
+import re
+
 import contextlib
 import importlib.util
 import io
@@ -22,6 +24,11 @@ else:
 REPO = Path(__file__).resolve().parents[2]
 VENV38 = REPO / ".venv38"
 PY38 = VENV38 / "bin" / "python"
+
+# The tflite-runtime a Jetson Nano gets (jetson/constraints-jp46.txt pins the device suite to it).
+DEVICE_TFLITE_RUNTIME = re.search(r"^tflite-runtime==([\d.]+)", (REPO / "jetson" / "constraints-jp46.txt").read_text(),
+                                  re.M).group(1)  # type: ignore[union-attr]
+
 
 # Small but learnable: 4 digits x 60 images at 32x32, 2 folds, few epochs.
 CLASSES = 4
