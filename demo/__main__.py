@@ -101,9 +101,9 @@ def camera_accuracy(bundle: Path, trust_dir: Path, imgs: np.ndarray, targets: np
     """Accuracy of a signed bundle's model on the camera's digits, on the edge runtime, as the device
     preprocesses a camera frame (``skip``: indices the model was trained on)."""
     from demo.camera import render
-    from edge.bundle import verify_bundle
-    from edge.keys import load_public_keys
-    from edge.runtime import load_model
+    from edge.inference import load_model
+    from proto.bundle import verify_bundle
+    from proto.keys import load_public_keys
 
     v = verify_bundle(bundle.read_bytes(), load_public_keys(trust_dir), expected_model=MODEL_NAME, now=time.time())
     m = load_model(v.model_bytes, labels=v.labels, spec=v.manifest.input_spec, threads=1)

@@ -194,7 +194,7 @@ class Loop:
     def make_keys(self) -> Path:
         """`kestrel-train keygen`: an Ed25519 signing key (keys/signing.key) and its public half, copied to
         trust/ (what hub and edge trust)."""
-        from edge.keys import PRIVATE_NAME, PUBLIC_NAME
+        from proto.keys import PRIVATE_NAME, PUBLIC_NAME
 
         keys = self.work / "keys"
         run_tool([sys.executable, "-m", "trainer", "keygen", "--out", str(keys)], self.tools_log)
@@ -260,7 +260,7 @@ class Loop:
     @property
     def client(self) -> Any:
         if self._client is None:
-            from edge.hubrpc import HubClient
+            from proto.hubclient import HubClient
 
             self._client = HubClient(self.grpc_target, timeout_s=30.0)
         return self._client

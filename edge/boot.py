@@ -3,10 +3,9 @@
 What ``kestrel-edge run`` does before its pipeline starts: take the updater's boot model (the
 active slot), else install a ``model.path`` bundle through the updater, else run the unsigned
 factory ``.tflite`` when ``[update] allow_unsigned_factory`` allows it, else wait for the hub to
-deploy a first model (when it can). Also the helpers around it: loading the configured factory
-model (``initial_model``, used by the updater's rollback to the factory model and by
-``--check-config``), reading a model's bundle ``default_threshold``, and the ModelHolder that
-tells the daemon about every swap (``FollowingHolder``).
+deploy a first model (when it can). Also the helpers around it: reading a model's bundle
+``default_threshold``, and the ModelHolder that tells the daemon about every swap (``FollowingHolder``).
+The factory model itself is loaded by edge.updater.factory.
 """
 
 from __future__ import annotations
@@ -17,24 +16,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from edge import config
-from edge.errors import ArtifactError, ConfigError, KestrelError
-from edge.pipeline import ModelHolder
-from edge.runtime import Model, load_labels, load_model
+from edge.pipeline.loop import ModelHolder
+from edge.updater.factory import is_bundle_path, load_factory_model
+from proto.errors import ArtifactError, ConfigError, KestrelError
 
 log = logging.getLogger("edge.daemon")  # the boot is part of the daemon's log
-
-
-def initial_model(cfg: config.EdgeConfig) -> Model:
-    """The configured fallback model: ``model.path``, a bare .tflite (the callers check that it is set
-    and not a bundle; bundles are installed through the updater)."""
-    m = cfg.model
-    labels = load_labels(m.labels) if m.labels else None
-    return load_model(m.path, labels=labels, runtime=m.runtime, threads=m.threads, name=Path(m.path).stem,
-                      color_order=m.color_order, normalization=m.normalization, resize=m.resize)
-
-
-def is_bundle_path(path: str) -> bool:
-    return path.endswith(".kbundle")
 
 
 def model_default_threshold(model: Any, slots: Any) -> Optional[float]:
@@ -77,7 +63,7 @@ def install_configured_bundle(cfg: config.EdgeConfig, updater: Any, holder: Mode
     through the updater's normal install path; the result is committed at once (there is no
     previous model to roll back to). ConfigError (one line, exit 2) when it is refused.
     ``updater`` is the daemon's edge.updater.service.UpdateService."""
-    from edge.bundle import read_bounded
+    from proto.bundle import read_bounded
 
     try:
         data = read_bounded(path, int(cfg.update.max_bundle_bytes))  # size checked first
@@ -126,7 +112,7 @@ def boot(cfg: config.EdgeConfig, updater: Any, holder: ModelHolder) -> Any:
     else:
         log.warning("no signed model installed: running the UNSIGNED factory model %s (model.path; see "
                     "docs/threat-model.md)", path)
-        model = initial_model(cfg)
+        model = load_factory_model(cfg.model)
     holder.swap(model)
     return model
 

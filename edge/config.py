@@ -1,6 +1,6 @@
 """The edge daemon's configuration (``edge.toml``): one typed tree, every field documented.
 
-Unknown keys are rejected by name (edge.tomlconf). ``kestrel-edge run --check-config`` loads and
+Unknown keys are rejected by name (proto.tomlconf). ``kestrel-edge run --check-config`` loads and
 validates it and exits (systemd ``ExecStartPre``). ``kestrel-edge config-doc`` prints this
 documentation; docs/edge-config.md is generated from it (``kestrel-edge config-doc >
 docs/edge-config.md``; a test fails when it is stale).
@@ -13,10 +13,10 @@ import socket
 from pathlib import Path
 from typing import List, Optional, Union
 
-from edge import tomlconf, topics
-from edge.errors import ConfigError
-from edge.modelname import MODEL_NAME_RULE, valid_model_name
-from edge.tomlconf import field
+from proto import tomlconf, topics
+from proto.errors import ConfigError
+from proto.modelname import MODEL_NAME_RULE, valid_model_name
+from proto.tomlconf import field
 
 MiB = 1024 * 1024
 

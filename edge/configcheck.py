@@ -16,8 +16,8 @@ from typing import List, Optional
 import cv2
 
 from edge import config
-from edge.boot import initial_model, is_bundle_path
-from edge.errors import ConfigError, KestrelError
+from edge.updater.factory import is_bundle_path, load_factory_model
+from proto.errors import ConfigError, KestrelError
 
 
 def check_plausible(cfg: config.EdgeConfig) -> List[str]:
@@ -80,7 +80,7 @@ def check_model_loads(cfg: config.EdgeConfig) -> List[str]:
     if not m.path or is_bundle_path(m.path) or not Path(m.path).is_file():
         return []  # bundles are verified by the updater at start; a missing path is reported already
     try:
-        initial_model(cfg).close()
+        load_factory_model(cfg.model).close()
     except KestrelError as exc:
         return [f"model.path: {exc}"]
     return []

@@ -2,7 +2,7 @@
 
 Wiring: config -> Stats, Publisher (durable spool + MQTT), TelemetryService, ModelHolder,
 UpdateService (boot model, desired state, trial watch), source, Sampler, Pipeline. Sampled frames
-go through a bounded hand-off (edge.framesink.SinkWorker) to a thread that turns them into
+go through a bounded hand-off (edge.uplink.sink.SinkWorker) to a thread that turns them into
 ``kestrel_pb2.Frame`` messages (JPEG image, top-k, reasons) and hands them to the publisher, which
 spools them (fsync) before sending. SIGTERM/SIGINT: stop capture, drain queued frames through
 inference, spool every sampled frame, flush the publisher, exit 0. A file source that ends does
@@ -33,12 +33,12 @@ from typing import Any, Optional
 from edge import __version__, config
 from edge.boot import FollowingHolder, boot, model_default_threshold, wait_for_first_model
 from edge.configcheck import check_model_loads, check_plausible, load_config, quiet_opencv
-from edge.errors import ConfigError
-from edge.framesink import FrameBuilder, SinkWorker
-from edge.pipeline import ModelHolder, Pipeline
-from edge.sampler import Sampler
+from edge.pipeline.loop import ModelHolder, Pipeline
+from edge.pipeline.sampler import Sampler
 from edge.sources import open_source
+from edge.uplink.sink import FrameBuilder, SinkWorker
 from proto import kestrel_pb2
+from proto.errors import ConfigError
 
 log = logging.getLogger("edge.daemon")
 
@@ -60,9 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --- the daemon ------------------------------------------------------------------------------------
 class Daemon:
     def __init__(self, cfg: config.EdgeConfig) -> None:
-        from edge.publisher import Publisher
-        from edge.telemetry import Stats, TelemetryService
+        from edge.telemetry.service import Stats, TelemetryService
         from edge.updater.service import UpdateService
+        from edge.uplink.publisher import Publisher
 
         self.cfg = cfg
         self.device_id = cfg.device.resolved_id

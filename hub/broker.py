@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from edge import atomic
 from hub.config import HubConfig
 from hub.errors import ConfigError, TransportError
+from proto import atomic
 
 log = logging.getLogger("hub.broker")
 

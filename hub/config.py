@@ -1,6 +1,6 @@
 """The hub's configuration (``hub.toml``): one typed tree, every field documented.
 
-Unknown keys are rejected by name (edge.tomlconf). ``kestrel-hub serve --check-config`` loads and
+Unknown keys are rejected by name (proto.tomlconf). ``kestrel-hub serve --check-config`` loads and
 validates it and exits. docs/hub.md describes the sections; ``describe_config()`` renders every key.
 """
 
@@ -11,14 +11,14 @@ import secrets
 from pathlib import Path
 from typing import Any, List, Union
 
-from edge import atomic, tomlconf
-from edge.tomlconf import field
 from hub.errors import ConfigError
 from hub.registry import RegistryConfig
 from hub.store.sqlite import SYNCHRONOUS_MODES
+from proto import atomic, tomlconf
+from proto.tomlconf import field
 
 MiB = 1024 * 1024
-IMAGE_CHECK_MODES = ("structure", "decode")  # hub/imagecheck.py check_image's modes
+IMAGE_CHECK_MODES = ("structure", "decode")  # hub/ingest/imagecheck.py check_image's modes
 CLIENT_ID_FILE = "mqtt-client-id"  # in data_dir: the generated default client id, kept across restarts
 
 

@@ -1,10 +1,10 @@
-"""Every error the hub raises. Roots follow edge.errors: ArtifactError (bad input: a payload, a
+"""Every error the hub raises. Roots follow proto.errors: ArtifactError (bad input: a payload, a
 bundle, a config) and TransportError (something unreachable: the store, the broker). Third-party
 errors (pymongo, sqlite3, paho, grpc) are wrapped at the boundary with ``raise ... from exc``."""
 
 from __future__ import annotations
 
-from edge.errors import ArtifactError, ConfigError, KestrelError, TransportError
+from proto.errors import ArtifactError, ConfigError, KestrelError, TransportError
 
 __all__ = [
     "ArtifactError", "ConfigError", "KestrelError", "TransportError",

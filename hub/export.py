@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from edge.atomic import fsync_dir
 from hub.errors import ArtifactError
 from hub.labels import LabelError, validate_label
 from hub.store.base import FrameRecord, Store
+from proto.atomic import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,10 @@ import logging
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from edge import topics
 from hub.errors import ArtifactError, NotFound
 from hub.registry import Registry
 from hub.store.base import DESIRED_SCOPE_DEVICE, DESIRED_SCOPE_GROUP, DeviceRecord, GroupDesired, Store
-from proto import kestrel_pb2
+from proto import kestrel_pb2, topics
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from typing import Any, Iterator, List, NoReturn, Optional, Tuple
 
 import grpc
 
-from edge.errors import ArtifactError, KestrelError, TransportError
 from hub.errors import NotFound
 from hub.fleet import FleetService, NothingToRollBack, device_message
 from hub.registry import EXISTS, INVALID, PRECONDITION, PushRefused, Registry, model_version_message
 from proto import kestrel_pb2, kestrel_pb2_grpc
+from proto.errors import ArtifactError, KestrelError, TransportError
 
 log = logging.getLogger(__name__)
 

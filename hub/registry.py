@@ -1,7 +1,7 @@
 """The model registry: signed bundles pushed in chunks, verified, kept by content hash.
 
 A push is accepted only when the whole bundle arrived (size and sha256 as announced in the first
-chunk), its signature verifies against the fleet's trusted keys (edge.bundle.verify_bundle, the
+chunk), its signature verifies against the fleet's trusted keys (proto.bundle.verify_bundle, the
 same check the devices run) and its version is newer than every stored version of that model name.
 Pushing the identical bundle again is an idempotent retry and returns the stored record.
 
@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from edge.atomic import fsync_dir
-from edge.errors import ArtifactError, BundleError
-from edge.keys import PublicKey, load_public_keys
-from edge.tomlconf import field
 from hub.errors import NotFound, RegistryError, StoreError
 from hub.store.base import ModelRecord, Store
 from proto import kestrel_pb2
+from proto.atomic import fsync_dir
+from proto.errors import ArtifactError, BundleError
+from proto.keys import PublicKey, load_public_keys
+from proto.tomlconf import field
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ INVALID = "invalid_argument"          # the bytes are bad: tampered, cut off, wr
 PRECONDITION = "failed_precondition"  # the bundle is fine but not acceptable here: untrusted key, old version
 EXISTS = "already_exists"             # that version exists with different content
 
-# BundleError reasons (edge.bundle) that mean "not acceptable here" rather than "corrupt".
+# BundleError reasons (proto.bundle) that mean "not acceptable here" rather than "corrupt".
 _PRECONDITION_REASONS = {"untrusted_key", "no_trusted_keys", "expired", "not_yet_valid", "same_version",
                          "downgrade", "not_newer"}
 
@@ -54,7 +54,7 @@ class RegistryConfig:
     blob_dir: str = field("", doc="Where pushed bundles are kept (one <sha256>.kbundle file each); "
                                   "empty = <data_dir>/models.")
     trust_dir: str = field("", doc="Trusted public keys of the fleet (a key file or a directory of them, "
-                                   "as edge.keys.load_public_keys reads); a push is verified against them. "
+                                   "as proto.keys.load_public_keys reads); a push is verified against them. "
                                    "Empty = <data_dir>/trust.")
     max_bundle_bytes: int = field(200 * MiB, doc="Pushes announcing a larger bundle are refused (devices "
                                                  "refuse bundles over 200 MiB too).")
@@ -195,7 +195,7 @@ class Registry:
         return total, announced, digest, received
 
     def _accept(self, tmp: Path, bundle_sha: str, size: int) -> ModelRecord:
-        from edge.bundle import verify_bundle
+        from proto.bundle import verify_bundle
 
         data = tmp.read_bytes()
         keys = self.trusted_keys()

@@ -18,15 +18,15 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from edge import atomic
 from hub import config as hubconfig
 from hub.broker import BrokerTarget, EmbeddedBroker, resolve
 from hub.config import HubConfig
 from hub.errors import ConfigError, KestrelError, TransportError
 from hub.http import HttpServer
-from hub.ingest import Ingest
+from hub.ingest.pipeline import Ingest
 from hub.store.base import Store
 from hub.store.open import open_store
+from proto import atomic
 
 log = logging.getLogger("hub.server")
 

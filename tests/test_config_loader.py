@@ -6,8 +6,9 @@ import dataclasses
 
 import pytest
 
-from edge import config, tomlconf
-from edge.errors import ConfigError
+from edge import config
+from proto import tomlconf
+from proto.errors import ConfigError
 
 
 def test_defaults_load_and_validate() -> None:

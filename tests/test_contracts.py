@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edge import topics
 from proto import kestrel_pb2 as pb
+from proto import topics
 
 
 def test_topic_layout() -> None:

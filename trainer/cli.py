@@ -2,7 +2,7 @@
 
 Commands: run (the whole pipeline), ingest / train / optimize / evaluate / report (one stage on a run dir),
 keygen, package, push, push-model, digits (a local demo data set), config-doc. Errors print one line and exit non-zero
-(edge.errors.run_command: 2 = bad input, a refused gate or a push the hub refused; 3 = hub unreachable or failing).
+(proto.errors.run_command: 2 = bad input, a refused gate or a push the hub refused; 3 = hub unreachable or failing).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from edge.errors import DEBUG_HELP, ArtifactError, run_command
+from proto.errors import DEBUG_HELP, ArtifactError, run_command
 from trainer.config import ARCHS
 
 # flag dest -> config field
@@ -30,7 +30,7 @@ OVERRIDES: Dict[str, str] = {
     "prune_epochs": "optimize.prune_epochs", "qat": "optimize.qat", "io_dtype": "optimize.io_dtype",
     "max_accuracy_drop": "gate.max_accuracy_drop", "model_name": "gate.model_name",
 }
-DEFAULT_HUB = "127.0.0.1:50051"  # edge.hubrpc.DEFAULT_HUB, not imported: it loads grpc (~0.1 s a command)
+DEFAULT_HUB = "127.0.0.1:50051"  # proto.hubclient.DEFAULT_HUB, not imported: it loads grpc (~0.1 s a command)
 DEFAULT_KEY = "keys/signing.key"
 RUNS_DIR = "runs"
 
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_key_early(path: Optional[str]) -> None:
     if path:
-        from edge.keys import load_private_key
+        from proto.keys import load_private_key
 
         load_private_key(path)
 
@@ -237,7 +237,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from edge.keys import generate_keypair
+    from proto.keys import generate_keypair
 
     priv, pub = generate_keypair(Path(args.out))
     print(f"private key: {priv} (mode 0600; keep it secret)\npublic key:  {pub} (install on devices and hub)")
@@ -260,7 +260,7 @@ def _read_bundle(path: str) -> bytes:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from edge.hubrpc import HubClient
+    from proto.hubclient import HubClient
     from trainer.push import describe
 
     with HubClient(args.hub) as client:
@@ -278,7 +278,7 @@ def latest_run(root: Path = Path(RUNS_DIR)) -> Path:
 
 
 def cmd_push_model(args: argparse.Namespace) -> int:
-    from edge.hubrpc import HubClient
+    from proto.hubclient import HubClient
     from trainer import pipeline
     from trainer.push import deploy_target, describe, latest_version
     from trainer.rundir import run_config
@@ -286,7 +286,7 @@ def cmd_push_model(args: argparse.Namespace) -> int:
     with HubClient(args.hub) as client:
         if args.bundle:
             data = _read_bundle(args.bundle)
-            from edge.bundle import read_manifest_unverified
+            from proto.bundle import read_manifest_unverified
 
             man = read_manifest_unverified(data)
             name, version = man.model_name, man.version

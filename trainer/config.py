@@ -1,4 +1,4 @@
-"""The trainer's typed TOML config (edge.tomlconf: unknown keys rejected). CLI flags override fields.
+"""The trainer's typed TOML config (proto.tomlconf: unknown keys rejected). CLI flags override fields.
 
 Example ``train.toml``::
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Optional
 
-from edge.tomlconf import describe, field, load
+from proto.tomlconf import describe, field, load
 
 ARCHS = ("small_cnn", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
 MOBILENET_V3 = ("mobilenet_v3_small", "mobilenet_v3_large")
@@ -73,7 +73,7 @@ class ModelConfig:
             raise ValueError("channels = 1 works only with arch small_cnn")
         if self.arch.startswith("mobilenet") and self.input_size < 32:
             raise ValueError("MobileNets need input_size >= 32")
-        from edge.inputspec import COLOR_ORDERS, NORMALIZATIONS, RESIZES
+        from proto.inputspec import COLOR_ORDERS, NORMALIZATIONS, RESIZES
 
         for name, value, allowed in (("color_order", self.color_order, COLOR_ORDERS),
                                      ("normalization", self.normalization, NORMALIZATIONS),
@@ -168,7 +168,7 @@ class GateConfig:
     expires_in_days: float = field(365.0, doc="Bundle validity in days (> 0, <= 3650).")
 
     def validate(self) -> None:
-        from edge.bundle import valid_model_name
+        from proto.bundle import valid_model_name
 
         if not 0.0 <= self.max_accuracy_drop <= 100.0:
             raise ValueError("max_accuracy_drop must be 0..100 accuracy points")
@@ -208,7 +208,7 @@ def load_config(path: Optional[str]) -> Config:
 
 def apply_overrides(cfg: Config, overrides: Dict[str, Any]) -> Config:
     """Set ``section.key`` fields (CLI flags) that are not None; validates again."""
-    from edge.tomlconf import from_dict, to_dict
+    from proto.tomlconf import from_dict, to_dict
 
     data = to_dict(cfg)
     for dotted, value in overrides.items():

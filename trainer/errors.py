@@ -1,8 +1,8 @@
-"""Trainer errors: all under edge.errors so the CLI prints one clear line and exits non-zero."""
+"""Trainer errors: all under proto.errors so the CLI prints one clear line and exits non-zero."""
 
 from __future__ import annotations
 
-from edge.errors import ArtifactError, HubError
+from proto.errors import ArtifactError, HubError
 
 
 class DataError(ArtifactError):

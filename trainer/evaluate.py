@@ -1,5 +1,5 @@
-"""Evaluation of .tflite models with the edge's own runtime (edge.runtime, the device preprocessing from
-edge.preprocess), the accuracy gate, and the bundle's self-test cases."""
+"""Evaluation of .tflite models with the edge's own runtime (edge.inference.runtime, the device preprocessing from
+edge.inference.preprocess), the accuracy gate, and the bundle's self-test cases."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from edge.inputspec import InputSpec
-from edge.runtime import load_model
+from edge.inference import load_model
+from proto.inputspec import InputSpec
 from trainer.errors import GateError
 from trainer.preprocess import model_input
 from trainer.train import metrics

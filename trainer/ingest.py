@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from edge.inputspec import InputSpec
-from edge.phash import phash  # the same 64-bit DCT hash the edge sampler uses
+from edge.inference import phash  # the same 64-bit DCT hash the edge sampler uses
+from proto.inputspec import InputSpec
 from trainer.errors import DataError
 from trainer.imageio import is_image_name, read_image
 from trainer.preprocess import resize_to_input
@@ -170,8 +170,8 @@ class Dataset:
         return buf.getvalue()
 
     def save(self, path: Path) -> None:
-        """Atomically (edge.atomic: temp file, fsync, rename)."""
-        from edge.atomic import write_bytes
+        """Atomically (proto.atomic: temp file, fsync, rename)."""
+        from proto.atomic import write_bytes
 
         write_bytes(path, self.to_bytes())
 

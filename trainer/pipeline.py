@@ -14,7 +14,7 @@ first checks that record against the disk and the current config, so a re-run or
 never flow into a later one unnoticed: above all, ``package`` signs only the exact model ``evaluate``
 gated, with the input spec and self-test cases measured on it.
 
-Every file is written atomically (edge.atomic: temp file in the same directory, fsync, rename, directory
+Every file is written atomically (proto.atomic: temp file in the same directory, fsync, rename, directory
 fsync; mode 0644): a crash leaves the old file or the new one, never a torn one.
 """
 
@@ -24,9 +24,9 @@ import hashlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from edge import atomic
-from edge.inputspec import InputSpec
-from edge.tomlconf import to_dict
+from proto import atomic
+from proto.inputspec import InputSpec
+from proto.tomlconf import to_dict
 from trainer.config import Config
 from trainer.errors import DataError, RunDirError
 from trainer.rundir import (
@@ -235,7 +235,7 @@ def report(rundir: Path) -> Path:
 
 def package(rundir: Path, key_path: str, version: int, out: Path, allow_failed_gate: bool = False) -> Dict[str, Any]:
     """Sign exactly the model `evaluate` measured and gated, with its input spec and self-test cases."""
-    from edge import bundle, keys
+    from proto import bundle, keys
     from trainer.evaluate import enforce_gate
 
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:

@@ -1,5 +1,5 @@
 """The device preprocessing, as recorded in the bundle's InputSpec - one definition for training,
-evaluation and the edge: this module delegates to edge.preprocess (what the device runs).
+evaluation and the edge: this module delegates to edge.inference.preprocess (what the device runs).
 
 The trainer stores every image resized to the model input as uint8 pixels in the model's colour order
 (`resize_to_input`, = the edge's resize + colour step). The float model is trained on
@@ -15,10 +15,10 @@ from typing import Any, Dict, Tuple
 import cv2
 import numpy as np
 
-from edge.inputspec import InputSpec
-from edge.preprocess import Preprocessor
+from edge.inference import Preprocessor
+from proto.inputspec import InputSpec
 
-# p (0..255) -> r = p * a + b, per normalization (edge/inputspec.py).
+# p (0..255) -> r = p * a + b, per normalization (proto/inputspec.py).
 NORM: Dict[str, Tuple[float, float]] = {"0_1": (1.0 / 255.0, 0.0), "-1_1": (1.0 / 127.5, -1.0), "raw": (1.0, 0.0)}
 
 

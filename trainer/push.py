@@ -1,6 +1,6 @@
 """What ``kestrel-train push``/``push-model`` need beyond the hub's gRPC client: the hub's latest version of a
 model, a deploy target, a one-line description of a push. The client itself (chunking, deadlines, the error
-mapping: a refusal is exit 2, an unreachable hub exit 3) is edge.hubrpc.HubClient, shared with kestrel-hub
+mapping: a refusal is exit 2, an unreachable hub exit 3) is proto.hubclient.HubClient, shared with kestrel-hub
 (the trainer may not import hub, DESIGN.md).
 """
 

@@ -53,7 +53,7 @@ def figures(data: Dict[str, Any]) -> Dict[str, Any]:
 def _save_png(fig: Any, path: Path) -> None:
     import io
 
-    from edge.atomic import write_bytes
+    from proto.atomic import write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
@@ -142,7 +142,7 @@ def _table(rows: List[List[Any]], head: List[str]) -> str:
 
 
 def write_report(rundir: Path) -> Path:
-    from edge.atomic import write_bytes, write_json
+    from proto.atomic import write_bytes, write_json
 
     out = rundir / "report"
     out.mkdir(parents=True, exist_ok=True)

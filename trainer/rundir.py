@@ -6,7 +6,7 @@ Lineage: each stage finishes by writing ``STAGE/lineage.json`` with the sha256 o
 wrote and a hash of the config sections it depends on (:data:`STAGE_CONFIG`). The next stage (and
 ``package``) first checks that record against the disk and the current config (:func:`check_lineage`).
 
-Every file is written with edge.atomic (temp file in the same directory, fsync, rename, directory
+Every file is written with proto.atomic (temp file in the same directory, fsync, rename, directory
 fsync; mode 0644) or, for the .h5 and the SavedModel, the same steps by hand: a crash leaves the old
 file or the new one, never a torn one.
 """
@@ -22,9 +22,9 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 
-from edge import atomic
-from edge.inputspec import InputSpec
-from edge.tomlconf import from_dict, to_dict
+from proto import atomic
+from proto.inputspec import InputSpec
+from proto.tomlconf import from_dict, to_dict
 from trainer.config import Config
 from trainer.errors import RunDirError
 
@@ -176,7 +176,7 @@ def input_contract(spec: InputSpec, labels: List[str]) -> Dict[str, Any]:
     return {"input": spec.to_dict(), "labels": list(labels), "input_name": "image",
             "how": "BGR frame -> color_order -> resize (stretch | center_crop) to shape[1:3] -> float32 by "
                    "normalization (0_1: p/255, -1_1: p/127.5-1, raw: p); output = softmax scores in label order "
-                   "(edge/inputspec.py)"}
+                   "(proto/inputspec.py)"}
 
 
 def load_data(rundir: Path) -> tuple:

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
-from edge.errors import ArtifactError
+from proto.errors import ArtifactError
 
 LOCK_WAIT_S = 60.0  # the daemon waits this long for the CLI to finish with the update lock
 CONTROL_FILE = "control.json"  # in the update dir: one request from the CLI to the running daemon
@@ -68,7 +68,7 @@ class UpdateLock:
 
 # ---- control requests from the CLI to a running daemon ----
 def request(update_dir: Path, action: str, **fields: Any) -> str:
-    from edge import atomic
+    from proto import atomic
 
     rid = uuid.uuid4().hex
     atomic.write_json(Path(update_dir) / CONTROL_FILE, dict(fields, action=action, id=rid,

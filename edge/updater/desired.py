@@ -21,10 +21,10 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from edge.errors import BundleError, KestrelError
 from edge.updater import state as st
 from edge.updater.control import LOCK_WAIT_S
 from edge.updater.engine import NoRollbackTarget, NothingToDo, Updater
+from proto.errors import BundleError, KestrelError
 
 log = logging.getLogger("kestrel.updater")
 
@@ -121,8 +121,8 @@ class DesiredFollower:
         return str(u.hub_grpc or "")
 
     def _fetch_and_install(self, desired: Any) -> None:
-        from edge.bundle import read_bounded
         from edge.updater.fetch import fetch_bundle
+        from proto.bundle import read_bounded
 
         name, version = desired.model_name, int(desired.version)
         u = self.cfg.update

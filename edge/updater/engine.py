@@ -1,6 +1,6 @@
 """The updater's IO layer: turns verified bundles into slots and switches between them.
 
-Verification is pure (edge.bundle.verify_bundle); this module feeds it what the device knows (the
+Verification is pure (proto.bundle.verify_bundle); this module feeds it what the device knows (the
 trusted keys, the expected model name, the per-model version floor, a clock it can believe) and
 does the writes, the self-test, the pointer switch, the rollbacks and the boot-count rule, keeping
 the state file (edge.updater.state). The daemon's UpdateService and the ``kestrel-edge
@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 
-from edge.errors import ArtifactError, BundleError, KestrelError
 from edge.updater import slots as slots_mod
 from edge.updater import state as st
 from edge.updater.control import UpdateBusy, UpdateLock
 from edge.updater.selftest import run_self_test
 from edge.updater.slots import Slot, SlotError, SlotStore
+from proto.errors import ArtifactError, BundleError, KestrelError
 
 log = logging.getLogger("kestrel.updater")
 
@@ -77,7 +77,7 @@ class Updater:
 
     def trusted_keys(self) -> Any:
         """The trust store as of now (KeyFileError, an ArtifactError, when it cannot be loaded)."""
-        from edge.keys import load_public_keys
+        from proto.keys import load_public_keys
 
         return load_public_keys(self.trust)
 
@@ -129,7 +129,7 @@ class Updater:
     # ---- the install path ----
     def verify(self, data: Any, *, new_model: bool = False) -> Any:
         """Pure verification against the trusted keys, expected model, installed version and floor."""
-        from edge.bundle import verify_bundle
+        from proto.bundle import verify_bundle
 
         u = self.cfg.update
         expected = None if new_model else self.expected_model()
@@ -159,7 +159,7 @@ class Updater:
         ``new_model``: then that model's own floor applies), ``downgrade`` (at or below the installed
         version or the model's floor), ``rejected`` (given up on before; ``manual``, an operator's
         install, may retry it)."""
-        from edge.bundle import MAX_VERSION, refuse, valid_model_name
+        from proto.bundle import MAX_VERSION, refuse, valid_model_name
 
         if not valid_model_name(name) or not 1 <= version <= MAX_VERSION:
             raise refuse("bad_manifest", f"{name!r} v{version} is not a valid model name and version")
@@ -238,8 +238,8 @@ class Updater:
     def load_slot(self, slot: Slot, *, verify: bool = True, trusted: Any = None) -> Any:
         """Check the slot (files, and its signature against today's keys unless ``verify=False``) and
         load its model with the edge runtime."""
-        from edge.inputspec import InputSpec
-        from edge.runtime import load_model
+        from edge.inference.runtime import load_model
+        from proto.inputspec import InputSpec
 
         if verify:
             self.check_slot(slot, trusted)
@@ -471,7 +471,7 @@ class Updater:
 def _slot_created(slot: Slot) -> float:
     """The signed ``created`` time of the bundle in ``slot`` (0 when unknown): from slot.json, which
     has it since it is staged; a slot staged before that reads it from its manifest.json."""
-    from edge.bundle import MANIFEST_NAME, MAX_MANIFEST_BYTES, MAX_TIME_S, read_bounded
+    from proto.bundle import MANIFEST_NAME, MAX_MANIFEST_BYTES, MAX_TIME_S, read_bounded
 
     created = slot.record.get("created")
     if created is None:

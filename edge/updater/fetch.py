@@ -5,7 +5,7 @@ broken stream or a restart resumes from the part file's size. The whole file mus
 sha256 from the desired state (or the server's, when the desired state has none). Bundles larger
 than ``max_bundle_bytes`` are refused before a byte is downloaded when the size is announced, and
 in any case as soon as the bytes received pass it. The signature is checked later by
-edge.bundle.verify_bundle; this layer only moves bytes.
+proto.bundle.verify_bundle; this layer only moves bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Optional
 
-from edge.errors import BundleError, HubError, TransportError
+from proto.errors import BundleError, HubError, TransportError
 
 log = logging.getLogger("kestrel.updater")
 

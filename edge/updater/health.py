@@ -29,7 +29,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 BASELINE_WINDOW = 300
 MIN_BASELINE = 5
-DEFAULT_THRESHOLD = 0.6  # the sampler's default for a bare .tflite (edge.sampler)
+DEFAULT_THRESHOLD = 0.6  # the sampler's default for a bare .tflite (edge.pipeline.sampler)
 
 
 @dataclasses.dataclass

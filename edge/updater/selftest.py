@@ -8,7 +8,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from edge.errors import ArtifactError
+from proto.errors import ArtifactError
 
 
 class SelfTestError(ArtifactError):
@@ -21,7 +21,7 @@ class SelfTestError(ArtifactError):
 
 def run_self_test(model: Any, self_test: Any, *, latency_budget_ms: float, min_cases: int = 1,
                   max_tolerance: float = 1.0) -> Dict[str, Any]:
-    """Run every case on ``model`` (an edge.runtime.Model); return figures or raise SelfTestError.
+    """Run every case on ``model`` (an edge.inference.runtime.Model); return figures or raise SelfTestError.
 
     The device sets the limits; a bundle may only make them stricter: the latency budget is the
     smaller of the manifest's ``latency_budget_ms`` and ``latency_budget_ms`` (the device config),
@@ -70,7 +70,7 @@ def run_self_test(model: Any, self_test: Any, *, latency_budget_ms: float, min_c
 
 
 def _get(obj: Any, key: str, default: Any = KeyError) -> Any:
-    """Read a field from the manifest's dataclass (edge.manifest) or its plain-dict form."""
+    """Read a field from the manifest's dataclass (proto.manifest) or its plain-dict form."""
     if obj is None:
         value = default
     elif isinstance(obj, dict):

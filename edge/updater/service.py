@@ -25,13 +25,14 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from edge.errors import KestrelError
 from edge.updater import report
 from edge.updater import state as st
 from edge.updater.control import LOCK_WAIT_S, DaemonLock, UpdateBusy, take_request
 from edge.updater.desired import DesiredFollower
 from edge.updater.engine import NoRollbackTarget, NothingToDo, Updater
+from edge.updater.factory import load_factory_model
 from edge.updater.health import DEFAULT_THRESHOLD, HealthWatch, TrialCriteria
+from proto.errors import KestrelError
 
 log = logging.getLogger("kestrel.updater")
 
@@ -96,7 +97,7 @@ class UpdateService:
         if not self._lock.acquire():
             log.warning("another daemon holds %s; CLI requests may go to it", self._lock.path)
         if self.cfg.update.enabled and self.publisher is not None:
-            from edge import topics
+            from proto import topics
 
             dev = self.cfg.device.resolved_id
             self.publisher.subscribe(topics.device_desired(dev), self.desired.on_desired, topics.QOS_DESIRED)
@@ -112,7 +113,7 @@ class UpdateService:
         self.on_stall = on_stall
 
     def observe(self, result: Any) -> None:
-        """Called by the inference loop after every frame (edge.pipeline.InferenceResult)."""
+        """Called by the inference loop after every frame (edge.pipeline.loop.InferenceResult)."""
         self._observed += 1
         self._last_ref = getattr(result, "model_ref", None)
         verdict = self.health.observe(result)
@@ -177,8 +178,7 @@ class UpdateService:
     def _report(self, snap: Dict[str, Any]) -> None:
         if self.publisher is None:
             return
-        from edge import topics
-        from proto import kestrel_pb2
+        from proto import kestrel_pb2, topics
 
         msg = kestrel_pb2.Status(device_id=self.cfg.device.resolved_id, state=topics.STATE_ONLINE,
                                  time_ms=int(time.time() * 1000), group=self.cfg.device.group)
@@ -316,10 +316,8 @@ class UpdateService:
             self._previous_model = None
             if slot is None:
                 if model is None or not self._previous_is_factory:  # e.g. the daemon restarted mid-trial
-                    from edge.boot import initial_model
-
                     self._retire(model)
-                    model = initial_model(self.cfg)
+                    model = load_factory_model(self.cfg.model)
             elif model is None or getattr(model.ref, "sha256", None) != slot.model_sha256:
                 self._retire(model)
                 model = self.updater.load_slot(slot, verify=False)  # rollback_plan re-verified it

@@ -3,7 +3,7 @@
 Layout::
 
     slots/active        "a" or "b" (atomic replace): the slot the daemon runs
-    slots/a/            verified files written by edge.bundle.write_staged (model, labels, manifest,
+    slots/a/            verified files written by proto.bundle.write_staged (model, labels, manifest,
                         signature), bundle.kbundle (the signed bundle as received), slot.json
     slots/b/            the other slot: the previous model, or the one being staged
 
@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from edge import atomic
-from edge import bundle as bundle_mod
-from edge import manifest as manifest_mod
-from edge.errors import ArtifactError, BundleError
+from proto import atomic
+from proto import bundle as bundle_mod
+from proto import manifest as manifest_mod
+from proto.errors import ArtifactError, BundleError
 
 log = logging.getLogger("kestrel.updater")
 
@@ -126,7 +126,7 @@ class SlotStore:
         """Re-hash every file of the slot against its record; SlotError on any difference.
 
         With ``trusted`` (key id -> public key), first re-verify the slot's signed manifest with
-        those keys (edge.bundle.verify_manifest: signature, schema; no model-name, time or version
+        those keys (proto.bundle.verify_manifest: signature, schema; no model-name, time or version
         rule: the slot was admitted by those at install) and check every payload file's length and
         sha256 against it, and the record against the manifest.
         """

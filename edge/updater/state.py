@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from edge import atomic
+from proto import atomic
 
 log = logging.getLogger("kestrel.updater")
 

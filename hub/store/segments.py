@@ -38,7 +38,7 @@ class ImageRef:
 
 
 def _fsync_dir(path: Path) -> None:
-    """Like edge.atomic.fsync_dir, but an error is raised, not ignored: a row must never name a segment
+    """Like proto.atomic.fsync_dir, but an error is raised, not ignored: a row must never name a segment
     file whose name is not durable yet."""
     fd = os.open(str(path), os.O_RDONLY)
     try:

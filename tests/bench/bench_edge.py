@@ -62,8 +62,8 @@ import numpy as np
 from edge import config as edge_config
 from edge.config import SamplerConfig, SourceConfig
 from edge.daemon import Daemon
-from edge.runtime import Model, load_model
-from edge.sampler import Sampler
+from edge.inference.runtime import Model, load_model
+from edge.pipeline.sampler import Sampler
 from edge.sources import open_capture
 from tests.bench.bench_models import mobilenet_path
 from tests.helpers.broker import Mosquitto

@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from edge import topics  # noqa: E402
+from proto import topics  # noqa: E402
 from tests.helpers.wait import wait_for  # noqa: E402
 from tests.hub import HubProcess, frame_payload  # noqa: E402
 

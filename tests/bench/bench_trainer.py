@@ -129,10 +129,10 @@ def _latency(job_models: Dict[str, Dict[str, str]], python: str, work: Path) -> 
 
 
 def _edge_runtime_latency(models: Dict[str, bytes], specs: Dict[str, Any], x: Dict[str, Any]) -> Dict[str, float]:
-    """Median ms per invoke through edge.runtime.load_model (what the daemon runs), 1 thread, interleaved."""
+    """Median ms per invoke through edge.inference.runtime.load_model (what the daemon runs), 1 thread, interleaved."""
     import numpy as np
 
-    from edge.runtime import load_model
+    from edge.inference.runtime import load_model
 
     loaded = {n: load_model(b, spec=specs[n], threads=1) for n, b in models.items()}
     for n, m in loaded.items():

@@ -41,8 +41,8 @@ FPS = 30.0
 
 
 def _mobilenet_bundle(models_dir: Path, kp: Any, version: int) -> bytes:
-    from edge.inputspec import InputSpec
-    from edge.runtime import load_model
+    from edge.inference.runtime import load_model
+    from proto.inputspec import InputSpec
     from tests.helpers.bundles import make_bundle
 
     path = models_dir / "mobilenet_float.tflite"
@@ -65,8 +65,8 @@ def _mobilenet_bundle(models_dir: Path, kp: Any, version: int) -> bytes:
 def main(out_dir: Path) -> Dict[str, Any]:
     from edge import config
     from edge.config import PipelineConfig, SamplerConfig, SourceConfig
-    from edge.pipeline import ModelHolder, Pipeline
-    from edge.sampler import Sampler
+    from edge.pipeline.loop import ModelHolder, Pipeline
+    from edge.pipeline.sampler import Sampler
     from edge.sources import open_source
     from edge.updater import state as st
     from edge.updater.service import UpdateService

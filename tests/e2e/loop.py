@@ -23,7 +23,7 @@ PATTERN = [0.9, 0.9, 0.5, 0.9, 0.1, 0.5, 0.9, 0.45, 0.9, 0.55]
 
 def self_test_cases(model_path: Path, levels: Sequence[float] = (0.9, 0.1, 0.5)) -> Dict[str, Any]:
     """Self-test cases as the trainer computes them: the model's own scores on the edge runtime."""
-    from edge.runtime import load_model
+    from edge.inference.runtime import load_model
     from tests.helpers.bundles import BRIGHTNESS_SPEC
 
     m = load_model(str(model_path), spec=BRIGHTNESS_SPEC, labels=LABELS, threads=1)
@@ -46,8 +46,8 @@ class BrightnessLoop(Loop):
         self.models_dir = Path(models_dir)
 
     def bundle(self, version: int, model: str = "brightness_int8") -> bytes:
-        from edge import bundle as bundlemod
-        from edge import keys
+        from proto import bundle as bundlemod
+        from proto import keys
         from tests.helpers.bundles import BRIGHTNESS_SPEC
 
         if self.priv_path is None:

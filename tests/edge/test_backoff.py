@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge.backoff import HISTORY, Backoff
+from proto.backoff import HISTORY, Backoff
 
 
 class Clock:

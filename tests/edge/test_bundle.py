@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from cryptography.exceptions import InvalidSignature
 
-from edge import bundle as B
-from edge import bundle_container as C
-from edge import keys as K
-from edge import manifest as M
-from edge.errors import ArtifactError, BundleError
-from edge.inputspec import InputSpec
+from proto import bundle as B
+from proto import bundle_container as C
+from proto import keys as K
+from proto import manifest as M
+from proto.errors import ArtifactError, BundleError
+from proto.inputspec import InputSpec
 from tests.helpers.bundles import BRIGHTNESS_SPEC, FAKE_MODEL, LABELS, make_bundle, make_keypair, members_of
 
 NOW = 1_800_000_000.0

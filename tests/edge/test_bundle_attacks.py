@@ -11,10 +11,10 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 
-from edge import bundle as B
-from edge import keys as K
-from edge import manifest as M
-from edge.errors import BundleError
+from proto import bundle as B
+from proto import keys as K
+from proto import manifest as M
+from proto.errors import BundleError
 from tests.helpers.bundles import (
     KeyPair,
     make_bundle,

@@ -9,11 +9,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from edge import bundle as B
-from edge import keys as K
-from edge import manifest as M
-from edge.errors import BundleError
-from edge.inputspec import InputSpec
+from proto import bundle as B
+from proto import keys as K
+from proto import manifest as M
+from proto.errors import BundleError
+from proto.inputspec import InputSpec
 from tests.helpers.bundles import make_bundle, members_of, raw_container, rebuild, tar_header
 
 NOW = 1_800_000_000.0

@@ -16,9 +16,9 @@ import cv2
 import numpy as np
 import pytest
 
-from edge import topics
-from edge.demo import write_video
+from demo.edge import write_video
 from proto import kestrel_pb2 as pb
+from proto import topics
 from tests.helpers.broker import free_port
 from tests.helpers.mqtt import Collector
 from tests.helpers.wait import wait_for

@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 
 from edge.config import EdgeConfig
-from edge.framesink import FrameBuilder, SinkWorker, downscale
-from edge.pipeline import SampledFrame
-from edge.publisher import Publisher
+from edge.pipeline.loop import SampledFrame
+from edge.uplink.publisher import Publisher
+from edge.uplink.sink import FrameBuilder, SinkWorker, downscale
 from proto import kestrel_pb2 as pb
 from tests.helpers.wait import wait_for
 
@@ -133,7 +133,7 @@ def test_the_sink_thread_runs_at_a_lower_priority(tmp_path: Path) -> None:
 
     import pytest
 
-    from edge.framesink import SINK_NICENESS
+    from edge.uplink.sink import SINK_NICENESS
 
     if not sys.platform.startswith("linux"):
         pytest.skip("per-thread priorities are set on Linux only")

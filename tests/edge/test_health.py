@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from edge.inputspec import InputSpec
 from edge.updater import state as st
 from edge.updater.health import HealthWatch, TrialCriteria, p95
+from proto.inputspec import InputSpec
 from tests.edge.test_updater import Device, bundle, make_cfg
 from tests.helpers.bundles import make_keypair
 
@@ -145,7 +145,7 @@ def test_non_finite_scores_count_as_errors():
     """Results built outside the pipeline (which makes them error results itself, see test_pipeline)."""
     import numpy as np
 
-    from edge.pipeline import InferenceResult
+    from edge.pipeline.loop import InferenceResult
 
     w = HealthWatch(TrialCriteria(frames=100, seconds=0, max_errors=2))
     w.begin_trial("new", None)
@@ -169,9 +169,9 @@ def test_self_test_fails_on_non_finite_scores(tmp_path, kp, models_dir):  # noqa
 
     import numpy as np
 
-    from edge.errors import KestrelError
-    from edge.runtime import load_model
+    from edge.inference.runtime import load_model
     from edge.updater.selftest import SelfTestError, run_self_test
+    from proto.errors import KestrelError
 
     x = np.full(NAN_SPEC.shape, 0.9, np.float32)
     case = {"input": base64.b64encode(x.tobytes()).decode(), "expected": [1 / 3] * 3}
@@ -202,8 +202,8 @@ def test_nan_model_on_trial_in_the_pipeline_is_rolled_back(tmp_path, kp, models_
     import threading
 
     from edge.config import PipelineConfig, SamplerConfig, SourceConfig
-    from edge.pipeline import NON_FINITE, Pipeline
-    from edge.sampler import Sampler
+    from edge.pipeline.loop import NON_FINITE, Pipeline
+    from edge.pipeline.sampler import Sampler
     from edge.sources import open_source
     from tests.helpers.wait import wait_for
 

@@ -1,4 +1,4 @@
-"""edge.hubrpc against a real gRPC server (a recording ModelRegistry, no hub): a push's deadline grows with its
+"""proto.hubclient against a real gRPC server (a recording ModelRegistry, no hub): a push's deadline grows with its
 size, the chunks carry size and sha256 first, and a refusal vs an unreachable hub map to exit 2 vs 3.
 Python 3.8 too: kestrel-hub, kestrel-train and the demo share this client."""
 
@@ -10,9 +10,9 @@ from concurrent import futures
 import grpc
 import pytest
 
-from edge.errors import ArtifactError, HubError, TransportError
-from edge.hubrpc import PUSH_BYTES_PER_S, PUSH_CHUNK, PUSH_TIMEOUT_S, HubClient, HubRefused, push_timeout
 from proto import kestrel_pb2, kestrel_pb2_grpc
+from proto.errors import ArtifactError, HubError, TransportError
+from proto.hubclient import PUSH_BYTES_PER_S, PUSH_CHUNK, PUSH_TIMEOUT_S, HubClient, HubRefused, push_timeout
 
 # The deadline as the server sees it: a little under what was asked, or a little over (gRPC rounds it on the wire).
 DEADLINE_SLACK_S = 2.0

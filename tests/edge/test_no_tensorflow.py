@@ -33,7 +33,7 @@ def test_importing_every_edge_module_pulls_in_no_tensorflow() -> None:
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert {"edge.daemon", "edge.runtime", "edge.publisher", "edge.framesink", "edge.updater.service"} <= set(
-        res["modules"])
+    assert {"edge.daemon", "edge.inference.runtime", "edge.uplink.publisher", "edge.uplink.sink",
+            "edge.updater.service"} <= set(res["modules"])
     assert res["failed"] == {}
     assert res["heavy"] == [], f"edge pulled in {res['heavy']}"

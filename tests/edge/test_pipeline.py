@@ -6,11 +6,11 @@ import threading
 
 import pytest
 
+from demo.edge import write_video
 from edge.config import PipelineConfig, SamplerConfig, SourceConfig
-from edge.demo import write_video
-from edge.pipeline import InferenceResult, ModelHolder, Pipeline, SampledFrame
-from edge.runtime import load_model
-from edge.sampler import Sampler
+from edge.inference.runtime import load_model
+from edge.pipeline.loop import InferenceResult, ModelHolder, Pipeline, SampledFrame
+from edge.pipeline.sampler import Sampler
 from edge.sources import open_source
 from proto import kestrel_pb2 as pb
 from tests.helpers.wait import wait_for
@@ -125,7 +125,7 @@ def test_a_frame_that_fails_unexpectedly_is_counted_and_the_run_goes_on(models_d
     import cv2
     import numpy as np
 
-    from edge.phash import dhash
+    from edge.inference.perceptual import dhash
 
     def broken_hash(img: np.ndarray) -> int:
         return dhash(img[:0])  # cv2.resize of an empty image: cv2.error
@@ -140,7 +140,7 @@ def test_a_frame_that_fails_unexpectedly_is_counted_and_the_run_goes_on(models_d
     smp = Sampler(SamplerConfig(max_per_minute=0, max_per_hour=0, max_per_day=0, dedup_distance=6),
                   hasher=broken_hash)
     p = Pipeline(src, ModelHolder(model), smp, rec.sink, PipelineConfig(), observers=[rec.observe])
-    with caplog.at_level(logging.DEBUG, logger="edge.pipeline"):
+    with caplog.at_level(logging.DEBUG, logger="edge.pipeline.loop"):
         p.run()
     assert p.processed == len(levels) and p.errors == 5 and p.error_kinds == {"error": 5}
     # every frame reaches the observers (the updater's trial watch): the failed ones as error results

@@ -22,11 +22,10 @@ from typing import Dict, List, Optional, Tuple
 import paho.mqtt.client as paho
 import pytest
 
-from edge import topics
 from edge.config import EdgeConfig
-from edge.errors import AuthError
-from edge.publisher import Publisher
-from proto import kestrel_pb2
+from edge.uplink.publisher import Publisher
+from proto import kestrel_pb2, topics
+from proto.errors import AuthError
 from tests.helpers.broker import Mosquitto
 from tests.helpers.mqtt import Collector
 from tests.helpers.wait import wait_for
@@ -362,7 +361,7 @@ def test_oversize_frame_is_refused_and_counted(broker, tmp_path: Path, publisher
     try:
         pub = publishers(make_cfg(broker.host, broker.port, max_payload_bytes=1000), dev, tmp_path / "spool")
         pub.start()
-        with caplog.at_level(logging.ERROR, logger="edge.publisher"):
+        with caplog.at_level(logging.ERROR, logger="edge.uplink.publisher"):
             big = frame(0, dev, size=5000)
             pub.publish_frame(big)
         assert pub.oversize_refused == 1 and pub.spool_stats()[1] == 0
@@ -392,7 +391,7 @@ def test_missing_puback_reconnects_and_resends_without_loss(broker_factory, tmp_
         try:
             for i in range(1, 6):
                 pub.publish_frame(frame(i, dev))
-            with caplog.at_level(logging.WARNING, logger="edge.mqttclient"):
+            with caplog.at_level(logging.WARNING, logger="edge.uplink.mqtt"):
                 wait_for(lambda: not pub.connected, 10, what="link declared broken on missing PUBACK")
             assert any("no PUBACK" in r.getMessage() for r in caplog.records)
         finally:
@@ -430,7 +429,7 @@ def test_frame_the_broker_refuses_is_set_aside_and_does_not_block_the_rest(broke
         assert pub.dead_letters == 1
         dead = pub.spool.dead_letters()
         assert [p.name for p in dead] == ["00000000000000000000.rec"]
-        from edge.spool import decode_record
+        from edge.uplink.spool import decode_record
 
         kept = kestrel_pb2.Frame.FromString(decode_record(dead[0].read_bytes()))
         assert kept.frame_id == f"{dev}-0" and len(kept.image) == 5000
@@ -441,7 +440,7 @@ def test_frame_the_broker_refuses_is_set_aside_and_does_not_block_the_rest(broke
         assert pub.mqtt.connections == 4
         delays = list(pub.mqtt.delays)
         assert delays[:3] == [0.05, 0.1, 0.2], delays  # not reset by the short-lived connections
-        warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "edge.mqttclient"]
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "edge.uplink.mqtt"]
         assert len(warnings) == 1, [r.getMessage() for r in warnings]  # one line for the whole episode
     finally:
         col.close()
@@ -485,7 +484,7 @@ def test_broker_outage_is_one_warning_line(broker_factory, tmp_path: Path, publi
     pub = publishers(make_cfg(b.host, b.port), dev, tmp_path / "spool")
     pub.start()
     wait_for(lambda: pub.connected, 10, what="connected")
-    with caplog.at_level(logging.DEBUG, logger="edge.mqttclient"):
+    with caplog.at_level(logging.DEBUG, logger="edge.uplink.mqtt"):
         b.stop()
         wait_for(lambda: not pub.connected, 10, what="link lost")
         attempts = pub.mqtt.connect_attempts
@@ -504,7 +503,7 @@ def test_spool_write_failure_is_logged_once_and_counted(tmp_path: Path, caplog) 
     dev = "full1"
     pub = Publisher(make_cfg("", 1883), dev, tmp_path / "spool")  # no broker: frames stay in the spool
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    with caplog.at_level(logging.INFO, logger="edge.publisher"):
+    with caplog.at_level(logging.INFO, logger="edge.uplink.publisher"):
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # a real write error (EFBIG) past 4 KiB
         try:
             stored = [pub.publish_frame(frame(i, dev, size=8000)) for i in range(3)]
@@ -537,7 +536,7 @@ def test_frames_over_tls_and_a_wrong_ca_is_refused(tmp_path: Path, publishers, c
             assert decode_status(col.wait_count(1, "/status")[0]).state == "online"
         finally:
             col.close()
-        with caplog.at_level(logging.WARNING, logger="edge.mqttclient"):
+        with caplog.at_level(logging.WARNING, logger="edge.uplink.mqtt"):
             bad = publishers(make_cfg(b.host, b.port, tls=True, ca_file=str(other.ca)), "tls2", tmp_path / "s2")
             bad.start()
             bad.publish_frame(frame(0, "tls2"))

@@ -1,4 +1,4 @@
-"""edge.errors.run_command, the one error-to-exit-code mapping of kestrel-edge, kestrel-hub and kestrel-train
+"""proto.errors.run_command, the one error-to-exit-code mapping of kestrel-edge, kestrel-hub and kestrel-train
 (Python 3.8 too): every failure is one line on stderr and an exit code."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from edge import updatecmd
-from edge.errors import (
+from edge.cli import update as updatecmd
+from proto.errors import (
     DEBUG_ENV,
     EXIT_ARTIFACT,
     EXIT_INTERRUPTED,

@@ -7,10 +7,10 @@ import importlib.util
 import numpy as np
 import pytest
 
-from edge.errors import ModelError
-from edge.inputspec import InputSpec
-from edge.preprocess import Preprocessor, crop_box
-from edge.runtime import interpreter_class, load_model
+from edge.inference.preprocess import Preprocessor, crop_box
+from edge.inference.runtime import interpreter_class, load_model
+from proto.errors import ModelError
+from proto.inputspec import InputSpec
 
 LABELS = ["bright", "dark", "mid"]
 
@@ -184,7 +184,7 @@ def test_tensorflow_runtime_when_configured(models_dir, tmp_path):  # noqa: ANN0
     repo = Path(__file__).resolve().parents[2]
     probe = (
         "import json, sys, numpy as np\n"
-        "from edge.runtime import load_model\n"
+        "from edge.inference.runtime import load_model\n"
         f"p = {str(models_dir / 'brightness_int8.tflite')!r}\n"
         "auto = load_model(p, threads=1)\n"
         "assert 'tensorflow' not in sys.modules\n"

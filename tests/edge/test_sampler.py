@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 
 from edge.config import SamplerConfig
-from edge.phash import dhash, hamming, phash
-from edge.sampler import Sampler, normalized_entropy, uncertainty_reasons
+from edge.inference.perceptual import dhash, hamming, phash
+from edge.pipeline.sampler import Sampler, normalized_entropy, uncertainty_reasons
 from proto import kestrel_pb2 as pb
 
 
@@ -138,7 +138,7 @@ def test_threshold_unset_follows_the_model_default_and_explicit_wins():
 
 def test_duplicates_judged_on_the_models_thumbnail(models_dir):
     """The pipeline hashes the model's resized input (cheap on camera-size frames), with the same verdicts."""
-    from edge.runtime import load_model
+    from edge.inference.runtime import load_model
 
     model = load_model(models_dir / "brightness_int8.tflite")
     hashed = []
@@ -207,7 +207,7 @@ def test_saved_times_in_the_future_do_not_fill_the_windows(tmp_path, caplog):  #
     wall = Clock()
     wall.t = 100.0                                   # 1970
     low = np.array([0.4, 0.3, 0.3])
-    with caplog.at_level(logging.WARNING, logger="edge.sampler"):
+    with caplog.at_level(logging.WARNING, logger="edge.pipeline.sampler"):
         s = Sampler(cfg(max_per_minute=3, max_per_day=5), clock=Clock(), state_path=state, wall_clock=wall)
     assert [s.decide(low).send for _ in range(3)] == [True, True, False]   # 1 + 2 this minute
     assert any("in the future" in r.getMessage() for r in caplog.records)

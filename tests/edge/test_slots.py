@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from edge import atomic
 from edge.updater import state as st
 from edge.updater.slots import SlotError, SlotStore, other
+from proto import atomic
 from tests.edge.test_updater import bundle
 from tests.helpers.bundles import make_keypair
 
@@ -47,7 +47,7 @@ def test_unreadable_state_file_starts_idle(tmp_path):  # noqa: ANN001
 def test_stage_switch_and_integrity_check(tmp_path, models_dir):  # noqa: ANN001
     import time
 
-    from edge.bundle import verify_bundle
+    from proto.bundle import verify_bundle
 
     kp = make_keypair(tmp_path)
     store = SlotStore(tmp_path / "data")
@@ -90,7 +90,7 @@ def test_stage_fsyncs_each_staged_file_once(tmp_path, models_dir, monkeypatch): 
     import collections
     import time
 
-    from edge.bundle import verify_bundle
+    from proto.bundle import verify_bundle
 
     kp = make_keypair(tmp_path)
     store = SlotStore(tmp_path / "data")
@@ -113,8 +113,8 @@ def test_stage_fsyncs_each_staged_file_once(tmp_path, models_dir, monkeypatch): 
 def test_unreadable_or_oversized_signed_manifest_makes_the_slot_unusable(tmp_path, models_dir):  # noqa: ANN001
     import time
 
-    from edge.bundle import verify_bundle
-    from edge.manifest import MAX_SIG_BYTES
+    from proto.bundle import verify_bundle
+    from proto.manifest import MAX_SIG_BYTES
 
     kp = make_keypair(tmp_path)
     store = SlotStore(tmp_path / "data")

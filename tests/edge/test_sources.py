@@ -12,11 +12,11 @@ import cv2
 import numpy as np
 import pytest
 
+from demo.edge import write_video
 from edge.config import SourceConfig
-from edge.demo import write_video
-from edge.errors import SourceError
-from edge.gstsource import GStreamerSource
 from edge.sources import FileSource, RTSPSource, TestPatternSource, open_source
+from edge.sources.gstreamer import GStreamerSource
+from proto.errors import SourceError
 from tests.helpers.broker import free_port
 from tests.helpers.wait import wait_for
 
@@ -79,20 +79,23 @@ def test_file_source_decodes_on_its_own_thread_only(tmp_path):  # noqa: ANN001
 
     video = write_video(tmp_path / "v.avi", [0.2, 0.5, 0.8] * 4, width=640, height=480)
     added = {}
-    for threads in (1, 0):
+    for threads in (1, 2, 0):
         before = _os_threads()
         src = open_source(SourceConfig(kind="file", uri=str(video), decode_threads=threads))
         assert len(read_all(src)) == 12
         added[threads] = len(_os_threads() - before)
         src.close()
     assert added[1] == 0, added
-    if (os.cpu_count() or 1) > 1:
-        assert added[0] > 0, added  # the check above could see a helper thread if there were one
+    # The probe sees FFmpeg's helper threads where this OpenCV's FFmpeg makes any for this codec: OpenCV 5 does
+    # when asked for 2 and when left to choose on a multi-core machine; the device's OpenCV 4.11 decodes MJPG
+    # on the caller's thread whatever it is asked. Where asking for 2 adds threads, FFmpeg's choice must too.
+    if (os.cpu_count() or 1) > 1 and added[2] > 0:
+        assert added[0] > 0, added
 
 
 def test_only_8_bit_bgr_images_count_as_frames():
     """16-bit, grey or missing frames are counted as corrupt by every source (the shared check)."""
-    from edge.sources import _valid
+    from edge.sources import valid_frame as _valid
 
     assert _valid(np.zeros((4, 4, 3), np.uint8))
     assert not _valid(np.zeros((4, 4, 3), np.uint16))
@@ -303,6 +306,6 @@ def test_a_stalled_live_source_is_reopened_after_stall_timeout(gst, caplog):  # 
     stalled = [r.getMessage() for r in caplog.records if "stalled" in r.getMessage()]
     assert len(stalled) == 1 and "no frame for 0.4s" in stalled[0], stalled
     assert list(src.backoffs)[:2] == [0.01, 0.02]
-    from edge.backoff import HISTORY
+    from proto.backoff import HISTORY
 
     assert src.backoffs.maxlen == src.exit_codes.maxlen == HISTORY  # bounded over months of reopening

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.errors import ConfigError, FrameError, StorageError
-from edge.spool import HEADER, Spool, decode_record, encode_record
+from edge.uplink.spool import HEADER, Spool, decode_record, encode_record
+from proto.errors import ConfigError, FrameError, StorageError
 
 BIG = 10 * 1024 * 1024
 
@@ -63,7 +63,7 @@ def test_persists_across_reopen_and_sequence_never_goes_back(tmp_path: Path) -> 
 def test_count_budget_evicts_oldest_first_and_counts(tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     s = Spool(tmp_path, BIG, 3)
-    with caplog.at_level(logging.WARNING, logger="edge.spool"):
+    with caplog.at_level(logging.WARNING, logger="edge.uplink.spool"):
         for i in range(5):
             s.append(lambda seq, i=i: b"p%d" % i)
     assert payloads(s) == [b"p2", b"p3", b"p4"]
@@ -101,7 +101,7 @@ def test_damaged_record_is_skipped_with_a_log_line(tmp_path: Path, caplog: pytes
     else:
         victim.write_bytes(b"")
     (tmp_path / ".00000000000000000099.rec.tmp4242").write_bytes(b"half a write")  # interrupted write before rename
-    with caplog.at_level(logging.WARNING, logger="edge.spool"):
+    with caplog.at_level(logging.WARNING, logger="edge.uplink.spool"):
         s2 = Spool(tmp_path, BIG, 1000)
         got = s2.after(None, 10)
     assert [q for q, _ in got] == [0, 2]
@@ -159,7 +159,7 @@ def test_a_record_that_cannot_be_set_aside_stays_in_the_spool(tmp_path: Path, ca
     for i in range(3):
         s.append(lambda seq, i=i: b"r%d" % i)
     (tmp_path / "dead").write_text("in the way")  # dead/ cannot be created
-    with caplog.at_level(logging.ERROR, logger="edge.spool"):
+    with caplog.at_level(logging.ERROR, logger="edge.uplink.spool"):
         assert s.set_aside(0) is None and s.set_aside(0) is None
     assert s.sequences() == [0, 1, 2] and payloads(s)[0] == b"r0"  # kept, not deleted uncounted
     assert len([r for r in caplog.records if "stays in the spool" in r.getMessage()]) == 1

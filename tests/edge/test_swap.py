@@ -1,4 +1,4 @@
-"""Hot swap inside a running pipeline (edge.pipeline): updates and automatic rollback switch
+"""Hot swap inside a running pipeline (edge.pipeline.loop): updates and automatic rollback switch
 interpreters between frames, with no frame dropped and no restart.
 
 The pipeline runs like a live camera: a paced source (30 fps) and ``drop_oldest``, the policy that
@@ -15,8 +15,8 @@ import threading
 from typing import List
 
 from edge.config import PipelineConfig, SamplerConfig, SourceConfig
-from edge.pipeline import Pipeline
-from edge.sampler import Sampler
+from edge.pipeline.loop import Pipeline
+from edge.pipeline.sampler import Sampler
 from edge.sources import open_source
 from edge.updater import state as st
 from tests.edge.test_updater import Device, bundle, make_cfg

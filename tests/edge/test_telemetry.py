@@ -9,11 +9,10 @@ from typing import Dict, List
 
 import pytest
 
-from edge import topics
 from edge.config import EdgeConfig
-from edge.publisher import Publisher
-from edge.telemetry import EPHEMERAL_PORT, Stats, TelemetryService, percentile
-from proto import kestrel_pb2
+from edge.telemetry.service import EPHEMERAL_PORT, Stats, TelemetryService, percentile
+from edge.uplink.publisher import Publisher
+from proto import kestrel_pb2, topics
 from tests.helpers.mqtt import Collector
 from tests.helpers.wait import wait_for
 

@@ -25,7 +25,7 @@ DRIVER = r'''
 import hashlib, json, sys, time
 import numpy as np
 from edge import config
-from edge.pipeline import InferenceResult, ModelHolder
+from edge.pipeline.loop import InferenceResult, ModelHolder
 from edge.updater.service import UpdateService
 from edge.updater import state as st
 
@@ -112,7 +112,7 @@ CLI_POINTS = {"VERIFIED": 1, "STAGE_PARTIAL": 1, "STAGED": 1, "SELF_TEST": 1, "T
 
 @pytest.mark.parametrize("point", list(CLI_POINTS))
 def test_sigkill_during_cli_install(rig, point):  # noqa: ANN001
-    r = _run(["-m", "edge.updatecmd", "install", str(rig["v2"]), "--config", str(rig["cfg"])], crash=point)
+    r = _run(["-m", "edge.cli.update", "install", str(rig["v2"]), "--config", str(rig["cfg"])], crash=point)
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
     after = _boot(rig)
     assert after["version"] == after["slot_version"] == CLI_POINTS[point]
@@ -122,7 +122,7 @@ def test_sigkill_during_cli_install(rig, point):  # noqa: ANN001
     else:
         assert after["state"] == st.TRIAL and after["trial"]["boot_count"] == 1
     # and the update can simply be run again
-    r = _run(["-m", "edge.updatecmd", "install", str(rig["v2"]), "--config", str(rig["cfg"])])
+    r = _run(["-m", "edge.cli.update", "install", str(rig["v2"]), "--config", str(rig["cfg"])])
     assert r.returncode == 0 or "on trial" in r.stderr, r.stderr
 
 
@@ -165,7 +165,7 @@ def test_sigkill_during_rollback_finishes_it_at_boot(rig, models_dir, point):  #
     dev.baseline()
     assert dev.install(rig["v2"].read_bytes()) and dev.settle() == st.COMMITTED
     dev.close()
-    r = _run(["-m", "edge.updatecmd", "rollback", "--config", str(rig["cfg"])], crash=point)
+    r = _run(["-m", "edge.cli.update", "rollback", "--config", str(rig["cfg"])], crash=point)
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
     after = _boot(rig)
     assert (after["version"], after["slot_version"], after["state"]) == (1, 1, st.ROLLED_BACK)
@@ -183,8 +183,8 @@ def test_crash_between_switch_and_floor_keeps_the_crashed_version_out(rig):  # n
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
     after = _boot(rig)
     assert (after["version"], after["state"]) == (1, st.ROLLED_BACK)
-    from edge.errors import BundleError
     from edge.updater.engine import Updater
+    from proto.errors import BundleError
 
     upd = Updater(config.load(rig["cfg"]))
     assert upd.state.floor("brightness") == 2

@@ -111,7 +111,7 @@ def _config(rig: Dict[str, Any], registry: str, device_id: str) -> Path:
 def _publish_desired(rig: Dict[str, Any], device_id: str, data: bytes) -> None:
     import paho.mqtt.client as mqtt
 
-    from edge import topics
+    from proto import topics
 
     msg = kestrel_pb2.DesiredState(model_name="brightness", version=2, sha256=hashlib.sha256(data).hexdigest(),
                                    size=len(data), issued_ms=1)

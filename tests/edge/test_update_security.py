@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge.errors import BundleError
-from edge.pipeline import InferenceResult
+from edge.pipeline.loop import InferenceResult
 from edge.updater import state as st
 from edge.updater.engine import NoRollbackTarget, Updater
 from edge.updater.slots import SlotError
 from proto import kestrel_pb2
+from proto.errors import BundleError
 from tests.edge.test_updater import BRIGHT, Device, _Registry, bundle, frame, make_cfg
 from tests.helpers.bundles import make_keypair
 from tests.helpers.wait import wait_for
@@ -221,7 +221,7 @@ def test_second_rollback_never_switches_forward_to_the_rejected_model(device, kp
 
 
 def test_failed_self_test_slot_is_never_a_rollback_target(device, kp, models_dir, tmp_path):  # noqa: ANN001
-    from edge import updatecmd
+    from edge.cli import update as updatecmd
 
     dev = device()
     assert dev.install(bundle(models_dir, kp, 1)) and dev.settle() == st.COMMITTED
@@ -368,7 +368,7 @@ def test_unset_clock_uses_the_time_floor_and_accepts_newer_bundles(device, kp, m
 
 
 def test_install_command_has_no_trust_override(tmp_path, kp, models_dir):  # noqa: ANN001
-    from edge import updatecmd
+    from edge.cli import update as updatecmd
 
     attacker = make_keypair(tmp_path, "attacker")
     path = tmp_path / "evil.kbundle"
@@ -382,7 +382,7 @@ def test_install_command_has_no_trust_override(tmp_path, kp, models_dir):  # noq
 
 
 def test_oversize_bundle_file_is_refused_before_reading(tmp_path, kp, capsys):  # noqa: ANN001
-    from edge import updatecmd
+    from edge.cli import update as updatecmd
 
     big = tmp_path / "big.kbundle"
     with open(big, "wb") as fh:
@@ -406,7 +406,7 @@ def _feed(dev: Device, n: int, level: float = BRIGHT) -> None:
 
 
 def test_first_trial_failing_goes_back_to_the_factory_model(tmp_path, kp, models_dir):  # noqa: ANN001
-    from edge.runtime import load_model
+    from edge.inference.runtime import load_model
     from tests.helpers.bundles import BRIGHTNESS_SPEC
     from tests.helpers.wait import wait_for
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from edge import config
-from edge.errors import BundleError
-from edge.pipeline import InferenceResult, ModelHolder
-from edge.runtime import load_model
+from edge.inference.runtime import load_model
+from edge.pipeline.loop import InferenceResult, ModelHolder
 from edge.updater import state as st
 from edge.updater.service import UpdateService
+from proto.errors import BundleError
 from tests.helpers.bundles import BRIGHTNESS_SPEC, make_bundle, make_keypair
 from tests.helpers.wait import wait_for
 
@@ -146,7 +146,7 @@ def _field_changed_after_signing(data: bytes) -> bytes:
     members = _members(data)
     doc = json.loads(members[0][1])
     doc["default_threshold"] = 0.0  # e.g. to silence the sampler; the signature covers the old bytes
-    from edge.manifest import canonical_json
+    from proto.manifest import canonical_json
 
     members[0] = ("manifest.json", canonical_json(doc))
     return rebuild(members)
@@ -267,7 +267,7 @@ def test_status_reported_on_every_transition(tmp_path, kp, models_dir):  # noqa:
 def test_one_state_write_per_transition(device, kp, models_dir, monkeypatch):  # noqa: ANN001
     """A slot outcome or a floor changes in the same write as its transition; the only writes without
     a transition are the floor raised right after each pointer flip and the self-test figures."""
-    from edge import atomic
+    from proto import atomic
 
     writes: list = []
     real = atomic.write_json
@@ -301,7 +301,7 @@ def test_one_state_write_per_transition(device, kp, models_dir, monkeypatch):  #
 def test_signed_created_time_kept_in_slot_record_and_old_slots_still_boot(tmp_path, kp, models_dir):  # noqa: ANN001
     """slot.json carries the bundle's signed ``created`` (the time floor comes from it, not from
     re-parsing the manifest); a slot staged before it had that field boots and reads the manifest."""
-    from edge import atomic
+    from proto import atomic
 
     created = int(time.time()) - 600
     cfg = make_cfg(tmp_path, kp.pub_path, trial_frames=0)
@@ -346,7 +346,7 @@ def _toml(tmp_path: Path, kp: Any, **update: Any) -> Path:
 
 @pytest.mark.parametrize("name", ["modèle", ".hidden", "-a", "_a", "a" * 65, "a b", "a/b"])
 def test_update_model_name_no_bundle_can_carry_is_a_config_error(tmp_path, kp, name):  # noqa: ANN001
-    from edge.errors import ConfigError
+    from proto.errors import ConfigError
 
     with pytest.raises(ConfigError) as ei:
         config.load(str(_toml(tmp_path, kp, model_name=name)))
@@ -367,7 +367,7 @@ def test_update_model_name_no_bundle_can_carry_is_a_config_error(tmp_path, kp, n
     ("max_boot_attempts", 0, "max_boot_attempts must be > 0"),
 ])
 def test_update_config_out_of_range_is_one_line_naming_the_key(tmp_path, kp, key, value, needle):  # noqa: ANN001
-    from edge.errors import ConfigError
+    from proto.errors import ConfigError
 
     path = _toml(tmp_path, kp)
     path.write_text(path.read_text() + f"{key} = {'nan' if value != value else json.dumps(value)}\n")
@@ -382,7 +382,7 @@ def test_update_model_name_bundles_carry_is_accepted(tmp_path, kp):  # noqa: ANN
 
 
 def test_cli_install_status_rollback(tmp_path, kp, models_dir, capsys):  # noqa: ANN001
-    from edge import updatecmd
+    from edge.cli import update as updatecmd
 
     cfgp = _toml(tmp_path, kp)
     for v in (1, 2):
@@ -415,7 +415,7 @@ def test_cli_install_status_rollback(tmp_path, kp, models_dir, capsys):  # noqa:
 
 
 def test_cli_asks_running_daemon_to_hot_swap_and_roll_back(tmp_path, kp, models_dir):  # noqa: ANN001
-    from edge import updatecmd
+    from edge.cli import update as updatecmd
 
     cfgp = _toml(tmp_path, kp, trial_frames=0)
     dev = Device(config.load(cfgp))
@@ -515,9 +515,8 @@ def test_desired_state_over_mqtt_fetches_installs_and_fleet_rollback(tmp_path, k
 
     import paho.mqtt.client as mqtt
 
-    from edge import topics
-    from edge.publisher import Publisher
-    from proto import kestrel_pb2
+    from edge.uplink.publisher import Publisher
+    from proto import kestrel_pb2, topics
 
     v1, v2 = bundle(models_dir, kp, 1), bundle(models_dir, kp, 2)
     reg = _Registry({("brightness", 1): v1, ("brightness", 2): v2}, cut_after=4096)

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from edge import bundle as bundlemod
-from edge import keys as keymod
-from edge.bundle_container import parse_container, write_container
-from edge.inputspec import InputSpec
+from proto import bundle as bundlemod
+from proto import keys as keymod
+from proto.bundle_container import parse_container, write_container
+from proto.inputspec import InputSpec
 
 LABELS = ["bright", "dark", "mid"]
 # The brightness_int8 test model: uint8 64x64 RGB input, [0, 1] scaled by 1/255.
@@ -107,7 +107,7 @@ def members_of(data: bytes) -> List[Tuple[str, bytes]]:
 def tar_header(name: Union[str, bytes], size: int, typeflag: bytes = b"0", linkname: bytes = b"",
                prefix: bytes = b"", devmajor: int = 0, devminor: int = 0) -> bytes:
     """A ustar header with a correct checksum; any name/type (for building hostile containers).
-    With the defaults it is byte-identical to the canonical header edge.bundle_container writes."""
+    With the defaults it is byte-identical to the canonical header proto.bundle_container writes."""
     raw = name.encode() if isinstance(name, str) else name
     h = bytearray(512)
     h[0:len(raw[:100])] = raw[:100]

@@ -1,13 +1,13 @@
-"""kestrel-hub errors through edge.errors.run_command: an OSError or a bug in a command is one line on stderr
+"""kestrel-hub errors through proto.errors.run_command: an OSError or a bug in a command is one line on stderr
 with its exit code (not a traceback), Ctrl-C is EXIT_INTERRUPTED, and --debug / KESTREL_DEBUG=1 show the traceback."""
 
 from __future__ import annotations
 
 import pytest
 
-from edge.errors import DEBUG_ENV, EXIT_ARTIFACT, EXIT_INTERRUPTED, EXIT_OTHER
-from hub import labelcmd
+from hub.cli import label as labelcmd
 from hub.cli import main
+from proto.errors import DEBUG_ENV, EXIT_ARTIFACT, EXIT_INTERRUPTED, EXIT_OTHER
 
 
 def _config(tmp_path):  # noqa: ANN001, ANN202

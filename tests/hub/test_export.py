@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from hub import exportcmd
+from hub.cli import export as exportcmd
 from hub.errors import NotFound
 from hub.export import ExportError, export_dataset
 from hub.labels import LabelError, set_label, validate_label

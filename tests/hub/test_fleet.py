@@ -10,17 +10,16 @@ import uuid
 import paho.mqtt.client as mqtt
 import pytest
 
-from edge import topics
-from edge.hubrpc import HubClient, HubRefused
-from edge.keys import public_key_text
-from hub import fleetcmd
+from hub.cli import fleet as fleetcmd
 from hub.errors import NotFound
 from hub.fleet import FleetRequestError, FleetService
 from hub.grpc_service import make_server
 from hub.registry import Registry, RegistryConfig
 from hub.store.base import GroupDesired
 from hub.store.open import open_store
-from proto import kestrel_pb2
+from proto import kestrel_pb2, topics
+from proto.hubclient import HubClient, HubRefused
+from proto.keys import public_key_text
 from tests.helpers.bundles import make_bundle, make_keypair
 from tests.helpers.mqtt import Collector
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from edge.errors import HubError
-from edge.hubrpc import HubClient, HubRefused
-from edge.keys import public_key_text
 from hub.grpc_service import make_server
 from hub.registry import Registry, RegistryConfig
 from hub.store.open import open_store
 from proto import kestrel_pb2, kestrel_pb2_grpc
+from proto.errors import HubError
+from proto.hubclient import HubClient, HubRefused
+from proto.keys import public_key_text
 from tests.helpers.bundles import make_bundle, make_keypair
 from tests.helpers.wait import wait_for
 

@@ -1,4 +1,4 @@
-"""The hub's image check (hub/imagecheck.py): the structural JPEG walk accepts what real encoders write
+"""The hub's image check (hub/ingest/imagecheck.py): the structural JPEG walk accepts what real encoders write
 and refuses what a decoder refuses (truncation anywhere, broken headers and tables), agreeing with a
 full decode on every such case; the decode mode is the full decoder."""
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hub.imagecheck import ImageRejected, check_image, jpeg_structure
+from hub.ingest.imagecheck import ImageRejected, check_image, jpeg_structure
 
 
 def scene(w: int, h: int, seed: int = 0) -> np.ndarray:
@@ -65,8 +65,8 @@ def test_what_encoders_write_is_accepted_by_both_modes(name: str, data: bytes, s
 
 
 def test_the_edge_devices_own_frames_are_accepted() -> None:
-    from edge.framesink import FrameBuilder
-    from edge.pipeline import SampledFrame
+    from edge.pipeline.loop import SampledFrame
+    from edge.uplink.sink import FrameBuilder
     from proto import kestrel_pb2
 
     b = FrameBuilder("cam-1", "boot", "cam0", top_k=3, jpeg_quality=85, max_side=640)

@@ -12,16 +12,15 @@ from typing import Any, Dict, Iterator, List, Optional, Set
 
 import pytest
 
-from edge import topics
 from hub.broker import BrokerTarget
 from hub.config import MqttSection
 from hub.errors import PayloadRejected, StoreError, StoreUnavailable
-from hub.imagecheck import ImageRejected, check_image
-from hub.ingest import POISON_ATTEMPTS, Ingest, Message
-from hub.ingest_parse import DeviceUpdate, validate_frame
+from hub.ingest.imagecheck import ImageRejected, check_image
+from hub.ingest.parse import DeviceUpdate, validate_frame
+from hub.ingest.pipeline import POISON_ATTEMPTS, Ingest, Message
 from hub.store.base import DeviceRecord, FrameRecord, GroupDesired, ModelRecord, Store
 from hub.store.sqlite import SqliteStore
-from proto import kestrel_pb2
+from proto import kestrel_pb2, topics
 from tests.helpers.wait import wait_for
 from tests.hub import frame_msg, frame_payload, jpeg, publish_all
 
@@ -283,7 +282,7 @@ def test_unknown_devices_rejected_when_not_allowed(broker_factory: Any, store: S
 
 def test_refused_unknown_devices_are_not_looked_up_for_every_message(
         store: SqliteStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hub.ingest
+    import hub.ingest.pipeline
     flaky = FlakyStore(store)
     lookups: List[str] = []
     real = flaky.get_device
@@ -291,7 +290,7 @@ def test_refused_unknown_devices_are_not_looked_up_for_every_message(
     ing = Ingest(flaky, BrokerTarget("127.0.0.1", 1), MqttSection(validate_workers=1, allow_unknown_devices=False),
                  "refused-cache", dead_letter_dir=tmp_path / "dead")
     clock = [1000.0]
-    monkeypatch.setattr(hub.ingest.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(hub.ingest.pipeline.time, "monotonic", lambda: clock[0])
     try:
         for i in range(3):
             batch = [Message(0, 0, topics.frames("stranger"), frame_payload(f"x{i}{j}", "stranger", seq=j), 0, 1)
@@ -299,7 +298,7 @@ def test_refused_unknown_devices_are_not_looked_up_for_every_message(
             ing._process_with_retry(batch, ing._validate_batch(batch))
         assert lookups == ["stranger"] and ing.health()["rejected"]["unknown_device"] == 12
         store.upsert_device("stranger")  # registered meanwhile: accepted once the refusal expires
-        clock[0] += hub.ingest.UNKNOWN_DEVICE_CACHE_S
+        clock[0] += hub.ingest.pipeline.UNKNOWN_DEVICE_CACHE_S
         batch = [Message(0, 0, topics.frames("stranger"), frame_payload("late", "stranger"), 0, 1)]
         ing._process_with_retry(batch, ing._validate_batch(batch))
         assert lookups == ["stranger", "stranger"] and store.count_frames() == 1
@@ -552,8 +551,8 @@ def test_a_forged_frame_id_stays_a_conflict_when_the_store_fails_midway(
 def test_dead_letters_of_one_millisecond_never_overwrite_each_other(
         store: SqliteStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """QoS 0 messages all have mid 0: two refused in the same millisecond must give two dead letters."""
-    import hub.ingest
-    monkeypatch.setattr(hub.ingest, "now_ms", lambda: 1_700_000_000_000)
+    import hub.ingest.pipeline
+    monkeypatch.setattr(hub.ingest.pipeline, "now_ms", lambda: 1_700_000_000_000)
     flaky = FlakyStore(store)
     flaky.refuse = {"r1", "r2"}
     ing = Ingest(flaky, BrokerTarget("127.0.0.1", 1), MqttSection(validate_workers=1), "dead-names",

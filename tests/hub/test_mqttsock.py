@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from hub.mqttsock import ReadAheadSocket
+from hub.ingest.mqttsock import ReadAheadSocket
 
 
 def test_small_reads_are_served_from_one_recv_and_pending_counts_them() -> None:
@@ -44,11 +44,11 @@ def test_the_ingest_reads_ahead_over_tls_and_stores_every_frame(tmp_path) -> Non
     frames that span TLS records, and its pending() check, must still deliver every frame, once."""
     import uuid
 
-    from edge import topics
     from hub.broker import BrokerTarget
     from hub.config import MqttSection
-    from hub.ingest import Ingest
+    from hub.ingest.pipeline import Ingest
     from hub.store.sqlite import SqliteStore
+    from proto import topics
     from tests.helpers.broker import Mosquitto
     from tests.helpers.tlscerts import make_tls
     from tests.helpers.wait import wait_for

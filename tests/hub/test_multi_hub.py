@@ -6,8 +6,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from edge import topics
 from hub.store.sqlite import SqliteStore
+from proto import topics
 from tests.helpers.wait import wait_for
 from tests.hub import HubProcess, frame_payload, publish_all, write_config
 

@@ -6,13 +6,13 @@ import hashlib
 
 import pytest
 
-from edge.errors import ConfigError
-from edge.keys import public_key_text
 from hub import config as hubconfig
 from hub.errors import NotFound, RegistryError
 from hub.registry import EXISTS, INVALID, PRECONDITION, PushRefused, Registry, RegistryConfig
 from hub.store.open import open_store
 from proto import kestrel_pb2
+from proto.errors import ConfigError
+from proto.keys import public_key_text
 from tests.helpers.bundles import make_bundle, make_keypair
 
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import grpc
 
-from edge import topics
 from hub.store.sqlite import SqliteStore
-from proto import kestrel_pb2, kestrel_pb2_grpc
+from proto import kestrel_pb2, kestrel_pb2_grpc, topics
 from tests.helpers.wait import wait_for
 from tests.hub import REPO, HubProcess, frame_payload, publish_all, write_config
 

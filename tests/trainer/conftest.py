@@ -4,12 +4,11 @@ per session. Tests that change a run work on a private copy (`run_copy`)."""
 
 from __future__ import annotations
 
-import re
-
 import contextlib
 import importlib.util
 import io
 import os
+import re
 import types
 from pathlib import Path
 
@@ -83,7 +82,7 @@ def digits_dir(tmp_path_factory) -> Path:  # noqa: ANN001
 def cli_run(tmp_path_factory, digits_dir) -> types.SimpleNamespace:  # noqa: ANN001
     """`kestrel-train run ... --key K --version 2 --bundle B` once, with progress bars (session-wide; the
     run dir must not be modified: use run_copy)."""
-    from edge.keys import generate_keypair
+    from proto.keys import generate_keypair
     from trainer.cli import main
 
     tmp = tmp_path_factory.mktemp("e2e")

@@ -39,7 +39,7 @@ def test_corrupt_files_only_in_one_class(tmp_path, capsys):
 
 
 def test_loose_key_permissions_refused_before_work(tmp_path, capsys):
-    from edge.keys import generate_keypair
+    from proto.keys import generate_keypair
 
     key, _ = generate_keypair(tmp_path / "keys")
     os.chmod(key, 0o644)
@@ -99,7 +99,7 @@ def test_push_model_without_runs(tmp_path, capsys, monkeypatch):
 
 def test_push_model_version_0_is_refused_not_taken_as_unset(tmp_path, capsys, trained_run):
     """VERSION=0 is a bad version (refused before the hub is asked), not "the hub's latest + 1"."""
-    from edge.keys import generate_keypair
+    from proto.keys import generate_keypair
 
     key, _ = generate_keypair(tmp_path / "keys")
     rc, err = _run(capsys, "push-model", "--run", str(trained_run), "--key", str(key), "--version", "0",
@@ -136,7 +136,7 @@ def test_argparse_errors_exit_nonzero(argv):
     (["--weights", "w.h5", "--normalization=-1_1"], "weights is only for the MobileNet architectures"),
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, monkeypatch, flags, message):
-    from edge.keys import generate_keypair
+    from proto.keys import generate_keypair
     from trainer import pipeline
 
     key, _ = generate_keypair(tmp_path / "keys")
@@ -197,7 +197,7 @@ def test_unexpected_errors_are_one_line_unless_debug(tmp_path, capsys, monkeypat
 
 
 def test_unwritable_bundle_path_is_one_line(tmp_path, capsys, trained_run):
-    from edge.keys import generate_keypair
+    from proto.keys import generate_keypair
 
     key, _ = generate_keypair(tmp_path / "keys")
     (tmp_path / "afile").write_text("x")

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.bundle import verify_bundle
-from edge.keys import generate_keypair, load_public_keys
-from edge.runtime import load_model
+from edge.inference.runtime import load_model
 from edge.updater.selftest import run_self_test
+from proto.bundle import verify_bundle
+from proto.keys import generate_keypair, load_public_keys
 from tests.trainer.conftest import BUNDLE_VERSION, DEVICE_TFLITE_RUNTIME, PY38, REPO, need_py38
 from trainer.cli import main
 

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.inputspec import InputSpec
+from proto.inputspec import InputSpec
 from tests.trainer.imgs import class_folders, pattern, write
 from trainer.errors import DataError
 from trainer.ingest import check_enough, clean, near_duplicate_groups, phash, scan_sources

@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from edge.runtime import load_model
+from edge.inference.runtime import load_model
 from tests.trainer.conftest import DEVICE_TFLITE_RUNTIME, PY38, need_py38
 from trainer import models
 from trainer import optimize as opt
@@ -143,7 +143,7 @@ def test_device_venv_counts_only_once_make_finished_it(tmp_path, monkeypatch):
 
 
 def test_qat_on_mobilenet_v3_is_refused_at_config_time():
-    from edge.errors import ConfigError
+    from proto.errors import ConfigError
 
     with pytest.raises(ConfigError, match="optimize.qat does not support mobilenet_v3_small"):
         _cfg("mobilenet_v3_small", "uint8", **{"optimize.qat": True})

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge.errors import ConfigError
-from edge.inputspec import InputSpec
-from edge.preprocess import preprocess as edge_preprocess
+from edge.inference.preprocess import preprocess as edge_preprocess
+from proto.errors import ConfigError
+from proto.inputspec import InputSpec
 from tests.trainer.imgs import pattern
 from trainer.config import Config, apply_overrides, config_doc, load_config
 from trainer.preprocess import model_input, normalize, normalize_tf, resize_to_input

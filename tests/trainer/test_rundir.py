@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from edge import atomic
+from proto import atomic
 from tests.trainer.conftest import tiny_config
 from trainer import rundir
 

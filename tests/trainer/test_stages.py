@@ -10,8 +10,8 @@ import stat
 import numpy as np
 import pytest
 
-from edge.inputspec import InputSpec
-from edge.runtime import load_model
+from edge.inference.runtime import load_model
+from proto.inputspec import InputSpec
 from tests.trainer.conftest import CLASSES, tiny_config
 from trainer import pipeline
 from trainer.cli import main
@@ -107,7 +107,7 @@ def test_evaluation_on_edge_runtime_reproduces_and_the_gate_passes(trained_run):
 
 
 def test_package_signs_only_the_evaluated_model(run_copy, tmp_path, capsys):
-    from edge.keys import generate_keypair
+    from proto.keys import generate_keypair
 
     key, _pub = generate_keypair(tmp_path / "keys")
     bundle = tmp_path / "b.kbundle"
@@ -133,7 +133,7 @@ def test_package_signs_only_the_evaluated_model(run_copy, tmp_path, capsys):
     (run_copy / "config.json").write_text(json.dumps(cfg))
     rc, _out, err = _cli(capsys, "package", str(run_copy), "--key", str(key), "--version", "1", "--out", str(bundle))
     assert rc == 0, err
-    from edge.bundle import read_manifest_unverified
+    from proto.bundle import read_manifest_unverified
 
     man = read_manifest_unverified(bundle.read_bytes())
     assert man.model_name == "renamed" and man.default_threshold == 0.7
@@ -170,7 +170,7 @@ def test_report_files_and_figures(trained_run):
 
 
 def test_run_dir_files_are_atomic_and_world_readable(cli_run):
-    from edge.atomic import is_temp
+    from proto.atomic import is_temp
 
     files = [p for p in cli_run.rundir.rglob("*") if p.is_file()] + [cli_run.bundle]
     assert not [p for p in files if is_temp(p.name)]                     # no temp leftovers
@@ -246,7 +246,7 @@ def test_broken_quantization_is_refused_by_run_evaluate_package_and_report(digit
     calibrates every range to ~0, so int8 accuracy collapses. `run` exits 2 with the report written and no
     bundle; then `evaluate`, `package` and the report on that run dir refuse or show it too. (One run for all:
     a second training would only repeat the refusal.)"""
-    from edge.keys import generate_keypair
+    from proto.keys import generate_keypair
     from trainer import optimize as opt
 
     def zeros_rep(images, cfg, n):  # noqa: ANN001, ANN202, ARG001

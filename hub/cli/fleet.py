@@ -1,0 +1,144 @@
+"""Fleet and registry CLI: ``kestrel-hub devices|deploy|rollback|models``. The gRPC client behind it
+(proto.hubclient.HubClient) is shared with kestrel-train and the demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any, Dict, Sequence
+
+from proto.hubclient import DEFAULT_HUB, DEFAULT_TIMEOUT_S, HubClient, HubRefused
+
+# ---- CLI ----
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hub", default=DEFAULT_HUB, help=f"hub gRPC address HOST:PORT (default {DEFAULT_HUB})")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="deadline per call in seconds")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _client(args: argparse.Namespace) -> HubClient:
+    return HubClient(args.hub, args.timeout)
+
+
+def _ms(ms: int) -> str:
+    if not ms:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000))
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _msg_dict(msg: Any) -> Dict[str, Any]:
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def add_devices_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--group", default="", help="only devices of this group")
+
+
+def run_devices(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        devs = c.list_devices(args.group)
+    if args.json:
+        print(json.dumps([_msg_dict(d) for d in devs], sort_keys=True))
+        return 0
+    rows = []
+    for d in devs:
+        desired = f"{d.desired_model} v{d.desired_version}" if d.desired_model or d.desired_version else "-"
+        reported = f"{d.reported.name} v{d.reported.version}" if d.reported.name else "-"
+        prev = f"v{d.versions.previous.version}" if d.versions.previous.version else "-"
+        rows.append([d.device_id, d.group, d.state, _ms(d.last_seen_ms), desired, reported, prev,
+                     d.versions.update_state or "-", d.versions.reason or ""])
+    print_table(["DEVICE", "GROUP", "STATE", "LAST SEEN (UTC)", "DESIRED", "REPORTED", "PREVIOUS", "UPDATE",
+                 "REASON"], rows)
+    if not devs:
+        print("(no devices have reported yet)")
+    return 0
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--device", default="", help="one device id")
+    g.add_argument("--group", default="", help="a fleet group")
+
+
+def add_deploy_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("model", help="model name")
+    p.add_argument("version", nargs="?", type=int, default=0, help="version to run (default: the highest)")
+    _target_args(p)
+
+
+def _announce(args: argparse.Namespace, resp: Any, verb: str) -> int:
+    if args.json:
+        print(json.dumps(_msg_dict(resp), sort_keys=True))
+        return 0
+    d = resp.desired
+    what = "rollback to the previous slot" if d.rollback else f"{d.model_name} v{d.version}"
+    print(f"{verb}: {what} -> {resp.topic} (retained)")
+    return 0
+
+
+def run_deploy(args: argparse.Namespace) -> int:
+    if args.version < 0:
+        raise HubRefused("INVALID_ARGUMENT", "version must be >= 0")
+    with _client(args) as c:
+        resp = c.deploy(args.model, args.version, args.device, args.group)
+    return _announce(args, resp, "deployed")
+
+
+def add_rollback_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    _target_args(p)
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        resp = c.rollback(args.device, args.group)
+    return _announce(args, resp, "rollback announced")
+
+
+def add_models_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("model", nargs="?", default="", help="only this model name")
+
+
+def run_models(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        versions = c.list_models(args.model)
+    if args.json:
+        out = []
+        for v in versions:
+            d = _msg_dict(v)
+            d["metrics"] = json.loads(v.metrics_json or "{}")
+            d.pop("metrics_json", None)
+            out.append(d)
+        print(json.dumps(out, sort_keys=True))
+        return 0
+    rows = []
+    for v in versions:
+        metrics = json.loads(v.metrics_json or "{}")
+        shown = ", ".join(f"{k}={_num(val)}" for k, val in sorted(metrics.items())
+                          if isinstance(val, (int, float)) and not isinstance(val, bool))
+        rows.append([v.model.name, v.model.version, v.size, v.bundle_sha256[:12], v.key_id, _ms(v.created_ms),
+                     shown])
+    print_table(["MODEL", "VERSION", "BYTES", "SHA256", "KEY", "PUSHED (UTC)", "METRICS"], rows)
+    if not versions:
+        print("(no models pushed yet)")
+    return 0
+
+
+def _num(v: float) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
