@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from hub.errors import ArtifactError
-from hub.labels import LabelError, validate_label
+from hub.errors import ExportError as ExportError  # defined in hub.errors, importable from here too
+from hub.errors import LabelError
+from hub.labels import validate_label
 from hub.store.base import FrameRecord, Store
 from proto.atomic import fsync_dir
 
@@ -38,10 +39,6 @@ SCHEMA = 1
 MANIFEST = "manifest.json"
 _EXT = {"jpeg": ".jpg", "jpg": ".jpg", "png": ".png"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
-
-
-class ExportError(ArtifactError):
-    """The export cannot be written as asked (target exists, unsafe label, nothing to export...)."""
 
 
 @dataclasses.dataclass
