@@ -147,7 +147,7 @@ class MqttLink:
         hooks = self.hooks
         if not all(hooks.values()):
             log.warning("paho-mqtt %s: private hooks not taken: %s (the ingest works, slower; see %s)",
-                        getattr(mqtt, "__version__", "?"), ", ".join(k for k, v in hooks.items() if not v),
+                        pahohooks.PAHO_VERSION, ", ".join(k for k, v in hooks.items() if not v),
                         pahohooks.ADR)
         self.client.connect_async(self.target.host, self.target.port, keepalive=self.cfg.keepalive_s)
         self.client.loop_start()

@@ -25,6 +25,7 @@ import logging
 import struct
 from typing import Any, Callable, List, Optional
 
+import paho.mqtt
 import paho.mqtt.client as mqtt
 
 log = logging.getLogger("hub.ingest.pahohooks")
@@ -32,6 +33,7 @@ log = logging.getLogger("hub.ingest.pahohooks")
 READ_AHEAD_BYTES = 256 * 1024
 PUBACK_FORMAT = struct.Struct("!BBH")  # MQTT 3.1.1 PUBACK: type, remaining length 2, packet id
 ADR = "docs/adr/0011-paho-private-hooks.md"
+PAHO_VERSION = getattr(paho.mqtt, "__version__", "?")
 
 
 class ReadAheadSocket:
@@ -84,7 +86,7 @@ def make_client(*args: Any, **kwargs: Any) -> mqtt.Client:
     if read_ahead_supported():
         return Client(*args, **kwargs)
     log.warning("paho-mqtt %s has no Client._create_socket: the ingest reads without read-ahead (slower; "
-                "see %s)", getattr(mqtt, "__version__", "?"), ADR)
+                "see %s)", PAHO_VERSION, ADR)
     return mqtt.Client(*args, **kwargs)
 
 
@@ -98,7 +100,7 @@ def puback_queue(client: mqtt.Client) -> Optional[Callable[..., Any]]:
         inspect.signature(queue).bind(mqtt.PUBACK, b"", 0, 0)
     except (TypeError, ValueError) as exc:
         log.warning("paho-mqtt %s: %s: every PUBACK is written on its own (slower; see %s)",
-                    getattr(mqtt, "__version__", "?"), exc, ADR)
+                    PAHO_VERSION, exc, ADR)
         return None
     return queue
 

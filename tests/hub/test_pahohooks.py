@@ -26,8 +26,7 @@ from proto import topics
 from tests.helpers.wait import wait_for
 from tests.hub import frame_payload, jpeg, publish_all
 
-PAHO = getattr(mqtt, "__version__", "?")
-LOUD = f"with paho-mqtt {PAHO}: see docs/adr/0011-paho-private-hooks.md"
+LOUD = f"with paho-mqtt {pahohooks.PAHO_VERSION}: see docs/adr/0011-paho-private-hooks.md"
 
 
 def test_small_reads_are_served_from_one_recv_and_pending_counts_them() -> None:
