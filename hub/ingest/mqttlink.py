@@ -64,7 +64,8 @@ class MqttLink:
 
     @property
     def hooks(self) -> Dict[str, bool]:
-        """Which of paho's private hooks this link uses (False: the slower fallback, ADR 0011)."""
+        """Which of paho's private hooks this link uses (False: paho's own way, logged when the link was
+        made; ADR 0011)."""
         return {"read_ahead": isinstance(self.client, pahohooks.Client),
                 "batched_puback": self._puback_queue is not None}
 
@@ -144,11 +145,6 @@ class MqttLink:
 
     # ---- lifecycle ----
     def start(self) -> None:
-        hooks = self.hooks
-        if not all(hooks.values()):
-            log.warning("paho-mqtt %s: private hooks not taken: %s (the ingest works, slower; see %s)",
-                        pahohooks.PAHO_VERSION, ", ".join(k for k, v in hooks.items() if not v),
-                        pahohooks.ADR)
         self.client.connect_async(self.target.host, self.target.port, keepalive=self.cfg.keepalive_s)
         self.client.loop_start()
 
