@@ -70,7 +70,7 @@ class Frame(_message.Message):
     def __init__(self, frame_id: _Optional[str] = ..., device_id: _Optional[str] = ..., capture_time_ms: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., reasons: _Optional[_Iterable[_Union[SampleReason, str]]] = ..., top_k: _Optional[_Iterable[_Union[TopScore, _Mapping]]] = ..., image: _Optional[bytes] = ..., image_format: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., source: _Optional[str] = ..., sequence: _Optional[int] = ..., image_bytes: _Optional[int] = ...) -> None: ...
 
 class Telemetry(_message.Message):
-    __slots__ = ("device_id", "time_ms", "fps", "latency_p50_ms", "latency_p95_ms", "queue_depth", "spool_bytes", "spool_frames", "spool_evictions", "model", "uptime_s", "frames_processed", "frames_sampled", "frames_dropped", "frames_corrupt")
+    __slots__ = ("device_id", "time_ms", "fps", "latency_p50_ms", "latency_p95_ms", "queue_depth", "spool_bytes", "spool_frames", "spool_evictions", "model", "uptime_s", "frames_processed", "frames_sampled", "frames_dropped", "frames_corrupt", "frames_receipted", "frames_resent", "oldest_unreceipted_age_s", "receipts", "frames_refused_by_hub", "frames_awaiting_receipt")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,12 @@ class Telemetry(_message.Message):
     FRAMES_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_RECEIPTED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_RESENT_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_UNRECEIPTED_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_REFUSED_BY_HUB_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_AWAITING_RECEIPT_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     time_ms: int
     fps: float
@@ -101,7 +107,13 @@ class Telemetry(_message.Message):
     frames_sampled: int
     frames_dropped: int
     frames_corrupt: int
-    def __init__(self, device_id: _Optional[str] = ..., time_ms: _Optional[int] = ..., fps: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., spool_frames: _Optional[int] = ..., spool_evictions: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., uptime_s: _Optional[float] = ..., frames_processed: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., frames_corrupt: _Optional[int] = ...) -> None: ...
+    frames_receipted: int
+    frames_resent: int
+    oldest_unreceipted_age_s: float
+    receipts: int
+    frames_refused_by_hub: int
+    frames_awaiting_receipt: int
+    def __init__(self, device_id: _Optional[str] = ..., time_ms: _Optional[int] = ..., fps: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., spool_frames: _Optional[int] = ..., spool_evictions: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., uptime_s: _Optional[float] = ..., frames_processed: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., frames_corrupt: _Optional[int] = ..., frames_receipted: _Optional[int] = ..., frames_resent: _Optional[int] = ..., oldest_unreceipted_age_s: _Optional[float] = ..., receipts: _Optional[int] = ..., frames_refused_by_hub: _Optional[int] = ..., frames_awaiting_receipt: _Optional[int] = ...) -> None: ...
 
 class VersionManifest(_message.Message):
     __slots__ = ("installed", "previous", "update_state", "reason", "target_version", "updated_ms", "version_floor")
@@ -158,6 +170,48 @@ class DesiredState(_message.Message):
     grpc_target: str
     rollback_from_version: int
     def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., issued_ms: _Optional[int] = ..., rollback: bool = ..., grpc_target: _Optional[str] = ..., rollback_from_version: _Optional[int] = ...) -> None: ...
+
+class RefusedFrame(_message.Message):
+    __slots__ = ("frame_id", "reason")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    frame_id: str
+    reason: str
+    def __init__(self, frame_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Receipt(_message.Message):
+    __slots__ = ("device_id", "frame_ids", "refused", "committed_ms", "hub_id")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAME_IDS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_MS_FIELD_NUMBER: _ClassVar[int]
+    HUB_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    frame_ids: _containers.RepeatedScalarFieldContainer[str]
+    refused: _containers.RepeatedCompositeFieldContainer[RefusedFrame]
+    committed_ms: int
+    hub_id: str
+    def __init__(self, device_id: _Optional[str] = ..., frame_ids: _Optional[_Iterable[str]] = ..., refused: _Optional[_Iterable[_Union[RefusedFrame, _Mapping]]] = ..., committed_ms: _Optional[int] = ..., hub_id: _Optional[str] = ...) -> None: ...
+
+class HubAnnouncement(_message.Message):
+    __slots__ = ("receipts", "time_ms", "hub_id")
+    RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    HUB_ID_FIELD_NUMBER: _ClassVar[int]
+    receipts: bool
+    time_ms: int
+    hub_id: str
+    def __init__(self, receipts: bool = ..., time_ms: _Optional[int] = ..., hub_id: _Optional[str] = ...) -> None: ...
+
+class ResendRequest(_message.Message):
+    __slots__ = ("time_ms", "reason", "hub_id")
+    TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    HUB_ID_FIELD_NUMBER: _ClassVar[int]
+    time_ms: int
+    reason: str
+    hub_id: str
+    def __init__(self, time_ms: _Optional[int] = ..., reason: _Optional[str] = ..., hub_id: _Optional[str] = ...) -> None: ...
 
 class PushChunk(_message.Message):
     __slots__ = ("data", "total_size", "sha256")

@@ -8,6 +8,8 @@ QOS_FRAMES = 1
 QOS_TELEMETRY = 0
 QOS_STATUS = 1
 QOS_DESIRED = 1
+QOS_RECEIPTS = 1     # hub -> device, not retained (docs/adr/0013-storage-receipts.md)
+QOS_HUB = 1          # the hub's announcement (retained) and resend requests (not retained)
 
 STATE_ONLINE = "online"
 STATE_OFFLINE = "offline"
@@ -40,9 +42,19 @@ def device_desired(device_id: str) -> str:
     return device_topic(device_id, "desired")
 
 
+def receipts(device_id: str) -> str:
+    """Where the hub tells a device which of its frames are durable in the store (Receipt). Only hubs
+    publish here; a device reads only its own."""
+    return device_topic(device_id, "receipts")
+
+
 def group_desired(group: str) -> str:
     return f"{PREFIX}/groups/{check_segment(group, 'group')}/desired"
 
+
+# The hubs' own topics: only hubs publish there, every device reads them.
+HUB_ANNOUNCE = f"{PREFIX}/hub/announce"  # HubAnnouncement, retained: "the hubs here send receipts"
+HUB_RESEND = f"{PREFIX}/hub/resend"      # ResendRequest: "resend what you still wait a receipt for"
 
 # Wildcards the hub subscribes to.
 ALL_FRAMES = f"{PREFIX}/devices/+/frames"
