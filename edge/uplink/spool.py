@@ -8,8 +8,11 @@ Layout of the spool directory::
     dead_lettered              how many records were set aside in dead/, ever (decimal text)
     dead/NNN.rec               records set aside because the broker kept refusing them
 
-A record file is ``MAGIC (4 bytes) | length (u32 BE) | crc32 (u32 BE) | payload``. It is written to a
-temporary file, fsynced, renamed into place with ``os.replace`` and the directory is fsynced, so after
+A record file holds one payload and its key, the frame id (format: edge/uplink/record.py); a receipt
+naming a frame finds its record through an in-memory index ``key -> sequence`` that :class:`Spool`
+rebuilds on open from the records' headers, never by reading payloads on the hot path. Records of
+older daemons (no key in the header) are still read; their key comes from ``key_of(payload)``. A record
+is written to a temporary file, fsynced, renamed into place with ``os.replace`` and the directory is fsynced, so after
 a power cut a record is either complete or absent. Should a record still be torn or garbled (a file
 system without those guarantees, a bad sector), reading it detects the bad length/checksum, logs one
 WARNING line, deletes it and moves on: it never crashes the daemon nor blocks the queue.
@@ -39,20 +42,20 @@ import errno
 import logging
 import os
 import re
-import struct
 import threading
-import zlib
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from edge.errors import FrameError, StorageError
+from edge.uplink.record import HEADER, MAGIC, KeyOf, decode_keyed, decode_record, encode_record, peek_key
 from proto import atomic
 from proto.errors import ConfigError
 
+__all__ = ["HEADER", "MAGIC", "Spool", "decode_record", "encode_record"]  # the codec's names, as before
+
 log = logging.getLogger(__name__)
 
-MAGIC = b"KSP1"
-HEADER = struct.Struct(">4sII")
 SUFFIX = ".rec"
 WIDTH = 20
 COUNTER_FILE = "seq"
@@ -63,31 +66,15 @@ MAX_DEAD = 100
 _NAME = re.compile(r"^(\d{" + str(WIDTH) + r"})\.rec$")
 
 
-def encode_record(payload: bytes) -> bytes:
-    return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload) & 0xFFFFFFFF) + payload
-
-
-def decode_record(blob: bytes) -> bytes:
-    """Return the payload of a record; FrameError saying what is wrong if it is torn or garbled."""
-    if len(blob) < HEADER.size:
-        raise FrameError(f"truncated header ({len(blob)} bytes)")
-    magic, length, crc = HEADER.unpack_from(blob)
-    if magic != MAGIC:
-        raise FrameError("bad magic")
-    payload = blob[HEADER.size:]
-    if len(payload) != length:
-        raise FrameError(f"length {len(payload)} != recorded {length} (torn write)")
-    if zlib.crc32(payload) & 0xFFFFFFFF != crc:
-        raise FrameError("checksum mismatch")
-    return payload
-
-
 class Spool:
     """Thread-safe durable FIFO of byte records keyed by a monotonic sequence number."""
 
     def __init__(self, directory: Path, max_bytes: int, max_frames: int, fsync: bool = True,
-                 max_dead: int = MAX_DEAD) -> None:
+                 max_dead: int = MAX_DEAD, key_of: Optional[KeyOf] = None) -> None:
+        """``key_of(payload)``: the key of an older daemon's record (no key in its header); None = such
+        records have no key (a receipt cannot name them; they are still sent)."""
         self.dir = Path(directory)
+        self._key_of = key_of
         self.max_bytes = int(max_bytes)
         self.max_frames = int(max_frames)
         self.max_dead = int(max_dead)
@@ -97,16 +84,21 @@ class Spool:
         self._lock = threading.RLock()
         self._index: Dict[int, int] = {}  # seq -> size on disk
         self._seqs: List[int] = []  # sorted, oldest first
+        self._keys: Dict[int, str] = {}  # seq -> key (the frame id)
+        self._by_key: Dict[str, int] = {}  # key -> seq: what a receipt names, found without reading records
+        self._born: Dict[int, float] = {}  # seq -> wall-clock time the record was written
         self._bytes = 0
         try:
             found = self._scan()
         except OSError as exc:
             raise ConfigError(f"cannot use the spool directory {self.dir}: {exc.strerror or exc}; "
                               "check [device] data_dir (it must be a writable directory)") from exc
-        for seq, size in sorted(found):
+        for seq, size, born in sorted(found):
             self._index[seq] = size
             self._seqs.append(seq)
             self._bytes += size
+            self._born[seq] = born
+            self._learn_key(seq, peek_key(self._path(seq)), None)
         self.evictions = self._read_int(EVICTIONS_FILE)
         # a counter (Prometheus *_total): not the number of files in dead/, which an operator may move
         self.dead_lettered = self._read_int(DEAD_LETTERED_FILE) or len(self.dead_letters())
@@ -116,7 +108,24 @@ class Spool:
         if self._seqs:
             log.info("spool: %d frames (%d bytes) waiting in %s", len(self._index), self._bytes, self.dir)
 
-    def _scan(self) -> List[Tuple[int, int]]:
+    def _learn_key(self, seq: int, key: Optional[str], payload: Optional[bytes]) -> None:
+        """Index ``seq`` under its key (from the header, else ``key_of(payload)`` for an older record)."""
+        if key is None and self._key_of is not None:
+            if payload is None:
+                try:
+                    key, payload = decode_keyed(self._path(seq).read_bytes())
+                except (OSError, FrameError):
+                    return  # damaged: reading it later logs and removes it
+            if key is None and payload is not None:
+                try:
+                    key = self._key_of(payload)
+                except Exception:  # noqa: BLE001 - a record we cannot name is still sent, just not receipted
+                    key = None
+        if key:
+            self._keys[seq] = key
+            self._by_key[key] = seq
+
+    def _scan(self) -> List[Tuple[int, int, float]]:
         self.dir.mkdir(parents=True, exist_ok=True)
         if not os.access(str(self.dir), os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, "Permission denied (not writable)")
@@ -124,11 +133,12 @@ class Spool:
             if atomic.is_temp(tmp.name):
                 log.warning("spool: removing unfinished write %s", tmp.name)
                 tmp.unlink()
-        found: List[Tuple[int, int]] = []
+        found: List[Tuple[int, int, float]] = []
         for p in self.dir.iterdir():
             m = _NAME.match(p.name)
             if m:
-                found.append((int(m.group(1)), p.stat().st_size))
+                st = p.stat()
+                found.append((int(m.group(1)), st.st_size, st.st_mtime))
         return found
 
     # -- persisted counters -----------------------------------------------------------------------
@@ -179,8 +189,9 @@ class Spool:
     def _path(self, seq: int) -> Path:
         return self.dir / (str(seq).zfill(WIDTH) + SUFFIX)
 
-    def append(self, make: Callable[[int], bytes]) -> int:
-        """Assign the next sequence, build the payload with ``make(seq)`` and store it durably.
+    def append(self, make: Callable[[int], bytes], key: str = "") -> int:
+        """Assign the next sequence, build the payload with ``make(seq)`` and store it durably, indexed
+        under ``key`` (the frame id: :meth:`seq_of`).
 
         If ``make`` raises, the sequence is not consumed. Evicts the oldest records when the budget
         is full. A payload larger than the whole byte budget raises FrameError; a write the file
@@ -189,7 +200,7 @@ class Spool:
         """
         with self._lock:
             seq = self._next
-            blob = encode_record(make(seq))
+            blob = encode_record(make(seq), key)
             if len(blob) > self.max_bytes:
                 raise FrameError(f"record of {len(blob)} bytes is larger than the spool budget "
                                  f"({self.max_bytes} bytes): raise [spool] max_bytes")
@@ -211,6 +222,10 @@ class Spool:
             self._index[seq] = len(blob)
             self._seqs.append(seq)
             self._bytes += len(blob)
+            self._born[seq] = time.time()
+            if key:
+                self._keys[seq] = key
+                self._by_key[key] = seq
             self._next = seq + 1
             return seq
 
@@ -228,6 +243,10 @@ class Spool:
             return False
         del self._seqs[bisect.bisect_left(self._seqs, seq)]
         self._bytes -= size
+        self._born.pop(seq, None)
+        key = self._keys.pop(seq, None)
+        if key is not None and self._by_key.get(key) == seq:
+            del self._by_key[key]
         self._cover(seq)
         return True
 
@@ -294,8 +313,10 @@ class Spool:
                 return None
             path = self._path(seq)
             try:
-                blob = path.read_bytes()
-                return decode_record(blob)
+                key, payload = decode_keyed(path.read_bytes())
+                if seq not in self._keys:
+                    self._learn_key(seq, key, payload)
+                return payload
             except (OSError, FrameError) as exc:
                 self.corrupt += 1
                 log.warning("spool: skipping damaged record %s: %s", path.name, exc)
@@ -305,16 +326,46 @@ class Spool:
     def after(self, seq: Optional[int], limit: int) -> List[Tuple[int, bytes]]:
         """Up to ``limit`` readable records with a sequence greater than ``seq`` (None = from the start),
         in order. Damaged records are skipped (logged and deleted)."""
+        return self.scan(seq, limit)[0]
+
+    def scan(self, seq: Optional[int], limit: int,
+             skip: Optional[Callable[[int], bool]] = None) -> Tuple[List[Tuple[int, bytes]], Optional[int]]:
+        """Like :meth:`after`, passing over (without reading) the records for which ``skip(seq)`` is
+        true; also returns the last sequence looked at (``seq`` when none), so a caller's cursor moves
+        past the skipped ones too."""
         out: List[Tuple[int, bytes]] = []
+        last = seq
         with self._lock:
             start = 0 if seq is None else bisect.bisect_right(self._seqs, seq)
             while len(out) < limit and start < len(self._seqs):
                 s = self._seqs[start]
+                if skip is not None and skip(s):
+                    last = s
+                    start += 1
+                    continue
                 payload = self.read(s)  # a damaged record is deleted from _seqs: same index is next
                 if payload is not None:
                     out.append((s, payload))
+                    last = s
                     start += 1
-        return out
+        return out, last
+
+    def seq_of(self, key: str) -> Optional[int]:
+        """The sequence of the record stored under ``key`` (a frame id), None if there is none."""
+        with self._lock:
+            return self._by_key.get(key)
+
+    def __contains__(self, seq: object) -> bool:
+        with self._lock:
+            return seq in self._index
+
+    def oldest_age_s(self, now: Optional[float] = None) -> float:
+        """Seconds since the oldest record still here was written (0.0 when empty)."""
+        with self._lock:
+            if not self._seqs:
+                return 0.0
+            born = self._born.get(self._seqs[0])
+        return max(0.0, (time.time() if now is None else now) - born) if born is not None else 0.0
 
     def sequences(self) -> List[int]:
         with self._lock:

@@ -186,3 +186,59 @@ def test_a_write_the_file_system_refuses_is_a_storage_error(tmp_path: Path) -> N
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert s.sequences() == [0] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert s.append(lambda seq: b"x" * 10000) == 1  # the failed write consumed no sequence
+
+
+def test_records_are_indexed_by_key_and_the_index_is_rebuilt_from_headers(tmp_path: Path) -> None:
+    s = Spool(tmp_path, BIG, 1000)
+    for i in range(4):
+        s.append(lambda seq, i=i: b"payload-%d" % i, key=f"cam-b-{i}")
+    assert [s.seq_of(f"cam-b-{i}") for i in range(4)] == [0, 1, 2, 3]
+    s.remove(1)
+    assert s.seq_of("cam-b-1") is None and 1 not in s and 2 in s
+
+    def must_not_read(payload: bytes) -> str:
+        raise AssertionError("the index is rebuilt from the headers, not from payloads")
+
+    s2 = Spool(tmp_path, BIG, 1000, key_of=must_not_read)
+    assert [s2.seq_of(f"cam-b-{i}") for i in (0, 2, 3)] == [0, 2, 3] and s2.seq_of("cam-b-1") is None
+    assert [p for _, p in s2.after(None, 10)] == [b"payload-0", b"payload-2", b"payload-3"]
+
+
+def test_an_older_daemons_records_are_read_and_named_by_key_of(tmp_path: Path) -> None:
+    import zlib
+
+    from edge.uplink.record import HEADER_V1, MAGIC_V1
+    for seq in range(2):
+        payload = b"old-%d" % seq
+        rec = HEADER_V1.pack(MAGIC_V1, len(payload), zlib.crc32(payload)) + payload
+        (tmp_path / (str(seq).zfill(20) + ".rec")).write_bytes(rec)
+    s = Spool(tmp_path, BIG, 1000, key_of=lambda p: "id-" + p.decode())
+    assert s.seq_of("id-old-1") == 1 and s.seq_of("id-old-0") == 0
+    assert [p for _, p in s.after(None, 10)] == [b"old-0", b"old-1"]
+    assert Spool(tmp_path, BIG, 1000).after(None, 10)[0][1] == b"old-0"  # no key_of: still read, just not named
+
+
+def test_scan_skips_without_reading_and_moves_the_cursor_past(tmp_path: Path) -> None:
+    s = Spool(tmp_path, BIG, 1000)
+    for i in range(6):
+        s.append(lambda seq, i=i: b"p%d" % i, key=str(i))
+    got, last = s.scan(None, 2, skip=lambda q: q in (0, 1, 3))
+    assert [q for q, _ in got] == [2, 4] and last == 4
+    got, last = s.scan(last, 5, skip=lambda q: True)
+    assert got == [] and last == 5
+    assert s.scan(5, 5) == ([], 5)
+
+
+def test_the_oldest_records_age(tmp_path: Path) -> None:
+    import os
+    import time
+
+    s = Spool(tmp_path, BIG, 1000)
+    assert s.oldest_age_s() == 0.0
+    s.append(lambda seq: b"a", key="a")
+    s.append(lambda seq: b"b", key="b")
+    assert 0.0 <= s.oldest_age_s() < 60
+    assert s.oldest_age_s(now=time.time() + 100) >= 100
+    first = sorted(tmp_path.glob("*.rec"))[0]
+    os.utime(first, (time.time() - 500, time.time() - 500))  # after a restart the age comes from the file
+    assert 499 <= Spool(tmp_path, BIG, 1000).oldest_age_s() < 560
