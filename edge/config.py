@@ -211,7 +211,20 @@ class MqttConfig:
     max_send_attempts: int = field(5, doc="A frame in flight each time the broker closes the connection "
                                           "(e.g. over the broker's max_packet_size) is set aside in "
                                           "{data_dir}/spool/dead after this many connections, so it "
-                                          "cannot block the frames behind it.")
+                                          "cannot block the frames behind it. The same count applies to a "
+                                          "frame that keeps coming due without a receipt while the hub "
+                                          "receipts this device's other frames.")
+    delete_on: str = field("auto", doc="When a sent frame leaves the spool. receipt: only when the hub's "
+                                       "storage receipt names it (it is durable in the hub's store); "
+                                       "puback: on the broker's PUBACK (hubs older than receipts); auto: "
+                                       "receipt while the hubs announce receipts on the broker (retained "
+                                       "kestrel/v1/hub/announce, checked on every connection), else "
+                                       "puback. See docs/edge-transport.md.")
+    receipt_timeout_s: float = field(60.0, doc="A frame the broker acknowledged is published again when no "
+                                               "receipt named it within this many seconds (the hub stores "
+                                               "it once); the wait doubles with every resend of the frame.")
+    receipt_timeout_max_s: float = field(900.0, doc="Longest wait between two resends of one unreceipted "
+                                                    "frame (bounds the copies a long hub outage costs).")
 
     def validate(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -222,7 +235,11 @@ class MqttConfig:
             raise ValueError("max_inflight must be >= 1")
         if not 5 <= self.keepalive_s <= 65535:
             raise ValueError(f"keepalive_s must be 5..65535, not {self.keepalive_s}")
-        _positive(self, "ack_timeout_s", "auth_retry_s", "max_send_attempts")
+        _positive(self, "ack_timeout_s", "auth_retry_s", "max_send_attempts", "receipt_timeout_s")
+        if self.delete_on not in ("auto", "receipt", "puback"):
+            raise ValueError(f"delete_on must be auto, receipt or puback, not {self.delete_on!r}")
+        if not self.receipt_timeout_max_s >= self.receipt_timeout_s:
+            raise ValueError("receipt_timeout_max_s must be >= receipt_timeout_s")
         if self.max_payload_bytes < 1024:
             raise ValueError("max_payload_bytes must be at least 1024")
         if (self.cert_file or self.key_file) and not (self.cert_file and self.key_file):

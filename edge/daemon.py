@@ -213,6 +213,9 @@ class Daemon:
                    "confidence_threshold": sampler.confidence_threshold,
                    "spool_frames": spool_frames, "spool_bytes": spool_bytes, "spool_evictions": evictions,
                    "dead_letters": pub.dead_letters, "frames_acked": pub.frames_acked,
+                   "receipts": pub.receipts.received, "frames_receipted": pub.receipts.frames_receipted,
+                   "frames_resent": pub.receipts.frames_resent, "refused_by_hub": pub.receipts.refused,
+                   "hub_receipts": pub.receipts.hub_receipts,
                    "run_s": round(self.run_seconds(), 3), "sampler": sampler.counters()}
         log.info("summary %s", json.dumps(summary, sort_keys=True))
 

@@ -185,6 +185,16 @@ class TelemetryService:
             return [0, 0, 0]
         return [int(x) for x in self.publisher.spool_stats()]
 
+    def _receipts(self) -> Dict[str, Any]:
+        """The publisher's receipt figures (docs/edge-transport.md, *Storage receipts*)."""
+        rx = getattr(self.publisher, "receipts", None)
+        if rx is None:
+            return {"receipts": 0, "frames_receipted": 0, "frames_resent": 0, "frames_refused_by_hub": 0,
+                    "frames_awaiting_receipt": 0, "oldest_unreceipted_age_s": 0.0}
+        return {"receipts": rx.received, "frames_receipted": rx.frames_receipted,
+                "frames_resent": rx.frames_resent, "frames_refused_by_hub": rx.refused,
+                "frames_awaiting_receipt": rx.book.awaiting, "oldest_unreceipted_age_s": rx.oldest_age_s()}
+
     def build_message(self) -> kestrel_pb2.Telemetry:
         snap = self.stats.snapshot()
         spool_bytes, spool_frames, evictions = self._spool()
@@ -194,7 +204,7 @@ class TelemetryService:
             queue_depth=snap["queue_depth"], spool_bytes=spool_bytes, spool_frames=spool_frames,
             spool_evictions=evictions, uptime_s=snap["uptime_s"],
             frames_processed=snap["frames_processed"], frames_sampled=snap["frames_sampled"],
-            frames_dropped=snap["frames_dropped"], frames_corrupt=snap["frames_corrupt"])
+            frames_dropped=snap["frames_dropped"], frames_corrupt=snap["frames_corrupt"], **self._receipts())
         if snap["model"] is not None:
             msg.model.CopyFrom(snap["model"])
         return msg
@@ -239,6 +249,24 @@ class TelemetryService:
                   int(getattr(pub, "spool_write_failed", 0)))
             t.add("kestrel_edge_telemetry_dropped_total", "counter", "Telemetry messages dropped offline.",
                   int(getattr(pub, "telemetry_dropped", 0)))
+            rx = self._receipts()
+            t.add("kestrel_edge_receipts_total", "counter", "Storage receipts received from the hub.",
+                  int(rx["receipts"]))
+            t.add("kestrel_edge_frames_receipted_total", "counter",
+                  "Frames the hub said are durable in its store (then deleted from the spool).",
+                  int(rx["frames_receipted"]))
+            t.add("kestrel_edge_frames_resent_total", "counter",
+                  "Frames published again because no receipt named them in time (or the hub asked).",
+                  int(rx["frames_resent"]))
+            t.add("kestrel_edge_frames_refused_by_hub_total", "counter",
+                  "Frames set aside in spool/dead because the hub refused them for good (or never receipted "
+                  "them while receipting others).", int(rx["frames_refused_by_hub"]))
+            t.add("kestrel_edge_frames_awaiting_receipt", "gauge",
+                  "Frames the broker acknowledged that wait for the hub's storage receipt.",
+                  int(rx["frames_awaiting_receipt"]))
+            t.add("kestrel_edge_oldest_unreceipted_age_seconds", "gauge",
+                  "Age of the oldest frame in the spool (not yet receipted; 0 when the spool is empty).",
+                  float(rx["oldest_unreceipted_age_s"]))
         model = snap["model"]
         if model is not None:
             t.add("kestrel_edge_model_info", "gauge", "The running model (labels); always 1.", 1,

@@ -3,10 +3,17 @@
 * :meth:`Publisher.publish_frame` assigns ``frame.sequence`` (monotonic, persisted), writes the
   encoded frame to the spool (fsync per ``[spool] fsync``) BEFORE returning; the I/O thread then
   sends spooled frames in sequence order at QoS 1 on ``topics.frames(device_id)``, at most
-  ``[mqtt] max_inflight`` unacknowledged at once. A record leaves the spool only after its PUBACK.
-  After a reconnect everything still in the spool is resent from the oldest: the transport is
-  *at least once* (a frame whose PUBACK was lost is sent again; the hub stores frames idempotently
-  on ``frame_id``), in order, without loss.
+  ``[mqtt] max_inflight`` unacknowledged at once (the PUBACK paces the wire).
+* **When a frame leaves the spool** (``[mqtt] delete_on``, edge.uplink.receipts,
+  docs/adr/0013-storage-receipts.md): with the hub's storage receipts, only when a ``Receipt`` names
+  it (it is durable in the hub's store); a frame the broker acknowledged and no receipt named within
+  ``receipt_timeout_s`` (doubling per resend) is published again, at once when the hub asks
+  (``ResendRequest``: its broker session was lost); a frame the hub refused for good is set aside in
+  ``{spool}/dead/``. Without receipts (``puback``, or ``auto`` with no hub announcing them) a frame
+  leaves on its PUBACK.
+* After a reconnect every frame the broker did not acknowledge is sent again from the oldest: the
+  transport is *at least once* (a frame whose PUBACK or receipt was lost is sent again; the hub stores
+  frames idempotently on ``frame_id``), without loss.
 * A frame the broker keeps refusing (it closes the connection while that frame is in flight, e.g.
   over its ``max_packet_size``) must not block the frames behind it: the oldest frame in flight when
   the broker or the network closes a connection (not when we close it: stop, missing PUBACK) is
@@ -36,6 +43,7 @@ from edge.config import MqttConfig, SpoolConfig
 from edge.errors import FrameError, OversizeFrame, StorageError
 from edge.logonce import OncePerKind
 from edge.uplink.mqtt import Message, MessageCallback, MqttClient
+from edge.uplink.receipts import Receipts
 from edge.uplink.spool import Spool
 from proto import kestrel_pb2, topics
 from proto.clock import now_ms
@@ -45,6 +53,10 @@ log = logging.getLogger(__name__)
 StatusProvider = Callable[[str], kestrel_pb2.Status]
 
 
+def frame_id_of(payload: bytes) -> str:
+    """The frame id of an encoded Frame (names an older daemon's spool records, which carry no key)."""
+    return str(kestrel_pb2.Frame.FromString(payload).frame_id)
+
 
 class Publisher:
     def __init__(self, mqtt: MqttConfig, spool: SpoolConfig, device_id: str, group: str, spool_dir: Path) -> None:
@@ -52,7 +64,7 @@ class Publisher:
         self.device_id = device_id
         self.group = group
         self.spool = Spool(Path(spool_dir), spool.max_bytes, spool.max_frames, fsync=spool.fsync,
-                           max_dead=spool.max_dead_letters)
+                           max_dead=spool.max_dead_letters, key_of=frame_id_of)
         self._frames_topic = topics.frames(device_id)
         self._status_topic = topics.status(device_id)
         self._telemetry_topic = topics.telemetry(device_id)
@@ -72,9 +84,13 @@ class Publisher:
         self.last_ack_at = 0.0  # monotonic time of the last frame PUBACK
         self.telemetry_dropped = 0
         self.telemetry_sent = 0
+        self.receipts = Receipts(mqtt, device_id, self.spool, self._notify,
+                                 lambda seq: self._suspects.pop(seq, None))
         self._mqtt = MqttClient(mqtt, f"kestrel-edge-{device_id}", will=self._will,
                                 on_connected=self._on_connected, on_disconnected=self._on_disconnected,
                                 pump=self._pump)
+        for topic, callback, qos in self.receipts.subscriptions():  # made before the birth on every connection
+            self._mqtt.subscribe(topic, callback, qos)
 
     # -- status ---------------------------------------------------------------------------------
 
@@ -145,7 +161,7 @@ class Publisher:
             return data
 
         try:
-            self.spool.append(encode)
+            self.spool.append(encode, key=frame.frame_id)
         except OversizeFrame as exc:
             self.oversize_refused += 1
             frame.sequence = 0
@@ -170,44 +186,70 @@ class Publisher:
         return True
 
     def _pump(self) -> None:
-        """I/O thread: send spooled frames after the cursor while the in-flight window has room.
-        A suspect frame (see the module doc) is sent alone: nothing else until it is acknowledged."""
+        """I/O thread: send what is due while the in-flight window has room: frames whose receipt is
+        overdue first (oldest first), then spooled frames after the cursor that no connection got a
+        PUBACK for. A suspect frame (see the module doc) is sent alone: nothing else until it is
+        acknowledged."""
         if self._suspects and self._inflight and min(self._inflight) in self._suspects:
             return
         room = self.mqtt_cfg.max_inflight - len(self._inflight)
         if room <= 0:
             return
-        for seq, payload in self.spool.after(self._cursor, room):
+        for seq, payload in self.receipts.due(room):
+            if not self._send(seq, payload):
+                return
+            self.receipts.resending(seq)
+            room -= 1
+        if room <= 0:
+            return
+        records, last = self.spool.scan(self._cursor, room, skip=self._held)
+        for seq, payload in records:
             if seq in self._suspects and self._inflight:
                 return  # wait until the window is empty, then send the suspect alone
-            mid = self._mqtt.publish_now(self._frames_topic, payload, topics.QOS_FRAMES, False,
-                                         on_ack=functools.partial(self._acked, seq))
-            if mid is None:
+            if not self._send(seq, payload):
                 return
-            self._inflight[seq] = mid
             self._cursor = seq
-            self.frames_sent += 1
             if seq in self._suspects:
                 return
+        if not records:
+            self._cursor = last
+
+    def _held(self, seq: int) -> bool:
+        """In flight, or acknowledged and waiting for its receipt (sent again by the receipt side)."""
+        return seq in self._inflight or self.receipts.held(seq)
+
+    def _send(self, seq: int, payload: bytes) -> bool:
+        mid = self._mqtt.publish_now(self._frames_topic, payload, topics.QOS_FRAMES, False,
+                                     on_ack=functools.partial(self._acked, seq))
+        if mid is None:
+            return False
+        self._inflight[seq] = mid
+        self.frames_sent += 1
+        return True
 
     def _acked(self, seq: int) -> None:
         self.last_ack_at = time.monotonic()
         self._inflight.pop(seq, None)
         self._suspects.pop(seq, None)
-        self.spool.remove(seq)
+        self.receipts.acked(seq)  # deleted now (puback) or kept until the hub's receipt
         self.frames_acked += 1
+        self._notify()
+
+    def _notify(self) -> None:
         with self._cond:
             self._cond.notify_all()
 
     def _on_connected(self) -> None:
         self._inflight.clear()
-        self._cursor = None  # resend everything still in the spool, oldest first
+        self._cursor = None  # resend everything the broker did not acknowledge, oldest first
+        self.receipts.connected()
         birth = self._status(topics.STATE_ONLINE) if self._provider is not None else self._last_status
         if birth is None:
             birth = self._status(topics.STATE_ONLINE)
-        self._mqtt.publish_now(self._status_topic, birth.SerializeToString(), topics.QOS_STATUS, True)
-        with self._cond:
-            self._cond.notify_all()
+        # behind this connection's subscriptions: its PUBACK comes after any retained announcement
+        self._mqtt.publish_now(self._status_topic, birth.SerializeToString(), topics.QOS_STATUS, True,
+                               on_ack=self.receipts.birth_acked)
+        self._notify()
 
     def _on_disconnected(self, peer_closed: bool) -> None:
         # only a link the broker (or the network) closed can mean it refused the frame; our own
@@ -216,8 +258,8 @@ class Publisher:
             self._blame(min(self._inflight))
         self._inflight.clear()
         self._cursor = None
-        with self._cond:
-            self._cond.notify_all()
+        self.receipts.link_lost()
+        self._notify()
 
     def _blame(self, seq: int) -> None:
         """The connection broke while ``seq`` was the oldest frame in flight."""
