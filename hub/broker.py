@@ -5,7 +5,9 @@ With ``[mqtt] host`` empty the hub starts ``mosquitto`` on 127.0.0.1 with a gene
 survive a broker restart), restarts it when it dies (same port), and writes ``broker.json``
 ({"host", "port", "pid"}) atomically so local tools, demos and devices can find it. The port is
 ``embedded_port``, else the port of the previous run (from broker.json, so devices configured with
-it reconnect after a hub restart) when it is still free, else a free one. The broker dies with the
+it reconnect after a hub restart) when it is still free, else a free one. Its ``max_packet_size`` is
+``packet_limit(max_payload_bytes)``: a client sending a larger packet is disconnected before the broker
+holds it (the hub's own client announces the same limit in its MQTT 5 CONNECT). The broker dies with the
 hub (PR_SET_PDEATHSIG on Linux), even when the hub is SIGKILLed. Its stderr goes to
 ``mosquitto.stderr`` in the same folder.
 """
@@ -34,6 +36,7 @@ from proto.backoff import Backoff
 log = logging.getLogger("hub.broker")
 
 START_TIMEOUT_S = 10.0
+PACKET_OVERHEAD = 65536 + 64  # an MQTT packet beyond its payload: the longest topic (64 KiB), headers, properties
 SUPERVISE_INTERVAL_S = 0.5
 RESTART_BACKOFF_MAX_S = 10.0
 
@@ -49,6 +52,12 @@ class BrokerTarget:
     cert_file: str = ""
     key_file: str = ""
     embedded: bool = False
+
+
+def packet_limit(max_payload_bytes: int) -> int:
+    """The largest MQTT packet that can carry a frame of ``max_payload_bytes`` (any topic): the embedded
+    broker's ``max_packet_size`` and the Maximum Packet Size the hub's client announces."""
+    return int(max_payload_bytes) + PACKET_OVERHEAD
 
 
 def free_port() -> int:
@@ -74,11 +83,15 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class EmbeddedBroker:
     """A supervised Mosquitto on loopback. ``start()`` blocks until the port accepts connections."""
 
-    def __init__(self, workdir: Path, port: int = 0, exe: Optional[str] = None, autosave_s: int = 5) -> None:
+    def __init__(self, workdir: Path, port: int = 0, exe: Optional[str] = None, autosave_s: int = 5,
+                 max_packet_size: int = 0) -> None:
+        """``max_packet_size``: packets larger than this are refused (the client is disconnected); 0 = no
+        limit (Mosquitto's own)."""
         self.exe = exe or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.workdir = Path(workdir)
         self.host = "127.0.0.1"
         self.autosave_s = autosave_s
+        self.max_packet_size = int(max_packet_size)
         self.port = port or self._previous_port() or free_port()
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.restarts = 0
@@ -119,6 +132,8 @@ class EmbeddedBroker:
             "max_queued_messages 100000",
             "max_inflight_messages 1000",  # the hub acks after commit: a deep window keeps batches full
             "persistent_client_expiration 7d",
+            # bounded before memory: a larger packet is refused on its header (Mosquitto 2's name for it)
+            *([f"max_packet_size {self.max_packet_size}"] if self.max_packet_size else []),
             # Mosquitto started as root switches to user 'mosquitto'; changing credentials clears
             # the parent-death signal, so it stays the hub's user (and can write our data dir).
             f"user {getpass.getuser()}",

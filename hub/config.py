@@ -80,7 +80,16 @@ class MqttSection:
                                    "Every hub process needs its own (its own data_dir, or set this).")
     share_group: str = field("kestrel-hub", doc="Shared-subscription group: hubs in one group split the "
                                                 "frames ($share/<group>/...); empty = no sharing.")
-    max_payload_bytes: int = field(4 * MiB, doc="Frame messages larger than this are rejected (too_large).")
+    max_payload_bytes: int = field(4 * MiB, doc="Frame messages larger than this are rejected (too_large). "
+                                               "The embedded broker refuses packets over this plus 64 KiB "
+                                               "(max_packet_size) and the hub's MQTT 5 CONNECT tells any "
+                                               "broker not to send it larger ones; set max_packet_size on an "
+                                               "external broker (docs/hub.md).")
+    receipts: bool = field(True, doc="After each committed batch, tell every device which of its frames are "
+                                     "durable in the store (a Receipt on kestrel/v1/devices/{id}/receipts) and "
+                                     "announce that on the retained kestrel/v1/hub/announce; devices then "
+                                     "delete a frame only on its receipt. false = behave like a hub older "
+                                     "than receipts (docs/adr/0013-storage-receipts.md).")
     keepalive_s: int = field(30, doc="MQTT keepalive.")
     allow_unknown_devices: bool = field(True, doc="Auto-register a device on its first valid message; "
                                                   "false = "

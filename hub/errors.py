@@ -2,8 +2,9 @@
 
 * ArtifactError (bad input, retrying the same will not help; a CLI exits 2): a payload or image from a
   device (PayloadRejected, ImageRejected), a pushed bundle (RegistryError, PushRefused), a config
-  (ConfigError), a request naming what does not exist (NotFound), a fleet request (FleetRequestError,
-  NothingToRollBack), a label (LabelError), an export (ExportError);
+  (ConfigError; DataDirBusy: another hub holds the data folder), a request naming what does not exist
+  (NotFound), a fleet request (FleetRequestError, NothingToRollBack), a label (LabelError), an export
+  (ExportError);
 * TransportError (something on our side is unreachable or failing, retrying later may help; a CLI
   exits 3, gRPC answers UNAVAILABLE): the store (StoreError, StoreUnavailable, BundleBytesMissing).
 
@@ -18,7 +19,7 @@ from proto.errors import ArtifactError, ConfigError, KestrelError, TransportErro
 
 __all__ = [
     "ArtifactError", "ConfigError", "KestrelError", "TransportError",
-    "PayloadRejected", "ImageRejected", "RegistryError", "PushRefused", "NotFound", "FleetRequestError",
+    "DataDirBusy", "PayloadRejected", "ImageRejected", "RegistryError", "PushRefused", "NotFound", "FleetRequestError",
     "NothingToRollBack", "LabelError", "ExportError",
     "StoreError", "StoreUnavailable", "BundleBytesMissing",
     "INVALID", "PRECONDITION", "EXISTS",
@@ -32,12 +33,18 @@ EXISTS = "already_exists"             # that version exists with different conte
 
 # ---- bad input (ArtifactError) ----
 
-class PayloadRejected(ArtifactError):
-    """An MQTT payload failed validation; ``reason`` is the counter key (too_large, bad_protobuf, ...)."""
+class DataDirBusy(ConfigError):
+    """Another hub process holds the data folder's lock (hub.datadir); the message names its PID."""
 
-    def __init__(self, reason: str, message: str) -> None:
+
+class PayloadRejected(ArtifactError):
+    """An MQTT payload failed validation; ``reason`` is the counter key (too_large, bad_protobuf, ...).
+    ``frame_id``: the rejected frame's id when it was read (its device gets a receipt saying so)."""
+
+    def __init__(self, reason: str, message: str, frame_id: str = "") -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
+        self.frame_id = frame_id
 
 
 class ImageRejected(ArtifactError):

@@ -51,12 +51,21 @@ def prometheus_text(health: Dict[str, Any]) -> str:
                        ("dead_lettered", "Payloads kept in the dead-letter folder instead of the store."),
                        ("dropped_qos0", "Telemetry (QoS 0) dropped because the in-memory queue was full."),
                        ("commits", "Batches committed to the store."),
+                       ("receipts", "Storage receipts published to devices (one per device and batch)."),
+                       ("frames_receipted", "Frames named durable in storage receipts."),
+                       ("frames_refused_receipted", "Frames named refused for good in storage receipts."),
                        ("commit_ms", "Milliseconds spent committing batches (with commits: the mean).")):
         value = ing.get(f"{key}_total", 0) if key == "commit_ms" else ing.get(key, 0)
         metric(f"kestrel_hub_ingest_{key}_total", "counter", help_, [("", float(value))])
     metric("kestrel_hub_ingest_rejected_total", "counter", "Payloads rejected, per reason.",
            [(f'{{reason="{r}"}}', float(n)) for r, n in sorted(ing.get("rejected", {}).items())])
     broker = health.get("broker", {})
+    metric("kestrel_hub_mqtt_sessions_lost_total", "counter",
+           "Connections on which the broker no longer had the hub's session (frames it held are gone; "
+           "devices were asked to resend).", [("", float(broker.get("sessions_lost", 0)))])
+    metric("kestrel_hub_mqtt_session_takeovers_total", "counter",
+           "Times another client connected with the hub's client id.",
+           [("", float(broker.get("session_takeovers", 0)))])
     if "restarts" in broker:
         metric("kestrel_hub_embedded_broker_restarts_total", "counter", "Embedded Mosquitto restarts.",
                [("", float(broker["restarts"]))])

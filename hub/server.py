@@ -1,8 +1,10 @@
 """``kestrel-hub serve``: one process runs the MQTT ingest, the gRPC registry + fleet and the HTTP server.
 
-Start order: store -> broker (embedded Mosquitto or the configured one) -> ingest -> registry,
-fleet and gRPC -> HTTP. The bound ports go to ``<data_dir>/hub.json`` (atomic write) and the log,
-so port 0 ("any free port") is usable by scripts and tests. SIGTERM/SIGINT stop it cleanly;
+Start order: the data folder's lock (hub.datadir: one hub per data folder; a second exits 2 naming the
+holder's PID and changes nothing) -> store -> broker (embedded Mosquitto or the configured one) ->
+ingest -> registry, fleet and gRPC -> HTTP. The bound ports go to ``<data_dir>/hub.json`` (atomic
+write) and the log, so port 0 ("any free port") is usable by scripts and tests; ports the hub chose
+are kept in ``<data_dir>/ports.json`` and bound again at the next start when free. SIGTERM/SIGINT stop it cleanly;
 a SIGKILL loses nothing because nothing is acknowledged before it is stored.
 """
 
@@ -19,8 +21,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from hub import config as hubconfig
-from hub.broker import BrokerTarget, EmbeddedBroker, resolve
+from hub.broker import BrokerTarget, EmbeddedBroker, packet_limit, resolve
 from hub.config import HubConfig
+from hub.datadir import DataDirLock, KeptPorts
 from hub.errors import ConfigError, KestrelError, TransportError
 from hub.http import HttpServer
 from hub.ingest.service import Ingest
@@ -31,6 +34,7 @@ from proto import atomic
 log = logging.getLogger("hub.server")
 
 PUBLISH_TIMEOUT_S = 10.0
+SESSION_FILE = "mqtt-session.json"  # in data_dir: the broker holds a session for our client id
 # The ingest's threads hand the GIL over thousands of times a second (every socket read, SQLite step,
 # write and fsync releases it); a thread coming back from one waits up to this long for a busy one to
 # let go. Python's 5 ms made the commit and write-ahead threads queue behind the network thread.
@@ -49,6 +53,7 @@ class HubServer:
         self.grpc_port = 0
         self.registry: Any = None
         self.fleet: Any = None
+        self.lock: Optional[DataDirLock] = None
 
     # ---- start/stop ----
     def start(self) -> HubServer:
@@ -57,18 +62,24 @@ class HubServer:
             cfg.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"[hub] data_dir {cfg.data_dir}: cannot create it: {exc.strerror}") from exc
+        self.lock = DataDirLock(cfg.data_dir).acquire()  # before anything in data_dir is started or written
         client_id = cfg.resolve_client_id()
         self.store = open_store(cfg)
         if cfg.mqtt.embedded:
             self.embedded = EmbeddedBroker(cfg.data_dir / "broker", port=cfg.mqtt.embedded_port,
-                                           autosave_s=cfg.mqtt.embedded_autosave_s).start()
+                                           autosave_s=cfg.mqtt.embedded_autosave_s,
+                                           max_packet_size=packet_limit(cfg.mqtt.max_payload_bytes)).start()
             self.target = BrokerTarget(host=self.embedded.host, port=self.embedded.port, embedded=True)
         else:
             self.target = resolve(cfg)
         dead_letter = cfg.dead_letter_dir
-        self.ingest = Ingest(self.store, self.target, cfg.mqtt, client_id, dead_letter_dir=dead_letter).start()
-        self._start_grpc()
-        self.http = HttpServer(cfg.http.bind, cfg.http.port, self.health).start()
+        self.ingest = Ingest(self.store, self.target, cfg.mqtt, client_id, dead_letter_dir=dead_letter,
+                             session_file=cfg.data_dir / SESSION_FILE).start()
+        ports = KeptPorts(cfg.data_dir)
+        self._start_grpc(ports.choose("grpc", cfg.grpc.port, cfg.grpc.bind))
+        ports.keep("grpc", cfg.grpc.port, self.grpc_port)
+        self.http = HttpServer(cfg.http.bind, ports.choose("http", cfg.http.port, cfg.http.bind), self.health).start()
+        ports.keep("http", cfg.http.port, self.http.port)
         info = {"pid": os.getpid(), "http_port": self.http.port, "grpc_port": self.grpc_port,
                 "mqtt_host": self.target.host, "mqtt_port": self.target.port,
                 "mqtt_embedded": self.target.embedded, "client_id": client_id, "store": cfg.store_url}
@@ -78,7 +89,7 @@ class HubServer:
                  " (embedded)" if self.target.embedded else "", self.store)
         return self
 
-    def _start_grpc(self) -> None:
+    def _start_grpc(self, port: int) -> None:
         """Registry + fleet from hub.registry / hub.fleet / hub.grpc_service (helper F2's modules)."""
         from hub.fleet import FleetService
         from hub.grpc_service import make_server
@@ -89,9 +100,9 @@ class HubServer:
         self.registry = Registry(self.store, cfg.registry, cfg.data_dir)
         self.fleet = FleetService(self.store, self.registry, self.publish_retained,
                                   grpc_target=cfg.grpc.advertise)
-        server, port = make_server(self.registry, self.fleet, cfg.grpc.bind, cfg.grpc.port, cfg.grpc.max_workers)
+        server, bound = make_server(self.registry, self.fleet, cfg.grpc.bind, port, cfg.grpc.max_workers)
         server.start()
-        self.grpc_server, self.grpc_port = server, port
+        self.grpc_server, self.grpc_port = server, bound
 
     def publish_retained(self, topic: str, payload: bytes) -> None:
         """QoS 1 retained publish through the ingest's connection; returns once the broker acknowledged."""
@@ -116,6 +127,8 @@ class HubServer:
             self.embedded.stop()
         if self.store is not None:
             self.store.close()
+        if self.lock is not None:
+            self.lock.release()
 
     # ---- health ----
     def health(self) -> Dict[str, Any]:
@@ -129,7 +142,9 @@ class HubServer:
         except KestrelError as exc:
             store["error"] = str(exc)
         ingest = self.ingest.health() if self.ingest else {}
-        broker: Dict[str, Any] = {"connected": bool(ingest.get("connected"))}
+        broker: Dict[str, Any] = {"connected": bool(ingest.get("connected")),
+                                  "sessions_lost": int(ingest.get("sessions_lost", 0)),
+                                  "session_takeovers": int(ingest.get("session_takeovers", 0))}
         if self.target is not None:
             broker.update(host=self.target.host, port=self.target.port, embedded=self.target.embedded)
         if self.embedded is not None:

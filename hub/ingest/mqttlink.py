@@ -1,11 +1,22 @@
 """The ingest's MQTT connection: connect, subscribe, hand every message on, acknowledge what was committed.
 
-* MQTT 3.1.1, persistent session (clean_session=False, a fixed client id): the broker queues this
-  hub's share while it is down and resends what was delivered but not acknowledged. paho runs in
-  manual-ack mode on its own network thread (``loop_start``); ``on_message`` only builds a
-  :class:`~hub.ingest.message.Message` and hands it to ``deliver`` (the batch pipeline's queue).
+* MQTT 5, persistent session (clean_start=False, session expiry "never", a fixed client id): the
+  broker queues this hub's share while it is down and resends what was delivered but not
+  acknowledged. paho runs in manual-ack mode on its own network thread (``loop_start``);
+  ``on_message`` only builds a :class:`~hub.ingest.message.Message` and hands it to ``deliver`` (the
+  batch pipeline's queue).
+* Bounded before memory: CONNECT carries Maximum Packet Size (``packet_limit``: the frame limit plus
+  room for topic and headers), so the broker never sends this client a larger packet (it drops it for
+  us, as if delivered), and Receive Maximum (RECEIVE_MAXIMUM messages unacknowledged at once).
 * The subscriptions (frames and telemetry shared by ``share_group``, status not) are made again on
-  every connection, whether or not the broker still had the session (``session_present`` is logged).
+  every connection. The session is the hub's: ``session present: False`` on a connection that should
+  have resumed one (a reconnect of this process, or the first connection after a restart when
+  ``session_file`` says the broker had a session for this client id) means the broker lost the frames
+  it held for the hub (a broker restarted without its store, or a client that took the hub's id with
+  a clean session): a WARNING, counted in ``sessions_lost``, and a ``ResendRequest`` to every device.
+  A takeover (another client connecting with this id) is a WARNING and counted in ``takeovers``.
+* On every connection the hub (re)publishes the retained ``HubAnnouncement`` (it sends storage receipts,
+  unless ``[mqtt] receipts = false``); ``publish_receipts`` sends the pipeline's receipts (QoS 1).
 * ``ack(msgs)`` acknowledges committed messages in arrival order, only those of QoS > 0 that arrived on
   the current connection (``generation``): the broker resends older connections' messages, and a mid
   of a dead connection means nothing on a new one. A batch's QoS 1 PUBACKs go out as one write
@@ -18,37 +29,53 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import ssl
 import threading
-from typing import Any, Callable, Dict, List, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from hub.broker import BrokerTarget
+from hub.broker import BrokerTarget, packet_limit
 from hub.config import MqttSection
 from hub.errors import ConfigError
 from hub.ingest import pahohooks
 from hub.ingest.message import Message
-from proto import topics
+from proto import atomic, kestrel_pb2, topics
 from proto.backoff import Backoff
 from proto.clock import now_ms
 
 log = logging.getLogger("hub.ingest.mqttlink")
 
-MAX_INFLIGHT = 100  # QoS 1 messages the broker sends before it waits for our (late) acks
+MAX_INFLIGHT = 100  # QoS 1 messages we publish (receipts, desired states) before paho waits for PUBACKs
+RECEIVE_MAXIMUM = 1000  # QoS 1 messages the broker sends us before it waits for our (late) acks
+SESSION_NEVER_EXPIRES = 0xFFFFFFFF  # the broker keeps the session until persistent_client_expiration
 STABLE_CONNECTION_S = 10.0  # a connection up this long starts the reconnect backoff from its minimum again
+SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason: another client connected with our client id
 
 
 class MqttLink:
     """``start()`` returns at once (connects in the background); ``deliver`` runs on paho's thread."""
 
     def __init__(self, target: BrokerTarget, cfg: MqttSection, client_id: str,
-                 deliver: Callable[[Message], None]) -> None:
+                 deliver: Callable[[Message], None], session_file: Optional[Path] = None) -> None:
+        """``session_file``: where the hub remembers that the broker holds a session for this client id
+        (in its data_dir), so a session missing after a restart is noticed; None = only reconnects of
+        this process are checked."""
         self.target = target
         self.cfg = cfg
         self.client_id = client_id
         self._deliver = deliver
+        self.session_file = session_file
+        self.sessions_lost = 0  # connections that should have resumed the session and did not
+        self.takeovers = 0  # times another client connected with our client id
+        self.resend_requests = 0  # ResendRequests published
+        self.receipts_sent = 0  # Receipt messages handed to paho
+        self.session_present: Optional[bool] = None  # what the last CONNACK said
         self._lock = threading.Lock()  # generation vs acks: no ack of an old connection goes out on a new one
         self.generation = 0  # connections so far (written on paho's thread, under _lock)
         self._connected = threading.Event()
@@ -73,9 +100,16 @@ class MqttLink:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    def connect_properties(self) -> Properties:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_NEVER_EXPIRES
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        props.MaximumPacketSize = packet_limit(self.cfg.max_payload_bytes)
+        return props
+
     def _make_client(self) -> mqtt.Client:
-        c = pahohooks.make_client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
-                                  protocol=mqtt.MQTTv311)
+        c = pahohooks.make_client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                                  protocol=mqtt.MQTTv5)
         c.manual_ack_set(True)
         c.max_inflight_messages_set(MAX_INFLIGHT)
         self._set_delay(c, self.cfg.reconnect_min_s)
@@ -118,11 +152,64 @@ class MqttLink:
             return  # paho calls on_disconnect next: the backoff applies
         with self._lock:
             self.generation += 1
+            reconnect = self.generation > 1
+        present = bool(getattr(flags, "session_present", False))
+        self.session_present = present
         self._connected.set()
         self.backoff.up()
-        log.info("connected to %s:%d as %s (session present: %s)", self.target.host, self.target.port,
-                 self.client_id, getattr(flags, "session_present", "?"))
+        lost = not present and (reconnect or self._had_session())
+        if lost:
+            self.sessions_lost += 1
+            log.warning("connected to %s:%d as %s, but the broker no longer had this hub's session (a broker "
+                        "restarted without its store, or another client took the id %s with a clean session): "
+                        "frames it held for the hub are gone from it; asking every device to resend the frames "
+                        "it has no storage receipt for (%d sessions lost so far)", self.target.host,
+                        self.target.port, self.client_id, self.client_id, self.sessions_lost)
+        else:
+            log.info("connected to %s:%d as %s (session present: %s)", self.target.host, self.target.port,
+                     self.client_id, present)
         client.subscribe(self.subscriptions())
+        self._remember_session()
+        if self.cfg.receipts:
+            self._publish(topics.HUB_ANNOUNCE, kestrel_pb2.HubAnnouncement(
+                receipts=True, time_ms=now_ms(), hub_id=self.client_id).SerializeToString(), retain=True)
+        if lost:
+            self.resend_requests += 1
+            self._publish(topics.HUB_RESEND, kestrel_pb2.ResendRequest(
+                time_ms=now_ms(), reason="hub session lost", hub_id=self.client_id).SerializeToString())
+
+    # ---- the session file ----
+    def _session_key(self) -> Dict[str, str]:
+        return {"client_id": self.client_id, "broker": f"{self.target.host}:{self.target.port}"}
+
+    def _had_session(self) -> bool:
+        """The broker had a session for this client id when this hub last connected to it."""
+        if self.session_file is None:
+            return False
+        try:
+            return bool(json.loads(self.session_file.read_text()) == self._session_key())
+        except (OSError, ValueError):
+            return False
+
+    def _remember_session(self) -> None:
+        if self.session_file is None or self._had_session():
+            return
+        try:
+            atomic.write_text(self.session_file, json.dumps(self._session_key()) + "\n")
+        except OSError as exc:  # only makes a later warning less likely: never stop the ingest for it
+            log.warning("cannot write %s: %s", self.session_file, exc.strerror or exc)
+
+    # ---- what the hub publishes ----
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=topics.QOS_HUB, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: queued for the next one
+            log.warning("cannot publish on %s: %s", topic, mqtt.error_string(info.rc))
+
+    def publish_receipts(self, receipts: List[kestrel_pb2.Receipt]) -> None:
+        """One QoS 1 Receipt per device (the pipeline's commit thread; paho queues it for its thread)."""
+        for r in receipts:
+            self.client.publish(topics.receipts(r.device_id), r.SerializeToString(), qos=topics.QOS_RECEIPTS)
+        self.receipts_sent += len(receipts)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         self.failed_attempts += 1
@@ -136,7 +223,13 @@ class MqttLink:
         self.backoff.stable()  # up for STABLE_CONNECTION_S: start from the minimum again
         wait = self.backoff.next()
         self._set_delay(client, wait)
-        if not self._stopping.is_set():
+        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+            self.takeovers += 1
+            log.warning("another client connected to %s:%d with this hub's client id %s and took its session "
+                        "(%d takeovers so far): give every hub process its own client id, and keep other "
+                        "clients from using it (broker ACLs); reconnecting in %.1fs", self.target.host,
+                        self.target.port, self.client_id, self.takeovers, wait)
+        elif not self._stopping.is_set():
             log.warning("disconnected from the broker (%s); reconnecting in %.1fs", reason, wait)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -145,7 +238,8 @@ class MqttLink:
 
     # ---- lifecycle ----
     def start(self) -> None:
-        self.client.connect_async(self.target.host, self.target.port, keepalive=self.cfg.keepalive_s)
+        self.client.connect_async(self.target.host, self.target.port, keepalive=self.cfg.keepalive_s,
+                                  clean_start=False, properties=self.connect_properties())
         self.client.loop_start()
 
     def wait_subscribed(self, timeout: float = 10.0) -> bool:
@@ -155,6 +249,11 @@ class MqttLink:
         self._stopping.set()
         self.client.disconnect()
         self.client.loop_stop()
+
+    def stats(self) -> Dict[str, Any]:
+        return {"sessions_lost": self.sessions_lost, "session_takeovers": self.takeovers,
+                "session_present": self.session_present, "resend_requests": self.resend_requests,
+                "receipts_sent": self.receipts_sent}
 
     # ---- acknowledgements (the pipeline's commit thread) ----
     def ack(self, msgs: List[Message]) -> int:

@@ -42,11 +42,11 @@ def validate_frame(topic_device: str, payload: bytes, max_bytes: int, received_m
         raise PayloadRejected("device_mismatch",
                               f"device_id {msg.device_id!r} in the message, {topic_device!r} in the topic")
     if not msg.image:
-        raise PayloadRejected("bad_image", "no image")
+        raise PayloadRejected("bad_image", "no image", frame_id=msg.frame_id)
     try:
         width, height = imagecheck.check_image(msg.image, msg.image_format, image_check)
     except ImageRejected as exc:
-        raise PayloadRejected("bad_image", str(exc)) from exc
+        raise PayloadRejected("bad_image", str(exc), frame_id=msg.frame_id) from exc
     return FrameRecord(
         frame_id=msg.frame_id, device_id=msg.device_id, capture_time_ms=int(msg.capture_time_ms),
         received_ms=received_ms, model_name=msg.model.name, model_version=int(msg.model.version),

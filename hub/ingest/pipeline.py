@@ -13,6 +13,8 @@ Guarantees (docs/hub.md):
   (``frame_id_conflict``) and kept in the dead-letter folder.
 * Bad payloads are counted per reason, logged (rate-limited) and acknowledged: redelivery cannot
   fix them, and they never stop the ingest.
+* After the commit (and the acks), ``on_receipts`` gets one ``Receipt`` per device of the batch
+  (hub/ingest/receipts.py): the frames now durable in the store, and those refused for good.
 * Any store failure (StoreUnavailable, StoreError, or an unexpected error): the commit thread keeps
   the batch, acknowledges nothing, and retries with exponential backoff (proto.backoff, from
   ``retry_initial_s`` to ``retry_max_s``; ``paused`` in /healthz) until it succeeds. It never dies of
@@ -33,10 +35,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from hub.config import MqttSection
 from hub.errors import PayloadRejected, StoreError, StoreUnavailable
+from hub.ingest import receipts
 from hub.ingest.batchwrite import POISON_ATTEMPTS, BatchState, write_batch
 from hub.ingest.deadletter import DeadLetters
 from hub.ingest.devices import DeviceGate
@@ -44,7 +47,7 @@ from hub.ingest.message import Acknowledger, Message
 from hub.ingest.parse import DEAD_LETTER_REASONS, DeviceUpdate, parse_device_message, validate_frame
 from hub.ingest.stats import IngestStats
 from hub.store.base import FrameRecord, Store
-from proto import topics
+from proto import kestrel_pb2, topics
 from proto.backoff import Backoff
 from proto.clock import now_ms
 
@@ -69,10 +72,15 @@ class Pipeline:
     before they are acknowledged (HubConfig.dead_letter_dir).
     """
 
-    def __init__(self, store: Store, cfg: MqttSection, dead_letter_dir: Path, acknowledger: Acknowledger) -> None:
+    def __init__(self, store: Store, cfg: MqttSection, dead_letter_dir: Path, acknowledger: Acknowledger,
+                 on_receipts: Optional[Callable[[List[kestrel_pb2.Receipt]], None]] = None,
+                 hub_id: str = "") -> None:
+        """``on_receipts``: gets each committed batch's receipts (the link publishes them); None = none."""
         self.store = store
         self.cfg = cfg
         self.acknowledger = acknowledger
+        self.on_receipts = on_receipts
+        self.hub_id = hub_id
         self.dead_letter_dir = Path(dead_letter_dir)
         self._dead_letters = DeadLetters(self.dead_letter_dir)
         self.stats = IngestStats()
@@ -370,3 +378,11 @@ class Pipeline:
         acked = self.acknowledger.ack(batch)
         with self._lock:
             self.stats.acked += acked
+        if self.on_receipts is not None:
+            made = receipts.build(batch, validated, frames, state.outcomes, rejected, self.hub_id, now_ms())
+            if made:
+                self.on_receipts(made)
+                with self._lock:
+                    self.stats.receipts += len(made)
+                    self.stats.frames_receipted += sum(len(r.frame_ids) for r in made)
+                    self.stats.frames_refused_receipted += sum(len(r.refused) for r in made)

@@ -4,7 +4,7 @@ pipeline (hub/ingest/pipeline.py), which hands committed messages back to the li
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import paho.mqtt.client as mqtt
 
@@ -24,11 +24,15 @@ class Ingest:
     """
 
     def __init__(self, store: Store, target: BrokerTarget, cfg: MqttSection, client_id: str,
-                 dead_letter_dir: Path) -> None:
+                 dead_letter_dir: Path, session_file: Optional[Path] = None) -> None:
+        """``session_file``: where the link remembers that the broker holds this hub's session
+        (<data_dir>/mqtt-session.json in ``serve``), so a session lost across a restart is noticed."""
         self.store = store
         self.cfg = cfg
-        self.link = MqttLink(target, cfg, client_id, deliver=self._deliver)
-        self.pipeline = Pipeline(store, cfg, dead_letter_dir, acknowledger=self.link)
+        self.link = MqttLink(target, cfg, client_id, deliver=self._deliver, session_file=session_file)
+        self.pipeline = Pipeline(store, cfg, dead_letter_dir, acknowledger=self.link,
+                                 on_receipts=self.link.publish_receipts if cfg.receipts else None,
+                                 hub_id=client_id)
 
     def _deliver(self, m: Message) -> None:
         self.pipeline.offer(m)
@@ -57,5 +61,6 @@ class Ingest:
     def health(self) -> Dict[str, Any]:
         snap = self.pipeline.snapshot()
         snap["connected"] = self.link.connected
+        snap.update(self.link.stats())
         snap["threads_alive"] = self.threads_alive
         return snap

@@ -20,6 +20,9 @@ class IngestStats:
     dead_lettered: int = 0
     dropped_qos0: int = 0
     commits: int = 0
+    receipts: int = 0                 # Receipt messages handed to the link (one per device and batch)
+    frames_receipted: int = 0         # frames named durable in them
+    frames_refused_receipted: int = 0  # frames named refused in them
     commit_ms_last: float = 0.0
     commit_ms_max: float = 0.0
     commit_ms_total: float = 0.0
@@ -31,7 +34,9 @@ class IngestStats:
         return {"received": self.received, "stored": self.stored, "duplicates": self.duplicates,
                 "telemetry": self.telemetry, "status": self.status, "acked": self.acked,
                 "store_retries": self.store_retries, "dead_lettered": self.dead_lettered,
-                "dropped_qos0": self.dropped_qos0, "commits": self.commits,
+                "dropped_qos0": self.dropped_qos0, "commits": self.commits, "receipts": self.receipts,
+                "frames_receipted": self.frames_receipted,
+                "frames_refused_receipted": self.frames_refused_receipted,
                 "commit_ms_last": round(self.commit_ms_last, 2), "commit_ms_max": round(self.commit_ms_max, 2),
                 "commit_ms_total": round(self.commit_ms_total, 1), "paused": self.paused,
                 "last_store_error": self.last_store_error, "rejected": dict(self.rejected)}

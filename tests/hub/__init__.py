@@ -104,7 +104,7 @@ class HubProcess:
 
 
 def publish_all(host: str, port: int, items: List[tuple], qos: int = 1, timeout: float = 30.0,
-                ca_file: str = "") -> None:
+                ca_file: str = "", retain: bool = False) -> None:
     """Publish (topic, payload) pairs at QoS 1 and wait until the broker acknowledged every one
     (over TLS when ``ca_file`` is given)."""
     import paho.mqtt.client as mqtt
@@ -116,7 +116,7 @@ def publish_all(host: str, port: int, items: List[tuple], qos: int = 1, timeout:
     c.connect(host, port)
     c.loop_start()
     try:
-        infos = [c.publish(t, p, qos=qos) for t, p in items]
+        infos = [c.publish(t, p, qos=qos, retain=retain) for t, p in items]
         deadline = time.monotonic() + timeout
         for info in infos:
             info.wait_for_publish(max(0.1, deadline - time.monotonic()))

@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set
 
 import pytest
 
-from hub.broker import BrokerTarget
+from hub.broker import BrokerTarget, packet_limit
 from hub.config import MqttSection
 from hub.errors import PayloadRejected, StoreError, StoreUnavailable
 from hub.ingest.batchwrite import POISON_ATTEMPTS
@@ -198,12 +198,15 @@ def test_bad_payloads_are_rejected_per_reason_and_ingest_goes_on(broker: Any, st
                                                                  group: str) -> None:
     ing = make_ingest(broker, store, group, max_payload_bytes=8192)
     try:
-        big = frame_payload("big", "cam-1", image=jpeg(1, w=400, h=300, quality=100))
-        assert len(big) > 8192
+        big = frame_payload("big", "cam-1", image=jpeg(1, w=120, h=90, quality=100))
+        assert 8192 < len(big) < packet_limit(8192) - 1024
+        huge = frame_payload("huge", "cam-1", image=jpeg(1, w=400, h=300, quality=100))
+        assert len(huge) > packet_limit(8192)
         no_id = frame_msg("x", "cam-1")
         no_id.frame_id = ""
         bad = [
             (topics.frames("cam-1"), b"\xff\xff\xff not protobuf"),                      # bad_protobuf
+            (topics.frames("cam-1"), huge),  # over the hub's MQTT 5 Maximum Packet Size: never sent to it
             (topics.frames("cam-1"), big),                                                # too_large
             (topics.frames("cam-2"), frame_payload("mismatch", "cam-1")),                 # device_mismatch
             (topics.frames("cam-1"), frame_payload("garbage-img", "cam-1", image=b"\x00" * 500)),  # bad_image
@@ -213,6 +216,7 @@ def test_bad_payloads_are_rejected_per_reason_and_ingest_goes_on(broker: Any, st
         publish_all(broker.host, broker.port, bad[:3] + good[:1] + bad[3:] + good[1:])
         wait_for(lambda: store.count_frames() == 3, 10, what="the 3 good frames")
         h = wait_for(lambda: (lambda h: h if frame_acks(ing) == 8 else None)(ing.health()), 10, what="8 acks")
+        assert h["received"] - h["status"] == 8  # the huge one never reached the hub
         rej = h["rejected"]
         assert {k: v for k, v in rej.items() if v} == {
             "bad_protobuf": 1, "too_large": 1, "device_mismatch": 1, "bad_image": 1, "missing_frame_id": 1}
