@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -35,6 +35,7 @@ log = logging.getLogger("hub.server")
 
 PUBLISH_TIMEOUT_S = 10.0
 SESSION_FILE = "mqtt-session.json"  # in data_dir: the broker holds a session for our client id
+SIGNAL_POLL_S = 0.5  # the main thread's wake-up while serving
 # The ingest's threads hand the GIL over thousands of times a second (every socket read, SQLite step,
 # write and fsync releases it); a thread coming back from one waits up to this long for a busy one to
 # let go. Python's 5 ms made the commit and write-ahead threads queue behind the network thread.
@@ -187,14 +188,22 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.check_config:
         print(f"config OK ({args.config or 'defaults'}): " + ", ".join(f"{k} {v}" for k, v in checked))
         return 0
-    stop = threading.Event()
+    stopping: List[int] = []  # a plain flag: the handler must not take a lock (see below)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stopping.append(signum)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # this process is the hub alone (see the constant)
     server = HubServer(cfg)
     try:
         server.start()
-        stop.wait()
+        # A handler runs in the main thread between two bytecodes, possibly while that thread holds an
+        # Event's lock inside Event.wait: Event.set() there would deadlock (seen after SIGSTOP/SIGCONT).
+        # So the handler appends to a list and the main thread looks every SIGNAL_POLL_S.
+        while not stopping:
+            time.sleep(SIGNAL_POLL_S)
         log.info("stopping")
     finally:
         server.stop()
