@@ -95,6 +95,10 @@ class MqttSection:
                                                   "false = "
                                                   "frames from devices not in the store are rejected "
                                                   "(unknown_device).")
+    receive_maximum: int = field(1000, doc="QoS 1 messages the broker may send this hub before it waits for "
+                                           "the hub's acknowledgements (MQTT 5 Receive Maximum; the hub "
+                                           "acknowledges after its commit, so a deep window keeps batches "
+                                           "full). Bounds the frames in the hub's memory at once.")
     batch_max: int = field(200, doc="Most messages committed in one store transaction.")
     batch_max_bytes: int = field(8 * MiB, doc="Most payload bytes committed in one store transaction (a batch "
                                               "closes at batch_max messages or this many bytes).")
@@ -133,6 +137,8 @@ class MqttSection:
             raise ValueError(f"image_check must be one of {', '.join(IMAGE_CHECK_MODES)}, not {self.image_check!r}")
         if self.validate_workers < 0:
             raise ValueError("validate_workers must be >= 0")
+        if not 1 <= self.receive_maximum <= 65535:
+            raise ValueError("receive_maximum must be 1..65535")
         if self.batch_max < 1 or self.batch_max_bytes < 1024:
             raise ValueError("batch_max must be >= 1 and batch_max_bytes >= 1024")
         if self.queue_max_qos0 < 1 or self.embedded_autosave_s < 1:

@@ -63,9 +63,6 @@ def prometheus_text(health: Dict[str, Any]) -> str:
     metric("kestrel_hub_mqtt_sessions_lost_total", "counter",
            "Connections on which the broker no longer had the hub's session (frames it held are gone; "
            "devices were asked to resend).", [("", float(broker.get("sessions_lost", 0)))])
-    metric("kestrel_hub_mqtt_session_takeovers_total", "counter",
-           "Times another client connected with the hub's client id.",
-           [("", float(broker.get("session_takeovers", 0)))])
     if "restarts" in broker:
         metric("kestrel_hub_embedded_broker_restarts_total", "counter", "Embedded Mosquitto restarts.",
                [("", float(broker["restarts"]))])

@@ -144,8 +144,7 @@ class HubServer:
             store["error"] = str(exc)
         ingest = self.ingest.health() if self.ingest else {}
         broker: Dict[str, Any] = {"connected": bool(ingest.get("connected")),
-                                  "sessions_lost": int(ingest.get("sessions_lost", 0)),
-                                  "session_takeovers": int(ingest.get("session_takeovers", 0))}
+                                  "sessions_lost": int(ingest.get("sessions_lost", 0))}
         if self.target is not None:
             broker.update(host=self.target.host, port=self.target.port, embedded=self.target.embedded)
         if self.embedded is not None:

@@ -7,14 +7,15 @@
   batch pipeline's queue).
 * Bounded before memory: CONNECT carries Maximum Packet Size (``packet_limit``: the frame limit plus
   room for topic and headers), so the broker never sends this client a larger packet (it drops it for
-  us, as if delivered), and Receive Maximum (RECEIVE_MAXIMUM messages unacknowledged at once).
+  us, as if delivered), and Receive Maximum (``[mqtt] receive_maximum`` messages unacknowledged at once).
 * The subscriptions (frames and telemetry shared by ``share_group``, status not) are made again on
   every connection. The session is the hub's: ``session present: False`` on a connection that should
   have resumed one (a reconnect of this process, or the first connection after a restart when
   ``session_file`` says the broker had a session for this client id) means the broker lost the frames
   it held for the hub (a broker restarted without its store, or a client that took the hub's id with
   a clean session): a WARNING, counted in ``sessions_lost``, and a ``ResendRequest`` to every device.
-  A takeover (another client connecting with this id) is a WARNING and counted in ``takeovers``.
+  (A takeover itself is not told apart: Mosquitto 2.0 closes the connection without MQTT 5's "session
+  taken over" reason; it shows as a lost session on the reconnect.)
 * On every connection the hub (re)publishes the retained ``HubAnnouncement`` (it sends storage receipts,
   unless ``[mqtt] receipts = false``); ``publish_receipts`` sends the pipeline's receipts (QoS 1).
 * ``ack(msgs)`` acknowledges committed messages in arrival order, only those of QoS > 0 that arrived on
@@ -52,10 +53,8 @@ from proto.clock import now_ms
 log = logging.getLogger("hub.ingest.mqttlink")
 
 MAX_INFLIGHT = 100  # QoS 1 messages we publish (receipts, desired states) before paho waits for PUBACKs
-RECEIVE_MAXIMUM = 1000  # QoS 1 messages the broker sends us before it waits for our (late) acks
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF  # the broker keeps the session until persistent_client_expiration
 STABLE_CONNECTION_S = 10.0  # a connection up this long starts the reconnect backoff from its minimum again
-SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason: another client connected with our client id
 
 
 class MqttLink:
@@ -72,7 +71,6 @@ class MqttLink:
         self._deliver = deliver
         self.session_file = session_file
         self.sessions_lost = 0  # connections that should have resumed the session and did not
-        self.takeovers = 0  # times another client connected with our client id
         self.resend_requests = 0  # ResendRequests published
         self.receipts_sent = 0  # Receipt messages handed to paho
         self.session_present: Optional[bool] = None  # what the last CONNACK said
@@ -103,7 +101,7 @@ class MqttLink:
     def connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_NEVER_EXPIRES
-        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        props.ReceiveMaximum = self.cfg.receive_maximum
         props.MaximumPacketSize = packet_limit(self.cfg.max_payload_bytes)
         return props
 
@@ -223,13 +221,7 @@ class MqttLink:
         self.backoff.stable()  # up for STABLE_CONNECTION_S: start from the minimum again
         wait = self.backoff.next()
         self._set_delay(client, wait)
-        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
-            self.takeovers += 1
-            log.warning("another client connected to %s:%d with this hub's client id %s and took its session "
-                        "(%d takeovers so far): give every hub process its own client id, and keep other "
-                        "clients from using it (broker ACLs); reconnecting in %.1fs", self.target.host,
-                        self.target.port, self.client_id, self.takeovers, wait)
-        elif not self._stopping.is_set():
+        if not self._stopping.is_set():
             log.warning("disconnected from the broker (%s); reconnecting in %.1fs", reason, wait)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -251,9 +243,8 @@ class MqttLink:
         self.client.loop_stop()
 
     def stats(self) -> Dict[str, Any]:
-        return {"sessions_lost": self.sessions_lost, "session_takeovers": self.takeovers,
-                "session_present": self.session_present, "resend_requests": self.resend_requests,
-                "receipts_sent": self.receipts_sent}
+        return {"sessions_lost": self.sessions_lost, "session_present": self.session_present,
+                "resend_requests": self.resend_requests, "receipts_sent": self.receipts_sent}
 
     # ---- acknowledgements (the pipeline's commit thread) ----
     def ack(self, msgs: List[Message]) -> int:
