@@ -6,7 +6,9 @@ better model goes out the same way; then the fleet rolls back. Every part runs a
 ``kestrel-train``, ``kestrel-hub serve`` (its own Mosquitto, SQLite), ``kestrel-edge run``.
 
 Exits 0 when every step worked, 1 with ``demo failed at step N (what): why`` otherwise, 2 on bad
-arguments (an --out that is not a previous demo output).
+arguments (an --out that is not a previous demo output). SIGTERM stops it as Ctrl-C does: every process it
+started (a trainer run, the hub and its Mosquitto, the edge daemon) is stopped before it exits (130 after
+SIGINT, 143 after SIGTERM).
 """
 
 from __future__ import annotations
@@ -283,13 +285,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"demo: error: {problem}", file=sys.stderr)
         return 2
     (out / MARKER).write_text(json.dumps({"started": time.time()}) + "\n")
+    from demo.loop import Stopped, install_stop_handlers
+
     nar = Narrator()
     print(f"Kestrel demo in {out} (logs: trainer.log, hub.log, edge.log)")
+    install_stop_handlers()
     try:
         figures = run(out, nar)
-    except KeyboardInterrupt:
-        print("\ndemo interrupted; everything it started has been stopped", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else 2
+        print(f"\ndemo stopped by {'SIGTERM' if signum == 15 else 'SIGINT'} at step {nar.n}; everything it "
+              "started has been stopped", file=sys.stderr)
+        return 128 + signum
     except Exception as exc:  # noqa: BLE001 - one clear line per failure, whatever failed
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"\ndemo failed at step {nar.n} ({nar.current}): {first}", file=sys.stderr)

@@ -12,6 +12,8 @@ gRPC API. Every wait is a condition with a timeout (:func:`wait_for`); nothing s
         loop.wait_device(version=1, state="COMMITTED")
         ...
     # __exit__ stops the edge and the hub (SIGTERM, then SIGKILL if they hang) even on failure
+
+SIGTERM stops a run as Ctrl-C does: see demo/procs.py (processes, tools, waits, the stop signal).
 """
 
 from __future__ import annotations
@@ -22,116 +24,34 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Dict, List, Mapping, Optional
 
-REPO = Path(__file__).resolve().parents[1]
+from demo.procs import (
+    REPO,
+    STOP_TIMEOUT_S,
+    LoopError,
+    Proc,
+    Stopped,
+    child_env,
+    install_stop_handlers,
+    pid_alive,
+    run_tool,
+    tail,
+    uninterrupted,
+    wait_for,
+)
+
+__all__ = ["DEVICE_ID", "GROUP", "REPO", "Loop", "LoopError", "Proc", "Stopped", "broker_gone", "child_env",
+           "edge_summary", "http_json", "install_stop_handlers", "pid_alive", "run_tool", "tail", "toml_doc",
+           "uninterrupted", "wait_for"]
+
 DEVICE_ID = "cam-1"
 GROUP = "demo"
 HUB_START_S = 30.0
-STOP_TIMEOUT_S = 20.0
 EXPORT_TIMEOUT_S = 120.0
-
-T = TypeVar("T")
-
-
-class LoopError(RuntimeError):
-    """A step of the loop failed; the message says which and why (with the tail of the process log)."""
-
-
-def wait_for(cond: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: Optional[str] = None) -> T:
-    """Poll ``cond`` until it returns something truthy; return it. AssertionError on timeout."""
-    deadline = time.monotonic() + timeout
-    last: T = cond()
-    while not last:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or cond}")
-        time.sleep(interval)
-        last = cond()
-    return last
-
-
-def tail(path: Path, n: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return "(no log)"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover - someone else's process
-        return True
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def child_env() -> Dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                TF_CPP_MIN_LOG_LEVEL="2", TF_USE_LEGACY_KERAS="1", PYTHONUNBUFFERED="1")
-
-
-class Proc:
-    """A child process with its log file; ``stop()`` = SIGTERM, wait, SIGKILL as a last resort."""
-
-    def __init__(self, name: str, argv: List[str], log: Path) -> None:
-        self.name, self.argv, self.log = name, argv, log
-        self._fh = open(log, "ab")  # noqa: SIM115 - lives as long as the process
-        self.popen = subprocess.Popen(argv, cwd=str(REPO), env=child_env(), stdout=self._fh,
-                                      stderr=subprocess.STDOUT)
-        self.killed = False
-
-    @property
-    def pid(self) -> int:
-        return int(self.popen.pid)
-
-    def running(self) -> bool:
-        return self.popen.poll() is None
-
-    def check_running(self) -> None:
-        if not self.running():
-            text = tail(self.log)
-            last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), "(empty log)")
-            raise LoopError(f"{self.name} exited with code {self.popen.returncode}: {last.strip()} (log {self.log})"
-                            f"\n{text}")
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
-        if self.running():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.killed = True
-                self.popen.kill()
-                self.popen.wait(5)
-        self._fh.close()
-        return int(self.popen.returncode)
-
-
-def run_tool(argv: Sequence[str], log: Path, timeout: float = 900.0) -> subprocess.CompletedProcess:
-    """Run one of our commands to completion (``python -m trainer ...``), appending its output to ``log``.
-
-    A non-zero exit raises LoopError with the command's last line (its one-line error)."""
-    with open(log, "ab") as fh:
-        fh.write(("\n$ " + " ".join(argv) + "\n").encode())
-        fh.flush()
-        r = subprocess.run(list(argv), cwd=str(REPO), env=child_env(), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, timeout=timeout)
-        fh.write(r.stdout)
-    if r.returncode != 0:
-        text = r.stdout.decode(errors="replace")
-        last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), "(no output)")
-        raise LoopError(f"`{' '.join(argv[2:4])}` exited {r.returncode}: {last.strip()} (log {log})")
-    return r
 
 
 def http_json(url: str, timeout: float = 5.0) -> tuple:
@@ -183,6 +103,13 @@ class Loop:
         self.edge_dir = self.work / "edge-data"
         self._client: Any = None
         self._store: Any = None
+        self._procs: List[Proc] = []  # every process this loop started, in order
+
+    def _spawn(self, name: str, argv: List[str], log: Path) -> Proc:
+        with uninterrupted():  # started and recorded, or neither
+            proc = Proc(name, argv, log)
+            self._procs.append(proc)
+        return proc
 
     def __enter__(self) -> Loop:
         return self
@@ -222,7 +149,8 @@ class Loop:
         info = self.hub_dir / "hub.json"
         if info.exists():
             info.unlink()
-        self.hub = Proc("hub", [sys.executable, "-m", "hub", "serve", "--config", str(cfg)], self.work / "hub.log")
+        self.hub = self._spawn("hub", [sys.executable, "-m", "hub", "serve", "--config", str(cfg)],
+                               self.work / "hub.log")
         hub = self.hub
 
         def ready() -> bool:
@@ -335,8 +263,8 @@ class Loop:
         return path
 
     def start_edge(self, config: Path) -> Proc:
-        self.edge = Proc("edge", [sys.executable, "-m", "edge", "run", "--config", str(config)],
-                         self.work / "edge.log")
+        self.edge = self._spawn("edge", [sys.executable, "-m", "edge", "run", "--config", str(config)],
+                                self.work / "edge.log")
         return self.edge
 
     # ---- frames, export ----
@@ -385,14 +313,14 @@ class Loop:
         return rc
 
     def close(self) -> None:
-        """Stop everything still running (edge first, then hub); never raises."""
+        """Stop every process this loop started, the last started first (the edge before the hub); never
+        raises."""
         broker = self.broker_pid()
-        for proc in (self.edge, self.hub):
-            if proc is not None:
-                try:
-                    proc.stop()
-                except Exception:  # noqa: BLE001 - cleanup must go on
-                    pass
+        for proc in reversed(self._procs):
+            try:
+                proc.stop()
+            except Exception:  # noqa: BLE001 - cleanup must go on
+                pass
         if self._client is not None:
             self._client.close()
             self._client = None

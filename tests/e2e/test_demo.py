@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +40,30 @@ def test_demo_closes_the_loop_and_reports_its_figures(tmp_path: Path) -> None:
                         capture_output=True, text=True, timeout=60)
     assert r2.returncode == 2 and "not a previous demo output" in r2.stderr
     assert (other / "precious.txt").read_text() == "keep me"
+
+
+def test_sigterm_stops_every_process_the_demo_started(tmp_path: Path) -> None:
+    """SIGTERM once the hub (and its Mosquitto) run: the demo stops them, as on Ctrl-C, and exits 143."""
+    from demo.loop import pid_alive
+    from tests.helpers.wait import wait_for
+
+    out = tmp_path / "demo-out"
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    demo = subprocess.Popen([sys.executable, "-m", "demo", "--out", str(out)], cwd=str(REPO), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        info, broker = out / "hub-data" / "hub.json", out / "hub-data" / "broker" / "broker.json"
+        wait_for(lambda: (info.exists() and broker.exists()) or demo.poll() is not None, 300, interval=0.2,
+                 what="the demo's hub and its Mosquitto")
+        assert demo.poll() is None, demo.communicate()
+        pids = {"hub": json.loads(info.read_text())["pid"], "mosquitto": json.loads(broker.read_text())["pid"]}
+        assert all(pid_alive(p) for p in pids.values())
+        demo.send_signal(signal.SIGTERM)
+        stdout, stderr = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert demo.returncode == 143, stdout[-2000:] + stderr[-2000:]
+    assert "demo stopped by SIGTERM" in stderr
+    assert [name for name, pid in pids.items() if pid_alive(pid)] == []  # nothing left running
