@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -20,67 +18,14 @@ from typing import Any, Dict, Optional
 import paho.mqtt.client as paho
 import pytest
 
-from demo.loop import toml_doc
-from hub.broker import free_port, packet_limit
+from hub.broker import packet_limit
 from hub.store.sqlite import SqliteStore
 from proto import topics
+from tests.helpers.edgeproc import Device
 from tests.helpers.wait import wait_for
-from tests.hub import REPO, HubProcess, frame_payload, publish_all, write_config
+from tests.hub import HubProcess, frame_payload, publish_all, write_config
 
 pytestmark = pytest.mark.timeout(240)
-
-
-class Device:
-    """`python -m edge run` on a test pattern at 10 frames/s, every frame sampled; figures from /metrics."""
-
-    def __init__(self, tmp: Path, models_dir: Path, device_id: str, mqtt_port: int, **mqtt: Any) -> None:
-        self.id = device_id
-        self.metrics_port = free_port()
-        self.log = tmp / f"{device_id}.log"
-        cfg = tmp / f"{device_id}.toml"
-        cfg.write_text(toml_doc({
-            "device": {"id": device_id, "data_dir": str(tmp / f"{device_id}-data")},
-            "source": {"kind": "testpattern", "width": 64, "height": 48, "fps": 10.0,
-                       "pattern_brightness": [0.5, 0.45, 0.55]},
-            "model": {"path": str(models_dir / "brightness_int8.tflite"), "labels": str(models_dir / "labels.txt"),
-                      "threads": 1},
-            "sampler": {"confidence_threshold": 0.6, "dedup_distance": -1, "max_per_minute": 0,
-                        "max_per_hour": 0, "max_per_day": 0},
-            "mqtt": {"host": "127.0.0.1", "port": mqtt_port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5,
-                     "ack_timeout_s": 2.0, **mqtt},
-            "telemetry": {"interval_s": 0, "metrics_port": self.metrics_port},
-            "update": {"enabled": False},
-        }))
-        with open(self.log, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(cfg)], cwd=str(REPO),
-                                         env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
-                                         stderr=err)
-
-    def metric(self, name: str) -> float:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-                text = r.read().decode()
-        except OSError:
-            return -1.0
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        return -1.0
-
-    def stop(self) -> Dict[str, Any]:
-        """SIGTERM (the daemon waits up to 5 s for the last receipts); its summary."""
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(60)
-        text = self.log.read_text()
-        assert self.proc.returncode == 0, text[-3000:]
-        lines = [ln for ln in text.splitlines() if "edge.daemon: summary " in ln]
-        assert lines, text[-3000:]
-        return dict(json.loads(lines[-1].split("summary ", 1)[1]))
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 def stored_sequences(data: Path, device_id: str) -> list:
