@@ -22,10 +22,11 @@ Used from the MQTT I/O thread only (no lock). The clock is injectable for tests.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from edge.config import MqttConfig
 from edge.logonce import OncePerKind
@@ -44,18 +45,24 @@ DELETE_ON = (DELETE_ON_AUTO, DELETE_ON_RECEIPT, DELETE_ON_PUBACK)
 
 @dataclass
 class _Entry:
-    sends: int = 1                 # how often the frame went out (1: only the first send)
-    acked_at: float = 0.0          # the last PUBACK (monotonic)
-    due_at: Optional[float] = None  # when it goes out again; None while a resend is in flight
+    sends: int = 1        # how often the frame went out (1: only the first send)
+    since: float = 0.0    # strikes count receipts for other frames after this (its last PUBACK, or a resend request)
+    due_at: float = 0.0   # when it goes out again (while not being resent)
+    token: int = 0        # the heap item carrying this token is the live one
     strikes: int = 0
 
 
 class ReceiptBook:
+    """Frames waiting for their receipt, with a heap of due times: :meth:`due` costs O(log n) per frame
+    handed out and nothing while none is due (no scan of the waiting frames on the I/O thread's turns)."""
+
     def __init__(self, timeout_s: float, timeout_max_s: float, clock: Clock = time.monotonic) -> None:
         self.timeout_s = float(timeout_s)
         self.timeout_max_s = max(float(timeout_max_s), self.timeout_s)
         self._clock = clock
         self._entries: Dict[int, _Entry] = {}
+        self._resending: Set[int] = set()  # sent again, no PUBACK yet: no timer
+        self._heap: List[Tuple[float, int, int]] = []  # (due_at, seq, token); stale items are skipped
         self.last_receipt_at = float("-inf")  # the last receipt naming a frame of ours (monotonic)
 
     def __contains__(self, seq: object) -> bool:
@@ -67,36 +74,51 @@ class ReceiptBook:
     @property
     def awaiting(self) -> int:
         """Frames the broker acknowledged that wait for their receipt (not those being resent)."""
-        return sum(1 for e in self._entries.values() if e.due_at is not None)
+        return len(self._entries) - len(self._resending)
+
+    def _schedule(self, seq: int, e: _Entry, due_at: float) -> None:
+        e.due_at = due_at
+        e.token += 1
+        heapq.heappush(self._heap, (due_at, seq, e.token))
 
     def acked(self, seq: int) -> None:
         """The broker acknowledged ``seq`` (first send or a resend): its receipt is due within the timeout,
         doubled for every earlier send."""
         now = self._clock()
-        e = self._entries.setdefault(seq, _Entry(sends=0))
-        e.sends = max(1, e.sends)
-        e.acked_at = now
-        e.due_at = now + min(self.timeout_max_s, self.timeout_s * 2 ** (e.sends - 1))
+        e = self._entries.get(seq)
+        if e is None:
+            e = self._entries[seq] = _Entry()
+        self._resending.discard(seq)
+        e.since = now
+        self._schedule(seq, e, now + min(self.timeout_max_s, self.timeout_s * 2 ** (e.sends - 1)))
 
     def forget(self, seq: int) -> None:
-        """Receipted, refused, set aside or gone from the spool."""
+        """Receipted, refused, set aside or gone from the spool (its heap item goes stale)."""
         self._entries.pop(seq, None)
+        self._resending.discard(seq)
 
     def receipt_seen(self) -> None:
         self.last_receipt_at = self._clock()
 
     def due(self, limit: int) -> List[int]:
-        """Up to ``limit`` frames whose receipt is overdue, oldest sequence first."""
-        if limit <= 0 or not self._entries:
-            return []
+        """Up to ``limit`` frames whose receipt is overdue, the longest overdue first. They stay due until
+        :meth:`resending` or :meth:`forget`."""
         now = self._clock()
-        return sorted(s for s, e in self._entries.items() if e.due_at is not None and e.due_at <= now)[:limit]
+        out: List[Tuple[float, int, int]] = []
+        while self._heap and len(out) < limit and self._heap[0][0] <= now:
+            item = heapq.heappop(self._heap)
+            e = self._entries.get(item[1])
+            if e is not None and e.token == item[2] and item[1] not in self._resending:
+                out.append(item)
+        for item in out:  # still due until the caller sends them
+            heapq.heappush(self._heap, item)
+        return [seq for _, seq, _ in out]
 
     def strike(self, seq: int) -> int:
         """``seq`` is due: one strike more when the hub receipted other frames since its PUBACK (it is up
         and did not store this one); the strikes so far."""
         e = self._entries[seq]
-        if self.last_receipt_at > e.acked_at:
+        if self.last_receipt_at > e.since:
             e.strikes += 1
         return e.strikes
 
@@ -104,24 +126,29 @@ class ReceiptBook:
         """``seq`` went out again: no timer until its PUBACK."""
         e = self._entries[seq]
         e.sends += 1
-        e.due_at = None
+        e.token += 1
+        self._resending.add(seq)
 
     def resend_all_now(self) -> int:
-        """The hub asked (its session was lost): every frame waiting for a receipt is due now; how many."""
+        """The hub asked (its session was lost): every frame waiting for a receipt is due now (without a
+        strike: the hub did not skip it); how many."""
         now = self._clock()
         n = 0
-        for e in self._entries.values():
-            if e.due_at is not None:
-                e.due_at = now
+        for seq, e in self._entries.items():
+            if seq not in self._resending:
+                e.since = now
+                self._schedule(seq, e, now)
                 n += 1
         return n
 
     def link_lost(self) -> None:
         """The connection dropped: resends in flight got no PUBACK, they are due at once on the next one."""
         now = self._clock()
-        for e in self._entries.values():
-            if e.due_at is None:
-                e.due_at = now
+        resending, self._resending = self._resending, set()
+        for seq in resending:
+            e = self._entries.get(seq)
+            if e is not None:
+                self._schedule(seq, e, now)
 
 
 def parse(payload: bytes, message: type) -> Optional[object]:
@@ -163,6 +190,7 @@ class Receipts:
         self.hub_receipts: Optional[bool] = self.mode == DELETE_ON_RECEIPT
         self._announced: Optional[bool] = None  # what this connection's retained announcement said
         self._undecided: List[int] = []  # acknowledged before this connection knew
+        self._logged: Optional[bool] = None  # what the log last said about receipts
         self._refusals = OncePerKind(log)  # one ERROR line per kind of refusal
         self.received = 0           # Receipt messages
         self.frames_receipted = 0   # frames a receipt let go
@@ -195,7 +223,8 @@ class Receipts:
             self._settle(True)  # undecided when the link broke: keep them until a receipt
 
     def _settle(self, on: bool) -> None:
-        if on != self.hub_receipts:
+        if on != self._logged:  # once per change, not once per connection
+            self._logged = on
             log.info("publisher: %s", "the hub sends storage receipts: a frame leaves the spool once the hub has "
                      "stored it" if on else "no hub on this broker announces storage receipts: a frame leaves "
                      "the spool on the broker's PUBACK ([mqtt] delete_on = \"auto\")")

@@ -237,9 +237,13 @@ def test_receipt_book_backoff_strikes_and_resend_requests() -> None:
     now[0] = 130.0 + 35.0  # capped at timeout_max_s (40 would be the doubled wait)
     assert book.due(5) == [7]
     book.acked(8)
+    assert book.due(5) == [7] and book.due(5) == [7]  # still due until it is sent again
+    book.receipt_seen()
     assert book.resend_all_now() == 2 and book.due(1) == [7]
+    assert book.strike(7) == 1  # asked for by the hub: no strike, though receipts came since its PUBACK
     book.resending(8)
+    assert book.awaiting == 1 and book.due(5) == [7]
     book.link_lost()  # a resend in flight got no PUBACK: due at once
-    assert book.due(5) == [7, 8]
+    assert book.due(5) == [7, 8] and book.awaiting == 2
     book.forget(7)
-    assert 7 not in book and len(book) == 1
+    assert 7 not in book and len(book) == 1 and book.due(5) == [8]
