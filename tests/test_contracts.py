@@ -14,6 +14,17 @@ def test_topic_layout() -> None:
     assert topics.group_desired("lobby") == "kestrel/v1/groups/lobby/desired"
     assert topics.shared("hub", topics.ALL_FRAMES) == "$share/hub/kestrel/v1/devices/+/frames"
     assert topics.parse_device_topic("kestrel/v1/devices/cam-1/frames") == ("cam-1", "frames")
+    assert topics.receipts("cam-1") == "kestrel/v1/devices/cam-1/receipts"
+    assert (topics.HUB_ANNOUNCE, topics.HUB_RESEND) == ("kestrel/v1/hub/announce", "kestrel/v1/hub/resend")
+    assert topics.QOS_RECEIPTS == topics.QOS_HUB == 1
+
+
+def test_receipt_round_trip() -> None:
+    r = pb.Receipt(device_id="d", frame_ids=["d-b-1", "d-b-2"], committed_ms=5, hub_id="h",
+                   refused=[pb.RefusedFrame(frame_id="d-b-3", reason="bad_image")])
+    assert pb.Receipt.FromString(r.SerializeToString()) == r
+    t = pb.Telemetry(frames_receipted=2, frames_resent=1, oldest_unreceipted_age_s=1.5, frames_awaiting_receipt=3)
+    assert pb.Telemetry.FromString(t.SerializeToString()) == t
 
 
 @pytest.mark.parametrize("bad", ["", "a/b", "a+", "#", "$SYS"])
