@@ -9,7 +9,9 @@ docs/edge-config.md``; a test fails when it is stale).
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
+import stat
 from pathlib import Path
 from typing import List, Optional, Union
 
@@ -19,6 +21,7 @@ from proto.modelname import MODEL_NAME_RULE, valid_model_name
 from proto.tomlconf import field
 
 MiB = 1024 * 1024
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"  # set by systemd for LoadCredential= / SetCredential=
 
 
 def _positive(obj: object, *names: str) -> None:
@@ -193,11 +196,14 @@ class MqttConfig:
     host: str = field("127.0.0.1", doc="Broker host; empty disables MQTT (frames stay in the spool).")
     port: int = field(1883, doc="Broker port (8883 is usual with TLS).")
     username: str = field("", doc="Username; empty = anonymous.")
-    password_file: str = field("", doc="File holding the password (keeps secrets out of the config).")
-    tls: bool = field(False, doc="Use TLS.")
-    ca_file: str = field("", doc="CA bundle for TLS; empty = system CAs.")
-    cert_file: str = field("", doc="Client certificate for mutual TLS.")
-    key_file: str = field("", doc="Client key for mutual TLS.")
+    password_file: str = field("", doc="File holding the password (keeps secrets out of the config); must "
+                                       "not be readable by everyone. A relative name is looked up in "
+                                       "$CREDENTIALS_DIRECTORY first (systemd LoadCredential=), as are "
+                                       "ca_file, cert_file and key_file.")
+    tls: bool = field(False, doc="Use TLS (the identity bundle of `kestrel-hub devices add` sets it).")
+    ca_file: str = field("", doc="CA bundle for TLS (the fleet CA's ca.crt); empty = system CAs.")
+    cert_file: str = field("", doc="Client certificate for mutual TLS (the device's device.crt).")
+    key_file: str = field("", doc="Client key for mutual TLS (device.key); must not be readable by everyone.")
     keepalive_s: int = field(30, doc="MQTT keepalive; the broker sends the last will after 1.5x this.")
     ack_timeout_s: float = field(10.0, doc="How long to wait for a PUBACK before treating the link as down.")
     max_inflight: int = field(20, doc="Frames published and not yet acknowledged at once.")
@@ -272,8 +278,20 @@ class UpdateConfig:
     hub_grpc: str = field("", doc="host:port of the hub's gRPC registry for fetching bundles.")
     grpc_targets: List[str] = field(doc="Other registry addresses (host:port) a desired-state message may "
                                         "name in grpc_target; any other address is ignored and hub_grpc is "
-                                        "used (desired-state messages are not authenticated).",
+                                        "used.",
                                     factory=list)
+    fleet_keys: List[str] = field(doc="The hub's fleet public keys (fleet.pub files, or directories of *.pub) "
+                                      "desired-state messages must be signed by; kept apart from trust_dir "
+                                      "(model-signing keys). A relative name is looked up in "
+                                      "$CREDENTIALS_DIRECTORY first. Two files during a fleet key rotation.",
+                                  factory=list)
+    require_signed_desired: bool = field(True, doc="Refuse every desired-state message that is not signed by a "
+                                                   "fleet key, expired, or not newer than the last one accepted "
+                                                   "on its topic (counted by reason in telemetry). With no "
+                                                   "fleet_keys every message is refused. false (a quick try "
+                                                   "on a broker you trust entirely): unsigned messages are "
+                                                   "followed too; signed ones are still checked when "
+                                                   "fleet_keys is set.")
     max_bundle_bytes: int = field(200 * MiB, doc="Bundles larger than this are refused: before download "
                                                  "when the size is announced, and on every chunk received.")
     clock_slack_s: float = field(86400.0, doc="Clock tolerance for expiry and not-yet-valid checks. A clock "
@@ -362,10 +380,38 @@ def describe() -> str:
             + "\n".join(tomlconf.describe(EdgeConfig)) + "\n")
 
 
+def credential_path(path: str) -> str:
+    """A credential file named in the config: a relative name is looked up in $CREDENTIALS_DIRECTORY
+    first (systemd LoadCredential=), then as given. "" stays ""."""
+    if not path:
+        return path
+    creds = os.environ.get(CREDENTIALS_ENV, "")
+    if creds and not os.path.isabs(path):
+        candidate = Path(creds) / path
+        if candidate.exists():
+            return str(candidate)
+    return path
+
+
+def secret_file(path: str) -> str:
+    """credential_path(path), refused (ConfigError) when everyone may read it: a secret is 0600 or 0640."""
+    resolved = credential_path(path)
+    try:
+        mode = os.stat(resolved).st_mode
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {resolved}: {exc.strerror}") from exc
+    if mode & stat.S_IROTH:
+        raise ConfigError(f"secret file {resolved} is readable by everyone (mode {stat.S_IMODE(mode):o}): "
+                          f"run `chmod o-rwx {resolved}`")
+    return resolved
+
+
 def read_secret(path: str) -> Optional[str]:
+    """The content of a secret file (stripped) or None when no file is named; see secret_file."""
     if not path:
         return None
+    resolved = secret_file(path)
     try:
-        return Path(path).read_text().strip()
+        return Path(resolved).read_text().strip()
     except OSError as exc:
-        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from exc
+        raise ConfigError(f"cannot read secret file {resolved}: {exc.strerror}") from exc

@@ -50,10 +50,18 @@ def check_plausible(cfg: config.EdgeConfig) -> List[str]:
         if q.tls:
             files += [("ca_file", q.ca_file), ("cert_file", q.cert_file), ("key_file", q.key_file)]
         for key, path in files:
-            if path and not _readable(path):
-                problems.append(f"mqtt.{key}: {path} does not exist or is not readable")
+            if path and not _readable(config.credential_path(path)):
+                problems.append(f"mqtt.{key}: {config.credential_path(path)} does not exist or is not readable")
+            elif path and key in ("password_file", "key_file"):
+                try:
+                    config.secret_file(path)
+                except ConfigError as exc:
+                    problems.append(f"mqtt.{key}: {exc}")
         if (q.ca_file or q.cert_file or q.key_file) and not q.tls:
             problems.append("mqtt: ca_file/cert_file/key_file are set but tls = false")
+    for path in cfg.update.fleet_keys:
+        if not Path(config.credential_path(path)).exists():
+            problems.append(f"update.fleet_keys: {config.credential_path(path)} does not exist")
     return problems
 
 

@@ -70,7 +70,14 @@ class Frame(_message.Message):
     def __init__(self, frame_id: _Optional[str] = ..., device_id: _Optional[str] = ..., capture_time_ms: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., reasons: _Optional[_Iterable[_Union[SampleReason, str]]] = ..., top_k: _Optional[_Iterable[_Union[TopScore, _Mapping]]] = ..., image: _Optional[bytes] = ..., image_format: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., source: _Optional[str] = ..., sequence: _Optional[int] = ..., image_bytes: _Optional[int] = ...) -> None: ...
 
 class Telemetry(_message.Message):
-    __slots__ = ("device_id", "time_ms", "fps", "latency_p50_ms", "latency_p95_ms", "queue_depth", "spool_bytes", "spool_frames", "spool_evictions", "model", "uptime_s", "frames_processed", "frames_sampled", "frames_dropped", "frames_corrupt")
+    __slots__ = ("device_id", "time_ms", "fps", "latency_p50_ms", "latency_p95_ms", "queue_depth", "spool_bytes", "spool_frames", "spool_evictions", "model", "uptime_s", "frames_processed", "frames_sampled", "frames_dropped", "frames_corrupt", "desired_refused")
+    class DesiredRefusedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +93,7 @@ class Telemetry(_message.Message):
     FRAMES_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_REFUSED_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     time_ms: int
     fps: float
@@ -101,7 +109,8 @@ class Telemetry(_message.Message):
     frames_sampled: int
     frames_dropped: int
     frames_corrupt: int
-    def __init__(self, device_id: _Optional[str] = ..., time_ms: _Optional[int] = ..., fps: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., spool_frames: _Optional[int] = ..., spool_evictions: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., uptime_s: _Optional[float] = ..., frames_processed: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., frames_corrupt: _Optional[int] = ...) -> None: ...
+    desired_refused: _containers.ScalarMap[str, int]
+    def __init__(self, device_id: _Optional[str] = ..., time_ms: _Optional[int] = ..., fps: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., spool_frames: _Optional[int] = ..., spool_evictions: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., uptime_s: _Optional[float] = ..., frames_processed: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., frames_corrupt: _Optional[int] = ..., desired_refused: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class VersionManifest(_message.Message):
     __slots__ = ("installed", "previous", "update_state", "reason", "target_version", "updated_ms", "version_floor")
@@ -140,7 +149,7 @@ class Status(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., state: _Optional[str] = ..., time_ms: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., versions: _Optional[_Union[VersionManifest, _Mapping]] = ..., group: _Optional[str] = ..., software_version: _Optional[str] = ...) -> None: ...
 
 class DesiredState(_message.Message):
-    __slots__ = ("model_name", "version", "sha256", "size", "issued_ms", "rollback", "grpc_target", "rollback_from_version")
+    __slots__ = ("model_name", "version", "sha256", "size", "issued_ms", "rollback", "grpc_target", "rollback_from_version", "sequence", "expires_ms", "key_id", "signature")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +158,10 @@ class DesiredState(_message.Message):
     ROLLBACK_FIELD_NUMBER: _ClassVar[int]
     GRPC_TARGET_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     sha256: str
@@ -157,7 +170,11 @@ class DesiredState(_message.Message):
     rollback: bool
     grpc_target: str
     rollback_from_version: int
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., issued_ms: _Optional[int] = ..., rollback: bool = ..., grpc_target: _Optional[str] = ..., rollback_from_version: _Optional[int] = ...) -> None: ...
+    sequence: int
+    expires_ms: int
+    key_id: str
+    signature: bytes
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., issued_ms: _Optional[int] = ..., rollback: bool = ..., grpc_target: _Optional[str] = ..., rollback_from_version: _Optional[int] = ..., sequence: _Optional[int] = ..., expires_ms: _Optional[int] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class PushChunk(_message.Message):
     __slots__ = ("data", "total_size", "sha256")
@@ -232,7 +249,7 @@ class FetchChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("device_id", "group", "state", "last_seen_ms", "reported", "versions", "desired_version", "desired_model")
+    __slots__ = ("device_id", "group", "state", "last_seen_ms", "reported", "versions", "desired_version", "desired_model", "desired_scope", "overrides_group", "enrolled_group", "enrolled_ms", "revoked_ms")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +258,11 @@ class Device(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     DESIRED_VERSION_FIELD_NUMBER: _ClassVar[int]
     DESIRED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_GROUP_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_GROUP_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_MS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_MS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     group: str
     state: str
@@ -249,7 +271,12 @@ class Device(_message.Message):
     versions: VersionManifest
     desired_version: int
     desired_model: str
-    def __init__(self, device_id: _Optional[str] = ..., group: _Optional[str] = ..., state: _Optional[str] = ..., last_seen_ms: _Optional[int] = ..., reported: _Optional[_Union[ModelRef, _Mapping]] = ..., versions: _Optional[_Union[VersionManifest, _Mapping]] = ..., desired_version: _Optional[int] = ..., desired_model: _Optional[str] = ...) -> None: ...
+    desired_scope: str
+    overrides_group: bool
+    enrolled_group: str
+    enrolled_ms: int
+    revoked_ms: int
+    def __init__(self, device_id: _Optional[str] = ..., group: _Optional[str] = ..., state: _Optional[str] = ..., last_seen_ms: _Optional[int] = ..., reported: _Optional[_Union[ModelRef, _Mapping]] = ..., versions: _Optional[_Union[VersionManifest, _Mapping]] = ..., desired_version: _Optional[int] = ..., desired_model: _Optional[str] = ..., desired_scope: _Optional[str] = ..., overrides_group: bool = ..., enrolled_group: _Optional[str] = ..., enrolled_ms: _Optional[int] = ..., revoked_ms: _Optional[int] = ...) -> None: ...
 
 class ListDevicesRequest(_message.Message):
     __slots__ = ("group",)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 from proto.errors import ConfigError
 
@@ -43,6 +43,13 @@ class TextBuilder:
         if labels:
             label_text = "{" + ",".join(f'{k}="{escape_label(v)}"' for k, v in sorted(labels.items())) + "}"
         self._lines.append(f"{name}{label_text} {format_value(value)}")
+
+    def add_family(self, name: str, kind: str, help_text: str, label: str, values: Mapping[str, float]) -> None:
+        """One metric family with one sample per value of ``label`` (HELP and TYPE once)."""
+        self._lines.append(f"# HELP {name} {help_text}")
+        self._lines.append(f"# TYPE {name} {kind}")
+        for key in sorted(values):
+            self._lines.append(f'{name}{{{label}="{escape_label(key)}"}} {format_value(values[key])}')
 
     def render(self) -> str:
         return "\n".join(self._lines) + "\n"

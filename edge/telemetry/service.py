@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional
 
 from edge.config import TelemetryConfig
 from edge.telemetry.metrics import MetricsServer, TextBuilder
-from proto import kestrel_pb2
+from proto import desired, kestrel_pb2
 from proto.clock import now_ms
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,6 +58,7 @@ class Stats:
         self.sampled = 0
         self.queue_depth = 0
         self.model: Optional[kestrel_pb2.ModelRef] = None
+        self.refused: Dict[str, int] = {}  # desired-state messages refused, by reason (proto.desired)
 
     def frame_captured(self) -> None:
         with self._lock:
@@ -82,6 +83,11 @@ class Stats:
             self._latencies.append(float(latency_s))
             self._times.append(now)
             self._trim(now)
+
+    def desired_refused(self, reason: str) -> None:
+        """A desired-state message was refused (edge.updater.desiredgate): counted by reason."""
+        with self._lock:
+            self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def set_queue_depth(self, n: int) -> None:
         with self._lock:
@@ -124,6 +130,7 @@ class Stats:
                 "frames_corrupt": self.corrupt,
                 "uptime_s": uptime,
                 "model": model,
+                "desired_refused": dict(self.refused),
             }
 
 
@@ -197,6 +204,8 @@ class TelemetryService:
             frames_dropped=snap["frames_dropped"], frames_corrupt=snap["frames_corrupt"])
         if snap["model"] is not None:
             msg.model.CopyFrom(snap["model"])
+        for reason, n in snap["desired_refused"].items():
+            msg.desired_refused[reason] = n
         return msg
 
     def render_metrics(self) -> str:
@@ -221,6 +230,11 @@ class TelemetryService:
         t.add("kestrel_edge_spool_evictions_total", "counter",
               "Frames evicted (oldest first) because the spool budget was full.", evictions)
         t.add("kestrel_edge_uptime_seconds", "gauge", "Seconds since the daemon started.", snap["uptime_s"])
+        refused = dict.fromkeys(desired.REASONS, 0)
+        refused.update(snap["desired_refused"])
+        t.add_family("kestrel_edge_desired_refused_total", "counter",
+                     "Desired-state messages refused (unsigned, bad signature, untrusted key, replayed, expired...).",
+                     "reason", refused)
         pub = self.publisher
         if pub is not None:
             t.add("kestrel_edge_mqtt_connected", "gauge", "1 while connected to the broker.",

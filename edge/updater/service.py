@@ -84,7 +84,8 @@ class UpdateService:
         self._captured_at_trial = 0
         self.on_stall: Optional[Callable[[str], None]] = None
         self.desired = DesiredFollower(update, self.updater, queue_desired=lambda d: self._q.put(("desired", d)),
-                                       switch=self._switch, rollback=self._rollback, stop=self._stop)
+                                       switch=self._switch, rollback=self._rollback, stop=self._stop,
+                                       on_refused=getattr(stats, "desired_refused", None))
 
     @classmethod
     def from_config(cls, cfg: EdgeConfig, publisher: Optional[Publisher], holder: Any, stats: Any) -> UpdateService:

@@ -517,10 +517,12 @@ def test_desired_state_over_mqtt_fetches_installs_and_fleet_rollback(tmp_path, k
 
     from proto import kestrel_pb2, topics
     from tests.edge.conftest import publisher_for
+    from tests.helpers.fleet import fleet_keypair, signed
 
     v1, v2 = bundle(models_dir, kp, 1), bundle(models_dir, kp, 2)
+    fleet = fleet_keypair(tmp_path)
     reg = _Registry({("brightness", 1): v1, ("brightness", 2): v2}, cut_after=4096)
-    cfg = make_cfg(tmp_path, kp.pub_path, hub_grpc=reg.target)
+    cfg = make_cfg(tmp_path, kp.pub_path, hub_grpc=reg.target, fleet_keys=[str(fleet.pub_path)])
     cfg.mqtt.host, cfg.mqtt.port = broker.host, broker.port
     pub = publisher_for(cfg, "dev1", tmp_path / "spool")
     pub.start()
@@ -534,8 +536,8 @@ def test_desired_state_over_mqtt_fetches_installs_and_fleet_rollback(tmp_path, k
                                        sha256=hashlib.sha256(data).hexdigest(), size=len(data),
                                        issued_ms=int(time.time() * 1000),
                                        rollback_from_version=version if rollback else 0)
-        hub.publish(topic or topics.group_desired("default"), msg.SerializeToString(), qos=1,
-                    retain=True).wait_for_publish(10)
+        topic = topic or topics.group_desired("default")
+        hub.publish(topic, signed(topic, msg, fleet), qos=1, retain=True).wait_for_publish(10)
 
     try:
         order(1, v1)
