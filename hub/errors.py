@@ -8,7 +8,7 @@ from proto.errors import ArtifactError, ConfigError, KestrelError, TransportErro
 
 __all__ = [
     "ArtifactError", "ConfigError", "KestrelError", "TransportError",
-    "PayloadRejected", "StoreError", "StoreUnavailable", "RegistryError", "NotFound",
+    "PayloadRejected", "StoreError", "StoreUnavailable", "RegistryError", "NotFound", "SecurityError",
 ]
 
 
@@ -38,3 +38,8 @@ class RegistryError(ArtifactError):
 
 class NotFound(ArtifactError):
     """The named model version, device or frame does not exist."""
+
+
+class SecurityError(ArtifactError):
+    """The fleet's security material is missing, unusable or unsafe (CA, fleet key, identity files), or
+    an enrolment request is invalid (bad device name, a device enrolled already)."""

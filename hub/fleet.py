@@ -28,6 +28,7 @@ from proto import kestrel_pb2, topics
 log = logging.getLogger(__name__)
 
 PublishRetained = Callable[[str, bytes], None]
+Sign = Callable[[str, kestrel_pb2.DesiredState], kestrel_pb2.DesiredState]
 
 
 class FleetRequestError(ArtifactError):
@@ -64,12 +65,16 @@ class FleetService:
     with QoS 1 and retain=True and return only once the broker acknowledged (raise otherwise)."""
 
     def __init__(self, store: Store, registry: Registry, publish_retained: PublishRetained,
-                 grpc_target: str = "", clock: Callable[[], float] = time.time) -> None:
+                 grpc_target: str = "", clock: Callable[[], float] = time.time,
+                 sign: Optional[Sign] = None) -> None:
+        """``sign(topic, desired)``: the fleet key's signature (hub.security.fleetkey.FleetSigner.sign),
+        applied to every announcement; None only in tests of the unsigned past."""
         self.store = store
         self.registry = registry
         self.publish_retained = publish_retained
         self.grpc_target = grpc_target
         self._clock = clock
+        self._sign = sign
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -136,6 +141,8 @@ class FleetService:
         (a retry is clean); if the publish fails, the previous record is put back, so the store never
         shows an announcement the broker did not take, and the caller's error says so."""
         restore = self._saved_record(device_id, group)
+        if self._sign is not None:
+            self._sign(topic, desired)
         self._record(device_id, group, desired)
         try:
             self.publish_retained(topic, desired.SerializeToString())
@@ -197,14 +204,18 @@ def effective_desired(dev: DeviceRecord, group: Optional[GroupDesired]) -> Devic
     one that joined later shows no desired version (it returns to its own previous slot, which the hub
     did not know when it announced the rollback).
     """
-    if dev.desired_scope == DESIRED_SCOPE_DEVICE or group is None:
-        return dev  # pinned, or no group announcement (records of older hubs keep what they stored)
+    if dev.desired_scope == DESIRED_SCOPE_DEVICE:
+        # pinned: its own desired topic wins on the device and hides whatever the group was told
+        return dataclasses.replace(dev, overrides_group=group is not None)
+    if group is None:
+        return dataclasses.replace(dev, overrides_group=False)  # no group announcement (older records)
     if group.rollback:
         if dev.desired_scope == DESIRED_SCOPE_GROUP:
-            return dev
-        return dataclasses.replace(dev, desired_model="", desired_version=0, desired_scope=DESIRED_SCOPE_GROUP)
+            return dataclasses.replace(dev, overrides_group=False)
+        return dataclasses.replace(dev, desired_model="", desired_version=0, desired_scope=DESIRED_SCOPE_GROUP,
+                                   overrides_group=False)
     return dataclasses.replace(dev, desired_model=group.model_name, desired_version=group.version,
-                               desired_scope=DESIRED_SCOPE_GROUP)
+                               desired_scope=DESIRED_SCOPE_GROUP, overrides_group=False)
 
 
 def device_message(dev: DeviceRecord) -> kestrel_pb2.Device:
@@ -218,4 +229,6 @@ def device_message(dev: DeviceRecord) -> kestrel_pb2.Device:
                                            sha256=dev.reported_sha256),
             previous=kestrel_pb2.ModelRef(name=dev.reported_model, version=dev.previous_version),
             update_state=dev.update_state, reason=dev.update_reason),
-        desired_version=dev.desired_version, desired_model=dev.desired_model)
+        desired_version=dev.desired_version, desired_model=dev.desired_model, desired_scope=dev.desired_scope,
+        overrides_group=dev.overrides_group, enrolled_group=dev.enrolled_group, enrolled_ms=dev.enrolled_ms,
+        revoked_ms=dev.revoked_ms)

@@ -24,6 +24,8 @@ from hub.config import HubConfig
 from hub.errors import ConfigError, KestrelError, TransportError
 from hub.http import HttpServer
 from hub.ingest.pipeline import Ingest
+from hub.security.enrol import Security
+from hub.security.refresh import Renewer
 from hub.store.base import Store
 from hub.store.open import open_store
 from proto import atomic
@@ -49,6 +51,8 @@ class HubServer:
         self.grpc_port = 0
         self.registry: Any = None
         self.fleet: Any = None
+        self.security: Any = None
+        self.renewer: Optional[Renewer] = None
 
     # ---- start/stop ----
     def start(self) -> HubServer:
@@ -59,24 +63,59 @@ class HubServer:
             raise ConfigError(f"[hub] data_dir {cfg.data_dir}: cannot create it: {exc.strerror}") from exc
         client_id = cfg.resolve_client_id()
         self.store = open_store(cfg)
-        if cfg.mqtt.embedded:
-            self.embedded = EmbeddedBroker(cfg.data_dir / "broker", port=cfg.mqtt.embedded_port,
-                                           autosave_s=cfg.mqtt.embedded_autosave_s).start()
-            self.target = BrokerTarget(host=self.embedded.host, port=self.embedded.port, embedded=True)
-        else:
-            self.target = resolve(cfg)
+        self.security = Security(cfg)  # the fleet key signs desired state whatever the broker
+        target = self._start_embedded_broker() if cfg.mqtt.embedded else resolve(cfg)
+        self.target = target
         dead_letter = cfg.dead_letter_dir
-        self.ingest = Ingest(self.store, self.target, cfg.mqtt, client_id, dead_letter_dir=dead_letter).start()
+        self.ingest = Ingest(self.store, target, cfg.mqtt, client_id, dead_letter_dir=dead_letter).start()
         self._start_grpc()
+        self.renewer = Renewer(target, f"{client_id}-renew", self.security.signer,
+                               cfg.security.refresh_interval_s, renew_crl=self._renew_crl,
+                               crl_due=self.security.crl_due).start()
         self.http = HttpServer(cfg.http.bind, cfg.http.port, self.health).start()
         info = {"pid": os.getpid(), "http_port": self.http.port, "grpc_port": self.grpc_port,
-                "mqtt_host": self.target.host, "mqtt_port": self.target.port,
-                "mqtt_embedded": self.target.embedded, "client_id": client_id, "store": cfg.store_url}
+                "mqtt_host": target.host, "mqtt_port": target.port,
+                "mqtt_embedded": target.embedded, "mqtt_tls": target.tls,
+                "mqtt_ca_file": target.ca_file, "client_id": client_id, "store": cfg.store_url}
         atomic.write_text(cfg.data_dir / "hub.json", json.dumps(info, indent=1) + "\n")
-        log.info("kestrel-hub serving: http %s:%d, grpc %s:%d, mqtt %s:%d%s, store %s", cfg.http.bind,
-                 self.http.port, cfg.grpc.bind, self.grpc_port, self.target.host, self.target.port,
-                 " (embedded)" if self.target.embedded else "", self.store)
+        log.info("kestrel-hub serving: http %s:%d, grpc %s:%d, mqtt %s:%d%s%s, store %s", cfg.http.bind,
+                 self.http.port, cfg.grpc.bind, self.grpc_port, target.host, target.port,
+                 " (embedded)" if target.embedded else "", " TLS" if target.tls else "", self.store)
         return self
+
+    def _start_embedded_broker(self) -> BrokerTarget:
+        """The embedded Mosquitto: with [security] tls (the default) a TLS listener for the fleet's
+        identities and the per-device ACL, the hub connecting with its own certificate; else the plain,
+        anonymous loopback broker of a quick local try."""
+        cfg = self.cfg
+        workdir = cfg.data_dir / "broker"
+        if not cfg.security.tls:
+            log.warning("[security] tls = false: the embedded broker is plain and anonymous on 127.0.0.1 "
+                        "(any local process may publish as any device); for a quick local try only")
+            self.embedded = EmbeddedBroker(workdir, port=cfg.mqtt.embedded_port,
+                                           autosave_s=cfg.mqtt.embedded_autosave_s).start()
+            return BrokerTarget(host=self.embedded.host, port=self.embedded.port, embedded=True)
+        assert self.store is not None
+        sec = self.security
+        sec.write_broker_files(self.store)
+        ident = sec.hub_identity()
+        bind = cfg.security.embedded_bind
+        self.embedded = EmbeddedBroker(workdir, port=cfg.mqtt.embedded_port, autosave_s=cfg.mqtt.embedded_autosave_s,
+                                       listener=lambda port: sec.conf_lines(port, bind)).start()
+        password_login = cfg.security.mqtt_auth != "certificate"
+        return BrokerTarget(host=self.embedded.host, port=self.embedded.port, embedded=True, tls=True,
+                            ca_file=ident.ca_file, cert_file=ident.cert_file, key_file=ident.key_file,
+                            username=ident.username if password_login else "",
+                            password=ident.password if password_login else "")
+
+    def _renew_crl(self) -> None:
+        """A new CRL before the old one runs out (the renewer calls it); the embedded broker reloads."""
+        path = self.security.ca.write_crl(self.cfg.security.crl_days, self.security.path("crl.pem"))
+        if self.embedded is not None:
+            self.embedded.reload()
+        else:
+            log.warning("wrote a new CRL to %s: install it on the broker and reload it before the old one "
+                        "expires", path)
 
     def _start_grpc(self) -> None:
         """Registry + fleet from hub.registry / hub.fleet / hub.grpc_service (helper F2's modules)."""
@@ -88,7 +127,7 @@ class HubServer:
         cfg = self.cfg
         self.registry = Registry(self.store, cfg.registry, cfg.data_dir)
         self.fleet = FleetService(self.store, self.registry, self.publish_retained,
-                                  grpc_target=cfg.grpc.advertise)
+                                  grpc_target=cfg.grpc.advertise, sign=self.security.signer.sign)
         server, port = make_server(self.registry, self.fleet, cfg.grpc.bind, cfg.grpc.port, cfg.grpc.max_workers)
         server.start()
         self.grpc_server, self.grpc_port = server, port
@@ -108,6 +147,8 @@ class HubServer:
     def stop(self) -> None:
         if self.http is not None:
             self.http.stop()
+        if self.renewer is not None:
+            self.renewer.stop()
         if self.grpc_server is not None:
             self.grpc_server.stop(grace=2).wait(5)
         if self.ingest is not None:

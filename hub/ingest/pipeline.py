@@ -146,6 +146,7 @@ class Ingest:
         self._known: Set[str] = set()
         self._registering: Set[str] = set()  # new devices of the batch being processed
         self._refused: Dict[str, float] = {}  # unknown devices refused -> monotonic time to look again
+        self._enrolled: Dict[str, Tuple[bool, float]] = {}  # require_enrolled: device -> (ok, look again at)
         self._pending_seen: Dict[str, int] = {}
         self._last_seen_flush = 0
         self._reject_log: Dict[str, Tuple[float, int]] = {}
@@ -409,6 +410,8 @@ class Ingest:
         """Refuse an unknown device (allow_unknown_devices = false) or note it for auto-registration,
         which _process does with the batch's other writes: a device whose first message is its status
         appears with that status at once, never as a blank record first. May raise StoreError."""
+        if self.cfg.require_enrolled:
+            self._check_enrolled(device_id)
         if device_id in self._known or device_id in self._registering:
             return
         refused_until = self._refused.get(device_id)
@@ -426,6 +429,21 @@ class Ingest:
             self._registering.add(device_id)
         else:
             self._known.add(device_id)
+
+    def _check_enrolled(self, device_id: str) -> None:
+        """require_enrolled: only devices enrolled and not revoked (looked up again after a few seconds,
+        so a revocation or an enrolment takes effect without a restart)."""
+        now = time.monotonic()
+        hit = self._enrolled.get(device_id)
+        if hit is None or hit[1] < now:
+            dev = self.store.get_device(device_id)
+            if len(self._enrolled) >= UNKNOWN_DEVICES_MAX:
+                self._enrolled.clear()
+            hit = (dev is not None and bool(dev.enrolled_ms) and not dev.revoked_ms, now + UNKNOWN_DEVICE_CACHE_S)
+            self._enrolled[device_id] = hit
+        if not hit[0]:
+            raise PayloadRejected("unknown_device", f"device {device_id!r} is not enrolled or was revoked "
+                                                    "(require_enrolled = true)")
 
     def _classify(self, batch: List[Message], validated: List[Validated]) -> Tuple[
             List[Tuple[int, PayloadRejected]], List[Tuple[int, FrameRecord]],

@@ -52,6 +52,11 @@ class DeviceRecord:
     desired_version: int = 0
     desired_scope: str = ""               # who set desired_*: "device" (pinned), "group", "" (never / older hub)
     last_telemetry: Dict[str, object] = dataclasses.field(default_factory=dict)
+    enrolled_group: str = ""              # the group its identity was issued for (the ACL's); never set by a message
+    enrolled_ms: int = 0                  # `kestrel-hub devices add` (0 = never enrolled)
+    revoked_ms: int = 0                   # `kestrel-hub devices revoke` (0 = not revoked)
+    overrides_group: bool = False         # listing only (hub.fleet.effective_desired): its own desired state hides
+                                          # a desired state of its group
 
 
 DESIRED_SCOPE_DEVICE = "device"

@@ -10,6 +10,7 @@ import uuid
 import paho.mqtt.client as mqtt
 import pytest
 
+from hub.cli import devices as devicescmd
 from hub.cli import fleet as fleetcmd
 from hub.errors import NotFound
 from hub.fleet import FleetRequestError, FleetService
@@ -120,8 +121,12 @@ def test_list_devices_shows_desired_and_reported(fleet_hub, models_dir, capsys):
                         reported_model="brightness", reported_version=1, update_state="COMMITTED")
     store.upsert_device("cam-2", group="elsewhere", state="offline")
     client.deploy("brightness", 0, device_id="cam-1")  # 0 = highest
+    (dev,) = client.list_devices(group)
+    assert not dev.overrides_group  # its group was never told anything
+    client.deploy("brightness", 2, group=group)  # the group's order, hidden by cam-1's own
 
     (dev,) = client.list_devices(group)
+    assert dev.overrides_group and dev.desired_scope == "device"
     assert dev.device_id == "cam-1" and dev.state == "online"
     assert (dev.desired_model, dev.desired_version) == ("brightness", 2)
     assert (dev.reported.name, dev.reported.version) == ("brightness", 1)
@@ -129,14 +134,14 @@ def test_list_devices_shows_desired_and_reported(fleet_hub, models_dir, capsys):
     assert {d.device_id for d in client.list_devices()} >= {"cam-1", "cam-2"}
 
     ns = argparse.Namespace(hub=f"127.0.0.1:{port}", timeout=10, json=False, group=group)
-    assert fleetcmd.run_devices(ns) == 0
+    assert devicescmd.run_devices(ns) == 0  # `kestrel-hub devices` (no ACTION: list)
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:3] == ["DEVICE", "GROUP", "STATE"]
-    assert "cam-1" in out[1] and "brightness v2" in out[1] and "brightness v1" in out[1]
+    assert out[0].split()[:3] == ["DEVICE", "GROUP", "STATE"] and "IDENTITY" in out[0]
+    assert "cam-1" in out[1] and "brightness v2 (device, overrides group)" in out[1] and "brightness v1" in out[1]
     ns.json = True
-    assert fleetcmd.run_devices(ns) == 0
+    assert devicescmd.run_devices(ns) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    assert row["device_id"] == "cam-1" and row["desired_version"] == "2"
+    assert row["device_id"] == "cam-1" and row["desired_version"] == "2" and row["overrides_group"] is True
 
 
 def test_deploy_errors_map_to_status_codes(fleet_hub, models_dir):

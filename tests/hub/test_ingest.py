@@ -306,6 +306,31 @@ def test_refused_unknown_devices_are_not_looked_up_for_every_message(
         ing.stop()
 
 
+def test_require_enrolled_accepts_only_enrolled_unrevoked_devices(
+        store: SqliteStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hub.ingest.pipeline
+    store.upsert_device("seen-only")  # auto-registered once, never enrolled
+    store.upsert_device("enrolled", enrolled_ms=1, enrolled_group="g")
+    store.upsert_device("revoked", enrolled_ms=1, enrolled_group="g", revoked_ms=2)
+    ing = Ingest(store, BrokerTarget("127.0.0.1", 1), MqttSection(validate_workers=1, require_enrolled=True),
+                 "enrolled-only", dead_letter_dir=tmp_path / "dead")
+    clock = [1000.0]
+    monkeypatch.setattr(hub.ingest.pipeline.time, "monotonic", lambda: clock[0])
+    try:
+        batch = [Message(0, 0, topics.frames(d), frame_payload(f"f-{d}", d), 0, 1)
+                 for d in ("seen-only", "enrolled", "revoked", "stranger")]
+        ing._process_with_retry(batch, ing._validate_batch(batch))
+        assert [f.frame_id for f in store.list_frames()] == ["f-enrolled"]
+        assert ing.health()["rejected"]["unknown_device"] == 3 and store.get_device("stranger") is None
+        store.upsert_device("enrolled", revoked_ms=3)  # revoked while the hub runs: refused after the cache time
+        clock[0] += hub.ingest.pipeline.UNKNOWN_DEVICE_CACHE_S + 0.1
+        batch = [Message(0, 0, topics.frames("enrolled"), frame_payload("after", "enrolled"), 0, 1)]
+        ing._process_with_retry(batch, ing._validate_batch(batch))
+        assert store.get_frame("after") is None and ing.health()["rejected"]["unknown_device"] == 4
+    finally:
+        ing.stop()
+
+
 def test_status_and_telemetry_update_the_device(broker: Any, store: SqliteStore, group: str) -> None:
     dev = f"cam-{uuid.uuid4().hex[:6]}"
     status = kestrel_pb2.Status(

@@ -16,7 +16,7 @@ import grpc
 from hub.store.sqlite import SqliteStore
 from proto import kestrel_pb2, kestrel_pb2_grpc, topics
 from tests.helpers.wait import wait_for
-from tests.hub import REPO, HubProcess, frame_payload, publish_all, write_config
+from tests.hub import REPO, HubProcess, enrol, frame_payload, hub_identity, publish_all, write_config
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -55,9 +55,13 @@ def test_serve_with_embedded_broker_health_metrics_grpc(tmp_path: Path) -> None:
         host, port = str(hub.info["mqtt_host"]), int(hub.info["mqtt_port"])  # type: ignore[arg-type]
         base = f"http://127.0.0.1:{hub.info['http_port']}"
         wait_for(lambda: get(base + "/healthz")[0] == 200, 15, what="healthy hub")
+        assert hub.info["mqtt_tls"] is True  # the default path is the secure path
+        cam = enrol(cfg, "cam-1", tmp_path / "ids")
+        tls = {"ca_file": str(cam["ca.crt"]), "cert_file": str(cam["device.crt"]), "key_file": str(cam["device.key"])}
         publish_all(host, port, [(topics.frames("cam-1"), frame_payload("e1", "cam-1")),
-                                 (topics.frames("cam-1"), b"junk"),
-                                 (topics.frames("cam-9"), frame_payload("e2", "cam-1"))])
+                                 (topics.frames("cam-1"), b"junk")], **tls)
+        # a device may not publish on another's topic; the hub's identity may (the ingest still checks it)
+        publish_all(host, port, [(topics.frames("cam-9"), frame_payload("e2", "cam-1"))], **hub_identity(data))
         store = SqliteStore(data / "hub.db")
         wait_for(lambda: store.count_frames() == 1, 10, what="frame stored")
         wait_for(lambda: json.loads(get(base + "/healthz")[1])["ingest"]["acked"] == 3, 10, what="3 acks")
@@ -84,7 +88,7 @@ def test_serve_with_embedded_broker_health_metrics_grpc(tmp_path: Path) -> None:
         wait_for(lambda: json.loads(get(base + "/healthz")[1])["broker"].get("restarts", 0) >= 1, 15,
                  what="broker restarted")
         wait_for(lambda: json.loads(get(base + "/healthz")[1])["broker"]["connected"], 15, what="reconnected")
-        publish_all(host, port, [(topics.frames("cam-1"), frame_payload("e3", "cam-1"))])
+        publish_all(host, port, [(topics.frames("cam-1"), frame_payload("e3", "cam-1"))], **tls)
         wait_for(lambda: store.count_frames() == 2, 15, what="frame after the broker restart")
         store.close()
     finally:

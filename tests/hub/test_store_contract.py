@@ -205,6 +205,16 @@ def test_device_desired_scope_roundtrip(store: Store) -> None:
     assert store.get_device("cam-1").desired_scope == "device"  # type: ignore[union-attr]
 
 
+def test_device_enrolment_fields_roundtrip(store: Store) -> None:
+    d = store.upsert_device("cam-e", enrolled_group="lobby", enrolled_ms=5, group="lobby")
+    assert (d.enrolled_group, d.enrolled_ms, d.revoked_ms) == ("lobby", 5, 0)
+    store.upsert_device("cam-e", state="online", group="elsewhere")  # a status: the enrolment stays
+    store.upsert_device("cam-e", revoked_ms=9)
+    got = store.get_device("cam-e")
+    assert got is not None and (got.enrolled_group, got.enrolled_ms, got.revoked_ms, got.group) == \
+        ("lobby", 5, 9, "elsewhere")
+
+
 def test_group_desired_upsert_per_group(store: Store) -> None:
     assert store.get_group_desired("lab") is None
     g = store.set_group_desired("lab", "m", 4, False, 1000)
