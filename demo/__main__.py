@@ -152,11 +152,20 @@ def run(out: Path, nar: Narrator) -> Dict[str, Any]:
         figures["train_v1_s"] = round(took, 1)
         nar.say(f"{took:.0f}s: {_stage_line(ev1)}; report {r1 / 'report' / 'report.html'}")
 
-        nar.step("hub: `kestrel-hub serve` on embedded defaults (own Mosquitto, SQLite, free ports)")
+        nar.step("hub: `kestrel-hub serve` on embedded defaults (own Mosquitto over TLS with client certificates "
+                 "and a per-device ACL, SQLite, free ports)")
         info, took = _timed(loop.start_hub)
         nar.say(f"healthy after {took:.1f}s: gRPC {loop.grpc_target}, HTTP {loop.http_base}, "
-                f"MQTT {info['mqtt_host']}:{info['mqtt_port']} (embedded), store {info['store']}")
+                f"MQTT {info['mqtt_host']}:{info['mqtt_port']} (embedded, TLS: {info.get('mqtt_tls')}), "
+                f"store {info['store']}")
         broker_pid = loop.broker_pid()
+
+        nar.step(f"identity: `kestrel-hub devices add {DEVICE_ID} --group {GROUP}` (a client certificate of the "
+                 "hub's fleet CA, the fleet key that signs desired state, an edge.toml snippet)")
+        _, took = _timed(loop.enrol)
+        nar.say(f"{loop.work / 'identity' / (DEVICE_ID + '.identity.tar')} (0600) in {took:.1f}s, unpacked into "
+                f"{loop.credentials} (the device's $CREDENTIALS_DIRECTORY); the broker's ACL now lets "
+                f"{DEVICE_ID} publish only on its own topics and read only group {GROUP!r}'s desired state")
 
         nar.step(f"push v1: `make push-model RUN={r1.relative_to(out)} DEPLOY={GROUP}` (package + sign, "
                  "push over gRPC, deploy)")
@@ -167,7 +176,8 @@ def run(out: Path, nar: Narrator) -> Dict[str, Any]:
         v1 = r1 / "model-v1.kbundle"
         models = loop.client.list_models(MODEL_NAME)
         nar.say(f"the hub verified and stored {MODEL_NAME} v{models[-1].model.version} ({v1.stat().st_size} "
-                f"bytes, signed); desired state for group {GROUP!r} is retained on the broker")
+                f"bytes, signed); desired state for group {GROUP!r}, signed by the fleet key, is retained on the "
+                "broker")
 
         nar.step(f"edge: `kestrel-edge run` as a freshly flashed device {DEVICE_ID!r} (no model) on the camera")
         cfg = loop.write_edge_config(

@@ -83,10 +83,10 @@ def child_env() -> Dict[str, str]:
 class Proc:
     """A child process with its log file; ``stop()`` = SIGTERM, wait, SIGKILL as a last resort."""
 
-    def __init__(self, name: str, argv: List[str], log: Path) -> None:
+    def __init__(self, name: str, argv: List[str], log: Path, env: Optional[Mapping[str, str]] = None) -> None:
         self.name, self.argv, self.log = name, argv, log
         self._fh = open(log, "ab")  # noqa: SIM115 - lives as long as the process
-        self.popen = subprocess.Popen(argv, cwd=str(REPO), env=child_env(), stdout=self._fh,
+        self.popen = subprocess.Popen(argv, cwd=str(REPO), env=dict(child_env(), **(env or {})), stdout=self._fh,
                                       stderr=subprocess.STDOUT)
         self.killed = False
 
@@ -181,6 +181,8 @@ class Loop:
         self.hub_dir = self.work / "hub-data"
         self.tools_log = self.work / "tools.log"  # output of the commands run to completion (keygen, export ...)
         self.edge_dir = self.work / "edge-data"
+        self.credentials = self.work / "credentials"  # the device's identity, as systemd LoadCredential= passes it
+        self.identity: Dict[str, Any] = {}  # the bundle's edge.toml snippet once enrolled
         self._client: Any = None
         self._store: Any = None
 
@@ -312,17 +314,61 @@ class Loop:
                     else "no status yet")
             raise LoopError(f"{exc} (hub sees: {seen}); edge log:\n{tail(self.work / 'edge.log')}") from None
 
+    # ---- the device's identity ----
+    def enrol(self) -> Dict[str, Any]:
+        """`kestrel-hub devices add DEVICE --group GROUP`: its identity bundle, unpacked into the
+        credentials directory (secrets 0600) the edge daemon gets as $CREDENTIALS_DIRECTORY; returns the
+        bundle's edge.toml snippet with the credential paths made relative (looked up there)."""
+        import tarfile
+
+        from proto.tomlconf import tomllib
+
+        bundles = self.work / "identity"
+        run_tool([sys.executable, "-m", "hub", "devices", "add", self.device_id, "--group", self.group,
+                  "--config", str(self.work / "hub.toml"), "--out", str(bundles)], self.tools_log)
+        self.credentials.mkdir(mode=0o700, exist_ok=True)
+        with tarfile.open(bundles / f"{self.device_id}.identity.tar") as tar:
+            for member in tar.getmembers():
+                fh = tar.extractfile(member)
+                if fh is None or "/" in member.name:
+                    raise LoopError(f"unexpected member {member.name!r} in the identity bundle")
+                path = self.credentials / member.name
+                path.write_bytes(fh.read())
+                path.chmod(0o600 if member.mode & 0o077 == 0 else 0o644)  # secrets stay private
+        prefix = "/etc/kestrel/credentials/"
+        snippet = tomllib.loads((self.credentials / "edge.toml").read_text())
+        for section in snippet.values():
+            for key, value in list(section.items()):
+                if isinstance(value, str) and value.startswith(prefix):
+                    section[key] = value[len(prefix):]
+                elif isinstance(value, list):
+                    section[key] = [v[len(prefix):] if isinstance(v, str) and v.startswith(prefix) else v
+                                    for v in value]
+        self.identity = snippet
+        return snippet
+
     # ---- edge ----
     def edge_sections(self) -> Dict[str, Dict[str, Any]]:
-        """The edge config this loop needs (device, broker, hub, trust); callers add source and model."""
+        """The edge config this loop needs (device, broker, hub, trust, and its identity from
+        :meth:`enrol` when the hub's broker speaks TLS); callers add source and model."""
+        if self.hub_info.get("mqtt_tls") and not self.identity:
+            self.enrol()
+        mqtt: Dict[str, Any] = {"host": self.hub_info["mqtt_host"], "port": int(self.hub_info["mqtt_port"])}
+        update: Dict[str, Any] = {"trust_dir": str(self.trust_dir), "hub_grpc": self.grpc_target,
+                                  "trial_frames": 20, "trial_seconds": 1.0}
+        if self.identity:
+            mqtt.update(self.identity["mqtt"])
+            update.update({k: v for k, v in self.identity["update"].items() if k in ("fleet_keys",
+                                                                                     "require_signed_desired")})
+        else:  # a hub on its quick-try opt-out ([security] tls = false): the device trusts its fleet key directly
+            update["fleet_keys"] = [str(self.hub_dir / "security" / "fleet.pub")]
+        mqtt.update({"reconnect_min_s": 0.1, "reconnect_max_s": 1.0})
         return {
             "device": {"id": self.device_id, "group": self.group, "data_dir": str(self.edge_dir)},
-            "mqtt": {"host": self.hub_info["mqtt_host"], "port": int(self.hub_info["mqtt_port"]),
-                     "reconnect_min_s": 0.1, "reconnect_max_s": 1.0},
+            "mqtt": mqtt,
             "spool": {"max_bytes": 16 * 1024 * 1024},
             "telemetry": {"interval_s": 1.0, "metrics_port": 0},
-            "update": {"trust_dir": str(self.trust_dir), "hub_grpc": self.grpc_target,
-                       "trial_frames": 20, "trial_seconds": 1.0},
+            "update": update,
         }
 
     def write_edge_config(self, **sections: Mapping[str, Any]) -> Path:
@@ -335,8 +381,9 @@ class Loop:
         return path
 
     def start_edge(self, config: Path) -> Proc:
+        env = {"CREDENTIALS_DIRECTORY": str(self.credentials)} if self.identity else None
         self.edge = Proc("edge", [sys.executable, "-m", "edge", "run", "--config", str(config)],
-                         self.work / "edge.log")
+                         self.work / "edge.log", env=env)
         return self.edge
 
     # ---- frames, export ----

@@ -42,7 +42,7 @@ class BrokerTarget:
     host: str
     port: int
     username: str = ""
-    password: str = ""
+    password: str = dataclasses.field(default="", repr=False)  # a secret: never in a log line or repr
     tls: bool = False
     ca_file: str = ""
     cert_file: str = ""

@@ -370,6 +370,16 @@ def test_the_real_hub_with_enrolled_devices(tmp_path: Path) -> None:
                            cwd=str(REPO), capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
                            timeout=60)
         assert r.returncode == 2 and "enrolled already" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        # no secret in the hub's log, /metrics, /healthz or hub.json
+        import urllib.request
+
+        base = f"http://127.0.0.1:{hub.info['http_port']}"
+        exposed = (tmp_path / "hub.log").read_text() + (data / "hub.json").read_text()
+        for path in ("/metrics", "/healthz"):
+            with urllib.request.urlopen(base + path, timeout=5) as resp:
+                exposed += resp.read().decode()
+        hub_password = (data / "security" / "hub-mqtt-password").read_text().strip()
+        assert hub_password not in exposed and "PRIVATE KEY" not in exposed
         store.close()
     finally:
         assert hub.stop() == 0
