@@ -7,7 +7,14 @@ Files in the security directory (``[security] dir``, default ``<data_dir>/securi
 * ``issued.json``: every certificate issued (serial, common name, kind, expiry, revocation time):
   what the CRL is built from;
 * ``crl.pem``: the CRL the broker reads (``crlfile``), rebuilt at every revocation and before it
-  expires (``Fleet CA`` refresh in the hub; an expired CRL makes OpenSSL refuse every client).
+  expires (the hub's renewer; an expired CRL makes OpenSSL refuse every client);
+* ``ca-bundle.crt``: what clients and the broker trust (``cafile``): the CA, and during a rotation the
+  previous one too;
+* ``previous/``: the previous CA (ca.crt, ca.key, issued.json) while a rotation runs
+  (``begin_rotation`` / ``finish_rotation``, ``kestrel-hub ca rotate|finish``): the broker accepts
+  client certificates of both, keeps presenting a certificate of the previous one (devices enrolled
+  before the rotation trust only that), and new identity bundles carry both CA certificates; the CRL
+  file holds one CRL per CA.
 
 Leaf keys are EC P-256, written PEM PKCS#8 unencrypted with mode 0600 (the device's own file
 system, or systemd credentials, protect them on the device). Client certificates carry
@@ -21,6 +28,7 @@ import datetime
 import ipaddress
 import json
 import os
+import secrets
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +46,8 @@ CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 CRL_FILE = "crl.pem"
 ISSUED_FILE = "issued.json"
+TRUST_FILE = "ca-bundle.crt"
+PREVIOUS_DIR = "previous"
 CA_DAYS = 3650
 BACKDATE = datetime.timedelta(minutes=5)  # tolerate a device clock a little behind the hub's
 
@@ -101,7 +111,7 @@ def _san(names: Sequence[str]) -> x509.SubjectAlternativeName:
 class FleetCA:
     """Load (or create) the CA of a security directory and issue from it."""
 
-    def __init__(self, directory: Path, cert_file: str = "", key_file: str = "") -> None:
+    def __init__(self, directory: Path, cert_file: str = "", key_file: str = "", *, previous: bool = True) -> None:
         self.dir = Path(directory)
         self.cert_path = Path(cert_file) if cert_file else self.dir / CA_CERT
         self.key_path = Path(key_file) if key_file else self.dir / CA_KEY
@@ -109,13 +119,16 @@ class FleetCA:
         if not self.cert_path.exists() and not self.operator_supplied:
             self._create()
         self.cert, self.key = self._load()
+        prev = self.dir / PREVIOUS_DIR
+        self.previous: Optional[FleetCA] = FleetCA(prev, previous=False) \
+            if previous and (prev / CA_CERT).exists() else None
 
     # ---- the CA itself ----
     def _create(self) -> None:
         ensure_private_dir(self.dir)
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
-        name = _name(f"Kestrel fleet CA {now.strftime('%Y-%m-%d')}")
+        name = _name(f"Kestrel fleet CA {now.strftime('%Y-%m-%d')} {secrets.token_hex(3)}")  # unique per CA
         cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(now - BACKDATE).not_valid_after(now + datetime.timedelta(days=CA_DAYS))
@@ -154,6 +167,17 @@ class FleetCA:
     @property
     def cert_bytes(self) -> bytes:
         return cert_pem(self.cert)
+
+    @property
+    def trust_bytes(self) -> bytes:
+        """The CA certificates clients and the broker trust: this CA, and the previous one in a rotation."""
+        return self.cert_bytes + (self.previous.cert_bytes if self.previous is not None else b"")
+
+    @property
+    def server_issuer(self) -> FleetCA:
+        """The CA the broker's certificate comes from: the previous one while a rotation runs (the devices
+        enrolled before it trust only that one)."""
+        return self.previous if self.previous is not None else self
 
     # ---- issuing ----
     def issue(self, common_name: str, kind: str, days: int, sans: Sequence[str] = ()) -> Tuple[bytes, bytes, Issued]:
@@ -194,7 +218,12 @@ class FleetCA:
         atomic.write_json(self.dir / ISSUED_FILE, [asdict(e) for e in index])
 
     def revoke(self, name: str, kind: str = KIND_DEVICE, except_serial: str = "") -> int:
-        """Revoke every unrevoked certificate of ``name`` (but ``except_serial``); returns how many."""
+        """Revoke every unrevoked certificate of ``name`` (but ``except_serial``), of the previous CA
+        too during a rotation; returns how many."""
+        n = self.previous.revoke(name, kind, except_serial) if self.previous is not None else 0
+        return n + self._revoke_own(name, kind, except_serial)
+
+    def _revoke_own(self, name: str, kind: str, except_serial: str) -> int:
         index = self.issued()
         now = _ms(_now())
         n = 0
@@ -223,9 +252,42 @@ class FleetCA:
         return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
     def write_crl(self, days: int, path: Optional[Path] = None) -> Path:
+        """The CRL file the broker reads: one CRL per CA (OpenSSL wants one for every issuer it checks)."""
         out = path or self.dir / CRL_FILE
-        atomic.write_bytes(out, self.crl(days))
+        data = self.crl(days) + (self.previous.crl(days) if self.previous is not None else b"")
+        atomic.write_bytes(out, data)
         return out
+
+
+def begin_rotation(directory: Path) -> FleetCA:
+    """Move the hub's own CA to ``previous/`` and create a new one. Refused while a rotation runs."""
+    directory = Path(directory)
+    prev = directory / PREVIOUS_DIR
+    if (prev / CA_CERT).exists():
+        raise SecurityError(f"a CA rotation is running already ({prev}): finish it first "
+                            "(`kestrel-hub ca finish`)")
+    if not (directory / CA_CERT).exists():
+        raise SecurityError(f"no CA in {directory} to rotate (an operator's CA: see docs/security.md)")
+    ensure_private_dir(prev)
+    for name in (CA_KEY, ISSUED_FILE, CA_CERT):  # the certificate last: its presence marks the rotation
+        src = directory / name
+        if src.exists():
+            os.replace(str(src), str(prev / name))
+    atomic.fsync_dir(prev)
+    atomic.fsync_dir(directory)
+    return FleetCA(directory)
+
+
+def finish_rotation(directory: Path) -> Path:
+    """End a rotation: the previous CA goes to ``retired-<time>/`` (kept, never trusted again)."""
+    directory = Path(directory)
+    prev = directory / PREVIOUS_DIR
+    if not (prev / CA_CERT).exists():
+        raise SecurityError("no CA rotation is running (`kestrel-hub ca rotate` starts one)")
+    retired = directory / f"retired-{_now().strftime('%Y%m%dT%H%M%SZ')}"
+    os.replace(str(prev), str(retired))
+    atomic.fsync_dir(directory)
+    return retired
 
 
 def crl_next_update_ms(path: Path) -> int:

@@ -17,16 +17,17 @@ import re
 import secrets
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from hub.config import HubConfig
 from hub.errors import SecurityError
 from hub.security import mosquitto
-from hub.security.ca import KIND_BROKER, KIND_DEVICE, KIND_HUB, FleetCA, crl_next_update_ms, write_secret
+from hub.security.ca import KIND_BROKER, KIND_DEVICE, KIND_HUB, TRUST_FILE, FleetCA, crl_next_update_ms, write_secret
 from hub.security.fleetkey import FleetSigner
 from hub.security.identity import Identity, write_bundle
 from hub.store.base import DeviceRecord, Store
@@ -65,7 +66,7 @@ class HubIdentity:
     cert_file: str
     key_file: str
     username: str
-    password: str
+    password: str = field(repr=False)  # a secret: never in a log line or repr
 
 
 class Security:
@@ -88,7 +89,16 @@ class Security:
 
     @property
     def ca_file(self) -> Path:
-        return self.ca.cert_path
+        """ca-bundle.crt: the CA certificates the broker and the hub trust (both during a rotation)."""
+        path = self.path(TRUST_FILE)
+        data = self.ca.trust_bytes
+        try:
+            current = path.read_bytes()
+        except FileNotFoundError:
+            current = b""
+        if current != data:
+            atomic.write_bytes(path, data)
+        return path
 
     @property
     def fleet_pub(self) -> str:
@@ -100,13 +110,17 @@ class Security:
                                        aclfile=str(self.path(ACL_FILE)), passwdfile=str(self.path(PASSWD_FILE)))
 
     # ---- the broker's and the hub's own certificates ----
-    def _needs_cert(self, cert_path: Path, names: Optional[List[str]] = None) -> bool:
+    def _needs_cert(self, cert_path: Path, issuer: FleetCA, names: Optional[List[str]] = None) -> bool:
         try:
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         except (OSError, ValueError):
             return True
-        if cert.issuer != self.ca.cert.subject:
-            return True  # issued by a previous CA
+        try:
+            cert.verify_directly_issued_by(issuer.cert)
+        except (ValueError, TypeError, InvalidSignature):
+            return True  # issued by another CA (a rotation)
+        if cert.serial_number in revoked(issuer):
+            return True
         if int(cert.not_valid_after_utc.timestamp() * 1000) - now_ms() < RENEW_BEFORE_MS:
             return True
         if names is not None:
@@ -119,8 +133,9 @@ class Security:
 
     def ensure_broker_cert(self) -> None:
         names = list(self.s.broker_names)
-        if self._needs_cert(self.path(BROKER_CERT), names):
-            cert, key, _ = self.ca.issue(names[0], KIND_BROKER, self.s.cert_days, sans=names)
+        issuer = self.ca.server_issuer
+        if self._needs_cert(self.path(BROKER_CERT), issuer, names):
+            cert, key, _ = issuer.issue(names[0], KIND_BROKER, self.s.cert_days, sans=names)
             write_secret(self.path(BROKER_KEY), key)
             atomic.write_bytes(self.path(BROKER_CERT), cert)
             atomic.write_json(self.path(BROKER_NAMES), names)
@@ -130,7 +145,7 @@ class Security:
         """The hub's MQTT identity: a client certificate (CN = hub_identity) and a password, issued at
         first use (and again before the certificate runs out)."""
         name = self.s.hub_identity
-        if self._needs_cert(self.path(HUB_CERT)):
+        if self._needs_cert(self.path(HUB_CERT), self.ca):
             cert, key, entry = self.ca.issue(name, KIND_HUB, self.s.cert_days)
             write_secret(self.path(HUB_KEY), key)
             atomic.write_bytes(self.path(HUB_CERT), cert)
@@ -170,6 +185,17 @@ class Security:
         """Less than half of the CRL's validity is left (or there is none)."""
         left = crl_next_update_ms(self.path("crl.pem")) - now_ms()
         return left < self.s.crl_days * 86400 * 1000 / 2
+
+
+def revoked(ca: FleetCA) -> set:
+    """Serials (int) ``ca`` revoked."""
+    return {int(e.serial, 16) for e in ca.issued() if e.revoked_ms}
+
+
+def devices_on_previous_ca(store: Store, ca: FleetCA) -> List[str]:
+    """Enrolled, unrevoked devices whose only valid certificate is from the previous CA of a rotation."""
+    current = {e.name for e in ca.issued() if e.kind == KIND_DEVICE and not e.revoked_ms}
+    return sorted(d for d, _ in enrolled(store) if d not in current)
 
 
 # ---- the embedded broker ----
@@ -264,7 +290,7 @@ def add_device(cfg: HubConfig, sec: Security, store: Store, name: str, group: st
     mosquitto.write_passwords(passwd, lines)
     created = now_ms()
     ident = Identity(device_id=name, group=group, mqtt_host=host, mqtt_port=port, hub_grpc=grpc,
-                     created_ms=created, ca_pem=sec.ca.cert_bytes, cert_pem=cert, key_pem=key, password=secret,
+                     created_ms=created, ca_pem=sec.ca.trust_bytes, cert_pem=cert, key_pem=key, password=secret,
                      fleet_pub=sec.fleet_pub)
     out_dir.mkdir(parents=True, exist_ok=True)
     bundle = write_bundle(out_dir / f"{name}.identity.tar", ident)

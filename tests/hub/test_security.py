@@ -383,3 +383,52 @@ def test_the_real_hub_with_enrolled_devices(tmp_path: Path) -> None:
         store.close()
     finally:
         assert hub.stop() == 0
+
+
+def _ca_cli(config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hub", "ca", *args, "--config", str(config)], cwd=str(REPO),
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+
+
+def test_ca_rotation_keeps_devices_in_until_they_are_re_enrolled(fleet, tmp_path: Path) -> None:  # noqa: ANN001
+    f = fleet()
+    cfg, store, port = f["cfg"], f["store"], f["port"]
+    toml = tmp_path / "hub.toml"
+    toml.write_text(f'[hub]\ndata_dir = "{cfg.data_dir}"\n')
+    old = add(f, "cam-old", "g1", tmp_path)
+    brokers = []
+
+    def restart_broker() -> enrol.Security:
+        """What restarting `kestrel-hub serve` does to its embedded broker (the CAs are loaded at start)."""
+        for b in [f["broker"], *brokers]:
+            b.stop()
+        sec = enrol.Security(cfg)
+        sec.write_broker_files(store)
+        brokers.append(EmbeddedBroker(cfg.data_dir / "broker", port=port,
+                                      listener=lambda p: sec.conf_lines(p, "127.0.0.1")).start())
+        return sec
+
+    try:
+        r = _ca_cli(toml, "rotate")
+        assert r.returncode == 0 and "rotation started" in r.stdout, r.stderr
+        sec = restart_broker()
+        assert Client(port, **device_tls(old)).connect()  # enrolled before the rotation: still in
+        new = extract(enrol.add_device(cfg, sec, store, "cam-new", "g1", tmp_path / "b2").bundle, tmp_path / "n")
+        assert new["ca.crt"].read_bytes().count(b"BEGIN CERTIFICATE") == 2  # both CAs during the rotation
+        assert Client(port, **device_tls(new)).connect()
+        r = _ca_cli(toml, "finish")
+        assert r.returncode == 2 and "cam-old" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert json.loads(_ca_cli(toml, "status", "--json").stdout)["devices_on_previous_ca"] == ["cam-old"]
+        old2 = extract(enrol.add_device(cfg, sec, store, "cam-old", "g1", tmp_path / "b3", force=True).bundle,
+                       tmp_path / "o2")
+        r = _ca_cli(toml, "finish")
+        assert r.returncode == 0 and "rotation finished" in r.stdout, r.stderr
+        sec = restart_broker()
+        assert sec.ca.previous is None
+        assert not Client(port, **device_tls(old)).connect()  # the previous CA is no longer trusted
+        assert Client(port, **device_tls(old2)).connect() and Client(port, **device_tls(new)).connect()
+        hub = sec.hub_identity()
+        assert Client(port, ca=hub.ca_file, cert=hub.cert_file, key=hub.key_file).connect()
+    finally:
+        for b in brokers:
+            b.stop()
