@@ -21,13 +21,14 @@ The line says the message did not come from the hub's fleet key; it never blames
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from edge.config import UpdateConfig, credential_path
 from edge.logonce import OncePerKind
 from proto import desired as signing
 from proto.errors import ConfigError, DesiredRefused, KeyFileError
-from proto.keys import PublicKey, load_public_keys
+from proto.keys import MAX_KEY_FILE_BYTES, PublicKey, key_id, load_public_keys, parse_public_key
 
 log = logging.getLogger("kestrel.updater")
 
@@ -37,12 +38,26 @@ Clock = Callable[[], Tuple[float, bool]]  # Updater.clock(): (now in seconds, wh
 
 
 def load_fleet_keys(update: UpdateConfig) -> Dict[str, PublicKey]:
-    """Every key of ``[update] fleet_keys`` by key id; ConfigError naming the file that is wrong."""
+    """Every key of ``[update] fleet_keys`` by key id; ConfigError naming the file that is wrong. A file
+    may hold several keys, one ``.pub`` JSON line each (the hub's fleet.pub during a key rotation); a
+    directory means every ``*.pub`` in it."""
     keys: Dict[str, PublicKey] = {}
     for entry in update.fleet_keys:
-        path = credential_path(entry)
+        path = Path(credential_path(entry))
         try:
-            keys.update(load_public_keys(path))
+            if path.is_file():
+                if path.stat().st_size > MAX_KEY_FILE_BYTES:
+                    raise KeyFileError(f"{path} is too large to be a public key file")
+                lines = [ln for ln in path.read_bytes().splitlines() if ln.strip()]
+                if not lines:
+                    raise KeyFileError(f"{path} holds no key")
+                for line in lines:
+                    pub = parse_public_key(line, str(path))
+                    keys[key_id(pub)] = pub
+            else:
+                keys.update(load_public_keys(path))
+        except OSError as exc:
+            raise ConfigError(f"[update] fleet_keys: cannot read {path}: {exc.strerror}") from exc
         except KeyFileError as exc:
             raise ConfigError(f"[update] fleet_keys: {exc}") from exc
     return keys

@@ -24,6 +24,7 @@ COMMANDS = {
     "devices": ("hub.cli.devices", "list the fleet's devices; add (enrol), revoke, set-group"),
     "broker-config": ("hub.cli.brokerconf", "write the Mosquitto configuration for an operator's broker"),
     "ca": ("hub.cli.ca", "the fleet CA: status, rotate, finish a rotation"),
+    "fleet-key": ("hub.cli.fleetkey", "the key that signs desired state: status, rotate, finish a rotation"),
     "deploy": ("hub.cli.fleet", "deploy a model version to a device or group"),
     "rollback": ("hub.cli.fleet", "roll a device or group back to its previous model"),
     "models": ("hub.cli.fleet", "list the registry's model versions"),

@@ -9,11 +9,18 @@ they only go up across restarts, and a hub whose clock stepped back still issues
 ``fleet-signed.json`` remembers, per topic, the last message signed for it: the renewer
 (hub.security.refresh) re-signs a retained message only when it is exactly that one, so it never
 re-signs a forged or replayed message it finds on a broker.
+
+Rotation (``kestrel-hub fleet-key rotate|finish``): ``rotate`` creates the next key
+(``fleet-next.key``); from then on ``public_text`` (what identity bundles ship as ``fleet.pub``)
+holds both public keys, one JSON line each, so devices given it trust both. ``finish`` makes the
+next key the fleet key (the old one goes to ``retired/``); the renewer then re-signs every retained
+message of ours with it at once.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -28,6 +35,8 @@ FLEET_KEY = "fleet.key"
 FLEET_PUB = "fleet.pub"
 SEQUENCE_FILE = "fleet.seq"
 SIGNED_FILE = "fleet-signed.json"  # topic -> digest of the last message signed for it
+NEXT_NAME = "fleet-next"  # fleet-next.key / fleet-next.pub while a rotation runs
+RETIRED_DIR = "retired"
 
 
 class FleetSigner:
@@ -47,6 +56,12 @@ class FleetSigner:
         self.key_path = path
         self.key_id = key_id(self.key)
         self.public_text = public_key_text(self.key.public_key())
+        nxt = path.parent / f"{NEXT_NAME}.key"
+        if nxt.exists():
+            try:
+                self.public_text += public_key_text(load_private_key(nxt).public_key())
+            except KeyFileError as exc:
+                raise SecurityError(f"the next fleet key: {exc}") from exc
         self._seq_path = path.parent / SEQUENCE_FILE
         self._signed_path = path.parent / SIGNED_FILE
         self._lock = threading.Lock()
@@ -89,3 +104,33 @@ class FleetSigner:
             raise SecurityError(f"{self._signed_path} is unreadable ({exc}): remove it (retained desired state "
                                 "is then renewed only after its next deploy)") from exc
         return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def rotate(directory: Path) -> str:
+    """Create the next fleet key (refused while one exists); returns its key id."""
+    directory = Path(directory)
+    if (directory / f"{NEXT_NAME}.key").exists():
+        raise SecurityError("a fleet key rotation is running already: `kestrel-hub fleet-key finish` it first")
+    try:
+        priv, _ = generate_keypair(directory, name=NEXT_NAME)
+    except KeyFileError as exc:
+        raise SecurityError(f"cannot create the next fleet key: {exc}") from exc
+    return key_id(load_private_key(priv))
+
+
+def finish(directory: Path) -> str:
+    """The next key becomes the fleet key; the old one goes to ``retired/``. Returns the new key id."""
+    directory = Path(directory)
+    nxt_key, nxt_pub = directory / f"{NEXT_NAME}.key", directory / f"{NEXT_NAME}.pub"
+    if not nxt_key.exists():
+        raise SecurityError("no fleet key rotation is running (`kestrel-hub fleet-key rotate` starts one)")
+    retired = directory / RETIRED_DIR
+    retired.mkdir(mode=0o700, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for name in (FLEET_KEY, FLEET_PUB):
+        if (directory / name).exists():
+            os.replace(str(directory / name), str(retired / f"{stamp}-{name}"))
+    os.replace(str(nxt_pub), str(directory / FLEET_PUB))
+    os.replace(str(nxt_key), str(directory / FLEET_KEY))
+    atomic.fsync_dir(directory)
+    return key_id(load_private_key(directory / FLEET_KEY))

@@ -5,6 +5,7 @@ expire (and after a fleet key rotation), never anything else it finds on the bro
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import uuid
 from pathlib import Path
@@ -138,3 +139,48 @@ def test_a_fleet_key_rotation_re_signs_the_retained_orders_with_the_new_key(rene
     assert renewer.renew_once() == 1
     wait_for(lambda: renewer._latest[topic].key_id == rotated.key_id, 10, what="re-signed with the new key")
     assert renewer._latest[topic].version == 4
+
+
+def test_fleet_key_rotation_devices_trust_both_keys_meanwhile(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from edge import config as edgeconfig
+    from edge.updater.desiredgate import DesiredGate
+    from edge.updater.state import StateFile
+    from tests.hub import REPO
+
+    toml = tmp_path / "hub.toml"
+    toml.write_text(f'[hub]\ndata_dir = "{tmp_path / "hub"}"\n')
+    sec = tmp_path / "hub" / "security"
+
+    def cli(*args: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "hub", "fleet-key", *args, "--config", str(toml), "--json"],
+                           cwd=str(REPO), capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    def gate(name: str, pub_text: str) -> DesiredGate:
+        (tmp_path / f"{name}.pub").write_text(pub_text)
+        upd = edgeconfig.UpdateConfig(fleet_keys=[str(tmp_path / f"{name}.pub")])
+        return DesiredGate(upd, StateFile(tmp_path / name / "state.json"), lambda: (time.time(), True))
+
+    old = FleetSigner(sec)
+    device_old = gate("old", old.public_text)  # a device enrolled before the rotation
+    topic = _topic()
+    assert device_old.check(topic, old.sign(topic, _order(1)).SerializeToString())[0]
+    rotating = json.loads(cli("rotate"))
+    assert rotating["fleet_key_id"] == old.key_id and rotating["next_key_id"]
+    both = FleetSigner(sec).public_text  # what identity bundles now ship as fleet.pub
+    assert len(both.splitlines()) == 2
+    device_new = gate("both", both)  # given the new fleet.pub
+    assert device_new.check(topic, FleetSigner(sec).sign(topic, _order(2)).SerializeToString())[0]
+    done = json.loads(cli("finish"))
+    assert done["fleet_key_id"] == rotating["next_key_id"] and not done["next_key_id"]
+    new = FleetSigner(sec)
+    msg = new.sign(topic, _order(3)).SerializeToString()
+    assert device_new.check(topic, msg)[0]
+    assert device_old.check(topic, msg) == (False, None) and device_old.refused == {desired.UNTRUSTED_KEY: 1}
+    assert sorted(p.name.split("-", 1)[1] for p in (sec / "retired").iterdir()) == ["fleet.key", "fleet.pub"]
