@@ -35,6 +35,7 @@ log = logging.getLogger("hub.security")
 
 DESIRED_TOPICS = (f"{topics.PREFIX}/devices/+/desired", f"{topics.PREFIX}/groups/+/desired")
 PUBLISH_TIMEOUT_S = 10.0
+FIRST_RENEW_S = 5.0  # the first pass after the start: the retained messages have arrived by then
 
 
 def mqtt_client(target: BrokerTarget, client_id: str) -> mqtt.Client:
@@ -109,6 +110,13 @@ class Renewer:
         return self._subscribed.wait(timeout)
 
     def _run(self) -> None:
+        # a first pass soon after the start (a hub that was down may find its orders expired), then
+        # every interval
+        if not self._stop.wait(min(FIRST_RENEW_S, self.interval_s)):
+            try:
+                self.renew_once()
+            except Exception:  # noqa: BLE001
+                log.exception("renewer: renewing failed (next try in %.0f s)", self.interval_s)
         while not self._stop.wait(self.interval_s):
             try:
                 self.renew_once()
