@@ -432,3 +432,39 @@ def test_ca_rotation_keeps_devices_in_until_they_are_re_enrolled(fleet, tmp_path
     finally:
         for b in brokers:
             b.stop()
+
+
+def test_broker_config_for_an_operators_broker(tmp_path: Path) -> None:
+    """`kestrel-hub broker-config --out DIR`: a Mosquitto started on DIR/mosquitto.conf lets an enrolled
+    device in and refuses a client without a certificate."""
+    from tests.helpers.broker import free_port
+
+    data = tmp_path / "hub"
+    cfg = write_config(tmp_path / "hub.toml", data, "broker.example", 8883)  # the hub uses an external broker
+    d = enrol_cli(cfg, "cam-op", tmp_path / "ids", "--group", "g1", "--mqtt", "127.0.0.1:8883")
+    port = free_port()
+    out = tmp_path / "operator"
+    r = subprocess.run([sys.executable, "-m", "hub", "broker-config", "--config", str(cfg), "--out", str(out),
+                        "--port", str(port), "--bind", "127.0.0.1"], cwd=str(REPO), capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert 'cert_file = "' in r.stdout and "hub.crt" in r.stdout  # how the hub connects to it
+    for name in ("broker.key", "passwd", "acl"):
+        assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o600
+    conf = out / "mosquitto.conf"
+    extra = [f"log_dest file {out / 'mosquitto.log'}"] + (["user root"] if os.geteuid() == 0 else [])
+    conf.write_text(conf.read_text() + "\n".join(extra) + "\n")
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        from hub.broker import port_open
+
+        wait_for(lambda: port_open("127.0.0.1", port) or proc.poll() is not None, 10, what="mosquitto listening")
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert Client(port, **device_tls(d)).connect()
+        assert not Client(port, ca=str(d["ca.crt"])).connect()
+        sec = data / "security"
+        hub = {"ca": str(sec / "ca-bundle.crt"), "cert": str(sec / "hub.crt"), "key": str(sec / "hub.key")}
+        assert Client(port, **hub).connect()
+    finally:
+        proc.terminate()
+        proc.wait(10)
