@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 from hub.errors import ArtifactError, NotFound
 from hub.registry import Registry
@@ -28,7 +28,12 @@ from proto import kestrel_pb2, topics
 log = logging.getLogger(__name__)
 
 PublishRetained = Callable[[str, bytes], None]
-Sign = Callable[[str, kestrel_pb2.DesiredState], kestrel_pb2.DesiredState]
+
+
+class Signer(Protocol):
+    def sign(self, topic: str, msg: kestrel_pb2.DesiredState) -> kestrel_pb2.DesiredState: ...
+
+    def published(self, topic: str, msg: kestrel_pb2.DesiredState) -> None: ...
 
 
 class FleetRequestError(ArtifactError):
@@ -66,15 +71,16 @@ class FleetService:
 
     def __init__(self, store: Store, registry: Registry, publish_retained: PublishRetained,
                  grpc_target: str = "", clock: Callable[[], float] = time.time,
-                 sign: Optional[Sign] = None) -> None:
-        """``sign(topic, desired)``: the fleet key's signature (hub.security.fleetkey.FleetSigner.sign),
-        applied to every announcement; None only in tests of the unsigned past."""
+                 signer: Optional[Signer] = None) -> None:
+        """``signer``: the fleet key (hub.security.fleetkey.FleetSigner): every announcement is signed
+        (``sign(topic, desired)``) and, once the broker took it, recorded (``published``); None only in
+        tests of the unsigned past."""
         self.store = store
         self.registry = registry
         self.publish_retained = publish_retained
         self.grpc_target = grpc_target
         self._clock = clock
-        self._sign = sign
+        self._signer = signer
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -141,11 +147,13 @@ class FleetService:
         (a retry is clean); if the publish fails, the previous record is put back, so the store never
         shows an announcement the broker did not take, and the caller's error says so."""
         restore = self._saved_record(device_id, group)
-        if self._sign is not None:
-            self._sign(topic, desired)
+        if self._signer is not None:
+            self._signer.sign(topic, desired)
         self._record(device_id, group, desired)
         try:
             self.publish_retained(topic, desired.SerializeToString())
+            if self._signer is not None:
+                self._signer.published(topic, desired)
         except BaseException:
             try:
                 restore()

@@ -127,7 +127,7 @@ class HubServer:
         cfg = self.cfg
         self.registry = Registry(self.store, cfg.registry, cfg.data_dir)
         self.fleet = FleetService(self.store, self.registry, self.publish_retained,
-                                  grpc_target=cfg.grpc.advertise, sign=self.security.signer.sign)
+                                  grpc_target=cfg.grpc.advertise, signer=self.security.signer)
         server, port = make_server(self.registry, self.fleet, cfg.grpc.bind, cfg.grpc.port, cfg.grpc.max_workers)
         server.start()
         self.grpc_server, self.grpc_port = server, port

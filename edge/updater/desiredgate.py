@@ -75,7 +75,7 @@ class DesiredGate:
         self._on_refused = on_refused
         self._once = OncePerKind(log)
         self.refused: Dict[str, int] = {}
-        if self.require and not self.keys:
+        if self.require and not self.keys and update.enabled:
             log.warning("no [update] fleet_keys configured: every desired-state message will be refused "
                         "(copy the hub's fleet.pub to the device and name it in fleet_keys)")
 

@@ -246,7 +246,9 @@ def advertised(cfg: HubConfig, mqtt: Optional[Tuple[str, int]] = None, hub_grpc:
         mqtt_host, mqtt_port = host, int(port_text)
     elif not cfg.mqtt.embedded:
         mqtt_host, mqtt_port = cfg.mqtt.host, cfg.mqtt.port or 8883
-    elif not mqtt_port:
+    elif s.embedded_bind not in ("127.0.0.1", "localhost", "::1"):
+        mqtt_host = s.broker_names[0]  # devices on the network: the first name the certificate carries
+    if mqtt is None and not s.advertise_mqtt and cfg.mqtt.embedded and not mqtt_port:
         try:
             mqtt_port = int(json.loads((cfg.data_dir / "broker" / "broker.json").read_text())["port"])
         except (OSError, ValueError, KeyError, TypeError) as exc:

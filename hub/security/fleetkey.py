@@ -80,15 +80,17 @@ class FleetSigner:
             return seq
 
     def sign(self, topic: str, msg: Any) -> Any:
-        """Sign ``msg`` (a DesiredState, in place) for ``topic`` with a fresh sequence and expiry, and
-        remember it as the last message signed for that topic (the renewer re-signs only that one)."""
-        desired.sign(topic, msg, self.key, sequence=self.next_sequence(),
-                     expires_ms=int(time.time() * 1000) + self.ttl_ms)
+        """Sign ``msg`` (a DesiredState, in place) for ``topic`` with a fresh sequence and expiry."""
+        return desired.sign(topic, msg, self.key, sequence=self.next_sequence(),
+                            expires_ms=int(time.time() * 1000) + self.ttl_ms)
+
+    def published(self, topic: str, msg: Any) -> None:
+        """``msg`` is now the retained message on ``topic`` (the broker acknowledged it): the last
+        message of ours there, the only one the renewer will sign again."""
         with self._lock:
             signed = self._signed()
             signed[topic] = desired.digest(topic, msg)
             atomic.write_json(self._signed_path, signed)
-        return msg
 
     def last_signed(self, topic: str) -> str:
         """The digest (proto.desired.digest) of the last message signed for ``topic`` ("" = none)."""

@@ -154,6 +154,9 @@ class Renewer:
                 info.wait_for_publish(PUBLISH_TIMEOUT_S)
             except (RuntimeError, ValueError) as exc:
                 raise TransportError(f"renewer: cannot publish {topic}: {exc}") from exc
+            if not info.is_published():
+                raise TransportError(f"renewer: the broker did not acknowledge {topic}")
+            self.signer.published(topic, fresh)
             with self._lock:
                 self._latest[topic] = fresh
             n += 1

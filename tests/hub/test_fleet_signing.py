@@ -15,6 +15,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from hub.broker import BrokerTarget
+from hub.errors import TransportError
 from hub.fleet import FleetService
 from hub.registry import Registry, RegistryConfig
 from hub.security.fleetkey import FLEET_KEY, FleetSigner
@@ -43,7 +44,7 @@ def test_deploy_and_rollback_are_signed_for_their_topic(tmp_path: Path, models_d
     store = open_store(data / "hub.db")
     try:
         reg = Registry(store, RegistryConfig(), data)
-        fleet = FleetService(store, reg, lambda t, p: published.append((t, p)), sign=signer.sign)
+        fleet = FleetService(store, reg, lambda t, p: published.append((t, p)), signer=signer)
         bundle = make_bundle(models_dir / "brightness_int8.tflite", keys, version=3)
         reg.push([kestrel_pb2.PushChunk(data=bundle, total_size=len(bundle),
                                         sha256=hashlib.sha256(bundle).hexdigest())])
@@ -51,6 +52,15 @@ def test_deploy_and_rollback_are_signed_for_their_topic(tmp_path: Path, models_d
         store.upsert_device("cam-1", reported_model="brightness", reported_version=3, previous_version=2)
         fleet.rollback(device_id="cam-1")
         fleet.rollback(group="lobby")
+        last = signer.last_signed(topics.group_desired("lobby"))
+
+        def broker_down(topic: str, payload: bytes) -> None:
+            raise TransportError("broker down (test)")
+
+        with pytest.raises(TransportError):
+            FleetService(store, reg, broker_down, signer=signer).deploy("brightness", 3, group="lobby")
+        # what was not published is not our last word: the retained rollback is still the one renewed
+        assert signer.last_signed(topics.group_desired("lobby")) == last
     finally:
         store.close()
     trusted = load_public_keys(data / "security" / "fleet.pub")
@@ -100,10 +110,18 @@ def _order(version: int) -> kestrel_pb2.DesiredState:
 def test_the_renewer_re_signs_only_the_hubs_own_last_message(renewer_rig: Dict[str, Any]) -> None:
     signer, renewer, publish, now = (renewer_rig[k] for k in ("signer", "renewer", "publish", "now"))
     ours, replayed, forged = _topic(), _topic(), _topic("devices")
-    old_order = signer.sign(replayed, _order(1)).SerializeToString()
-    signer.sign(replayed, _order(2))  # the hub's last word on `replayed` (published, then...)
+
+    def announce(topic: str, msg: kestrel_pb2.DesiredState) -> bytes:
+        """What FleetService does: sign, publish retained, record it as our last word on the topic."""
+        signer.sign(topic, msg)
+        publish(topic, msg.SerializeToString())
+        signer.published(topic, msg)
+        return msg.SerializeToString()
+
+    old_order = announce(replayed, _order(1))
+    announce(replayed, _order(2))  # the hub's last word on `replayed`; then...
     publish(replayed, old_order)  # ...an attacker puts the older message of ours back as the retained one
-    publish(ours, signer.sign(ours, _order(5)).SerializeToString())
+    announce(ours, _order(5))
     publish(forged, signed(forged, _order(9), make_keypair(renewer_rig["tmp"], "intruder")))
     wait_for(lambda: len(renewer._latest) >= 3, 10, what="the renewer saw the three retained messages")
     original = renewer._latest[ours]
@@ -126,7 +144,9 @@ def test_the_renewer_re_signs_only_the_hubs_own_last_message(renewer_rig: Dict[s
 def test_a_fleet_key_rotation_re_signs_the_retained_orders_with_the_new_key(renewer_rig: Dict[str, Any]) -> None:
     signer, renewer, publish = (renewer_rig[k] for k in ("signer", "renewer", "publish"))
     topic = _topic()
-    publish(topic, signer.sign(topic, _order(4)).SerializeToString())
+    msg = signer.sign(topic, _order(4))
+    publish(topic, msg.SerializeToString())
+    signer.published(topic, msg)
     wait_for(lambda: topic in renewer._latest, 10, what="the renewer saw it")
     old_id = signer.key_id
     new_dir = renewer_rig["tmp"] / "new"
