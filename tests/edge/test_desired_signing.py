@@ -212,19 +212,18 @@ def test_the_real_daemon_ignores_and_counts_forged_replayed_and_expired_desired_
         two_days_ago = int((time.time() - 2 * 86400) * 1000)  # beyond the default clock slack (1 day)
         publish(dtopic, signed(dtopic, deploy(9), fleet, sequence=1001, expires_ms=two_days_ago))
         wait_for(lambda: refused(desired.EXPIRED), 15, what="the expired order refused")
-        counts = _metrics(port)
-        assert {k: v for k, v in counts.items() if v} == {desired.UNSIGNED: 1, desired.UNTRUSTED_KEY: 1,
-                                                          desired.REPLAYED: 1, desired.EXPIRED: 1}
+        # (a reconnect on a loaded machine redelivers the retained ones: counted again, hence >= 1)
+        expected = {desired.UNSIGNED, desired.UNTRUSTED_KEY, desired.REPLAYED, desired.EXPIRED}
+        assert {k for k, v in _metrics(port).items() if v} == expected
 
         def telemetry_counts() -> Dict[str, int]:
             for p in reversed(col.payloads("/telemetry")):
                 t = kestrel_pb2.Telemetry.FromString(p)
-                if len(t.desired_refused) == 4:
+                if set(t.desired_refused) == expected:
                     return dict(t.desired_refused)
             return {}
 
-        assert wait_for(telemetry_counts, 15, what="telemetry with the refusals") == \
-            {desired.UNSIGNED: 1, desired.UNTRUSTED_KEY: 1, desired.REPLAYED: 1, desired.EXPIRED: 1}
+        assert all(n >= 1 for n in wait_for(telemetry_counts, 15, what="telemetry with the refusals").values())
         assert json.loads(state_file.read_text())["target_version"] == 7  # none of them was acted on
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
