@@ -170,11 +170,12 @@ class Security:
         old = mosquitto.read_passwords(passwd)
         keep = {d for d, _ in devices}
         lines = {u: v for u, v in old.items() if u in keep}  # a revoked device's password goes
-        hub_line = old.get(ident.username)
-        if hub_line is None or self._new_hub_password:
-            hub_line = mosquitto.hash_password(ident.username, ident.password)
-            self._new_hub_password = False
-        lines[ident.username] = hub_line
+        if self.s.mqtt_auth != "certificate" or self.s.plain_port:  # the hub logs in with its password
+            hub_line = old.get(ident.username)
+            if hub_line is None or self._new_hub_password:
+                hub_line = mosquitto.hash_password(ident.username, ident.password)
+                self._new_hub_password = False
+            lines[ident.username] = hub_line
         mosquitto.write_passwords(passwd, lines)
         return self.listener_files()
 
