@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
                                     keyfile=str(at / "broker.key"), crlfile=str(at / "crl.pem"),
                                     aclfile=str(at / "acl"), passwdfile=str(at / "passwd"))
     lines: List[str] = mosquitto.conf_lines(files, args.port, args.bind, cfg.security.mqtt_auth)
-    lines += ["", "# what the hub's ingest needs (docs/hub.md, Scale-out)", "persistence true",
+    lines += ["", "# what the hub's ingest needs (docs/hub.md, Scale-out); set persistence_location to the broker's",
+              "# data directory (e.g. /var/lib/mosquitto/), else mosquitto.db goes to its working directory",
+              "persistence true",
               "max_inflight_messages 1000", "max_queued_messages 100000", "persistent_client_expiration 7d"]
     atomic.write_text(out / "mosquitto.conf", "\n".join(lines) + "\n")
     password = cfg.security.mqtt_auth != "certificate"

@@ -454,7 +454,8 @@ def test_broker_config_for_an_operators_broker(tmp_path: Path) -> None:
     conf = out / "mosquitto.conf"
     extra = [f"log_dest file {out / 'mosquitto.log'}"] + (["user root"] if os.geteuid() == 0 else [])
     conf.write_text(conf.read_text() + "\n".join(extra) + "\n")
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            cwd=str(out))  # its mosquitto.db (persistence) lands there, not in the checkout
     try:
         from hub.broker import port_open
 
