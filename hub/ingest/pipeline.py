@@ -45,9 +45,9 @@ import paho.mqtt.client as mqtt
 from hub.broker import BrokerTarget
 from hub.config import MqttSection
 from hub.errors import ConfigError, PayloadRejected, StoreError, StoreUnavailable
+from hub.ingest import mqttsock
 from hub.ingest.deadletter import DeadLetters
 from hub.ingest.parse import DEAD_LETTER_REASONS, REASONS, DeviceUpdate, parse_device_message, validate_frame
-from hub.ingest import mqttsock
 from hub.store.base import FrameRecord, Store
 from proto import topics
 
