@@ -289,8 +289,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     (out / MARKER).write_text(json.dumps({"started": time.time()}) + "\n")
     nar = Narrator()
     print(f"Kestrel demo in {out} (logs: trainer.log, hub.log, edge.log)")
+    from trainer.quiet import quiet_native
+
     try:
-        figures = run(out, nar)
+        with quiet_native():  # the demo's own in-process inference (camera accuracy): no LiteRT start-up lines
+            figures = run(out, nar)
     except KeyboardInterrupt:
         print("\ndemo interrupted; everything it started has been stopped", file=sys.stderr)
         return 130

@@ -204,7 +204,8 @@ def threshold_line(ev: Dict[str, Any], configured: Optional[float]) -> str:
     from trainer.threshold import resolve
 
     r = resolve(ev["threshold"], configured)
-    caught = (f"{r['caught']} of {r['n_errors']} held-out errors ({r['caught_share']:.0%})" if r["n_errors"]
+    caught = (f"{r['caught']} of {r['n_errors']} held-out errors ({r['caught_share']:.0%}; about "
+              f"{r['expected']['caught_share']:.0%} expected on new frames)" if r["n_errors"]
               else "no held-out errors to catch")
     why = {"data": f"chosen to catch {r['target']:.0%} of the errors with the fewest frames",
            "config": "[gate] default_threshold (wins over the data's choice)",

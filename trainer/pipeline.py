@@ -309,7 +309,8 @@ def bundle_metrics(ev: Dict[str, Any], cv: Dict[str, Any], model_bytes: int, cho
         "ece_float": ((ev.get("calibration") or {}).get("float") or {}).get("ece"),
         "sampling": {"threshold": chosen["threshold"], "source": chosen["source"],
                      "errors_to_catch": chosen["target"], "sent_share": chosen["sent_share"],
-                     "caught_share": chosen["caught_share"], "n_errors": chosen["n_errors"]},
+                     "caught_share": chosen["caught_share"], "n_errors": chosen["n_errors"],
+                     "expected_caught_share": chosen["expected"]["caught_share"]},
     }
     if len(ev["class_names"]) <= MAX_CONFUSION_CLASSES:
         metrics["class_names"] = list(ev["class_names"])

@@ -233,6 +233,7 @@ def _calibration_section(ev: Dict[str, Any], pngs: Dict[str, bytes]) -> List[str
             "claims (the diagonal). The expected calibration error (ECE) is the average gap, weighted by the "
             "images per bin: the confidence threshold below is only as meaningful as this is small.</p>",
             h.table(rows, ["model", "ECE", "mean top score", "accuracy"], numeric=(1, 2, 3)),
+            f"<p>{h.esc(h.calibration_verdict(cal['int8']))}</p>" if "int8" in cal else "",
             h.chart(pngs["calibration"], "reliability diagram of the int8 and float models")]
 
 
@@ -250,8 +251,12 @@ def _threshold_section(figs: Dict[str, Any], pngs: Dict[str, bytes]) -> List[str
                                 "to choose from"}[b["source"]]
     per1000 = 1000 * b["sent_share"]
     lo, hi = (b["sent_ci"] or (0.0, 0.0))
-    caught = (f"{b['caught']} of its {b['n_errors']} errors ({h.pct(b['caught_share'], 0)}, 95 %: "
-              f"{h.interval(b['caught_ci'])})" if b["n_errors"] else "none of its errors (it made none)")
+    ex = b["expected"]
+    caught = (f"{b['caught']} of its {b['n_errors']} errors ({h.pct(b['caught_share'], 0)}). On new frames expect "
+              f"about {h.pct(ex['caught_share'], 0)} of the errors caught (95 %: {h.interval(ex['caught_ci'])})"
+              + ("; the held-out figure is optimistic because the threshold was placed just above the errors it "
+                 "needed, while this estimate chooses it without each error in turn (leave-one-out)"
+                 if b["source"] == "data" else "") if b["n_errors"] else "none of its errors (it made none)")
     parts = ["<h2>Sampling threshold</h2>",
              f"<div class='verdict info'>The bundle's default confidence threshold is <b>{b['threshold']:.2f}</b>, "
              f"{h.esc(source)}.</div>",
@@ -267,16 +272,19 @@ def _threshold_section(figs: Dict[str, Any], pngs: Dict[str, bytes]) -> List[str
     for rule, r in t["rules"].items():  # (figures() put them in the device's order)
         ch = r["chosen"]
         if ch is None:
-            rows.append([rule, "-", "-", "-"])
+            rows.append([rule, "-", "-", "-", "-"])
         else:
+            ex = ch.get("expected") or {}
             rows.append([rule, f"{ch['threshold']:.2f}" + ("" if ch["target_met"] else " (target not met)"),
                          f"{h.pct(ch['sent_share'])} ({h.interval(ch['sent_ci'])})",
-                         f"{h.pct(ch['caught_share'])} ({h.interval(ch['caught_ci'])})"])
+                         f"{h.pct(ch['caught_share'])} ({ch['caught']} of {t['n_errors']})",
+                         f"{h.pct(ex.get('caught_share'))} ({h.interval(ex.get('caught_ci'))})"])
     parts += [f"<p>Each of the device's rules at the setting that catches {t['target']:.0%} of the errors with "
               "the fewest frames (confidence: sent when the top score is below it; margin: when top-1 minus "
               "top-2 is below it; entropy: when the normalized entropy is above it). Only the confidence "
               "threshold travels in the bundle; the others are device settings ([sampler]).</p>",
-              h.table(rows, ["rule", "threshold", "frames sent (95 %)", "errors caught (95 %)"])]
+              h.table(rows, ["rule", "threshold", "frames sent (95 %)", "errors caught on held-out",
+                             "errors caught on new frames, expected (95 %)"])]
     return parts
 
 

@@ -81,6 +81,22 @@ def gate_verdict(g: Dict[str, Any]) -> str:
     return f"{rel} {accs}; {allowed}, so {outcome}."
 
 
+def calibration_verdict(r: Dict[str, Any], loose: float = 0.05) -> str:
+    """What the int8 model's calibration means for a confidence threshold, in one sentence."""
+    ece, conf, acc = r.get("ece"), r.get("mean_confidence"), r.get("accuracy")
+    if ece is None or conf is None or acc is None:
+        return "No held-out images: nothing to say about calibration."
+    claim = f"the int8 model is right {100 * acc:.0f} % of the time while its top score averages {100 * conf:.0f} %"
+    if ece <= loose:
+        return f"Well calibrated (ECE {ece:.3f}): {claim}; its confidence can be read as a probability."
+    if acc > conf:
+        return (f"Underconfident (ECE {ece:.3f}): {claim}. Its scores understate it, so a threshold that "
+                "sounds low already sends the frames it is really unsure of; read the threshold through the "
+                "sweep below, not as a probability.")
+    return (f"Overconfident (ECE {ece:.3f}): {claim}. Some of its mistakes come with high scores that no "
+            "low threshold catches; the sweep below shows how high the threshold must go.")
+
+
 def _luminance(rgb: Sequence[float]) -> float:
     return 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]
 

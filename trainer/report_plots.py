@@ -108,7 +108,7 @@ def threshold_chart(points: List[Dict[str, Any]], n: int, n_errors: int, target:
     """Left: share of held-out frames sent and of errors caught against the confidence threshold, the target
     share and the bundle's threshold marked. Right: errors caught against frames sent for each rule."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     ax = axes[0]
     ts = [p["threshold"] for p in points]
     ax.plot(ts, [p["sent"] / n for p in points], color=SENT_COLOR, label="frames sent (uplink volume)")
@@ -127,7 +127,7 @@ def threshold_chart(points: List[Dict[str, Any]], n: int, n_errors: int, target:
     ax.set_ylabel(f"share of the {n} held-out frames / {n_errors} errors", fontsize=8)
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False)
     ax.set_title("confidence rule")
     ax = axes[1]
     for rule, r in rules.items():
@@ -141,7 +141,7 @@ def threshold_chart(points: List[Dict[str, Any]], n: int, n_errors: int, target:
             ax.plot([ch["sent"] / n], [ch["caught"] / n_errors], "o", color=RULE_COLORS[rule])
     if n_errors:
         ax.axhline(target, color=CAUGHT_COLOR, ls=":", lw=1)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=3, frameon=False)
     else:
         ax.text(0.5, 0.5, "no errors on held-out:\nnothing to catch", ha="center", va="center")
     ax.set_xlabel("share of frames sent")

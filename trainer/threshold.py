@@ -7,7 +7,9 @@ the device's own functions (edge.inference.uncertainty, re-exported by edge.infe
 sweep counts as sent is one the device's sampler would send.
 
 The choice: the candidate that sends at least ``errors_to_catch`` of the held-out errors with the fewest
-frames. The sent and caught counts both grow as a rule gets more eager (confidence and margin: higher
+frames. Its held-out caught share is optimistic (the threshold was placed just above the errors it needed),
+so each choice also carries a leave-one-out estimate of the share it catches on new frames
+(:func:`expected_caught`). The sent and caught counts both grow as a rule gets more eager (confidence and margin: higher
 threshold; entropy: lower), so that is the least eager candidate that reaches the share. The confidence
 rule's choice becomes the bundle's ``default_threshold`` unless the trainer config sets one (the
 config wins; :func:`resolve`). No errors on held-out: nothing to choose from, the device's built-in
@@ -85,6 +87,26 @@ def choose(points: List[Dict[str, Any]], n_errors: int, rule: str, target: float
     return dict(first, target_met=False)
 
 
+def expected_caught(values: np.ndarray, errors: np.ndarray, rule: str, target: float) -> Optional[Dict[str, Any]]:
+    """The share of errors the data's choice catches on *new* frames, estimated by leave-one-out: for each
+    held-out error, choose the threshold from the other errors alone (same rule: :func:`choose`, the device
+    default when none is left) and see whether it catches the one left out.
+
+    The held-out caught share at the chosen threshold is optimistic: the threshold sits just above the last
+    error it needed. Leaving each error out of its own choice removes that bias (None without errors)."""
+    v_err = np.asarray(values, dtype=np.float64)[np.asarray(errors, dtype=bool)]
+    n_err = int(v_err.size)
+    if n_err == 0:
+        return None
+    hits = 0
+    for i in range(n_err):
+        rest = np.delete(v_err, i)
+        ch = choose(sweep(rest, np.ones(rest.size, dtype=bool), rule), int(rest.size), rule, target)
+        t = ch["threshold"] if ch is not None else (DEFAULT_CONFIDENCE_THRESHOLD if rule == "confidence" else None)
+        hits += int(t is not None and bool(FIRES[rule](float(v_err[i]), t)))
+    return {"caught": hits, "n_errors": n_err, "caught_share": hits / n_err, "caught_ci": wilson(hits, n_err)}
+
+
 def analyse(scores: np.ndarray, labels: np.ndarray, target: float) -> Dict[str, Any]:
     """The whole sweep for evaluate.json: per rule the curve and the choice; the per-frame values (so a
     configured threshold can be placed on the curve later); warnings."""
@@ -98,7 +120,8 @@ def analyse(scores: np.ndarray, labels: np.ndarray, target: float) -> Dict[str, 
         pts = sweep(np.array(values[rule]), errors, rule)
         ch = choose(pts, n_err, rule, target)
         if ch is not None:
-            ch = dict(point(np.array(values[rule]), errors, rule, ch["threshold"]), target_met=ch["target_met"])
+            ch = dict(point(np.array(values[rule]), errors, rule, ch["threshold"]), target_met=ch["target_met"],
+                      expected=expected_caught(np.array(values[rule]), errors, rule, target))
         rules[rule] = {"points": pts, "chosen": ch}
     warnings: List[str] = []
     conf = rules["confidence"]["chosen"]
@@ -112,7 +135,7 @@ def analyse(scores: np.ndarray, labels: np.ndarray, target: float) -> Dict[str, 
                             f"confidently wrong on some): the best, {conf['threshold']:.2f}, sends "
                             f"{conf['caught']} of {n_err}")
         if n_err < FEW_ERRORS:
-            lo, hi = conf["caught_ci"]
+            lo, hi = conf["expected"]["caught_ci"]
             warnings.append(f"the sampling threshold rests on only {n_err} held-out error"
                             f"{'s' if n_err != 1 else ''}: the share of errors it catches on new frames is "
                             f"somewhere in {lo:.0%}..{hi:.0%} (95 %); more held-out data makes it firmer")
@@ -132,5 +155,11 @@ def resolve(sweep_result: Dict[str, Any], configured: Optional[float]) -> Dict[s
         value, source = DEFAULT_CONFIDENCE_THRESHOLD, "device default"
     frames = sweep_result["frames"]
     at = point(np.array(frames["confidence"]), np.array(frames["error"]), "confidence", value)
+    # what to expect on new frames: the leave-one-out estimate for the data's choice (chosen on these very
+    # errors); a configured or default threshold was not, so its held-out share is already fair
+    expected = (sweep_result["rules"]["confidence"]["chosen"] or {}).get("expected") if source == "data" else None
+    if expected is None:
+        expected = {"caught": at["caught"], "n_errors": sweep_result["n_errors"],
+                    "caught_share": at["caught_share"], "caught_ci": at["caught_ci"]}
     return dict(at, source=source, target=sweep_result["target"], n=sweep_result["n"],
-                n_errors=sweep_result["n_errors"])
+                n_errors=sweep_result["n_errors"], expected=expected)

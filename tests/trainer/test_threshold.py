@@ -71,14 +71,30 @@ def test_choice_is_the_fewest_frames_that_catch_the_share(target, rule, threshol
     assert lo < sent / 10 < hi
 
 
+@pytest.mark.parametrize("target, caught", [
+    # 80 %: the choice needs all four errors (0.86). Left out in turn, each is caught by the threshold the
+    # other three give, except frame 2 (0.85): without it the choice is 0.61. So 3 of 4 on new frames.
+    (0.8, 3),
+    # 50 %: two of four (0.51). Without frame 6 or 8 the choice rises to 0.61 and catches it; without frame 2
+    # or 4 it stays 0.51 and misses them: 2 of 4.
+    (0.5, 2),
+])
+def test_expected_share_on_new_frames_is_leave_one_out(target, caught):  # noqa: ANN001
+    ch = analyse(SCORES, LABELS, target=target)["rules"]["confidence"]["chosen"]
+    assert ch["expected"]["caught"] == caught and ch["expected"]["n_errors"] == 4
+    assert ch["expected"]["caught_share"] <= ch["caught_share"]       # the held-out figure is the optimistic one
+
+
 def test_the_confidence_choice_becomes_the_default_and_a_configured_threshold_wins():
     res = analyse(SCORES, LABELS, target=0.8)
     assert res["chosen"] == 0.86
     data = resolve(res, None)
     assert (data["source"], data["threshold"], data["sent"], data["caught"]) == ("data", 0.86, 7, 4)
+    assert data["expected"]["caught"] == 3                            # leave-one-out, for the data's choice
     cfg = resolve(res, 0.5)          # [gate] default_threshold set: it wins, and is placed on the same curve
     assert (cfg["source"], cfg["threshold"], cfg["sent"], cfg["caught"]) == ("config", 0.5, 2, 1)
     assert cfg["caught_share"] == 0.25
+    assert cfg["expected"]["caught"] == 1          # not chosen on these errors: the held-out figure is fair
     # thresholds off the 0.01 grid are measured exactly, not rounded to a candidate
     assert point(np.array(res["frames"]["confidence"]), np.array(res["frames"]["error"]), "confidence",
                  0.855)["sent"] == 7

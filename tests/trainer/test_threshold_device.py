@@ -15,11 +15,11 @@ it); and it sends the share of frames and catches the share of errors the report
 
 Tolerance of the prediction: the report's shares are estimates from n held-out images (and e held-out
 errors); the camera's from N frames (E errors). If the camera shows the same kind of images, the two
-shares differ only by sampling, with standard error sqrt(p (1 - p) (1/n + 1/N)), p the pooled share. The
+shares differ only by sampling, with standard error sqrt(p (1 - p) (1/n + 1/N)), p the pooled share (for the
+errors caught the report's prediction is its leave-one-out estimate for new frames, from the e errors). The
 test allows three of them (a chance failure about 3 times in 1000 runs): with 90 held-out images that is
-about +-10 points on the frames sent, much wider on the errors caught (a few held-out errors; and the
-threshold was chosen on those very errors, so new ones are caught somewhat less often), which is what the
-report's own 95 % intervals already tell a reader. A device that ignored the bundle's threshold is caught by
+about +-10 points on the frames sent, much wider on the errors caught (a handful of held-out errors), which
+is what the report's own 95 % intervals already tell a reader. A device that ignored the bundle's threshold is caught by
 the exact check above, not by this tolerance. It holds because the trainer's digits are a random choice: with
 the first 30 of each class (few writers) the held-out split is easier than the camera's other writers and
 the report under-predicts the uplink (docs/demo.md).
@@ -47,6 +47,7 @@ from tests.trainer.conftest import CLASSES, DATA_SEED, PER_CLASS, REPO
 
 pytestmark = pytest.mark.slow
 DEVICE = "cam-threshold"
+ARTIFACTS = REPO / "test-artifacts"   # the measured figures are kept there (gitignored)
 SE_ALLOWED = 3.0      # standard errors of the difference allowed between predicted and measured shares
 
 
@@ -177,8 +178,16 @@ def test_on_the_demos_data_the_device_sends_and_catches_what_the_report_predicte
         f"{measured_sent:.3f} ({int(sent.sum())}/{n_cam}); allowed +-{tol:.3f}")
     n_err = int(wrong.sum())
     assert n_err > 0 and p["n_errors"] > 0, "no errors to catch: the camera or the held-out set is too easy"
+    # the report's prediction for new frames: leave-one-out over the held-out errors (the held-out share itself
+    # is optimistic: the threshold was placed just above the errors it needed)
+    ex = p["expected"]
     measured_caught = caught / n_err
-    tol = _tolerance(p["caught"], p["n_errors"], caught, n_err)
-    assert abs(measured_caught - p["caught_share"]) <= tol, (
-        f"report predicted {p['caught_share']:.3f} of errors caught ({p['caught']}/{p['n_errors']}), the device "
-        f"caught {measured_caught:.3f} ({caught}/{n_err}); allowed +-{tol:.3f}")
+    tol = _tolerance(ex["caught"], ex["n_errors"], caught, n_err)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "threshold-on-the-demo-camera.json").write_text(json.dumps({
+        "threshold": r.manifest.default_threshold, "predicted": p,
+        "camera": {"frames": n_cam, "sent": int(sent.sum()), "sent_share": measured_sent, "errors": n_err,
+                   "caught": caught, "caught_share": measured_caught}}, indent=1))
+    assert abs(measured_caught - ex["caught_share"]) <= tol, (
+        f"report predicted {ex['caught_share']:.3f} of errors caught on new frames ({ex['caught']}/"
+        f"{ex['n_errors']}), the device caught {measured_caught:.3f} ({caught}/{n_err}); allowed +-{tol:.3f}")
