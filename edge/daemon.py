@@ -11,7 +11,8 @@ still spooled). A capture failure ends the run with exit code 1 (systemd restart
 
 The sampler's confidence threshold follows the running model: unless ``[sampler]
 confidence_threshold`` is set, every model swap (boot, update, rollback) applies the bundle's
-``default_threshold`` (0.6 for a bare .tflite).
+``default_threshold`` (0.6 for a bare .tflite). The threshold in force goes out in every Status
+(``confidence_threshold``), so the hub's fleet view shows which one each device runs.
 
 The model to start on is chosen in edge.boot; the config checks behind ``--check-config`` are in
 edge.configcheck.
@@ -86,7 +87,8 @@ class Daemon:
     def status(self, state: str) -> Any:
         model = self.holder.get()
         msg = kestrel_pb2.Status(device_id=self.device_id, state=state, time_ms=now_ms(),
-                                 group=self.cfg.device.group, software_version=__version__)
+                                 group=self.cfg.device.group, software_version=__version__,
+                                 confidence_threshold=self.sampler.confidence_threshold)
         if model is not None:
             msg.model.CopyFrom(model.ref)
         try:

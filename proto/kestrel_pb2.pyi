@@ -122,7 +122,7 @@ class VersionManifest(_message.Message):
     def __init__(self, installed: _Optional[_Union[ModelRef, _Mapping]] = ..., previous: _Optional[_Union[ModelRef, _Mapping]] = ..., update_state: _Optional[str] = ..., reason: _Optional[str] = ..., target_version: _Optional[int] = ..., updated_ms: _Optional[int] = ..., version_floor: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("device_id", "state", "time_ms", "model", "versions", "group", "software_version")
+    __slots__ = ("device_id", "state", "time_ms", "model", "versions", "group", "software_version", "confidence_threshold")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class Status(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     state: str
     time_ms: int
@@ -137,7 +138,8 @@ class Status(_message.Message):
     versions: VersionManifest
     group: str
     software_version: str
-    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[str] = ..., time_ms: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., versions: _Optional[_Union[VersionManifest, _Mapping]] = ..., group: _Optional[str] = ..., software_version: _Optional[str] = ...) -> None: ...
+    confidence_threshold: float
+    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[str] = ..., time_ms: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., versions: _Optional[_Union[VersionManifest, _Mapping]] = ..., group: _Optional[str] = ..., software_version: _Optional[str] = ..., confidence_threshold: _Optional[float] = ...) -> None: ...
 
 class DesiredState(_message.Message):
     __slots__ = ("model_name", "version", "sha256", "size", "issued_ms", "rollback", "grpc_target", "rollback_from_version")
@@ -232,7 +234,7 @@ class FetchChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("device_id", "group", "state", "last_seen_ms", "reported", "versions", "desired_version", "desired_model")
+    __slots__ = ("device_id", "group", "state", "last_seen_ms", "reported", "versions", "desired_version", "desired_model", "threshold")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +243,7 @@ class Device(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     DESIRED_VERSION_FIELD_NUMBER: _ClassVar[int]
     DESIRED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     group: str
     state: str
@@ -249,7 +252,8 @@ class Device(_message.Message):
     versions: VersionManifest
     desired_version: int
     desired_model: str
-    def __init__(self, device_id: _Optional[str] = ..., group: _Optional[str] = ..., state: _Optional[str] = ..., last_seen_ms: _Optional[int] = ..., reported: _Optional[_Union[ModelRef, _Mapping]] = ..., versions: _Optional[_Union[VersionManifest, _Mapping]] = ..., desired_version: _Optional[int] = ..., desired_model: _Optional[str] = ...) -> None: ...
+    threshold: float
+    def __init__(self, device_id: _Optional[str] = ..., group: _Optional[str] = ..., state: _Optional[str] = ..., last_seen_ms: _Optional[int] = ..., reported: _Optional[_Union[ModelRef, _Mapping]] = ..., versions: _Optional[_Union[VersionManifest, _Mapping]] = ..., desired_version: _Optional[int] = ..., desired_model: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
 
 class ListDevicesRequest(_message.Message):
     __slots__ = ("group",)

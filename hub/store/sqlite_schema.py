@@ -8,6 +8,7 @@ import dataclasses
 import sqlite3
 
 from hub.store.base import FrameRecord
+from hub.store.sqlite_migrate import migrate
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -69,3 +70,4 @@ def create_schema(c: sqlite3.Connection) -> None:
     for col, kind in zip(SEGMENT_COLUMNS + ["image_sha256"], ("TEXT", "INTEGER", "INTEGER", "TEXT")):
         if col not in have:  # a database of an older hub: its rows keep their images as BLOBs
             c.execute(f"ALTER TABLE frames ADD COLUMN {col} {kind}")
+    migrate(c)
