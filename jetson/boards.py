@@ -24,6 +24,7 @@ class Board:
     systemd: int                 # the rootfs's systemd: LoadCredential= needs 247
     flash: List[str]             # NVIDIA's flash command, run in Linux_for_Tegra
     sd_image: List[str]          # NVIDIA's SD card image command; {out} is the image path
+    arch: str = "aarch64"        # the machine (tests resolve a local wheelhouse with x86_64)
 
     @property
     def abi(self) -> str:
@@ -34,7 +35,7 @@ class Board:
         """pip --platform tags a wheel for this board may carry: manylinux2014 and every
         manylinux_2_17 .. manylinux_2_<glibc minor> (pip does not widen a given --platform itself)."""
         major, minor = self.glibc
-        return ["manylinux2014_aarch64"] + [f"manylinux_{major}_{m}_aarch64" for m in range(17, minor + 1)]
+        return [f"manylinux2014_{self.arch}"] + [f"manylinux_{major}_{m}_{self.arch}" for m in range(17, minor + 1)]
 
     @property
     def load_credential(self) -> bool:

@@ -7,6 +7,9 @@ wheel --no-deps .``) and a pip new enough for manylinux_2_x tags (the device's v
 ``--without-pip`` and gets this one). A pure-Python dependency published only as an sdist (sdnotify) is
 built into a ``py3-none-any`` wheel on the host first; nothing platform-specific is ever built here.
 
+Every project the constraints file pins is asked for by name too (pip reads environment markers with the
+host's interpreter, so ``tomli; python_version < "3.11"`` would be missed for a Python 3.8 device).
+
 ``resolve()`` runs the same resolution as ``pip install --dry-run --target`` and reports what the board
 would get, without downloading the wheels themselves (the tests and ``python -m jetson wheelhouse
 --dry-run``).
@@ -69,18 +72,82 @@ def platform_args(board: Board) -> List[str]:
     return args
 
 
+def pinned(board: Board) -> List[str]:
+    """The projects the board's constraints file pins (the device's whole dependency closure)."""
+    lines = (JETSON / board.constraints).read_text().splitlines()
+    return [ln.split("==")[0].strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
 def requirement_args(board: Board, find_links: Path) -> List[str]:
+    """Kestrel with the board's extras, pip, and every pinned project by name: pip evaluates environment
+    markers (``tomli; python_version < "3.11"``) with the interpreter it runs on, not with --python-version,
+    so a dependency the device needs only because of its older Python would otherwise be left out."""
     return ["--find-links", str(find_links), "-c", str(JETSON / board.constraints), requirement(board),
-            board.pip_pin, *SDIST_ONLY]
+            board.pip_pin, *pinned(board)]
+
+
+def target_environment(board: Board) -> Dict[str, str]:
+    """PEP 508 marker values of the device (what its own pip would evaluate markers with)."""
+    return {"python_version": board.python_version, "python_full_version": board.python_version + ".0",
+            "platform_machine": board.arch, "platform_system": "Linux", "sys_platform": "linux", "os_name": "posix",
+            "implementation_name": "cpython", "platform_python_implementation": "CPython",
+            "implementation_version": board.python_version + ".0", "platform_release": "", "platform_version": ""}
+
+
+def missing_dependencies(board: Board, items: List[dict]) -> List[str]:
+    """Requirements of the resolved wheels that hold on the device but were not resolved (pip judged their
+    markers by the host's Python): what a fixed point over the resolution adds."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    env = target_environment(board)
+    have = {canonicalize_name(i["metadata"]["name"]) for i in items}
+    missing = []
+    for item in items:
+        extras = [""] + list(item.get("requested_extras") or [])
+        for text in item["metadata"].get("requires_dist") or []:
+            req = Requirement(text)
+            if req.marker is not None and not any(req.marker.evaluate(dict(env, extra=e)) for e in extras):
+                continue
+            if canonicalize_name(req.name) not in have:
+                req.marker = None
+                missing.append(str(req))
+    return sorted(set(missing))
+
+
+def _report(board: Board, scratch: Path, links: Path, extra: List[str]) -> List[dict]:
+    report = scratch / "report.json"
+    _pip(["install", "-q", "--dry-run", "--ignore-installed", "--target", str(scratch / "target"),
+          "--report", str(report), *platform_args(board), *requirement_args(board, links), *extra],
+         f"resolving the wheels for {board.name} (Python {board.python_version}, {board.arch}, "
+         f"glibc {board.glibc[0]}.{board.glibc[1]})")
+    items: List[dict] = json.loads(report.read_text())["install"]
+    return items
+
+
+def closure(board: Board, scratch: Path, links: Path) -> Tuple[List[dict], List[str]]:
+    """The resolution with every dependency the device needs (markers read as the device reads them):
+    (report items, the requirements added to the pinned ones)."""
+    added: List[str] = []
+    for _round in range(6):
+        items = _report(board, scratch, links, added)
+        more = missing_dependencies(board, items)
+        if not more:
+            return items, added
+        added += more
+    raise ToolFailed(f"the dependencies for {board.name} do not settle: still missing {more}")
 
 
 def build(board: Board, out: Path) -> List[Path]:
     """Download every wheel the board needs into ``out`` (ToolFailed, exit 3, when the registry is out of
     reach or a wheel does not exist for the board)."""
+    import tempfile
+
     local_wheels(out)
-    _pip(["download", "-q", "-d", str(out), *platform_args(board), *requirement_args(board, out)],
-         f"resolving the wheels for {board.name} (Python {board.python_version}, aarch64, "
-         f"glibc {board.glibc[0]}.{board.glibc[1]})")
+    with tempfile.TemporaryDirectory() as tmp:
+        _items, added = closure(board, Path(tmp), out)
+    _pip(["download", "-q", "-d", str(out), *platform_args(board), *requirement_args(board, out), *added],
+         f"downloading the wheels for {board.name}")
     (out / "constraints.txt").write_text((JETSON / board.constraints).read_text())
     return sorted(out.glob("*.whl"))
 
@@ -90,12 +157,9 @@ def resolve(board: Board, scratch: Path) -> Dict[str, Tuple[str, str]]:
     resolution (pip reads the wheels' metadata only)."""
     wheels = scratch / "local-wheels"
     local_wheels(wheels)
-    report = scratch / "report.json"
-    _pip(["install", "-q", "--dry-run", "--ignore-installed", "--target", str(scratch / "target"),
-          "--report", str(report), *platform_args(board), *requirement_args(board, wheels)],
-         f"resolving the wheels for {board.name}")
+    items, _added = closure(board, scratch, wheels)
     out: Dict[str, Tuple[str, str]] = {}
-    for item in json.loads(report.read_text())["install"]:
+    for item in items:
         name = item["metadata"]["name"].lower().replace("_", "-")
         out[name] = (item["metadata"]["version"], item["download_info"]["url"].rsplit("/", 1)[-1])
     return out

@@ -17,8 +17,7 @@ import pytest
 
 from edge import config
 from edge.telemetry.watchdog import PING_FRACTION
-from jetson import boards, overlay
-from jetson.identity import read_identity
+from jetson import overlay
 from jetson.wheelhouse import local_wheels
 from tests.helpers import jetson as jh
 from tests.helpers.bundles import make_keypair, write_bundle
@@ -128,14 +127,7 @@ def verify_units(root: Path) -> subprocess.CompletedProcess:
 
 
 def write_overlay(root: Path, board: str, inputs: Dict[str, Path], wheelhouse: Path) -> List[overlay.Entry]:
-    (root / "etc").mkdir(parents=True, exist_ok=True)
-    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (root / "etc/group").write_text("root:x:0:\nvideo:x:44:\n")
-    items = overlay.entries(boards.board(board), read_identity(str(inputs["identity"])), [inputs["trust"]],
-                            inputs["bundle"], wheelhouse, "kestrel[edge]==0.1.0")
-    overlay.create_user(root)
-    overlay.write_tree(items, root)
-    return items
+    return jh.write_overlay(root, board, inputs["identity"], inputs["trust"], inputs["bundle"], wheelhouse)
 
 
 @pytest.mark.parametrize("board", ["jetson-nano", "jetson-orin-nano"])

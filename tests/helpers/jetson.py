@@ -130,3 +130,21 @@ def tree(root: Path) -> Dict[str, Tuple[int, int, int, int, int]]:
             st = p.lstat()
             out[str(p.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns)
     return out
+
+
+def write_overlay(root: Path, board: object, identity: Path, trust: Path, bundle: Optional[Path],
+                  wheelhouse: Path, requirement: str = "kestrel[edge]==0.1.0") -> list:
+    """The overlay written into ``root`` as `make flash-image` writes it into NVIDIA's rootfs (a minimal
+    passwd/group stands in for the sample rootfs's); returns the entries."""
+    from jetson import boards, overlay
+    from jetson.identity import read_identity
+
+    b = boards.board(board) if isinstance(board, str) else board
+    (root / "etc").mkdir(parents=True, exist_ok=True)
+    if not (root / "etc/passwd").exists():
+        (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        (root / "etc/group").write_text("root:x:0:\nvideo:x:44:\n")
+    items = overlay.entries(b, read_identity(str(identity)), [trust], bundle, wheelhouse, requirement)  # type: ignore[arg-type]
+    overlay.create_user(root)
+    overlay.write_tree(items, root)
+    return items
