@@ -92,20 +92,44 @@ class Runner:
 
 
 def add_python(rootfs: Path, board: Board, run: Runner) -> None:
-    """Install the board's Python into the rootfs with apt in a chroot (JetPack 4.6's lacks python3.8)."""
+    """Install the board's Python into the rootfs with apt in a chroot (JetPack 4.6's lacks python3.8).
+    The host's resolv.conf and qemu-aarch64-static are there only for the apt run: the rootfs's own
+    resolv.conf (a link to systemd-resolved's stub) is put back and the emulator removed afterwards."""
     package = Path(board.python).name  # python3.8
+    qemu_dest = rootfs / "usr/bin/qemu-aarch64-static"
+    copy_qemu = None
     if platform.machine() not in ("aarch64", "arm64"):
-        qemu = shutil.which("qemu-aarch64-static")
-        if qemu is None:
+        copy_qemu = shutil.which("qemu-aarch64-static")
+        if copy_qemu is None:
             raise ImageInputError(f"the sample rootfs has no {board.python}; to add it the wrapper runs apt in the "
                                   "aarch64 rootfs, which needs qemu-user-static on this host: "
                                   "sudo apt-get install qemu-user-static")
-        run(["cp", qemu, str(rootfs / "usr/bin/qemu-aarch64-static")], rootfs)
-    run(["cp", "--remove-destination", "/etc/resolv.conf", str(rootfs / "etc/resolv.conf")], rootfs)
-    run(["chroot", str(rootfs), "apt-get", "update"], rootfs)
-    run(["chroot", str(rootfs), "apt-get", "install", "-y", "--no-install-recommends", package], rootfs,
-        env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
-    if not run.dry_run and not (rootfs / board.python.lstrip("/")).exists():
+    print(f"+ {package} into {rootfs} with apt in a chroot (the host's resolv.conf and qemu for the run only)",
+          flush=True)
+    if run.dry_run:
+        return
+    resolv = rootfs / "etc/resolv.conf"
+    link = os.readlink(resolv) if resolv.is_symlink() else None
+    saved = resolv.read_bytes() if link is None and resolv.exists() else None
+    had_qemu = qemu_dest.exists()
+    try:
+        if resolv.is_symlink() or resolv.exists():
+            resolv.unlink()
+        shutil.copyfile("/etc/resolv.conf", resolv)
+        if copy_qemu is not None and not had_qemu:
+            shutil.copy2(copy_qemu, qemu_dest)
+        run(["chroot", str(rootfs), "apt-get", "update"], rootfs)
+        run(["chroot", str(rootfs), "apt-get", "install", "-y", "--no-install-recommends", package], rootfs,
+            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    finally:
+        resolv.unlink()
+        if link is not None:
+            os.symlink(link, resolv)
+        elif saved is not None:
+            resolv.write_bytes(saved)
+        if copy_qemu is not None and not had_qemu and qemu_dest.exists():
+            qemu_dest.unlink()
+    if not (rootfs / board.python.lstrip("/")).exists():
         raise ToolFailed(f"apt in the rootfs did not install {board.python}")
 
 

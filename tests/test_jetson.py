@@ -305,13 +305,17 @@ def test_flash_adds_python38_to_a_stock_jetpack46_rootfs(tmp_path: Path, inputs,
     bin_dir = tmp_path / "bin"
     jh.fake_tool(bin_dir, "qemu-aarch64-static", log)
     rootfs = l4t / "rootfs"
+    os.symlink("../run/systemd/resolve/stub-resolv.conf", rootfs / "etc/resolv.conf")  # as Ubuntu's rootfs has
     jh.fake_tool(bin_dir, "chroot", log, extra=f'[ "$6" = python3.8 ] && touch {rootfs}/usr/bin/python3.8; exit 0')
     r = jetson_cli(*flash_args(l4t, inputs, wheelhouse), env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert r.returncode == 0, r.stderr[-3000:]
     got = [c.split(" cwd=")[0] for c in jh.calls(log)]
     assert got[:3] == ["apply_binaries.sh", f"chroot [{rootfs}] [apt-get] [update]",
                        f"chroot [{rootfs}] [apt-get] [install] [-y] [--no-install-recommends] [python3.8]"]
-    assert (rootfs / "usr/bin/qemu-aarch64-static").exists() and got[-1].startswith("flash.sh")
+    assert got[-1].startswith("flash.sh") and (rootfs / "usr/bin/python3.8").exists()
+    # what apt needed is gone again: the device resolves names through its own systemd-resolved
+    assert os.readlink(rootfs / "etc/resolv.conf") == "../run/systemd/resolve/stub-resolv.conf"
+    assert not (rootfs / "usr/bin/qemu-aarch64-static").exists()
 
 
 @pytest.mark.parametrize("case, message", [
