@@ -70,7 +70,7 @@ class Frame(_message.Message):
     def __init__(self, frame_id: _Optional[str] = ..., device_id: _Optional[str] = ..., capture_time_ms: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., reasons: _Optional[_Iterable[_Union[SampleReason, str]]] = ..., top_k: _Optional[_Iterable[_Union[TopScore, _Mapping]]] = ..., image: _Optional[bytes] = ..., image_format: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., source: _Optional[str] = ..., sequence: _Optional[int] = ..., image_bytes: _Optional[int] = ...) -> None: ...
 
 class Telemetry(_message.Message):
-    __slots__ = ("device_id", "time_ms", "fps", "latency_p50_ms", "latency_p95_ms", "queue_depth", "spool_bytes", "spool_frames", "spool_evictions", "model", "uptime_s", "frames_processed", "frames_sampled", "frames_dropped", "frames_corrupt")
+    __slots__ = ("device_id", "time_ms", "fps", "latency_p50_ms", "latency_p95_ms", "queue_depth", "spool_bytes", "spool_frames", "spool_evictions", "model", "uptime_s", "frames_processed", "frames_sampled", "frames_dropped", "frames_corrupt", "jetson")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class Telemetry(_message.Message):
     FRAMES_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    JETSON_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     time_ms: int
     fps: float
@@ -101,7 +102,48 @@ class Telemetry(_message.Message):
     frames_sampled: int
     frames_dropped: int
     frames_corrupt: int
-    def __init__(self, device_id: _Optional[str] = ..., time_ms: _Optional[int] = ..., fps: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., spool_frames: _Optional[int] = ..., spool_evictions: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., uptime_s: _Optional[float] = ..., frames_processed: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., frames_corrupt: _Optional[int] = ...) -> None: ...
+    jetson: JetsonStats
+    def __init__(self, device_id: _Optional[str] = ..., time_ms: _Optional[int] = ..., fps: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., spool_frames: _Optional[int] = ..., spool_evictions: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., uptime_s: _Optional[float] = ..., frames_processed: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., frames_corrupt: _Optional[int] = ..., jetson: _Optional[_Union[JetsonStats, _Mapping]] = ...) -> None: ...
+
+class JetsonStats(_message.Message):
+    __slots__ = ("time_ms", "cpu_load_pct", "cpu_core_load_pct", "gpu_load_pct", "gpu_freq_mhz", "emc_load_pct", "emc_freq_mhz", "ram_used_mb", "ram_total_mb", "temperature_c", "power_mw")
+    class TemperatureCEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class PowerMwEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    CPU_LOAD_PCT_FIELD_NUMBER: _ClassVar[int]
+    CPU_CORE_LOAD_PCT_FIELD_NUMBER: _ClassVar[int]
+    GPU_LOAD_PCT_FIELD_NUMBER: _ClassVar[int]
+    GPU_FREQ_MHZ_FIELD_NUMBER: _ClassVar[int]
+    EMC_LOAD_PCT_FIELD_NUMBER: _ClassVar[int]
+    EMC_FREQ_MHZ_FIELD_NUMBER: _ClassVar[int]
+    RAM_USED_MB_FIELD_NUMBER: _ClassVar[int]
+    RAM_TOTAL_MB_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
+    POWER_MW_FIELD_NUMBER: _ClassVar[int]
+    time_ms: int
+    cpu_load_pct: float
+    cpu_core_load_pct: _containers.RepeatedScalarFieldContainer[float]
+    gpu_load_pct: float
+    gpu_freq_mhz: int
+    emc_load_pct: float
+    emc_freq_mhz: int
+    ram_used_mb: int
+    ram_total_mb: int
+    temperature_c: _containers.ScalarMap[str, float]
+    power_mw: _containers.ScalarMap[str, int]
+    def __init__(self, time_ms: _Optional[int] = ..., cpu_load_pct: _Optional[float] = ..., cpu_core_load_pct: _Optional[_Iterable[float]] = ..., gpu_load_pct: _Optional[float] = ..., gpu_freq_mhz: _Optional[int] = ..., emc_load_pct: _Optional[float] = ..., emc_freq_mhz: _Optional[int] = ..., ram_used_mb: _Optional[int] = ..., ram_total_mb: _Optional[int] = ..., temperature_c: _Optional[_Mapping[str, float]] = ..., power_mw: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class VersionManifest(_message.Message):
     __slots__ = ("installed", "previous", "update_state", "reason", "target_version", "updated_ms", "version_floor")
