@@ -28,6 +28,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar
 
+from demo.edgeconf import identity_settings, toml_doc, unpack_identity
+
 REPO = Path(__file__).resolve().parents[1]
 DEVICE_ID = "cam-1"
 GROUP = "demo"
@@ -146,24 +148,6 @@ def http_json(url: str, timeout: float = 5.0) -> tuple:
             return exc.code, None
     except (OSError, ValueError):
         return 0, None
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))  # a TOML basic string is a JSON string for what we write
-
-
-def toml_doc(sections: Mapping[str, Mapping[str, Any]]) -> str:
-    out: List[str] = []
-    for name, fields in sections.items():
-        out.append(f"[{name}]")
-        out.extend(f"{k} = {toml_value(v)}" for k, v in fields.items())
-    return "\n".join(out) + "\n"
 
 
 class Loop:
@@ -317,35 +301,16 @@ class Loop:
     # ---- the device's identity ----
     def enrol(self) -> Dict[str, Any]:
         """`kestrel-hub devices add DEVICE --group GROUP`: its identity bundle, unpacked into the
-        credentials directory (secrets 0600) the edge daemon gets as $CREDENTIALS_DIRECTORY; returns the
+        credentials directory the edge daemon gets as $CREDENTIALS_DIRECTORY (demo.identity); returns the
         bundle's edge.toml snippet with the credential paths made relative (looked up there)."""
-        import tarfile
-
-        from proto.tomlconf import tomllib
-
         bundles = self.work / "identity"
         run_tool([sys.executable, "-m", "hub", "devices", "add", self.device_id, "--group", self.group,
                   "--config", str(self.work / "hub.toml"), "--out", str(bundles)], self.tools_log)
-        self.credentials.mkdir(mode=0o700, exist_ok=True)
-        with tarfile.open(bundles / f"{self.device_id}.identity.tar") as tar:
-            for member in tar.getmembers():
-                fh = tar.extractfile(member)
-                if fh is None or "/" in member.name:
-                    raise LoopError(f"unexpected member {member.name!r} in the identity bundle")
-                path = self.credentials / member.name
-                path.write_bytes(fh.read())
-                path.chmod(0o600 if member.mode & 0o077 == 0 else 0o644)  # secrets stay private
-        prefix = "/etc/kestrel/credentials/"
-        snippet = tomllib.loads((self.credentials / "edge.toml").read_text())
-        for section in snippet.values():
-            for key, value in list(section.items()):
-                if isinstance(value, str) and value.startswith(prefix):
-                    section[key] = value[len(prefix):]
-                elif isinstance(value, list):
-                    section[key] = [v[len(prefix):] if isinstance(v, str) and v.startswith(prefix) else v
-                                    for v in value]
-        self.identity = snippet
-        return snippet
+        try:
+            self.identity = unpack_identity(bundles / f"{self.device_id}.identity.tar", self.credentials)
+        except ValueError as exc:
+            raise LoopError(str(exc)) from exc
+        return self.identity
 
     # ---- edge ----
     def edge_sections(self) -> Dict[str, Dict[str, Any]]:
@@ -353,16 +318,11 @@ class Loop:
         :meth:`enrol` when the hub's broker speaks TLS); callers add source and model."""
         if self.hub_info.get("mqtt_tls") and not self.identity:
             self.enrol()
-        mqtt: Dict[str, Any] = {"host": self.hub_info["mqtt_host"], "port": int(self.hub_info["mqtt_port"])}
-        update: Dict[str, Any] = {"trust_dir": str(self.trust_dir), "hub_grpc": self.grpc_target,
-                                  "trial_frames": 20, "trial_seconds": 1.0}
-        if self.identity:
-            mqtt.update(self.identity["mqtt"])
-            update.update({k: v for k, v in self.identity["update"].items() if k in ("fleet_keys",
-                                                                                     "require_signed_desired")})
-        else:  # a hub on its quick-try opt-out ([security] tls = false): the device trusts its fleet key directly
-            update["fleet_keys"] = [str(self.hub_dir / "security" / "fleet.pub")]
-        mqtt.update({"reconnect_min_s": 0.1, "reconnect_max_s": 1.0})
+        id_mqtt, id_update = identity_settings(self.identity, self.hub_dir / "security" / "fleet.pub")
+        mqtt = {"host": self.hub_info["mqtt_host"], "port": int(self.hub_info["mqtt_port"]), **id_mqtt,
+                "reconnect_min_s": 0.1, "reconnect_max_s": 1.0}
+        update = {"trust_dir": str(self.trust_dir), "hub_grpc": self.grpc_target, "trial_frames": 20,
+                  "trial_seconds": 1.0, **id_update}
         return {
             "device": {"id": self.device_id, "group": self.group, "data_dir": str(self.edge_dir)},
             "mqtt": mqtt,

@@ -11,17 +11,23 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import stat
 from pathlib import Path
 from typing import List, Optional, Union
 
 from proto import tomlconf, topics
-from proto.errors import ConfigError
 from proto.modelname import MODEL_NAME_RULE, valid_model_name
 from proto.tomlconf import field
 
 MiB = 1024 * 1024
-CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"  # set by systemd for LoadCredential= / SetCredential=
+GST_PRESETS = ("csi", "usb", "usb-mjpeg", "test")  # expanded by edge.sources.gstreamer.preset_pipeline
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _positive(obj: object, *names: str) -> None:
@@ -62,7 +68,14 @@ class DeviceConfig:
 class SourceConfig:
     kind: str = field("testpattern", doc="file, v4l2, rtsp, gstreamer or testpattern.")
     uri: str = field("", doc="file: a video path; v4l2: an index or /dev/videoN; rtsp: rtsp://...; "
-                             "gstreamer: the pipeline up to (not including) the appsink/fdsink.")
+                             "gstreamer: the pipeline up to (not including) the appsink/fdsink, or with "
+                             "a preset the camera it names (csi: the sensor id, default 0; usb, "
+                             "usb-mjpeg: the device, default /dev/video0).")
+    preset: str = field("", doc="gstreamer: a ready pipeline instead of uri: csi (nvarguscamerasrc -> "
+                                "nvvidconv, a Jetson's CSI camera), usb (v4l2src raw, converted by nvvidconv "
+                                "where it exists), usb-mjpeg (v4l2src MJPEG, decoded by nvv4l2decoder where "
+                                "it exists, else jpegdec) or test (videotestsrc); width, height and fps "
+                                "are asked of the camera. Empty = uri is the pipeline.")
     name: str = field("cam0", doc="Name of this source, carried in every frame message.")
     width: int = field(640, doc="Frame width requested from v4l2/gstreamer/testpattern sources.")
     height: int = field(480, doc="Frame height requested from v4l2/gstreamer/testpattern sources.")
@@ -86,8 +99,14 @@ class SourceConfig:
         kinds = ("file", "v4l2", "rtsp", "gstreamer", "testpattern")
         if self.kind not in kinds:
             raise ValueError(f"kind must be one of {', '.join(kinds)}, not {self.kind!r}")
-        if self.kind in ("file", "rtsp", "gstreamer", "v4l2") and not self.uri:
-            raise ValueError(f"kind={self.kind!r} needs uri")
+        if self.preset and self.kind != "gstreamer":
+            raise ValueError(f"preset is for kind = \"gstreamer\", not {self.kind!r}")
+        if self.preset and self.preset not in GST_PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r} ({', '.join(GST_PRESETS)})")
+        if self.preset == "csi" and self.uri and not self.uri.isdigit():
+            raise ValueError(f"preset csi: uri is the camera's sensor id (0, 1, ...), not {self.uri!r}")
+        if self.kind in ("file", "rtsp", "gstreamer", "v4l2") and not self.uri and not self.preset:
+            raise ValueError(f"kind={self.kind!r} needs uri" + (" or preset" if self.kind == "gstreamer" else ""))
         if self.width <= 0 or self.height <= 0:
             raise ValueError("width and height must be positive")
         if self.reconnect_initial_s <= 0 or self.reconnect_max_s < self.reconnect_initial_s:
@@ -106,7 +125,9 @@ class ModelConfig:
     runtime: str = field("auto", doc="auto, tflite-runtime, ai-edge-litert or tensorflow. auto tries "
                                      "tflite-runtime then ai-edge-litert; tensorflow (tf.lite, a full "
                                      "TensorFlow install) is used only when named here.")
-    threads: int = field(2, doc="Interpreter threads.")
+    threads: int = field(0, doc="Interpreter threads; 0 = the cores this process may use "
+                                "(os.sched_getaffinity: all 4 on a Jetson Nano, fewer under a CPUAffinity= "
+                                "or taskset). Set 1 less than that to leave a core to capture and encoding.")
     color_order: str = field("rgb", doc="Channel order the model expects: rgb or bgr (bundles say it).")
     normalization: str = field("0_1", doc="Float input scaling: 0_1, -1_1 or raw (0..255); "
                                           "quantized inputs use the model's scale/zero point on top.")
@@ -123,10 +144,15 @@ class ModelConfig:
             raise ValueError("normalization must be 0_1, -1_1 or raw")
         if self.resize not in ("stretch", "center_crop"):
             raise ValueError("resize must be stretch or center_crop")
-        if not 1 <= self.threads <= 64:
-            raise ValueError("threads must be 1..64")
+        if not 0 <= self.threads <= 64:
+            raise ValueError("threads must be 0 (the cores this process may use) .. 64")
         if self.top_k < 1:
             raise ValueError("top_k must be >= 1")
+
+    @property
+    def resolved_threads(self) -> int:
+        """``threads``, with 0 resolved to the cores this process may run on."""
+        return self.threads or usable_cores()
 
 
 @dataclasses.dataclass
@@ -256,6 +282,10 @@ class TelemetryConfig:
     interval_s: float = field(10.0, doc="Seconds between telemetry messages (0 = off).")
     metrics_port: int = field(9108, doc="Prometheus /metrics port (0 = off).")
     metrics_bind: str = field("127.0.0.1", doc="Address the /metrics endpoint listens on.")
+    tegrastats: str = field("auto", doc="Jetson readings (CPU and GPU load, temperatures, power rails, EMC) "
+                                        "from NVIDIA's tegrastats, in telemetry and /metrics: auto (when "
+                                        "tegrastats is on PATH), off, or the path of the tegrastats binary.")
+    tegrastats_interval_ms: int = field(1000, doc="tegrastats --interval: milliseconds between readings.")
 
     def validate(self) -> None:
         _not_negative(self, "interval_s")
@@ -263,6 +293,10 @@ class TelemetryConfig:
             raise ValueError(f"metrics_port must be 0..65535 (0 = off), not {self.metrics_port}")
         if self.metrics_port and not self.metrics_bind:
             raise ValueError("metrics_bind must not be empty while metrics_port is set")
+        if not self.tegrastats:
+            raise ValueError("tegrastats must be auto, off or a path")
+        if not 100 <= self.tegrastats_interval_ms <= 60000:
+            raise ValueError(f"tegrastats_interval_ms must be 100..60000, not {self.tegrastats_interval_ms}")
 
 
 @dataclasses.dataclass
@@ -378,40 +412,3 @@ def describe() -> str:
             "fails when this page is stale). Unknown keys are refused by name; `kestrel-edge run\n"
             "--check-config` validates a file and exits.\n"
             + "\n".join(tomlconf.describe(EdgeConfig)) + "\n")
-
-
-def credential_path(path: str) -> str:
-    """A credential file named in the config: a relative name is looked up in $CREDENTIALS_DIRECTORY
-    first (systemd LoadCredential=), then as given. "" stays ""."""
-    if not path:
-        return path
-    creds = os.environ.get(CREDENTIALS_ENV, "")
-    if creds and not os.path.isabs(path):
-        candidate = Path(creds) / path
-        if candidate.exists():
-            return str(candidate)
-    return path
-
-
-def secret_file(path: str) -> str:
-    """credential_path(path), refused (ConfigError) when everyone may read it: a secret is 0600 or 0640."""
-    resolved = credential_path(path)
-    try:
-        mode = os.stat(resolved).st_mode
-    except OSError as exc:
-        raise ConfigError(f"cannot read secret file {resolved}: {exc.strerror}") from exc
-    if mode & stat.S_IROTH:
-        raise ConfigError(f"secret file {resolved} is readable by everyone (mode {stat.S_IMODE(mode):o}): "
-                          f"run `chmod o-rwx {resolved}`")
-    return resolved
-
-
-def read_secret(path: str) -> Optional[str]:
-    """The content of a secret file (stripped) or None when no file is named; see secret_file."""
-    if not path:
-        return None
-    resolved = secret_file(path)
-    try:
-        return Path(resolved).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read secret file {resolved}: {exc.strerror}") from exc

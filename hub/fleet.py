@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
-from hub.errors import ArtifactError, NotFound
+# the fleet's errors are defined in hub.errors, importable from here too
+from hub.errors import FleetRequestError as FleetRequestError
+from hub.errors import NotFound
+from hub.errors import NothingToRollBack as NothingToRollBack
 from hub.registry import Registry
 from hub.store.base import DESIRED_SCOPE_DEVICE, DESIRED_SCOPE_GROUP, DeviceRecord, GroupDesired, Store
 from proto import kestrel_pb2, topics
+from proto.clock import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +37,6 @@ class Signer(Protocol):
     def sign(self, topic: str, msg: kestrel_pb2.DesiredState) -> kestrel_pb2.DesiredState: ...
 
     def published(self, topic: str, msg: kestrel_pb2.DesiredState) -> None: ...
-
-
-class FleetRequestError(ArtifactError):
-    """A deploy/rollback request is malformed (both or neither of device and group, bad id...)."""
-
-
-class NothingToRollBack(FleetRequestError):
-    """A rollback the hub cannot name a version for (devices act only on the version they run):
-    refused instead of announcing a message every device would ignore."""
-
-    kind = "failed_precondition"  # hub.registry.PRECONDITION: the request is fine, the fleet state is not
 
 
 @dataclasses.dataclass
@@ -70,8 +62,7 @@ class FleetService:
     with QoS 1 and retain=True and return only once the broker acknowledged (raise otherwise)."""
 
     def __init__(self, store: Store, registry: Registry, publish_retained: PublishRetained,
-                 grpc_target: str = "", clock: Callable[[], float] = time.time,
-                 signer: Optional[Signer] = None) -> None:
+                 grpc_target: str = "", signer: Optional[Signer] = None) -> None:
         """``signer``: the fleet key (hub.security.fleetkey.FleetSigner): every announcement is signed
         (``sign(topic, desired)``) and, once the broker took it, recorded (``published``); None only in
         tests of the unsigned past."""
@@ -79,11 +70,7 @@ class FleetService:
         self.registry = registry
         self.publish_retained = publish_retained
         self.grpc_target = grpc_target
-        self._clock = clock
         self._signer = signer
-
-    def _now_ms(self) -> int:
-        return int(self._clock() * 1000)
 
     def list_devices(self, group: Optional[str] = None) -> List[DeviceRecord]:
         """Device records with the desired state that applies to each (device-specific wins over the group's)."""
@@ -102,7 +89,7 @@ class FleetService:
             raise FleetRequestError("model_name is required")
         rec = self.registry.get(model_name, version)  # NotFound for unknown versions
         desired = kestrel_pb2.DesiredState(model_name=rec.model_name, version=rec.version,
-                                           sha256=rec.bundle_sha256, size=rec.size, issued_ms=self._now_ms(),
+                                           sha256=rec.bundle_sha256, size=rec.size, issued_ms=now_ms(),
                                            rollback=False, grpc_target=self.grpc_target)
         self._announce(device_id, group, topic, desired)
         log.info("deploy %s v%d -> %s", rec.model_name, rec.version, topic)
@@ -135,7 +122,7 @@ class FleetService:
             if gd is None or gd.version <= 0:
                 raise NothingToRollBack(f"nothing to roll back from: no version was deployed to group {group!r}")
             model_name, version, from_version = gd.model_name, 0, gd.version
-        desired = kestrel_pb2.DesiredState(model_name=model_name, version=version, issued_ms=self._now_ms(),
+        desired = kestrel_pb2.DesiredState(model_name=model_name, version=version, issued_ms=now_ms(),
                                            rollback=True, grpc_target=self.grpc_target,
                                            rollback_from_version=from_version)
         self._announce(device_id, group, topic, desired)
@@ -237,6 +224,6 @@ def device_message(dev: DeviceRecord) -> kestrel_pb2.Device:
                                            sha256=dev.reported_sha256),
             previous=kestrel_pb2.ModelRef(name=dev.reported_model, version=dev.previous_version),
             update_state=dev.update_state, reason=dev.update_reason),
-        desired_version=dev.desired_version, desired_model=dev.desired_model, desired_scope=dev.desired_scope,
-        overrides_group=dev.overrides_group, enrolled_group=dev.enrolled_group, enrolled_ms=dev.enrolled_ms,
-        revoked_ms=dev.revoked_ms)
+        desired_version=dev.desired_version, desired_model=dev.desired_model, threshold=dev.threshold,
+        desired_scope=dev.desired_scope, overrides_group=dev.overrides_group, enrolled_group=dev.enrolled_group,
+        enrolled_ms=dev.enrolled_ms, revoked_ms=dev.revoked_ms)

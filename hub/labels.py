@@ -11,17 +11,14 @@ import re
 import time
 from typing import Callable, Optional
 
-from hub.errors import ArtifactError, NotFound
+from hub.errors import LabelError as LabelError  # defined in hub.errors, importable from here too
+from hub.errors import NotFound
 from hub.store.base import FrameRecord, Store
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Names Windows refuses as file names (a dataset may be copied there).
 _RESERVED = ({"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(1, 10)}
              | {f"lpt{i}" for i in range(1, 10)})
-
-
-class LabelError(ArtifactError):
-    """A label name is not acceptable."""
 
 
 def validate_label(label: str) -> str:

@@ -23,7 +23,7 @@ from hub.broker import BrokerTarget, EmbeddedBroker, resolve
 from hub.config import HubConfig
 from hub.errors import ConfigError, KestrelError, TransportError
 from hub.http import HttpServer
-from hub.ingest.pipeline import Ingest
+from hub.ingest.service import Ingest
 from hub.security.enrol import Security
 from hub.security.refresh import Renewer
 from hub.store.base import Store

@@ -24,7 +24,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from edge.config import UpdateConfig, credential_path
+from edge.config import UpdateConfig
+from edge.credentials import credential_path
 from edge.logonce import OncePerKind
 from proto import desired as signing
 from proto.errors import ConfigError, DesiredRefused, KeyFileError

@@ -39,7 +39,8 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import paho.mqtt.client as paho
 
-from edge.config import MqttConfig, credential_path, read_secret, secret_file
+from edge.config import MqttConfig
+from edge.credentials import credential_path, read_secret, secret_file
 from edge.errors import AuthError, BrokerError
 from edge.logonce import OncePerKind
 from proto.backoff import Backoff

@@ -1,8 +1,8 @@
 """``kestrel-hub devices [list|add|revoke|set-group]``: the fleet's devices and their identities.
 
 * ``devices`` / ``devices list``: every device as the running hub's Fleet service reports it (gRPC):
-  reported and desired versions, whether its own desired state overrides its group's, and its
-  identity (enrolled in which group, revoked);
+  reported and desired versions, whether its own desired state overrides its group's, the confidence
+  threshold it reports in force, and its identity (enrolled in which group, revoked);
 * ``devices add NAME [--group G] [--password] [--out DIR] [--force]``: issue its identity (a client
   certificate of the fleet CA and/or an MQTT password), record it as enrolled, write
   ``NAME.identity.tar`` (docs/security.md), regenerate the broker's ACL and reload it;
@@ -130,10 +130,11 @@ def _list(args: argparse.Namespace) -> int:
             desired += " (device, overrides group)"
         reported = f"{d.reported.name} v{d.reported.version}" if d.reported.name else "-"
         prev = f"v{d.versions.previous.version}" if d.versions.previous.version else "-"
-        rows.append([d.device_id, d.group, d.state, _ms(d.last_seen_ms), desired, reported, prev,
+        threshold = f"{d.threshold:.2f}" if d.threshold else "-"
+        rows.append([d.device_id, d.group, d.state, _ms(d.last_seen_ms), desired, reported, prev, threshold,
                      d.versions.update_state or "-", _identity(d), d.versions.reason or ""])
-    print_table(["DEVICE", "GROUP", "STATE", "LAST SEEN (UTC)", "DESIRED", "REPORTED", "PREVIOUS", "UPDATE",
-                 "IDENTITY", "REASON"], rows)
+    print_table(["DEVICE", "GROUP", "STATE", "LAST SEEN (UTC)", "DESIRED", "REPORTED", "PREVIOUS", "THRESHOLD",
+                 "UPDATE", "IDENTITY", "REASON"], rows)
     if not devs:
         print("(no devices have reported yet)")
     return 0

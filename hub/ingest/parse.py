@@ -12,10 +12,10 @@ from typing import Any, Dict, Optional
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
-from hub.errors import PayloadRejected
+from hub.errors import ImageRejected, PayloadRejected
 from hub.ingest import imagecheck
 from hub.store.base import FrameRecord
-from proto import kestrel_pb2
+from proto import kestrel_pb2, topics
 
 REASONS = ("too_large", "bad_topic", "bad_protobuf", "device_mismatch", "missing_frame_id", "bad_image",
            "unknown_device", "frame_id_conflict", "validation_error", "store_error")
@@ -45,7 +45,7 @@ def validate_frame(topic_device: str, payload: bytes, max_bytes: int, received_m
         raise PayloadRejected("bad_image", "no image")
     try:
         width, height = imagecheck.check_image(msg.image, msg.image_format, image_check)
-    except imagecheck.ImageRejected as exc:
+    except ImageRejected as exc:
         raise PayloadRejected("bad_image", str(exc)) from exc
     return FrameRecord(
         frame_id=msg.frame_id, device_id=msg.device_id, capture_time_ms=int(msg.capture_time_ms),
@@ -79,6 +79,10 @@ def status_fields(msg: kestrel_pb2.Status) -> Dict[str, object]:
     if msg.HasField("versions"):
         out.update(update_state=msg.versions.update_state, update_reason=msg.versions.reason,
                    previous_version=int(msg.versions.previous.version))
+    # Only an online status says what runs now: an offline one may be the last will the device left with
+    # the broker when it connected, before a model swap changed the threshold. Absent: an older device.
+    if msg.HasField("confidence_threshold") and msg.state != topics.STATE_OFFLINE:
+        out["threshold"] = round(float(msg.confidence_threshold), 6)  # float32 on the wire: 0.71, not 0.7099999
     return out
 
 

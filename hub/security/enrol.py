@@ -16,7 +16,6 @@ import os
 import re
 import secrets
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -32,6 +31,7 @@ from hub.security.fleetkey import FleetSigner
 from hub.security.identity import Identity, write_bundle
 from hub.store.base import DeviceRecord, Store
 from proto import atomic, topics
+from proto.clock import now_ms
 
 log = logging.getLogger("hub.security")
 
@@ -48,10 +48,6 @@ def check_name(value: str, what: str) -> str:
     if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise SecurityError(f"invalid {what} {value!r}: {NAME_RULE}")
     return value
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def enrolled(store: Store) -> List[Tuple[str, str]]:

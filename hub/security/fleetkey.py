@@ -28,6 +28,7 @@ from typing import Any, Dict
 
 from hub.errors import SecurityError
 from proto import atomic, desired
+from proto.clock import now_ms
 from proto.errors import KeyFileError
 from proto.keys import SigningKey, generate_keypair, key_id, load_private_key, public_key_text
 
@@ -75,14 +76,14 @@ class FleetSigner:
             except (OSError, ValueError) as exc:
                 raise SecurityError(f"{self._seq_path} is unreadable ({exc}); it must hold the last sequence "
                                     "issued (a number): restore it or write a larger one") from exc
-            seq = max(int(time.time() * 1000), last + 1)
+            seq = max(now_ms(), last + 1)
             atomic.write_text(self._seq_path, f"{seq}\n")
             return seq
 
     def sign(self, topic: str, msg: Any) -> Any:
         """Sign ``msg`` (a DesiredState, in place) for ``topic`` with a fresh sequence and expiry."""
         return desired.sign(topic, msg, self.key, sequence=self.next_sequence(),
-                            expires_ms=int(time.time() * 1000) + self.ttl_ms)
+                            expires_ms=now_ms() + self.ttl_ms)
 
     def published(self, topic: str, msg: Any) -> None:
         """``msg`` is now the retained message on ``topic`` (the broker acknowledged it): the last

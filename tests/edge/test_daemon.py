@@ -256,11 +256,13 @@ def test_bundle_default_threshold_is_followed_across_swaps(tmp_path, models_dir)
         assert daemon.sampler.confidence_threshold == 0.6 and not daemon.sampler.threshold_from_config
         assert daemon.updater.install_bytes(bundle(models_dir, kp, 1, default_threshold=0.3))
         assert daemon.sampler.confidence_threshold == 0.3
+        assert daemon.status("online").confidence_threshold == pytest.approx(0.3)  # reported to the hub
         assert _sampled_mid_frames(daemon) == 0
         assert daemon.stats.model is not None and daemon.stats.model.version == 1  # telemetry follows swaps
         assert daemon.updater.install_bytes(bundle(models_dir, kp, 2, default_threshold=0.9))  # hot swap
         assert daemon.holder.get().ref.version == 2 and daemon.stats.model.version == 2
         assert daemon.sampler.confidence_threshold == 0.9
+        assert daemon.status("online").confidence_threshold == pytest.approx(0.9)
         assert _sampled_mid_frames(daemon) == 6
     finally:
         daemon.updater.stop()
@@ -277,6 +279,7 @@ def test_configured_threshold_wins_over_the_bundle_default(tmp_path, models_dir)
     try:
         assert daemon.updater.install_bytes(bundle(models_dir, kp, 1, default_threshold=0.9))
         assert daemon.sampler.threshold_from_config and daemon.sampler.confidence_threshold == 0.3
+        assert daemon.status("online").confidence_threshold == pytest.approx(0.3)
         assert _sampled_mid_frames(daemon) == 0
     finally:
         daemon.updater.stop()

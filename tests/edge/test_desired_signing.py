@@ -15,7 +15,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from edge import config
+from edge import config, credentials
 from edge.updater.desiredgate import STATE_KEY, DesiredGate
 from edge.updater.state import StateFile
 from proto import desired, kestrel_pb2, topics
@@ -127,17 +127,17 @@ def test_fleet_keys_and_secrets_are_found_in_the_credentials_directory(tmp_path:
     creds = tmp_path / "creds"
     fleet = fleet_keypair(creds)
     rel = str(fleet.pub_path.relative_to(creds))
-    monkeypatch.setenv(config.CREDENTIALS_ENV, str(creds))
+    monkeypatch.setenv(credentials.CREDENTIALS_ENV, str(creds))
     monkeypatch.chdir(tmp_path)
     gate, _ = gate_for(tmp_path, [rel])
     assert fleet.key_id in gate.keys
     (creds / "mqtt-password").write_text("s3cret\n")
     (creds / "mqtt-password").chmod(0o640)
-    assert config.read_secret("mqtt-password") == "s3cret"
-    assert config.credential_path("/abs/elsewhere") == "/abs/elsewhere"  # absolute names are taken as they are
+    assert credentials.read_secret("mqtt-password") == "s3cret"
+    assert credentials.credential_path("/abs/elsewhere") == "/abs/elsewhere"  # absolute names are taken as they are
     (creds / "mqtt-password").chmod(0o644)
     with pytest.raises(ConfigError, match="readable by everyone"):
-        config.read_secret("mqtt-password")
+        credentials.read_secret("mqtt-password")
 
 
 # ---- the real daemon ---------------------------------------------------------------------------
