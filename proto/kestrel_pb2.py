@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/kestrel.proto\x12\nkestrel.v1\"9\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"7\n\x08TopScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\xb5\x02\n\x05\x46rame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61pture_time_ms\x18\x03 \x01(\x03\x12#\n\x05model\x18\x04 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12)\n\x07reasons\x18\x05 \x03(\x0e\x32\x18.kestrel.v1.SampleReason\x12#\n\x05top_k\x18\x06 \x03(\x0b\x32\x14.kestrel.v1.TopScore\x12\r\n\x05image\x18\x07 \x01(\x0c\x12\x14\n\x0cimage_format\x18\x08 \x01(\t\x12\r\n\x05width\x18\t \x01(\r\x12\x0e\n\x06height\x18\n \x01(\r\x12\x0e\n\x06source\x18\x0b \x01(\t\x12\x10\n\x08sequence\x18\x0c \x01(\x04\x12\x13\n\x0bimage_bytes\x18\r \x01(\r\"\xde\x02\n\tTelemetry\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07time_ms\x18\x02 \x01(\x03\x12\x0b\n\x03\x66ps\x18\x03 \x01(\x01\x12\x16\n\x0elatency_p50_ms\x18\x04 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x05 \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\r\x12\x13\n\x0bspool_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cspool_frames\x18\x08 \x01(\x04\x12\x17\n\x0fspool_evictions\x18\t \x01(\x04\x12#\n\x05model\x18\n \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12\x10\n\x08uptime_s\x18\x0b \x01(\x01\x12\x18\n\x10\x66rames_processed\x18\x0c \x01(\x04\x12\x16\n\x0e\x66rames_sampled\x18\r \x01(\x04\x12\x16\n\x0e\x66rames_dropped\x18\x0e \x01(\x04\x12\x16\n\x0e\x66rames_corrupt\x18\x0f \x01(\x04\"\xcb\x01\n\x0fVersionManifest\x12\'\n\tinstalled\x18\x01 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12&\n\x08previous\x18\x02 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12\x14\n\x0cupdate_state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x16\n\x0etarget_version\x18\x05 \x01(\x04\x12\x12\n\nupdated_ms\x18\x06 \x01(\x03\x12\x15\n\rversion_floor\x18\x07 \x01(\x04\"\xb8\x01\n\x06Status\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07time_ms\x18\x03 \x01(\x03\x12#\n\x05model\x18\x04 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12-\n\x08versions\x18\x05 \x01(\x0b\x32\x1b.kestrel.v1.VersionManifest\x12\r\n\x05group\x18\x06 \x01(\t\x12\x18\n\x10software_version\x18\x07 \x01(\t\"\xaa\x01\n\x0c\x44\x65siredState\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x11\n\tissued_ms\x18\x05 \x01(\x03\x12\x10\n\x08rollback\x18\x06 \x01(\x08\x12\x13\n\x0bgrpc_target\x18\x07 \x01(\t\x12\x1d\n\x15rollback_from_version\x18\x08 \x01(\x04\"=\n\tPushChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"V\n\nPushResult\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12\x15\n\rbundle_sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\x92\x01\n\x0cModelVersion\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12\x15\n\rbundle_sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x12\n\ncreated_ms\x18\x04 \x01(\x03\x12\x14\n\x0cmetrics_json\x18\x05 \x01(\t\x12\x0e\n\x06key_id\x18\x06 \x01(\t\"\'\n\x11ListModelsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"@\n\x12ListModelsResponse\x12*\n\x08versions\x18\x01 \x03(\x0b\x32\x18.kestrel.v1.ModelVersion\"W\n\x0c\x46\x65tchRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"N\n\nFetchChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xd6\x01\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x14\n\x0clast_seen_ms\x18\x04 \x01(\x03\x12&\n\x08reported\x18\x05 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12-\n\x08versions\x18\x06 \x01(\x0b\x32\x1b.kestrel.v1.VersionManifest\x12\x17\n\x0f\x64\x65sired_version\x18\x07 \x01(\x04\x12\x15\n\rdesired_model\x18\x08 \x01(\t\"#\n\x12ListDevicesRequest\x12\r\n\x05group\x18\x01 \x01(\t\":\n\x13ListDevicesResponse\x12#\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x12.kestrel.v1.Device\"V\n\rDeployRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\t\"J\n\x0e\x44\x65ployResponse\x12)\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x18.kestrel.v1.DesiredState\x12\r\n\x05topic\x18\x02 \x01(\t\"3\n\x0fRollbackRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\"L\n\x10RollbackResponse\x12)\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x18.kestrel.v1.DesiredState\x12\r\n\x05topic\x18\x02 \x01(\t*n\n\x0cSampleReason\x12\x1d\n\x19SAMPLE_REASON_UNSPECIFIED\x10\x00\x12\x12\n\x0eLOW_CONFIDENCE\x10\x01\x12\x0e\n\nLOW_MARGIN\x10\x02\x12\x10\n\x0cHIGH_ENTROPY\x10\x03\x12\t\n\x05TRIAL\x10\x04\x32\xdc\x01\n\rModelRegistry\x12<\n\tPushModel\x12\x15.kestrel.v1.PushChunk\x1a\x16.kestrel.v1.PushResult(\x01\x12K\n\nListModels\x12\x1d.kestrel.v1.ListModelsRequest\x1a\x1e.kestrel.v1.ListModelsResponse\x12@\n\nFetchModel\x12\x18.kestrel.v1.FetchRequest\x1a\x16.kestrel.v1.FetchChunk0\x01\x32\xdf\x01\n\x05\x46leet\x12N\n\x0bListDevices\x12\x1e.kestrel.v1.ListDevicesRequest\x1a\x1f.kestrel.v1.ListDevicesResponse\x12?\n\x06\x44\x65ploy\x12\x19.kestrel.v1.DeployRequest\x1a\x1a.kestrel.v1.DeployResponse\x12\x45\n\x08Rollback\x12\x1b.kestrel.v1.RollbackRequest\x1a\x1c.kestrel.v1.RollbackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/kestrel.proto\x12\nkestrel.v1\"9\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"7\n\x08TopScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\xb5\x02\n\x05\x46rame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61pture_time_ms\x18\x03 \x01(\x03\x12#\n\x05model\x18\x04 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12)\n\x07reasons\x18\x05 \x03(\x0e\x32\x18.kestrel.v1.SampleReason\x12#\n\x05top_k\x18\x06 \x03(\x0b\x32\x14.kestrel.v1.TopScore\x12\r\n\x05image\x18\x07 \x01(\x0c\x12\x14\n\x0cimage_format\x18\x08 \x01(\t\x12\r\n\x05width\x18\t \x01(\r\x12\x0e\n\x06height\x18\n \x01(\r\x12\x0e\n\x06source\x18\x0b \x01(\t\x12\x10\n\x08sequence\x18\x0c \x01(\x04\x12\x13\n\x0bimage_bytes\x18\r \x01(\r\"\xac\x03\n\tTelemetry\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07time_ms\x18\x02 \x01(\x03\x12\x0b\n\x03\x66ps\x18\x03 \x01(\x01\x12\x16\n\x0elatency_p50_ms\x18\x04 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x05 \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\r\x12\x13\n\x0bspool_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cspool_frames\x18\x08 \x01(\x04\x12\x17\n\x0fspool_evictions\x18\t \x01(\x04\x12#\n\x05model\x18\n \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12\x10\n\x08uptime_s\x18\x0b \x01(\x01\x12\x18\n\x10\x66rames_processed\x18\x0c \x01(\x04\x12\x16\n\x0e\x66rames_sampled\x18\r \x01(\x04\x12\x16\n\x0e\x66rames_dropped\x18\x0e \x01(\x04\x12\x16\n\x0e\x66rames_corrupt\x18\x0f \x01(\x04\x12\x1d\n\x15\x66rames_low_confidence\x18\x10 \x01(\x04\x12\x17\n\x0fscore_histogram\x18\x11 \x03(\x04\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x12 \x01(\x04\"\xcb\x01\n\x0fVersionManifest\x12\'\n\tinstalled\x18\x01 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12&\n\x08previous\x18\x02 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12\x14\n\x0cupdate_state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x16\n\x0etarget_version\x18\x05 \x01(\x04\x12\x12\n\nupdated_ms\x18\x06 \x01(\x03\x12\x15\n\rversion_floor\x18\x07 \x01(\x04\"\xb8\x01\n\x06Status\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07time_ms\x18\x03 \x01(\x03\x12#\n\x05model\x18\x04 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12-\n\x08versions\x18\x05 \x01(\x0b\x32\x1b.kestrel.v1.VersionManifest\x12\r\n\x05group\x18\x06 \x01(\t\x12\x18\n\x10software_version\x18\x07 \x01(\t\"\xaa\x01\n\x0c\x44\x65siredState\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x11\n\tissued_ms\x18\x05 \x01(\x03\x12\x10\n\x08rollback\x18\x06 \x01(\x08\x12\x13\n\x0bgrpc_target\x18\x07 \x01(\t\x12\x1d\n\x15rollback_from_version\x18\x08 \x01(\x04\"=\n\tPushChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"V\n\nPushResult\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12\x15\n\rbundle_sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\x92\x01\n\x0cModelVersion\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12\x15\n\rbundle_sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x12\n\ncreated_ms\x18\x04 \x01(\x03\x12\x14\n\x0cmetrics_json\x18\x05 \x01(\t\x12\x0e\n\x06key_id\x18\x06 \x01(\t\"\'\n\x11ListModelsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"@\n\x12ListModelsResponse\x12*\n\x08versions\x18\x01 \x03(\x0b\x32\x18.kestrel.v1.ModelVersion\"W\n\x0c\x46\x65tchRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"N\n\nFetchChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xd6\x01\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x14\n\x0clast_seen_ms\x18\x04 \x01(\x03\x12&\n\x08reported\x18\x05 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12-\n\x08versions\x18\x06 \x01(\x0b\x32\x1b.kestrel.v1.VersionManifest\x12\x17\n\x0f\x64\x65sired_version\x18\x07 \x01(\x04\x12\x15\n\rdesired_model\x18\x08 \x01(\t\"#\n\x12ListDevicesRequest\x12\r\n\x05group\x18\x01 \x01(\t\":\n\x13ListDevicesResponse\x12#\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x12.kestrel.v1.Device\"V\n\rDeployRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\t\"J\n\x0e\x44\x65ployResponse\x12)\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x18.kestrel.v1.DesiredState\x12\r\n\x05topic\x18\x02 \x01(\t\"3\n\x0fRollbackRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\"L\n\x10RollbackResponse\x12)\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x18.kestrel.v1.DesiredState\x12\r\n\x05topic\x18\x02 \x01(\t*n\n\x0cSampleReason\x12\x1d\n\x19SAMPLE_REASON_UNSPECIFIED\x10\x00\x12\x12\n\x0eLOW_CONFIDENCE\x10\x01\x12\x0e\n\nLOW_MARGIN\x10\x02\x12\x10\n\x0cHIGH_ENTROPY\x10\x03\x12\t\n\x05TRIAL\x10\x04\x32\xdc\x01\n\rModelRegistry\x12<\n\tPushModel\x12\x15.kestrel.v1.PushChunk\x1a\x16.kestrel.v1.PushResult(\x01\x12K\n\nListModels\x12\x1d.kestrel.v1.ListModelsRequest\x1a\x1e.kestrel.v1.ListModelsResponse\x12@\n\nFetchModel\x12\x18.kestrel.v1.FetchRequest\x1a\x16.kestrel.v1.FetchChunk0\x01\x32\xdf\x01\n\x05\x46leet\x12N\n\x0bListDevices\x12\x1e.kestrel.v1.ListDevicesRequest\x1a\x1f.kestrel.v1.ListDevicesResponse\x12?\n\x06\x44\x65ploy\x12\x19.kestrel.v1.DeployRequest\x1a\x1a.kestrel.v1.DeployResponse\x12\x45\n\x08Rollback\x12\x1b.kestrel.v1.RollbackRequest\x1a\x1c.kestrel.v1.RollbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.kestrel_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLEREASON']._serialized_start=2567
-  _globals['_SAMPLEREASON']._serialized_end=2677
+  _globals['_SAMPLEREASON']._serialized_start=2645
+  _globals['_SAMPLEREASON']._serialized_end=2755
   _globals['_MODELREF']._serialized_start=35
   _globals['_MODELREF']._serialized_end=92
   _globals['_TOPSCORE']._serialized_start=94
@@ -40,43 +40,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FRAME']._serialized_start=152
   _globals['_FRAME']._serialized_end=461
   _globals['_TELEMETRY']._serialized_start=464
-  _globals['_TELEMETRY']._serialized_end=814
-  _globals['_VERSIONMANIFEST']._serialized_start=817
-  _globals['_VERSIONMANIFEST']._serialized_end=1020
-  _globals['_STATUS']._serialized_start=1023
-  _globals['_STATUS']._serialized_end=1207
-  _globals['_DESIREDSTATE']._serialized_start=1210
-  _globals['_DESIREDSTATE']._serialized_end=1380
-  _globals['_PUSHCHUNK']._serialized_start=1382
-  _globals['_PUSHCHUNK']._serialized_end=1443
-  _globals['_PUSHRESULT']._serialized_start=1445
-  _globals['_PUSHRESULT']._serialized_end=1531
-  _globals['_MODELVERSION']._serialized_start=1534
-  _globals['_MODELVERSION']._serialized_end=1680
-  _globals['_LISTMODELSREQUEST']._serialized_start=1682
-  _globals['_LISTMODELSREQUEST']._serialized_end=1721
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1723
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1787
-  _globals['_FETCHREQUEST']._serialized_start=1789
-  _globals['_FETCHREQUEST']._serialized_end=1876
-  _globals['_FETCHCHUNK']._serialized_start=1878
-  _globals['_FETCHCHUNK']._serialized_end=1956
-  _globals['_DEVICE']._serialized_start=1959
-  _globals['_DEVICE']._serialized_end=2173
-  _globals['_LISTDEVICESREQUEST']._serialized_start=2175
-  _globals['_LISTDEVICESREQUEST']._serialized_end=2210
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=2212
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=2270
-  _globals['_DEPLOYREQUEST']._serialized_start=2272
-  _globals['_DEPLOYREQUEST']._serialized_end=2358
-  _globals['_DEPLOYRESPONSE']._serialized_start=2360
-  _globals['_DEPLOYRESPONSE']._serialized_end=2434
-  _globals['_ROLLBACKREQUEST']._serialized_start=2436
-  _globals['_ROLLBACKREQUEST']._serialized_end=2487
-  _globals['_ROLLBACKRESPONSE']._serialized_start=2489
-  _globals['_ROLLBACKRESPONSE']._serialized_end=2565
-  _globals['_MODELREGISTRY']._serialized_start=2680
-  _globals['_MODELREGISTRY']._serialized_end=2900
-  _globals['_FLEET']._serialized_start=2903
-  _globals['_FLEET']._serialized_end=3126
+  _globals['_TELEMETRY']._serialized_end=892
+  _globals['_VERSIONMANIFEST']._serialized_start=895
+  _globals['_VERSIONMANIFEST']._serialized_end=1098
+  _globals['_STATUS']._serialized_start=1101
+  _globals['_STATUS']._serialized_end=1285
+  _globals['_DESIREDSTATE']._serialized_start=1288
+  _globals['_DESIREDSTATE']._serialized_end=1458
+  _globals['_PUSHCHUNK']._serialized_start=1460
+  _globals['_PUSHCHUNK']._serialized_end=1521
+  _globals['_PUSHRESULT']._serialized_start=1523
+  _globals['_PUSHRESULT']._serialized_end=1609
+  _globals['_MODELVERSION']._serialized_start=1612
+  _globals['_MODELVERSION']._serialized_end=1758
+  _globals['_LISTMODELSREQUEST']._serialized_start=1760
+  _globals['_LISTMODELSREQUEST']._serialized_end=1799
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1801
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1865
+  _globals['_FETCHREQUEST']._serialized_start=1867
+  _globals['_FETCHREQUEST']._serialized_end=1954
+  _globals['_FETCHCHUNK']._serialized_start=1956
+  _globals['_FETCHCHUNK']._serialized_end=2034
+  _globals['_DEVICE']._serialized_start=2037
+  _globals['_DEVICE']._serialized_end=2251
+  _globals['_LISTDEVICESREQUEST']._serialized_start=2253
+  _globals['_LISTDEVICESREQUEST']._serialized_end=2288
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=2290
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=2348
+  _globals['_DEPLOYREQUEST']._serialized_start=2350
+  _globals['_DEPLOYREQUEST']._serialized_end=2436
+  _globals['_DEPLOYRESPONSE']._serialized_start=2438
+  _globals['_DEPLOYRESPONSE']._serialized_end=2512
+  _globals['_ROLLBACKREQUEST']._serialized_start=2514
+  _globals['_ROLLBACKREQUEST']._serialized_end=2565
+  _globals['_ROLLBACKRESPONSE']._serialized_start=2567
+  _globals['_ROLLBACKRESPONSE']._serialized_end=2643
+  _globals['_MODELREGISTRY']._serialized_start=2758
+  _globals['_MODELREGISTRY']._serialized_end=2978
+  _globals['_FLEET']._serialized_start=2981
+  _globals['_FLEET']._serialized_end=3204
 # @@protoc_insertion_point(module_scope)
