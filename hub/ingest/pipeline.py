@@ -38,17 +38,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import paho.mqtt.client as mqtt
 
 from hub.broker import BrokerTarget
 from hub.config import MqttSection
 from hub.errors import ConfigError, PayloadRejected, StoreError, StoreUnavailable
+from hub.ingest import mqttsock
 from hub.ingest.deadletter import DeadLetters
 from hub.ingest.parse import DEAD_LETTER_REASONS, REASONS, DeviceUpdate, parse_device_message, validate_frame
-from hub.ingest import mqttsock
 from hub.store.base import FrameRecord, Store
+from hub.store.series import SeriesPoint
 from proto import topics
 
 log = logging.getLogger("hub.ingest.pipeline")
@@ -127,12 +128,15 @@ class Ingest:
     """Subscribe, validate, store, then acknowledge. ``start()`` returns at once (connects in background).
 
     ``dead_letter_dir``: where frames the store refuses (or whose id another device owns) are kept
-    before they are acknowledged (HubConfig.dead_letter_dir).
+    before they are acknowledged (HubConfig.dead_letter_dir). ``on_commit(seconds, stored frames)`` is
+    called after every committed batch (hub.metrics.HubMetrics.batch_committed).
     """
 
     def __init__(self, store: Store, target: BrokerTarget, cfg: MqttSection, client_id: str,
-                 dead_letter_dir: Path) -> None:
+                 dead_letter_dir: Path,
+                 on_commit: Optional[Callable[[float, Sequence[FrameRecord]], None]] = None) -> None:
         self.store = store
+        self.on_commit = on_commit
         self.target = target
         self.cfg = cfg
         self.client_id = client_id
@@ -462,6 +466,9 @@ class Ingest:
         t0 = time.monotonic()
         self._registering = set()
         rejected, frames, device_updates, seen, n_tele, n_status = self._classify(batch, validated)
+        refused = {i for i, _ in rejected}
+        points = [v.point for i, v in enumerate(validated)  # the telemetry series (hub/store/series.py)
+                  if isinstance(v, DeviceUpdate) and v.point is not None and i not in refused]
         # one upsert per device and batch: its messages' fields merged in arrival order (the last wins)
         devices: Dict[str, Dict[str, object]] = {}
         for device_id, fields_ in device_updates:
@@ -477,7 +484,7 @@ class Ingest:
         t_now = now_ms()
         flush_seen = bool(self._pending_seen) and (
             bool(devices) or t_now - self._last_seen_flush >= LAST_SEEN_WRITE_INTERVAL_MS)
-        self._write_batch(frames, devices, dict(self._pending_seen) if flush_seen else {}, state, attempt)
+        self._write_batch(frames, devices, dict(self._pending_seen) if flush_seen else {}, state, attempt, points)
         if flush_seen:
             self._pending_seen.clear()
             self._last_seen_flush = t_now
@@ -513,6 +520,8 @@ class Ingest:
             self.stats.commit_ms_last = commit_ms
             self.stats.commit_ms_max = max(self.stats.commit_ms_max, commit_ms)
             self.stats.commit_ms_total += commit_ms
+        if self.on_commit is not None:
+            self.on_commit(commit_ms / 1000.0, [f for i, f in frames if state.outcomes.get(i) == "stored"])
         if commit_ms > SLOW_COMMIT_MS and time.monotonic() - self._slow_log >= REJECT_LOG_INTERVAL_S:
             self._slow_log = time.monotonic()
             log.warning("committing a batch of %d messages took %.0f ms", len(batch), commit_ms)
@@ -552,7 +561,8 @@ class Ingest:
                                 f"stored for device {owner!r}")
 
     def _write_batch(self, frames: List[Tuple[int, FrameRecord]], devices: Dict[str, Dict[str, object]],
-                     seen: Dict[str, int], state: _BatchState, attempt: int) -> None:
+                     seen: Dict[str, int], state: _BatchState, attempt: int,
+                     points: Sequence[SeriesPoint] = ()) -> None:
         """Write the batch in one store call (Store.apply_batch: one transaction in SQLite): the frames not
         stored by an earlier attempt, the merged device updates, the last_seen raises. Records each
         frame's outcome in ``state``.
@@ -562,10 +572,10 @@ class Ingest:
         ``refused`` only when the failure is clearly about that record: another frame of the batch
         went in, or, when all of them failed POISON_ATTEMPTS times, a probe write succeeds."""
         todo = [(i, f) for i, f in frames if i not in state.outcomes]
-        if not todo and not devices and not seen:
+        if not todo and not devices and not seen and not points:
             return
         try:
-            owners = self.store.apply_batch([f for _, f in todo], devices, seen)
+            owners = self.store.apply_batch([f for _, f in todo], devices, seen, points)
         except StoreUnavailable:
             raise
         except StoreError as exc:
@@ -577,7 +587,7 @@ class Ingest:
                 self._outcome(state, i, f, owner)
             return
         if devices or seen:
-            self.store.apply_batch([], devices, seen)  # raises if these are what the store refuses
+            self.store.apply_batch([], devices, seen, points)  # raises if these are what the store refuses
         refused: List[Tuple[int, FrameRecord, StoreError]] = []
         for i, f in todo:
             try:
