@@ -74,12 +74,12 @@ test: setup .venv38/.stamp proto-check test-models
 
 test-py38: .venv38/.stamp test-models
 	@if [ ! -f .venv38/.stamp ]; then echo "device suite on Python 3.8: SKIPPED (no Python 3.8 here)" >&2; exit 0; fi; \
-	.venv38/bin/python -m pytest tests/test_contracts.py tests/test_config_loader.py tests/test_import_direction.py tests/edge -m 'not needs_tf' -p no:cacheprovider $(PYTEST_ARGS)
+	.venv38/bin/python -m pytest tests/test_contracts.py tests/test_config_loader.py tests/test_import_direction.py tests/test_error_tree.py tests/test_module_size.py tests/edge -m 'not needs_tf' -p no:cacheprovider $(PYTEST_ARGS)
 
 check: setup
 	$(VPY) -m ruff check proto edge hub trainer demo tests
 	$(VPY) -m mypy proto edge hub trainer demo
-	$(VPY) -m pytest -q -p no:cacheprovider tests/test_import_direction.py
+	$(VPY) -m pytest -q -p no:cacheprovider tests/test_import_direction.py tests/test_error_tree.py tests/test_module_size.py
 
 demo: setup
 	$(VPY) -m demo --out demo-out

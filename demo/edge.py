@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,8 @@ from typing import Any, List, Optional, Sequence
 
 import cv2
 import numpy as np
+
+from hub.broker import free_port, port_open
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE_ID = "demo-cam"
@@ -52,21 +53,13 @@ def models_dir() -> Path:
     return Path(env) if env else REPO / ".cache" / "test-models"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError("mosquitto exited at start; see its log in the output dir")
-        with socket.socket() as s:
-            s.settimeout(0.2)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if port_open("127.0.0.1", port):
+            return
         time.sleep(0.05)
     raise RuntimeError(f"mosquitto did not open port {port}")
 
@@ -75,7 +68,7 @@ def start_mosquitto(out: Path) -> tuple[subprocess.Popen, int]:
     exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(exe).exists():
         raise RuntimeError("mosquitto is not installed (apt install mosquitto)")
-    port = _free_port()
+    port = free_port()
     conf = out / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
                     f"log_dest file {out / 'mosquitto.log'}\n")

@@ -38,6 +38,7 @@ from edge.pipeline.sampler import Sampler
 from edge.sources import open_source
 from edge.uplink.sink import FrameBuilder, SinkWorker
 from proto import kestrel_pb2
+from proto.clock import now_ms
 from proto.errors import ConfigError
 
 log = logging.getLogger("edge.daemon")
@@ -71,11 +72,11 @@ class Daemon:
         self.hurry = threading.Event()  # a second signal: skip the drain and the flush
         self.signals = 0
         self.stats = Stats()
-        self.publisher = Publisher(cfg, self.device_id, cfg.data_dir / "spool")
+        self.publisher = Publisher(cfg.mqtt, cfg.spool, self.device_id, cfg.device.group, cfg.data_dir / "spool")
         self.sampler = Sampler(cfg.sampler, state_path=cfg.data_dir / RATE_STATE_FILE)
         self.holder: ModelHolder = FollowingHolder(self._on_model_swapped)
-        self.updater = UpdateService(cfg, self.publisher, self.holder, self.stats)
-        self.telemetry = TelemetryService(cfg, self.device_id, self.stats, self.publisher)
+        self.updater = UpdateService.from_config(cfg, self.publisher, self.holder, self.stats)
+        self.telemetry = TelemetryService(cfg.telemetry, self.device_id, self.stats, self.publisher)
         self.builder = FrameBuilder(self.device_id, self.boot_id, cfg.source.name, cfg.model.top_k,
                                     cfg.sampler.jpeg_quality, cfg.sampler.max_image_side,
                                     max_bytes=cfg.mqtt.max_payload_bytes)
@@ -84,7 +85,7 @@ class Daemon:
 
     def status(self, state: str) -> Any:
         model = self.holder.get()
-        msg = kestrel_pb2.Status(device_id=self.device_id, state=state, time_ms=int(time.time() * 1000),
+        msg = kestrel_pb2.Status(device_id=self.device_id, state=state, time_ms=now_ms(),
                                  group=self.cfg.device.group, software_version=__version__)
         if model is not None:
             msg.model.CopyFrom(model.ref)

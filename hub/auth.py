@@ -1,4 +1,4 @@
-"""API tokens and roles: who may read, label, deploy and administer (docs/dashboard.md, ADR 0011).
+"""API tokens and roles: who may read, label, deploy and administer (docs/dashboard.md, ADR 0013).
 
 A token is 32 random bytes (``kst_`` + URL-safe base64), shown once when it is made; the store keeps
 only its sha256 (hub/store/authrecords.py), so several hubs sharing a store share the tokens and a
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, FrozenSet, List, Optional
 
-from hub.errors import ArtifactError, ConfigError
+from hub.errors import AuthError as AuthError  # defined in hub.errors, importable from here too
+from hub.errors import ConfigError
 from hub.store.authrecords import TokenRecord
 from hub.store.base import Store
 from proto import atomic
@@ -45,10 +46,6 @@ TOKEN_BYTES = 32
 ADMIN_TOKEN_FILE = "admin-token"   # in data_dir, 0600: the first admin token of a fresh store
 ADMIN_TOKEN_NAME = "admin"
 NAME_MAX = 64
-
-
-class AuthError(ArtifactError):
-    """A token request is malformed (unknown role, bad name, name taken...)."""
 
 
 @dataclass(frozen=True)

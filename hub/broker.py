@@ -29,6 +29,7 @@ from typing import Optional
 from hub.config import HubConfig
 from hub.errors import ConfigError, TransportError
 from proto import atomic
+from proto.backoff import Backoff
 
 log = logging.getLogger("hub.broker")
 
@@ -164,11 +165,11 @@ class EmbeddedBroker:
         return self.proc is not None and self.proc.poll() is None
 
     def _supervise(self) -> None:
-        backoff = SUPERVISE_INTERVAL_S
+        backoff = Backoff(SUPERVISE_INTERVAL_S, RESTART_BACKOFF_MAX_S, stable_s=SUPERVISE_INTERVAL_S)
         while not self._stop.wait(SUPERVISE_INTERVAL_S):
             with self._lock:
                 if self._stop.is_set() or self.running:
-                    backoff = SUPERVISE_INTERVAL_S
+                    backoff.reset()  # seen running: a later failure waits from the start again
                     continue
                 code = self.proc.returncode if self.proc else None
                 log.warning("embedded mosquitto died (exit %s); restarting on port %d", code, self.port)
@@ -176,9 +177,9 @@ class EmbeddedBroker:
                     self._spawn()
                     self.restarts += 1
                 except (TransportError, OSError) as exc:
-                    log.error("restarting embedded mosquitto failed: %s (next try in %.1fs)", exc, backoff)
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, RESTART_BACKOFF_MAX_S)
+                    wait = backoff.next()
+                    log.error("restarting embedded mosquitto failed: %s (next try in %.1fs)", exc, wait)
+                    self._stop.wait(wait)
 
     def stop(self) -> None:
         self._stop.set()

@@ -109,6 +109,10 @@ class MqttSection:
                                          "GIL); 0 = min(4, CPU count), 1 = in the ingest thread.")
     retry_initial_s: float = field(0.2, doc="First wait before retrying an unreachable store.")
     retry_max_s: float = field(10.0, doc="Longest wait between store retries (exponential backoff).")
+    reconnect_min_s: float = field(0.2, doc="First wait before reconnecting to the broker (exponential "
+                                            "backoff, proto.backoff: it starts here again only after a "
+                                            "connection stayed up 10 s).")
+    reconnect_max_s: float = field(10.0, doc="Longest wait between attempts to reconnect to the broker.")
     embedded_port: int = field(0, doc="Embedded broker: port on 127.0.0.1; 0 = the port of the last run "
                                       "(from <data_dir>/broker/broker.json) when it is free, else a free "
                                       "port (written there).")
@@ -131,6 +135,8 @@ class MqttSection:
             raise ValueError("queue_max_qos0 and embedded_autosave_s must be >= 1")
         if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
             raise ValueError("need 0 < retry_initial_s <= retry_max_s")
+        if self.reconnect_min_s <= 0 or self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("need 0 < reconnect_min_s <= reconnect_max_s")
         if any(c in self.share_group for c in "/+#"):
             raise ValueError(f"share_group {self.share_group!r} must not contain '/', '+' or '#'")
         if self.port and not self.host:

@@ -26,14 +26,15 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from hub.errors import ArtifactError
-from hub.labels import UNUSABLE, LabelError, validate_label
+from hub.errors import ExportError as ExportError  # defined in hub.errors, importable from here too
+from hub.errors import LabelError
+from hub.labels import UNUSABLE, validate_label
 from hub.store.base import FrameRecord, Store
 from proto.atomic import fsync_dir
+from proto.clock import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,6 @@ SCHEMA = 1
 MANIFEST = "manifest.json"
 _EXT = {"jpeg": ".jpg", "jpg": ".jpg", "png": ".png"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
-
-
-class ExportError(ArtifactError):
-    """The export cannot be written as asked (target exists, unsafe label, nothing to export...)."""
 
 
 @dataclasses.dataclass
@@ -117,7 +114,7 @@ def export_dataset(store: Store, out_dir: str | os.PathLike[str], since_ms: Opti
                                                                if by_label else "") + "; label frames first")
         entries = [e for label in kept for e in kept[label]]
         classes = {k: len(v) for k, v in kept.items()}
-        manifest = {"schema": SCHEMA, "exported_ms": int(time.time() * 1000), "since_ms": since_ms,
+        manifest = {"schema": SCHEMA, "exported_ms": now_ms(), "since_ms": since_ms,
                     "min_per_class": min_per_class, "classes": classes, "skipped_classes": skipped,
                     "unusable": unusable, "frames": entries}
         _write_file(tmp / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
@@ -168,7 +165,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
     """Rename tmp to out; an existing (checked) out is moved aside first and removed after."""
     old: Optional[Path] = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}-{int(time.time() * 1000)}")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-{now_ms()}")
         os.replace(out, old)
     try:
         os.replace(tmp, out)

@@ -17,28 +17,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from hub.errors import ArtifactError, NotFound
+# the fleet's errors are defined in hub.errors, importable from here too
+from hub.errors import FleetRequestError as FleetRequestError
+from hub.errors import NotFound
+from hub.errors import NothingToRollBack as NothingToRollBack
 from hub.registry import Registry
 from hub.store.base import DESIRED_SCOPE_DEVICE, DESIRED_SCOPE_GROUP, DeviceRecord, GroupDesired, Store
 from proto import kestrel_pb2, topics
+from proto.clock import now_ms
 
 log = logging.getLogger(__name__)
 
 PublishRetained = Callable[[str, bytes], None]
-
-
-class FleetRequestError(ArtifactError):
-    """A deploy/rollback request is malformed (both or neither of device and group, bad id...)."""
-
-
-class NothingToRollBack(FleetRequestError):
-    """A rollback the hub cannot name a version for (devices act only on the version they run):
-    refused instead of announcing a message every device would ignore."""
-
-    kind = "failed_precondition"  # hub.registry.PRECONDITION: the request is fine, the fleet state is not
 
 
 @dataclasses.dataclass
@@ -64,15 +56,11 @@ class FleetService:
     with QoS 1 and retain=True and return only once the broker acknowledged (raise otherwise)."""
 
     def __init__(self, store: Store, registry: Registry, publish_retained: PublishRetained,
-                 grpc_target: str = "", clock: Callable[[], float] = time.time) -> None:
+                 grpc_target: str = "") -> None:
         self.store = store
         self.registry = registry
         self.publish_retained = publish_retained
         self.grpc_target = grpc_target
-        self._clock = clock
-
-    def _now_ms(self) -> int:
-        return int(self._clock() * 1000)
 
     def list_devices(self, group: Optional[str] = None) -> List[DeviceRecord]:
         """Device records with the desired state that applies to each (device-specific wins over the group's)."""
@@ -91,7 +79,7 @@ class FleetService:
             raise FleetRequestError("model_name is required")
         rec = self.registry.get(model_name, version)  # NotFound for unknown versions
         desired = kestrel_pb2.DesiredState(model_name=rec.model_name, version=rec.version,
-                                           sha256=rec.bundle_sha256, size=rec.size, issued_ms=self._now_ms(),
+                                           sha256=rec.bundle_sha256, size=rec.size, issued_ms=now_ms(),
                                            rollback=False, grpc_target=self.grpc_target)
         self._announce(device_id, group, topic, desired)
         log.info("deploy %s v%d -> %s", rec.model_name, rec.version, topic)
@@ -124,7 +112,7 @@ class FleetService:
             if gd is None or gd.version <= 0:
                 raise NothingToRollBack(f"nothing to roll back from: no version was deployed to group {group!r}")
             model_name, version, from_version = gd.model_name, 0, gd.version
-        desired = kestrel_pb2.DesiredState(model_name=model_name, version=version, issued_ms=self._now_ms(),
+        desired = kestrel_pb2.DesiredState(model_name=model_name, version=version, issued_ms=now_ms(),
                                            rollback=True, grpc_target=self.grpc_target,
                                            rollback_from_version=from_version)
         self._announce(device_id, group, topic, desired)

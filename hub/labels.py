@@ -15,7 +15,8 @@ import re
 import time
 from typing import Callable, Dict, Optional
 
-from hub.errors import ArtifactError, NotFound
+from hub.errors import LabelError as LabelError  # defined in hub.errors, importable from here too
+from hub.errors import NotFound
 from hub.store.base import FrameRecord, Store
 from hub.store.query import UNUSABLE_LABEL
 
@@ -25,10 +26,6 @@ LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _RESERVED = ({"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(1, 10)}
              | {f"lpt{i}" for i in range(1, 10)})
 MAX_BATCH = 1000  # frames labelled in one request at most
-
-
-class LabelError(ArtifactError):
-    """A label name is not acceptable."""
 
 
 def validate_label(label: str) -> str:

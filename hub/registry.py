@@ -23,10 +23,17 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
+# PushRefused, BundleBytesMissing and the refusal kinds are defined in hub.errors, importable from here too
+from hub.errors import EXISTS as EXISTS
+from hub.errors import INVALID as INVALID
+from hub.errors import PRECONDITION as PRECONDITION
+from hub.errors import BundleBytesMissing as BundleBytesMissing
 from hub.errors import NotFound, RegistryError, StoreError
+from hub.errors import PushRefused as PushRefused
 from hub.store.base import ModelRecord, Store
 from proto import kestrel_pb2
 from proto.atomic import fsync_dir
+from proto.clock import now_ms
 from proto.errors import ArtifactError, BundleError
 from proto.keys import PublicKey, load_public_keys
 from proto.tomlconf import field
@@ -38,11 +45,6 @@ MiB = 1024 * KiB
 BLOB_SUFFIX = ".kbundle"
 TEMP_PREFIX = ".push-"
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-
-# How a refusal maps onto gRPC status codes (hub.grpc_service).
-INVALID = "invalid_argument"          # the bytes are bad: tampered, cut off, wrong hash, too large
-PRECONDITION = "failed_precondition"  # the bundle is fine but not acceptable here: untrusted key, old version
-EXISTS = "already_exists"             # that version exists with different content
 
 # BundleError reasons (proto.bundle) that mean "not acceptable here" rather than "corrupt".
 _PRECONDITION_REASONS = {"untrusted_key", "no_trusted_keys", "expired", "not_yet_valid", "same_version",
@@ -71,23 +73,6 @@ class RegistryConfig:
             raise ValueError("chunk_size must be between 4096 and 4194304 bytes")
         if self.push_timeout_s <= 0 or self.clock_slack_s < 0:
             raise ValueError("push_timeout_s must be > 0 and clock_slack_s >= 0")
-
-
-class PushRefused(RegistryError):
-    """A push was refused; ``reason`` is a short code, ``kind`` one of INVALID/PRECONDITION/EXISTS."""
-
-    def __init__(self, reason: str, message: str, kind: str = INVALID) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.kind = kind
-
-
-class BundleBytesMissing(StoreError):
-    """A version's record exists but this hub cannot read its bytes (gRPC UNAVAILABLE: retry elsewhere)."""
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Registry:
@@ -209,7 +194,7 @@ class Registry:
         man = vb.manifest
         name, version = str(man.model_name), int(man.version)
         record = ModelRecord(model_name=name, version=version, bundle_sha256=bundle_sha, size=size,
-                             created_ms=_now_ms(), model_sha256=hashlib.sha256(vb.model_bytes).hexdigest(),
+                             created_ms=now_ms(), model_sha256=hashlib.sha256(vb.model_bytes).hexdigest(),
                              key_id=str(vb.key_id), metrics=dict(getattr(man, "metrics", None) or {}),
                              labels=[str(x) for x in (getattr(man, "labels", None) or [])])
         with self._commit_lock:

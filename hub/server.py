@@ -24,7 +24,7 @@ from hub import config as hubconfig
 from hub.broker import BrokerTarget, EmbeddedBroker, resolve
 from hub.config import HubConfig
 from hub.errors import ConfigError, KestrelError, TransportError
-from hub.ingest.pipeline import Ingest
+from hub.ingest.service import Ingest
 from hub.metrics import HubMetrics
 from hub.store.base import Store
 from hub.store.open import open_store

@@ -1,9 +1,11 @@
 """Exponential reconnect backoff that resets only after the link stayed up for a while.
 
-One rule for the MQTT connection (edge.uplink.mqtt) and live camera sources (edge.sources): every
-failed attempt waits ``initial`` doubling up to ``maximum``; a success resets the wait only after it
-lasted ``stable_s``, so a peer that accepts and drops us at once (a broker refusing a packet, a
-camera pipeline failing after a few frames) is not hammered at the initial rate.
+One rule for every retry loop of the codebase: the devices' MQTT connection (edge.uplink.mqtt) and
+live camera sources (edge.sources), the hub's MQTT link (hub.ingest.mqttlink), its store retries
+(hub.ingest.pipeline) and its embedded broker's restarts (hub.broker): every failed attempt waits
+``initial`` doubling up to ``maximum``; a success resets the wait only after it lasted ``stable_s``,
+so a peer that accepts and drops us at once (a broker refusing a packet, a camera pipeline failing
+after a few frames) is not hammered at the initial rate.
 """
 
 from __future__ import annotations

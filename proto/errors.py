@@ -1,12 +1,15 @@
-"""Every error the edge package raises. Two roots under KestrelError:
+"""The error tree of all three programs and the contract errors. Two roots under KestrelError:
 
 * ArtifactError: something we were given is bad (config, bundle, model, frame). Retrying the
   same input will not help; the message says what to fix.
 * TransportError: something we talk to is unavailable (broker, hub, camera stream). Retrying
   later may help.
 
-Third-party errors (paho, grpc, TFLite, OpenCV) are wrapped at the boundary with
-``raise OurError(...) from exc`` so callers only ever catch ours.
+Every error Kestrel raises derives from one of the two: the contract errors here (config, bundle,
+key file, hub refusals and reachability) and each program's own in its errors module (edge.errors,
+hub.errors, trainer.errors). Third-party errors (paho, grpc, TFLite, OpenCV, pymongo) are wrapped at
+the boundary with ``raise OurError(...) from exc`` so callers only ever catch ours. ``run_command``
+turns them into one line and an exit code for every CLI.
 """
 
 from __future__ import annotations
@@ -36,41 +39,32 @@ class BundleError(ArtifactError):
         self.reason = reason
 
 
-class ModelError(ArtifactError):
-    """A model cannot be loaded or does not fit the source/contract."""
-
-
-class FrameError(ArtifactError):
-    """A frame is corrupt or cannot be encoded/decoded."""
 
 
 class TransportError(KestrelError):
     """Something we talk to is unreachable or refused us; retrying later may help."""
 
 
-class SourceError(TransportError):
-    """A camera source cannot be opened or stopped delivering frames."""
 
 
-class BrokerError(TransportError):
-    """The MQTT broker is unreachable or refused the connection."""
 
 
-class AuthError(BrokerError):
-    """The broker refused our credentials; retrying quickly will not help."""
+class KeyFileError(ArtifactError):
+    """A key file is missing, malformed or unsafely readable."""
 
 
-class StorageError(TransportError):
-    """Local storage (the spool, a state file) cannot be written: disk full, read-only, I/O error.
-    Retrying later may help (space freed, disk remounted)."""
+class HubRefused(ArtifactError):
+    """The hub answered and refused the request; ``code`` is the gRPC status name."""
+
+    def __init__(self, code: str, detail: str, what: str = "") -> None:
+        super().__init__(f"{what + ': ' if what else ''}hub refused ({code}): {detail}")
+        self.code = code
+        self.detail = detail
 
 
 class HubError(TransportError):
     """The hub's gRPC service is unreachable or answered with an error."""
 
-
-class RuntimeUnavailable(ModelError):
-    """No usable TFLite runtime is installed."""
 
 
 EXIT_OTHER = 1        # a KestrelError with neither root (should not happen), or a bug

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, List, Optional, TypeVar
 import grpc
 
 from proto import kestrel_pb2, kestrel_pb2_grpc
-from proto.errors import ArtifactError, HubError
+from proto.errors import HubError, HubRefused
 
 T = TypeVar("T")
 
@@ -32,14 +32,6 @@ MAX_MESSAGE = 8 * 1024 * 1024
 
 REFUSALS = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "ALREADY_EXISTS", "NOT_FOUND", "OUT_OF_RANGE"})
 
-
-class HubRefused(ArtifactError):
-    """The hub answered and refused the request; ``code`` is the gRPC status name."""
-
-    def __init__(self, code: str, detail: str, what: str = "") -> None:
-        super().__init__(f"{what + ': ' if what else ''}hub refused ({code}): {detail}")
-        self.code = code
-        self.detail = detail
 
 
 def wrap_rpc_error(exc: Any, what: str, hub: str) -> Exception:

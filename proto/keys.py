@@ -27,7 +27,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from proto.errors import ArtifactError
+from proto.errors import KeyFileError
 
 SigningKey = Ed25519PrivateKey
 PublicKey = Ed25519PublicKey
@@ -38,9 +38,6 @@ PUBLIC_NAME = "signing.pub"
 KEY_ID_HEX = 16
 MAX_KEY_FILE_BYTES = 64 * 1024
 
-
-class KeyFileError(ArtifactError):
-    """A key file is missing, malformed or unsafely readable."""
 
 
 def raw_public_bytes(pub: PublicKey) -> bytes:

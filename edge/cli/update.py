@@ -71,7 +71,7 @@ def _wait_state(upd: Updater, states: List[str], timeout: float) -> str:
 
 def run_install(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    upd = Updater(cfg)
+    upd = Updater.from_config(cfg)
     path = Path(args.bundle)
     data = read_bounded(path, int(cfg.update.max_bundle_bytes))  # size checked before reading
     try:
@@ -98,7 +98,7 @@ def run_install(args: argparse.Namespace) -> int:
 
 def run_rollback(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    upd = Updater(cfg)
+    upd = Updater.from_config(cfg)
     reason = "manual rollback (kestrel-edge rollback)"
     with upd.locked():
         running = daemon_running(upd.dir)
@@ -129,7 +129,7 @@ def run_rollback(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    s = status(Updater(cfg))
+    s = status(Updater.from_config(cfg))
     if args.json:
         print(json.dumps(s, indent=1, sort_keys=True))
         return 0

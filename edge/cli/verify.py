@@ -19,8 +19,7 @@ from typing import Any, Dict
 from edge import config as configmod
 from proto import bundle as bundlemod
 from proto import keys as keymod
-from proto.errors import BundleError, KestrelError
-from proto.keys import KeyFileError
+from proto.errors import BundleError, KestrelError, KeyFileError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

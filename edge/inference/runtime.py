@@ -19,9 +19,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from edge.errors import ModelError, RuntimeUnavailable
 from edge.inference.preprocess import Preprocessor
 from proto import kestrel_pb2
-from proto.errors import ModelError, RuntimeUnavailable
 from proto.inputspec import InputSpec
 
 RUNTIMES: Dict[str, str] = {

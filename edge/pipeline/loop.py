@@ -32,10 +32,10 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from edge.config import PipelineConfig
+from edge.errors import ModelError
 from edge.logonce import OncePerKind
 from edge.pipeline.sampler import Sampler
 from edge.sources import FrameSource
-from proto.errors import ModelError
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ pipeline (non-zero exit) is reported with gst's ERROR line and reopened. Corrupt
 from __future__ import annotations
 
 from edge.config import SourceConfig
+from edge.errors import SourceError
 from edge.sources.base import END, STABLE_AFTER_S, EndOfStream, FramePool, FrameSource, LiveSource, valid_frame
 from edge.sources.gstreamer import GStreamerSource
 from edge.sources.opencv import FileSource, OpenCVLiveSource, RTSPSource, V4L2Source, open_capture
 from edge.sources.pattern import TestPatternSource
-from proto.errors import SourceError
 
 __all__ = ["END", "STABLE_AFTER_S", "EndOfStream", "FileSource", "FramePool", "FrameSource", "GStreamerSource",
            "LiveSource", "OpenCVLiveSource", "RTSPSource", "TestPatternSource", "V4L2Source", "open_capture",

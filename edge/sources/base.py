@@ -14,9 +14,9 @@ from typing import Any, Deque, List, Optional, Tuple
 import numpy as np
 
 from edge.config import SourceConfig
+from edge.errors import EndOfStream, SourceError
 from edge.logonce import OncePerKind
 from proto.backoff import Backoff
-from proto.errors import SourceError
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,6 @@ END: ReadResult = (False, None, 0.0)
 POLL_S = 0.2  # how often a blocked pipe read checks for stop
 STABLE_AFTER_S = 10.0  # a reopened live source counts as recovered after delivering frames this long
 
-
-class EndOfStream(Exception):
-    """A live source reached a normal end (a GStreamer pipeline's EOS): the source ends, no retry."""
 
 
 class FramePool:

@@ -17,9 +17,9 @@ from typing import Deque, List, Optional, Tuple
 import numpy as np
 
 from edge.config import SourceConfig
+from edge.errors import SourceError
 from edge.sources.base import POLL_S, EndOfStream, LiveSource
 from proto.backoff import HISTORY
-from proto.errors import SourceError
 
 _EXIT_WAIT_S = 3.0  # how long a gst-launch-1.0 whose output ended gets to exit and flush its stderr
 

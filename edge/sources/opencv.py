@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 
 from edge.config import SourceConfig
+from edge.errors import SourceError
 from edge.sources.base import END, FramePool, FrameSource, LiveSource, ReadResult, valid_frame
-from proto.errors import SourceError
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional
 
-from edge.config import EdgeConfig
+from edge.config import TelemetryConfig
 from edge.telemetry.metrics import MetricsServer, TextBuilder
 from proto import kestrel_pb2
+from proto.clock import now_ms
 
 if TYPE_CHECKING:  # pragma: no cover
     from edge.uplink.publisher import Publisher
@@ -147,13 +148,13 @@ class TelemetryService:
     ``.metrics_port`` is 0 while the endpoint is off.
     """
 
-    def __init__(self, cfg: EdgeConfig, device_id: str, stats: Stats, publisher: Optional[Publisher],
+    def __init__(self, cfg: TelemetryConfig, device_id: str, stats: Stats, publisher: Optional[Publisher],
                  metrics_port: Optional[int] = None) -> None:
         self.cfg = cfg
         self.device_id = device_id
         self.stats = stats
         self.publisher = publisher
-        port = cfg.telemetry.metrics_port if metrics_port is None else metrics_port
+        port = cfg.metrics_port if metrics_port is None else metrics_port
         self._want_port = port
         self.metrics_port = 0
         self._server: Optional[MetricsServer] = None
@@ -164,10 +165,10 @@ class TelemetryService:
     def start(self) -> None:
         if self._want_port != 0:
             bind_port = 0 if self._want_port == EPHEMERAL_PORT else self._want_port
-            self._server = MetricsServer(self.cfg.telemetry.metrics_bind, bind_port, self.render_metrics)
+            self._server = MetricsServer(self.cfg.metrics_bind, bind_port, self.render_metrics)
             self._server.start()
             self.metrics_port = self._server.port
-        if self.cfg.telemetry.interval_s > 0 and self.publisher is not None:
+        if self.cfg.interval_s > 0 and self.publisher is not None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
             self._thread.start()
@@ -183,7 +184,7 @@ class TelemetryService:
             self.metrics_port = 0
 
     def _run(self) -> None:
-        while not self._stop.wait(self.cfg.telemetry.interval_s):
+        while not self._stop.wait(self.cfg.interval_s):
             if self.publisher is None:
                 return
             try:
@@ -201,7 +202,7 @@ class TelemetryService:
         snap = self.stats.snapshot()
         spool_bytes, spool_frames, evictions = self._spool()
         msg = kestrel_pb2.Telemetry(
-            device_id=self.device_id, time_ms=int(time.time() * 1000), fps=snap["fps"],
+            device_id=self.device_id, time_ms=now_ms(), fps=snap["fps"],
             latency_p50_ms=snap["latency_p50_ms"], latency_p95_ms=snap["latency_p95_ms"],
             queue_depth=snap["queue_depth"], spool_bytes=spool_bytes, spool_frames=spool_frames,
             spool_evictions=evictions, uptime_s=snap["uptime_s"],

@@ -20,14 +20,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
+from edge.errors import UpdateBusy
+from proto.clock import now_ms
 from proto.errors import ArtifactError
 
 LOCK_WAIT_S = 60.0  # the daemon waits this long for the CLI to finish with the update lock
 CONTROL_FILE = "control.json"  # in the update dir: one request from the CLI to the running daemon
 
-
-class UpdateBusy(ArtifactError):
-    """Another update is in progress or on trial; nothing was changed."""
 
 
 class UpdateLock:
@@ -72,7 +71,7 @@ def request(update_dir: Path, action: str, **fields: Any) -> str:
 
     rid = uuid.uuid4().hex
     atomic.write_json(Path(update_dir) / CONTROL_FILE, dict(fields, action=action, id=rid,
-                                                           ms=int(time.time() * 1000)))
+                                                           ms=now_ms()))
     return rid
 
 

@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from edge.config import UpdateConfig
 from edge.updater import state as st
 from edge.updater.control import LOCK_WAIT_S
 from edge.updater.engine import NoRollbackTarget, NothingToDo, Updater
@@ -38,9 +39,9 @@ class DesiredFollower:
     and ``rollback(reason)`` are the service's hot swap and rollback; ``stop`` is set when the
     service stops (it aborts a download)."""
 
-    def __init__(self, cfg: Any, updater: Updater, *, queue_desired: Callable[[Any], None],
+    def __init__(self, update: UpdateConfig, updater: Updater, *, queue_desired: Callable[[Any], None],
                  switch: Callable[..., None], rollback: Callable[[str], bool], stop: threading.Event) -> None:
-        self.cfg = cfg
+        self.update_cfg = update
         self.updater = updater
         self._queue_desired = queue_desired
         self._switch = switch
@@ -111,7 +112,7 @@ class DesiredFollower:
 
     def _grpc_target(self, desired: Any) -> str:
         """The registry to fetch from: the desired state's grpc_target only when it is one of ours."""
-        u = self.cfg.update
+        u = self.update_cfg
         asked = str(desired.grpc_target or "")
         if asked and (asked == u.hub_grpc or asked in u.grpc_targets):
             return asked
@@ -125,7 +126,7 @@ class DesiredFollower:
         from proto.bundle import read_bounded
 
         name, version = desired.model_name, int(desired.version)
-        u = self.cfg.update
+        u = self.update_cfg
         target = self._grpc_target(desired)
         with self.updater.locked(wait_s=LOCK_WAIT_S):
             self.updater._transition(st.DOWNLOADING, reason=f"from {target or '(no hub address)'}",

@@ -22,11 +22,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 
+from edge.config import EdgeConfig, ModelConfig, UpdateConfig
+from edge.errors import NoRollbackTarget, NothingToDo
 from edge.updater import slots as slots_mod
 from edge.updater import state as st
 from edge.updater.control import UpdateBusy, UpdateLock
 from edge.updater.selftest import run_self_test
 from edge.updater.slots import Slot, SlotError, SlotStore
+from proto.clock import now_ms
 from proto.errors import ArtifactError, BundleError, KestrelError
 
 log = logging.getLogger("kestrel.updater")
@@ -39,25 +42,26 @@ Mutator = Callable[[Dict[str, Any]], None]  # changes the freshly read state rec
 BUILD_TIME_FLOOR_S = 1767225600.0
 
 
-class NothingToDo(KestrelError):
-    """The bundle's version is already installed (equal version): nothing to do."""
-
-
-class NoRollbackTarget(ArtifactError):
-    """There is no committed, trusted previous model to roll back to; nothing was changed."""
 
 
 class Updater:
-    def __init__(self, cfg: Any, *, listener: Optional[Listener] = None) -> None:
-        self.cfg = cfg
-        self.data_dir = Path(cfg.device.data_dir)
+    def __init__(self, update: UpdateConfig, model: ModelConfig, data_dir: Path, trust_dir: Path, *,
+                 listener: Optional[Listener] = None) -> None:
+        self.update_cfg = update
+        self.model_cfg = model  # the runtime and threads a slot's model is loaded with
+        self.data_dir = Path(data_dir)
         self.dir = self.data_dir / "update"
         self.state = st.StateFile(self.dir / "state.json")
         self.slots = SlotStore(self.data_dir)
-        self.trust = str(cfg.trust_dir)
+        self.trust = str(trust_dir)
         self.listener = listener
         self.downloads = self.data_dir / "downloads"
         self.lock = UpdateLock(self.dir)
+
+    @classmethod
+    def from_config(cls, cfg: EdgeConfig, *, listener: Optional[Listener] = None) -> Updater:
+        """The updater of a device configured by ``cfg`` (the CLI's and the daemon's way to build one)."""
+        return cls(cfg.update, cfg.model, cfg.data_dir, cfg.trust_dir, listener=listener)
 
     # ---- helpers ----
     def _transition(self, state: str, **kw: Any) -> Dict[str, Any]:
@@ -87,8 +91,8 @@ class Updater:
 
     def expected_model(self) -> Optional[str]:
         """The model name a bundle must carry: the configured one, else the active slot's, else any."""
-        if self.cfg.update.model_name:
-            return str(self.cfg.update.model_name)
+        if self.update_cfg.model_name:
+            return str(self.update_cfg.model_name)
         active = self.slots.active()
         return active.model_name if active else None
 
@@ -131,7 +135,7 @@ class Updater:
         """Pure verification against the trusted keys, expected model, installed version and floor."""
         from proto.bundle import verify_bundle
 
-        u = self.cfg.update
+        u = self.update_cfg
         expected = None if new_model else self.expected_model()
         installed = self.slots.active()
         floor = 0
@@ -219,7 +223,7 @@ class Updater:
         del verified  # views into ``data``: nothing of the bundle stays referenced from here
         self._transition(st.STAGED, reason=f"slot {target}", mutate=self._set_outcome(slot, st.OUT_STAGED))
         self._transition(st.SELF_TEST, reason=f"slot {target}")
-        u = self.cfg.update
+        u = self.update_cfg
         try:
             model = self.load_slot(slot, verify=False)  # just staged from verified bytes
             try:
@@ -246,7 +250,7 @@ class Updater:
         else:
             self.slots.check(slot)
         spec = InputSpec.from_dict(slot.input_spec) if slot.input_spec else None
-        m = self.cfg.model
+        m = self.model_cfg
         model = load_model(str(slot.model_path), labels=slot.labels or None, spec=spec, runtime=m.runtime,
                            threads=m.threads, name=slot.model_name, version=slot.version)
         model.default_threshold = slot.record.get("default_threshold")  # the sampler follows the bundle's default
@@ -268,7 +272,7 @@ class Updater:
         self._transition(st.TRIAL, reason="", pending_slot=None, model_name=slot.model_name,
                          target_version=slot.version, trial={
                              "slot": slot_name, "previous_slot": previous, "boot_count": boot_count,
-                             "started_ms": int(time.time() * 1000), "baseline": baseline,
+                             "started_ms": now_ms(), "baseline": baseline,
                              "judge_threshold": judge_threshold}, mutate=self._set_outcome(slot, st.OUT_TRIAL))
         self.slots.switch(slot_name)
         st.crash_point("SWITCHED")
@@ -448,7 +452,7 @@ class Updater:
                              reason="interrupted before the switch; the running model was kept")
             return
         starts = int(trial.get("boot_count", 0))
-        if starts < int(self.cfg.update.max_boot_attempts):
+        if starts < int(self.update_cfg.max_boot_attempts):
             trial["boot_count"] = starts + 1
             self.state.update(trial=trial)
             return
@@ -464,8 +468,8 @@ class Updater:
 
     def factory_allowed(self) -> bool:
         """A factory model (model.path, a bare .tflite) may run when no slot is active."""
-        p = str(self.cfg.model.path or "")
-        return bool(self.cfg.update.allow_unsigned_factory) and p.endswith(".tflite")
+        p = str(self.model_cfg.path or "")
+        return bool(self.update_cfg.allow_unsigned_factory) and p.endswith(".tflite")
 
 
 def _slot_created(slot: Slot) -> float:

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Optional
 
-from proto.errors import BundleError, HubError, TransportError
+from edge.errors import FetchError
+from proto.errors import BundleError, HubError
 
 log = logging.getLogger("kestrel.updater")
 
@@ -39,9 +40,6 @@ def _sha256_file(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-
-class FetchError(TransportError):
-    """The download could not be written locally (disk full, permissions); retrying later may help."""
 
 
 def _too_large(name: str, version: int, n: int, limit: int) -> BundleError:

@@ -8,15 +8,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from proto.errors import ArtifactError
-
-
-class SelfTestError(ArtifactError):
-    """The staged model failed its self-test; the running model is untouched."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.reason = "self_test"
+from edge.errors import SelfTestError
 
 
 def run_self_test(model: Any, self_test: Any, *, latency_budget_ms: float, min_cases: int = 1,

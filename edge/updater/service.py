@@ -2,7 +2,7 @@
 
 Lifecycle inside ``kestrel-edge run``::
 
-    svc = UpdateService(cfg, publisher, holder, stats)
+    svc = UpdateService.from_config(cfg, publisher, holder, stats)
     model = svc.boot_model()      # the model to start on (active slot; boot-count rollback), or None
     svc.start()                   # follow desired state (MQTT), start background work
     svc.attach_pipeline(progress, on_stall)   # pipeline counters for the hung-model check
@@ -22,9 +22,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
+from edge.config import DeviceConfig, EdgeConfig, ModelConfig, UpdateConfig
 from edge.updater import report
 from edge.updater import state as st
 from edge.updater.control import LOCK_WAIT_S, DaemonLock, UpdateBusy, take_request
@@ -32,7 +33,11 @@ from edge.updater.desired import DesiredFollower
 from edge.updater.engine import NoRollbackTarget, NothingToDo, Updater
 from edge.updater.factory import load_factory_model
 from edge.updater.health import DEFAULT_THRESHOLD, HealthWatch, TrialCriteria
+from proto.clock import now_ms
 from proto.errors import KestrelError
+
+if TYPE_CHECKING:
+    from edge.uplink.publisher import Publisher
 
 log = logging.getLogger("kestrel.updater")
 
@@ -41,8 +46,7 @@ CONTROL_POLL_S = 0.5
 Progress = Callable[[], Tuple[int, int, bool]]  # (frames captured, frames inferred, pipeline done)
 
 
-def criteria_from(cfg: Any) -> TrialCriteria:
-    u = cfg.update
+def criteria_from(u: UpdateConfig) -> TrialCriteria:
     return TrialCriteria(frames=u.trial_frames, seconds=u.trial_seconds,
                          max_latency_ratio=u.trial_max_latency_ratio,
                          max_low_conf_rate=u.trial_max_low_conf_rate,
@@ -52,13 +56,21 @@ def criteria_from(cfg: Any) -> TrialCriteria:
 
 
 class UpdateService:
-    def __init__(self, cfg: Any, publisher: Any, holder: Any, stats: Any) -> None:
-        self.cfg = cfg
+    def __init__(self, update: UpdateConfig, model: ModelConfig, device: DeviceConfig, data_dir: Path,
+                 trust_dir: Path, *, configured_threshold: Optional[float], publisher: Optional[Publisher],
+                 holder: Any, stats: Any) -> None:
+        """``configured_threshold``: [sampler] confidence_threshold (None: each model's default), the
+        threshold a trial is judged by when set."""
+        self.update_cfg = update
+        self.model_cfg = model
+        self.device_id = device.resolved_id
+        self.group = device.group
+        self.configured_threshold = configured_threshold
         self.publisher = publisher
         self.holder = holder
         self.stats = stats
-        self.updater = Updater(cfg, listener=self._report)
-        self.health = HealthWatch(criteria_from(cfg))
+        self.updater = Updater(update, model, data_dir, trust_dir, listener=self._report)
+        self.health = HealthWatch(criteria_from(update))
         self._q: queue.Queue[Tuple[str, Any]] = queue.Queue()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -71,8 +83,14 @@ class UpdateService:
         self._progress: Optional[Progress] = None
         self._captured_at_trial = 0
         self.on_stall: Optional[Callable[[str], None]] = None
-        self.desired = DesiredFollower(cfg, self.updater, queue_desired=lambda d: self._q.put(("desired", d)),
+        self.desired = DesiredFollower(update, self.updater, queue_desired=lambda d: self._q.put(("desired", d)),
                                        switch=self._switch, rollback=self._rollback, stop=self._stop)
+
+    @classmethod
+    def from_config(cls, cfg: EdgeConfig, publisher: Optional[Publisher], holder: Any, stats: Any) -> UpdateService:
+        return cls(cfg.update, cfg.model, cfg.device, cfg.data_dir, cfg.trust_dir,
+                   configured_threshold=cfg.sampler.confidence_threshold, publisher=publisher, holder=holder,
+                   stats=stats)
 
     # ---- daemon seam ----
     def boot_model(self) -> Optional[Any]:
@@ -89,19 +107,19 @@ class UpdateService:
         if self.updater.state.state == st.TRIAL and trial:
             self.health.begin_trial(model.ref, trial.get("baseline"), trial.get("judge_threshold"))
             log.info("continuing the trial of %s v%d (start %d of at most %d)", slot.model_name, slot.version,
-                     int(trial.get("boot_count", 0)), self.cfg.update.max_boot_attempts)
+                     int(trial.get("boot_count", 0)), self.update_cfg.max_boot_attempts)
         return model
 
     def start(self) -> None:
         """Subscribe to the desired-state topics and start background work."""
         if not self._lock.acquire():
             log.warning("another daemon holds %s; CLI requests may go to it", self._lock.path)
-        if self.cfg.update.enabled and self.publisher is not None:
+        if self.update_cfg.enabled and self.publisher is not None:
             from proto import topics
 
-            dev = self.cfg.device.resolved_id
+            dev = self.device_id
             self.publisher.subscribe(topics.device_desired(dev), self.desired.on_desired, topics.QOS_DESIRED)
-            self.publisher.subscribe(topics.group_desired(self.cfg.device.group), self.desired.on_desired,
+            self.publisher.subscribe(topics.group_desired(self.group), self.desired.on_desired,
                                      topics.QOS_DESIRED)
         self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
         self._thread.start()
@@ -180,8 +198,8 @@ class UpdateService:
             return
         from proto import kestrel_pb2, topics
 
-        msg = kestrel_pb2.Status(device_id=self.cfg.device.resolved_id, state=topics.STATE_ONLINE,
-                                 time_ms=int(time.time() * 1000), group=self.cfg.device.group)
+        msg = kestrel_pb2.Status(device_id=self.device_id, state=topics.STATE_ONLINE,
+                                 time_ms=now_ms(), group=self.group)
         model = self.holder.get() if self.holder is not None else None
         if model is not None:
             msg.model.CopyFrom(model.ref)
@@ -250,7 +268,7 @@ class UpdateService:
 
     def _judge_threshold(self) -> float:
         """The confidence threshold in force before the switch: the trial is judged by it."""
-        configured = self.cfg.sampler.confidence_threshold
+        configured = self.configured_threshold
         if configured is not None:
             return float(configured)
         current = self.holder.get() if self.holder is not None else None
@@ -274,7 +292,7 @@ class UpdateService:
         if self._progress is not None:
             self._captured_at_trial = int(self._progress()[0])
         self.health.begin_trial(model.ref, baseline, threshold)
-        if self.cfg.update.trial_frames <= 0 and self.cfg.update.trial_seconds <= 0:
+        if self.update_cfg.trial_frames <= 0 and self.update_cfg.trial_seconds <= 0:
             self._on_verdict(("commit", "no trial configured"))
 
     def _on_verdict(self, verdict: Tuple[str, str]) -> None:
@@ -317,7 +335,7 @@ class UpdateService:
             if slot is None:
                 if model is None or not self._previous_is_factory:  # e.g. the daemon restarted mid-trial
                     self._retire(model)
-                    model = load_factory_model(self.cfg.model)
+                    model = load_factory_model(self.model_cfg)
             elif model is None or getattr(model.ref, "sha256", None) != slot.model_sha256:
                 self._retire(model)
                 model = self.updater.load_slot(slot, verify=False)  # rollback_plan re-verified it

@@ -23,14 +23,15 @@ import json
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from edge.errors import SlotError
 from proto import atomic
 from proto import bundle as bundle_mod
 from proto import manifest as manifest_mod
-from proto.errors import ArtifactError, BundleError
+from proto.clock import now_ms
+from proto.errors import BundleError
 
 log = logging.getLogger("kestrel.updater")
 
@@ -39,9 +40,6 @@ RECORD = manifest_mod.SLOT_RECORD_NAME  # reserved by the verifier: never a payl
 BUNDLE_FILE = manifest_mod.SLOT_BUNDLE_NAME
 STAGING = ".staging"
 
-
-class SlotError(ArtifactError):
-    """A slot is missing or its files do not match its record."""
 
 
 def other(slot: str) -> str:
@@ -212,7 +210,7 @@ class SlotStore:
             "default_threshold": _get(manifest, "default_threshold", None),
             "created": _get(manifest, "created", 0),  # signed; raises the time floor (engine.raise_floors)
             "files": files,
-            "installed_ms": int(time.time() * 1000),
+            "installed_ms": now_ms(),
         }
         from edge.updater.state import crash_point
 

@@ -29,11 +29,11 @@ import logging
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from proto import atomic
+from proto.clock import now_ms
 
 log = logging.getLogger("kestrel.updater")
 
@@ -70,9 +70,6 @@ def crash_point(name: str) -> None:
         log.warning("KESTREL_CRASH_AT=%s: killing the process", name)
         os.kill(os.getpid(), signal.SIGKILL)
 
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _default() -> Dict[str, Any]:
@@ -175,7 +172,7 @@ class StateFile:
                 mutate(self._data)
             self._data["state"] = state
             self._data["reason"] = reason
-            self._data["updated_ms"] = _now_ms()
+            self._data["updated_ms"] = now_ms()
             if reject and self._data.get("model_name") and self._data.get("target_version"):
                 key = f"{self._data['model_name']}:{int(self._data['target_version'])}"
                 self._data.setdefault("rejected", {})[key] = reason or state

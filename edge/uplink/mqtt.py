@@ -40,9 +40,10 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 import paho.mqtt.client as paho
 
 from edge.config import MqttConfig, read_secret
+from edge.errors import AuthError, BrokerError
 from edge.logonce import OncePerKind
 from proto.backoff import Backoff
-from proto.errors import AuthError, BrokerError, ConfigError
+from proto.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -32,28 +32,27 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
-from edge.config import EdgeConfig
+from edge.config import MqttConfig, SpoolConfig
+from edge.errors import FrameError, OversizeFrame, StorageError
 from edge.logonce import OncePerKind
 from edge.uplink.mqtt import Message, MessageCallback, MqttClient
 from edge.uplink.spool import Spool
 from proto import kestrel_pb2, topics
-from proto.errors import FrameError, StorageError
+from proto.clock import now_ms
 
 log = logging.getLogger(__name__)
 
 StatusProvider = Callable[[str], kestrel_pb2.Status]
 
 
-class _Oversize(FrameError):
-    pass
-
 
 class Publisher:
-    def __init__(self, cfg: EdgeConfig, device_id: str, spool_dir: Path) -> None:
-        self.cfg = cfg
+    def __init__(self, mqtt: MqttConfig, spool: SpoolConfig, device_id: str, group: str, spool_dir: Path) -> None:
+        self.mqtt_cfg = mqtt
         self.device_id = device_id
-        self.spool = Spool(Path(spool_dir), cfg.spool.max_bytes, cfg.spool.max_frames, fsync=cfg.spool.fsync,
-                           max_dead=cfg.spool.max_dead_letters)
+        self.group = group
+        self.spool = Spool(Path(spool_dir), spool.max_bytes, spool.max_frames, fsync=spool.fsync,
+                           max_dead=spool.max_dead_letters)
         self._frames_topic = topics.frames(device_id)
         self._status_topic = topics.status(device_id)
         self._telemetry_topic = topics.telemetry(device_id)
@@ -73,7 +72,7 @@ class Publisher:
         self.last_ack_at = 0.0  # monotonic time of the last frame PUBACK
         self.telemetry_dropped = 0
         self.telemetry_sent = 0
-        self._mqtt = MqttClient(cfg.mqtt, f"kestrel-edge-{device_id}", will=self._will,
+        self._mqtt = MqttClient(mqtt, f"kestrel-edge-{device_id}", will=self._will,
                                 on_connected=self._on_connected, on_disconnected=self._on_disconnected,
                                 pump=self._pump)
 
@@ -90,8 +89,8 @@ class Publisher:
                 return msg
             except Exception:
                 log.exception("publisher: status provider failed; sending a minimal status")
-        return kestrel_pb2.Status(device_id=self.device_id, state=state, time_ms=int(time.time() * 1000),
-                                  group=self.cfg.device.group)
+        return kestrel_pb2.Status(device_id=self.device_id, state=state, time_ms=now_ms(),
+                                  group=self.group)
 
     def _will(self) -> Optional[Message]:
         offline = self._status(topics.STATE_OFFLINE).SerializeToString()
@@ -133,7 +132,7 @@ class Publisher:
         counted in ``oversize_refused``) and consumes no sequence number. A spool write that fails is
         counted in ``spool_write_failed`` and logged once until a write succeeds again.
         """
-        limit = self.cfg.mqtt.max_payload_bytes
+        limit = self.mqtt_cfg.max_payload_bytes
 
         def encode(seq: int) -> bytes:
             frame.sequence = seq
@@ -141,13 +140,13 @@ class Publisher:
                 frame.image_bytes = len(frame.image)
             data = frame.SerializeToString()
             if len(data) > limit:
-                raise _Oversize(f"frame {frame.frame_id!r} encodes to {len(data)} bytes, over [mqtt] "
+                raise OversizeFrame(f"frame {frame.frame_id!r} encodes to {len(data)} bytes, over [mqtt] "
                                 f"max_payload_bytes={limit}: not sent (re-encode it smaller)")
             return data
 
         try:
             self.spool.append(encode)
-        except _Oversize as exc:
+        except OversizeFrame as exc:
             self.oversize_refused += 1
             frame.sequence = 0
             log.error("publisher: %s", exc)
@@ -175,7 +174,7 @@ class Publisher:
         A suspect frame (see the module doc) is sent alone: nothing else until it is acknowledged."""
         if self._suspects and self._inflight and min(self._inflight) in self._suspects:
             return
-        room = self.cfg.mqtt.max_inflight - len(self._inflight)
+        room = self.mqtt_cfg.max_inflight - len(self._inflight)
         if room <= 0:
             return
         for seq, payload in self.spool.after(self._cursor, room):
@@ -223,7 +222,7 @@ class Publisher:
     def _blame(self, seq: int) -> None:
         """The connection broke while ``seq`` was the oldest frame in flight."""
         n = self._suspects.get(seq, 0) + 1
-        limit = self.cfg.mqtt.max_send_attempts
+        limit = self.mqtt_cfg.max_send_attempts
         if n < limit:
             self._suspects[seq] = n
             return
@@ -263,7 +262,7 @@ class Publisher:
         self.flush(flush_timeout_s)
         offline = self._status(topics.STATE_OFFLINE).SerializeToString()
         self._mqtt.stop(final=(self._status_topic, offline, topics.QOS_STATUS, True),
-                        timeout=min(2.0, max(0.5, self.cfg.mqtt.ack_timeout_s)))
+                        timeout=min(2.0, max(0.5, self.mqtt_cfg.ack_timeout_s)))
         left = len(self.spool)
         if left:
             log.info("publisher: %d frames stay in the spool for the next start", left)

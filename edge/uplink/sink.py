@@ -29,10 +29,10 @@ from typing import Any, Callable, List, Optional, Tuple, cast
 import cv2
 import numpy as np
 
+from edge.errors import FrameError
 from edge.logonce import OncePerKind
 from edge.pipeline.loop import SampledFrame
 from proto import kestrel_pb2
-from proto.errors import FrameError
 
 log = logging.getLogger(__name__)
 

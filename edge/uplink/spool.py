@@ -45,8 +45,9 @@ import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from edge.errors import FrameError, StorageError
 from proto import atomic
-from proto.errors import ConfigError, FrameError, StorageError
+from proto.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -10,16 +10,13 @@ from typing import Any, Dict, Optional
 
 import httpx
 
-from hub.errors import ArtifactError, NotFound, TransportError
+from hub.errors import ApiRefused as ApiRefused  # defined in hub.errors, importable from here too
+from hub.errors import NotFound, TransportError
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 URL_ENV = "KESTREL_HUB_URL"
 TOKEN_FILE_ENV = "KESTREL_HUB_TOKEN_FILE"
 DEFAULT_TIMEOUT_S = 30.0
-
-
-class ApiRefused(ArtifactError):
-    """The hub refused the request (bad input, no or the wrong token)."""
 
 
 def add_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:

@@ -19,7 +19,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 class Received(Protocol):
-    """What is kept of a received message (hub.ingest.pipeline.Message)."""
+    """What is kept of a received message (hub.ingest.message.Message)."""
     mid: int
     topic: str
     payload: bytes

@@ -23,14 +23,14 @@ from typing import Optional, Tuple
 import cv2
 import numpy as np
 
+from hub.errors import ImageRejected
+
+__all__ = ["ImageRejected", "check_image", "decode_dims", "header_dims", "jpeg_structure"]
+
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _STANDALONE = {0x01, 0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7}
 _DHT, _DQT, _SOS, _EOI, _SOI, _DRI = 0xC4, 0xDB, 0xDA, 0xD9, 0xD8, 0xDD
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-class ImageRejected(ValueError):
-    """The image is not a well-formed JPEG/PNG; the message says why."""
 
 
 def _u16(data: bytes, i: int) -> int:

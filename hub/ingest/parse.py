@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
-from hub.errors import PayloadRejected
+from hub.errors import ImageRejected, PayloadRejected
 from hub.ingest import imagecheck
 from hub.store.base import FrameRecord
 from hub.store.series import SeriesPoint, point_from_telemetry
@@ -46,7 +46,7 @@ def validate_frame(topic_device: str, payload: bytes, max_bytes: int, received_m
         raise PayloadRejected("bad_image", "no image")
     try:
         width, height = imagecheck.check_image(msg.image, msg.image_format, image_check)
-    except imagecheck.ImageRejected as exc:
+    except ImageRejected as exc:
         raise PayloadRejected("bad_image", str(exc)) from exc
     return FrameRecord(
         frame_id=msg.frame_id, device_id=msg.device_id, capture_time_ms=int(msg.capture_time_ms),

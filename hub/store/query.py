@@ -20,17 +20,13 @@ import json
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from hub.errors import ArtifactError
+from hub.errors import QueryError as QueryError  # defined in hub.errors, importable from here too
 
 UNUSABLE_LABEL = "_unusable"  # a person's verdict "not usable for training"; never a class (no leading '_')
 LABEL_STATES = ("unlabelled", "labelled", "unusable", "any")
 ORDERS = ("newest", "least_confident")
 MAX_LIMIT = 500
 REASONS = ("LOW_CONFIDENCE", "LOW_MARGIN", "HIGH_ENTROPY", "TRIAL")  # proto SampleReason names
-
-
-class QueryError(ArtifactError):
-    """A frame query is malformed (unknown order or state, bad cursor, limit out of range...)."""
 
 
 def top_score(top_k: Sequence[Dict[str, Any]]) -> float:

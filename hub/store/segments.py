@@ -18,11 +18,11 @@ import hashlib
 import os
 import secrets
 import threading
-import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 from hub.errors import StoreError, StoreUnavailable
+from proto.clock import now_ms
 
 SEGMENT_MAX_BYTES = 256 * 1024 * 1024  # a segment file is closed (a new one started) from this size on
 WRITEV_MAX = 512                        # buffers per writev call (below every platform's IOV_MAX)
@@ -62,7 +62,7 @@ class Segments:
         if not self.dir.is_dir():
             self.dir.mkdir(parents=True, exist_ok=True)
             _fsync_dir(self.dir.parent)
-        name = f"{int(time.time() * 1000)}-{os.getpid()}-{secrets.token_hex(4)}{SUFFIX}"
+        name = f"{now_ms()}-{os.getpid()}-{secrets.token_hex(4)}{SUFFIX}"
         fd = os.open(str(self.dir / name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
                      0o644)
         try:

@@ -4,7 +4,9 @@ before the rows that point at them are committed; an older hub's BLOB images sti
 
 Thread-safe by giving every thread its own connection; several processes may share the file (WAL +
 busy_timeout), which is how two hub workers on one machine split the ingest. Locked/unreachable
-database errors become StoreUnavailable (the ingest retries), everything else StoreError.
+database errors become StoreUnavailable (the ingest retries), everything else StoreError. The
+connections and the write transaction are hub/store/sqlite_conn.py, the schema
+hub/store/sqlite_schema.py, the background checkpoints hub/store/sqlite_checkpoint.py.
 
 Durability and speed (docs/hub.md, docs/adr/0005-hub-ingest-durability.md):
 
@@ -38,85 +40,19 @@ from hub.store.base import DeviceRecord, FrameRecord, GroupDesired, ModelRecord,
 from hub.store.query import top_score
 from hub.store.segments import ImageRef, Segments
 from hub.store.series import SeriesPoint
-from hub.store.sqlite_web import FRAME_INDEXES, WEB_SCHEMA, SqliteWebMixin, backfill_top_scores
+from hub.store.sqlite_checkpoint import CHECKPOINT_INTERVAL_S, Checkpointer
+from hub.store.sqlite_conn import SYNCHRONOUS_MODES as SYNCHRONOUS_MODES  # hub.config reads it from here
+from hub.store.sqlite_conn import Connections
+from hub.store.sqlite_schema import FRAME_COLUMNS, SEGMENT_COLUMNS, create_schema
+from hub.store.sqlite_web import SqliteWebMixin
 
 T = TypeVar("T")
 
 log = logging.getLogger("hub.store.sqlite")
 
-SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
-PAGE_SIZE = 4096                    # new databases only (SQLite keeps an existing file's page size)
-CHECKPOINT_INTERVAL_S = 0.5         # how often the background checkpointer looks at the WAL
-WAL_RESET_BYTES = 32 * 1024 * 1024  # from this WAL size on, a checkpoint catches up so the WAL restarts
-WAL_HARD_BYTES = 512 * 1024 * 1024  # past this (other processes writing too), a blocking TRUNCATE checkpoint
-JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # a restarted WAL file is truncated back to this
 STAGED_MAX = 4096                   # images written ahead by stage_frames and not yet committed, at most
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS frames (
-  frame_id TEXT PRIMARY KEY,
-  device_id TEXT NOT NULL,
-  capture_time_ms INTEGER NOT NULL,
-  received_ms INTEGER NOT NULL,
-  model_name TEXT NOT NULL,
-  model_version INTEGER NOT NULL,
-  model_sha256 TEXT NOT NULL,
-  reasons TEXT NOT NULL,
-  top_k TEXT NOT NULL,
-  image BLOB NOT NULL,
-  image_format TEXT NOT NULL,
-  width INTEGER NOT NULL,
-  height INTEGER NOT NULL,
-  source TEXT NOT NULL DEFAULT '',
-  sequence INTEGER NOT NULL DEFAULT 0,
-  label TEXT,
-  labelled_ms INTEGER,
-  image_segment TEXT,
-  image_offset INTEGER,
-  image_length INTEGER,
-  image_sha256 TEXT,
-  labelled_by TEXT,
-  top_score REAL
-);
-CREATE INDEX IF NOT EXISTS frames_label_time ON frames (label, capture_time_ms DESC) WHERE label IS NOT NULL;
-CREATE TABLE IF NOT EXISTS devices (
-  device_id TEXT PRIMARY KEY,
-  doc TEXT NOT NULL,
-  grp TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS devices_group ON devices (grp);
-CREATE TABLE IF NOT EXISTS groups (
-  grp TEXT PRIMARY KEY,
-  model_name TEXT NOT NULL,
-  version INTEGER NOT NULL,
-  rollback INTEGER NOT NULL,
-  issued_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS models (
-  model_name TEXT NOT NULL,
-  version INTEGER NOT NULL,
-  doc TEXT NOT NULL,
-  PRIMARY KEY (model_name, version)
-);
-"""
-
-FRAME_COLUMNS = [f.name for f in dataclasses.fields(FrameRecord)]
-# where a frame's image is when it is in a segment file (hub/store/segments.py); NULL: in column image
-SEGMENT_COLUMNS = ["image_segment", "image_offset", "image_length"]
-# added by newer hubs (ALTERed into an older database at open): name -> type
-ADDED_COLUMNS = {"image_segment": "TEXT", "image_offset": "INTEGER", "image_length": "INTEGER",
-                 "image_sha256": "TEXT", "labelled_by": "TEXT", "top_score": "REAL"}
 SEGMENT_DIR_SUFFIX = "-images"  # <db file name>-images/, next to the database (like its -wal file)
 DEVICE_FIELDS = {f.name for f in dataclasses.fields(DeviceRecord)}
-_UNAVAILABLE_HINTS = ("locked", "busy", "unable to open", "disk i/o", "readonly", "read-only",
-                      "no such table", "disk is full")
-
-
-def _wrap(exc: sqlite3.Error, what: str) -> Exception:
-    msg = str(exc).lower()
-    if isinstance(exc, sqlite3.OperationalError) and any(h in msg for h in _UNAVAILABLE_HINTS):
-        return StoreUnavailable(f"SQLite store unavailable during {what}: {exc}")
-    return StoreError(f"SQLite store error during {what}: {exc}")
 
 
 def _check_device_fields(fields: Dict[str, object]) -> None:
@@ -144,15 +80,8 @@ class SqliteStore(SqliteWebMixin, Store):
                              f"not {synchronous!r}")
         # 0 = SQLite's own auto-checkpoint inside commits (no background thread)
         self.checkpoint_interval_s = checkpoint_interval_s
-        self._checkpointer: Optional[threading.Thread] = None
-        self._checkpoint_stop = threading.Event()
-        self.checkpoints = 0
-        self.checkpoint_catchups = 0
-        self._write_lock = threading.Lock()  # this process's writers, so a checkpoint can catch up
-        self._local = threading.local()
-        self._conns: List[Tuple[threading.Thread, sqlite3.Connection]] = []
-        self._conns_lock = threading.Lock()
-        self._closed = False
+        self._db = Connections(self.path, busy_timeout_ms, self.synchronous, own_checkpoints=checkpoint_interval_s > 0)
+        self._wal = Checkpointer(self._db, checkpoint_interval_s)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -160,150 +89,30 @@ class SqliteStore(SqliteWebMixin, Store):
         self.segments = Segments(self.path.parent / f"{self.path.name}{SEGMENT_DIR_SUFFIX}")
         self._staged: Dict[str, ImageRef] = {}  # frame_id -> its image, written ahead (no image kept in memory)
         self._staged_lock = threading.Lock()
-        self._run("create schema", self._create_schema)
+        self._run("create schema", create_schema)
 
-    @staticmethod
-    def _create_schema(c: sqlite3.Connection) -> None:
-        c.executescript(SCHEMA + WEB_SCHEMA)
-        have = {row[1] for row in c.execute("PRAGMA table_info(frames)")}
-        for col, kind in ADDED_COLUMNS.items():
-            if col not in have:  # a database of an older hub: its rows keep their images as BLOBs
-                c.execute(f"ALTER TABLE frames ADD COLUMN {col} {kind}")
-        if "top_score" not in have:
-            backfill_top_scores(c)
-        c.executescript(FRAME_INDEXES)
-
-    # ---- plumbing ----
+    # ---- plumbing (hub/store/sqlite_conn.py, hub/store/sqlite_checkpoint.py) ----
     def _conn(self) -> sqlite3.Connection:
-        if self._closed:
-            raise StoreError("the SQLite store is closed")
-        conn: Optional[sqlite3.Connection] = getattr(self._local, "conn", None)
-        if conn is None:
-            try:
-                conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout_ms / 1000.0,
-                                       isolation_level=None, check_same_thread=False)
-                self._configure(conn)
-            except sqlite3.Error as exc:
-                raise _wrap(exc, f"open {self.path}") from exc
-            self._local.conn = conn
-            with self._conns_lock:
-                # close the connections of threads that ended (HTTP servers use a thread per request)
-                alive = []
-                for thread, other in self._conns:
-                    if thread.is_alive():
-                        alive.append((thread, other))
-                    else:
-                        other.close()
-                self._conns = alive + [(threading.current_thread(), conn)]
-        return conn
+        return self._db.conn()
 
-    def _configure(self, conn: sqlite3.Connection) -> None:
-        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # a no-op unless the file is new
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
-        if self.checkpoint_interval_s > 0:
-            conn.execute("PRAGMA wal_autocheckpoint = 0")
+    def _run(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return self._db.run(what, fn)
 
-    # ---- background checkpoints ----
-    def _start_checkpointer(self) -> None:
-        if self.checkpoint_interval_s <= 0 or self._checkpointer is not None:
-            return
-        with self._conns_lock:
-            if self._checkpointer is not None:
-                return
-            self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="sqlite-checkpoint",
-                                                  daemon=True)
-            self._checkpointer.start()
+    def _write(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        self._wal.start()
+        return self._db.write(what, fn)
 
-    def _checkpoint_loop(self) -> None:
-        """PASSIVE checkpoints (never block a writer) every interval; RESTART when the WAL is large.
+    @property
+    def checkpoints(self) -> int:
+        return self._wal.checkpoints
 
-        Every error is logged and retried at the next interval: this thread must never die, since
-        the store's own connections do not checkpoint any more."""
-        conn: Optional[sqlite3.Connection] = None
-        failing = False
-        while not self._checkpoint_stop.wait(self.checkpoint_interval_s):
-            try:
-                if conn is None:
-                    conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout_ms / 1000.0,
-                                           isolation_level=None, check_same_thread=False)
-                    self._configure(conn)
-                self.checkpoint_once(conn)
-                if failing:
-                    log.info("WAL checkpoints work again")
-                failing = False
-            except sqlite3.Error as exc:
-                if not failing:
-                    log.error("WAL checkpoint of %s failed (retrying every %.1fs): %s", self.path,
-                              self.checkpoint_interval_s, exc)
-                failing = True
-                if conn is not None:
-                    conn.close()
-                    conn = None
-        if conn is not None:
-            try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            except sqlite3.Error:
-                pass
-            conn.close()
+    @property
+    def checkpoint_catchups(self) -> int:
+        return self._wal.catchups
 
     def checkpoint_once(self, conn: Optional[sqlite3.Connection] = None) -> Tuple[int, int]:
         """One checkpoint step: (WAL frames, frames checkpointed). Public for tests and tools."""
-        c = conn or self._conn()
-        page = int(c.execute("PRAGMA page_size").fetchone()[0])
-        _, wal_frames, done = c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        self.checkpoints += 1
-        wal_bytes = int(wal_frames) * (page + 24)
-        if wal_bytes >= WAL_RESET_BYTES:
-            with self._write_lock:  # only the pages committed during the pass above are left to copy
-                _, wal_frames, done = c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            self.checkpoint_catchups += 1
-        if wal_bytes >= WAL_HARD_BYTES:
-            # other processes keep writing: make room the blocking way (waits for their writers)
-            log.warning("the WAL of %s is %d MB; running a blocking checkpoint", self.path, wal_bytes >> 20)
-            _, wal_frames, done = c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        return int(wal_frames), int(done)
-
-    def _run(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
-        try:
-            return fn(self._conn())
-        except sqlite3.Error as exc:
-            raise _wrap(exc, what) from exc
-
-    def _write(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def tx(c: sqlite3.Connection) -> T:
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                out = fn(c)
-                c.execute("COMMIT")
-            except BaseException:
-                # also when COMMIT itself failed (busy, I/O error): a transaction left open would make
-                # every later write on this connection fail with "cannot start a transaction within a
-                # transaction"
-                if c.in_transaction:
-                    try:
-                        c.execute("ROLLBACK")
-                    except sqlite3.Error as exc:  # the connection is unusable: drop it, open anew
-                        log.error("ROLLBACK after a failed %s failed too (%s); reopening the connection",
-                                  what, exc)
-                        self._drop_conn(c)
-                raise
-            return out
-        self._start_checkpointer()
-        with self._write_lock:
-            return self._run(what, tx)
-
-    def _drop_conn(self, conn: sqlite3.Connection) -> None:
-        if getattr(self._local, "conn", None) is conn:
-            self._local.conn = None
-        with self._conns_lock:
-            self._conns = [(t, c) for t, c in self._conns if c is not conn]
-        try:
-            conn.close()
-        except sqlite3.Error:  # pragma: no cover
-            pass
+        return self._wal.checkpoint_once(conn or self._conn())
 
     # ---- frames ----
     @staticmethod
@@ -569,18 +378,10 @@ class SqliteStore(SqliteWebMixin, Store):
         self._run("ping", lambda c: c.execute("SELECT 1 FROM frames LIMIT 1").fetchall())
 
     def close(self) -> None:
-        self._closed = True
+        self._db.closed = True
         self.segments.close()
-        self._checkpoint_stop.set()
-        if self._checkpointer is not None and self._checkpointer is not threading.current_thread():
-            self._checkpointer.join(10)
-        with self._conns_lock:
-            conns, self._conns = self._conns, []
-        for _, c in conns:
-            try:
-                c.close()
-            except sqlite3.Error:  # pragma: no cover
-                pass
+        self._wal.stop()
+        self._db.close()
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"

@@ -1,10 +1,6 @@
 """The SQLite store's dashboard half: labels with who and when, the keyset frame query, the telemetry
-series, API tokens and sessions (the contract is hub/store/base.py; the tables and indexes here are
-created by SqliteStore at open).
-
-Indexes (docs/hub.md): every order the label queue offers has an index that yields it directly, for
-all frames and (partial) for the unlabelled ones, so the first page of 100,000 frames reads a page's
-worth of index entries, never sorts.
+series, API tokens and sessions (the contract is hub/store/base.py; the tables and the indexes the
+label queue's orders read are in hub/store/sqlite_schema.py).
 """
 
 from __future__ import annotations
@@ -21,51 +17,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from hub.store.base import FrameRecord
 
 T = TypeVar("T")
-
-WEB_SCHEMA = """
-CREATE TABLE IF NOT EXISTS telemetry_series (
-  device_id TEXT NOT NULL,
-  minute_ms INTEGER NOT NULL,
-  time_ms INTEGER NOT NULL,
-  doc TEXT NOT NULL,
-  PRIMARY KEY (device_id, minute_ms)
-);
-CREATE INDEX IF NOT EXISTS series_minute ON telemetry_series (minute_ms);
-CREATE TABLE IF NOT EXISTS tokens (
-  name TEXT PRIMARY KEY,
-  token_hash TEXT NOT NULL UNIQUE,
-  role TEXT NOT NULL,
-  created_ms INTEGER NOT NULL,
-  revoked_ms INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS sessions (
-  id_hash TEXT PRIMARY KEY,
-  token_name TEXT NOT NULL,
-  csrf TEXT NOT NULL,
-  created_ms INTEGER NOT NULL,
-  expires_ms INTEGER NOT NULL
-);
-"""
-
-# Run after the columns of older databases were added (top_score is one of them). The indexes of older
-# hubs whose columns are a prefix of these are dropped (each index costs every insert).
-FRAME_INDEXES = """
-DROP INDEX IF EXISTS frames_time;
-DROP INDEX IF EXISTS frames_device_time;
-DROP INDEX IF EXISTS frames_unlabelled_time;
-CREATE INDEX IF NOT EXISTS frames_time_id ON frames (capture_time_ms DESC, frame_id DESC);
-CREATE INDEX IF NOT EXISTS frames_device_time_id ON frames (device_id, capture_time_ms DESC, frame_id DESC);
-CREATE INDEX IF NOT EXISTS frames_score_id ON frames (top_score, frame_id);
-CREATE INDEX IF NOT EXISTS frames_unlabelled_time_id ON frames (capture_time_ms DESC, frame_id DESC)
-  WHERE label IS NULL;
-CREATE INDEX IF NOT EXISTS frames_unlabelled_score_id ON frames (top_score, frame_id) WHERE label IS NULL;
-"""
-
-
-def backfill_top_scores(c: sqlite3.Connection) -> None:
-    """The top-1 score of the rows an older hub stored (as hub.store.query.top_score: 0.0 without scores)."""
-    c.execute("UPDATE frames SET top_score = COALESCE((SELECT MAX(CAST(json_extract(value, '$.score') AS REAL)) "
-              "FROM json_each(frames.top_k)), 0.0) WHERE top_score IS NULL")
 
 
 def _where(q: FrameQuery) -> Tuple[List[str], List[Any]]:

@@ -15,12 +15,12 @@ from pydantic import BaseModel, Field
 
 from hub import labels as labelmod
 from hub.auth import DEPLOY, LABEL, READ, Principal
+from hub.errors import TransportError, WebError
 from hub.web import charts as chartmod
 from hub.web import fleetview, modelsview
 from hub.web.context import ctx_of
 from hub.web.frames import class_names, frame_json, query_of
 from hub.web.principal import need
-from hub.web.problems import WebError
 
 router = APIRouter(prefix="/api")
 
@@ -116,7 +116,7 @@ def models(request: Request, who: Principal = Depends(need(READ))) -> List[Dict[
 def _fleet(request: Request) -> Any:
     fleet = ctx_of(request).fleet
     if fleet is None:
-        raise WebError(503, "this hub runs no fleet service (deploys and rollbacks are unavailable)")
+        raise TransportError("this hub runs no fleet service (deploys and rollbacks are unavailable)")
     return fleet
 
 

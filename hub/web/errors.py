@@ -17,8 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hub.errors import ArtifactError, KestrelError, NotFound, TransportError
-from hub.web.problems import LoginRequired, WebError
+from hub.errors import ArtifactError, KestrelError, LoginRequired, NotFound, TransportError, WebError
 from hub.web.render import render_error
 
 log = logging.getLogger(__name__)

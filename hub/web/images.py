@@ -20,10 +20,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from hub.auth import READ, Principal
+from hub.errors import WebError
 from hub.store.base import FrameRecord
 from hub.web.context import ctx_of
 from hub.web.principal import need
-from hub.web.problems import WebError
 
 router = APIRouter(tags=["frames"])
 THUMB_QUALITY = 80

@@ -10,10 +10,10 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
 from hub.auth import authenticate
+from hub.errors import WebError
 from hub.store.authrecords import SessionRecord
 from hub.web.context import WebContext, ctx_of
 from hub.web.principal import LOGIN_COOKIE, SESSION_COOKIE, check_csrf, hash_value, session_of
-from hub.web.problems import WebError
 from hub.web.render import render
 
 router = APIRouter(include_in_schema=False)

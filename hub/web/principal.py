@@ -21,9 +21,9 @@ from typing import Callable, Optional, Tuple
 from fastapi import Request
 
 from hub.auth import ANONYMOUS_READER, READ, Principal, authenticate, principal_of
+from hub.errors import LoginRequired, WebError
 from hub.store.authrecords import SessionRecord
 from hub.web.context import ctx_of
-from hub.web.problems import LoginRequired, WebError
 
 SESSION_COOKIE = "kestrel_session"
 LOGIN_COOKIE = "kestrel_login"   # the login form's double-submit CSRF value

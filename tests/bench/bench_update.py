@@ -89,7 +89,7 @@ def main(out_dir: Path) -> Dict[str, Any]:
                                 "update": {"trust_dir": str(kp.pub_path), "trial_frames": 10 ** 9,
                                            "trial_seconds": 3600.0, "trial_stall_s": 3600.0}})
         holder = ModelHolder()
-        svc = UpdateService(cfg, None, holder, None)
+        svc = UpdateService.from_config(cfg, None, holder, None)
         svc.start()
         svc.install_bytes(bundles[0])
         svc.updater.commit("bench setup")
@@ -150,7 +150,7 @@ def main(out_dir: Path) -> Dict[str, Any]:
         trial = svc.updater.state.trial or {}
         trial["boot_count"] = int(cfg.update.max_boot_attempts)  # what a crash (no clean stop) leaves
         svc.updater.state.update(trial=trial)
-        boot_svc = UpdateService(cfg, None, ModelHolder(), None)
+        boot_svc = UpdateService.from_config(cfg, None, ModelHolder(), None)
         t0 = time.perf_counter()
         booted = boot_svc.boot_model()
         boot_rollback = time.perf_counter() - t0

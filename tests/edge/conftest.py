@@ -10,6 +10,13 @@ import pytest
 from tests.helpers.bundles import KeyPair, make_keypair
 
 
+def publisher_for(cfg: Any, device_id: str, spool_dir: Any) -> Any:
+    """A Publisher built from an EdgeConfig's sections, as the daemon builds it."""
+    from edge.uplink.publisher import Publisher
+
+    return Publisher(cfg.mqtt, cfg.spool, device_id, cfg.device.group, spool_dir)
+
+
 @pytest.fixture(scope="session")
 def gst() -> str:
     """gst-launch-1.0's path. `make test` installs GStreamer, so a missing one is a failure, not a skip."""

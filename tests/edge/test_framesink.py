@@ -13,6 +13,7 @@ from edge.pipeline.loop import SampledFrame
 from edge.uplink.publisher import Publisher
 from edge.uplink.sink import FrameBuilder, SinkWorker, downscale
 from proto import kestrel_pb2 as pb
+from tests.edge.conftest import publisher_for
 from tests.helpers.wait import wait_for
 
 LABELS = ["bright", "dark", "mid"]
@@ -29,7 +30,7 @@ def spool_only_publisher(tmp_path: Path, **mqtt: object) -> Publisher:
     cfg.mqtt.host = ""  # no broker: frames stay in the spool, where the test reads them
     for k, v in mqtt.items():
         setattr(cfg.mqtt, k, v)
-    return Publisher(cfg, "sink1", tmp_path / "spool")
+    return publisher_for(cfg, "sink1", tmp_path / "spool")
 
 
 def spooled_frames(pub: Publisher) -> list:

@@ -23,9 +23,10 @@ import paho.mqtt.client as paho
 import pytest
 
 from edge.config import EdgeConfig
+from edge.errors import AuthError
 from edge.uplink.publisher import Publisher
 from proto import kestrel_pb2, topics
-from proto.errors import AuthError
+from tests.edge.conftest import publisher_for
 from tests.helpers.broker import Mosquitto
 from tests.helpers.mqtt import Collector
 from tests.helpers.wait import wait_for
@@ -75,7 +76,7 @@ def publishers():  # noqa: ANN201
     made: List[Publisher] = []
 
     def make(cfg: EdgeConfig, device: str, spool: Path) -> Publisher:
-        p = Publisher(cfg, device, spool)
+        p = publisher_for(cfg, device, spool)
         made.append(p)
         return p
 
@@ -284,7 +285,7 @@ def test_stop_flushes_frames_published_right_before(broker, tmp_path: Path) -> N
     dev = "flush1"
     col = Collector(broker.host, broker.port, [topics.frames(dev), topics.status(dev)])
     try:
-        pub = Publisher(make_cfg(broker.host, broker.port, max_inflight=2), dev, tmp_path / "spool")
+        pub = publisher_for(make_cfg(broker.host, broker.port, max_inflight=2), dev, tmp_path / "spool")
         pub.start()
         wait_for(lambda: pub.connected, 10, what="connected")
         for i in range(40):
@@ -302,7 +303,7 @@ def test_unsent_frames_stay_in_spool_when_broker_is_down(tmp_path: Path) -> None
     from tests.helpers.broker import free_port
 
     dev = "down1"
-    pub = Publisher(make_cfg("127.0.0.1", free_port()), dev, tmp_path / "spool")
+    pub = publisher_for(make_cfg("127.0.0.1", free_port()), dev, tmp_path / "spool")
     pub.start()
     for i in range(3):
         pub.publish_frame(frame(i, dev))
@@ -312,7 +313,7 @@ def test_unsent_frames_stay_in_spool_when_broker_is_down(tmp_path: Path) -> None
     wait_for(lambda: pub.mqtt.connect_attempts >= 2, 10, what="reconnect attempts")
     pub.stop(flush_timeout_s=5)
     assert pub.spool_stats()[1] == 3
-    again = Publisher(make_cfg("127.0.0.1", free_port()), dev, tmp_path / "spool")
+    again = publisher_for(make_cfg("127.0.0.1", free_port()), dev, tmp_path / "spool")
     assert again.spool_stats()[1] == 3 and again.spool.next_sequence == 3
 
 
@@ -444,7 +445,7 @@ def test_frame_the_broker_refuses_is_set_aside_and_does_not_block_the_rest(broke
         assert len(warnings) == 1, [r.getMessage() for r in warnings]  # one line for the whole episode
     finally:
         col.close()
-    again = Publisher(make_cfg(b.host, b.port), dev, tmp_path / "spool")  # the count survives a restart
+    again = publisher_for(make_cfg(b.host, b.port), dev, tmp_path / "spool")  # the count survives a restart
     assert again.dead_letters == 1 and again.spool.next_sequence == 3
 
 
@@ -501,7 +502,7 @@ def test_spool_write_failure_is_logged_once_and_counted(tmp_path: Path, caplog) 
     import resource
 
     dev = "full1"
-    pub = Publisher(make_cfg("", 1883), dev, tmp_path / "spool")  # no broker: frames stay in the spool
+    pub = publisher_for(make_cfg("", 1883), dev, tmp_path / "spool")  # no broker: frames stay in the spool
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     with caplog.at_level(logging.INFO, logger="edge.uplink.publisher"):
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # a real write error (EFBIG) past 4 KiB
@@ -559,7 +560,7 @@ def child_main(argv: List[str]) -> int:
     cfg = EdgeConfig()
     for k, v in mqtt_cfg.items():
         setattr(cfg.mqtt, k, v)
-    pub = Publisher(cfg, device, spool)
+    pub = publisher_for(cfg, device, spool)
     pub.set_status_provider(lambda state: kestrel_pb2.Status(device_id=device, state=state, group="g-test"))
     pub.start()
     print("ready", flush=True)

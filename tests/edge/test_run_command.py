@@ -9,13 +9,13 @@ import os
 import pytest
 
 from edge.cli import update as updatecmd
+from edge.errors import BrokerError
 from proto.errors import (
     DEBUG_ENV,
     EXIT_ARTIFACT,
     EXIT_INTERRUPTED,
     EXIT_OTHER,
     EXIT_TRANSPORT,
-    BrokerError,
     ConfigError,
     run_command,
 )

@@ -7,9 +7,9 @@ import importlib.util
 import numpy as np
 import pytest
 
+from edge.errors import ModelError
 from edge.inference.preprocess import Preprocessor, crop_box
 from edge.inference.runtime import interpreter_class, load_model
-from proto.errors import ModelError
 from proto.inputspec import InputSpec
 
 LABELS = ["bright", "dark", "mid"]

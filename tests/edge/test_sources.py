@@ -14,9 +14,9 @@ import pytest
 
 from demo.edge import write_video
 from edge.config import SourceConfig
+from edge.errors import SourceError
 from edge.sources import FileSource, RTSPSource, TestPatternSource, open_source
 from edge.sources.gstreamer import GStreamerSource
-from proto.errors import SourceError
 from tests.helpers.broker import free_port
 from tests.helpers.wait import wait_for
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from edge.errors import FrameError, StorageError
 from edge.uplink.spool import HEADER, Spool, decode_record, encode_record
-from proto.errors import ConfigError, FrameError, StorageError
+from proto.errors import ConfigError
 
 BIG = 10 * 1024 * 1024
 

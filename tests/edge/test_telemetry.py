@@ -11,8 +11,8 @@ import pytest
 
 from edge.config import EdgeConfig
 from edge.telemetry.service import EPHEMERAL_PORT, Stats, TelemetryService, percentile
-from edge.uplink.publisher import Publisher
 from proto import kestrel_pb2, topics
+from tests.edge.conftest import publisher_for
 from tests.helpers.mqtt import Collector
 from tests.helpers.wait import wait_for
 
@@ -133,9 +133,10 @@ def test_metrics_endpoint_serves_prometheus_text(broker, tmp_path: Path) -> None
         st.inference(ms / 1000.0)
     st.frame_dropped(2)
     st.set_model(kestrel_pb2.ModelRef(name='cam "A"', version=3, sha256="ff"))
-    pub = Publisher(make_cfg(broker.host, broker.port, 0), "met1", tmp_path / "spool")
+    cfg = make_cfg(broker.host, broker.port, 0)
+    pub = publisher_for(cfg, "met1", tmp_path / "spool")
     pub.spool.append(lambda seq: b"x" * 100)
-    svc = TelemetryService(pub.cfg, "met1", st, pub, metrics_port=EPHEMERAL_PORT)
+    svc = TelemetryService(cfg.telemetry, "met1", st, pub, metrics_port=EPHEMERAL_PORT)
     svc.start()
     try:
         assert svc.metrics_port > 0
@@ -170,7 +171,7 @@ def test_metrics_endpoint_serves_prometheus_text(broker, tmp_path: Path) -> None
 def test_metrics_off_when_port_zero(tmp_path: Path) -> None:
     cfg = make_cfg("", 1883, 0)
     cfg.telemetry.metrics_port = 0
-    svc = TelemetryService(cfg, "off1", Stats(), None)
+    svc = TelemetryService(cfg.telemetry, "off1", Stats(), None)
     svc.start()
     assert svc.metrics_port == 0
     svc.stop()
@@ -181,7 +182,7 @@ def test_telemetry_message_arrives_on_mqtt(broker, tmp_path: Path) -> None:  # n
     col = Collector(broker.host, broker.port, [topics.telemetry(dev)], qos=0)
     cfg = make_cfg(broker.host, broker.port, 0.05)
     cfg.spool.max_frames = 1
-    pub = Publisher(cfg, dev, tmp_path / "spool")
+    pub = publisher_for(cfg, dev, tmp_path / "spool")
     for _ in range(3):  # the frame budget keeps one frame: two evictions
         pub.spool.append(lambda seq: b"y" * 300)
     clock = FakeClock()
@@ -192,7 +193,7 @@ def test_telemetry_message_arrives_on_mqtt(broker, tmp_path: Path) -> None:  # n
     st.frame_sampled()
     st.set_queue_depth(3)
     st.set_model(kestrel_pb2.ModelRef(name="m", version=5, sha256="cd"))
-    svc = TelemetryService(cfg, dev, st, pub, metrics_port=0)
+    svc = TelemetryService(cfg.telemetry, dev, st, pub, metrics_port=0)
     before = svc.build_message()  # not connected yet: the spooled frame waits
     assert before.spool_frames == 1 and before.spool_bytes == pub.spool_stats()[0] > 300
     assert before.spool_evictions == 2

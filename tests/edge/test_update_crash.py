@@ -32,7 +32,7 @@ from edge.updater import state as st
 mode, cfg_path = sys.argv[1], sys.argv[2]
 cfg = config.load(cfg_path)
 holder = ModelHolder()
-svc = UpdateService(cfg, None, holder, None)
+svc = UpdateService.from_config(cfg, None, holder, None)
 model = svc.boot_model()
 holder.swap(model)
 
@@ -155,7 +155,7 @@ def test_daemon_dying_in_trial_comes_back_on_previous_model(rig):  # noqa: ANN00
     assert (after["version"], after["state"]) == (1, st.ROLLED_BACK)
     from edge.updater.engine import Updater
 
-    upd = Updater(config.load(rig["cfg"]))
+    upd = Updater.from_config(config.load(rig["cfg"]))
     assert upd.state.floor("brightness") == 2 and upd.outcome(upd.slots.inactive()) == st.OUT_REJECTED
 
 
@@ -171,7 +171,7 @@ def test_sigkill_during_rollback_finishes_it_at_boot(rig, models_dir, point):  #
     assert (after["version"], after["slot_version"], after["state"]) == (1, 1, st.ROLLED_BACK)
     from edge.updater.engine import Updater
 
-    upd = Updater(config.load(rig["cfg"]))
+    upd = Updater.from_config(config.load(rig["cfg"]))
     assert upd.state.floor("brightness") == 2  # the rollback's intent was carried out in full
     assert upd.outcome(upd.slots.inactive()) == st.OUT_REJECTED
 
@@ -186,7 +186,7 @@ def test_crash_between_switch_and_floor_keeps_the_crashed_version_out(rig):  # n
     from edge.updater.engine import Updater
     from proto.errors import BundleError
 
-    upd = Updater(config.load(rig["cfg"]))
+    upd = Updater.from_config(config.load(rig["cfg"]))
     assert upd.state.floor("brightness") == 2
     with upd.locked(), pytest.raises(BundleError) as ei:
         upd.prepare(rig["v2"].read_bytes(), manual=True)

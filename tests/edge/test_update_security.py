@@ -238,7 +238,7 @@ def test_failed_self_test_slot_is_never_a_rollback_target(device, kp, models_dir
     cfgp.write_text(f'[device]\nid = "dev1"\ndata_dir = "{tmp_path / "data"}"\n'
                     f'[update]\ntrust_dir = "{kp.pub_path}"\n')
     assert updatecmd.main(["rollback", "--config", str(cfgp)]) == 2
-    assert Updater(dev.cfg).slots.active().version == 1
+    assert Updater.from_config(dev.cfg).slots.active().version == 1
 
 
 def test_selftest_requires_cases_and_caps_tolerance_and_budget(device, kp, models_dir, tmp_path):  # noqa: ANN001
@@ -308,7 +308,7 @@ def test_fleet_rollback_blocked_by_the_update_lock_is_retried(device, kp, models
     dev = device()
     on_v1_v2(dev, models_dir, kp)
     order = desired("brightness", 0, rollback=True, rollback_from_version=2)
-    cli = Updater(dev.svc.cfg)  # an operator's `kestrel-edge install` holds the update lock
+    cli = Updater.from_config(dev.cfg)  # an operator's `kestrel-edge install` holds the update lock
     with cli.locked(wait_s=10.0):  # (the worker may still hold it for the commit)
         dev.svc.desired.on_desired_state(order)
     assert dev.version == 2 and dev.svc.updater.state.get("fleet_rollback_ms") != order.issued_ms

@@ -88,7 +88,7 @@ class Device:
     def __init__(self, cfg: config.EdgeConfig, publisher: Any = None) -> None:
         self.cfg = cfg
         self.holder = ModelHolder()
-        self.svc = UpdateService(cfg, publisher, self.holder, None)
+        self.svc = UpdateService.from_config(cfg, publisher, self.holder, None)
         model = self.svc.boot_model()
         if model is not None:
             self.holder.swap(model)
@@ -515,14 +515,14 @@ def test_desired_state_over_mqtt_fetches_installs_and_fleet_rollback(tmp_path, k
 
     import paho.mqtt.client as mqtt
 
-    from edge.uplink.publisher import Publisher
     from proto import kestrel_pb2, topics
+    from tests.edge.conftest import publisher_for
 
     v1, v2 = bundle(models_dir, kp, 1), bundle(models_dir, kp, 2)
     reg = _Registry({("brightness", 1): v1, ("brightness", 2): v2}, cut_after=4096)
     cfg = make_cfg(tmp_path, kp.pub_path, hub_grpc=reg.target)
     cfg.mqtt.host, cfg.mqtt.port = broker.host, broker.port
-    pub = Publisher(cfg, "dev1", tmp_path / "spool")
+    pub = publisher_for(cfg, "dev1", tmp_path / "spool")
     pub.start()
     dev = Device(cfg, publisher=pub)
     hub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)

@@ -15,9 +15,12 @@ import pytest
 from hub.broker import BrokerTarget
 from hub.config import MqttSection
 from hub.errors import PayloadRejected, StoreError, StoreUnavailable
+from hub.ingest.batchwrite import POISON_ATTEMPTS
 from hub.ingest.imagecheck import ImageRejected, check_image
+from hub.ingest.message import Message
 from hub.ingest.parse import DeviceUpdate, validate_frame
-from hub.ingest.pipeline import POISON_ATTEMPTS, Ingest, Message
+from hub.ingest.pipeline import Pipeline
+from hub.ingest.service import Ingest
 from hub.store.base import DeviceRecord, FrameRecord, GroupDesired, ModelRecord, Store
 from hub.store.sqlite import SqliteStore
 from proto import kestrel_pb2, topics
@@ -183,6 +186,22 @@ def frame_acks(ing: Ingest) -> int:
     return int(h["acked"]) - int(h["status"])
 
 
+class RecordedAcks:
+    """The pipeline's Acknowledger without a broker: records what it was handed back."""
+
+    def __init__(self) -> None:
+        self.acked: List[Message] = []
+
+    def ack(self, msgs: List[Message]) -> int:
+        self.acked.extend(msgs)
+        return len(msgs)
+
+
+def make_pipeline(store: Store, tmp_path: Path, **mqtt: Any) -> Pipeline:
+    """The batch pipeline alone (not started): tests hand it batches on their own thread."""
+    return Pipeline(store, MqttSection(**mqtt), tmp_path / "dead", RecordedAcks())
+
+
 def make_ingest(broker: Any, store: Store, group: str, client_id: str = "", dead_letter: Optional[Path] = None,
                 **mqtt: Any) -> Ingest:
     cfg = MqttSection(share_group=group, retry_initial_s=0.05, retry_max_s=0.3, **mqtt)
@@ -266,7 +285,7 @@ def test_qos1_redelivery_after_lost_acks_is_deduplicated(broker: Any, store: Sql
     cid = f"hub-{uuid.uuid4().hex[:8]}"
     ing = make_ingest(broker, store, group, client_id=cid)
     suppressed: List[int] = []
-    ing._ack = lambda msgs: (suppressed.extend(m.mid for m in msgs), len(msgs))[1]  # type: ignore[method-assign]
+    ing.link.ack = lambda msgs: (suppressed.extend(m.mid for m in msgs), len(msgs))[1]  # type: ignore[method-assign]
     publish_all(broker.host, broker.port,
                 [(topics.frames("cam-1"), frame_payload(f"r{i}", "cam-1", seq=i)) for i in range(6)])
     wait_for(lambda: ing.health()["stored"] == 6, 10, what="6 frames committed")
@@ -290,13 +309,12 @@ def test_a_batch_of_acks_reaches_the_broker(broker_factory: Any, store: SqliteSt
     broker = broker_factory()
     cid = f"hub-{uuid.uuid4().hex[:8]}"
     ing = make_ingest(broker, store, group, client_id=cid)
-    writes: List[int] = []
-    real = ing.client._packet_queue  # type: ignore[attr-defined]
-    ing.client._packet_queue = lambda *a, **k: (writes.append(len(a[1])), real(*a, **k))[1]  # type: ignore[attr-defined]
+    assert ing.link.hooks["batched_puback"], "paho's packet queue is not taken: see tests/hub/test_pahohooks.py"
     publish_all(broker.host, broker.port,
                 [(topics.frames("cam-1"), frame_payload(f"k{i}", "cam-1", seq=i)) for i in range(30)])
     wait_for(lambda: frame_acks(ing) == 30, 10, what="30 acks")
-    assert sum(writes) == 30 * 4 and len(writes) < 30  # 4 bytes per PUBACK, fewer writes than frames
+    link = ing.link
+    assert link.acks_batched + link.acks_single == 30 and link.ack_writes < 30  # fewer writes than frames
     ing.stop()
     ing2 = make_ingest(broker, store, group, client_id=cid)
     try:
@@ -325,28 +343,24 @@ def test_unknown_devices_rejected_when_not_allowed(broker_factory: Any, store: S
 
 def test_refused_unknown_devices_are_not_looked_up_for_every_message(
         store: SqliteStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hub.ingest.pipeline
+    import hub.ingest.devices
     flaky = FlakyStore(store)
     lookups: List[str] = []
     real = flaky.get_device
     monkeypatch.setattr(flaky, "get_device", lambda d: (lookups.append(d), real(d))[1])
-    ing = Ingest(flaky, BrokerTarget("127.0.0.1", 1), MqttSection(validate_workers=1, allow_unknown_devices=False),
-                 "refused-cache", dead_letter_dir=tmp_path / "dead")
+    pl = make_pipeline(flaky, tmp_path, validate_workers=1, allow_unknown_devices=False)
     clock = [1000.0]
-    monkeypatch.setattr(hub.ingest.pipeline.time, "monotonic", lambda: clock[0])
-    try:
-        for i in range(3):
-            batch = [Message(0, 0, topics.frames("stranger"), frame_payload(f"x{i}{j}", "stranger", seq=j), 0, 1)
-                     for j in range(4)]
-            ing._process_with_retry(batch, ing._validate_batch(batch))
-        assert lookups == ["stranger"] and ing.health()["rejected"]["unknown_device"] == 12
-        store.upsert_device("stranger")  # registered meanwhile: accepted once the refusal expires
-        clock[0] += hub.ingest.pipeline.UNKNOWN_DEVICE_CACHE_S
-        batch = [Message(0, 0, topics.frames("stranger"), frame_payload("late", "stranger"), 0, 1)]
-        ing._process_with_retry(batch, ing._validate_batch(batch))
-        assert lookups == ["stranger", "stranger"] and store.count_frames() == 1
-    finally:
-        ing.stop()
+    monkeypatch.setattr(hub.ingest.devices.time, "monotonic", lambda: clock[0])
+    for i in range(3):
+        batch = [Message(0, 0, topics.frames("stranger"), frame_payload(f"x{i}{j}", "stranger", seq=j), 0, 1)
+                 for j in range(4)]
+        pl._process_with_retry(batch, pl._validate_batch(batch))
+    assert lookups == ["stranger"] and pl.snapshot()["rejected"]["unknown_device"] == 12
+    store.upsert_device("stranger")  # registered meanwhile: accepted once the refusal expires
+    clock[0] += hub.ingest.devices.UNKNOWN_DEVICE_CACHE_S
+    batch = [Message(0, 0, topics.frames("stranger"), frame_payload("late", "stranger"), 0, 1)]
+    pl._process_with_retry(batch, pl._validate_batch(batch))
+    assert lookups == ["stranger", "stranger"] and store.count_frames() == 1
 
 
 def test_status_and_telemetry_update_the_device(broker: Any, store: SqliteStore, group: str) -> None:
@@ -452,15 +466,14 @@ def test_check_image_decodes_the_whole_image():
 def test_parallel_validation_keeps_the_batch_order(tmp_path: Path):
     """Frames are validated in per-worker chunks; each result must stay with its message."""
     store = SqliteStore(tmp_path / "v.db")
-    ing = Ingest(store, BrokerTarget("127.0.0.1", 1), MqttSection(validate_workers=3), "validate-order",
-                 dead_letter_dir=tmp_path / "dead")
+    pl = make_pipeline(store, tmp_path, validate_workers=3)
     try:
         batch = []
         for i in range(11):
             payload = frame_payload(f"f{i}", "cam-1", image=b"junk" if i % 4 == 1 else None, seq=i)
             batch.append(Message(i, 1, topics.frames("cam-1"), payload, 0, 0))
         batch.append(Message(99, 1, topics.telemetry("cam-1"), b"", 0, 0))
-        results = ing._validate_batch(batch)
+        results = pl._validate_batch(batch)
         assert len(results) == len(batch)
         for i, r in enumerate(results[:11]):
             if i % 4 == 1:
@@ -471,7 +484,7 @@ def test_parallel_validation_keeps_the_batch_order(tmp_path: Path):
         tele = results[11]  # parsed on the validate stage too (an empty Telemetry is a valid one)
         assert isinstance(tele, DeviceUpdate) and (tele.kind, tele.fields) == ("telemetry", {"last_telemetry": {}})
     finally:
-        ing.stop()
+        pl.stop()
         store.close()
 
 
@@ -598,17 +611,15 @@ def test_dead_letters_of_one_millisecond_never_overwrite_each_other(
     monkeypatch.setattr(hub.ingest.pipeline, "now_ms", lambda: 1_700_000_000_000)
     flaky = FlakyStore(store)
     flaky.refuse = {"r1", "r2"}
-    ing = Ingest(flaky, BrokerTarget("127.0.0.1", 1), MqttSection(validate_workers=1), "dead-names",
-                 dead_letter_dir=tmp_path / "dead")
+    pl = make_pipeline(flaky, tmp_path, validate_workers=1)
     try:
         batch = [Message(0, 0, topics.frames("cam-1"), frame_payload(fid, "cam-1", seq=i), 0, 1)
                  for i, fid in enumerate(["r1", "ok", "r2"])]
-        ing._process_with_retry(batch, ing._validate_batch(batch))
+        pl._process_with_retry(batch, pl._validate_batch(batch))
         kept = sorted(p.read_bytes() for p in (tmp_path / "dead").glob("*.frame"))
         assert kept == sorted([batch[0].payload, batch[2].payload])
-        assert ing.health()["dead_lettered"] == 2 and store.count_frames() == 1
+        assert pl.snapshot()["dead_lettered"] == 2 and store.count_frames() == 1
     finally:
-        ing.stop()
         store.close()
 
 
@@ -616,8 +627,7 @@ def test_a_batch_is_one_store_transaction_with_device_updates_merged(store: Sqli
     """20 frames + 50 telemetry + 2 statuses: one store write (one COMMIT, one fsync with FULL), each
     device upserted once with its messages merged in arrival order (the last status wins)."""
     flaky = FlakyStore(store)
-    ing = Ingest(flaky, BrokerTarget("127.0.0.1", 1), MqttSection(validate_workers=1), "one-tx",
-                 dead_letter_dir=tmp_path / "dead")
+    pl = make_pipeline(flaky, tmp_path, validate_workers=1)
     batch = [Message(0, 0, topics.frames(f"cam-{i % 4}"), frame_payload(f"tx{i}", f"cam-{i % 4}", seq=i), 0,
                      1000 + i) for i in range(20)]
     tele = [kestrel_pb2.Telemetry(device_id=f"cam-{i % 5}", time_ms=500 + i, fps=float(i)) for i in range(50)]
@@ -628,16 +638,16 @@ def test_a_batch_is_one_store_transaction_with_device_updates_merged(store: Sqli
     statements: List[str] = []
     store._conn().set_trace_callback(statements.append)
     try:
-        ing._process_with_retry(batch, ing._validate_batch(batch))
+        pl._process_with_retry(batch, pl._validate_batch(batch))
         assert flaky.writes == 1 and statements.count("COMMIT") == 1
-        assert store.count_frames() == 20 and ing.health()["stored"] == 20
+        assert store.count_frames() == 20 and pl.snapshot()["stored"] == 20
         assert [d.device_id for d in store.list_devices()] == [f"cam-{i}" for i in range(5)]
         cam1, cam4 = store.get_device("cam-1"), store.get_device("cam-4")
         assert cam1 is not None and cam1.state == "offline" and cam1.last_telemetry["fps"] == 46.0
         assert cam4 is not None and cam4.last_telemetry["fps"] == 49.0 and cam4.last_seen_ms == 549
         assert cam1.last_seen_ms == 1017  # its last frame's arrival (later than its messages' own times)
+        assert pl.acknowledger.acked == batch  # type: ignore[attr-defined]  # handed back to acknowledge, in order
     finally:
-        ing.stop()
         store.close()
 
 
@@ -681,9 +691,9 @@ def test_qos0_backlog_is_bounded_and_counted(tmp_path: Path) -> None:
                 self.mid, self.qos, self.topic, self.payload = mid, qos, topic, b"x"
 
         for i in range(12):  # not started: nothing drains the queue
-            ing._on_message(ing.client, None, Msg(i, 0, topics.telemetry("cam-1")))  # type: ignore[arg-type]
-        ing._on_message(ing.client, None, Msg(99, 1, topics.frames("cam-1")))  # type: ignore[arg-type]
-        assert ing._queue.qsize() == 6 and ing.health()["dropped_qos0"] == 7
+            ing.link._on_message(ing.client, None, Msg(i, 0, topics.telemetry("cam-1")))  # type: ignore[arg-type]
+        ing.link._on_message(ing.client, None, Msg(99, 1, topics.frames("cam-1")))  # type: ignore[arg-type]
+        assert ing.pipeline.backlog() == 6 and ing.health()["dropped_qos0"] == 7
         assert ing.health()["threads_alive"] is False  # not started: /healthz would say so
     finally:
         store.close()

@@ -620,8 +620,8 @@ def test_sqlite_checkpoints_keep_the_wal_bounded(tmp_path, monkeypatch) -> None:
     """Under continuous writes a PASSIVE checkpoint never catches up by itself; past WAL_RESET_BYTES the
     checkpointer finishes the copy while holding this process's writers, so the next commit restarts
     the WAL from its beginning (a few pages) instead of appending for ever."""
-    import hub.store.sqlite as sq
-    monkeypatch.setattr(sq, "WAL_RESET_BYTES", 256 * 1024)
+    import hub.store.sqlite_checkpoint as ck
+    monkeypatch.setattr(ck, "WAL_RESET_BYTES", 256 * 1024)
     s = SqliteStore(tmp_path / "w.db", checkpoint_interval_s=3600)  # checkpoints only when we say
     image = os.urandom(50 * 1024)
     for i in range(40):  # ~1 MB of WAL (rows and index pages: the images are in segment files)
@@ -641,7 +641,7 @@ def test_sqlite_background_checkpointer_runs(tmp_path) -> None:  # noqa: ANN001
     s.add_frame(rec("b1"))
     wait_for(lambda: s.checkpoints >= 2, 10, what="background checkpoints")
     s.close()
-    assert s._checkpointer is not None and not s._checkpointer.is_alive()
+    assert s._wal.thread is not None and not s._wal.thread.is_alive()
 
 
 def test_sqlite_indexes_exist(tmp_path) -> None:  # noqa: ANN001
@@ -691,7 +691,7 @@ def test_sqlite_closes_connections_of_finished_threads(tmp_path) -> None:  # noq
         t.start()
         t.join()
     s.count_frames()
-    assert len(s._conns) <= 2  # this thread's, plus at most the last finished one until the next open
+    assert len(s._db.conns) <= 2  # this thread's, plus at most the last finished one until the next open
     s.close()
 
 
