@@ -262,6 +262,7 @@ def package(rundir: Path, key_path: str, version: int, out: Path, allow_failed_g
                           f"`kestrel-train evaluate {rundir}` again")
     spec = InputSpec.from_dict(ev["stages"][DEPLOYED]["spec"])
     cv = read_json(rundir / "train" / "cv.json", "train")
+    op = read_json(rundir / "optimize" / "optimize.json", "optimize")
     st = ev["stages"]
     metrics = {
         "accuracy": st[DEPLOYED]["accuracy"], "macro_f1": st[DEPLOYED]["macro_f1"],
@@ -269,6 +270,10 @@ def package(rundir: Path, key_path: str, version: int, out: Path, allow_failed_g
         "cv_accuracy_mean": (cv.get("accuracy") or {}).get("mean"),
         "cv_accuracy_std": (cv.get("accuracy") or {}).get("std"),
         "cv_k": cv.get("k"), "bytes": len(model_bytes), "n_test": ev.get("n_test"),
+        # for the hub dashboard's Models page: the int8 model's median latency on the trainer's machine
+        # (edge runtime) and the share of zero weights in its pruned kernels
+        "latency_ms": (st[DEPLOYED].get("latency") or {}).get("median_ms"),
+        "sparsity": (op.get("sparsity") or {}).get("overall"),
     }
     metrics = {k: v for k, v in metrics.items() if v is not None}
     data = bundle.build_bundle(

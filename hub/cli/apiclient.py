@@ -5,6 +5,7 @@ request, 3 when the hub cannot be reached or fails)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Any, Dict, Optional
 
@@ -35,6 +36,7 @@ class HubApi:
         headers = {"Accept": "application/json", "User-Agent": "kestrel-hub-cli"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request on the CLI's stderr
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
 
     @classmethod
