@@ -36,7 +36,7 @@ def picture(seed: int, w: int = 160, h: int = 120) -> bytes:
     rng = np.random.default_rng(seed)
     level = int(rng.integers(60, 200))
     img = np.full((h, w, 3), level, np.uint8)
-    img += rng.integers(0, 18, (h, w, 3), dtype=np.uint8)
+    img[:, :, :] = np.linspace(level - 30, level + 30, w, dtype=np.float64).clip(0, 255).astype(np.uint8)[None, :, None]
     color = tuple(int(c) for c in rng.integers(0, 255, 3))
     center = (int(rng.integers(30, w - 30)), int(rng.integers(30, h - 30)))
     cv2.circle(img, center, int(rng.integers(12, 30)), color, -1)

@@ -140,6 +140,9 @@ def test_healthz_is_503_when_unhealthy_and_metrics_render(tmp_path: Path) -> Non
         assert samples[("kestrel_hub_ingest_stored_total", ())] == 7
         assert ("kestrel_hub_frames_unlabelled", ()) not in samples  # the store is down: no fleet figures
         assert get(f"http://127.0.0.1:{srv.port}/nope")[0] == 404
+        import socket
+        # no Nagle wait on kept-alive connections (about 40 ms per response without it; docs/dashboard.md)
+        assert srv.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         srv.stop()
         store.close()
