@@ -29,6 +29,7 @@ from hub.metrics import HubMetrics
 from hub.store.base import Store
 from hub.store.open import open_store
 from proto import atomic
+from proto.clock import now_ms
 
 log = logging.getLogger("hub.server")
 
@@ -125,16 +126,11 @@ class HubServer:
         self._housekeeping.start()
 
     def _housekeep(self) -> None:
-        """Delete telemetry points older than [store] telemetry_retention_h and expired sessions."""
-        import time
-
+        """Every HOUSEKEEPING_S: the store's old telemetry points and expired sessions go (housekeep)."""
         while True:
-            store = self.store
-            if store is not None:
-                now = int(time.time() * 1000)
+            if self.store is not None:
                 try:
-                    store.prune_series(now - int(self.cfg.store.telemetry_retention_h * 3600 * 1000))
-                    store.prune_sessions(now)
+                    housekeep(self.store, self.cfg.store.telemetry_retention_h, now_ms())
                 except KestrelError as exc:  # the store is away: the next round tries again
                     log.warning("housekeeping: %s", exc)
             if self._housekeeping_stop.wait(HOUSEKEEPING_S):
@@ -188,6 +184,12 @@ class HubServer:
             and bool(ingest.get("threads_alive"))
         return {"ok": ok, "store": store, "broker": broker, "ingest": ingest,
                 "grpc": {"port": self.grpc_port, "running": self.grpc_server is not None}}
+
+
+def housekeep(store: Store, retention_h: float, now: int) -> Tuple[int, int]:
+    """Delete telemetry points older than ``retention_h`` ([store] telemetry_retention_h) and sessions
+    expired by ``now``; (points, sessions) deleted."""
+    return store.prune_series(now - int(retention_h * 3600 * 1000)), store.prune_sessions(now)
 
 
 # ---- the subcommand ----

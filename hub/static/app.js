@@ -39,5 +39,16 @@
     return data;
   }
 
-  window.kestrel = { api, toast, csrf };
+  // a message to show after a reload (a page that changed something reloads to show the new state)
+  function toastAfterReload(text) {
+    try { sessionStorage.setItem("kestrel-toast", text); } catch (e) { /* private mode: no message */ }
+    window.location.reload();
+  }
+  document.addEventListener("DOMContentLoaded", () => {
+    let text = null;
+    try { text = sessionStorage.getItem("kestrel-toast"); sessionStorage.removeItem("kestrel-toast"); } catch (e) { }
+    if (text) toast(text);
+  });
+
+  window.kestrel = { api, toast, csrf, toastAfterReload };
 })();

@@ -59,8 +59,8 @@
       const body = p.action === "deploy"
         ? Object.assign({ model_name: p.model, version: p.version }, t) : t;
       const out = await window.kestrel.api("POST", "/api/" + p.action, body);
-      window.kestrel.toast((p.action === "deploy" ? "deployed: " : "rollback announced: ") + out.topic + " (retained)");
-      setTimeout(() => window.location.reload(), 1200);
+      window.kestrel.toastAfterReload((p.action === "deploy" ? "deployed: " : "rollback announced: ") + out.topic +
+        " (retained)");
     } catch (e) {
       window.kestrel.toast(e.message, true);
     }

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional
 
-from hub.fleet import effective_desired
-from hub.store.base import DeviceRecord, GroupDesired, Store
+from hub.fleet import devices_with_desired
+from hub.store.base import DeviceRecord, Store
 
 
 def _num(tele: Mapping[str, Any], key: str) -> Optional[float]:
@@ -20,14 +20,8 @@ def _num(tele: Mapping[str, Any], key: str) -> Optional[float]:
 
 
 def devices(store: Store, group: Optional[str] = None) -> List[DeviceRecord]:
-    """Device records with the desired state that applies to each (hub.fleet.effective_desired)."""
-    groups: Dict[str, Optional[GroupDesired]] = {}
-    out = []
-    for dev in store.list_devices(group or None):
-        if dev.group not in groups:
-            groups[dev.group] = store.get_group_desired(dev.group)
-        out.append(effective_desired(dev, groups[dev.group]))
-    return out
+    """Device records with the desired state that applies to each (hub.fleet.devices_with_desired)."""
+    return devices_with_desired(store, group)
 
 
 def device_json(d: DeviceRecord) -> Dict[str, Any]:

@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from hub.auth import DEPLOY, LABEL, Principal
+from hub.errors import KestrelError
 from hub.web import svg
 from hub.web.context import ctx_of
 from hub.web.frames import when
@@ -28,7 +29,7 @@ def render(request: Request, name: str, context: Dict[str, Any], status: int = 2
     session = None
     try:
         principal, session = current(request), session_of(request)
-    except Exception:  # noqa: BLE001 - a bad Authorization header: the page itself says so
+    except KestrelError:  # a bad Authorization header: the page (an error page) says so itself
         pass
     base = {"who": principal, "csrf": session.csrf if session else "", "version": ctx.version,
             "auth_reads": ctx.http.auth_reads, "nav": name.split(".")[0], "can_label": bool(principal and

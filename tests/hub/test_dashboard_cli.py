@@ -48,6 +48,13 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
         proc.stop()
 
 
+def test_the_first_admin_token_is_in_a_0600_file_and_never_in_the_log(hub: Hub) -> None:
+    path = hub.proc.data_dir / "admin-token"
+    log = hub.proc.log_path.read_text()
+    assert path.stat().st_mode & 0o777 == 0o600 and str(path) in log
+    assert path.read_text().strip() not in log and hub.proc.info["admin_token_file"] == str(path)
+
+
 def test_tokens_add_list_revoke(hub: Hub) -> None:
     r = cli("tokens", "--config", str(hub.config), "add", "lena", "--role", "labeller")
     assert r.returncode == 0, r.stderr

@@ -299,3 +299,37 @@ def test_charts_take_differences_per_device_and_restart_on_a_restart() -> None:
     assert c.score_hist["m v1"] == pytest.approx([80 / 200, 120 / 200])
     assert c.score_p50["m v1"][i1] == pytest.approx(0.5 + 0.5 * (50 - 30) / 70)  # linear within the bin
     assert c.fleet_fps[i2] == pytest.approx(15.0) and c.latency_p95[i2] == 90.0 and c.devices == 2
+
+
+def test_a_store_without_tokens_gets_an_admin_token_file(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "fresh.db")
+    try:
+        made = auth.ensure_admin_token(store, tmp_path)
+        assert made == tmp_path / "admin-token" and made.stat().st_mode & 0o777 == 0o600
+        token = made.read_text().strip()
+        who = auth.authenticate(store, token)
+        assert who is not None and who.role == "admin" and who.can(auth.ADMIN)
+        assert auth.ensure_admin_token(store, tmp_path) is None  # there is an active token now
+        assert made.read_text().strip() == token
+        auth.revoke_token(store, "admin")
+        again = auth.ensure_admin_token(store, tmp_path)  # every token revoked: a new one, a new file
+        assert again == made and made.read_text().strip() != token
+        assert auth.authenticate(store, token) is None and auth.authenticate(store, made.read_text().strip())
+    finally:
+        store.close()
+
+
+def test_housekeeping_drops_old_points_and_expired_sessions(tmp_path: Path) -> None:
+    from hub.server import housekeep
+    from hub.store.authrecords import SessionRecord
+    store = SqliteStore(tmp_path / "hk.db")
+    try:
+        now = 1_800_000_000_000
+        store.add_series([SeriesPoint("d", now - 49 * 3600 * 1000, now - 49 * 3600 * 1000),
+                          SeriesPoint("d", now - 47 * 3600 * 1000, now - 47 * 3600 * 1000)])
+        store.add_session(SessionRecord("old", "x", "c", 0, now - 1))
+        store.add_session(SessionRecord("new", "x", "c", 0, now + 1))
+        assert housekeep(store, 48.0, now) == (1, 1)
+        assert len(store.list_series(0)) == 1 and store.get_session("new") is not None
+    finally:
+        store.close()
