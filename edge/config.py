@@ -9,6 +9,7 @@ docs/edge-config.md``; a test fails when it is stale).
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 from pathlib import Path
 from typing import List, Optional, Union
@@ -19,6 +20,26 @@ from proto.modelname import MODEL_NAME_RULE, valid_model_name
 from proto.tomlconf import field
 
 MiB = 1024 * 1024
+GST_PRESETS = ("csi", "usb", "usb-mjpeg", "test")  # expanded by edge.sources.gstreamer.preset_pipeline
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"  # set by systemd's LoadCredential=
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def secret_path(path: str) -> str:
+    """Where a secret file named in the config is read from: a relative name is looked up in
+    ``$CREDENTIALS_DIRECTORY`` first (systemd ``LoadCredential=``), else taken as given."""
+    if path and not os.path.isabs(path):
+        creds = os.environ.get(CREDENTIALS_ENV)
+        if creds and os.path.exists(os.path.join(creds, path)):
+            return os.path.join(creds, path)
+    return path
 
 
 def _positive(obj: object, *names: str) -> None:
@@ -59,7 +80,14 @@ class DeviceConfig:
 class SourceConfig:
     kind: str = field("testpattern", doc="file, v4l2, rtsp, gstreamer or testpattern.")
     uri: str = field("", doc="file: a video path; v4l2: an index or /dev/videoN; rtsp: rtsp://...; "
-                             "gstreamer: the pipeline up to (not including) the appsink/fdsink.")
+                             "gstreamer: the pipeline up to (not including) the appsink/fdsink, or with "
+                             "a preset the camera it names (csi: the sensor id, default 0; usb, "
+                             "usb-mjpeg: the device, default /dev/video0).")
+    preset: str = field("", doc="gstreamer: a ready pipeline instead of uri: csi (nvarguscamerasrc -> "
+                                "nvvidconv, a Jetson's CSI camera), usb (v4l2src raw, converted by nvvidconv "
+                                "where it exists), usb-mjpeg (v4l2src MJPEG, decoded by nvv4l2decoder where "
+                                "it exists, else jpegdec) or test (videotestsrc); width, height and fps "
+                                "are asked of the camera. Empty = uri is the pipeline.")
     name: str = field("cam0", doc="Name of this source, carried in every frame message.")
     width: int = field(640, doc="Frame width requested from v4l2/gstreamer/testpattern sources.")
     height: int = field(480, doc="Frame height requested from v4l2/gstreamer/testpattern sources.")
@@ -83,8 +111,14 @@ class SourceConfig:
         kinds = ("file", "v4l2", "rtsp", "gstreamer", "testpattern")
         if self.kind not in kinds:
             raise ValueError(f"kind must be one of {', '.join(kinds)}, not {self.kind!r}")
-        if self.kind in ("file", "rtsp", "gstreamer", "v4l2") and not self.uri:
-            raise ValueError(f"kind={self.kind!r} needs uri")
+        if self.preset and self.kind != "gstreamer":
+            raise ValueError(f"preset is for kind = \"gstreamer\", not {self.kind!r}")
+        if self.preset and self.preset not in GST_PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r} ({', '.join(GST_PRESETS)})")
+        if self.preset == "csi" and self.uri and not self.uri.isdigit():
+            raise ValueError(f"preset csi: uri is the camera's sensor id (0, 1, ...), not {self.uri!r}")
+        if self.kind in ("file", "rtsp", "gstreamer", "v4l2") and not self.uri and not self.preset:
+            raise ValueError(f"kind={self.kind!r} needs uri" + (" or preset" if self.kind == "gstreamer" else ""))
         if self.width <= 0 or self.height <= 0:
             raise ValueError("width and height must be positive")
         if self.reconnect_initial_s <= 0 or self.reconnect_max_s < self.reconnect_initial_s:
@@ -103,7 +137,9 @@ class ModelConfig:
     runtime: str = field("auto", doc="auto, tflite-runtime, ai-edge-litert or tensorflow. auto tries "
                                      "tflite-runtime then ai-edge-litert; tensorflow (tf.lite, a full "
                                      "TensorFlow install) is used only when named here.")
-    threads: int = field(2, doc="Interpreter threads.")
+    threads: int = field(0, doc="Interpreter threads; 0 = the cores this process may use "
+                                "(os.sched_getaffinity: all 4 on a Jetson Nano, fewer under a CPUAffinity= "
+                                "or taskset). Set 1 less than that to leave a core to capture and encoding.")
     color_order: str = field("rgb", doc="Channel order the model expects: rgb or bgr (bundles say it).")
     normalization: str = field("0_1", doc="Float input scaling: 0_1, -1_1 or raw (0..255); "
                                           "quantized inputs use the model's scale/zero point on top.")
@@ -120,10 +156,15 @@ class ModelConfig:
             raise ValueError("normalization must be 0_1, -1_1 or raw")
         if self.resize not in ("stretch", "center_crop"):
             raise ValueError("resize must be stretch or center_crop")
-        if not 1 <= self.threads <= 64:
-            raise ValueError("threads must be 1..64")
+        if not 0 <= self.threads <= 64:
+            raise ValueError("threads must be 0 (the cores this process may use) .. 64")
         if self.top_k < 1:
             raise ValueError("top_k must be >= 1")
+
+    @property
+    def resolved_threads(self) -> int:
+        """``threads``, with 0 resolved to the cores this process may run on."""
+        return self.threads or usable_cores()
 
 
 @dataclasses.dataclass
@@ -193,11 +234,14 @@ class MqttConfig:
     host: str = field("127.0.0.1", doc="Broker host; empty disables MQTT (frames stay in the spool).")
     port: int = field(1883, doc="Broker port (8883 is usual with TLS).")
     username: str = field("", doc="Username; empty = anonymous.")
-    password_file: str = field("", doc="File holding the password (keeps secrets out of the config).")
+    password_file: str = field("", doc="File holding the password (keeps secrets out of the config). A "
+                                       "relative name is looked up in $CREDENTIALS_DIRECTORY first (systemd "
+                                       "LoadCredential=).")
     tls: bool = field(False, doc="Use TLS.")
-    ca_file: str = field("", doc="CA bundle for TLS; empty = system CAs.")
-    cert_file: str = field("", doc="Client certificate for mutual TLS.")
-    key_file: str = field("", doc="Client key for mutual TLS.")
+    ca_file: str = field("", doc="CA bundle for TLS; empty = system CAs. Relative: as key_file.")
+    cert_file: str = field("", doc="Client certificate for mutual TLS. Relative: as key_file.")
+    key_file: str = field("", doc="Client key for mutual TLS. A relative name is looked up in "
+                                  "$CREDENTIALS_DIRECTORY first (systemd LoadCredential=).")
     keepalive_s: int = field(30, doc="MQTT keepalive; the broker sends the last will after 1.5x this.")
     ack_timeout_s: float = field(10.0, doc="How long to wait for a PUBACK before treating the link as down.")
     max_inflight: int = field(20, doc="Frames published and not yet acknowledged at once.")
@@ -250,6 +294,10 @@ class TelemetryConfig:
     interval_s: float = field(10.0, doc="Seconds between telemetry messages (0 = off).")
     metrics_port: int = field(9108, doc="Prometheus /metrics port (0 = off).")
     metrics_bind: str = field("127.0.0.1", doc="Address the /metrics endpoint listens on.")
+    tegrastats: str = field("auto", doc="Jetson readings (CPU and GPU load, temperatures, power rails, EMC) "
+                                        "from NVIDIA's tegrastats, in telemetry and /metrics: auto (when "
+                                        "tegrastats is on PATH), off, or the path of the tegrastats binary.")
+    tegrastats_interval_ms: int = field(1000, doc="tegrastats --interval: milliseconds between readings.")
 
     def validate(self) -> None:
         _not_negative(self, "interval_s")
@@ -257,6 +305,10 @@ class TelemetryConfig:
             raise ValueError(f"metrics_port must be 0..65535 (0 = off), not {self.metrics_port}")
         if self.metrics_port and not self.metrics_bind:
             raise ValueError("metrics_bind must not be empty while metrics_port is set")
+        if not self.tegrastats:
+            raise ValueError("tegrastats must be auto, off or a path")
+        if not 100 <= self.tegrastats_interval_ms <= 60000:
+            raise ValueError(f"tegrastats_interval_ms must be 100..60000, not {self.tegrastats_interval_ms}")
 
 
 @dataclasses.dataclass
@@ -366,6 +418,6 @@ def read_secret(path: str) -> Optional[str]:
     if not path:
         return None
     try:
-        return Path(path).read_text().strip()
+        return Path(secret_path(path)).read_text().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from exc

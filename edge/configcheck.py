@@ -16,6 +16,7 @@ from typing import List, Optional
 import cv2
 
 from edge import config
+from edge.sources.gstreamer import preset_problems
 from edge.updater.factory import is_bundle_path, load_factory_model
 from proto.errors import ConfigError, KestrelError
 
@@ -28,6 +29,8 @@ def check_plausible(cfg: config.EdgeConfig) -> List[str]:
         problems.append(f"source.uri: video file {src.uri} does not exist")
     if src.kind == "gstreamer" and not shutil.which("gst-launch-1.0"):
         problems.append("source.kind = gstreamer needs gst-launch-1.0 (apt install gstreamer1.0-tools)")
+    elif src.kind == "gstreamer" and src.preset:
+        problems.extend(preset_problems(src))
     if src.kind == "rtsp" and not src.uri.lower().startswith(("rtsp://", "rtsps://")):
         problems.append(f"source.uri: {src.uri!r} is not an rtsp:// URL")
     if src.kind == "v4l2" and not src.uri.isdigit() and not src.uri.startswith("/dev/"):
@@ -58,6 +61,7 @@ def check_plausible(cfg: config.EdgeConfig) -> List[str]:
 
 
 def _readable(path: str) -> bool:
+    path = config.secret_path(path)
     return Path(path).is_file() and os.access(path, os.R_OK)
 
 

@@ -1,4 +1,4 @@
-"""API tokens and roles: who may read, label, deploy and administer (docs/dashboard.md, ADR 0013).
+"""API tokens and roles: who may read, label, deploy and administer (docs/dashboard.md, ADR 0016).
 
 A token is 32 random bytes (``kst_`` + URL-safe base64), shown once when it is made; the store keeps
 only its sha256 (hub/store/authrecords.py), so several hubs sharing a store share the tokens and a

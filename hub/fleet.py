@@ -212,4 +212,4 @@ def device_message(dev: DeviceRecord) -> kestrel_pb2.Device:
                                            sha256=dev.reported_sha256),
             previous=kestrel_pb2.ModelRef(name=dev.reported_model, version=dev.previous_version),
             update_state=dev.update_state, reason=dev.update_reason),
-        desired_version=dev.desired_version, desired_model=dev.desired_model)
+        desired_version=dev.desired_version, desired_model=dev.desired_model, threshold=dev.threshold)

@@ -24,15 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/kestrel.proto\x12\nkestrel.v1\"9\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"7\n\x08TopScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\xb5\x02\n\x05\x46rame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61pture_time_ms\x18\x03 \x01(\x03\x12#\n\x05model\x18\x04 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12)\n\x07reasons\x18\x05 \x03(\x0e\x32\x18.kestrel.v1.SampleReason\x12#\n\x05top_k\x18\x06 \x03(\x0b\x32\x14.kestrel.v1.TopScore\x12\r\n\x05image\x18\x07 \x01(\x0c\x12\x14\n\x0cimage_format\x18\x08 \x01(\t\x12\r\n\x05width\x18\t \x01(\r\x12\x0e\n\x06height\x18\n \x01(\r\x12\x0e\n\x06source\x18\x0b \x01(\t\x12\x10\n\x08sequence\x18\x0c \x01(\x04\x12\x13\n\x0bimage_bytes\x18\r \x01(\r\"\xac\x03\n\tTelemetry\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07time_ms\x18\x02 \x01(\x03\x12\x0b\n\x03\x66ps\x18\x03 \x01(\x01\x12\x16\n\x0elatency_p50_ms\x18\x04 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x05 \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\r\x12\x13\n\x0bspool_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cspool_frames\x18\x08 \x01(\x04\x12\x17\n\x0fspool_evictions\x18\t \x01(\x04\x12#\n\x05model\x18\n \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12\x10\n\x08uptime_s\x18\x0b \x01(\x01\x12\x18\n\x10\x66rames_processed\x18\x0c \x01(\x04\x12\x16\n\x0e\x66rames_sampled\x18\r \x01(\x04\x12\x16\n\x0e\x66rames_dropped\x18\x0e \x01(\x04\x12\x16\n\x0e\x66rames_corrupt\x18\x0f \x01(\x04\x12\x1d\n\x15\x66rames_low_confidence\x18\x10 \x01(\x04\x12\x17\n\x0fscore_histogram\x18\x11 \x03(\x04\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x12 \x01(\x04\"\xcb\x01\n\x0fVersionManifest\x12\'\n\tinstalled\x18\x01 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12&\n\x08previous\x18\x02 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12\x14\n\x0cupdate_state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x16\n\x0etarget_version\x18\x05 \x01(\x04\x12\x12\n\nupdated_ms\x18\x06 \x01(\x03\x12\x15\n\rversion_floor\x18\x07 \x01(\x04\"\xb8\x01\n\x06Status\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07time_ms\x18\x03 \x01(\x03\x12#\n\x05model\x18\x04 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12-\n\x08versions\x18\x05 \x01(\x0b\x32\x1b.kestrel.v1.VersionManifest\x12\r\n\x05group\x18\x06 \x01(\t\x12\x18\n\x10software_version\x18\x07 \x01(\t\"\xaa\x01\n\x0c\x44\x65siredState\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x11\n\tissued_ms\x18\x05 \x01(\x03\x12\x10\n\x08rollback\x18\x06 \x01(\x08\x12\x13\n\x0bgrpc_target\x18\x07 \x01(\t\x12\x1d\n\x15rollback_from_version\x18\x08 \x01(\x04\"=\n\tPushChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"V\n\nPushResult\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12\x15\n\rbundle_sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\x92\x01\n\x0cModelVersion\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12\x15\n\rbundle_sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x12\n\ncreated_ms\x18\x04 \x01(\x03\x12\x14\n\x0cmetrics_json\x18\x05 \x01(\t\x12\x0e\n\x06key_id\x18\x06 \x01(\t\"\'\n\x11ListModelsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"@\n\x12ListModelsResponse\x12*\n\x08versions\x18\x01 \x03(\x0b\x32\x18.kestrel.v1.ModelVersion\"W\n\x0c\x46\x65tchRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"N\n\nFetchChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xd6\x01\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x14\n\x0clast_seen_ms\x18\x04 \x01(\x03\x12&\n\x08reported\x18\x05 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12-\n\x08versions\x18\x06 \x01(\x0b\x32\x1b.kestrel.v1.VersionManifest\x12\x17\n\x0f\x64\x65sired_version\x18\x07 \x01(\x04\x12\x15\n\rdesired_model\x18\x08 \x01(\t\"#\n\x12ListDevicesRequest\x12\r\n\x05group\x18\x01 \x01(\t\":\n\x13ListDevicesResponse\x12#\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x12.kestrel.v1.Device\"V\n\rDeployRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\t\"J\n\x0e\x44\x65ployResponse\x12)\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x18.kestrel.v1.DesiredState\x12\r\n\x05topic\x18\x02 \x01(\t\"3\n\x0fRollbackRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\"L\n\x10RollbackResponse\x12)\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x18.kestrel.v1.DesiredState\x12\r\n\x05topic\x18\x02 \x01(\t*n\n\x0cSampleReason\x12\x1d\n\x19SAMPLE_REASON_UNSPECIFIED\x10\x00\x12\x12\n\x0eLOW_CONFIDENCE\x10\x01\x12\x0e\n\nLOW_MARGIN\x10\x02\x12\x10\n\x0cHIGH_ENTROPY\x10\x03\x12\t\n\x05TRIAL\x10\x04\x32\xdc\x01\n\rModelRegistry\x12<\n\tPushModel\x12\x15.kestrel.v1.PushChunk\x1a\x16.kestrel.v1.PushResult(\x01\x12K\n\nListModels\x12\x1d.kestrel.v1.ListModelsRequest\x1a\x1e.kestrel.v1.ListModelsResponse\x12@\n\nFetchModel\x12\x18.kestrel.v1.FetchRequest\x1a\x16.kestrel.v1.FetchChunk0\x01\x32\xdf\x01\n\x05\x46leet\x12N\n\x0bListDevices\x12\x1e.kestrel.v1.ListDevicesRequest\x1a\x1f.kestrel.v1.ListDevicesResponse\x12?\n\x06\x44\x65ploy\x12\x19.kestrel.v1.DeployRequest\x1a\x1a.kestrel.v1.DeployResponse\x12\x45\n\x08Rollback\x12\x1b.kestrel.v1.RollbackRequest\x1a\x1c.kestrel.v1.RollbackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/kestrel.proto\x12\nkestrel.v1\"9\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"7\n\x08TopScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\xb5\x02\n\x05\x46rame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61pture_time_ms\x18\x03 \x01(\x03\x12#\n\x05model\x18\x04 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12)\n\x07reasons\x18\x05 \x03(\x0e\x32\x18.kestrel.v1.SampleReason\x12#\n\x05top_k\x18\x06 \x03(\x0b\x32\x14.kestrel.v1.TopScore\x12\r\n\x05image\x18\x07 \x01(\x0c\x12\x14\n\x0cimage_format\x18\x08 \x01(\t\x12\r\n\x05width\x18\t \x01(\r\x12\x0e\n\x06height\x18\n \x01(\r\x12\x0e\n\x06source\x18\x0b \x01(\t\x12\x10\n\x08sequence\x18\x0c \x01(\x04\x12\x13\n\x0bimage_bytes\x18\r \x01(\r\"\xd5\x03\n\tTelemetry\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07time_ms\x18\x02 \x01(\x03\x12\x0b\n\x03\x66ps\x18\x03 \x01(\x01\x12\x16\n\x0elatency_p50_ms\x18\x04 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x05 \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\r\x12\x13\n\x0bspool_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cspool_frames\x18\x08 \x01(\x04\x12\x17\n\x0fspool_evictions\x18\t \x01(\x04\x12#\n\x05model\x18\n \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12\x10\n\x08uptime_s\x18\x0b \x01(\x01\x12\x18\n\x10\x66rames_processed\x18\x0c \x01(\x04\x12\x16\n\x0e\x66rames_sampled\x18\r \x01(\x04\x12\x16\n\x0e\x66rames_dropped\x18\x0e \x01(\x04\x12\x16\n\x0e\x66rames_corrupt\x18\x0f \x01(\x04\x12\x1d\n\x15\x66rames_low_confidence\x18\x10 \x01(\x04\x12\x17\n\x0fscore_histogram\x18\x11 \x03(\x04\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x12 \x01(\x04\x12\'\n\x06jetson\x18\x1e \x01(\x0b\x32\x17.kestrel.v1.JetsonStats\"\xca\x04\n\x0bJetsonStats\x12\x0f\n\x07time_ms\x18\x01 \x01(\x03\x12\x19\n\x0c\x63pu_load_pct\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x11\x63pu_core_load_pct\x18\x03 \x03(\x01\x12\x19\n\x0cgpu_load_pct\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0cgpu_freq_mhz\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x19\n\x0c\x65mc_load_pct\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x19\n\x0c\x65mc_freq_mhz\x18\x07 \x01(\rH\x04\x88\x01\x01\x12\x18\n\x0bram_used_mb\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x19\n\x0cram_total_mb\x18\t \x01(\x04H\x06\x88\x01\x01\x12@\n\rtemperature_c\x18\n \x03(\x0b\x32).kestrel.v1.JetsonStats.TemperatureCEntry\x12\x36\n\x08power_mw\x18\x0b \x03(\x0b\x32$.kestrel.v1.JetsonStats.PowerMwEntry\x1a\x33\n\x11TemperatureCEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cPowerMwEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x42\x0f\n\r_cpu_load_pctB\x0f\n\r_gpu_load_pctB\x0f\n\r_gpu_freq_mhzB\x0f\n\r_emc_load_pctB\x0f\n\r_emc_freq_mhzB\x0e\n\x0c_ram_used_mbB\x0f\n\r_ram_total_mb\"\xcb\x01\n\x0fVersionManifest\x12\'\n\tinstalled\x18\x01 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12&\n\x08previous\x18\x02 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12\x14\n\x0cupdate_state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x16\n\x0etarget_version\x18\x05 \x01(\x04\x12\x12\n\nupdated_ms\x18\x06 \x01(\x03\x12\x15\n\rversion_floor\x18\x07 \x01(\x04\"\xf4\x01\n\x06Status\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07time_ms\x18\x03 \x01(\x03\x12#\n\x05model\x18\x04 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12-\n\x08versions\x18\x05 \x01(\x0b\x32\x1b.kestrel.v1.VersionManifest\x12\r\n\x05group\x18\x06 \x01(\t\x12\x18\n\x10software_version\x18\x07 \x01(\t\x12!\n\x14\x63onfidence_threshold\x18\x08 \x01(\x02H\x00\x88\x01\x01\x42\x17\n\x15_confidence_threshold\"\xaa\x01\n\x0c\x44\x65siredState\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x11\n\tissued_ms\x18\x05 \x01(\x03\x12\x10\n\x08rollback\x18\x06 \x01(\x08\x12\x13\n\x0bgrpc_target\x18\x07 \x01(\t\x12\x1d\n\x15rollback_from_version\x18\x08 \x01(\x04\"=\n\tPushChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"V\n\nPushResult\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12\x15\n\rbundle_sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\x92\x01\n\x0cModelVersion\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12\x15\n\rbundle_sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x12\n\ncreated_ms\x18\x04 \x01(\x03\x12\x14\n\x0cmetrics_json\x18\x05 \x01(\t\x12\x0e\n\x06key_id\x18\x06 \x01(\t\"\'\n\x11ListModelsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"@\n\x12ListModelsResponse\x12*\n\x08versions\x18\x01 \x03(\x0b\x32\x18.kestrel.v1.ModelVersion\"W\n\x0c\x46\x65tchRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"N\n\nFetchChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xe9\x01\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x14\n\x0clast_seen_ms\x18\x04 \x01(\x03\x12&\n\x08reported\x18\x05 \x01(\x0b\x32\x14.kestrel.v1.ModelRef\x12-\n\x08versions\x18\x06 \x01(\x0b\x32\x1b.kestrel.v1.VersionManifest\x12\x17\n\x0f\x64\x65sired_version\x18\x07 \x01(\x04\x12\x15\n\rdesired_model\x18\x08 \x01(\t\x12\x11\n\tthreshold\x18\t \x01(\x02\"#\n\x12ListDevicesRequest\x12\r\n\x05group\x18\x01 \x01(\t\":\n\x13ListDevicesResponse\x12#\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x12.kestrel.v1.Device\"V\n\rDeployRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\t\"J\n\x0e\x44\x65ployResponse\x12)\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x18.kestrel.v1.DesiredState\x12\r\n\x05topic\x18\x02 \x01(\t\"3\n\x0fRollbackRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\"L\n\x10RollbackResponse\x12)\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x18.kestrel.v1.DesiredState\x12\r\n\x05topic\x18\x02 \x01(\t*n\n\x0cSampleReason\x12\x1d\n\x19SAMPLE_REASON_UNSPECIFIED\x10\x00\x12\x12\n\x0eLOW_CONFIDENCE\x10\x01\x12\x0e\n\nLOW_MARGIN\x10\x02\x12\x10\n\x0cHIGH_ENTROPY\x10\x03\x12\t\n\x05TRIAL\x10\x04\x32\xdc\x01\n\rModelRegistry\x12<\n\tPushModel\x12\x15.kestrel.v1.PushChunk\x1a\x16.kestrel.v1.PushResult(\x01\x12K\n\nListModels\x12\x1d.kestrel.v1.ListModelsRequest\x1a\x1e.kestrel.v1.ListModelsResponse\x12@\n\nFetchModel\x12\x18.kestrel.v1.FetchRequest\x1a\x16.kestrel.v1.FetchChunk0\x01\x32\xdf\x01\n\x05\x46leet\x12N\n\x0bListDevices\x12\x1e.kestrel.v1.ListDevicesRequest\x1a\x1f.kestrel.v1.ListDevicesResponse\x12?\n\x06\x44\x65ploy\x12\x19.kestrel.v1.DeployRequest\x1a\x1a.kestrel.v1.DeployResponse\x12\x45\n\x08Rollback\x12\x1b.kestrel.v1.RollbackRequest\x1a\x1c.kestrel.v1.RollbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.kestrel_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLEREASON']._serialized_start=2645
-  _globals['_SAMPLEREASON']._serialized_end=2755
+  _globals['_JETSONSTATS_TEMPERATURECENTRY']._loaded_options = None
+  _globals['_JETSONSTATS_TEMPERATURECENTRY']._serialized_options = b'8\001'
+  _globals['_JETSONSTATS_POWERMWENTRY']._loaded_options = None
+  _globals['_JETSONSTATS_POWERMWENTRY']._serialized_options = b'8\001'
+  _globals['_SAMPLEREASON']._serialized_start=3354
+  _globals['_SAMPLEREASON']._serialized_end=3464
   _globals['_MODELREF']._serialized_start=35
   _globals['_MODELREF']._serialized_end=92
   _globals['_TOPSCORE']._serialized_start=94
@@ -40,43 +44,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FRAME']._serialized_start=152
   _globals['_FRAME']._serialized_end=461
   _globals['_TELEMETRY']._serialized_start=464
-  _globals['_TELEMETRY']._serialized_end=892
-  _globals['_VERSIONMANIFEST']._serialized_start=895
-  _globals['_VERSIONMANIFEST']._serialized_end=1098
-  _globals['_STATUS']._serialized_start=1101
-  _globals['_STATUS']._serialized_end=1285
-  _globals['_DESIREDSTATE']._serialized_start=1288
-  _globals['_DESIREDSTATE']._serialized_end=1458
-  _globals['_PUSHCHUNK']._serialized_start=1460
-  _globals['_PUSHCHUNK']._serialized_end=1521
-  _globals['_PUSHRESULT']._serialized_start=1523
-  _globals['_PUSHRESULT']._serialized_end=1609
-  _globals['_MODELVERSION']._serialized_start=1612
-  _globals['_MODELVERSION']._serialized_end=1758
-  _globals['_LISTMODELSREQUEST']._serialized_start=1760
-  _globals['_LISTMODELSREQUEST']._serialized_end=1799
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1801
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1865
-  _globals['_FETCHREQUEST']._serialized_start=1867
-  _globals['_FETCHREQUEST']._serialized_end=1954
-  _globals['_FETCHCHUNK']._serialized_start=1956
-  _globals['_FETCHCHUNK']._serialized_end=2034
-  _globals['_DEVICE']._serialized_start=2037
-  _globals['_DEVICE']._serialized_end=2251
-  _globals['_LISTDEVICESREQUEST']._serialized_start=2253
-  _globals['_LISTDEVICESREQUEST']._serialized_end=2288
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=2290
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=2348
-  _globals['_DEPLOYREQUEST']._serialized_start=2350
-  _globals['_DEPLOYREQUEST']._serialized_end=2436
-  _globals['_DEPLOYRESPONSE']._serialized_start=2438
-  _globals['_DEPLOYRESPONSE']._serialized_end=2512
-  _globals['_ROLLBACKREQUEST']._serialized_start=2514
-  _globals['_ROLLBACKREQUEST']._serialized_end=2565
-  _globals['_ROLLBACKRESPONSE']._serialized_start=2567
-  _globals['_ROLLBACKRESPONSE']._serialized_end=2643
-  _globals['_MODELREGISTRY']._serialized_start=2758
-  _globals['_MODELREGISTRY']._serialized_end=2978
-  _globals['_FLEET']._serialized_start=2981
-  _globals['_FLEET']._serialized_end=3204
+  _globals['_TELEMETRY']._serialized_end=933
+  _globals['_JETSONSTATS']._serialized_start=936
+  _globals['_JETSONSTATS']._serialized_end=1522
+  _globals['_JETSONSTATS_TEMPERATURECENTRY']._serialized_start=1305
+  _globals['_JETSONSTATS_TEMPERATURECENTRY']._serialized_end=1356
+  _globals['_JETSONSTATS_POWERMWENTRY']._serialized_start=1358
+  _globals['_JETSONSTATS_POWERMWENTRY']._serialized_end=1404
+  _globals['_VERSIONMANIFEST']._serialized_start=1525
+  _globals['_VERSIONMANIFEST']._serialized_end=1728
+  _globals['_STATUS']._serialized_start=1731
+  _globals['_STATUS']._serialized_end=1975
+  _globals['_DESIREDSTATE']._serialized_start=1978
+  _globals['_DESIREDSTATE']._serialized_end=2148
+  _globals['_PUSHCHUNK']._serialized_start=2150
+  _globals['_PUSHCHUNK']._serialized_end=2211
+  _globals['_PUSHRESULT']._serialized_start=2213
+  _globals['_PUSHRESULT']._serialized_end=2299
+  _globals['_MODELVERSION']._serialized_start=2302
+  _globals['_MODELVERSION']._serialized_end=2448
+  _globals['_LISTMODELSREQUEST']._serialized_start=2450
+  _globals['_LISTMODELSREQUEST']._serialized_end=2489
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2491
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2555
+  _globals['_FETCHREQUEST']._serialized_start=2557
+  _globals['_FETCHREQUEST']._serialized_end=2644
+  _globals['_FETCHCHUNK']._serialized_start=2646
+  _globals['_FETCHCHUNK']._serialized_end=2724
+  _globals['_DEVICE']._serialized_start=2727
+  _globals['_DEVICE']._serialized_end=2960
+  _globals['_LISTDEVICESREQUEST']._serialized_start=2962
+  _globals['_LISTDEVICESREQUEST']._serialized_end=2997
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=2999
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=3057
+  _globals['_DEPLOYREQUEST']._serialized_start=3059
+  _globals['_DEPLOYREQUEST']._serialized_end=3145
+  _globals['_DEPLOYRESPONSE']._serialized_start=3147
+  _globals['_DEPLOYRESPONSE']._serialized_end=3221
+  _globals['_ROLLBACKREQUEST']._serialized_start=3223
+  _globals['_ROLLBACKREQUEST']._serialized_end=3274
+  _globals['_ROLLBACKRESPONSE']._serialized_start=3276
+  _globals['_ROLLBACKRESPONSE']._serialized_end=3352
+  _globals['_MODELREGISTRY']._serialized_start=3467
+  _globals['_MODELREGISTRY']._serialized_end=3687
+  _globals['_FLEET']._serialized_start=3690
+  _globals['_FLEET']._serialized_end=3913
 # @@protoc_insertion_point(module_scope)

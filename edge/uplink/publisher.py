@@ -81,6 +81,10 @@ class Publisher:
     def set_status_provider(self, fn: StatusProvider) -> None:
         self._provider = fn
 
+    def status_message(self, state: str) -> kestrel_pb2.Status:
+        """The device's Status as the status provider (the daemon) builds it; a minimal one without one."""
+        return self._status(state)
+
     def _status(self, state: str) -> kestrel_pb2.Status:
         if self._provider is not None:
             try:

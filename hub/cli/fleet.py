@@ -59,10 +59,11 @@ def run_devices(args: argparse.Namespace) -> int:
         desired = f"{d.desired_model} v{d.desired_version}" if d.desired_model or d.desired_version else "-"
         reported = f"{d.reported.name} v{d.reported.version}" if d.reported.name else "-"
         prev = f"v{d.versions.previous.version}" if d.versions.previous.version else "-"
-        rows.append([d.device_id, d.group, d.state, _ms(d.last_seen_ms), desired, reported, prev,
+        threshold = f"{d.threshold:.2f}" if d.threshold else "-"
+        rows.append([d.device_id, d.group, d.state, _ms(d.last_seen_ms), desired, reported, prev, threshold,
                      d.versions.update_state or "-", d.versions.reason or ""])
-    print_table(["DEVICE", "GROUP", "STATE", "LAST SEEN (UTC)", "DESIRED", "REPORTED", "PREVIOUS", "UPDATE",
-                 "REASON"], rows)
+    print_table(["DEVICE", "GROUP", "STATE", "LAST SEEN (UTC)", "DESIRED", "REPORTED", "PREVIOUS", "THRESHOLD",
+                 "UPDATE", "REASON"], rows)
     if not devs:
         print("(no devices have reported yet)")
     return 0

@@ -16,7 +16,7 @@ from hub.errors import ImageRejected, PayloadRejected
 from hub.ingest import imagecheck
 from hub.store.base import FrameRecord
 from hub.store.series import SeriesPoint, point_from_telemetry
-from proto import kestrel_pb2
+from proto import kestrel_pb2, topics
 
 REASONS = ("too_large", "bad_topic", "bad_protobuf", "device_mismatch", "missing_frame_id", "bad_image",
            "unknown_device", "frame_id_conflict", "validation_error", "store_error")
@@ -80,6 +80,10 @@ def status_fields(msg: kestrel_pb2.Status) -> Dict[str, object]:
     if msg.HasField("versions"):
         out.update(update_state=msg.versions.update_state, update_reason=msg.versions.reason,
                    previous_version=int(msg.versions.previous.version))
+    # Only an online status says what runs now: an offline one may be the last will the device left with
+    # the broker when it connected, before a model swap changed the threshold. Absent: an older device.
+    if msg.HasField("confidence_threshold") and msg.state != topics.STATE_OFFLINE:
+        out["threshold"] = round(float(msg.confidence_threshold), 6)  # float32 on the wire: 0.71, not 0.7099999
     return out
 
 

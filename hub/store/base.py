@@ -60,6 +60,8 @@ class DeviceRecord:
     desired_version: int = 0
     desired_scope: str = ""               # who set desired_*: "device" (pinned), "group", "" (never / older hub)
     last_telemetry: Dict[str, object] = dataclasses.field(default_factory=dict)
+    threshold: float = 0.0                # the sampler's confidence threshold the device reported in force
+                                          # (0.0: not reported, e.g. a device older than Status field 8)
 
 
 DESIRED_SCOPE_DEVICE = "device"

@@ -115,6 +115,8 @@ class MongoStore(MongoWebMixin, Store):
         self.frames.create_index([("capture_time_ms", p.DESCENDING), ("frame_id", p.DESCENDING)])
         self.devices.create_index([("device_id", p.ASCENDING)], unique=True)
         self.devices.create_index([("group", p.ASCENDING)])
+        # device records of an older hub gain the reported threshold (0.0 = not reported yet); idempotent
+        self.devices.update_many({"threshold": {"$exists": False}}, {"$set": {"threshold": 0.0}})
         self.models.create_index([("model_name", p.ASCENDING), ("version", p.DESCENDING)], unique=True)
         self.groups.create_index([("group", p.ASCENDING)], unique=True)
         self._web_setup()

@@ -1,4 +1,4 @@
-"""The bounded telemetry history behind the dashboard's charts (docs/adr/0014-telemetry-series.md).
+"""The bounded telemetry history behind the dashboard's charts (docs/adr/0017-telemetry-series.md).
 
 Devices send cumulative counters (frames inferred, sampled, low confidence, a top-1 score histogram)
 and gauges (fps, latency p50/p95, spool) every few seconds. The store keeps one point per device and

@@ -55,6 +55,11 @@ SEGMENT_DIR_SUFFIX = "-images"  # <db file name>-images/, next to the database (
 DEVICE_FIELDS = {f.name for f in dataclasses.fields(DeviceRecord)}
 
 
+def _device(doc: Dict[str, Any]) -> DeviceRecord:
+    """A device doc as a record; fields this hub does not know (a newer hub wrote them) are left out."""
+    return DeviceRecord(**{k: v for k, v in doc.items() if k in DEVICE_FIELDS})
+
+
 def _check_device_fields(fields: Dict[str, object]) -> None:
     unknown = sorted(set(fields) - DEVICE_FIELDS)
     if unknown or "device_id" in fields:
@@ -292,7 +297,7 @@ class SqliteStore(SqliteWebMixin, Store):
         doc: Dict[str, Any] = json.loads(row[0]) if row else {}
         doc.update(fields)
         doc["device_id"] = device_id
-        rec = DeviceRecord(**doc)
+        rec = _device(doc)
         c.execute("INSERT OR REPLACE INTO devices (device_id, doc, grp) VALUES (?, ?, ?)",
                   (device_id, json.dumps(dataclasses.asdict(rec)), rec.group))
         return rec
@@ -319,7 +324,7 @@ class SqliteStore(SqliteWebMixin, Store):
     def get_device(self, device_id: str) -> Optional[DeviceRecord]:
         row = self._run("get_device", lambda c: c.execute(
             "SELECT doc FROM devices WHERE device_id = ?", (device_id,)).fetchone())
-        return DeviceRecord(**json.loads(row[0])) if row else None
+        return _device(json.loads(row[0])) if row else None
 
     def list_devices(self, group: Optional[str] = None) -> List[DeviceRecord]:
         if group is None:
@@ -328,7 +333,7 @@ class SqliteStore(SqliteWebMixin, Store):
         else:
             rows = self._run("list_devices", lambda c: c.execute(
                 "SELECT doc FROM devices WHERE grp = ? ORDER BY device_id", (group,)).fetchall())
-        return [DeviceRecord(**json.loads(r[0])) for r in rows]
+        return [_device(json.loads(r[0])) for r in rows]
 
     # ---- groups ----
     def set_group_desired(self, group: str, model_name: str, version: int, rollback: bool,

@@ -13,6 +13,7 @@ import dataclasses
 import sqlite3
 
 from hub.store.base import FrameRecord
+from hub.store.sqlite_migrate import migrate
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -124,3 +125,4 @@ def create_schema(c: sqlite3.Connection) -> None:
     if "top_score" not in have:
         backfill_top_scores(c)
     c.executescript(FRAME_INDEXES)
+    migrate(c)

@@ -1,5 +1,5 @@
 """The hub's HTTP side: the dashboard (fleet, label queue, models, charts), its JSON API, /healthz and
-/metrics; a FastAPI app served by uvicorn inside ``kestrel-hub serve`` (docs/dashboard.md, ADR 0013).
+/metrics; a FastAPI app served by uvicorn inside ``kestrel-hub serve`` (docs/dashboard.md, ADR 0016).
 
 ``app.create_app(WebContext)`` builds the app; ``server.WebServer`` runs it on a thread of the hub.
 Modules: ``context`` (what the routes need), ``principal`` (tokens, sessions, CSRF, roles per

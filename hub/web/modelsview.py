@@ -12,7 +12,10 @@ FIGURES = (("float_accuracy", "float accuracy", "pct"), ("accuracy", "int8 accur
            ("accuracy_drop_points", "int8 vs float (points)", "num"), ("macro_f1", "macro F1", "num"),
            ("bytes", "model size", "bytes"), ("latency_ms", "latency (trainer machine)", "ms"),
            ("sparsity", "sparsity", "pct"), ("cv_accuracy_mean", "k-fold accuracy", "pct"),
-           ("n_test", "held-out images", "num"))
+           ("ece", "calibration error (ECE, int8)", "num"), ("n_test", "held-out images", "num"))
+# metrics["sampling"] (the trainer's threshold choice, issue 15) -> what the page calls it
+SAMPLING = (("threshold", "sampling threshold", "num"), ("sent_share", "frames it sends (held-out)", "pct"),
+            ("caught_share", "errors it catches (held-out)", "pct"))
 
 
 def _number(v: Any) -> Optional[float]:
@@ -53,8 +56,12 @@ def model_json(rec: ModelRecord, devices: Sequence[DeviceRecord]) -> Dict[str, A
     desired = [d.device_id for d in devices if d.desired_model == rec.model_name
                and d.desired_version == rec.version]
     figures = []
-    for key, title, kind in FIGURES:
-        v = _number(rec.metrics.get(key))
+    sampling = rec.metrics.get("sampling")
+    found = [(key, title, kind, rec.metrics.get(key)) for key, title, kind in FIGURES]
+    if isinstance(sampling, dict):
+        found += [(f"sampling.{key}", title, kind, sampling.get(key)) for key, title, kind in SAMPLING]
+    for key, title, kind, raw in found:
+        v = _number(raw)
         if v is None:  # not in this bundle's report
             continue
         figures.append({"key": key, "title": title, "value": v, "text": show(v, kind)})

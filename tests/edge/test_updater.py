@@ -249,6 +249,12 @@ def test_status_reported_on_every_transition(tmp_path, kp, models_dir):  # noqa:
         def publish_status(self, msg: Any) -> None:
             self.msgs.append(msg)
 
+        def status_message(self, state: str) -> Any:  # what the daemon's status provider adds
+            from proto import kestrel_pb2
+
+            return kestrel_pb2.Status(device_id="d", state=state, software_version="9.9",
+                                      confidence_threshold=0.42)
+
         def subscribe(self, *a: Any, **k: Any) -> None:
             pass
 
@@ -262,6 +268,9 @@ def test_status_reported_on_every_transition(tmp_path, kp, models_dir):  # noqa:
     states = [m.versions.update_state for m in rec.msgs]
     assert states == [st.VERIFIED, st.STAGED, st.SELF_TEST, st.TRIAL, st.COMMITTED]
     assert rec.msgs[-1].versions.installed.version == 1 and rec.msgs[-1].model.version == 1
+    # every report is the daemon's whole Status (software version, threshold in force), not a partial one
+    assert all(m.software_version == "9.9" and m.HasField("confidence_threshold") for m in rec.msgs)
+    assert rec.msgs[-1].confidence_threshold == pytest.approx(0.42)
 
 
 def test_one_state_write_per_transition(device, kp, models_dir, monkeypatch):  # noqa: ANN001

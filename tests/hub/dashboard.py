@@ -74,6 +74,7 @@ def status(device: str, group: str, version: int, state: str = "online", update:
     ref = kestrel_pb2.ModelRef(name="brightness", version=version, sha256="cd" * 32)
     return kestrel_pb2.Status(
         device_id=device, state=state, time_ms=int(time.time() * 1000), group=group, model=ref,
+        confidence_threshold=0.62 if version > 1 else 0.6,
         versions=kestrel_pb2.VersionManifest(installed=ref, previous=kestrel_pb2.ModelRef(name="brightness",
                                                                                           version=previous),
                                              update_state=update, reason=reason))
@@ -202,7 +203,9 @@ def report_metrics(version: int) -> Dict[str, Any]:
     matrix = [[18, 1, 1], [2, 16, 2], [1, 3, 16]] if good else [[15, 2, 3], [4, 12, 4], [3, 5, 12]]
     return {"accuracy": 0.833 if good else 0.65, "float_accuracy": 0.85 if good else 0.683, "macro_f1": 0.83 if good
             else 0.64, "accuracy_drop_points": 1.7 if good else 3.3, "bytes": 41232, "latency_ms": 0.41,
-            "sparsity": 0.5, "cv_accuracy_mean": 0.82, "n_test": 60, "confusion_matrix": matrix, "class_names": CLASSES}
+            "sparsity": 0.5, "cv_accuracy_mean": 0.82, "n_test": 60, "confusion_matrix": matrix, "class_names": CLASSES,
+            "ece": 0.041 if good else 0.12, "sampling": {"threshold": 0.62, "source": "sweep", "sent_share": 0.18,
+                                                        "caught_share": 0.81}}
 
 
 def push_models(grpc_target: str, data_dir: Path, tmp: Path, versions: Sequence[int] = (1, 2),

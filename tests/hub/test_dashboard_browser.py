@@ -79,6 +79,7 @@ def test_every_page_loads_without_console_errors(hub: Hub) -> None:
         assert page.locator("#fleet-table tbody tr").count() == len(DEVICES)
         row = page.locator('tr[data-device="cam-dock-1"]')
         assert "online" in row.inner_text() and "brightness v2" in row.inner_text()
+        assert "0.62" in row.locator("td").nth(7).inner_text()  # the threshold the device reports in force
         screenshot(page, "fleet")
         _goto(page, f"{hub.base}/labels")
         assert page.locator(".card").count() == min(48, len(hub.frames))
@@ -90,7 +91,11 @@ def test_every_page_loads_without_console_errors(hub: Hub) -> None:
         screenshot(page, "labels-full")
         _goto(page, f"{hub.base}/models")
         assert page.locator("article.version").count() == 2
-        assert page.locator("svg.matrix").count() == 2 and "int8 accuracy" in page.inner_text("#v-brightness-2")
+        assert page.locator("svg.matrix").count() == 2
+        v2 = page.inner_text("#v-brightness-2")
+        for figure in ("int8 accuracy\t83.3%", "sparsity\t50.0%", "latency (trainer machine)\t0.41 ms",
+                       "sampling threshold\t0.62", "errors it catches (held-out)\t81.0%"):
+            assert figure in v2, (figure, v2)
         screenshot(page, "models")
         _goto(page, f"{hub.base}/charts?hours=1")
         assert page.locator("svg.chart").count() >= 4

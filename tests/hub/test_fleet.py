@@ -117,7 +117,7 @@ def test_list_devices_shows_desired_and_reported(fleet_hub, models_dir, capsys):
     client.push(make_bundle(models_dir / "brightness_int8.tflite", keys, version=2))
     group = _group()
     store.upsert_device("cam-1", group=group, state="online", last_seen_ms=1_700_000_000_000,
-                        reported_model="brightness", reported_version=1, update_state="COMMITTED")
+                        reported_model="brightness", reported_version=1, update_state="COMMITTED", threshold=0.71)
     store.upsert_device("cam-2", group="elsewhere", state="offline")
     client.deploy("brightness", 0, device_id="cam-1")  # 0 = highest
 
@@ -126,6 +126,7 @@ def test_list_devices_shows_desired_and_reported(fleet_hub, models_dir, capsys):
     assert (dev.desired_model, dev.desired_version) == ("brightness", 2)
     assert (dev.reported.name, dev.reported.version) == ("brightness", 1)
     assert dev.versions.update_state == "COMMITTED"
+    assert dev.threshold == pytest.approx(0.71)
     assert {d.device_id for d in client.list_devices()} >= {"cam-1", "cam-2"}
 
     ns = argparse.Namespace(hub=f"127.0.0.1:{port}", timeout=10, json=False, group=group)
@@ -133,6 +134,9 @@ def test_list_devices_shows_desired_and_reported(fleet_hub, models_dir, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["DEVICE", "GROUP", "STATE"]
     assert "cam-1" in out[1] and "brightness v2" in out[1] and "brightness v1" in out[1]
+    header = out[0].split()
+    col = out[0].index("THRESHOLD")
+    assert "THRESHOLD" in header and out[1][col:].split()[0] == "0.71"   # the threshold each device runs
     ns.json = True
     assert fleetcmd.run_devices(ns) == 0
     (row,) = json.loads(capsys.readouterr().out)

@@ -366,7 +366,7 @@ def test_refused_unknown_devices_are_not_looked_up_for_every_message(
 def test_status_and_telemetry_update_the_device(broker: Any, store: SqliteStore, group: str) -> None:
     dev = f"cam-{uuid.uuid4().hex[:6]}"
     status = kestrel_pb2.Status(
-        device_id=dev, state="online", time_ms=1234, group="lab",
+        device_id=dev, state="online", time_ms=1234, group="lab", confidence_threshold=0.71,
         model=kestrel_pb2.ModelRef(name="m", version=5, sha256="ee" * 32),
         versions=kestrel_pb2.VersionManifest(installed=kestrel_pb2.ModelRef(name="m", version=5,
                                                                             sha256="ee" * 32),
@@ -381,8 +381,9 @@ def test_status_and_telemetry_update_the_device(broker: Any, store: SqliteStore,
     ing = make_ingest(broker, store, group)
     try:
         d = wait_for(lambda: store.get_device(dev), 10, what="device from the retained status")
-        got = (d.state, d.group, d.reported_model, d.reported_version, d.previous_version, d.update_state)
-        assert got == ("online", "lab", "m", 5, 4, "COMMITTED")
+        got = (d.state, d.group, d.reported_model, d.reported_version, d.previous_version, d.update_state,
+               d.threshold)
+        assert got == ("online", "lab", "m", 5, 4, "COMMITTED", 0.71)  # 0.71, not float32's 0.7099999
         tele = kestrel_pb2.Telemetry(device_id=dev, time_ms=5678, fps=12.5, queue_depth=3)
         c.publish(topics.telemetry(dev), tele.SerializeToString(), qos=0).wait_for_publish(5)
         d = wait_for(lambda: (lambda x: x if x and x.last_telemetry else None)(store.get_device(dev)), 10,
@@ -393,6 +394,7 @@ def test_status_and_telemetry_update_the_device(broker: Any, store: SqliteStore,
         d = wait_for(lambda: (lambda x: x if x and x.state == "offline" else None)(store.get_device(dev)), 10,
                      what="offline status")
         assert d.reported_version == 5  # an offline status without versions keeps what we knew
+        assert d.threshold == 0.71
     finally:
         c.publish(topics.status(dev), b"", qos=1, retain=True).wait_for_publish(5)
         c.disconnect()
@@ -697,3 +699,16 @@ def test_qos0_backlog_is_bounded_and_counted(tmp_path: Path) -> None:
         assert ing.health()["threads_alive"] is False  # not started: /healthz would say so
     finally:
         store.close()
+
+
+def test_status_threshold_is_taken_from_online_statuses_only() -> None:
+    """The threshold a device runs comes from its online statuses; an older device's (no field) and an offline
+    one (maybe the last will it left at connect time, before a model swap changed it) leave the record alone."""
+    from hub.ingest.parse import status_fields
+
+    online = kestrel_pb2.Status(device_id="d", state="online", confidence_threshold=0.64)
+    assert status_fields(online)["threshold"] == 0.64
+    assert "threshold" not in status_fields(kestrel_pb2.Status(device_id="d", state="online"))
+    will = kestrel_pb2.Status(device_id="d", state="offline", confidence_threshold=0.6)
+    assert "threshold" not in status_fields(will)
+    assert status_fields(kestrel_pb2.Status(device_id="d", state="online", confidence_threshold=0.0))["threshold"] == 0

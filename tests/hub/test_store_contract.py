@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import sqlite3
 import threading
@@ -203,6 +204,18 @@ def test_device_desired_scope_roundtrip(store: Store) -> None:
     assert store.get_device("cam-1") == d
     store.upsert_device("cam-1", state="online")  # other fields leave it alone
     assert store.get_device("cam-1").desired_scope == "device"  # type: ignore[union-attr]
+
+
+def test_device_threshold_roundtrip(store: Store) -> None:
+    """The confidence threshold a device reports in force: 0.0 until it does, then what it said, kept when other
+    fields change, and listed with the device."""
+    assert store.upsert_device("cam-1", state="online").threshold == 0.0
+    d = store.upsert_device("cam-1", threshold=0.71)
+    assert d.threshold == 0.71 and store.get_device("cam-1") == d
+    store.upsert_device("cam-1", state="offline", update_state="COMMITTED")
+    assert store.get_device("cam-1").threshold == 0.71  # type: ignore[union-attr]
+    store.apply_batch([], {"cam-2": {"state": "online", "threshold": 0.35}}, {})
+    assert [(x.device_id, x.threshold) for x in store.list_devices()] == [("cam-1", 0.71), ("cam-2", 0.35)]
 
 
 def test_group_desired_upsert_per_group(store: Store) -> None:
@@ -672,6 +685,39 @@ def test_sqlite_database_of_an_older_hub_still_opens(tmp_path) -> None:  # noqa:
     assert s.get_group_desired("lab") is None
     s.set_group_desired("lab", "m", 3, False, 1)
     assert s.get_group_desired("lab") == GroupDesired("lab", "m", 3, False, 1)
+    s.close()
+
+
+def test_sqlite_device_records_of_an_older_hub_gain_the_threshold(tmp_path) -> None:  # noqa: ANN001
+    """A hub before DeviceRecord.threshold wrote device docs without it: opening the file migrates them (0.0 =
+    not reported), once (PRAGMA user_version), and a doc with a field this hub does not know still reads."""
+    from hub.store.sqlite_migrate import SCHEMA_VERSION
+
+    path = tmp_path / "pre-threshold.db"
+    db = sqlite3.connect(str(path))
+    db.executescript("CREATE TABLE devices (device_id TEXT PRIMARY KEY, doc TEXT NOT NULL, grp TEXT NOT NULL);")
+    db.execute("INSERT INTO devices VALUES ('cam-7', ?, 'lab')",
+               ('{"device_id": "cam-7", "group": "lab", "state": "online", "reported_version": 4}',))
+    db.commit()
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+    db.close()
+    s = SqliteStore(path)
+    dev = s.get_device("cam-7")
+    assert dev is not None and (dev.group, dev.reported_version, dev.threshold) == ("lab", 4, 0.0)
+    s.upsert_device("cam-7", threshold=0.64)
+    s.close()
+    db = sqlite3.connect(str(path))
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    doc = json.loads(db.execute("SELECT doc FROM devices WHERE device_id = 'cam-7'").fetchone()[0])
+    assert doc["threshold"] == 0.64
+    # a newer hub's field (unknown here) does not make the record unreadable
+    db.execute("INSERT INTO devices VALUES ('cam-8', ?, 'lab')", ('{"device_id": "cam-8", "group": "lab", '
+                                                                 '"threshold": 0.5, "from_the_future": 1}',))
+    db.commit()
+    db.close()
+    s = SqliteStore(path)   # already migrated: nothing rewritten
+    assert s.get_device("cam-7").threshold == 0.64  # type: ignore[union-attr]
+    assert s.get_device("cam-8").threshold == 0.5  # type: ignore[union-attr]
     s.close()
 
 

@@ -212,6 +212,11 @@ def test_frames_api_pages_filters_and_frame_view(web: Web) -> None:
     f = web.client.get("/api/frames/f4", headers=h).json()
     assert f["device_id"] == "cam-1" and f["image_url"] == "/frames/f4/image" and f["group"] == "lobby"
     assert web.client.get("/api/frames?device=cam-2&below=0.2", headers=h).json()["frames"][0]["frame_id"] == "f8"
+    # time filters: ISO (UTC, as the page's date-time fields send it) or epoch ms, the same frames
+    iso = web.client.get("/api/frames?since=2023-11-14T22:13:20.025&until=2023-11-14T22:13:20.028", headers=h)
+    ms = web.client.get("/api/frames?since=1700000000025&until=1700000000028", headers=h)
+    assert [f["frame_id"] for f in iso.json()["frames"]] == [f["frame_id"] for f in ms.json()["frames"]] == \
+        ["f27", "f26", "f25"]
 
 
 def test_thumbnails_are_small_cached_and_revalidated(web: Web) -> None:
