@@ -9,7 +9,7 @@ VPY := $(VENV)/bin/python
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 PY38 ?= $(firstword $(wildcard $(PYENV_ROOT)/versions/3.8.*/bin/python) $(shell command -v python3.8))
 APT_PKGS := python3-venv mosquitto mosquitto-clients gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
-            gstreamer1.0-rtsp python3-gi gir1.2-gst-rtsp-server-1.0 chromium systemd
+            gstreamer1.0-rtsp python3-gi gir1.2-gst-rtsp-server-1.0 chromium fonts-dejavu-core systemd
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export KESTREL_TEST_MODELS ?= $(CURDIR)/.cache/test-models

@@ -162,6 +162,8 @@ def run(out: Path, nar: Narrator) -> Dict[str, Any]:
         nar.say(f"healthy after {took:.1f}s: gRPC {loop.grpc_target}, HTTP {loop.http_base}, "
                 f"MQTT {info['mqtt_host']}:{info['mqtt_port']} (embedded, TLS: {info.get('mqtt_tls')}), "
                 f"store {info['store']}")
+        nar.say(f"dashboard: {loop.http_base}/ (fleet, label queue, models, charts; open it while the demo runs); "
+                f"log in with the admin token in {loop.hub_dir / 'admin-token'}")
         broker_pid = loop.broker_pid()
 
         nar.step(f"identity: `kestrel-hub devices add {DEVICE_ID} --group {GROUP}` (a client certificate of the "
@@ -215,7 +217,7 @@ def run(out: Path, nar: Narrator) -> Dict[str, Any]:
             if idx is None:
                 raise LoopError(f"stored frame {fr.frame_id} has no decodable image")
             label = str(int(targets[idx]))
-            set_label(loop.store, fr.frame_id, label)
+            set_label(loop.store, fr.frame_id, label, by="demo-oracle")
             sent_idx.append(idx)
             wrong += int(str(fr.top_k[0]["label"]) != label)
         figures["labelled"] = len(stored)
@@ -320,6 +322,8 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"({100 * acc['v1']:.1f}% -> {100 * acc['v2']:.1f}% on unseen camera digits) live in "
           f"{figures['time_to_v2_s']:.1f}s; rollback in {figures['time_to_rollback_s']:.2f}s; "
           f"{figures['frames_stored']} frames stored exactly once. Figures: {out / MARKER}")
+    print(f"look around in the dashboard: `kestrel-hub serve --config {out / 'hub.toml'}` (python -m hub serve ...), "
+          f"open the http address it logs, log in with the token in {out / 'hub-data' / 'admin-token'}")
     return 0
 
 

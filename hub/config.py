@@ -52,8 +52,13 @@ class StoreSection:
                                                 "passed 32 MB do commits wait for its short final pass "
                                                 "(the few pages written meanwhile); 0 = SQLite's own "
                                                 "checkpoints inside commits.")
+    telemetry_retention_h: float = field(48.0, doc="How long the per-device, per-minute telemetry points behind "
+                                                   "the dashboard's charts are kept (hours); older ones are "
+                                                   "pruned every few minutes.")
 
     def validate(self) -> None:
+        if not 1 <= self.telemetry_retention_h <= 24 * 366:
+            raise ValueError("telemetry_retention_h must be between 1 and 8784 hours")
         if self.busy_timeout_ms < 0 or self.timeout_ms <= 0:
             raise ValueError("busy_timeout_ms must be >= 0 and timeout_ms > 0")
         if self.sqlite_synchronous.upper() not in SYNCHRONOUS_MODES:
@@ -171,10 +176,29 @@ class GrpcSection:
 class HttpSection:
     bind: str = field("127.0.0.1", doc="Address of the HTTP server (/healthz, /metrics, dashboard).")
     port: int = field(8080, doc="HTTP port; 0 = a free port (logged and written to <data_dir>/hub.json).")
+    auth_reads: bool = field(True, doc="Pages and API reads need a token or a login too (every write always "
+                                       "does). false = anyone who reaches the port sees the fleet, the "
+                                       "frames and the models. /healthz and /metrics never need one.")
+    session_hours: float = field(12.0, doc="How long a browser login lasts.")
+    page_size: int = field(48, doc="Frames per page of the label queue (the API's default limit).")
+    thumb_side: int = field(192, doc="Longest side of the label queue's thumbnails, pixels.")
+    thumb_cache_mb: int = field(32, doc="Memory for cached thumbnails (least recently used go first); "
+                                        "browsers cache them too (a frame's image never changes).")
+    refresh_s: float = field(3.0, doc="How often the fleet page refreshes its table (seconds).")
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be 0..65535")
+        if not 0.05 <= self.session_hours <= 24 * 30:
+            raise ValueError("session_hours must be between 0.05 and 720")
+        if not 1 <= self.page_size <= 500:
+            raise ValueError("page_size must be between 1 and 500")
+        if not 32 <= self.thumb_side <= 1024:
+            raise ValueError("thumb_side must be between 32 and 1024")
+        if not 0 <= self.thumb_cache_mb <= 4096:
+            raise ValueError("thumb_cache_mb must be between 0 and 4096")
+        if not 0.5 <= self.refresh_s <= 3600:
+            raise ValueError("refresh_s must be between 0.5 and 3600")
 
 
 @dataclasses.dataclass

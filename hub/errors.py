@@ -3,8 +3,10 @@
 * ArtifactError (bad input, retrying the same will not help; a CLI exits 2): a payload or image from a
   device (PayloadRejected, ImageRejected), a pushed bundle (RegistryError, PushRefused), a config
   (ConfigError), a request naming what does not exist (NotFound), a fleet request (FleetRequestError,
-  NothingToRollBack), a label (LabelError), an export (ExportError), the fleet's security material or
-  an enrolment request (SecurityError);
+  NothingToRollBack), a label (LabelError), an export (ExportError), a frame query of the dashboard
+  (QueryError), a token request (AuthError), an HTTP request the dashboard or its API refuses
+  (WebError, LoginRequired: a 4xx status and one line), an API call the CLI made (ApiRefused), the
+  fleet's security material or an enrolment request (SecurityError);
 * TransportError (something on our side is unreachable or failing, retrying later may help; a CLI
   exits 3, gRPC answers UNAVAILABLE): the store (StoreError, StoreUnavailable, BundleBytesMissing).
 
@@ -20,7 +22,8 @@ from proto.errors import ArtifactError, ConfigError, KestrelError, TransportErro
 __all__ = [
     "ArtifactError", "ConfigError", "KestrelError", "TransportError",
     "PayloadRejected", "ImageRejected", "RegistryError", "PushRefused", "NotFound", "FleetRequestError",
-    "NothingToRollBack", "LabelError", "ExportError", "SecurityError",
+    "NothingToRollBack", "LabelError", "ExportError", "QueryError", "AuthError", "WebError", "LoginRequired",
+    "ApiRefused", "SecurityError",
     "StoreError", "StoreUnavailable", "BundleBytesMissing",
     "INVALID", "PRECONDITION", "EXISTS",
 ]
@@ -80,6 +83,34 @@ class LabelError(ArtifactError):
 
 class ExportError(ArtifactError):
     """The export cannot be written as asked (target exists, unsafe label, nothing to export...)."""
+
+
+class QueryError(ArtifactError):
+    """A frame query is malformed (unknown order or state, bad cursor, limit out of range...; hub.store.query)."""
+
+
+class AuthError(ArtifactError):
+    """A token request is malformed (unknown role, bad name, name taken...; hub.auth)."""
+
+
+class WebError(ArtifactError):
+    """An HTTP request refused with ``status`` (4xx) and a one-line ``detail`` (hub.web)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class LoginRequired(WebError):
+    """No token and no session (401): pages redirect to the login page, the API answers 401."""
+
+    def __init__(self, detail: str = "log in first: send Authorization: Bearer <token> or log in at /login") -> None:
+        super().__init__(401, detail)
+
+
+class ApiRefused(ArtifactError):
+    """The hub's HTTP API refused a CLI's request (bad input, no or the wrong token; hub.cli.apiclient)."""
 
 
 class SecurityError(ArtifactError):

@@ -74,13 +74,7 @@ class FleetService:
 
     def list_devices(self, group: Optional[str] = None) -> List[DeviceRecord]:
         """Device records with the desired state that applies to each (device-specific wins over the group's)."""
-        groups: Dict[str, Optional[GroupDesired]] = {}
-        out = []
-        for dev in self.store.list_devices(group or None):
-            if dev.group not in groups:
-                groups[dev.group] = self.store.get_group_desired(dev.group)
-            out.append(effective_desired(dev, groups[dev.group]))
-        return out
+        return devices_with_desired(self.store, group)
 
     def deploy(self, model_name: str, version: int = 0, device_id: str = "", group: str = "") -> Announcement:
         """Announce that the device/group should run ``model_name`` ``version`` (0 = the highest stored)."""
@@ -189,6 +183,18 @@ class FleetService:
                 model_name, version = desired.model_name, desired.version
             self.store.upsert_device(dev.device_id, desired_model=model_name, desired_version=version,
                                      desired_scope=DESIRED_SCOPE_GROUP)
+
+
+def devices_with_desired(store: Store, group: Optional[str] = None) -> List[DeviceRecord]:
+    """The store's device records (of ``group``, or all) with the desired state that applies to each
+    (FleetService.list_devices; the dashboard reads the same)."""
+    groups: Dict[str, Optional[GroupDesired]] = {}
+    out = []
+    for dev in store.list_devices(group or None):
+        if dev.group not in groups:
+            groups[dev.group] = store.get_group_desired(dev.group)
+        out.append(effective_desired(dev, groups[dev.group]))
+    return out
 
 
 def effective_desired(dev: DeviceRecord, group: Optional[GroupDesired]) -> DeviceRecord:

@@ -1,9 +1,13 @@
 """``kestrel-hub serve``: one process runs the MQTT ingest, the gRPC registry + fleet and the HTTP server.
 
-Start order: store -> broker (embedded Mosquitto or the configured one) -> ingest -> registry,
-fleet and gRPC -> HTTP. The bound ports go to ``<data_dir>/hub.json`` (atomic write) and the log,
-so port 0 ("any free port") is usable by scripts and tests. SIGTERM/SIGINT stop it cleanly;
-a SIGKILL loses nothing because nothing is acknowledged before it is stored.
+Start order: store -> the fleet's security material (hub/security/: CA, fleet key, broker files) ->
+broker (embedded Mosquitto, TLS with the per-device ACL by default, or the configured one) -> ingest ->
+registry, fleet (deploys and rollbacks signed by the fleet key) and gRPC -> the renewer of signed
+retained desired state and of the CRL -> HTTP (the dashboard, its API, /healthz, /metrics: hub/web/). The bound ports go
+to ``<data_dir>/hub.json`` (atomic write) and the log, so port 0 ("any free port") is usable by
+scripts and tests. A store without any API token gets an admin token in ``<data_dir>/admin-token``
+(0600; the log says where, never the token). SIGTERM/SIGINT stop it cleanly; a SIGKILL loses
+nothing because nothing is acknowledged before it is stored.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from hub import config as hubconfig
 from hub.broker import BrokerTarget, EmbeddedBroker, resolve
 from hub.config import HubConfig
 from hub.errors import ConfigError, KestrelError, TransportError
-from hub.http import HttpServer
 from hub.ingest.service import Ingest
+from hub.metrics import HubMetrics
 from hub.security.enrol import Security
 from hub.security.refresh import Renewer
 from hub.store.base import Store
 from hub.store.open import open_store
 from proto import atomic
+from proto.clock import now_ms
 
 log = logging.getLogger("hub.server")
 
@@ -37,6 +42,7 @@ PUBLISH_TIMEOUT_S = 10.0
 # write and fsync releases it); a thread coming back from one waits up to this long for a busy one to
 # let go. Python's 5 ms made the commit and write-ahead threads queue behind the network thread.
 GIL_SWITCH_INTERVAL_S = 0.001
+HOUSEKEEPING_S = 300.0  # how often old telemetry points and expired sessions are deleted
 
 
 class HubServer:
@@ -46,7 +52,11 @@ class HubServer:
         self.embedded: Optional[EmbeddedBroker] = None
         self.target: Optional[BrokerTarget] = None
         self.ingest: Optional[Ingest] = None
-        self.http: Optional[HttpServer] = None
+        self.http: Any = None  # hub.web.server.WebServer
+        self.metrics = HubMetrics(self.health, lambda: self.store)
+        self.admin_token_file: Optional[Path] = None
+        self._housekeeping_stop = threading.Event()
+        self._housekeeping: Optional[threading.Thread] = None
         self.grpc_server: Any = None
         self.grpc_port = 0
         self.registry: Any = None
@@ -67,19 +77,23 @@ class HubServer:
         target = self._start_embedded_broker() if cfg.mqtt.embedded else resolve(cfg)
         self.target = target
         dead_letter = cfg.dead_letter_dir
-        self.ingest = Ingest(self.store, target, cfg.mqtt, client_id, dead_letter_dir=dead_letter).start()
+        self.ingest = Ingest(self.store, target, cfg.mqtt, client_id, dead_letter_dir=dead_letter,
+                             on_commit=self.metrics.batch_committed).start()
         self._start_grpc()
         self.renewer = Renewer(target, f"{client_id}-renew", self.security.signer,
                                cfg.security.refresh_interval_s, renew_crl=self._renew_crl,
                                crl_due=self.security.crl_due).start()
-        self.http = HttpServer(cfg.http.bind, cfg.http.port, self.health).start()
+        self._start_http()
         info = {"pid": os.getpid(), "http_port": self.http.port, "grpc_port": self.grpc_port,
                 "mqtt_host": target.host, "mqtt_port": target.port,
                 "mqtt_embedded": target.embedded, "mqtt_tls": target.tls,
-                "mqtt_ca_file": target.ca_file, "client_id": client_id, "store": cfg.store_url}
+                "mqtt_ca_file": target.ca_file, "client_id": client_id, "store": cfg.store_url,
+                "dashboard": f"http://{cfg.http.bind}:{self.http.port}/"}
+        if self.admin_token_file is not None:
+            info["admin_token_file"] = str(self.admin_token_file)
         atomic.write_text(cfg.data_dir / "hub.json", json.dumps(info, indent=1) + "\n")
-        log.info("kestrel-hub serving: http %s:%d, grpc %s:%d, mqtt %s:%d%s%s, store %s", cfg.http.bind,
-                 self.http.port, cfg.grpc.bind, self.grpc_port, target.host, target.port,
+        log.info("kestrel-hub serving: dashboard http://%s:%d/, grpc %s:%d, mqtt %s:%d%s%s, store %s",
+                 cfg.http.bind, self.http.port, cfg.grpc.bind, self.grpc_port, target.host, target.port,
                  " (embedded)" if target.embedded else "", " TLS" if target.tls else "", self.store)
         return self
 
@@ -132,6 +146,37 @@ class HubServer:
         server.start()
         self.grpc_server, self.grpc_port = server, port
 
+    def _start_http(self) -> None:
+        from hub import __version__
+        from hub.auth import ensure_admin_token
+        from hub.web.app import create_app
+        from hub.web.context import WebContext
+        from hub.web.server import WebServer
+
+        assert self.store is not None
+        cfg = self.cfg
+        made = ensure_admin_token(self.store, cfg.data_dir)
+        if made is not None:
+            self.admin_token_file = made
+            log.info("no API token in the store yet: made an admin token, in %s (0600); log in to the dashboard "
+                     "with it and make others with `kestrel-hub tokens add NAME --role ROLE`", made)
+        ctx = WebContext(store=self.store, http=cfg.http, health=self.health, metrics=self.metrics,
+                         fleet=self.fleet, registry=self.registry, version=__version__)
+        self.http = WebServer(create_app(ctx), cfg.http.bind, cfg.http.port).start()
+        self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
+        self._housekeeping.start()
+
+    def _housekeep(self) -> None:
+        """Every HOUSEKEEPING_S: the store's old telemetry points and expired sessions go (housekeep)."""
+        while True:
+            if self.store is not None:
+                try:
+                    housekeep(self.store, self.cfg.store.telemetry_retention_h, now_ms())
+                except KestrelError as exc:  # the store is away: the next round tries again
+                    log.warning("housekeeping: %s", exc)
+            if self._housekeeping_stop.wait(HOUSEKEEPING_S):
+                return
+
     def publish_retained(self, topic: str, payload: bytes) -> None:
         """QoS 1 retained publish through the ingest's connection; returns once the broker acknowledged."""
         if self.ingest is None:
@@ -145,6 +190,9 @@ class HubServer:
             raise TransportError(f"the broker did not acknowledge {topic} within {PUBLISH_TIMEOUT_S}s")
 
     def stop(self) -> None:
+        self._housekeeping_stop.set()
+        if self._housekeeping is not None:
+            self._housekeeping.join(10)
         if self.http is not None:
             self.http.stop()
         if self.renewer is not None:
@@ -179,6 +227,12 @@ class HubServer:
             and bool(ingest.get("threads_alive"))
         return {"ok": ok, "store": store, "broker": broker, "ingest": ingest,
                 "grpc": {"port": self.grpc_port, "running": self.grpc_server is not None}}
+
+
+def housekeep(store: Store, retention_h: float, now: int) -> Tuple[int, int]:
+    """Delete telemetry points older than ``retention_h`` ([store] telemetry_retention_h) and sessions
+    expired by ``now``; (points, sessions) deleted."""
+    return store.prune_series(now - int(retention_h * 3600 * 1000)), store.prune_sessions(now)
 
 
 # ---- the subcommand ----

@@ -275,7 +275,8 @@ def package(rundir: Path, key_path: str, version: int, out: Path, allow_failed_g
         raise RunDirError(f"{rundir / 'evaluate' / 'evaluate.json'} has no sampling-threshold sweep (evaluated "
                           f"by an older trainer): run `kestrel-train evaluate {rundir}` again")
     chosen = resolve_threshold(ev["threshold"], cfg.gate.default_threshold)
-    metrics = bundle_metrics(ev, cv, len(model_bytes), chosen)
+    op = read_json(rundir / "optimize" / "optimize.json", "optimize")
+    metrics = bundle_metrics(ev, cv, len(model_bytes), chosen, op)
     data = bundle.build_bundle(
         model_bytes=model_bytes, labels=ev["class_names"], model_name=cfg.gate.model_name, version=int(version),
         input_spec=spec, signing_key=signing_key, default_threshold=chosen["threshold"],
@@ -294,8 +295,8 @@ def resolve_threshold(sweep: Dict[str, Any], configured: Optional[float]) -> Dic
     return resolve(sweep, configured)
 
 
-def bundle_metrics(ev: Dict[str, Any], cv: Dict[str, Any], model_bytes: int, chosen: Dict[str, Any]
-                   ) -> Dict[str, Any]:
+def bundle_metrics(ev: Dict[str, Any], cv: Dict[str, Any], model_bytes: int, chosen: Dict[str, Any],
+                   op: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The signed manifest's metrics: accuracy figures, the confusion matrix with its class names (the hub
     dashboard renders it), calibration and what the default threshold sends and catches on held-out."""
     st = ev["stages"]
@@ -305,6 +306,10 @@ def bundle_metrics(ev: Dict[str, Any], cv: Dict[str, Any], model_bytes: int, cho
         "cv_accuracy_mean": (cv.get("accuracy") or {}).get("mean"),
         "cv_accuracy_std": (cv.get("accuracy") or {}).get("std"),
         "cv_k": cv.get("k"), "bytes": model_bytes, "n_test": ev.get("n_test"),
+        # for the hub dashboard's Models page: the int8 model's median latency on the trainer's machine
+        # (edge runtime) and the share of zero weights in its pruned kernels (optimize.json)
+        "latency_ms": (st[DEPLOYED].get("latency") or {}).get("median_ms"),
+        "sparsity": ((op or {}).get("sparsity") or {}).get("overall"),
         "ece": ((ev.get("calibration") or {}).get("int8") or {}).get("ece"),
         "ece_float": ((ev.get("calibration") or {}).get("float") or {}).get("ece"),
         "sampling": {"threshold": chosen["threshold"], "source": chosen["source"],

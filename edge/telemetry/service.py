@@ -2,7 +2,9 @@
 
 * :class:`Stats` is fed by the capture/inference threads (thread-safe) and summarises: fps over the
   last ``fps_window_s`` seconds, latency p50/p95 (nearest rank, milliseconds) over the last
-  ``latency_window`` inferences, counters and uptime. The clock is injectable for tests.
+  ``latency_window`` inferences, counters and uptime, and (since the start) how many frames were
+  low confidence and a histogram of every inferred frame's top-1 score (SCORE_BINS equal bins over
+  [0, 1]): the hub charts both per model version. The clock is injectable for tests.
 * :class:`TelemetryService` publishes a ``kestrel_pb2.Telemetry`` every ``[telemetry] interval_s``
   on ``topics.telemetry(device_id)`` (QoS 0) and serves ``/metrics`` through prometheus_client (names in
   docs/edge-transport.md). On a Jetson it runs ``tegrastats`` (edge.telemetry.tegrastats) and adds its
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 FPS_WINDOW_S = 10.0
 LATENCY_WINDOW = 1000
+SCORE_BINS = 20  # top-1 score histogram bins over [0, 1] (Telemetry.score_histogram; the hub reads len())
 EPHEMERAL_PORT = -1  # TelemetryService(metrics_port=EPHEMERAL_PORT): let the OS pick a free port (tests)
 
 Clock = Callable[[], float]
@@ -58,6 +61,8 @@ class Stats:
         self.dropped = 0
         self.corrupt = 0
         self.sampled = 0
+        self.low_confidence = 0
+        self.score_histogram = [0] * SCORE_BINS
         self.queue_depth = 0
         self.model: Optional[kestrel_pb2.ModelRef] = None
         self.refused: Dict[str, int] = {}  # desired-state messages refused, by reason (proto.desired)
@@ -78,10 +83,16 @@ class Stats:
         with self._lock:
             self.sampled += 1
 
-    def inference(self, latency_s: float) -> None:
+    def inference(self, latency_s: float, top: Optional[float] = None, low_confidence: bool = False) -> None:
+        """One inferred frame: its latency, its top-1 score (None: unknown) and whether an uncertainty
+        rule fired for it."""
         now = self._clock()
         with self._lock:
             self.processed += 1
+            if top is not None and top == top:  # NaN never reaches here from the pipeline; be safe
+                self.score_histogram[min(SCORE_BINS - 1, max(0, int(top * SCORE_BINS)))] += 1
+            if low_confidence:
+                self.low_confidence += 1
             self._latencies.append(float(latency_s))
             self._times.append(now)
             self._trim(now)
@@ -128,6 +139,8 @@ class Stats:
                 "frames_captured": self.captured,
                 "frames_processed": self.processed,
                 "frames_sampled": self.sampled,
+                "frames_low_confidence": self.low_confidence,
+                "score_histogram": list(self.score_histogram),
                 "frames_dropped": self.dropped,
                 "frames_corrupt": self.corrupt,
                 "uptime_s": uptime,
@@ -210,7 +223,9 @@ class TelemetryService:
             queue_depth=snap["queue_depth"], spool_bytes=spool_bytes, spool_frames=spool_frames,
             spool_evictions=evictions, uptime_s=snap["uptime_s"],
             frames_processed=snap["frames_processed"], frames_sampled=snap["frames_sampled"],
-            frames_dropped=snap["frames_dropped"], frames_corrupt=snap["frames_corrupt"])
+            frames_dropped=snap["frames_dropped"], frames_corrupt=snap["frames_corrupt"],
+            frames_low_confidence=snap["frames_low_confidence"], score_histogram=snap["score_histogram"],
+            dead_letters=int(getattr(self.publisher, "dead_letters", 0) or 0))
         if snap["model"] is not None:
             msg.model.CopyFrom(snap["model"])
         for reason, n in snap["desired_refused"].items():
@@ -245,6 +260,7 @@ class TelemetryService:
         for key, help_text in (("frames_captured", "Frames read from the source."),
                                ("frames_processed", "Frames run through the model."),
                                ("frames_sampled", "Frames selected for the hub."),
+                               ("frames_low_confidence", "Frames an uncertainty rule fired for."),
                                ("frames_dropped", "Frames dropped because inference fell behind."),
                                ("frames_corrupt", "Frames the source delivered unreadable.")):
             yield counter(key, help_text, snap[key])

@@ -33,7 +33,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from hub.config import MqttSection
 from hub.errors import PayloadRejected, StoreError, StoreUnavailable
@@ -66,11 +66,14 @@ class Pipeline:
     """Validate, stage, commit, then hand back to acknowledge. ``start()`` starts its three threads.
 
     ``dead_letter_dir``: where frames the store refuses (or whose id another device owns) are kept
-    before they are acknowledged (HubConfig.dead_letter_dir).
+    before they are acknowledged (HubConfig.dead_letter_dir). ``on_commit(seconds, stored frames)`` is
+    called after every committed batch (hub.metrics.HubMetrics.batch_committed).
     """
 
-    def __init__(self, store: Store, cfg: MqttSection, dead_letter_dir: Path, acknowledger: Acknowledger) -> None:
+    def __init__(self, store: Store, cfg: MqttSection, dead_letter_dir: Path, acknowledger: Acknowledger,
+                 on_commit: Optional[Callable[[float, Sequence[FrameRecord]], None]] = None) -> None:
         self.store = store
+        self.on_commit = on_commit
         self.cfg = cfg
         self.acknowledger = acknowledger
         self.dead_letter_dir = Path(dead_letter_dir)
@@ -314,6 +317,9 @@ class Pipeline:
         t0 = time.monotonic()
         self._devices.begin()
         rejected, frames, device_updates, seen, n_tele, n_status = self._classify(batch, validated)
+        refused = {i for i, _ in rejected}
+        points = [v.point for i, v in enumerate(validated)  # the telemetry series (hub/store/series.py)
+                  if isinstance(v, DeviceUpdate) and v.point is not None and i not in refused]
         # one upsert per device and batch: its messages' fields merged in arrival order (the last wins)
         devices: Dict[str, Dict[str, object]] = {}
         for device_id, fields_ in device_updates:
@@ -329,7 +335,8 @@ class Pipeline:
         t_now = now_ms()
         flush_seen = bool(self._pending_seen) and (
             bool(devices) or t_now - self._last_seen_flush >= LAST_SEEN_WRITE_INTERVAL_MS)
-        write_batch(self.store, frames, devices, dict(self._pending_seen) if flush_seen else {}, state, attempt)
+        write_batch(self.store, frames, devices, dict(self._pending_seen) if flush_seen else {}, state, attempt,
+                    points)
         if flush_seen:
             self._pending_seen.clear()
             self._last_seen_flush = t_now
@@ -362,6 +369,8 @@ class Pipeline:
             self.stats.commit_ms_last = commit_ms
             self.stats.commit_ms_max = max(self.stats.commit_ms_max, commit_ms)
             self.stats.commit_ms_total += commit_ms
+        if self.on_commit is not None:
+            self.on_commit(commit_ms / 1000.0, [f for i, f in frames if state.outcomes.get(i) == "stored"])
         if commit_ms > SLOW_COMMIT_MS and time.monotonic() - self._slow_log >= REJECT_LOG_INTERVAL_S:
             self._slow_log = time.monotonic()
             log.warning("committing a batch of %d messages took %.0f ms", len(batch), commit_ms)

@@ -4,7 +4,7 @@ pipeline (hub/ingest/pipeline.py), which hands committed messages back to the li
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import paho.mqtt.client as mqtt
 
@@ -13,22 +13,24 @@ from hub.config import MqttSection
 from hub.ingest.message import Message
 from hub.ingest.mqttlink import MqttLink
 from hub.ingest.pipeline import Pipeline
-from hub.store.base import Store
+from hub.store.base import FrameRecord, Store
 
 
 class Ingest:
     """Subscribe, validate, store, then acknowledge. ``start()`` returns at once (connects in background).
 
     ``dead_letter_dir``: where frames the store refuses (or whose id another device owns) are kept
-    before they are acknowledged (HubConfig.dead_letter_dir).
+    before they are acknowledged (HubConfig.dead_letter_dir). ``on_commit(seconds, stored frames)``: called
+    after every committed batch (hub.metrics.HubMetrics.batch_committed).
     """
 
     def __init__(self, store: Store, target: BrokerTarget, cfg: MqttSection, client_id: str,
-                 dead_letter_dir: Path) -> None:
+                 dead_letter_dir: Path,
+                 on_commit: Optional[Callable[[float, Sequence[FrameRecord]], None]] = None) -> None:
         self.store = store
         self.cfg = cfg
         self.link = MqttLink(target, cfg, client_id, deliver=self._deliver)
-        self.pipeline = Pipeline(store, cfg, dead_letter_dir, acknowledger=self.link)
+        self.pipeline = Pipeline(store, cfg, dead_letter_dir, acknowledger=self.link, on_commit=on_commit)
 
     def _deliver(self, m: Message) -> None:
         self.pipeline.offer(m)

@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Set
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
 
 import pytest
 
@@ -59,11 +59,11 @@ class FlakyStore(Store):
         return self.inner.add_frame(frame)
 
     def apply_batch(self, frames: List[FrameRecord], devices: Dict[str, Dict[str, object]],
-                    seen: Dict[str, int]) -> List[Optional[str]]:
+                    seen: Dict[str, int], points: Sequence[Any] = ()) -> List[Optional[str]]:
         self._gate()
         self._refuse(frames)
         self.writes += 1
-        return self.inner.apply_batch(frames, devices, seen)
+        return self.inner.apply_batch(frames, devices, seen, points)
 
     def touch_devices(self, seen: Dict[str, int]) -> None:
         self._gate()
@@ -82,8 +82,51 @@ class FlakyStore(Store):
     def count_frames(self, device_id: Optional[str] = None) -> int:
         return self.inner.count_frames(device_id)
 
-    def set_label(self, frame_id: str, label: Optional[str], when_ms: int) -> bool:
-        return self.inner.set_label(frame_id, label, when_ms)
+    def set_labels(self, labels: Dict[str, Optional[str]], when_ms: int, by: str = "") -> Dict[str, Optional[str]]:
+        return self.inner.set_labels(labels, when_ms, by)
+
+    # the dashboard's queries, series, tokens and sessions: passed through untouched
+    def query_frames(self, query: Any) -> Any:
+        return self.inner.query_frames(query)
+
+    def count_unlabelled(self) -> int:
+        return self.inner.count_unlabelled()
+
+    def add_series(self, points: Sequence[Any]) -> None:
+        self.inner.add_series(points)
+
+    def list_series(self, since_ms: int, until_ms: Optional[int] = None, device_ids: Any = None) -> List[Any]:
+        return self.inner.list_series(since_ms, until_ms, device_ids)
+
+    def prune_series(self, before_ms: int) -> int:
+        return self.inner.prune_series(before_ms)
+
+    def add_token(self, token: Any) -> bool:
+        return self.inner.add_token(token)
+
+    def get_token(self, name: str) -> Any:
+        return self.inner.get_token(name)
+
+    def find_token(self, token_hash: str) -> Any:
+        return self.inner.find_token(token_hash)
+
+    def list_tokens(self) -> List[Any]:
+        return self.inner.list_tokens()
+
+    def revoke_token(self, name: str, when_ms: int) -> bool:
+        return self.inner.revoke_token(name, when_ms)
+
+    def add_session(self, session: Any) -> None:
+        self.inner.add_session(session)
+
+    def get_session(self, id_hash: str) -> Any:
+        return self.inner.get_session(id_hash)
+
+    def delete_session(self, id_hash: str) -> None:
+        self.inner.delete_session(id_hash)
+
+    def prune_sessions(self, now_ms: int) -> int:
+        return self.inner.prune_sessions(now_ms)
 
     def iter_labelled(self) -> Iterator[FrameRecord]:
         return self.inner.iter_labelled()

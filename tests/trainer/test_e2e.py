@@ -73,6 +73,12 @@ def test_bundle_verifies_and_its_model_classifies_held_out_images(bundle_run):
     assert m.metrics["accuracy"] == pytest.approx(accuracy)          # the manifest tells the truth
     assert m.metrics["n_test"] == len(labels)
     assert m.metrics["accuracy_drop_points"] <= 10.0                 # the gate (tolerance 10 here) passed
+    # the figures the hub dashboard's Models page shows beside them
+    evaluation = json.loads((rundir / "evaluate" / "evaluate.json").read_text())
+    optimized = json.loads((rundir / "optimize" / "optimize.json").read_text())
+    assert m.metrics["latency_ms"] == evaluation["stages"]["pruned_int8"]["latency"]["median_ms"] > 0
+    assert m.metrics["sparsity"] == optimized["sparsity"]["overall"] and 0 < m.metrics["sparsity"] < 1
+    assert m.metrics["float_accuracy"] == evaluation["stages"]["float"]["accuracy"]
 
 
 @pytest.mark.slow
