@@ -9,13 +9,14 @@ VPY := $(VENV)/bin/python
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 PY38 ?= $(firstword $(wildcard $(PYENV_ROOT)/versions/3.8.*/bin/python) $(shell command -v python3.8))
 APT_PKGS := python3-venv mosquitto mosquitto-clients gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
-            gstreamer1.0-rtsp python3-gi gir1.2-gst-rtsp-server-1.0
+            gstreamer1.0-rtsp python3-gi gir1.2-gst-rtsp-server-1.0 chromium fonts-dejavu-core systemd
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export KESTREL_TEST_MODELS ?= $(CURDIR)/.cache/test-models
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps venv test test-py38 test-fast check proto proto-check demo bench push-model clean
+.PHONY: setup system-deps venv test test-py38 test-fast check proto proto-check demo bench push-model clean \
+        flash-image jetson-overlay
 
 setup: system-deps $(VENV)/.stamp
 
@@ -33,7 +34,7 @@ system-deps:
 $(VENV)/.stamp: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[edge,hub,trainer,dev,litert]'
+	$(VPY) -m pip install -q -e '.[edge,hub,trainer,dev,litert,jetson]'
 	touch $@
 
 # Device interpreter: Python 3.8 with exactly what a Jetson Nano gets (jetson/constraints-jp46.txt).
@@ -77,8 +78,8 @@ test-py38: .venv38/.stamp test-models
 	.venv38/bin/python -m pytest tests/test_contracts.py tests/test_config_loader.py tests/test_import_direction.py tests/test_error_tree.py tests/test_module_size.py tests/edge -m 'not needs_tf' -p no:cacheprovider $(PYTEST_ARGS)
 
 check: setup
-	$(VPY) -m ruff check proto edge hub trainer demo tests
-	$(VPY) -m mypy proto edge hub trainer demo
+	$(VPY) -m ruff check proto edge hub trainer demo jetson tests
+	$(VPY) -m mypy proto edge hub trainer demo jetson
 	$(VPY) -m pytest -q -p no:cacheprovider tests/test_import_direction.py tests/test_error_tree.py tests/test_module_size.py
 
 demo: setup
@@ -89,6 +90,23 @@ bench: setup test-models
 
 push-model: setup
 	$(VPY) -m trainer push-model $(if $(BUNDLE),--bundle $(BUNDLE)) $(if $(RUN),--run $(RUN)) $(if $(KEY),--key $(KEY)) $(if $(HUB),--hub $(HUB)) $(if $(VERSION),--version $(VERSION)) $(if $(DEPLOY),--deploy $(DEPLOY))
+
+# Jetson images (docs/jetson.md). Shell + Python tools under jetson/, run with .venv's Python when it exists
+# (then no `setup` runs); without .venv, `setup` makes it first. NVIDIA's tools need root: sudo make ...
+#   make flash-image L4T=~/Linux_for_Tegra BOARD=jetson-nano IDENTITY=cam-1.identity.tar [DEVICE=cam-1]
+#        [TRUST='keys/signing.pub'] [BUNDLE=model-v1.kbundle] [SDCARD=cam-1.img] [WHEELHOUSE=dir] [DRY_RUN=1]
+#   make jetson-overlay BOARD=jetson-nano IDENTITY=cam-1.identity.tar [TRUST=...] [BUNDLE=...] [OUT=overlay.tar]
+JETSON_NEEDS := $(if $(wildcard $(VPY)),,setup)
+JETSON_PY = $(VPY) -m jetson
+JETSON_INPUTS = --board "$(BOARD)" --identity "$(IDENTITY)" --trust $(or $(TRUST),keys/signing.pub) \
+	$(if $(BUNDLE),--bundle "$(BUNDLE)") $(if $(WHEELHOUSE),--wheelhouse "$(WHEELHOUSE)")
+
+flash-image: $(JETSON_NEEDS)
+	$(JETSON_PY) flash --l4t "$(L4T)" $(JETSON_INPUTS) $(if $(DEVICE),--device "$(DEVICE)") \
+	  $(if $(SDCARD),--sd-image "$(SDCARD)") $(if $(JETSON_USER),--user "$(JETSON_USER)") $(if $(DRY_RUN),--dry-run)
+
+jetson-overlay: $(JETSON_NEEDS)
+	$(JETSON_PY) overlay $(JETSON_INPUTS) $(if $(OUT),--out "$(OUT)")
 
 clean:
 	rm -rf $(VENV) .venv38 .venv-proto .cache build *.egg-info

@@ -17,23 +17,22 @@ import cv2
 import numpy as np
 
 
-def held_out_digits(classes: int, train_per_class: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(images 8x8 uint8 0..255, targets) of the digits ``kestrel-train digits --per-class N`` leaves out."""
+def held_out_digits(classes: int, train_per_class: int, seed: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(images 8x8 uint8 0..255, targets) of the digits ``kestrel-train digits --per-class N [--seed S]``
+    leaves out (the same choice: trainer.datasets.digit_indices)."""
     from sklearn.datasets import load_digits
 
+    from trainer.datasets import digit_indices
+
     d = load_digits()
-    seen: dict = {}
+    taken = set(digit_indices(d.target, train_per_class, classes, seed))
     imgs: List[np.ndarray] = []
     targets: List[int] = []
-    for img, target in zip(d.images, d.target):
-        t = int(target)
-        if t >= classes:
-            continue
-        seen[t] = seen.get(t, 0) + 1
-        if seen[t] <= train_per_class:
+    for i, (img, target) in enumerate(zip(d.images, d.target)):
+        if int(target) >= classes or i in taken:
             continue
         imgs.append(np.clip(img * (255.0 / 16.0), 0, 255).astype(np.uint8))
-        targets.append(t)
+        targets.append(int(target))
     return np.stack(imgs), np.asarray(targets, np.int64)
 
 

@@ -29,6 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from demo.edgeconf import identity_settings, toml_doc, unpack_identity
 from demo.procs import (
     REPO,
     STOP_TIMEOUT_S,
@@ -68,24 +69,6 @@ def http_json(url: str, timeout: float = 5.0) -> tuple:
         return 0, None
 
 
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))  # a TOML basic string is a JSON string for what we write
-
-
-def toml_doc(sections: Mapping[str, Mapping[str, Any]]) -> str:
-    out: List[str] = []
-    for name, fields in sections.items():
-        out.append(f"[{name}]")
-        out.extend(f"{k} = {toml_value(v)}" for k, v in fields.items())
-    return "\n".join(out) + "\n"
-
-
 class Loop:
     """One hub and one edge device in ``work`` (keys, hub data, device data, logs, export)."""
 
@@ -101,13 +84,15 @@ class Loop:
         self.hub_dir = self.work / "hub-data"
         self.tools_log = self.work / "tools.log"  # output of the commands run to completion (keygen, export ...)
         self.edge_dir = self.work / "edge-data"
+        self.credentials = self.work / "credentials"  # the device's identity, as systemd LoadCredential= passes it
+        self.identity: Dict[str, Any] = {}  # the bundle's edge.toml snippet once enrolled
         self._client: Any = None
         self._store: Any = None
         self._procs: List[Proc] = []  # every process this loop started, in order
 
-    def _spawn(self, name: str, argv: List[str], log: Path) -> Proc:
+    def _spawn(self, name: str, argv: List[str], log: Path, env: Optional[Mapping[str, str]] = None) -> Proc:
         with uninterrupted():  # started and recorded, or neither
-            proc = Proc(name, argv, log)
+            proc = Proc(name, argv, log, env=env)
             self._procs.append(proc)
         return proc
 
@@ -240,17 +225,37 @@ class Loop:
                     else "no status yet")
             raise LoopError(f"{exc} (hub sees: {seen}); edge log:\n{tail(self.work / 'edge.log')}") from None
 
+    # ---- the device's identity ----
+    def enrol(self) -> Dict[str, Any]:
+        """`kestrel-hub devices add DEVICE --group GROUP`: its identity bundle, unpacked into the
+        credentials directory the edge daemon gets as $CREDENTIALS_DIRECTORY (demo.identity); returns the
+        bundle's edge.toml snippet with the credential paths made relative (looked up there)."""
+        bundles = self.work / "identity"
+        run_tool([sys.executable, "-m", "hub", "devices", "add", self.device_id, "--group", self.group,
+                  "--config", str(self.work / "hub.toml"), "--out", str(bundles)], self.tools_log)
+        try:
+            self.identity = unpack_identity(bundles / f"{self.device_id}.identity.tar", self.credentials)
+        except ValueError as exc:
+            raise LoopError(str(exc)) from exc
+        return self.identity
+
     # ---- edge ----
     def edge_sections(self) -> Dict[str, Dict[str, Any]]:
-        """The edge config this loop needs (device, broker, hub, trust); callers add source and model."""
+        """The edge config this loop needs (device, broker, hub, trust, and its identity from
+        :meth:`enrol` when the hub's broker speaks TLS); callers add source and model."""
+        if self.hub_info.get("mqtt_tls") and not self.identity:
+            self.enrol()
+        id_mqtt, id_update = identity_settings(self.identity, self.hub_dir / "security" / "fleet.pub")
+        mqtt = {"host": self.hub_info["mqtt_host"], "port": int(self.hub_info["mqtt_port"]), **id_mqtt,
+                "reconnect_min_s": 0.1, "reconnect_max_s": 1.0}
+        update = {"trust_dir": str(self.trust_dir), "hub_grpc": self.grpc_target, "trial_frames": 20,
+                  "trial_seconds": 1.0, **id_update}
         return {
             "device": {"id": self.device_id, "group": self.group, "data_dir": str(self.edge_dir)},
-            "mqtt": {"host": self.hub_info["mqtt_host"], "port": int(self.hub_info["mqtt_port"]),
-                     "reconnect_min_s": 0.1, "reconnect_max_s": 1.0},
+            "mqtt": mqtt,
             "spool": {"max_bytes": 16 * 1024 * 1024},
             "telemetry": {"interval_s": 1.0, "metrics_port": 0},
-            "update": {"trust_dir": str(self.trust_dir), "hub_grpc": self.grpc_target,
-                       "trial_frames": 20, "trial_seconds": 1.0},
+            "update": update,
         }
 
     def write_edge_config(self, **sections: Mapping[str, Any]) -> Path:
@@ -263,8 +268,9 @@ class Loop:
         return path
 
     def start_edge(self, config: Path) -> Proc:
+        env = {"CREDENTIALS_DIRECTORY": str(self.credentials)} if self.identity else None
         self.edge = self._spawn("edge", [sys.executable, "-m", "edge", "run", "--config", str(config)],
-                                self.work / "edge.log")
+                                self.work / "edge.log", env=env)
         return self.edge
 
     # ---- frames, export ----

@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 STOP_TIMEOUT_S = 20.0
@@ -110,10 +110,10 @@ def child_env() -> Dict[str, str]:
 class Proc:
     """A child process with its log file; ``stop()`` = SIGTERM, wait, SIGKILL as a last resort."""
 
-    def __init__(self, name: str, argv: List[str], log: Path) -> None:
+    def __init__(self, name: str, argv: List[str], log: Path, env: Optional[Mapping[str, str]] = None) -> None:
         self.name, self.argv, self.log = name, argv, log
         self._fh = open(log, "ab")  # noqa: SIM115 - lives as long as the process
-        self.popen = subprocess.Popen(argv, cwd=str(REPO), env=child_env(), stdout=self._fh,
+        self.popen = subprocess.Popen(argv, cwd=str(REPO), env=dict(child_env(), **(env or {})), stdout=self._fh,
                                       stderr=subprocess.STDOUT)
         self.killed = False
 

@@ -9,16 +9,25 @@ docs/edge-config.md``; a test fails when it is stale).
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 from pathlib import Path
 from typing import List, Optional, Union
 
 from proto import tomlconf, topics
-from proto.errors import ConfigError
 from proto.modelname import MODEL_NAME_RULE, valid_model_name
 from proto.tomlconf import field
 
 MiB = 1024 * 1024
+GST_PRESETS = ("csi", "usb", "usb-mjpeg", "test")  # expanded by edge.sources.gstreamer.preset_pipeline
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _positive(obj: object, *names: str) -> None:
@@ -59,7 +68,14 @@ class DeviceConfig:
 class SourceConfig:
     kind: str = field("testpattern", doc="file, v4l2, rtsp, gstreamer or testpattern.")
     uri: str = field("", doc="file: a video path; v4l2: an index or /dev/videoN; rtsp: rtsp://...; "
-                             "gstreamer: the pipeline up to (not including) the appsink/fdsink.")
+                             "gstreamer: the pipeline up to (not including) the appsink/fdsink, or with "
+                             "a preset the camera it names (csi: the sensor id, default 0; usb, "
+                             "usb-mjpeg: the device, default /dev/video0).")
+    preset: str = field("", doc="gstreamer: a ready pipeline instead of uri: csi (nvarguscamerasrc -> "
+                                "nvvidconv, a Jetson's CSI camera), usb (v4l2src raw, converted by nvvidconv "
+                                "where it exists), usb-mjpeg (v4l2src MJPEG, decoded by nvv4l2decoder where "
+                                "it exists, else jpegdec) or test (videotestsrc); width, height and fps "
+                                "are asked of the camera. Empty = uri is the pipeline.")
     name: str = field("cam0", doc="Name of this source, carried in every frame message.")
     width: int = field(640, doc="Frame width requested from v4l2/gstreamer/testpattern sources.")
     height: int = field(480, doc="Frame height requested from v4l2/gstreamer/testpattern sources.")
@@ -83,8 +99,14 @@ class SourceConfig:
         kinds = ("file", "v4l2", "rtsp", "gstreamer", "testpattern")
         if self.kind not in kinds:
             raise ValueError(f"kind must be one of {', '.join(kinds)}, not {self.kind!r}")
-        if self.kind in ("file", "rtsp", "gstreamer", "v4l2") and not self.uri:
-            raise ValueError(f"kind={self.kind!r} needs uri")
+        if self.preset and self.kind != "gstreamer":
+            raise ValueError(f"preset is for kind = \"gstreamer\", not {self.kind!r}")
+        if self.preset and self.preset not in GST_PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r} ({', '.join(GST_PRESETS)})")
+        if self.preset == "csi" and self.uri and not self.uri.isdigit():
+            raise ValueError(f"preset csi: uri is the camera's sensor id (0, 1, ...), not {self.uri!r}")
+        if self.kind in ("file", "rtsp", "gstreamer", "v4l2") and not self.uri and not self.preset:
+            raise ValueError(f"kind={self.kind!r} needs uri" + (" or preset" if self.kind == "gstreamer" else ""))
         if self.width <= 0 or self.height <= 0:
             raise ValueError("width and height must be positive")
         if self.reconnect_initial_s <= 0 or self.reconnect_max_s < self.reconnect_initial_s:
@@ -103,7 +125,9 @@ class ModelConfig:
     runtime: str = field("auto", doc="auto, tflite-runtime, ai-edge-litert or tensorflow. auto tries "
                                      "tflite-runtime then ai-edge-litert; tensorflow (tf.lite, a full "
                                      "TensorFlow install) is used only when named here.")
-    threads: int = field(2, doc="Interpreter threads.")
+    threads: int = field(0, doc="Interpreter threads; 0 = the cores this process may use "
+                                "(os.sched_getaffinity: all 4 on a Jetson Nano, fewer under a CPUAffinity= "
+                                "or taskset). Set 1 less than that to leave a core to capture and encoding.")
     color_order: str = field("rgb", doc="Channel order the model expects: rgb or bgr (bundles say it).")
     normalization: str = field("0_1", doc="Float input scaling: 0_1, -1_1 or raw (0..255); "
                                           "quantized inputs use the model's scale/zero point on top.")
@@ -120,10 +144,15 @@ class ModelConfig:
             raise ValueError("normalization must be 0_1, -1_1 or raw")
         if self.resize not in ("stretch", "center_crop"):
             raise ValueError("resize must be stretch or center_crop")
-        if not 1 <= self.threads <= 64:
-            raise ValueError("threads must be 1..64")
+        if not 0 <= self.threads <= 64:
+            raise ValueError("threads must be 0 (the cores this process may use) .. 64")
         if self.top_k < 1:
             raise ValueError("top_k must be >= 1")
+
+    @property
+    def resolved_threads(self) -> int:
+        """``threads``, with 0 resolved to the cores this process may run on."""
+        return self.threads or usable_cores()
 
 
 @dataclasses.dataclass
@@ -193,11 +222,14 @@ class MqttConfig:
     host: str = field("127.0.0.1", doc="Broker host; empty disables MQTT (frames stay in the spool).")
     port: int = field(1883, doc="Broker port (8883 is usual with TLS).")
     username: str = field("", doc="Username; empty = anonymous.")
-    password_file: str = field("", doc="File holding the password (keeps secrets out of the config).")
-    tls: bool = field(False, doc="Use TLS.")
-    ca_file: str = field("", doc="CA bundle for TLS; empty = system CAs.")
-    cert_file: str = field("", doc="Client certificate for mutual TLS.")
-    key_file: str = field("", doc="Client key for mutual TLS.")
+    password_file: str = field("", doc="File holding the password (keeps secrets out of the config); must "
+                                       "not be readable by everyone. A relative name is looked up in "
+                                       "$CREDENTIALS_DIRECTORY first (systemd LoadCredential=), as are "
+                                       "ca_file, cert_file and key_file.")
+    tls: bool = field(False, doc="Use TLS (the identity bundle of `kestrel-hub devices add` sets it).")
+    ca_file: str = field("", doc="CA bundle for TLS (the fleet CA's ca.crt); empty = system CAs.")
+    cert_file: str = field("", doc="Client certificate for mutual TLS (the device's device.crt).")
+    key_file: str = field("", doc="Client key for mutual TLS (device.key); must not be readable by everyone.")
     keepalive_s: int = field(30, doc="MQTT keepalive; the broker sends the last will after 1.5x this.")
     ack_timeout_s: float = field(10.0, doc="How long to wait for a PUBACK before treating the link as down.")
     max_inflight: int = field(20, doc="Frames published and not yet acknowledged at once.")
@@ -267,6 +299,10 @@ class TelemetryConfig:
     interval_s: float = field(10.0, doc="Seconds between telemetry messages (0 = off).")
     metrics_port: int = field(9108, doc="Prometheus /metrics port (0 = off).")
     metrics_bind: str = field("127.0.0.1", doc="Address the /metrics endpoint listens on.")
+    tegrastats: str = field("auto", doc="Jetson readings (CPU and GPU load, temperatures, power rails, EMC) "
+                                        "from NVIDIA's tegrastats, in telemetry and /metrics: auto (when "
+                                        "tegrastats is on PATH), off, or the path of the tegrastats binary.")
+    tegrastats_interval_ms: int = field(1000, doc="tegrastats --interval: milliseconds between readings.")
 
     def validate(self) -> None:
         _not_negative(self, "interval_s")
@@ -274,6 +310,10 @@ class TelemetryConfig:
             raise ValueError(f"metrics_port must be 0..65535 (0 = off), not {self.metrics_port}")
         if self.metrics_port and not self.metrics_bind:
             raise ValueError("metrics_bind must not be empty while metrics_port is set")
+        if not self.tegrastats:
+            raise ValueError("tegrastats must be auto, off or a path")
+        if not 100 <= self.tegrastats_interval_ms <= 60000:
+            raise ValueError(f"tegrastats_interval_ms must be 100..60000, not {self.tegrastats_interval_ms}")
 
 
 @dataclasses.dataclass
@@ -289,8 +329,20 @@ class UpdateConfig:
     hub_grpc: str = field("", doc="host:port of the hub's gRPC registry for fetching bundles.")
     grpc_targets: List[str] = field(doc="Other registry addresses (host:port) a desired-state message may "
                                         "name in grpc_target; any other address is ignored and hub_grpc is "
-                                        "used (desired-state messages are not authenticated).",
+                                        "used.",
                                     factory=list)
+    fleet_keys: List[str] = field(doc="The hub's fleet public keys (fleet.pub files, or directories of *.pub) "
+                                      "desired-state messages must be signed by; kept apart from trust_dir "
+                                      "(model-signing keys). A relative name is looked up in "
+                                      "$CREDENTIALS_DIRECTORY first. Two files during a fleet key rotation.",
+                                  factory=list)
+    require_signed_desired: bool = field(True, doc="Refuse every desired-state message that is not signed by a "
+                                                   "fleet key, expired, or not newer than the last one accepted "
+                                                   "on its topic (counted by reason in telemetry). With no "
+                                                   "fleet_keys every message is refused. false (a quick try "
+                                                   "on a broker you trust entirely): unsigned messages are "
+                                                   "followed too; signed ones are still checked when "
+                                                   "fleet_keys is set.")
     max_bundle_bytes: int = field(200 * MiB, doc="Bundles larger than this are refused: before download "
                                                  "when the size is announced, and on every chunk received.")
     clock_slack_s: float = field(86400.0, doc="Clock tolerance for expiry and not-yet-valid checks. A clock "
@@ -377,12 +429,3 @@ def describe() -> str:
             "fails when this page is stale). Unknown keys are refused by name; `kestrel-edge run\n"
             "--check-config` validates a file and exits.\n"
             + "\n".join(tomlconf.describe(EdgeConfig)) + "\n")
-
-
-def read_secret(path: str) -> Optional[str]:
-    if not path:
-        return None
-    try:
-        return Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from exc

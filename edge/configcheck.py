@@ -16,6 +16,8 @@ from typing import List, Optional
 import cv2
 
 from edge import config
+from edge.credentials import credential_path, secret_file
+from edge.sources.gstreamer import preset_problems
 from edge.updater.factory import is_bundle_path, load_factory_model
 from proto.errors import ConfigError, KestrelError
 
@@ -28,6 +30,8 @@ def check_plausible(cfg: config.EdgeConfig) -> List[str]:
         problems.append(f"source.uri: video file {src.uri} does not exist")
     if src.kind == "gstreamer" and not shutil.which("gst-launch-1.0"):
         problems.append("source.kind = gstreamer needs gst-launch-1.0 (apt install gstreamer1.0-tools)")
+    elif src.kind == "gstreamer" and src.preset:
+        problems.extend(preset_problems(src))
     if src.kind == "rtsp" and not src.uri.lower().startswith(("rtsp://", "rtsps://")):
         problems.append(f"source.uri: {src.uri!r} is not an rtsp:// URL")
     if src.kind == "v4l2" and not src.uri.isdigit() and not src.uri.startswith("/dev/"):
@@ -51,13 +55,22 @@ def check_plausible(cfg: config.EdgeConfig) -> List[str]:
             files += [("ca_file", q.ca_file), ("cert_file", q.cert_file), ("key_file", q.key_file)]
         for key, path in files:
             if path and not _readable(path):
-                problems.append(f"mqtt.{key}: {path} does not exist or is not readable")
+                problems.append(f"mqtt.{key}: {credential_path(path)} does not exist or is not readable")
+            elif path and key in ("password_file", "key_file"):
+                try:
+                    secret_file(path)
+                except ConfigError as exc:
+                    problems.append(f"mqtt.{key}: {exc}")
         if (q.ca_file or q.cert_file or q.key_file) and not q.tls:
             problems.append("mqtt: ca_file/cert_file/key_file are set but tls = false")
+    for path in cfg.update.fleet_keys:
+        if not Path(credential_path(path)).exists():
+            problems.append(f"update.fleet_keys: {credential_path(path)} does not exist")
     return problems
 
 
 def _readable(path: str) -> bool:
+    path = credential_path(path)
     return Path(path).is_file() and os.access(path, os.R_OK)
 
 

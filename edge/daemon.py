@@ -11,10 +11,13 @@ still spooled). A capture failure ends the run with exit code 1 (systemd restart
 
 The sampler's confidence threshold follows the running model: unless ``[sampler]
 confidence_threshold`` is set, every model swap (boot, update, rollback) applies the bundle's
-``default_threshold`` (0.6 for a bare .tflite).
+``default_threshold`` (0.6 for a bare .tflite). The threshold in force goes out in every Status
+(``confidence_threshold``), so the hub's fleet view shows which one each device runs.
 
 The model to start on is chosen in edge.boot; the config checks behind ``--check-config`` are in
-edge.configcheck.
+edge.configcheck. Under systemd (``Type=notify``) the daemon says READY once its pipeline runs (or once
+it waits for a first model), pings the watchdog only while frames flow, and says STOPPING on shutdown
+(edge.telemetry.watchdog).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from edge import __version__, config
 from edge.boot import FollowingHolder, boot, model_default_threshold, wait_for_first_model
@@ -62,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Daemon:
     def __init__(self, cfg: config.EdgeConfig) -> None:
         from edge.telemetry.service import Stats, TelemetryService
+        from edge.telemetry.watchdog import ServiceNotifier
         from edge.updater.service import UpdateService
         from edge.uplink.publisher import Publisher
 
@@ -82,11 +86,25 @@ class Daemon:
                                     max_bytes=cfg.mqtt.max_payload_bytes)
         self.sink_worker = SinkWorker(self.builder, self.publisher.publish_frame, cfg.pipeline.sink_queue_size)
         self.pipeline: Optional[Pipeline] = None
+        self.notifier = ServiceNotifier()  # systemd Type=notify: READY, STATUS, WATCHDOG, STOPPING
+        self._stopping_sent = False
+
+    def _progress(self) -> Optional[Tuple[int, int]]:
+        """What the watchdog compares between pings: frames captured and inferred; None (idle on purpose:
+        starting, or waiting for a first model) while there is no pipeline."""
+        p = self.pipeline
+        return None if p is None else (p.captured, p.processed)
+
+    def _notify_stopping(self, why: str) -> None:
+        if not self._stopping_sent:
+            self._stopping_sent = True
+            self.notifier.stopping(f"stopping ({why})")
 
     def status(self, state: str) -> Any:
         model = self.holder.get()
         msg = kestrel_pb2.Status(device_id=self.device_id, state=state, time_ms=now_ms(),
-                                 group=self.cfg.device.group, software_version=__version__)
+                                 group=self.cfg.device.group, software_version=__version__,
+                                 confidence_threshold=self.sampler.confidence_threshold)
         if model is not None:
             msg.model.CopyFrom(model.ref)
         try:
@@ -140,6 +158,14 @@ class Daemon:
                         pipeline.captured - pipeline.processed)
 
     def run(self) -> int:
+        self.notifier.start_watchdog(self._progress)  # idle while starting: TimeoutStartSec bounds the start
+        try:
+            return self._run()
+        finally:
+            self._notify_stopping("exiting")
+            self.notifier.stop()
+
+    def _run(self) -> int:
         cfg = self.cfg
         model = boot(cfg, self.updater, self.holder)  # None: no model yet, the hub will deploy the first one
         source = None
@@ -149,13 +175,16 @@ class Daemon:
             self.telemetry.start()
             self.updater.start()
             if model is None:
+                self.notifier.ready(f"waiting for the hub to deploy a first model (group {cfg.device.group})")
                 model = wait_for_first_model(self.holder, self.stop_requested, POLL_S)
                 if model is None:
                     log.info("stopping before a first model arrived")
+                    self._notify_stopping("signal before a first model arrived")
                     return 0
-            log.info("device %s boot %s: model %s v%d (%s, %s) on source %s (%s)", self.device_id, self.boot_id,
-                     model.ref.name, model.ref.version, model.ref.sha256[:12], getattr(model, "runtime", "?"),
-                     cfg.source.name, cfg.source.kind)
+            log.info("device %s boot %s: model %s v%d (%s, %s, %s threads) on source %s (%s)", self.device_id,
+                     self.boot_id, model.ref.name, model.ref.version, model.ref.sha256[:12],
+                     getattr(model, "runtime", "?"), getattr(model, "threads", "?"), cfg.source.name,
+                     cfg.source.kind)
             source = open_source(cfg.source)
             self.sink_worker.start()
             # the inference thread hands sampled frames over (waiting while the sink's queue is full)
@@ -165,9 +194,12 @@ class Daemon:
             self.updater.attach_pipeline(lambda: (pipe.captured, pipe.processed, pipe.done),
                                          on_stall=lambda why: self.request_stop("a hung trial model"))
             self.pipeline.start()
+            self.notifier.ready(f"running {model.ref.name} v{model.ref.version} on {cfg.source.name} "
+                                f"({cfg.source.kind})")
             while not self.stop_requested.is_set() and not self.pipeline.done:
                 self.pipeline.wait(POLL_S)  # returns at once when the source ends; signals are seen per POLL_S
             why = "signal" if self.stop_requested.is_set() else "source ended"
+            self._notify_stopping(f"{why}: draining the pipeline")
             log.info("stopping (%s): draining the pipeline", why)
             self._wait_for_pipeline(self.pipeline)
             self._close_sink()

@@ -26,7 +26,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, List, Optional
 
 from hub.config import HubConfig
 from hub.errors import ConfigError, TransportError
@@ -46,7 +46,7 @@ class BrokerTarget:
     host: str
     port: int
     username: str = ""
-    password: str = ""
+    password: str = dataclasses.field(default="", repr=False)  # a secret: never in a log line or repr
     tls: bool = False
     ca_file: str = ""
     cert_file: str = ""
@@ -84,12 +84,15 @@ class EmbeddedBroker:
     """A supervised Mosquitto on loopback. ``start()`` blocks until the port accepts connections."""
 
     def __init__(self, workdir: Path, port: int = 0, exe: Optional[str] = None, autosave_s: int = 5,
-                 max_packet_size: int = 0) -> None:
-        """``max_packet_size``: packets larger than this are refused (the client is disconnected); 0 = no
+                 listener: Optional[Callable[[int], List[str]]] = None, max_packet_size: int = 0) -> None:
+        """``listener(port)``: the listener and authentication lines of the config (hub.security: TLS,
+        client certificates, ACL); None = a plain, anonymous listener on 127.0.0.1. ``max_packet_size``:
+        packets larger than this are refused (the client is disconnected) on every listener; 0 = no
         limit (Mosquitto's own)."""
         self.exe = exe or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.workdir = Path(workdir)
         self.host = "127.0.0.1"
+        self.listener = listener
         self.autosave_s = autosave_s
         self.max_packet_size = int(max_packet_size)
         self.port = port or self._previous_port() or free_port()
@@ -121,9 +124,9 @@ class EmbeddedBroker:
     def _write_config(self) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
-        lines = [
-            f"listener {self.port} {self.host}",
-            "allow_anonymous true",
+        access = self.listener(self.port) if self.listener is not None \
+            else [f"listener {self.port} {self.host}", "allow_anonymous true"]
+        lines = access + [
             "persistence true",
             f"persistence_location {self.workdir}/",
             f"autosave_interval {int(self.autosave_s)}",
@@ -178,6 +181,12 @@ class EmbeddedBroker:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto rereads its ACL, password file, CRL and certificates (clients stay connected)."""
+        with self._lock:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGHUP)
 
     def _supervise(self) -> None:
         backoff = Backoff(SUPERVISE_INTERVAL_S, RESTART_BACKOFF_MAX_S, stable_s=SUPERVISE_INTERVAL_S)

@@ -52,8 +52,13 @@ class StoreSection:
                                                 "passed 32 MB do commits wait for its short final pass "
                                                 "(the few pages written meanwhile); 0 = SQLite's own "
                                                 "checkpoints inside commits.")
+    telemetry_retention_h: float = field(48.0, doc="How long the per-device, per-minute telemetry points behind "
+                                                   "the dashboard's charts are kept (hours); older ones are "
+                                                   "pruned every few minutes.")
 
     def validate(self) -> None:
+        if not 1 <= self.telemetry_retention_h <= 24 * 366:
+            raise ValueError("telemetry_retention_h must be between 1 and 8784 hours")
         if self.busy_timeout_ms < 0 or self.timeout_ms <= 0:
             raise ValueError("busy_timeout_ms must be >= 0 and timeout_ms > 0")
         if self.sqlite_synchronous.upper() not in SYNCHRONOUS_MODES:
@@ -89,7 +94,7 @@ class MqttSection:
                                      "durable in the store (a Receipt on kestrel/v1/devices/{id}/receipts) and "
                                      "announce that on the retained kestrel/v1/hub/announce; devices then "
                                      "delete a frame only on its receipt. false = behave like a hub older "
-                                     "than receipts (docs/adr/0013-storage-receipts.md).")
+                                     "than receipts (docs/adr/0019-storage-receipts.md).")
     keepalive_s: int = field(30, doc="MQTT keepalive.")
     allow_unknown_devices: bool = field(True, doc="Auto-register a device on its first valid message; "
                                                   "false = "
@@ -99,6 +104,10 @@ class MqttSection:
                                            "the hub's acknowledgements (MQTT 5 Receive Maximum; the hub "
                                            "acknowledges after its commit, so a deep window keeps batches "
                                            "full). Bounds the frames in the hub's memory at once.")
+    require_enrolled: bool = field(False, doc="Accept messages only from devices enrolled with `kestrel-hub "
+                                              "devices add` and not revoked; others are rejected as "
+                                              "unknown_device (the embedded TLS broker already lets no "
+                                              "one else in: this guards an operator's broker too).")
     batch_max: int = field(200, doc="Most messages committed in one store transaction.")
     batch_max_bytes: int = field(8 * MiB, doc="Most payload bytes committed in one store transaction (a batch "
                                               "closes at batch_max messages or this many bytes).")
@@ -182,10 +191,87 @@ class GrpcSection:
 class HttpSection:
     bind: str = field("127.0.0.1", doc="Address of the HTTP server (/healthz, /metrics, dashboard).")
     port: int = field(8080, doc="HTTP port; 0 = a free port (logged and written to <data_dir>/hub.json).")
+    auth_reads: bool = field(True, doc="Pages and API reads need a token or a login too (every write always "
+                                       "does). false = anyone who reaches the port sees the fleet, the "
+                                       "frames and the models. /healthz and /metrics never need one.")
+    session_hours: float = field(12.0, doc="How long a browser login lasts.")
+    page_size: int = field(48, doc="Frames per page of the label queue (the API's default limit).")
+    thumb_side: int = field(192, doc="Longest side of the label queue's thumbnails, pixels.")
+    thumb_cache_mb: int = field(32, doc="Memory for cached thumbnails (least recently used go first); "
+                                        "browsers cache them too (a frame's image never changes).")
+    refresh_s: float = field(3.0, doc="How often the fleet page refreshes its table (seconds).")
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be 0..65535")
+        if not 0.05 <= self.session_hours <= 24 * 30:
+            raise ValueError("session_hours must be between 0.05 and 720")
+        if not 1 <= self.page_size <= 500:
+            raise ValueError("page_size must be between 1 and 500")
+        if not 32 <= self.thumb_side <= 1024:
+            raise ValueError("thumb_side must be between 32 and 1024")
+        if not 0 <= self.thumb_cache_mb <= 4096:
+            raise ValueError("thumb_cache_mb must be between 0 and 4096")
+        if not 0.5 <= self.refresh_s <= 3600:
+            raise ValueError("refresh_s must be between 0.5 and 3600")
+
+
+@dataclasses.dataclass
+class SecuritySection:
+    tls: bool = field(True, doc="Embedded broker: a TLS listener for the fleet's identities (mqtt_auth), an ACL "
+                                "per device, the hub connecting with its own identity. false = a plain, "
+                                "anonymous broker on 127.0.0.1 for a quick local try (any local process may "
+                                "then publish as any device; desired state is still signed).")
+    mqtt_auth: str = field("certificate", doc="How the broker authenticates clients: certificate (a client "
+                                              "certificate of the fleet CA, its common name is the MQTT "
+                                              "identity), password (username + password over TLS) or both.")
+    dir: str = field("", doc="The fleet CA, the fleet key, the broker's and the hub's certificates, the CRL, "
+                             "the ACL and the password file; empty = <data_dir>/security (mode 0700). Hub "
+                             "workers of one fleet share it.")
+    ca_cert_file: str = field("", doc="The operator's CA certificate (PEM) to issue from; empty = the hub's own "
+                                      "CA, created at first use in dir.")
+    ca_key_file: str = field("", doc="The operator CA's private key (PEM, unencrypted, mode 0600).")
+    fleet_key_file: str = field("", doc="The Ed25519 key (PEM, 0600) that signs desired state; empty = "
+                                        "<dir>/fleet.key, created at first use. Never the model-signing key.")
+    hub_identity: str = field("kestrel-hub", doc="The hub's MQTT identity (its certificate's common name and "
+                                                 "username); no device may have this name.")
+    broker_names: List[str] = field(doc="Host names and IP addresses in the broker's server certificate (what "
+                                        "devices connect to).", factory=lambda: ["127.0.0.1", "localhost"])
+    embedded_bind: str = field("127.0.0.1", doc="Embedded broker: address of the TLS listener (0.0.0.0 lets "
+                                                "devices on the network in; add the hub's name to "
+                                                "broker_names).")
+    plain_port: int = field(0, doc="Embedded broker: also a plain (non-TLS) listener on 127.0.0.1 at this port "
+                                   "for password logins (local tools); 0 = none.")
+    advertise_mqtt: str = field("", doc="host:port devices connect to, written into identity bundles; empty = "
+                                        "the embedded broker's 127.0.0.1:port, or [mqtt] host:port.")
+    cert_days: int = field(825, doc="Validity of the certificates the CA issues (devices, hub, broker).")
+    crl_days: int = field(30, doc="Validity of each CRL; the hub writes a new one when half of it is left "
+                                  "(an expired CRL makes the broker refuse every client).")
+    desired_ttl_s: float = field(7 * 86400.0, doc="Signed desired state expires this long after it is signed; "
+                                                 "the hub re-signs retained messages when half of it is left.")
+    refresh_interval_s: float = field(3600.0, doc="How often the hub checks its retained desired state and its "
+                                                  "CRL for renewal.")
+
+    def validate(self) -> None:
+        if self.mqtt_auth not in ("certificate", "password", "both"):
+            raise ValueError(f"mqtt_auth must be certificate, password or both, not {self.mqtt_auth!r}")
+        if bool(self.ca_cert_file) != bool(self.ca_key_file):
+            raise ValueError("ca_cert_file and ca_key_file go together")
+        for name in ("ca_cert_file", "ca_key_file", "fleet_key_file"):
+            value = getattr(self, name)
+            if value and not Path(value).expanduser().is_file():
+                raise ValueError(f"{name} {value!r} does not exist or is not a file")
+        if not 0 <= self.plain_port <= 65535:
+            raise ValueError("plain_port must be 0..65535")
+        if not self.broker_names:
+            raise ValueError("broker_names must name at least one host or address")
+        if self.cert_days < 1 or self.crl_days < 1:
+            raise ValueError("cert_days and crl_days must be >= 1")
+        if self.desired_ttl_s < 60 or self.refresh_interval_s <= 0:
+            raise ValueError("desired_ttl_s must be >= 60 and refresh_interval_s > 0")
+        if self.refresh_interval_s * 2 > self.desired_ttl_s:
+            raise ValueError("refresh_interval_s must be at most half of desired_ttl_s (messages are re-signed "
+                             "when half of their time is left)")
 
 
 @dataclasses.dataclass
@@ -196,6 +282,8 @@ class HubConfig:
     grpc: GrpcSection = field(doc="Model registry and fleet gRPC services.", factory=GrpcSection)
     http: HttpSection = field(doc="Health, metrics and dashboard.", factory=HttpSection)
     registry: RegistryConfig = field(doc="Model registry (see hub.registry).", factory=RegistryConfig)
+    security: SecuritySection = field(doc="Fleet security: the CA, device identities, the broker's TLS and ACL, "
+                                         "the fleet key (docs/security.md).", factory=SecuritySection)
 
     @property
     def data_dir(self) -> Path:
@@ -206,6 +294,11 @@ class HubConfig:
         """[mqtt] dead_letter_dir, or <data_dir>/dead-letter."""
         return Path(self.mqtt.dead_letter_dir).expanduser() if self.mqtt.dead_letter_dir \
             else self.data_dir / "dead-letter"
+
+    @property
+    def security_dir(self) -> Path:
+        """[security] dir, or <data_dir>/security."""
+        return Path(self.security.dir).expanduser().resolve() if self.security.dir else self.data_dir / "security"
 
     @property
     def store_url(self) -> str:

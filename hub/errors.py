@@ -4,7 +4,9 @@
   device (PayloadRejected, ImageRejected), a pushed bundle (RegistryError, PushRefused), a config
   (ConfigError; DataDirBusy: another hub holds the data folder), a request naming what does not exist
   (NotFound), a fleet request (FleetRequestError, NothingToRollBack), a label (LabelError), an export
-  (ExportError);
+  (ExportError), a frame query of the dashboard (QueryError), a token request (AuthError), an HTTP
+  request the dashboard or its API refuses (WebError, LoginRequired: a 4xx status and one line), an API
+  call the CLI made (ApiRefused), the fleet's security material or an enrolment request (SecurityError);
 * TransportError (something on our side is unreachable or failing, retrying later may help; a CLI
   exits 3, gRPC answers UNAVAILABLE): the store (StoreError, StoreUnavailable, BundleBytesMissing).
 
@@ -19,8 +21,9 @@ from proto.errors import ArtifactError, ConfigError, KestrelError, TransportErro
 
 __all__ = [
     "ArtifactError", "ConfigError", "KestrelError", "TransportError",
-    "DataDirBusy", "PayloadRejected", "ImageRejected", "RegistryError", "PushRefused", "NotFound", "FleetRequestError",
-    "NothingToRollBack", "LabelError", "ExportError",
+    "DataDirBusy", "PayloadRejected", "ImageRejected", "RegistryError", "PushRefused", "NotFound",
+    "FleetRequestError", "NothingToRollBack", "LabelError", "ExportError", "QueryError", "AuthError", "WebError",
+    "LoginRequired", "ApiRefused", "SecurityError",
     "StoreError", "StoreUnavailable", "BundleBytesMissing",
     "INVALID", "PRECONDITION", "EXISTS",
 ]
@@ -86,6 +89,39 @@ class LabelError(ArtifactError):
 
 class ExportError(ArtifactError):
     """The export cannot be written as asked (target exists, unsafe label, nothing to export...)."""
+
+
+class QueryError(ArtifactError):
+    """A frame query is malformed (unknown order or state, bad cursor, limit out of range...; hub.store.query)."""
+
+
+class AuthError(ArtifactError):
+    """A token request is malformed (unknown role, bad name, name taken...; hub.auth)."""
+
+
+class WebError(ArtifactError):
+    """An HTTP request refused with ``status`` (4xx) and a one-line ``detail`` (hub.web)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class LoginRequired(WebError):
+    """No token and no session (401): pages redirect to the login page, the API answers 401."""
+
+    def __init__(self, detail: str = "log in first: send Authorization: Bearer <token> or log in at /login") -> None:
+        super().__init__(401, detail)
+
+
+class ApiRefused(ArtifactError):
+    """The hub's HTTP API refused a CLI's request (bad input, no or the wrong token; hub.cli.apiclient)."""
+
+
+class SecurityError(ArtifactError):
+    """The fleet's security material is missing, unusable or unsafe (CA, fleet key, identity files), or
+    an enrolment request is invalid (bad device name, a device enrolled already)."""
 
 
 # ---- something on our side failing (TransportError) ----

@@ -4,9 +4,12 @@ Layout (Keras ``image_dataset_from_directory``; trainer.ingest reads it as is)::
 
     OUT/
       manifest.json          {"schema": 1, "exported_ms", "since_ms", "min_per_class", "classes": {label: n},
-                              "skipped_classes": {label: n}, "frames": [{frame_id, device_id, label, file,
-                              sha256, capture_time_ms, model_name, model_version, width, height}]}
+                              "skipped_classes": {label: n}, "unusable": n, "frames": [{frame_id, device_id,
+                              label, file, sha256, capture_time_ms, model_name, model_version, width, height,
+                              labelled_by, labelled_ms}]}
       <label>/<frame file>   the image bytes exactly as the device sent them (.jpg / .png)
+
+Frames a person marked unusable (hub.labels.UNUSABLE) are not exported; the manifest counts them.
 
 Atomic: everything is written into a hidden temp dir next to OUT, fsynced, then renamed into place.
 An existing OUT is refused unless ``force``; even then only a previous export (it has manifest.json)
@@ -24,11 +27,11 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from hub.errors import ExportError as ExportError  # defined in hub.errors, importable from here too
 from hub.errors import LabelError
-from hub.labels import validate_label
+from hub.labels import UNUSABLE, validate_label
 from hub.store.base import FrameRecord, Store
 from proto.atomic import fsync_dir
 from proto.clock import now_ms
@@ -94,7 +97,7 @@ def export_dataset(store: Store, out_dir: str | os.PathLike[str], since_ms: Opti
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=str(out.parent)))
     try:
-        by_label = _write_frames(store, tmp, since_ms)  # streams: one image in memory at a time
+        by_label, unusable = _write_frames(store, tmp, since_ms)  # streams: one image in memory at a time
         # Case-insensitive file systems would merge "Cat" and "cat".
         lowered: Dict[str, str] = {}
         for label in sorted(by_label):
@@ -113,7 +116,7 @@ def export_dataset(store: Store, out_dir: str | os.PathLike[str], since_ms: Opti
         classes = {k: len(v) for k, v in kept.items()}
         manifest = {"schema": SCHEMA, "exported_ms": now_ms(), "since_ms": since_ms,
                     "min_per_class": min_per_class, "classes": classes, "skipped_classes": skipped,
-                    "frames": entries}
+                    "unusable": unusable, "frames": entries}
         _write_file(tmp / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
         fsync_dir(tmp)
         os.chmod(tmp, 0o755)
@@ -124,13 +127,19 @@ def export_dataset(store: Store, out_dir: str | os.PathLike[str], since_ms: Opti
     return ExportResult(out, len(entries), classes, skipped)
 
 
-def _write_frames(store: Store, tmp: Path, since_ms: Optional[int]) -> Dict[str, List[Dict[str, object]]]:
-    """Write each labelled frame's image into tmp/<label>/; manifest entries by label."""
+def _write_frames(store: Store, tmp: Path, since_ms: Optional[int]) -> Tuple[Dict[str, List[Dict[str, object]]],
+                                                                             int]:
+    """Write each labelled frame's image into tmp/<label>/; manifest entries by label, and how many
+    frames were marked unusable (not written)."""
     by_label: Dict[str, List[Dict[str, object]]] = {}
+    unusable = 0
     for frame in store.iter_labelled():
         if not frame.label or (since_ms is not None and frame.capture_time_ms < since_ms):
             continue
         label = frame.label
+        if label == UNUSABLE:
+            unusable += 1
+            continue
         try:
             validate_label(label)
         except LabelError as exc:
@@ -145,10 +154,11 @@ def _write_frames(store: Store, tmp: Path, since_ms: Optional[int]) -> Dict[str,
                                 "file": f"{label}/{name}", "sha256": hashlib.sha256(frame.image).hexdigest(),
                                 "capture_time_ms": frame.capture_time_ms, "model_name": frame.model_name,
                                 "model_version": frame.model_version, "width": frame.width,
-                                "height": frame.height})
+                                "height": frame.height, "labelled_by": frame.labelled_by,
+                                "labelled_ms": frame.labelled_ms})
     for label in by_label:
         fsync_dir(tmp / label)
-    return by_label
+    return by_label, unusable
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 # the fleet's errors are defined in hub.errors, importable from here too
 from hub.errors import FleetRequestError as FleetRequestError
@@ -31,6 +31,12 @@ from proto.clock import now_ms
 log = logging.getLogger(__name__)
 
 PublishRetained = Callable[[str, bytes], None]
+
+
+class Signer(Protocol):
+    def sign(self, topic: str, msg: kestrel_pb2.DesiredState) -> kestrel_pb2.DesiredState: ...
+
+    def published(self, topic: str, msg: kestrel_pb2.DesiredState) -> None: ...
 
 
 @dataclasses.dataclass
@@ -56,21 +62,19 @@ class FleetService:
     with QoS 1 and retain=True and return only once the broker acknowledged (raise otherwise)."""
 
     def __init__(self, store: Store, registry: Registry, publish_retained: PublishRetained,
-                 grpc_target: str = "") -> None:
+                 grpc_target: str = "", signer: Optional[Signer] = None) -> None:
+        """``signer``: the fleet key (hub.security.fleetkey.FleetSigner): every announcement is signed
+        (``sign(topic, desired)``) and, once the broker took it, recorded (``published``); None only in
+        tests of the unsigned past."""
         self.store = store
         self.registry = registry
         self.publish_retained = publish_retained
         self.grpc_target = grpc_target
+        self._signer = signer
 
     def list_devices(self, group: Optional[str] = None) -> List[DeviceRecord]:
         """Device records with the desired state that applies to each (device-specific wins over the group's)."""
-        groups: Dict[str, Optional[GroupDesired]] = {}
-        out = []
-        for dev in self.store.list_devices(group or None):
-            if dev.group not in groups:
-                groups[dev.group] = self.store.get_group_desired(dev.group)
-            out.append(effective_desired(dev, groups[dev.group]))
-        return out
+        return devices_with_desired(self.store, group)
 
     def deploy(self, model_name: str, version: int = 0, device_id: str = "", group: str = "") -> Announcement:
         """Announce that the device/group should run ``model_name`` ``version`` (0 = the highest stored)."""
@@ -124,9 +128,13 @@ class FleetService:
         (a retry is clean); if the publish fails, the previous record is put back, so the store never
         shows an announcement the broker did not take, and the caller's error says so."""
         restore = self._saved_record(device_id, group)
+        if self._signer is not None:
+            self._signer.sign(topic, desired)
         self._record(device_id, group, desired)
         try:
             self.publish_retained(topic, desired.SerializeToString())
+            if self._signer is not None:
+                self._signer.published(topic, desired)
         except BaseException:
             try:
                 restore()
@@ -177,6 +185,18 @@ class FleetService:
                                      desired_scope=DESIRED_SCOPE_GROUP)
 
 
+def devices_with_desired(store: Store, group: Optional[str] = None) -> List[DeviceRecord]:
+    """The store's device records (of ``group``, or all) with the desired state that applies to each
+    (FleetService.list_devices; the dashboard reads the same)."""
+    groups: Dict[str, Optional[GroupDesired]] = {}
+    out = []
+    for dev in store.list_devices(group or None):
+        if dev.group not in groups:
+            groups[dev.group] = store.get_group_desired(dev.group)
+        out.append(effective_desired(dev, groups[dev.group]))
+    return out
+
+
 def effective_desired(dev: DeviceRecord, group: Optional[GroupDesired]) -> DeviceRecord:
     """The desired model/version that applies to ``dev``: its own when pinned by a device-specific
     deploy/rollback, else its group's current desired state.
@@ -185,14 +205,18 @@ def effective_desired(dev: DeviceRecord, group: Optional[GroupDesired]) -> Devic
     one that joined later shows no desired version (it returns to its own previous slot, which the hub
     did not know when it announced the rollback).
     """
-    if dev.desired_scope == DESIRED_SCOPE_DEVICE or group is None:
-        return dev  # pinned, or no group announcement (records of older hubs keep what they stored)
+    if dev.desired_scope == DESIRED_SCOPE_DEVICE:
+        # pinned: its own desired topic wins on the device and hides whatever the group was told
+        return dataclasses.replace(dev, overrides_group=group is not None)
+    if group is None:
+        return dataclasses.replace(dev, overrides_group=False)  # no group announcement (older records)
     if group.rollback:
         if dev.desired_scope == DESIRED_SCOPE_GROUP:
-            return dev
-        return dataclasses.replace(dev, desired_model="", desired_version=0, desired_scope=DESIRED_SCOPE_GROUP)
+            return dataclasses.replace(dev, overrides_group=False)
+        return dataclasses.replace(dev, desired_model="", desired_version=0, desired_scope=DESIRED_SCOPE_GROUP,
+                                   overrides_group=False)
     return dataclasses.replace(dev, desired_model=group.model_name, desired_version=group.version,
-                               desired_scope=DESIRED_SCOPE_GROUP)
+                               desired_scope=DESIRED_SCOPE_GROUP, overrides_group=False)
 
 
 def device_message(dev: DeviceRecord) -> kestrel_pb2.Device:
@@ -206,4 +230,6 @@ def device_message(dev: DeviceRecord) -> kestrel_pb2.Device:
                                            sha256=dev.reported_sha256),
             previous=kestrel_pb2.ModelRef(name=dev.reported_model, version=dev.previous_version),
             update_state=dev.update_state, reason=dev.update_reason),
-        desired_version=dev.desired_version, desired_model=dev.desired_model)
+        desired_version=dev.desired_version, desired_model=dev.desired_model, threshold=dev.threshold,
+        desired_scope=dev.desired_scope, overrides_group=dev.overrides_group, enrolled_group=dev.enrolled_group,
+        enrolled_ms=dev.enrolled_ms, revoked_ms=dev.revoked_ms)

@@ -195,7 +195,8 @@ class Registry:
         name, version = str(man.model_name), int(man.version)
         record = ModelRecord(model_name=name, version=version, bundle_sha256=bundle_sha, size=size,
                              created_ms=now_ms(), model_sha256=hashlib.sha256(vb.model_bytes).hexdigest(),
-                             key_id=str(vb.key_id), metrics=dict(getattr(man, "metrics", None) or {}))
+                             key_id=str(vb.key_id), metrics=dict(getattr(man, "metrics", None) or {}),
+                             labels=[str(x) for x in (getattr(man, "labels", None) or [])])
         with self._commit_lock:
             existing = self.store.get_model(name, version)
             if existing is not None:

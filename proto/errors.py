@@ -41,6 +41,15 @@ class BundleError(ArtifactError):
 
 
 
+class DesiredRefused(ArtifactError):
+    """A desired-state message failed its signature, expiry or replay check (proto.desired);
+    ``reason`` is one of proto.desired.REASONS."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
 class TransportError(KestrelError):
     """Something we talk to is unreachable or refused us; retrying later may help."""
 

@@ -70,7 +70,14 @@ class Frame(_message.Message):
     def __init__(self, frame_id: _Optional[str] = ..., device_id: _Optional[str] = ..., capture_time_ms: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., reasons: _Optional[_Iterable[_Union[SampleReason, str]]] = ..., top_k: _Optional[_Iterable[_Union[TopScore, _Mapping]]] = ..., image: _Optional[bytes] = ..., image_format: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., source: _Optional[str] = ..., sequence: _Optional[int] = ..., image_bytes: _Optional[int] = ...) -> None: ...
 
 class Telemetry(_message.Message):
-    __slots__ = ("device_id", "time_ms", "fps", "latency_p50_ms", "latency_p95_ms", "queue_depth", "spool_bytes", "spool_frames", "spool_evictions", "model", "uptime_s", "frames_processed", "frames_sampled", "frames_dropped", "frames_corrupt", "frames_receipted", "frames_resent", "oldest_unreceipted_age_s", "receipts", "frames_refused_by_hub", "frames_awaiting_receipt")
+    __slots__ = ("device_id", "time_ms", "fps", "latency_p50_ms", "latency_p95_ms", "queue_depth", "spool_bytes", "spool_frames", "spool_evictions", "model", "uptime_s", "frames_processed", "frames_sampled", "frames_dropped", "frames_corrupt", "frames_low_confidence", "score_histogram", "dead_letters", "desired_refused", "frames_receipted", "frames_resent", "oldest_unreceipted_age_s", "receipts", "frames_refused_by_hub", "frames_awaiting_receipt", "jetson")
+    class DesiredRefusedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
@@ -86,12 +93,17 @@ class Telemetry(_message.Message):
     FRAMES_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_LOW_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_REFUSED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_RECEIPTED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_RESENT_FIELD_NUMBER: _ClassVar[int]
     OLDEST_UNRECEIPTED_AGE_S_FIELD_NUMBER: _ClassVar[int]
     RECEIPTS_FIELD_NUMBER: _ClassVar[int]
     FRAMES_REFUSED_BY_HUB_FIELD_NUMBER: _ClassVar[int]
     FRAMES_AWAITING_RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    JETSON_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     time_ms: int
     fps: float
@@ -107,13 +119,58 @@ class Telemetry(_message.Message):
     frames_sampled: int
     frames_dropped: int
     frames_corrupt: int
+    frames_low_confidence: int
+    score_histogram: _containers.RepeatedScalarFieldContainer[int]
+    dead_letters: int
+    desired_refused: _containers.ScalarMap[str, int]
     frames_receipted: int
     frames_resent: int
     oldest_unreceipted_age_s: float
     receipts: int
     frames_refused_by_hub: int
     frames_awaiting_receipt: int
-    def __init__(self, device_id: _Optional[str] = ..., time_ms: _Optional[int] = ..., fps: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., spool_frames: _Optional[int] = ..., spool_evictions: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., uptime_s: _Optional[float] = ..., frames_processed: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., frames_corrupt: _Optional[int] = ..., frames_receipted: _Optional[int] = ..., frames_resent: _Optional[int] = ..., oldest_unreceipted_age_s: _Optional[float] = ..., receipts: _Optional[int] = ..., frames_refused_by_hub: _Optional[int] = ..., frames_awaiting_receipt: _Optional[int] = ...) -> None: ...
+    jetson: JetsonStats
+    def __init__(self, device_id: _Optional[str] = ..., time_ms: _Optional[int] = ..., fps: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., spool_frames: _Optional[int] = ..., spool_evictions: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., uptime_s: _Optional[float] = ..., frames_processed: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., frames_corrupt: _Optional[int] = ..., frames_low_confidence: _Optional[int] = ..., score_histogram: _Optional[_Iterable[int]] = ..., dead_letters: _Optional[int] = ..., desired_refused: _Optional[_Mapping[str, int]] = ..., frames_receipted: _Optional[int] = ..., frames_resent: _Optional[int] = ..., oldest_unreceipted_age_s: _Optional[float] = ..., receipts: _Optional[int] = ..., frames_refused_by_hub: _Optional[int] = ..., frames_awaiting_receipt: _Optional[int] = ..., jetson: _Optional[_Union[JetsonStats, _Mapping]] = ...) -> None: ...
+
+class JetsonStats(_message.Message):
+    __slots__ = ("time_ms", "cpu_load_pct", "cpu_core_load_pct", "gpu_load_pct", "gpu_freq_mhz", "emc_load_pct", "emc_freq_mhz", "ram_used_mb", "ram_total_mb", "temperature_c", "power_mw")
+    class TemperatureCEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class PowerMwEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    CPU_LOAD_PCT_FIELD_NUMBER: _ClassVar[int]
+    CPU_CORE_LOAD_PCT_FIELD_NUMBER: _ClassVar[int]
+    GPU_LOAD_PCT_FIELD_NUMBER: _ClassVar[int]
+    GPU_FREQ_MHZ_FIELD_NUMBER: _ClassVar[int]
+    EMC_LOAD_PCT_FIELD_NUMBER: _ClassVar[int]
+    EMC_FREQ_MHZ_FIELD_NUMBER: _ClassVar[int]
+    RAM_USED_MB_FIELD_NUMBER: _ClassVar[int]
+    RAM_TOTAL_MB_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
+    POWER_MW_FIELD_NUMBER: _ClassVar[int]
+    time_ms: int
+    cpu_load_pct: float
+    cpu_core_load_pct: _containers.RepeatedScalarFieldContainer[float]
+    gpu_load_pct: float
+    gpu_freq_mhz: int
+    emc_load_pct: float
+    emc_freq_mhz: int
+    ram_used_mb: int
+    ram_total_mb: int
+    temperature_c: _containers.ScalarMap[str, float]
+    power_mw: _containers.ScalarMap[str, int]
+    def __init__(self, time_ms: _Optional[int] = ..., cpu_load_pct: _Optional[float] = ..., cpu_core_load_pct: _Optional[_Iterable[float]] = ..., gpu_load_pct: _Optional[float] = ..., gpu_freq_mhz: _Optional[int] = ..., emc_load_pct: _Optional[float] = ..., emc_freq_mhz: _Optional[int] = ..., ram_used_mb: _Optional[int] = ..., ram_total_mb: _Optional[int] = ..., temperature_c: _Optional[_Mapping[str, float]] = ..., power_mw: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class VersionManifest(_message.Message):
     __slots__ = ("installed", "previous", "update_state", "reason", "target_version", "updated_ms", "version_floor")
@@ -134,7 +191,7 @@ class VersionManifest(_message.Message):
     def __init__(self, installed: _Optional[_Union[ModelRef, _Mapping]] = ..., previous: _Optional[_Union[ModelRef, _Mapping]] = ..., update_state: _Optional[str] = ..., reason: _Optional[str] = ..., target_version: _Optional[int] = ..., updated_ms: _Optional[int] = ..., version_floor: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("device_id", "state", "time_ms", "model", "versions", "group", "software_version")
+    __slots__ = ("device_id", "state", "time_ms", "model", "versions", "group", "software_version", "confidence_threshold")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +199,7 @@ class Status(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     state: str
     time_ms: int
@@ -149,10 +207,11 @@ class Status(_message.Message):
     versions: VersionManifest
     group: str
     software_version: str
-    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[str] = ..., time_ms: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., versions: _Optional[_Union[VersionManifest, _Mapping]] = ..., group: _Optional[str] = ..., software_version: _Optional[str] = ...) -> None: ...
+    confidence_threshold: float
+    def __init__(self, device_id: _Optional[str] = ..., state: _Optional[str] = ..., time_ms: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., versions: _Optional[_Union[VersionManifest, _Mapping]] = ..., group: _Optional[str] = ..., software_version: _Optional[str] = ..., confidence_threshold: _Optional[float] = ...) -> None: ...
 
 class DesiredState(_message.Message):
-    __slots__ = ("model_name", "version", "sha256", "size", "issued_ms", "rollback", "grpc_target", "rollback_from_version")
+    __slots__ = ("model_name", "version", "sha256", "size", "issued_ms", "rollback", "grpc_target", "rollback_from_version", "sequence", "expires_ms", "key_id", "signature")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +220,10 @@ class DesiredState(_message.Message):
     ROLLBACK_FIELD_NUMBER: _ClassVar[int]
     GRPC_TARGET_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     sha256: str
@@ -169,7 +232,11 @@ class DesiredState(_message.Message):
     rollback: bool
     grpc_target: str
     rollback_from_version: int
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., issued_ms: _Optional[int] = ..., rollback: bool = ..., grpc_target: _Optional[str] = ..., rollback_from_version: _Optional[int] = ...) -> None: ...
+    sequence: int
+    expires_ms: int
+    key_id: str
+    signature: bytes
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., issued_ms: _Optional[int] = ..., rollback: bool = ..., grpc_target: _Optional[str] = ..., rollback_from_version: _Optional[int] = ..., sequence: _Optional[int] = ..., expires_ms: _Optional[int] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class RefusedFrame(_message.Message):
     __slots__ = ("frame_id", "reason")
@@ -286,7 +353,7 @@ class FetchChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("device_id", "group", "state", "last_seen_ms", "reported", "versions", "desired_version", "desired_model")
+    __slots__ = ("device_id", "group", "state", "last_seen_ms", "reported", "versions", "desired_version", "desired_model", "threshold", "desired_scope", "overrides_group", "enrolled_group", "enrolled_ms", "revoked_ms")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +362,12 @@ class Device(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     DESIRED_VERSION_FIELD_NUMBER: _ClassVar[int]
     DESIRED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_GROUP_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_GROUP_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_MS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_MS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     group: str
     state: str
@@ -303,7 +376,13 @@ class Device(_message.Message):
     versions: VersionManifest
     desired_version: int
     desired_model: str
-    def __init__(self, device_id: _Optional[str] = ..., group: _Optional[str] = ..., state: _Optional[str] = ..., last_seen_ms: _Optional[int] = ..., reported: _Optional[_Union[ModelRef, _Mapping]] = ..., versions: _Optional[_Union[VersionManifest, _Mapping]] = ..., desired_version: _Optional[int] = ..., desired_model: _Optional[str] = ...) -> None: ...
+    threshold: float
+    desired_scope: str
+    overrides_group: bool
+    enrolled_group: str
+    enrolled_ms: int
+    revoked_ms: int
+    def __init__(self, device_id: _Optional[str] = ..., group: _Optional[str] = ..., state: _Optional[str] = ..., last_seen_ms: _Optional[int] = ..., reported: _Optional[_Union[ModelRef, _Mapping]] = ..., versions: _Optional[_Union[VersionManifest, _Mapping]] = ..., desired_version: _Optional[int] = ..., desired_model: _Optional[str] = ..., threshold: _Optional[float] = ..., desired_scope: _Optional[str] = ..., overrides_group: bool = ..., enrolled_group: _Optional[str] = ..., enrolled_ms: _Optional[int] = ..., revoked_ms: _Optional[int] = ...) -> None: ...
 
 class ListDevicesRequest(_message.Message):
     __slots__ = ("group",)

@@ -8,7 +8,7 @@ QOS_FRAMES = 1
 QOS_TELEMETRY = 0
 QOS_STATUS = 1
 QOS_DESIRED = 1
-QOS_RECEIPTS = 1     # hub -> device, not retained (docs/adr/0013-storage-receipts.md)
+QOS_RECEIPTS = 1     # hub -> device, not retained (docs/adr/0019-storage-receipts.md)
 QOS_HUB = 1          # the hub's announcement (retained) and resend requests (not retained)
 
 STATE_ONLINE = "online"

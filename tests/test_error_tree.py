@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Set, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("proto", "edge", "hub", "trainer")
+PACKAGES = ("proto", "edge", "hub", "trainer", "jetson")
 ROOTS = {"ArtifactError", "TransportError"}
 SIGNALS = {"EndOfStream"}  # control flow, documented as not errors in edge/errors.py; never leave edge/
 BUILTIN_EXC = {"Exception", "BaseException", "ValueError", "RuntimeError", "OSError", "KeyError", "TypeError",

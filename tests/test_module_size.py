@@ -12,7 +12,7 @@ ADR = REPO / "docs" / "adr" / "0012-long-modules.md"
 
 def long_modules() -> dict:
     out = {}
-    for pkg in ("proto", "edge", "hub", "trainer", "demo"):
+    for pkg in ("proto", "edge", "hub", "trainer", "demo", "jetson"):
         for path in (REPO / pkg).rglob("*.py"):
             if path.name.endswith(("_pb2.py", "_pb2_grpc.py")):
                 continue

@@ -8,10 +8,9 @@ keygen, package, push, push-model, digits (a local demo data set), config-doc. E
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -29,26 +28,11 @@ OVERRIDES: Dict[str, str] = {
     "sparsity": "optimize.sparsity", "latency_budget_ms": "gate.latency_budget_ms",
     "prune_epochs": "optimize.prune_epochs", "qat": "optimize.qat", "io_dtype": "optimize.io_dtype",
     "max_accuracy_drop": "gate.max_accuracy_drop", "model_name": "gate.model_name",
+    "default_threshold": "gate.default_threshold", "errors_to_catch": "gate.errors_to_catch",
 }
 DEFAULT_HUB = "127.0.0.1:50051"  # proto.hubclient.DEFAULT_HUB, not imported: it loads grpc (~0.1 s a command)
 DEFAULT_KEY = "keys/signing.key"
 RUNS_DIR = "runs"
-
-
-def _quiet() -> None:
-    os.environ["TF_USE_LEGACY_KERAS"] = "1"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # Silence the ML libraries' own chatter (deprecations, h5 "legacy format" notes), not everything:
-    # our data checks raise errors rather than relying on library warnings being seen.
-    warnings.filterwarnings("ignore", module=r"(tensorflow|tf_keras|keras|tensorflow_model_optimization|absl|h5py)")
-    warnings.filterwarnings("ignore", message=r".*(HDF5|legacy|quantized inputs).*")
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    try:
-        import absl.logging
-
-        absl.logging.set_verbosity(absl.logging.ERROR)
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def _progress(args: argparse.Namespace) -> Any:
@@ -87,6 +71,11 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--io-dtype", choices=["uint8", "int8"])
     g.add_argument("--max-accuracy-drop", type=float, help="gate tolerance in accuracy points (default 1.0)")
     g.add_argument("--model-name")
+    g.add_argument("--errors-to-catch", type=float,
+                   help="share of the held-out errors the bundle's default sampling threshold must send to the "
+                        "hub (default 0.8; the threshold is chosen from the held-out data)")
+    g.add_argument("--default-threshold", type=float,
+                   help="record this confidence threshold in the bundle instead of the one chosen from the data")
     g.add_argument("--latency-budget-ms", type=float,
                    help="self-test latency budget recorded in the bundle (default 0 = none: the device decides)")
 
@@ -146,9 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--per-class", type=int, help="images per class (default: all, ~180)")
     dg.add_argument("--size", type=int, default=32, help="upscaled image size in pixels (default 32)")
     dg.add_argument("--classes", type=int, help="only the first N digits")
+    dg.add_argument("--seed", type=int, help="with --per-class: a seeded random choice per class instead of the "
+                                             "first ones (which come from few writers)")
     sub.add_parser("config-doc", help="print the documented config reference")
     for sp in sub.choices.values():
-        sp.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+        sp.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's, absl's and the TFLite runtime's own log output (hidden by "
+                             "default)")
         sp.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return p
 
@@ -193,6 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name, st in ev["stages"].items():
         print(f"  {name:13s} accuracy {st['accuracy']:.4f}  {st['bytes']:9d} B  gzip {st['gzip_bytes']:9d} B  "
               f"{st['latency']['median_ms']:.3f} ms")
+    print(threshold_line(ev, cfg.gate.default_threshold))
     for w in ev.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     html = pipeline.report(rundir)
@@ -200,8 +195,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     enforce_gate(ev["gate"])
     if args.key:
         res = pipeline.package(rundir, args.key, args.version, bundle_out)
-        print(f"bundle: {res['bundle']} ({res['bytes']} bytes, version {res['version']})")
+        print(bundle_line(res))
     return 0
+
+
+def threshold_line(ev: Dict[str, Any], configured: Optional[float]) -> str:
+    """What the bundle's default sampling threshold will be, where it comes from and what it sends."""
+    from trainer.threshold import resolve
+
+    r = resolve(ev["threshold"], configured)
+    caught = (f"{r['caught']} of {r['n_errors']} held-out errors ({r['caught_share']:.0%}; about "
+              f"{r['expected']['caught_share']:.0%} expected on new frames)" if r["n_errors"]
+              else "no held-out errors to catch")
+    why = {"data": f"chosen to catch {r['target']:.0%} of the errors with the fewest frames",
+           "config": "[gate] default_threshold (wins over the data's choice)",
+           "device default": "the device default: nothing to choose from"}[r["source"]]
+    return (f"sampling threshold {r['threshold']:.2f} ({why}): sends {r['sent_share']:.0%} of held-out frames, "
+            f"{caught}")
+
+
+def bundle_line(res: Dict[str, Any]) -> str:
+    return (f"bundle: {res['bundle']} ({res['bytes']} bytes, version {res['version']}, default threshold "
+            f"{res['default_threshold']:.2f} from {res['threshold_source']})")
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -226,10 +241,12 @@ def cmd_stage(args: argparse.Namespace) -> int:
     res = getattr(pipeline, args.command)(rundir, _progress(args))
     if args.command == "evaluate":
         from trainer.evaluate import enforce_gate
+        from trainer.rundir import run_config
 
         g = res["gate"]
         print(f"gate {'passed' if g['passed'] else 'FAILED'}: int8 {g['int8_accuracy']:.4f} vs float "
               f"{g['float_accuracy']:.4f} (drop {g['drop_points']:.2f} points, allowed {g['max_drop_points']})")
+        print(threshold_line(res, run_config(rundir).gate.default_threshold))
         for w in res.get("warnings", []):
             print(f"warning: {w}", file=sys.stderr)
         enforce_gate(g)                   # exit 2 like `run`: the results are written, packaging will refuse
@@ -248,7 +265,7 @@ def cmd_package(args: argparse.Namespace) -> int:
     from trainer import pipeline
 
     res = pipeline.package(Path(args.rundir), args.key, args.version, Path(args.out))
-    print(f"bundle: {res['bundle']} ({res['bytes']} bytes, version {res['version']})")
+    print(bundle_line(res))
     return 0
 
 
@@ -314,7 +331,7 @@ def cmd_push_model(args: argparse.Namespace) -> int:
 def cmd_digits(args: argparse.Namespace) -> int:
     from trainer.datasets import write_digits
 
-    out = write_digits(args.out, per_class=args.per_class, size=args.size, classes=args.classes)
+    out = write_digits(args.out, per_class=args.per_class, size=args.size, classes=args.classes, seed=args.seed)
     print(f"digits data set: {out}")
     return 0
 
@@ -333,6 +350,14 @@ HANDLERS = {"run": cmd_run, "ingest": cmd_ingest, "train": cmd_stage, "optimize"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    _quiet()
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
     args = build_parser().parse_args(argv)
-    return run_command(f"kestrel-train {args.command}", lambda: HANDLERS[args.command](args), debug=args.debug)
+    quiet: Any = contextlib.nullcontext()
+    if not args.verbose:
+        from trainer.quiet import quiet_native, quiet_python
+
+        quiet_python()
+        quiet = quiet_native()
+    with quiet:
+        return run_command(f"kestrel-train {args.command}", lambda: HANDLERS[args.command](args),
+                           debug=args.debug)

@@ -163,7 +163,15 @@ class GateConfig:
                                      "0 = none (the device's own update.self_test_latency_ms decides). A "
                                      "device uses the smaller of the two, so only set it for the slowest "
                                      "device class you deploy to, never from a desktop measurement.")
-    default_threshold: float = field(0.6, doc="Default confidence threshold recorded in the bundle (0..1).")
+    errors_to_catch: float = field(0.8, doc="Share of the int8 model's held-out errors the bundle's default "
+                                   "sampling threshold must send to the hub: the trainer sweeps the device's "
+                                   "confidence rule on the held-out split and takes the lowest threshold that "
+                                   "catches this share, i.e. the fewest frames sent (0 < x <= 1).")
+    default_threshold: Optional[float] = field(None, doc="Default confidence threshold recorded in the bundle "
+                                               "(0..1). Unset = chosen from the held-out data (errors_to_catch; "
+                                               "the device default 0.6 when the model made no held-out errors). "
+                                               "A value set here wins over the data's choice; a device's own "
+                                               "[sampler] confidence_threshold wins over both.")
     model_name: str = field("kestrel-classifier", doc="Model name recorded in the bundle (1-64 of A-Z a-z 0-9 . _ -).")
     expires_in_days: float = field(365.0, doc="Bundle validity in days (> 0, <= 3650).")
 
@@ -178,8 +186,10 @@ class GateConfig:
             raise ValueError("self_test_tolerance must be > 0 and <= 1")
         if not 0.0 <= self.latency_budget_ms <= 3_600_000.0:
             raise ValueError("latency_budget_ms must be 0..3600000 (0 = none: the device decides)")
-        if not 0.0 <= self.default_threshold <= 1.0:
-            raise ValueError("default_threshold must be 0..1")
+        if self.default_threshold is not None and not 0.0 <= self.default_threshold <= 1.0:
+            raise ValueError("default_threshold must be 0..1 (or unset: chosen from the held-out data)")
+        if not 0.0 < self.errors_to_catch <= 1.0:
+            raise ValueError("errors_to_catch must be > 0 and <= 1 (a share of the held-out errors)")
         if not valid_model_name(self.model_name):
             raise ValueError(f"model_name {self.model_name!r} must be 1-64 characters of A-Z a-z 0-9 . _ - "
                              "(starting with a letter or digit)")

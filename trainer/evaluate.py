@@ -4,6 +4,8 @@ edge.inference.preprocess), the accuracy gate, and the bundle's self-test cases.
 from __future__ import annotations
 
 import base64
+import os
+import platform
 import time
 from typing import Any, Dict, List
 
@@ -47,15 +49,53 @@ def latency_ms(tflite: bytes, spec: InputSpec, pixels: np.ndarray, runs: int = 5
             m.invoke(xs[i % len(xs)])
             times.append((time.perf_counter() - t0) * 1000.0)
         return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
-                "runtime": m.runtime, "threads": threads}
+                "runtime": m.runtime, "runtime_version": _version(m.runtime), "threads": threads}
     finally:
         m.close()
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return ""
 
 
 def evaluate_tflite(tflite: bytes, spec: InputSpec, pixels: np.ndarray, labels: np.ndarray,
                     n_classes: int) -> Dict[str, Any]:
     scores = run_tflite(tflite, spec, pixels)
     return metrics(labels, scores.argmax(1), n_classes)
+
+
+def machine() -> Dict[str, Any]:
+    """What the latency was measured on: CPU model, architecture, cores, OS (this machine, not a device)."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu or "unknown CPU", "arch": platform.machine(), "cores": os.cpu_count() or 0,
+            "system": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
+
+
+MAX_MISTAKES = 500  # misclassified held-out images listed in evaluate.json (the report shows the first ones)
+
+
+def mistakes(scores: np.ndarray, labels: np.ndarray, index: np.ndarray) -> List[Dict[str, Any]]:
+    """The held-out images the model gets wrong: dataset index, true and predicted class, top score
+    (most confident first: the surprising ones)."""
+    pred = scores.argmax(1)
+    wrong = np.nonzero(pred != labels)[0]
+    rows = [{"index": int(index[i]), "true": int(labels[i]), "predicted": int(pred[i]),
+             "score": float(scores[i].max())} for i in wrong]
+    rows.sort(key=lambda r: -r["score"])
+    return rows[:MAX_MISTAKES]
 
 
 def gate(float_acc: float, int8_acc: float, max_drop_points: float) -> Dict[str, Any]:

@@ -167,15 +167,15 @@ def optimize(rundir: Path, progress: Progress = None, rep_override: Any = None) 
 
 # ---------------------------------------------------------------- evaluate
 
-
-
 def evaluate(rundir: Path, progress: Progress = None) -> Dict[str, Any]:
     """Every .tflite on the held-out split through the edge runtime; the gate; the self-test cases.
 
     Each model's bytes are read once: the accuracy, the input spec, the self-test scores and the sha256
     recorded for `package` all describe those same bytes."""
+    from trainer import calibration, threshold
     from trainer import evaluate as ev
     from trainer.optimize import gzip_size
+    from trainer.train import metrics
 
     cfg = run_config(rundir)
     check_lineage(rundir, "optimize", cfg)
@@ -189,15 +189,18 @@ def evaluate(rundir: Path, progress: Progress = None) -> Dict[str, Any]:
             raise RunDirError(f"{p} is missing: run `kestrel-train optimize {rundir}` first")
         models[name] = p.read_bytes()
     result: Dict[str, Any] = {"stages": {}, "class_names": ds.class_names, "n_test": int(len(te)), "warnings": []}
+    scores: Dict[str, Any] = {}
     it = STAGES if progress is None else progress(STAGES, desc="evaluate", unit="model")
     for name in it:
         data = models[name]
         spec = ev.spec_of(data, base)
-        m = ev.evaluate_tflite(data, spec, ds.images[te], ds.labels[te], n)
+        scores[name] = ev.run_tflite(data, spec, ds.images[te])
+        m = metrics(ds.labels[te], scores[name].argmax(1), n)
         result["stages"][name] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "confusion": m["confusion"],
-                                  "bytes": len(data), "gzip_bytes": gzip_size(data),
+                                  "per_class": m["per_class"], "bytes": len(data), "gzip_bytes": gzip_size(data),
                                   "latency": ev.latency_ms(data, spec, ds.images[te], runs=30),
                                   "spec": spec.to_dict(), "sha256": hashlib.sha256(data).hexdigest()}
+    result["machine"] = ev.machine()
     g = ev.gate(result["stages"]["float"]["accuracy"], result["stages"][DEPLOYED]["accuracy"],
                 cfg.gate.max_accuracy_drop)
     g["n_test"] = int(len(te))
@@ -205,6 +208,12 @@ def evaluate(rundir: Path, progress: Progress = None) -> Dict[str, Any]:
     warn = ev.gate_resolution_warning(len(te), cfg.gate.max_accuracy_drop)
     if warn:
         result["warnings"].append(warn)
+    # the device's sampling rules swept over the deployed model's held-out scores (trainer/threshold.py)
+    result["threshold"] = threshold.analyse(scores[DEPLOYED], ds.labels[te], cfg.gate.errors_to_catch)
+    result["warnings"].extend(result["threshold"]["warnings"])
+    result["calibration"] = {"int8": calibration.reliability(scores[DEPLOYED], ds.labels[te]),
+                             "float": calibration.reliability(scores["float"], ds.labels[te])}
+    result["mistakes"] = ev.mistakes(scores[DEPLOYED], ds.labels[te], te)
     result["gate"] = g
     spec = InputSpec.from_dict(result["stages"][DEPLOYED]["spec"])
     result["deployed"] = {"file": f"optimize/{DEPLOYED}.tflite", "sha256": result["stages"][DEPLOYED]["sha256"]}
@@ -262,18 +271,53 @@ def package(rundir: Path, key_path: str, version: int, out: Path, allow_failed_g
                           f"`kestrel-train evaluate {rundir}` again")
     spec = InputSpec.from_dict(ev["stages"][DEPLOYED]["spec"])
     cv = read_json(rundir / "train" / "cv.json", "train")
+    if "threshold" not in ev:
+        raise RunDirError(f"{rundir / 'evaluate' / 'evaluate.json'} has no sampling-threshold sweep (evaluated "
+                          f"by an older trainer): run `kestrel-train evaluate {rundir}` again")
+    chosen = resolve_threshold(ev["threshold"], cfg.gate.default_threshold)
+    op = read_json(rundir / "optimize" / "optimize.json", "optimize")
+    metrics = bundle_metrics(ev, cv, len(model_bytes), chosen, op)
+    data = bundle.build_bundle(
+        model_bytes=model_bytes, labels=ev["class_names"], model_name=cfg.gate.model_name, version=int(version),
+        input_spec=spec, signing_key=signing_key, default_threshold=chosen["threshold"],
+        metrics=metrics, self_test=ev["self_test"], expires_in_s=int(cfg.gate.expires_in_days * 86400))
+    atomic.write_bytes(Path(out), data)
+    return {"bundle": str(out), "bytes": len(data), "version": int(version), "metrics": metrics,
+            "default_threshold": chosen["threshold"], "threshold_source": chosen["source"]}
+
+
+MAX_CONFUSION_CLASSES = 200  # the manifest carries the confusion matrix up to this many classes (40k cells)
+
+
+def resolve_threshold(sweep: Dict[str, Any], configured: Optional[float]) -> Dict[str, Any]:
+    from trainer.threshold import resolve
+
+    return resolve(sweep, configured)
+
+
+def bundle_metrics(ev: Dict[str, Any], cv: Dict[str, Any], model_bytes: int, chosen: Dict[str, Any],
+                   op: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The signed manifest's metrics: accuracy figures, the confusion matrix with its class names (the hub
+    dashboard renders it), calibration and what the default threshold sends and catches on held-out."""
     st = ev["stages"]
-    metrics = {
+    metrics: Dict[str, Any] = {
         "accuracy": st[DEPLOYED]["accuracy"], "macro_f1": st[DEPLOYED]["macro_f1"],
         "float_accuracy": st["float"]["accuracy"], "accuracy_drop_points": ev["gate"]["drop_points"],
         "cv_accuracy_mean": (cv.get("accuracy") or {}).get("mean"),
         "cv_accuracy_std": (cv.get("accuracy") or {}).get("std"),
-        "cv_k": cv.get("k"), "bytes": len(model_bytes), "n_test": ev.get("n_test"),
+        "cv_k": cv.get("k"), "bytes": model_bytes, "n_test": ev.get("n_test"),
+        # for the hub dashboard's Models page: the int8 model's median latency on the trainer's machine
+        # (edge runtime) and the share of zero weights in its pruned kernels (optimize.json)
+        "latency_ms": (st[DEPLOYED].get("latency") or {}).get("median_ms"),
+        "sparsity": ((op or {}).get("sparsity") or {}).get("overall"),
+        "ece": ((ev.get("calibration") or {}).get("int8") or {}).get("ece"),
+        "ece_float": ((ev.get("calibration") or {}).get("float") or {}).get("ece"),
+        "sampling": {"threshold": chosen["threshold"], "source": chosen["source"],
+                     "errors_to_catch": chosen["target"], "sent_share": chosen["sent_share"],
+                     "caught_share": chosen["caught_share"], "n_errors": chosen["n_errors"],
+                     "expected_caught_share": chosen["expected"]["caught_share"]},
     }
-    metrics = {k: v for k, v in metrics.items() if v is not None}
-    data = bundle.build_bundle(
-        model_bytes=model_bytes, labels=ev["class_names"], model_name=cfg.gate.model_name, version=int(version),
-        input_spec=spec, signing_key=signing_key, default_threshold=cfg.gate.default_threshold,
-        metrics=metrics, self_test=ev["self_test"], expires_in_s=int(cfg.gate.expires_in_days * 86400))
-    atomic.write_bytes(Path(out), data)
-    return {"bundle": str(out), "bytes": len(data), "version": int(version), "metrics": metrics}
+    if len(ev["class_names"]) <= MAX_CONFUSION_CLASSES:
+        metrics["class_names"] = list(ev["class_names"])
+        metrics["confusion_matrix"] = st[DEPLOYED]["confusion"]
+    return {k: v for k, v in metrics.items() if v is not None}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from trainer.config import Config
 from trainer.models import build_model, compile_model, freeze_backbone, unfreeze_for_fine_tuning
@@ -51,10 +51,16 @@ def predict_float(model: Any, images: np.ndarray, cfg: Config) -> np.ndarray:
 
 
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> Dict[str, Any]:
+    """Accuracy, macro F1, the confusion matrix (rows = true class) and per-class precision, recall, F1 and
+    support (a class never predicted has precision 0, as sklearn's zero_division=0 says)."""
+    labels = list(range(n_classes))
+    p, r, f, n = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", labels=list(range(n_classes)), zero_division=0)),
-        "confusion": confusion_matrix(y_true, y_pred, labels=list(range(n_classes))).tolist(),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", labels=labels, zero_division=0)),
+        "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "per_class": {"precision": [float(x) for x in p], "recall": [float(x) for x in r],
+                      "f1": [float(x) for x in f], "support": [int(x) for x in n]},
     }
 
 

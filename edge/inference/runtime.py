@@ -75,12 +75,13 @@ class Model:
     """A loaded model. ``infer``/``invoke`` are serialized by a lock (interpreters are not thread-safe)."""
 
     def __init__(self, interpreter: Any, ref: Any, labels: List[str], spec: InputSpec,
-                 runtime: str) -> None:
+                 runtime: str, threads: int = 0) -> None:
         self._interp = interpreter
         self.ref = ref
         self.labels = labels
         self.spec = spec
         self.runtime = runtime
+        self.threads = threads  # the interpreter's num_threads (0: not known)
         self._lock = threading.Lock()
         inp = interpreter.get_input_details()[0]
         out = interpreter.get_output_details()[0]
@@ -196,7 +197,7 @@ def load_model(tflite: Union[str, Path, bytes], *, labels: Optional[List[str]] =
     elif len(labels) != out_size:
         raise ModelError(f"{what} outputs {out_size} scores but {len(labels)} labels were given")
     ref = kestrel_pb2.ModelRef(name=name, version=int(version), sha256=hashlib.sha256(data).hexdigest())
-    return Model(interp, ref, list(labels), spec, rt_name)
+    return Model(interp, ref, list(labels), spec, rt_name, threads=int(threads))
 
 
 def load_labels(path: Union[str, Path]) -> List[str]:

@@ -309,7 +309,7 @@ class Pipeline:
             result = InferenceResult(seq, getattr(model, "ref", None), None, latency, error, False, [],
                                      capture_time)
         else:
-            self.stats.inference(latency)
+            self.stats.inference(latency, result.top, result.low_confidence)
         for fn in self.observers:
             try:
                 fn(result)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import math
 import os
 import threading
 import time
@@ -35,47 +34,44 @@ import numpy as np
 
 from edge.config import SamplerConfig
 from edge.inference.perceptual import dhash, popcount
+from edge.inference.uncertainty import (
+    DEFAULT_CONFIDENCE_THRESHOLD,
+    confidence_fires,
+    entropy_fires,
+    margin_fires,
+    normalized_entropy,
+    top_two,
+)
 from proto import atomic, kestrel_pb2
 
 log = logging.getLogger(__name__)
 
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
-DEFAULT_CONFIDENCE_THRESHOLD = 0.6  # when neither the config nor the model's bundle sets one
+__all__ = ["DEFAULT_CONFIDENCE_THRESHOLD", "Decision", "DuplicateFilter", "RateLimiter", "Sampler",
+           "normalized_entropy", "uncertainty_reasons"]
 
 
 def uncertainty_reasons(scores: np.ndarray, cfg: SamplerConfig, top: Optional[float] = None) -> List[int]:
     """The SampleReason values whose strategy fires for these scores (empty = confident).
-    ``top``: the highest score when the caller knows it already (the pipeline does)."""
+    ``top``: the highest score when the caller knows it already (the pipeline does). The rules
+    themselves are edge.inference.uncertainty's (the trainer sweeps the same functions)."""
     s = np.asarray(scores).reshape(-1)
     reasons: List[int] = []
     if s.size == 0:
         return reasons
     strategies = cfg.strategies  # runs for every frame on the inference thread: few numpy calls
     if "margin" in strategies and s.size > 1:
-        two = np.partition(s, s.size - 2)[-2:]
-        top, second = float(two[1]), float(two[0])
+        top, second = top_two(s)
     else:
         top, second = (float(s.max()) if top is None else top), 0.0
     threshold = DEFAULT_CONFIDENCE_THRESHOLD if cfg.confidence_threshold is None else cfg.confidence_threshold
-    if "confidence" in strategies and top < threshold:
+    if "confidence" in strategies and confidence_fires(top, threshold):
         reasons.append(kestrel_pb2.LOW_CONFIDENCE)
-    if "margin" in strategies and top - second < cfg.margin_threshold:
+    if "margin" in strategies and margin_fires(top - second, cfg.margin_threshold):
         reasons.append(kestrel_pb2.LOW_MARGIN)
-    if "entropy" in strategies and normalized_entropy(s) > cfg.entropy_threshold:
+    if "entropy" in strategies and entropy_fires(normalized_entropy(s), cfg.entropy_threshold):
         reasons.append(kestrel_pb2.HIGH_ENTROPY)
     return reasons
-
-
-def normalized_entropy(scores: np.ndarray) -> float:
-    """Shannon entropy of the (renormalized, clipped) scores divided by log(n): 0 = certain, 1 = uniform."""
-    s = np.clip(np.asarray(scores, dtype=np.float64).reshape(-1), 0.0, None)
-    n = s.size
-    total = s.sum()
-    if n < 2 or total <= 0:
-        return 1.0 if n >= 2 else 0.0
-    p = s / total
-    nz = p[p > 0]
-    return float(-(nz * np.log(nz)).sum() / math.log(n))
 
 
 @dataclasses.dataclass

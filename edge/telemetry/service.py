@@ -2,10 +2,13 @@
 
 * :class:`Stats` is fed by the capture/inference threads (thread-safe) and summarises: fps over the
   last ``fps_window_s`` seconds, latency p50/p95 (nearest rank, milliseconds) over the last
-  ``latency_window`` inferences, counters and uptime. The clock is injectable for tests.
+  ``latency_window`` inferences, counters and uptime, and (since the start) how many frames were
+  low confidence and a histogram of every inferred frame's top-1 score (SCORE_BINS equal bins over
+  [0, 1]): the hub charts both per model version. The clock is injectable for tests.
 * :class:`TelemetryService` publishes a ``kestrel_pb2.Telemetry`` every ``[telemetry] interval_s``
-  on ``topics.telemetry(device_id)`` (QoS 0) and serves ``/metrics`` (names in
-  docs/edge-transport.md).
+  on ``topics.telemetry(device_id)`` (QoS 0) and serves ``/metrics`` through prometheus_client (names in
+  docs/edge-transport.md). On a Jetson it runs ``tegrastats`` (edge.telemetry.tegrastats) and adds its
+  readings to both (``Telemetry.jetson``, ``kestrel_edge_tegra_*``).
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import logging
 import math
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional
 
 from edge.config import TelemetryConfig
-from edge.telemetry.metrics import MetricsServer, TextBuilder
-from proto import kestrel_pb2
+from edge.telemetry.metrics import MetricsServer, jetson_families, registry_for
+from edge.telemetry.tegrastats import TegrastatsReader, find_tegrastats
+from proto import desired, kestrel_pb2
 from proto.clock import now_ms
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 
 FPS_WINDOW_S = 10.0
 LATENCY_WINDOW = 1000
+SCORE_BINS = 20  # top-1 score histogram bins over [0, 1] (Telemetry.score_histogram; the hub reads len())
 EPHEMERAL_PORT = -1  # TelemetryService(metrics_port=EPHEMERAL_PORT): let the OS pick a free port (tests)
 
 Clock = Callable[[], float]
@@ -56,8 +61,11 @@ class Stats:
         self.dropped = 0
         self.corrupt = 0
         self.sampled = 0
+        self.low_confidence = 0
+        self.score_histogram = [0] * SCORE_BINS
         self.queue_depth = 0
         self.model: Optional[kestrel_pb2.ModelRef] = None
+        self.refused: Dict[str, int] = {}  # desired-state messages refused, by reason (proto.desired)
 
     def frame_captured(self) -> None:
         with self._lock:
@@ -75,13 +83,24 @@ class Stats:
         with self._lock:
             self.sampled += 1
 
-    def inference(self, latency_s: float) -> None:
+    def inference(self, latency_s: float, top: Optional[float] = None, low_confidence: bool = False) -> None:
+        """One inferred frame: its latency, its top-1 score (None: unknown) and whether an uncertainty
+        rule fired for it."""
         now = self._clock()
         with self._lock:
             self.processed += 1
+            if top is not None and top == top:  # NaN never reaches here from the pipeline; be safe
+                self.score_histogram[min(SCORE_BINS - 1, max(0, int(top * SCORE_BINS)))] += 1
+            if low_confidence:
+                self.low_confidence += 1
             self._latencies.append(float(latency_s))
             self._times.append(now)
             self._trim(now)
+
+    def desired_refused(self, reason: str) -> None:
+        """A desired-state message was refused (edge.updater.desiredgate): counted by reason."""
+        with self._lock:
+            self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def set_queue_depth(self, n: int) -> None:
         with self._lock:
@@ -120,10 +139,13 @@ class Stats:
                 "frames_captured": self.captured,
                 "frames_processed": self.processed,
                 "frames_sampled": self.sampled,
+                "frames_low_confidence": self.low_confidence,
+                "score_histogram": list(self.score_histogram),
                 "frames_dropped": self.dropped,
                 "frames_corrupt": self.corrupt,
                 "uptime_s": uptime,
                 "model": model,
+                "desired_refused": dict(self.refused),
             }
 
 
@@ -145,6 +167,9 @@ class TelemetryService:
         self._want_port = port
         self.metrics_port = 0
         self._server: Optional[MetricsServer] = None
+        self.registry = registry_for(self.collect)
+        exe = find_tegrastats(cfg.tegrastats)
+        self.tegrastats = TegrastatsReader(exe, cfg.tegrastats_interval_ms) if exe else None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.sent = 0
@@ -152,9 +177,11 @@ class TelemetryService:
     def start(self) -> None:
         if self._want_port != 0:
             bind_port = 0 if self._want_port == EPHEMERAL_PORT else self._want_port
-            self._server = MetricsServer(self.cfg.metrics_bind, bind_port, self.render_metrics)
+            self._server = MetricsServer(self.cfg.metrics_bind, bind_port, self.registry)
             self._server.start()
             self.metrics_port = self._server.port
+        if self.tegrastats is not None:
+            self.tegrastats.start()
         if self.cfg.interval_s > 0 and self.publisher is not None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
@@ -169,6 +196,8 @@ class TelemetryService:
             self._server.stop()
             self._server = None
             self.metrics_port = 0
+        if self.tegrastats is not None:
+            self.tegrastats.stop()
 
     def _run(self) -> None:
         while not self._stop.wait(self.cfg.interval_s):
@@ -204,72 +233,94 @@ class TelemetryService:
             queue_depth=snap["queue_depth"], spool_bytes=spool_bytes, spool_frames=spool_frames,
             spool_evictions=evictions, uptime_s=snap["uptime_s"],
             frames_processed=snap["frames_processed"], frames_sampled=snap["frames_sampled"],
-            frames_dropped=snap["frames_dropped"], frames_corrupt=snap["frames_corrupt"], **self._receipts())
+            frames_dropped=snap["frames_dropped"], frames_corrupt=snap["frames_corrupt"],
+            frames_low_confidence=snap["frames_low_confidence"], score_histogram=snap["score_histogram"],
+            dead_letters=int(getattr(self.publisher, "dead_letters", 0) or 0), **self._receipts())
         if snap["model"] is not None:
             msg.model.CopyFrom(snap["model"])
+        for reason, n in snap["desired_refused"].items():
+            msg.desired_refused[reason] = n
+        sample = self.tegrastats.latest() if self.tegrastats is not None else None
+        if sample is not None:
+            msg.jetson.CopyFrom(sample.to_proto())
         return msg
 
     def render_metrics(self) -> str:
+        """The /metrics text as a scrape would get it (Prometheus text format 0.0.4)."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode("utf-8")
+
+    def collect(self) -> Iterator[Any]:
+        """The metric families, read at scrape time (the custom collector of ``self.registry``)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        def gauge(name: str, help_text: str, value: float) -> Any:
+            return GaugeMetricFamily(f"kestrel_edge_{name}", help_text, value=value)
+
+        def counter(name: str, help_text: str, value: float) -> Any:  # exposed as {name}_total
+            return CounterMetricFamily(f"kestrel_edge_{name}", help_text, value=value)
+
         snap = self.stats.snapshot()
         spool_bytes, spool_frames, evictions = self._spool()
-        t = TextBuilder()
-        t.add("kestrel_edge_fps", "gauge", "Inferences per second over the recent window.", snap["fps"])
-        t.add("kestrel_edge_latency_p50_ms", "gauge", "Median inference latency (recent window), ms.",
-              snap["latency_p50_ms"])
-        t.add("kestrel_edge_latency_p95_ms", "gauge", "95th percentile inference latency, ms.",
-              snap["latency_p95_ms"])
-        t.add("kestrel_edge_queue_depth", "gauge", "Frames waiting between capture and inference.",
-              snap["queue_depth"])
+        yield gauge("fps", "Inferences per second over the recent window.", snap["fps"])
+        yield gauge("latency_p50_ms", "Median inference latency (recent window), ms.", snap["latency_p50_ms"])
+        yield gauge("latency_p95_ms", "95th percentile inference latency, ms.", snap["latency_p95_ms"])
+        yield gauge("queue_depth", "Frames waiting between capture and inference.", snap["queue_depth"])
         for key, help_text in (("frames_captured", "Frames read from the source."),
                                ("frames_processed", "Frames run through the model."),
                                ("frames_sampled", "Frames selected for the hub."),
+                               ("frames_low_confidence", "Frames an uncertainty rule fired for."),
                                ("frames_dropped", "Frames dropped because inference fell behind."),
                                ("frames_corrupt", "Frames the source delivered unreadable.")):
-            t.add(f"kestrel_edge_{key}_total", "counter", help_text, snap[key])
-        t.add("kestrel_edge_spool_bytes", "gauge", "Bytes waiting in the spool.", spool_bytes)
-        t.add("kestrel_edge_spool_frames", "gauge", "Frames waiting in the spool.", spool_frames)
-        t.add("kestrel_edge_spool_evictions_total", "counter",
-              "Frames evicted (oldest first) because the spool budget was full.", evictions)
-        t.add("kestrel_edge_uptime_seconds", "gauge", "Seconds since the daemon started.", snap["uptime_s"])
+            yield counter(key, help_text, snap[key])
+        yield gauge("spool_bytes", "Bytes waiting in the spool.", spool_bytes)
+        yield gauge("spool_frames", "Frames waiting in the spool.", spool_frames)
+        yield counter("spool_evictions", "Frames evicted (oldest first) because the spool budget was full.",
+                      evictions)
+        yield gauge("uptime_seconds", "Seconds since the daemon started.", snap["uptime_s"])
+        refused = CounterMetricFamily("kestrel_edge_desired_refused", "Desired-state messages refused (unsigned, "
+                                      "bad signature, untrusted key, replayed, expired...).", labels=["reason"])
+        counts = dict.fromkeys(desired.REASONS, 0)
+        counts.update(snap["desired_refused"])
+        for reason in sorted(counts):
+            refused.add_metric([reason], counts[reason])
+        yield refused
         pub = self.publisher
         if pub is not None:
-            t.add("kestrel_edge_mqtt_connected", "gauge", "1 while connected to the broker.",
-                  1 if pub.connected else 0)
-            t.add("kestrel_edge_frames_acked_total", "counter", "Frames acknowledged by the broker.",
-                  int(getattr(pub, "frames_acked", 0)))
-            t.add("kestrel_edge_frames_oversize_total", "counter", "Frames refused: over max_payload_bytes.",
-                  int(getattr(pub, "oversize_refused", 0)))
-            t.add("kestrel_edge_spool_corrupt_total", "counter", "Damaged spool records skipped.",
-                  int(pub.spool.corrupt))
-            t.add("kestrel_edge_frames_dead_lettered_total", "counter",
-                  "Frames set aside in spool/dead because the broker kept refusing them.",
-                  int(getattr(pub, "dead_letters", 0)))
-            t.add("kestrel_edge_spool_write_failed_total", "counter",
-                  "Sampled frames lost because the spool could not be written (disk full, read-only).",
-                  int(getattr(pub, "spool_write_failed", 0)))
-            t.add("kestrel_edge_telemetry_dropped_total", "counter", "Telemetry messages dropped offline.",
-                  int(getattr(pub, "telemetry_dropped", 0)))
+            yield gauge("mqtt_connected", "1 while connected to the broker.", 1 if pub.connected else 0)
+            yield counter("frames_acked", "Frames acknowledged by the broker.", int(getattr(pub, "frames_acked", 0)))
+            yield counter("frames_oversize", "Frames refused: over max_payload_bytes.",
+                          int(getattr(pub, "oversize_refused", 0)))
+            yield counter("spool_corrupt", "Damaged spool records skipped.", int(pub.spool.corrupt))
+            yield counter("frames_dead_lettered", "Frames set aside in spool/dead because the broker kept "
+                          "refusing them.", int(getattr(pub, "dead_letters", 0)))
+            yield counter("spool_write_failed", "Sampled frames lost because the spool could not be written "
+                          "(disk full, read-only).", int(getattr(pub, "spool_write_failed", 0)))
+            yield counter("telemetry_dropped", "Telemetry messages dropped offline.",
+                          int(getattr(pub, "telemetry_dropped", 0)))
             rx = self._receipts()
-            t.add("kestrel_edge_receipts_total", "counter", "Storage receipts received from the hub.",
-                  int(rx["receipts"]))
-            t.add("kestrel_edge_frames_receipted_total", "counter",
-                  "Frames the hub said are durable in its store (then deleted from the spool).",
-                  int(rx["frames_receipted"]))
-            t.add("kestrel_edge_frames_resent_total", "counter",
-                  "Frames published again because no receipt named them in time (or the hub asked).",
-                  int(rx["frames_resent"]))
-            t.add("kestrel_edge_frames_refused_by_hub_total", "counter",
-                  "Frames set aside in spool/dead because the hub refused them for good (or never receipted "
-                  "them while receipting others).", int(rx["frames_refused_by_hub"]))
-            t.add("kestrel_edge_frames_awaiting_receipt", "gauge",
-                  "Frames the broker acknowledged that wait for the hub's storage receipt.",
-                  int(rx["frames_awaiting_receipt"]))
-            t.add("kestrel_edge_oldest_unreceipted_age_seconds", "gauge",
-                  "Age of the oldest frame in the spool (not yet receipted; 0 when the spool is empty).",
-                  float(rx["oldest_unreceipted_age_s"]))
+            yield counter("receipts", "Storage receipts received from the hub.", int(rx["receipts"]))
+            yield counter("frames_receipted", "Frames the hub said are durable in its store (then deleted from "
+                          "the spool).", int(rx["frames_receipted"]))
+            yield counter("frames_resent", "Frames published again because no receipt named them in time (or "
+                          "the hub asked).", int(rx["frames_resent"]))
+            yield counter("frames_refused_by_hub", "Frames set aside in spool/dead because the hub refused them "
+                          "for good (or never receipted them while receipting others).",
+                          int(rx["frames_refused_by_hub"]))
+            yield gauge("frames_awaiting_receipt", "Frames the broker acknowledged that wait for the hub's "
+                        "storage receipt.", int(rx["frames_awaiting_receipt"]))
+            yield gauge("oldest_unreceipted_age_seconds", "Age of the oldest frame in the spool (not yet "
+                        "receipted; 0 when the spool is empty).", float(rx["oldest_unreceipted_age_s"]))
         model = snap["model"]
         if model is not None:
-            t.add("kestrel_edge_model_info", "gauge", "The running model (labels); always 1.", 1,
-                  {"name": model.name, "version": str(model.version), "sha256": model.sha256})
-        return t.render()
-
+            info = GaugeMetricFamily("kestrel_edge_model_info", "The running model (labels); always 1.",
+                                     labels=["name", "sha256", "version"])
+            info.add_metric([model.name, model.sha256, str(model.version)], 1)
+            yield info
+        if self.tegrastats is not None:
+            yield gauge("tegra_up", "1 while tegrastats delivers fresh readings.",
+                        1 if self.tegrastats.latest() is not None else 0)
+            sample = self.tegrastats.latest()
+            if sample is not None:
+                yield from jetson_families(sample)

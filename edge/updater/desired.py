@@ -7,7 +7,9 @@ rules), fetches it from the hub, hands it to the install path, or applies a flee
 transient failure is retried with a doubling delay, and an order arriving during a trial waits for
 the trial to end.
 
-Desired-state messages are not authenticated (the MQTT ACL is the only gate): whatever they say,
+Every message first passes edge.updater.desiredgate.DesiredGate (signed by a fleet key, not
+expired, not replayed; refused ones never reach the follower, so a forged device-level message
+cannot hide the group one either). Even a validly signed message is trusted for its intent only:
 the device fetches only from its configured hub addresses, installs only a bundle whose signed
 manifest names exactly the announced model and version, above its version floor, and a fleet
 rollback only moves it to its own committed previous slot, once per ``issued_ms``, when it runs
@@ -24,6 +26,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from edge.config import UpdateConfig
 from edge.updater import state as st
 from edge.updater.control import LOCK_WAIT_S
+from edge.updater.desiredgate import DesiredGate
 from edge.updater.engine import NoRollbackTarget, NothingToDo, Updater
 from proto.errors import BundleError, KestrelError
 
@@ -40,9 +43,12 @@ class DesiredFollower:
     service stops (it aborts a download)."""
 
     def __init__(self, update: UpdateConfig, updater: Updater, *, queue_desired: Callable[[Any], None],
-                 switch: Callable[..., None], rollback: Callable[[str], bool], stop: threading.Event) -> None:
+                 switch: Callable[..., None], rollback: Callable[[str], bool], stop: threading.Event,
+                 on_refused: Optional[Callable[[str], None]] = None) -> None:
+        """``on_refused(reason)`` counts a message the gate refused (telemetry, Prometheus)."""
         self.update_cfg = update
         self.updater = updater
+        self.gate = DesiredGate(update, updater.state, updater.clock, on_refused)
         self._queue_desired = queue_desired
         self._switch = switch
         self._rollback = rollback
@@ -55,16 +61,12 @@ class DesiredFollower:
 
     # ---- MQTT I/O thread: keep short ----
     def on_desired(self, topic: str, payload: bytes) -> None:
-        from proto import kestrel_pb2
-
         kind = "group" if "/groups/" in topic else "device"
-        if not payload:
-            self._desired[kind] = None
+        accepted, msg = self.gate.check(topic, payload)
+        if not accepted:
             return
-        try:
-            msg = kestrel_pb2.DesiredState.FromString(payload)
-        except Exception:  # noqa: BLE001 - protobuf raises DecodeError; anything else is bad input too
-            log.warning("ignoring an unreadable desired-state message on %s", topic)
+        if msg is None:  # a clear (only when unsigned messages are allowed)
+            self._desired[kind] = None
             return
         self._desired[kind] = msg
         chosen = self._desired.get("device") or self._desired.get("group")

@@ -252,7 +252,7 @@ class Updater:
         spec = InputSpec.from_dict(slot.input_spec) if slot.input_spec else None
         m = self.model_cfg
         model = load_model(str(slot.model_path), labels=slot.labels or None, spec=spec, runtime=m.runtime,
-                           threads=m.threads, name=slot.model_name, version=slot.version)
+                           threads=m.resolved_threads, name=slot.model_name, version=slot.version)
         model.default_threshold = slot.record.get("default_threshold")  # the sampler follows the bundle's default
         return model
 

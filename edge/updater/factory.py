@@ -18,5 +18,5 @@ def load_factory_model(m: ModelConfig) -> Model:
     """Load ``m.path``, a bare .tflite (the callers check that it is set and not a bundle; bundles are
     installed through the updater)."""
     labels = load_labels(m.labels) if m.labels else None
-    return load_model(m.path, labels=labels, runtime=m.runtime, threads=m.threads, name=Path(m.path).stem,
+    return load_model(m.path, labels=labels, runtime=m.runtime, threads=m.resolved_threads, name=Path(m.path).stem,
                       color_order=m.color_order, normalization=m.normalization, resize=m.resize)

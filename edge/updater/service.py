@@ -84,7 +84,8 @@ class UpdateService:
         self._captured_at_trial = 0
         self.on_stall: Optional[Callable[[str], None]] = None
         self.desired = DesiredFollower(update, self.updater, queue_desired=lambda d: self._q.put(("desired", d)),
-                                       switch=self._switch, rollback=self._rollback, stop=self._stop)
+                                       switch=self._switch, rollback=self._rollback, stop=self._stop,
+                                       on_refused=getattr(stats, "desired_refused", None))
 
     @classmethod
     def from_config(cls, cfg: EdgeConfig, publisher: Optional[Publisher], holder: Any, stats: Any) -> UpdateService:
@@ -196,10 +197,12 @@ class UpdateService:
     def _report(self, snap: Dict[str, Any]) -> None:
         if self.publisher is None:
             return
-        from proto import kestrel_pb2, topics
+        from proto import topics
 
-        msg = kestrel_pb2.Status(device_id=self.device_id, state=topics.STATE_ONLINE,
-                                 time_ms=now_ms(), group=self.group)
+        # the whole Status as the daemon builds it (software version, threshold in force ...), with the
+        # versions as of this change
+        msg = self.publisher.status_message(topics.STATE_ONLINE)
+        msg.time_ms = now_ms()
         model = self.holder.get() if self.holder is not None else None
         if model is not None:
             msg.model.CopyFrom(model.ref)

@@ -39,7 +39,8 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import paho.mqtt.client as paho
 
-from edge.config import MqttConfig, read_secret
+from edge.config import MqttConfig
+from edge.credentials import credential_path, read_secret, secret_file
 from edge.errors import AuthError, BrokerError
 from edge.logonce import OncePerKind
 from proto.backoff import Backoff
@@ -181,8 +182,10 @@ class MqttClient:
             c.username_pw_set(self.cfg.username, self._password)
         if self.cfg.tls:
             try:
-                c.tls_set(ca_certs=self.cfg.ca_file or None, certfile=self.cfg.cert_file or None,
-                          keyfile=self.cfg.key_file or None, cert_reqs=ssl.CERT_REQUIRED)
+                c.tls_set(ca_certs=credential_path(self.cfg.ca_file) or None,
+                          certfile=credential_path(self.cfg.cert_file) or None,
+                          keyfile=(secret_file(self.cfg.key_file) if self.cfg.key_file else None),
+                          cert_reqs=ssl.CERT_REQUIRED)
             except (OSError, ValueError, ssl.SSLError) as exc:
                 raise ConfigError(f"[mqtt] TLS files unusable ({exc}): "
                                   "check ca_file/cert_file/key_file") from exc

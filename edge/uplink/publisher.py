@@ -5,7 +5,7 @@
   sends spooled frames in sequence order at QoS 1 on ``topics.frames(device_id)``, at most
   ``[mqtt] max_inflight`` unacknowledged at once (the PUBACK paces the wire).
 * **When a frame leaves the spool** (``[mqtt] delete_on``, edge.uplink.receipts,
-  docs/adr/0013-storage-receipts.md): with the hub's storage receipts, only when a ``Receipt`` names
+  docs/adr/0019-storage-receipts.md): with the hub's storage receipts, only when a ``Receipt`` names
   it (it is durable in the hub's store); a frame the broker acknowledged and no receipt named within
   ``receipt_timeout_s`` (doubling per resend) is published again, at once when the hub asks
   (``ResendRequest``: its broker session was lost); a frame the hub refused for good is set aside in
@@ -96,6 +96,10 @@ class Publisher:
 
     def set_status_provider(self, fn: StatusProvider) -> None:
         self._provider = fn
+
+    def status_message(self, state: str) -> kestrel_pb2.Status:
+        """The device's Status as the status provider (the daemon) builds it; a minimal one without one."""
+        return self._status(state)
 
     def _status(self, state: str) -> kestrel_pb2.Status:
         if self._provider is not None:

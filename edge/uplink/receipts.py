@@ -1,4 +1,4 @@
-"""What the hub's storage receipts do to the spool (docs/adr/0013-storage-receipts.md).
+"""What the hub's storage receipts do to the spool (docs/adr/0019-storage-receipts.md).
 
 The publisher (edge.uplink.publisher) keeps a frame in the spool after the broker's PUBACK until a
 ``Receipt`` from the hub names it. :class:`Receipts` is that side of the publisher: which topics it

@@ -18,10 +18,15 @@ from proto.errors import DEBUG_HELP, run_command
 
 # subcommand -> (module, help)
 COMMANDS = {
-    "serve": ("hub.server", "run the hub: MQTT ingest, gRPC registry + fleet, HTTP health/metrics"),
+    "serve": ("hub.server", "run the hub: MQTT ingest, gRPC registry + fleet, the dashboard, /metrics"),
     "export": ("hub.cli.export", "export labelled frames for training"),
-    "label": ("hub.cli.label", "set or clear a frame's label"),
-    "devices": ("hub.cli.fleet", "list the fleet's devices"),
+    "label": ("hub.cli.label", "set or clear a frame's label (over the hub's API with --hub)"),
+    "frames": ("hub.cli.frames", "list frames, show one, write its image (over the hub's API)"),
+    "tokens": ("hub.cli.tokens", "add, list or revoke API tokens of the dashboard and API"),
+    "devices": ("hub.cli.devices", "list the fleet's devices; add (enrol), revoke, set-group"),
+    "broker-config": ("hub.cli.brokerconf", "write the Mosquitto configuration for an operator's broker"),
+    "ca": ("hub.cli.ca", "the fleet CA: status, rotate, finish a rotation"),
+    "fleet-key": ("hub.cli.fleetkey", "the key that signs desired state: status, rotate, finish a rotation"),
     "deploy": ("hub.cli.fleet", "deploy a model version to a device or group"),
     "rollback": ("hub.cli.fleet", "roll a device or group back to its previous model"),
     "models": ("hub.cli.fleet", "list the registry's model versions"),

@@ -1,5 +1,5 @@
-"""Fleet and registry CLI: ``kestrel-hub devices|deploy|rollback|models``. The gRPC client behind it
-(proto.hubclient.HubClient) is shared with kestrel-train and the demo.
+"""Fleet and registry CLI: ``kestrel-hub deploy|rollback|models`` (``devices`` is hub.cli.devices). The gRPC
+client behind it (proto.hubclient.HubClient) is shared with kestrel-train and the demo.
 """
 
 from __future__ import annotations
@@ -41,31 +41,6 @@ def _msg_dict(msg: Any) -> Dict[str, Any]:
     from google.protobuf import json_format
 
     return json_format.MessageToDict(msg, preserving_proto_field_name=True)
-
-
-def add_devices_arguments(p: argparse.ArgumentParser) -> None:
-    _common(p)
-    p.add_argument("--group", default="", help="only devices of this group")
-
-
-def run_devices(args: argparse.Namespace) -> int:
-    with _client(args) as c:
-        devs = c.list_devices(args.group)
-    if args.json:
-        print(json.dumps([_msg_dict(d) for d in devs], sort_keys=True))
-        return 0
-    rows = []
-    for d in devs:
-        desired = f"{d.desired_model} v{d.desired_version}" if d.desired_model or d.desired_version else "-"
-        reported = f"{d.reported.name} v{d.reported.version}" if d.reported.name else "-"
-        prev = f"v{d.versions.previous.version}" if d.versions.previous.version else "-"
-        rows.append([d.device_id, d.group, d.state, _ms(d.last_seen_ms), desired, reported, prev,
-                     d.versions.update_state or "-", d.versions.reason or ""])
-    print_table(["DEVICE", "GROUP", "STATE", "LAST SEEN (UTC)", "DESIRED", "REPORTED", "PREVIOUS", "UPDATE",
-                 "REASON"], rows)
-    if not devs:
-        print("(no devices have reported yet)")
-    return 0
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from hub.errors import StoreError, StoreUnavailable
 from hub.store.base import FrameRecord, Store
+from hub.store.series import SeriesPoint
 
 log = logging.getLogger("hub.ingest.pipeline")  # the ingest's log, as before the split
 
@@ -44,15 +45,15 @@ def record_outcome(state: BatchState, i: int, f: FrameRecord, owner: Optional[st
 
 
 def write_batch(store: Store, frames: List[Tuple[int, FrameRecord]], devices: Dict[str, Dict[str, object]],
-                seen: Dict[str, int], state: BatchState, attempt: int) -> None:
-    """Write the frames not stored by an earlier attempt, the merged device updates and the last_seen
-    raises; record each frame's outcome in ``state``. Raises (so the batch is retried) when the store
-    fails as a whole."""
+                seen: Dict[str, int], state: BatchState, attempt: int, points: Sequence[SeriesPoint] = ()) -> None:
+    """Write the frames not stored by an earlier attempt, the merged device updates, the last_seen
+    raises and the telemetry series points; record each frame's outcome in ``state``. Raises (so the
+    batch is retried) when the store fails as a whole."""
     todo = [(i, f) for i, f in frames if i not in state.outcomes]
-    if not todo and not devices and not seen:
+    if not todo and not devices and not seen and not points:
         return
     try:
-        owners = store.apply_batch([f for _, f in todo], devices, seen)
+        owners = store.apply_batch([f for _, f in todo], devices, seen, points)
     except StoreUnavailable:
         raise
     except StoreError as exc:
@@ -63,8 +64,8 @@ def write_batch(store: Store, frames: List[Tuple[int, FrameRecord]], devices: Di
         for (i, f), owner in zip(todo, owners):
             record_outcome(state, i, f, owner)
         return
-    if devices or seen:
-        store.apply_batch([], devices, seen)  # raises if these are what the store refuses
+    if devices or seen or points:
+        store.apply_batch([], devices, seen, points)  # raises if these are what the store refuses
     refused: List[Tuple[int, FrameRecord, StoreError]] = []
     for i, f in todo:
         try:

@@ -15,7 +15,8 @@ from google.protobuf.message import DecodeError
 from hub.errors import ImageRejected, PayloadRejected
 from hub.ingest import imagecheck
 from hub.store.base import FrameRecord
-from proto import kestrel_pb2
+from hub.store.series import SeriesPoint, point_from_telemetry
+from proto import kestrel_pb2, topics
 
 REASONS = ("too_large", "bad_topic", "bad_protobuf", "device_mismatch", "missing_frame_id", "bad_image",
            "unknown_device", "frame_id_conflict", "validation_error", "store_error")
@@ -79,6 +80,10 @@ def status_fields(msg: kestrel_pb2.Status) -> Dict[str, object]:
     if msg.HasField("versions"):
         out.update(update_state=msg.versions.update_state, update_reason=msg.versions.reason,
                    previous_version=int(msg.versions.previous.version))
+    # Only an online status says what runs now: an offline one may be the last will the device left with
+    # the broker when it connected, before a model swap changed the threshold. Absent: an older device.
+    if msg.HasField("confidence_threshold") and msg.state != topics.STATE_OFFLINE:
+        out["threshold"] = round(float(msg.confidence_threshold), 6)  # float32 on the wire: 0.71, not 0.7099999
     return out
 
 
@@ -89,6 +94,7 @@ class DeviceUpdate:
     device_id: str
     fields: Dict[str, object]
     seen_ms: int
+    point: Optional[SeriesPoint] = None  # telemetry: its point of the per-minute series (charts)
 
 
 def parse_device_message(device_id: str, kind: str, payload: bytes, received_ms: int) -> Optional[DeviceUpdate]:
@@ -103,7 +109,8 @@ def parse_device_message(device_id: str, kind: str, payload: bytes, received_ms:
         raise PayloadRejected("bad_protobuf", f"not a kestrel.v1.{type(msg).__name__}: {exc}") from exc
     if msg.device_id and msg.device_id != device_id:
         raise PayloadRejected("device_mismatch", f"{kind} for {msg.device_id!r} on {device_id!r}'s topic")
-    fields: Dict[str, object] = \
-        {"last_telemetry": json_format.MessageToDict(msg, preserving_proto_field_name=True)} \
-        if kind == "telemetry" else status_fields(msg)
-    return DeviceUpdate(kind, device_id, fields, seen_ms(msg.time_ms, received_ms))
+    seen = seen_ms(msg.time_ms, received_ms)
+    if kind == "status":
+        return DeviceUpdate(kind, device_id, status_fields(msg), seen)
+    tele = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    return DeviceUpdate(kind, device_id, {"last_telemetry": tele}, seen, point_from_telemetry(device_id, tele, seen))

@@ -35,7 +35,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from hub.config import MqttSection
 from hub.errors import PayloadRejected, StoreError, StoreUnavailable
@@ -69,14 +69,17 @@ class Pipeline:
     """Validate, stage, commit, then hand back to acknowledge. ``start()`` starts its three threads.
 
     ``dead_letter_dir``: where frames the store refuses (or whose id another device owns) are kept
-    before they are acknowledged (HubConfig.dead_letter_dir).
+    before they are acknowledged (HubConfig.dead_letter_dir). ``on_commit(seconds, stored frames)`` is
+    called after every committed batch (hub.metrics.HubMetrics.batch_committed).
     """
 
     def __init__(self, store: Store, cfg: MqttSection, dead_letter_dir: Path, acknowledger: Acknowledger,
+                 on_commit: Optional[Callable[[float, Sequence[FrameRecord]], None]] = None,
                  on_receipts: Optional[Callable[[List[kestrel_pb2.Receipt]], None]] = None,
                  hub_id: str = "") -> None:
         """``on_receipts``: gets each committed batch's receipts (the link publishes them); None = none."""
         self.store = store
+        self.on_commit = on_commit
         self.cfg = cfg
         self.acknowledger = acknowledger
         self.on_receipts = on_receipts
@@ -87,7 +90,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self._queue: queue.Queue[Message] = queue.Queue()
         self._stop = threading.Event()
-        self._devices = DeviceGate(store, cfg.allow_unknown_devices)
+        self._devices = DeviceGate(store, cfg.allow_unknown_devices, cfg.require_enrolled)
         self._pending_seen: Dict[str, int] = {}
         self._last_seen_flush = 0
         self._reject_log: Dict[str, Tuple[float, int]] = {}
@@ -179,8 +182,7 @@ class Pipeline:
         """Let the store write the batch's images ahead (Store.stage_frames) while the commit thread still
         commits the batch before: writing them and committing rows overlap. Frames of devices not known
         yet are left to the commit when unknown devices are refused (no bytes written for strangers)."""
-        frames = [v for v in validated if isinstance(v, FrameRecord)
-                  and (self.cfg.allow_unknown_devices or self._devices.is_known(v.device_id))]
+        frames = [v for v in validated if isinstance(v, FrameRecord) and self._devices.stage_ahead(v.device_id)]
         if not frames:
             return
         try:
@@ -323,6 +325,9 @@ class Pipeline:
         t0 = time.monotonic()
         self._devices.begin()
         rejected, frames, device_updates, seen, n_tele, n_status = self._classify(batch, validated)
+        refused = {i for i, _ in rejected}
+        points = [v.point for i, v in enumerate(validated)  # the telemetry series (hub/store/series.py)
+                  if isinstance(v, DeviceUpdate) and v.point is not None and i not in refused]
         # one upsert per device and batch: its messages' fields merged in arrival order (the last wins)
         devices: Dict[str, Dict[str, object]] = {}
         for device_id, fields_ in device_updates:
@@ -338,7 +343,8 @@ class Pipeline:
         t_now = now_ms()
         flush_seen = bool(self._pending_seen) and (
             bool(devices) or t_now - self._last_seen_flush >= LAST_SEEN_WRITE_INTERVAL_MS)
-        write_batch(self.store, frames, devices, dict(self._pending_seen) if flush_seen else {}, state, attempt)
+        write_batch(self.store, frames, devices, dict(self._pending_seen) if flush_seen else {}, state, attempt,
+                    points)
         if flush_seen:
             self._pending_seen.clear()
             self._last_seen_flush = t_now
@@ -371,6 +377,8 @@ class Pipeline:
             self.stats.commit_ms_last = commit_ms
             self.stats.commit_ms_max = max(self.stats.commit_ms_max, commit_ms)
             self.stats.commit_ms_total += commit_ms
+        if self.on_commit is not None:
+            self.on_commit(commit_ms / 1000.0, [f for i, f in frames if state.outcomes.get(i) == "stored"])
         if commit_ms > SLOW_COMMIT_MS and time.monotonic() - self._slow_log >= REJECT_LOG_INTERVAL_S:
             self._slow_log = time.monotonic()
             log.warning("committing a batch of %d messages took %.0f ms", len(batch), commit_ms)

@@ -1,5 +1,5 @@
 """Storage receipts: after a batch committed, one ``Receipt`` per device naming its frames that are now
-durable in the store (docs/adr/0013-storage-receipts.md).
+durable in the store (docs/adr/0019-storage-receipts.md).
 
 A frame counts as durable when the batch stored it or found it stored already (a redelivery, or a device
 resending for want of a receipt): either way the store holds it. A frame the hub refused for good is

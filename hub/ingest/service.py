@@ -4,7 +4,7 @@ pipeline (hub/ingest/pipeline.py), which hands committed messages back to the li
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import paho.mqtt.client as mqtt
 
@@ -13,24 +13,26 @@ from hub.config import MqttSection
 from hub.ingest.message import Message
 from hub.ingest.mqttlink import MqttLink
 from hub.ingest.pipeline import Pipeline
-from hub.store.base import Store
+from hub.store.base import FrameRecord, Store
 
 
 class Ingest:
     """Subscribe, validate, store, then acknowledge. ``start()`` returns at once (connects in background).
 
     ``dead_letter_dir``: where frames the store refuses (or whose id another device owns) are kept
-    before they are acknowledged (HubConfig.dead_letter_dir).
+    before they are acknowledged (HubConfig.dead_letter_dir). ``on_commit(seconds, stored frames)``: called
+    after every committed batch (hub.metrics.HubMetrics.batch_committed).
     """
 
     def __init__(self, store: Store, target: BrokerTarget, cfg: MqttSection, client_id: str,
-                 dead_letter_dir: Path, session_file: Optional[Path] = None) -> None:
+                 dead_letter_dir: Path, session_file: Optional[Path] = None,
+                 on_commit: Optional[Callable[[float, Sequence[FrameRecord]], None]] = None) -> None:
         """``session_file``: where the link remembers that the broker holds this hub's session
         (<data_dir>/mqtt-session.json in ``serve``), so a session lost across a restart is noticed."""
         self.store = store
         self.cfg = cfg
         self.link = MqttLink(target, cfg, client_id, deliver=self._deliver, session_file=session_file)
-        self.pipeline = Pipeline(store, cfg, dead_letter_dir, acknowledger=self.link,
+        self.pipeline = Pipeline(store, cfg, dead_letter_dir, acknowledger=self.link, on_commit=on_commit,
                                  on_receipts=self.link.publish_receipts if cfg.receipts else None,
                                  hub_id=client_id)
 

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
+
+from hub.store.authrecords import SessionRecord, TokenRecord
+from hub.store.query import UNUSABLE_LABEL, FramePage, FrameQuery
+from hub.store.series import SeriesPoint
+
+__all__ = ["DESIRED_SCOPE_DEVICE", "DESIRED_SCOPE_GROUP", "DeviceRecord", "FramePage", "FrameQuery", "FrameRecord",
+           "GroupDesired", "ModelRecord", "SeriesPoint", "SessionRecord", "Store", "TokenRecord", "UNUSABLE_LABEL"]
 
 
 @dataclasses.dataclass
@@ -34,6 +41,7 @@ class FrameRecord:
     labelled_ms: Optional[int] = None
     image_sha256: str = ""                # hex sha256 of image (the ingest computes it); the store fills it
                                           # in when empty ("" on an older hub's SQLite rows)
+    labelled_by: str = ""                 # who set the label (a token name; "" = unknown / older hub)
 
 
 @dataclasses.dataclass
@@ -52,6 +60,13 @@ class DeviceRecord:
     desired_version: int = 0
     desired_scope: str = ""               # who set desired_*: "device" (pinned), "group", "" (never / older hub)
     last_telemetry: Dict[str, object] = dataclasses.field(default_factory=dict)
+    threshold: float = 0.0                # the sampler's confidence threshold the device reported in force
+                                          # (0.0: not reported, e.g. a device older than Status field 8)
+    enrolled_group: str = ""              # the group its identity was issued for (the ACL's); never set by a message
+    enrolled_ms: int = 0                  # `kestrel-hub devices add` (0 = never enrolled)
+    revoked_ms: int = 0                   # `kestrel-hub devices revoke` (0 = not revoked)
+    overrides_group: bool = False         # listing only (hub.fleet.effective_desired): its own desired state hides
+                                          # a desired state of its group
 
 
 DESIRED_SCOPE_DEVICE = "device"
@@ -78,6 +93,7 @@ class ModelRecord:
     model_sha256: str = ""
     key_id: str = ""
     metrics: Dict[str, object] = dataclasses.field(default_factory=dict)
+    labels: List[str] = dataclasses.field(default_factory=list)  # the model's class names (manifest order)
 
 
 class Store(abc.ABC):
@@ -97,14 +113,17 @@ class Store(abc.ABC):
         return self.apply_batch(frames, {}, {})
 
     def apply_batch(self, frames: List[FrameRecord], devices: Dict[str, Dict[str, object]],
-                    seen: Dict[str, int]) -> List[Optional[str]]:
+                    seen: Dict[str, int], points: Sequence[SeriesPoint] = ()) -> List[Optional[str]]:
         """The ingest's writes of one batch: ``devices`` upserted (device_id -> fields, as
         upsert_device), ``frames`` added (results as add_frames), last_seen_ms raised to ``seen``
-        (as touch_devices). SQLite commits all of it in one transaction (one fsync); MongoDB in one
-        bulk write per collection (every part is idempotent, so a retry after a partial write is
-        safe). Durable when it returns, else it raises and the caller retries the whole batch."""
+        (as touch_devices), and ``points`` of the telemetry series upserted (hub.store.series, as
+        add_series). SQLite commits all of it in one
+        transaction (one fsync); MongoDB in one bulk write per collection (every part is idempotent,
+        so a retry after a partial write is safe). Durable when it returns, else it raises and the
+        caller retries the whole batch."""
         for device_id, fields in devices.items():
             self.upsert_device(device_id, **fields)
+        self.add_series(points)
         out: List[Optional[str]] = []
         for f in frames:
             if self.add_frame(f):
@@ -134,9 +153,23 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def count_frames(self, device_id: Optional[str] = None) -> int: ...
 
-    @abc.abstractmethod
-    def set_label(self, frame_id: str, label: Optional[str], when_ms: int) -> bool:
+    def set_label(self, frame_id: str, label: Optional[str], when_ms: int, by: str = "") -> bool:
         """False when the frame does not exist."""
+        return frame_id in self.set_labels({frame_id: label}, when_ms, by)
+
+    @abc.abstractmethod
+    def set_labels(self, labels: Dict[str, Optional[str]], when_ms: int, by: str = "") -> Dict[str, Optional[str]]:
+        """Set (None: clear) the label of each named frame, recording who and when (cleared: neither).
+        Returns the label each frame had before, for the frames that exist (unknown ids are left out).
+        SQLite: one transaction; MongoDB: one bulk write (idempotent, safe to retry)."""
+
+    @abc.abstractmethod
+    def query_frames(self, query: FrameQuery) -> FramePage:
+        """One page of frames (without images) matching ``query``, in its order (hub/store/query.py)."""
+
+    @abc.abstractmethod
+    def count_unlabelled(self) -> int:
+        """Frames waiting for a label (label state "unlabelled")."""
 
     @abc.abstractmethod
     def iter_labelled(self) -> Iterator[FrameRecord]:
@@ -183,6 +216,54 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def list_models(self, model_name: Optional[str] = None) -> List[ModelRecord]:
         """Highest version first."""
+
+    # ---- telemetry series (hub/store/series.py) ----
+    @abc.abstractmethod
+    def add_series(self, points: Sequence[SeriesPoint]) -> None:
+        """Upsert points on (device_id, minute_ms); a point never replaces one with a later time_ms."""
+
+    @abc.abstractmethod
+    def list_series(self, since_ms: int, until_ms: Optional[int] = None,
+                    device_ids: Optional[List[str]] = None) -> List[SeriesPoint]:
+        """Points with since_ms <= minute_ms < until_ms, ordered by device_id then minute_ms."""
+
+    @abc.abstractmethod
+    def prune_series(self, before_ms: int) -> int:
+        """Delete the points of minutes before ``before_ms``; how many were deleted."""
+
+    # ---- API tokens and browser sessions (hub/store/authrecords.py) ----
+    @abc.abstractmethod
+    def add_token(self, token: TokenRecord) -> bool:
+        """False (nothing changed) when an active token has this name; a revoked one is replaced."""
+
+    @abc.abstractmethod
+    def get_token(self, name: str) -> Optional[TokenRecord]: ...
+
+    @abc.abstractmethod
+    def find_token(self, token_hash: str) -> Optional[TokenRecord]:
+        """The token whose hash this is (active or revoked), or None."""
+
+    @abc.abstractmethod
+    def list_tokens(self) -> List[TokenRecord]:
+        """Every token, by name."""
+
+    @abc.abstractmethod
+    def revoke_token(self, name: str, when_ms: int) -> bool:
+        """False when no active token has this name."""
+
+    @abc.abstractmethod
+    def add_session(self, session: SessionRecord) -> None: ...
+
+    @abc.abstractmethod
+    def get_session(self, id_hash: str) -> Optional[SessionRecord]:
+        """The session (expired ones too: the caller checks expires_ms), or None."""
+
+    @abc.abstractmethod
+    def delete_session(self, id_hash: str) -> None: ...
+
+    @abc.abstractmethod
+    def prune_sessions(self, now_ms: int) -> int:
+        """Delete the sessions that expired before ``now_ms``; how many."""
 
     # ---- lifecycle ----
     def health(self) -> Dict[str, object]:

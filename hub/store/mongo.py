@@ -13,10 +13,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 from hub.errors import StoreError, StoreUnavailable
+from hub.store.authrecords import SessionRecord, TokenRecord
 from hub.store.base import DeviceRecord, FrameRecord, GroupDesired, ModelRecord, Store
+from hub.store.mongo_web import MongoWebMixin
+from hub.store.query import FramePage, FrameQuery, top_score
+from hub.store.series import SeriesPoint
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -51,7 +55,7 @@ def _wrapped(fn: F) -> F:
     return inner  # type: ignore[return-value]
 
 
-class MongoStore(Store):
+class MongoStore(MongoWebMixin, Store):
     """``MongoStore(url)`` connects; ``MongoStore.from_client(client)`` wraps an existing pymongo-style client."""
 
     def __init__(self, url: str, database: str = "", timeout_ms: int = 5000) -> None:
@@ -111,14 +115,18 @@ class MongoStore(Store):
         self.frames.create_index([("capture_time_ms", p.DESCENDING), ("frame_id", p.DESCENDING)])
         self.devices.create_index([("device_id", p.ASCENDING)], unique=True)
         self.devices.create_index([("group", p.ASCENDING)])
+        # device records of an older hub gain the reported threshold (0.0 = not reported yet); idempotent
+        self.devices.update_many({"threshold": {"$exists": False}}, {"$set": {"threshold": 0.0}})
         self.models.create_index([("model_name", p.ASCENDING), ("version", p.DESCENDING)], unique=True)
         self.groups.create_index([("group", p.ASCENDING)], unique=True)
+        self._web_setup()
 
     # ---- frames ----
     def _frame_doc(self, f: FrameRecord) -> Dict[str, Any]:
         doc = dataclasses.asdict(f)
         doc["image_sha256"] = f.image_sha256 or hashlib.sha256(f.image).hexdigest()
         doc["_id"] = f.frame_id
+        doc["top_score"] = top_score(f.top_k)
         if len(f.image) > INLINE_IMAGE_MAX:
             # deterministic GridFS id: a retried insert reuses (or replaces) the same file
             file_id = f"img:{f.frame_id}"
@@ -145,7 +153,7 @@ class MongoStore(Store):
 
     @_wrapped
     def apply_batch(self, frames: List[FrameRecord], devices: Dict[str, Dict[str, object]],
-                    seen: Dict[str, int]) -> List[Optional[str]]:
+                    seen: Dict[str, int], points: Sequence[SeriesPoint] = ()) -> List[Optional[str]]:
         """Frames in one insert_many (large images to GridFS first), then the device upserts and
         last_seen raises in one ordered bulk_write. Not a transaction: every part is idempotent, so
         the retry after a failure anywhere redoes what is missing.
@@ -164,6 +172,7 @@ class MongoStore(Store):
                 for d, ms in sorted(seen.items())]
         if ops:
             self.devices.bulk_write(ops, ordered=True)  # a device's upsert before its last_seen raise
+        self._write_series(points)
         return out
 
     def _insert_frames(self, frames: List[FrameRecord]) -> List[Optional[str]]:
@@ -201,6 +210,7 @@ class MongoStore(Store):
         if with_image and doc.get("image_gridfs_id"):
             image = self.fs.get(doc["image_gridfs_id"]).read()
         data["image"] = bytes(image) if with_image else b""
+        data["labelled_by"] = data.get("labelled_by") or ""
         return FrameRecord(**data)
 
     @_wrapped
@@ -233,10 +243,16 @@ class MongoStore(Store):
         return int(self.frames.count_documents({} if device_id is None else {"device_id": device_id}))
 
     @_wrapped
-    def set_label(self, frame_id: str, label: Optional[str], when_ms: int) -> bool:
-        res = self.frames.update_one({"frame_id": frame_id}, {"$set": {
-            "label": label, "labelled_ms": None if label is None else int(when_ms)}})
-        return bool(res.matched_count == 1)
+    def set_labels(self, labels: Dict[str, Optional[str]], when_ms: int, by: str = "") -> Dict[str, Optional[str]]:
+        return self._set_labels(labels, when_ms, by)
+
+    @_wrapped
+    def query_frames(self, query: FrameQuery) -> FramePage:
+        return self._query_frames(query)
+
+    @_wrapped
+    def count_unlabelled(self) -> int:
+        return int(self.frames.count_documents({"label": None}))
 
     def iter_labelled(self) -> Iterator[FrameRecord]:
         # keyset pagination: bounded memory, and no server cursor held open while the caller works
@@ -340,6 +356,58 @@ class MongoStore(Store):
     def list_models(self, model_name: Optional[str] = None) -> List[ModelRecord]:
         q = {} if model_name is None else {"model_name": model_name}
         return [self._to_model(d) for d in self.models.find(q).sort([("version", -1), ("model_name", 1)])]
+
+    # ---- telemetry series ----
+    @_wrapped
+    def add_series(self, points: Sequence[SeriesPoint]) -> None:
+        self._write_series(points)
+
+    @_wrapped
+    def list_series(self, since_ms: int, until_ms: Optional[int] = None,
+                    device_ids: Optional[List[str]] = None) -> List[SeriesPoint]:
+        return self._list_series(since_ms, until_ms, device_ids)
+
+    @_wrapped
+    def prune_series(self, before_ms: int) -> int:
+        return int(self.series.delete_many({"minute_ms": {"$lt": int(before_ms)}}).deleted_count)
+
+    # ---- tokens and sessions ----
+    @_wrapped
+    def add_token(self, token: TokenRecord) -> bool:
+        return self._add_token(token)
+
+    @_wrapped
+    def get_token(self, name: str) -> Optional[TokenRecord]:
+        return self._token(self.tokens.find_one({"name": name}))
+
+    @_wrapped
+    def find_token(self, token_hash: str) -> Optional[TokenRecord]:
+        return self._token(self.tokens.find_one({"token_hash": token_hash}))
+
+    @_wrapped
+    def list_tokens(self) -> List[TokenRecord]:
+        return [t for t in (self._token(d) for d in self.tokens.find().sort("name", 1)) if t is not None]
+
+    @_wrapped
+    def revoke_token(self, name: str, when_ms: int) -> bool:
+        res = self.tokens.update_one({"name": name, "revoked_ms": 0}, {"$set": {"revoked_ms": max(1, int(when_ms))}})
+        return bool(res.matched_count == 1)
+
+    @_wrapped
+    def add_session(self, session: SessionRecord) -> None:
+        self._add_session(session)
+
+    @_wrapped
+    def get_session(self, id_hash: str) -> Optional[SessionRecord]:
+        return self._get_session(id_hash)
+
+    @_wrapped
+    def delete_session(self, id_hash: str) -> None:
+        self.sessions.delete_one({"id_hash": id_hash})
+
+    @_wrapped
+    def prune_sessions(self, now_ms: int) -> int:
+        return int(self.sessions.delete_many({"expires_ms": {"$lt": int(now_ms)}}).deleted_count)
 
     # ---- lifecycle ----
     @_wrapped

@@ -33,15 +33,18 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar, Union
 
 from hub.errors import StoreError, StoreUnavailable
 from hub.store.base import DeviceRecord, FrameRecord, GroupDesired, ModelRecord, Store
+from hub.store.query import top_score
 from hub.store.segments import ImageRef, Segments
+from hub.store.series import SeriesPoint
 from hub.store.sqlite_checkpoint import CHECKPOINT_INTERVAL_S, Checkpointer
 from hub.store.sqlite_conn import SYNCHRONOUS_MODES as SYNCHRONOUS_MODES  # hub.config reads it from here
 from hub.store.sqlite_conn import Connections
 from hub.store.sqlite_schema import FRAME_COLUMNS, SEGMENT_COLUMNS, create_schema
+from hub.store.sqlite_web import SqliteWebMixin
 
 T = TypeVar("T")
 
@@ -50,6 +53,11 @@ log = logging.getLogger("hub.store.sqlite")
 STAGED_MAX = 4096                   # images written ahead by stage_frames and not yet committed, at most
 SEGMENT_DIR_SUFFIX = "-images"  # <db file name>-images/, next to the database (like its -wal file)
 DEVICE_FIELDS = {f.name for f in dataclasses.fields(DeviceRecord)}
+
+
+def _device(doc: Dict[str, Any]) -> DeviceRecord:
+    """A device doc as a record; fields this hub does not know (a newer hub wrote them) are left out."""
+    return DeviceRecord(**{k: v for k, v in doc.items() if k in DEVICE_FIELDS})
 
 
 def _check_device_fields(fields: Dict[str, object]) -> None:
@@ -66,7 +74,7 @@ def path_from_url(url: str) -> Path:
     return Path(url)
 
 
-class SqliteStore(Store):
+class SqliteStore(SqliteWebMixin, Store):
     def __init__(self, path: Union[str, Path], busy_timeout_ms: int = 10000, synchronous: str = "FULL",
                  checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S) -> None:
         self.path = Path(path).expanduser().resolve()
@@ -119,10 +127,10 @@ class SqliteStore(Store):
         return (f.frame_id, f.device_id, int(f.capture_time_ms), int(f.received_ms), f.model_name,
                 int(f.model_version), f.model_sha256, json.dumps(list(f.reasons)), json.dumps(list(f.top_k)),
                 sqlite3.Binary(b"" if ref else f.image), f.image_format, int(f.width), int(f.height), f.source,
-                int(f.sequence), f.label, f.labelled_ms, sha) + where
+                int(f.sequence), f.label, f.labelled_ms, sha, f.labelled_by) + where + (top_score(f.top_k),)
 
-    _INSERT = (f"INSERT OR IGNORE INTO frames ({', '.join(FRAME_COLUMNS + SEGMENT_COLUMNS)}) "
-               f"VALUES ({', '.join('?' * len(FRAME_COLUMNS + SEGMENT_COLUMNS))})")
+    _INSERT = (f"INSERT OR IGNORE INTO frames ({', '.join(FRAME_COLUMNS + SEGMENT_COLUMNS + ['top_score'])}) "
+               f"VALUES ({', '.join('?' * len(FRAME_COLUMNS + SEGMENT_COLUMNS + ['top_score']))})")
 
     def _existing(self, frame_ids: List[str]) -> Set[str]:
         """Which of these frame ids are stored already (their images need not be written again)."""
@@ -139,9 +147,9 @@ class SqliteStore(Store):
         return self.add_frames([frame])[0] is None
 
     def apply_batch(self, frames: List[FrameRecord], devices: Dict[str, Dict[str, object]],
-                    seen: Dict[str, int]) -> List[Optional[str]]:
-        """One transaction (one fsync with FULL): device upserts, frames, last_seen raises."""
-        if not frames and not devices and not seen:
+                    seen: Dict[str, int], points: Sequence[SeriesPoint] = ()) -> List[Optional[str]]:
+        """One transaction (one fsync with FULL): device upserts, frames, last_seen raises, series points."""
+        if not frames and not devices and not seen and not points:
             return []
         for fields in devices.values():
             _check_device_fields(fields)
@@ -163,6 +171,7 @@ class SqliteStore(Store):
                     raise StoreError(f"SQLite refused frame {f.frame_id!r} (a constraint other than its id)")
                 out.append(str(owner[0]))
             self._touch(c, seen)
+            self._add_series_tx(c, points)
             return out
         out = self._write("apply_batch", tx)
         if refs:
@@ -214,6 +223,7 @@ class SqliteStore(Store):
         d["top_k"] = json.loads(d["top_k"])
         where = [d.pop(c, None) for c in SEGMENT_COLUMNS]
         d["image_sha256"] = d.get("image_sha256") or ""
+        d["labelled_by"] = d.get("labelled_by") or ""
         if where[0] is not None:  # in a segment file; else (an older hub's row) the BLOB itself
             d["image"] = self.segments.read(d["frame_id"], ImageRef(str(where[0]), int(where[1]), int(where[2]),
                                                                      d["image_sha256"]))
@@ -268,11 +278,6 @@ class SqliteStore(Store):
         return int(self._run("count_frames", lambda c: c.execute(
             "SELECT COUNT(*) FROM frames WHERE device_id = ?", (device_id,)).fetchone()[0]))
 
-    def set_label(self, frame_id: str, label: Optional[str], when_ms: int) -> bool:
-        return bool(self._write("set_label", lambda c: c.execute(
-            "UPDATE frames SET label = ?, labelled_ms = ? WHERE frame_id = ?",
-            (label, None if label is None else int(when_ms), frame_id)).rowcount == 1))
-
     def iter_labelled(self) -> Iterator[FrameRecord]:
         last: Tuple[int, str] = (-(2 ** 62), "")
         while True:  # keyset pagination: bounded memory, no long-lived cursor across yields
@@ -292,7 +297,7 @@ class SqliteStore(Store):
         doc: Dict[str, Any] = json.loads(row[0]) if row else {}
         doc.update(fields)
         doc["device_id"] = device_id
-        rec = DeviceRecord(**doc)
+        rec = _device(doc)
         c.execute("INSERT OR REPLACE INTO devices (device_id, doc, grp) VALUES (?, ?, ?)",
                   (device_id, json.dumps(dataclasses.asdict(rec)), rec.group))
         return rec
@@ -319,7 +324,7 @@ class SqliteStore(Store):
     def get_device(self, device_id: str) -> Optional[DeviceRecord]:
         row = self._run("get_device", lambda c: c.execute(
             "SELECT doc FROM devices WHERE device_id = ?", (device_id,)).fetchone())
-        return DeviceRecord(**json.loads(row[0])) if row else None
+        return _device(json.loads(row[0])) if row else None
 
     def list_devices(self, group: Optional[str] = None) -> List[DeviceRecord]:
         if group is None:
@@ -328,7 +333,7 @@ class SqliteStore(Store):
         else:
             rows = self._run("list_devices", lambda c: c.execute(
                 "SELECT doc FROM devices WHERE grp = ? ORDER BY device_id", (group,)).fetchall())
-        return [DeviceRecord(**json.loads(r[0])) for r in rows]
+        return [_device(json.loads(r[0])) for r in rows]
 
     # ---- groups ----
     def set_group_desired(self, group: str, model_name: str, version: int, rollback: bool,

@@ -1,9 +1,10 @@
 """R1 at size (issue 12): 1000 sampled frames through a broker outage, a hub SIGKILL, a device restart and
 a power cut; every one stored exactly once.
 
-Real parts: ``python -m hub serve`` (embedded Mosquitto, SQLite), the real edge daemon on a test pattern at
-FPS frames/s whose every frame is low confidence (so sampled, each with the next spool sequence), default
-configs except for short timeouts. The phases, in order:
+Real parts: ``python -m hub serve`` (embedded Mosquitto on its secure default: TLS, client certificates,
+the per-device ACL; SQLite), the device enrolled with ``kestrel-hub devices add``, the real edge daemon on a
+test pattern at FPS frames/s whose every frame is low confidence (so sampled, each with the next spool
+sequence), default configs except for short timeouts. The phases, in order:
 
 1. live for LIVE_S;
 2. a broker outage of OUTAGE_S: the embedded Mosquitto is frozen (SIGSTOP: it accepts nothing, answers
@@ -43,10 +44,10 @@ if str(REPO) not in sys.path:
 
 from demo.edge import write_video  # noqa: E402
 from hub.store.sqlite import SqliteStore  # noqa: E402
-from tests.helpers.edgeproc import Device  # noqa: E402
+from tests.helpers.edgeproc import Device, identity_mqtt  # noqa: E402
 from tests.helpers.models import default_dir  # noqa: E402
 from tests.helpers.wait import wait_for  # noqa: E402
-from tests.hub import HubProcess, write_config  # noqa: E402
+from tests.hub import HubProcess, enrol, write_config  # noqa: E402
 
 TOTAL = int(os.environ.get("KESTREL_BENCH_R1_FRAMES", "1000"))
 OUTAGE_S = float(os.environ.get("KESTREL_BENCH_R1_OUTAGE_S", "60"))
@@ -95,9 +96,10 @@ def main(out: Path) -> Dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     models = default_dir()
     data = out / "hub"
-    hub = HubProcess(write_config(out / "hub.toml", data, extra_mqtt="embedded_autosave_s = 3600"), data,
-                     out / "hub.log").start()
+    config = write_config(out / "hub.toml", data, extra_mqtt="embedded_autosave_s = 3600")
+    hub = HubProcess(config, data, out / "hub.log").start()
     port = int(hub.info["mqtt_port"])  # type: ignore[arg-type]
+    mqtt = dict(EDGE_MQTT, **identity_mqtt(enrol(config, DEVICE, out / "ids")))
     phases: Dict[str, float] = {}
     summaries: List[Dict[str, Any]] = []
     ages = AgeWatch()
@@ -111,7 +113,7 @@ def main(out: Path) -> Dict[str, Any]:
         return now
 
     try:
-        dev = Device(out, models, DEVICE, port, fps=FPS, run="-1", **EDGE_MQTT)
+        dev = Device(out, models, DEVICE, port, fps=FPS, run="-1", **mqtt)
         devices.append(dev)
         ages.device = dev
         wait_for(lambda: len(stored(data)) >= 10, 60, interval=0.2, what="frames stored")
@@ -134,7 +136,7 @@ def main(out: Path) -> Dict[str, Any]:
         if left <= int(FPS * 20):
             raise RuntimeError(f"the first run sampled {summaries[-1]['sampled']} frames: too few left for the "
                                f"power cut; lower FPS or raise KESTREL_BENCH_R1_FRAMES")
-        dev = Device(out, models, DEVICE, port, fps=FPS, max_frames=left, run="-2", **EDGE_MQTT)
+        dev = Device(out, models, DEVICE, port, fps=FPS, max_frames=left, run="-2", **mqtt)
         devices.append(dev)
         ages.device = dev
         wait_for(lambda: dev.metric("kestrel_edge_frames_receipted_total") >= 5, 60, interval=0.2,
@@ -160,7 +162,7 @@ def main(out: Path) -> Dict[str, Any]:
         if summaries[-1]["spool_frames"]:  # a third run that samples nothing delivers what is left
             bright = write_video(out / "bright.avi", [0.9, 0.95], width=64, height=48)
             dev = Device(out, models, DEVICE, port, run="-3", source={"kind": "file", "uri": str(bright)},
-                         **EDGE_MQTT)
+                         **mqtt)
             devices.append(dev)
             summaries.append(dev.wait(timeout=120))
         phase("to_the_end", t)

@@ -1,6 +1,8 @@
 """End-to-end delivery (issue 12): a frame leaves the device's spool only when the hub has stored it.
 
-Real parts only: `python -m hub serve` with its embedded Mosquitto and SQLite store, the real edge daemon
+Real parts only: `python -m hub serve` with its embedded Mosquitto on its secure default (TLS, client
+certificates, the generated per-device ACL: receipts, the hub's announcement and resend requests go
+through it) and SQLite store, devices enrolled with `kestrel-hub devices add`, the real edge daemon
 (`python -m edge run`, the brightness model on a test pattern: every frame is low confidence, so every
 frame is sampled and gets the next spool sequence). "Every frame once" is checked on what the hub
 stored: the spool sequences 0..sampled-1, each exactly once.
@@ -21,9 +23,9 @@ import pytest
 from hub.broker import packet_limit
 from hub.store.sqlite import SqliteStore
 from proto import topics
-from tests.helpers.edgeproc import Device
+from tests.helpers.edgeproc import Device, identity_mqtt
 from tests.helpers.wait import wait_for
-from tests.hub import HubProcess, frame_payload, publish_all, write_config
+from tests.hub import HubProcess, enrol, frame_payload, publish_all, write_config
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -73,8 +75,9 @@ def test_a_power_cut_on_the_hubs_host_loses_no_acknowledged_frame(tmp_path: Path
     hub = HubProcess(cfg, data, tmp_path / "hub.log").start()
     dev: Optional[Device] = None
     try:
+        ids = enrol(cfg, "cam-cut", tmp_path / "ids")
         dev = Device(tmp_path, models_dir, "cam-cut", int(hub.info["mqtt_port"]),  # type: ignore[arg-type]
-                     receipt_timeout_s=2.0, receipt_timeout_max_s=4.0)
+                     receipt_timeout_s=2.0, receipt_timeout_max_s=4.0, **identity_mqtt(ids))
         wait_for(lambda: len(stored_sequences(data, "cam-cut")) >= 10, 60, interval=0.2, what="10 frames stored")
         assert hub.proc is not None
         hub.proc.send_signal(signal.SIGSTOP)
@@ -102,7 +105,8 @@ def test_a_power_cut_on_the_hubs_host_loses_no_acknowledged_frame(tmp_path: Path
 
 
 def test_a_takeover_of_the_hubs_client_id_loses_nothing(tmp_path: Path, models_dir: Path) -> None:
-    """Another client connects with the hub's client id and a clean session while the hub is frozen: the
+    """Another client (an enrolled device: the broker lets it in, and Mosquitto's ACL does not tie a client
+    id to an identity) connects with the hub's client id and a clean session while the hub is frozen: the
     broker drops the hub's session with the frames queued in it. The hub notices (session present:
     False), warns, counts it and asks the devices to resend; with a receipt timeout of 10 minutes only
     that request can bring the frames back in time."""
@@ -111,8 +115,10 @@ def test_a_takeover_of_the_hubs_client_id_loses_nothing(tmp_path: Path, models_d
     hub = HubProcess(cfg, data, tmp_path / "hub.log").start()
     dev: Optional[Device] = None
     try:
+        ids = enrol(cfg, "cam-take", tmp_path / "ids")
+        intruder_ids = enrol(cfg, "cam-intruder", tmp_path / "ids")
         dev = Device(tmp_path, models_dir, "cam-take", int(hub.info["mqtt_port"]),  # type: ignore[arg-type]
-                     receipt_timeout_s=600.0, receipt_timeout_max_s=600.0)
+                     receipt_timeout_s=600.0, receipt_timeout_max_s=600.0, **identity_mqtt(ids))
         wait_for(lambda: len(stored_sequences(data, "cam-take")) >= 10, 60, interval=0.2, what="10 frames stored")
         assert hub.proc is not None
         hub.proc.send_signal(signal.SIGSTOP)
@@ -121,6 +127,8 @@ def test_a_takeover_of_the_hubs_client_id_loses_nothing(tmp_path: Path, models_d
                  what="15 frames queued for the frozen hub")
         intruder = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=str(hub.info["client_id"]),
                                clean_session=True)
+        intruder.tls_set(ca_certs=str(intruder_ids["ca.crt"]), certfile=str(intruder_ids["device.crt"]),
+                         keyfile=str(intruder_ids["device.key"]))
         intruder.connect("127.0.0.1", int(hub.info["mqtt_port"]))  # type: ignore[arg-type]
         intruder.loop_start()
         wait_for(intruder.is_connected, 10, what="the intruder connected")
@@ -152,11 +160,13 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def publish_100_mib(port: int) -> bool:
-    """Publish 100 MiB at QoS 1 on a frame topic; True when the broker acknowledged it, False when it
-    closed the connection instead."""
+def publish_100_mib(port: int, tls: Optional[Dict[str, str]] = None) -> bool:
+    """Publish 100 MiB at QoS 1 on a frame topic (over TLS with ``tls``' ca_file, cert_file, key_file);
+    True when the broker acknowledged it, False when it closed the connection instead."""
     closed: list = []
     c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
+    if tls:
+        c.tls_set(ca_certs=tls["ca_file"], certfile=tls["cert_file"], keyfile=tls["key_file"])
     c.on_disconnect = lambda *a: closed.append(a)
     c.connect("127.0.0.1", port)
     c.loop_start()
@@ -170,17 +180,21 @@ def publish_100_mib(port: int) -> bool:
 
 
 def test_a_100_mib_publish_is_refused_by_the_broker_and_never_reaches_the_hubs_memory(tmp_path: Path) -> None:
+    """The hub's default broker (the TLS listener of an enrolled device) refuses 100 MiB on its header."""
     data = tmp_path / "hub"
-    hub = HubProcess(write_config(tmp_path / "hub.toml", data), data, tmp_path / "hub.log").start()
+    cfg = write_config(tmp_path / "hub.toml", data)
+    hub = HubProcess(cfg, data, tmp_path / "hub.log").start()
     try:
         assert hub.proc is not None
         wait_for(lambda: hub.health()["ok"], 15, what="a healthy hub")
         conf = (data / "broker" / "mosquitto.conf").read_text()
+        assert "require_certificate true" in conf  # the secure default, and its size limit
         assert f"max_packet_size {packet_limit(4 * 1024 * 1024)}" in conf  # from [mqtt] max_payload_bytes
+        tls = {k: v for k, v in identity_mqtt(enrol(cfg, "cam-big", tmp_path / "ids")).items() if k != "tls"}
         before = rss_kib(hub.proc.pid)
-        assert publish_100_mib(int(hub.info["mqtt_port"])) is False  # type: ignore[arg-type]
+        assert publish_100_mib(int(hub.info["mqtt_port"]), tls) is False  # type: ignore[arg-type]
         publish_all("127.0.0.1", int(hub.info["mqtt_port"]),  # type: ignore[arg-type]
-                    [(topics.frames("cam-big"), frame_payload("after", "cam-big"))])
+                    [(topics.frames("cam-big"), frame_payload("after", "cam-big"))], **tls)
         wait_for(lambda: hub.health()["ingest"]["stored"] == 1, 15, what="the next frame stored")  # type: ignore[index]
         assert hub.health()["ingest"]["received"] == 1  # type: ignore[index]
         assert rss_kib(hub.proc.pid) - before < 20 * 1024

@@ -32,6 +32,12 @@ def test_demo_closes_the_loop_and_reports_its_figures(tmp_path: Path) -> None:
         assert (out / bundle).is_file()
     manifest = json.loads((out / "dataset" / "manifest.json").read_text())
     assert len(manifest["frames"]) == fig["exported"]
+    assert {f["labelled_by"] for f in manifest["frames"]} == {"demo-oracle"}
+    # the demo says where the dashboard is and where its first admin token is (never the token itself)
+    token_file = out / "hub-data" / "admin-token"
+    assert "dashboard: http://127.0.0.1:" in r.stdout and str(token_file) in r.stdout
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert token_file.read_text().strip() not in r.stdout + r.stderr + (out / "hub.log").read_text()
     # a directory that is not a previous demo output is refused with exit 2 and one line, untouched
     other = tmp_path / "not-a-demo"
     other.mkdir()

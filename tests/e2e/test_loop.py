@@ -56,6 +56,11 @@ def test_train_push_deploy_infer_sample_rollback_label_export(loop: BrightnessLo
     assert dev.group == GROUP and dev.state == "online"
     assert dev.reported.name == MODEL_NAME and dev.reported.sha256 == model_sha
     assert dev.desired_model == MODEL_NAME and dev.desired_version == 1  # the group's, though it joined later
+    # ...on the secure default path: TLS with its enrolled identity, desired state signed by the fleet key
+    assert info["mqtt_tls"] is True and loop.identity["mqtt"]["tls"] is True
+    assert loop.identity["mqtt"]["cert_file"] == "device.crt"  # found in $CREDENTIALS_DIRECTORY
+    assert (loop.credentials / "device.key").stat().st_mode & 0o077 == 0
+    assert dev.enrolled_group == GROUP and dev.enrolled_ms > 0
 
     # low-confidence frames of v1 land in the hub's SQLite store with the right ids, version and reasons
     frames = loop.wait_frames(MODEL_NAME, 1, n=3)
@@ -123,3 +128,4 @@ def test_train_push_deploy_infer_sample_rollback_label_export(loop: BrightnessLo
     finally:
         store.close()
     assert re.search(r"update TRIAL -> COMMITTED", (loop.work / "edge.log").read_text())
+    assert "ignored a desired-state message" not in (loop.work / "edge.log").read_text()  # every order was signed

@@ -256,11 +256,13 @@ def test_bundle_default_threshold_is_followed_across_swaps(tmp_path, models_dir)
         assert daemon.sampler.confidence_threshold == 0.6 and not daemon.sampler.threshold_from_config
         assert daemon.updater.install_bytes(bundle(models_dir, kp, 1, default_threshold=0.3))
         assert daemon.sampler.confidence_threshold == 0.3
+        assert daemon.status("online").confidence_threshold == pytest.approx(0.3)  # reported to the hub
         assert _sampled_mid_frames(daemon) == 0
         assert daemon.stats.model is not None and daemon.stats.model.version == 1  # telemetry follows swaps
         assert daemon.updater.install_bytes(bundle(models_dir, kp, 2, default_threshold=0.9))  # hot swap
         assert daemon.holder.get().ref.version == 2 and daemon.stats.model.version == 2
         assert daemon.sampler.confidence_threshold == 0.9
+        assert daemon.status("online").confidence_threshold == pytest.approx(0.9)
         assert _sampled_mid_frames(daemon) == 6
     finally:
         daemon.updater.stop()
@@ -277,6 +279,7 @@ def test_configured_threshold_wins_over_the_bundle_default(tmp_path, models_dir)
     try:
         assert daemon.updater.install_bytes(bundle(models_dir, kp, 1, default_threshold=0.9))
         assert daemon.sampler.threshold_from_config and daemon.sampler.confidence_threshold == 0.3
+        assert daemon.status("online").confidence_threshold == pytest.approx(0.3)
         assert _sampled_mid_frames(daemon) == 0
     finally:
         daemon.updater.stop()
@@ -361,19 +364,27 @@ def test_sigterm_with_broker_down_keeps_frames_and_delivers_them_later(tmp_path,
     assert proc.returncode == 0, err[-2000:]
     s = summary(err)
     assert s["sampled"] >= 3 and s["spooled"] == s["sampled"] == s["spool_frames"] and s["sink_errors"] == 0
-    # next start, broker up: the spooled frames go out (the new run itself samples nothing)
+    # next start, broker up: the spooled frames go out (the new run itself samples nothing). The camera
+    # keeps running (a looped video) until they have arrived, so no shutdown flush deadline is involved.
     broker = broker_factory(port=port)
     col = Collector(broker.host, broker.port, [topics.frames(device)])
+    again = None
     try:
         video = write_video(tmp_path / "bright.avi", [0.9, 0.95], width=64, height=48)
-        toml = write_toml(tmp_path, device, port, f'[source]\nkind = "file"\nuri = "{video}"', models_dir)
-        again = subprocess.run(daemon_cmd(toml), env=env(), cwd=str(tmp_path), capture_output=True, text=True,
-                               timeout=60)
-        assert again.returncode == 0, again.stderr[-2000:]
-        frames = parse(col.wait_count(s["spool_frames"], "/frames", timeout=30))
+        toml = write_toml(tmp_path, device, port,
+                          f'[source]\nkind = "file"\nuri = "{video}"\nloop = true\nrealtime = true', models_dir)
+        again = subprocess.Popen(daemon_cmd(toml), env=env(), cwd=str(tmp_path), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        frames = parse(col.wait_count(s["spool_frames"], "/frames", timeout=60))
+        again.send_signal(signal.SIGTERM)
+        _, err2 = again.communicate(timeout=30)
     finally:
         col.close()
-    assert summary(again.stderr)["sampled"] == 0
+        if again is not None and again.poll() is None:
+            again.kill()
+            again.wait()
+    assert again.returncode == 0, err2[-2000:]
+    assert summary(err2)["sampled"] == 0
     assert len({f.frame_id for f in frames}) == s["spool_frames"]
 
 

@@ -334,6 +334,8 @@ def test_auth_refused_is_one_error_and_no_tight_loop(auth_broker, tmp_path: Path
     b = auth_broker
     (tmp_path / "bad").write_text("wrong\n")
     (tmp_path / "good").write_text("p\n")
+    for secret in ("bad", "good"):
+        (tmp_path / secret).chmod(0o600)  # a secret everyone may read is refused (tests/edge/test_desired_signing.py)
     with caplog.at_level(logging.INFO, logger="edge"):
         bad = publishers(make_cfg(b.host, b.port, username="u", password_file=str(tmp_path / "bad")), "auth1",
                          tmp_path / "s1")

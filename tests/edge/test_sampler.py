@@ -233,3 +233,24 @@ def test_no_limits_no_state_file(tmp_path):  # noqa: ANN001
     s = Sampler(cfg(), state_path=state)
     assert all(s.decide(np.array([0.4, 0.3, 0.3])).send for _ in range(5))
     assert not state.exists()
+
+
+def test_the_rules_the_trainer_sweeps_are_the_samplers_own():
+    """edge.inference.uncertainty is what the sampler decides with; its comparisons give the same answer on an
+    array of values (how the trainer sweeps them) as on each value alone (how the device calls them)."""
+    from edge.inference import FIRES, rule_values
+
+    frames = [np.array(s) for s in ([0.59, 0.3, 0.11], [0.61, 0.3, 0.09], [0.45, 0.40, 0.15], [0.34, 0.33, 0.33],
+                                    [0.9, 0.05, 0.05], [1.0, 0.0, 0.0])]
+    values = np.array([rule_values(s) for s in frames])
+    c = cfg(strategies=["confidence", "margin", "entropy"], confidence_threshold=0.6, margin_threshold=0.1,
+            entropy_threshold=0.9)
+    for s, (top, margin, ent) in zip(frames, values):
+        want = uncertainty_reasons(s, c)
+        got = [r for r, fires in ((pb.LOW_CONFIDENCE, FIRES["confidence"](top, 0.6)),
+                                  (pb.LOW_MARGIN, FIRES["margin"](margin, 0.1)),
+                                  (pb.HIGH_ENTROPY, FIRES["entropy"](ent, 0.9))) if fires]
+        assert got == want, s
+    for i, (rule, t) in enumerate((("confidence", 0.6), ("margin", 0.1), ("entropy", 0.9))):
+        assert list(FIRES[rule](values[:, i], t)) == [bool(FIRES[rule](v, t)) for v in values[:, i]]
+    assert list(FIRES["confidence"](values[:, 0], 0.6)) == [True, False, True, True, False, False]

@@ -25,6 +25,23 @@ class FakeClock:
         return self.t
 
 
+def test_stats_count_low_confidence_and_histogram_top_scores() -> None:
+    """Every inferred frame's top-1 score goes into one of SCORE_BINS equal bins over [0, 1] (1.0 into the
+    last; out-of-range scores clamp); frames an uncertainty rule fired for are counted."""
+    from edge.telemetry.service import SCORE_BINS
+
+    st = Stats(clock=FakeClock())
+    for top, low in ((0.0, True), (0.049, True), (0.05, True), (0.51, False), (0.999, False), (1.0, False),
+                     (1.7, False), (-0.2, True)):
+        st.inference(0.001, top, low)
+    st.inference(0.001)  # no score known: counted as processed only
+    snap = st.snapshot()
+    hist = snap["score_histogram"]
+    assert len(hist) == SCORE_BINS == 20 and sum(hist) == 8
+    assert hist[0] == 3 and hist[1] == 1 and hist[10] == 1 and hist[19] == 3
+    assert snap["frames_low_confidence"] == 4 and snap["frames_processed"] == 9
+
+
 def test_percentile_nearest_rank() -> None:
     vals = [float(v) for v in range(1, 101)]
     assert percentile(vals, 0.5) == 50.0
@@ -132,16 +149,18 @@ def test_metrics_endpoint_serves_prometheus_text(broker, tmp_path: Path) -> None
         assert float(m["kestrel_edge_fps"]) == pytest.approx(2.0)
         assert float(m["kestrel_edge_latency_p50_ms"]) == pytest.approx(20.0)
         assert float(m["kestrel_edge_latency_p95_ms"]) == pytest.approx(40.0)
-        assert m["kestrel_edge_frames_processed_total"] == "4"
-        assert m["kestrel_edge_frames_dropped_total"] == "2"
-        assert m["kestrel_edge_spool_frames"] == "1"
-        assert int(m["kestrel_edge_spool_bytes"]) == pub.spool_stats()[0] > 100
-        assert m["kestrel_edge_spool_evictions_total"] == "0"
-        assert m["kestrel_edge_spool_corrupt_total"] == "0"
-        assert m["kestrel_edge_frames_dead_lettered_total"] == "0"
-        assert m["kestrel_edge_spool_write_failed_total"] == "0"
-        assert m["kestrel_edge_mqtt_connected"] == "0"
-        assert m['kestrel_edge_model_info{name="cam \\"A\\"",sha256="ff",version="3"}'] == "1"
+        # prometheus_client writes every value as a float ("4.0")
+        assert float(m["kestrel_edge_frames_processed_total"]) == 4
+        assert float(m["kestrel_edge_frames_dropped_total"]) == 2
+        assert float(m["kestrel_edge_spool_frames"]) == 1
+        assert float(m["kestrel_edge_spool_bytes"]) == pub.spool_stats()[0] > 100
+        assert float(m["kestrel_edge_spool_evictions_total"]) == 0
+        assert float(m["kestrel_edge_spool_corrupt_total"]) == 0
+        assert float(m["kestrel_edge_frames_dead_lettered_total"]) == 0
+        assert float(m["kestrel_edge_spool_write_failed_total"]) == 0
+        assert float(m["kestrel_edge_mqtt_connected"]) == 0
+        assert float(m['kestrel_edge_model_info{name="cam \\"A\\"",sha256="ff",version="3"}']) == 1
+        assert not any(k.startswith("kestrel_edge_tegra") for k in m)  # no tegrastats here: no Jetson figures
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/other", timeout=5)
         assert err.value.code == 404
@@ -170,9 +189,9 @@ def test_telemetry_message_arrives_on_mqtt(broker, tmp_path: Path) -> None:  # n
         pub.spool.append(lambda seq: b"y" * 300)
     clock = FakeClock()
     st = Stats(clock=clock)
-    for _ in range(20):  # 20 inferences in 4 s: 5 fps
+    for i in range(20):  # 20 inferences in 4 s: 5 fps; every fourth one low confidence (score 0.3)
         clock.t += 0.2
-        st.inference(0.012)
+        st.inference(0.012, 0.3 if i % 4 == 0 else 0.9, i % 4 == 0)
     st.frame_sampled()
     st.set_queue_depth(3)
     st.set_model(kestrel_pb2.ModelRef(name="m", version=5, sha256="cd"))
@@ -193,6 +212,8 @@ def test_telemetry_message_arrives_on_mqtt(broker, tmp_path: Path) -> None:  # n
         assert t.fps == pytest.approx(5.0)
         assert t.spool_frames == 0 and t.spool_bytes == 0 and t.spool_evictions == 2  # evictions are kept
         assert t.model.name == "m" and t.model.version == 5
+        assert t.frames_low_confidence == 5 and t.dead_letters == 0
+        assert list(t.score_histogram) == [0] * 6 + [5] + [0] * 11 + [15, 0]
         assert t.uptime_s > 0
         assert col.messages[0][0] == topics.telemetry(dev)
     finally:

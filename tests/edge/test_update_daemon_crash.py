@@ -23,6 +23,7 @@ from edge.updater import state as st
 from proto import kestrel_pb2
 from tests.edge.test_updater import Device, _Registry, bundle, make_cfg
 from tests.helpers.bundles import make_keypair
+from tests.helpers.fleet import fleet_keypair, signed
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 90.0
@@ -91,7 +92,7 @@ def rig(tmp_path, models_dir, broker):  # noqa: ANN001
     assert dev.install(v1) and dev.settle() == st.COMMITTED
     dev.close()
     bundles = {"good": bundle(models_dir, kp, 2), "bad": bundle(models_dir, kp, 2, model="uniform_int8")}
-    return {"tmp": tmp_path, "kp": kp, "bundles": bundles, "broker": broker}
+    return {"tmp": tmp_path, "kp": kp, "bundles": bundles, "broker": broker, "fleet": fleet_keypair(tmp_path)}
 
 
 def _config(rig: Dict[str, Any], registry: str, device_id: str) -> Path:
@@ -104,7 +105,7 @@ def _config(rig: Dict[str, Any], registry: str, device_id: str) -> Path:
         f'[mqtt]\nhost = "{rig["broker"].host}"\nport = {rig["broker"].port}\n'
         '[telemetry]\ninterval_s = 0.0\nmetrics_port = 0\n'
         f'[update]\ntrust_dir = "{rig["kp"].pub_path}"\nhub_grpc = "{registry}"\ntrial_frames = 10\n'
-        'trial_seconds = 0.0\nclock_slack_s = 0.0\n')
+        f'trial_seconds = 0.0\nclock_slack_s = 0.0\nfleet_keys = ["{rig["fleet"].pub_path}"]\n')
     return p
 
 
@@ -119,8 +120,8 @@ def _publish_desired(rig: Dict[str, Any], device_id: str, data: bytes) -> None:
     c.connect(rig["broker"].host, rig["broker"].port)
     c.loop_start()
     try:
-        c.publish(topics.device_desired(device_id), msg.SerializeToString() if data else b"", qos=1,
-                  retain=True).wait_for_publish(10)
+        topic = topics.device_desired(device_id)
+        c.publish(topic, signed(topic, msg, rig["fleet"]) if data else b"", qos=1, retain=True).wait_for_publish(10)
     finally:
         c.loop_stop()
         c.disconnect()

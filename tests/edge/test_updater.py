@@ -249,6 +249,12 @@ def test_status_reported_on_every_transition(tmp_path, kp, models_dir):  # noqa:
         def publish_status(self, msg: Any) -> None:
             self.msgs.append(msg)
 
+        def status_message(self, state: str) -> Any:  # what the daemon's status provider adds
+            from proto import kestrel_pb2
+
+            return kestrel_pb2.Status(device_id="d", state=state, software_version="9.9",
+                                      confidence_threshold=0.42)
+
         def subscribe(self, *a: Any, **k: Any) -> None:
             pass
 
@@ -262,6 +268,9 @@ def test_status_reported_on_every_transition(tmp_path, kp, models_dir):  # noqa:
     states = [m.versions.update_state for m in rec.msgs]
     assert states == [st.VERIFIED, st.STAGED, st.SELF_TEST, st.TRIAL, st.COMMITTED]
     assert rec.msgs[-1].versions.installed.version == 1 and rec.msgs[-1].model.version == 1
+    # every report is the daemon's whole Status (software version, threshold in force), not a partial one
+    assert all(m.software_version == "9.9" and m.HasField("confidence_threshold") for m in rec.msgs)
+    assert rec.msgs[-1].confidence_threshold == pytest.approx(0.42)
 
 
 def test_one_state_write_per_transition(device, kp, models_dir, monkeypatch):  # noqa: ANN001
@@ -517,10 +526,12 @@ def test_desired_state_over_mqtt_fetches_installs_and_fleet_rollback(tmp_path, k
 
     from proto import kestrel_pb2, topics
     from tests.edge.conftest import publisher_for
+    from tests.helpers.fleet import fleet_keypair, signed
 
     v1, v2 = bundle(models_dir, kp, 1), bundle(models_dir, kp, 2)
+    fleet = fleet_keypair(tmp_path)
     reg = _Registry({("brightness", 1): v1, ("brightness", 2): v2}, cut_after=4096)
-    cfg = make_cfg(tmp_path, kp.pub_path, hub_grpc=reg.target)
+    cfg = make_cfg(tmp_path, kp.pub_path, hub_grpc=reg.target, fleet_keys=[str(fleet.pub_path)])
     cfg.mqtt.host, cfg.mqtt.port = broker.host, broker.port
     pub = publisher_for(cfg, "dev1", tmp_path / "spool")
     pub.start()
@@ -534,8 +545,8 @@ def test_desired_state_over_mqtt_fetches_installs_and_fleet_rollback(tmp_path, k
                                        sha256=hashlib.sha256(data).hexdigest(), size=len(data),
                                        issued_ms=int(time.time() * 1000),
                                        rollback_from_version=version if rollback else 0)
-        hub.publish(topic or topics.group_desired("default"), msg.SerializeToString(), qos=1,
-                    retain=True).wait_for_publish(10)
+        topic = topic or topics.group_desired("default")
+        hub.publish(topic, signed(topic, msg, fleet), qos=1, retain=True).wait_for_publish(10)
 
     try:
         order(1, v1)

@@ -17,6 +17,13 @@ from hub.broker import free_port
 REPO = Path(__file__).resolve().parents[2]
 
 
+def identity_mqtt(files: Dict[str, Path]) -> Dict[str, Any]:
+    """The [mqtt] TLS settings of a device enrolled with `kestrel-hub devices add` (tests.hub.enrol's
+    files): what a Device needs on the hub's default broker (TLS, client certificates, the ACL)."""
+    return {"tls": True, "ca_file": str(files["ca.crt"]), "cert_file": str(files["device.crt"]),
+            "key_file": str(files["device.key"])}
+
+
 class Device:
     """`python -m edge run` on a test pattern (``fps`` frames/s, ``max_frames`` then it ends; 0 = no end),
     every frame sampled; figures from its /metrics. Started in the constructor; another Device on the same

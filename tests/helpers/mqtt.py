@@ -12,7 +12,9 @@ from tests.helpers.wait import wait_for
 
 class Collector:
     def __init__(self, host: str, port: int, topics: List[str], qos: int = 1, client_id: str = "",
-                 ca_file: str = "") -> None:
+                 ca_file: str = "", cert_file: str = "", key_file: str = "") -> None:
+        """Over TLS when ``ca_file`` is given, with a client certificate when ``cert_file`` is (e.g. the
+        hub's own identity on a hub's embedded broker: tests.hub.hub_identity)."""
         self.messages: List[Tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
@@ -24,7 +26,7 @@ class Collector:
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a, **k: self._subscribed.set()
         if ca_file:
-            self.client.tls_set(ca_certs=ca_file)
+            self.client.tls_set(ca_certs=ca_file, certfile=cert_file or None, keyfile=key_file or None)
         self.client.connect(host, port)
         self.client.loop_start()
         if not self._subscribed.wait(10):

@@ -46,11 +46,13 @@ def frame_payload(frame_id: str, device_id: str = "cam-1", **kw: object) -> byte
 
 
 def write_config(path: Path, data_dir: Path, broker_host: str = "", broker_port: int = 0,
-                 client_id: str = "", store_url: str = "", extra_mqtt: str = "") -> Path:
+                 client_id: str = "", store_url: str = "", extra_mqtt: str = "", security: str = "") -> Path:
+    """A hub.toml for tests. ``security``: lines of its [security] section (empty = the defaults: the
+    embedded broker speaks TLS with client certificates, see tests/hub/test_security.py)."""
     lines = ["[hub]", f'data_dir = "{data_dir}"', "[store]", f'url = "{store_url}"', "[mqtt]",
              f'host = "{broker_host}"', f"port = {broker_port}", f'client_id = "{client_id}"',
              "retry_initial_s = 0.05", "retry_max_s = 0.5", extra_mqtt,
-             "[grpc]", "port = 0", "[http]", "port = 0"]
+             "[grpc]", "port = 0", "[http]", "port = 0", "[security]", security]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -104,13 +106,13 @@ class HubProcess:
 
 
 def publish_all(host: str, port: int, items: List[tuple], qos: int = 1, timeout: float = 30.0,
-                ca_file: str = "", retain: bool = False) -> None:
+                ca_file: str = "", cert_file: str = "", key_file: str = "", retain: bool = False) -> None:
     """Publish (topic, payload) pairs at QoS 1 and wait until the broker acknowledged every one
-    (over TLS when ``ca_file`` is given)."""
+    (over TLS when ``ca_file`` is given, with a client certificate when ``cert_file`` is)."""
     import paho.mqtt.client as mqtt
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
     if ca_file:
-        c.tls_set(ca_certs=ca_file)
+        c.tls_set(ca_certs=ca_file, certfile=cert_file or None, keyfile=key_file or None)
     c.max_inflight_messages_set(100)
     c.max_queued_messages_set(0)
     c.connect(host, port)
@@ -124,3 +126,28 @@ def publish_all(host: str, port: int, items: List[tuple], qos: int = 1, timeout:
     finally:
         c.disconnect()
         c.loop_stop()
+
+
+def enrol(config: Path, name: str, out: Path, *args: str) -> Dict[str, Path]:
+    """`kestrel-hub devices add NAME` through the real CLI; the identity bundle's members extracted into
+    ``out/NAME`` (secrets 0600): member name -> path."""
+    from hub.security.identity import read_bundle
+
+    r = subprocess.run([sys.executable, "-m", "hub", "devices", "add", name, "--config", str(config), "--out",
+                        str(out), *args], cwd=str(REPO), capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+    assert r.returncode == 0, r.stderr
+    files: Dict[str, Path] = {}
+    target = out / name
+    target.mkdir(parents=True, exist_ok=True)
+    for member, data in read_bundle(out / f"{name}.identity.tar").items():
+        files[member] = target / member
+        files[member].write_bytes(data)
+        files[member].chmod(0o600)
+    return files
+
+
+def hub_identity(data_dir: Path) -> Dict[str, str]:
+    """TLS files of the hub's own MQTT identity (it may publish anywhere): ca_file, cert_file, key_file."""
+    sec = data_dir / "security"
+    return {"ca_file": str(sec / "ca.crt"), "cert_file": str(sec / "hub.crt"), "key_file": str(sec / "hub.key")}

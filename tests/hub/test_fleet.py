@@ -10,6 +10,7 @@ import uuid
 import paho.mqtt.client as mqtt
 import pytest
 
+from hub.cli import devices as devicescmd
 from hub.cli import fleet as fleetcmd
 from hub.errors import NotFound
 from hub.fleet import FleetRequestError, FleetService
@@ -117,26 +118,34 @@ def test_list_devices_shows_desired_and_reported(fleet_hub, models_dir, capsys):
     client.push(make_bundle(models_dir / "brightness_int8.tflite", keys, version=2))
     group = _group()
     store.upsert_device("cam-1", group=group, state="online", last_seen_ms=1_700_000_000_000,
-                        reported_model="brightness", reported_version=1, update_state="COMMITTED")
+                        reported_model="brightness", reported_version=1, update_state="COMMITTED", threshold=0.71)
     store.upsert_device("cam-2", group="elsewhere", state="offline")
     client.deploy("brightness", 0, device_id="cam-1")  # 0 = highest
+    (dev,) = client.list_devices(group)
+    assert not dev.overrides_group  # its group was never told anything
+    client.deploy("brightness", 2, group=group)  # the group's order, hidden by cam-1's own
 
     (dev,) = client.list_devices(group)
+    assert dev.overrides_group and dev.desired_scope == "device"
     assert dev.device_id == "cam-1" and dev.state == "online"
     assert (dev.desired_model, dev.desired_version) == ("brightness", 2)
     assert (dev.reported.name, dev.reported.version) == ("brightness", 1)
     assert dev.versions.update_state == "COMMITTED"
+    assert dev.threshold == pytest.approx(0.71)
     assert {d.device_id for d in client.list_devices()} >= {"cam-1", "cam-2"}
 
     ns = argparse.Namespace(hub=f"127.0.0.1:{port}", timeout=10, json=False, group=group)
-    assert fleetcmd.run_devices(ns) == 0
+    assert devicescmd.run_devices(ns) == 0  # `kestrel-hub devices` (no ACTION: list)
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:3] == ["DEVICE", "GROUP", "STATE"]
-    assert "cam-1" in out[1] and "brightness v2" in out[1] and "brightness v1" in out[1]
+    assert out[0].split()[:3] == ["DEVICE", "GROUP", "STATE"] and "IDENTITY" in out[0]
+    assert "cam-1" in out[1] and "brightness v2 (device, overrides group)" in out[1] and "brightness v1" in out[1]
+    header = out[0].split()
+    col = out[0].index("THRESHOLD")
+    assert "THRESHOLD" in header and out[1][col:].split()[0] == "0.71"   # the threshold each device runs
     ns.json = True
-    assert fleetcmd.run_devices(ns) == 0
+    assert devicescmd.run_devices(ns) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    assert row["device_id"] == "cam-1" and row["desired_version"] == "2"
+    assert row["device_id"] == "cam-1" and row["desired_version"] == "2" and row["overrides_group"] is True
 
 
 def test_deploy_errors_map_to_status_codes(fleet_hub, models_dir):

@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Set
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
 
 import pytest
 
@@ -59,11 +59,11 @@ class FlakyStore(Store):
         return self.inner.add_frame(frame)
 
     def apply_batch(self, frames: List[FrameRecord], devices: Dict[str, Dict[str, object]],
-                    seen: Dict[str, int]) -> List[Optional[str]]:
+                    seen: Dict[str, int], points: Sequence[Any] = ()) -> List[Optional[str]]:
         self._gate()
         self._refuse(frames)
         self.writes += 1
-        return self.inner.apply_batch(frames, devices, seen)
+        return self.inner.apply_batch(frames, devices, seen, points)
 
     def touch_devices(self, seen: Dict[str, int]) -> None:
         self._gate()
@@ -82,8 +82,51 @@ class FlakyStore(Store):
     def count_frames(self, device_id: Optional[str] = None) -> int:
         return self.inner.count_frames(device_id)
 
-    def set_label(self, frame_id: str, label: Optional[str], when_ms: int) -> bool:
-        return self.inner.set_label(frame_id, label, when_ms)
+    def set_labels(self, labels: Dict[str, Optional[str]], when_ms: int, by: str = "") -> Dict[str, Optional[str]]:
+        return self.inner.set_labels(labels, when_ms, by)
+
+    # the dashboard's queries, series, tokens and sessions: passed through untouched
+    def query_frames(self, query: Any) -> Any:
+        return self.inner.query_frames(query)
+
+    def count_unlabelled(self) -> int:
+        return self.inner.count_unlabelled()
+
+    def add_series(self, points: Sequence[Any]) -> None:
+        self.inner.add_series(points)
+
+    def list_series(self, since_ms: int, until_ms: Optional[int] = None, device_ids: Any = None) -> List[Any]:
+        return self.inner.list_series(since_ms, until_ms, device_ids)
+
+    def prune_series(self, before_ms: int) -> int:
+        return self.inner.prune_series(before_ms)
+
+    def add_token(self, token: Any) -> bool:
+        return self.inner.add_token(token)
+
+    def get_token(self, name: str) -> Any:
+        return self.inner.get_token(name)
+
+    def find_token(self, token_hash: str) -> Any:
+        return self.inner.find_token(token_hash)
+
+    def list_tokens(self) -> List[Any]:
+        return self.inner.list_tokens()
+
+    def revoke_token(self, name: str, when_ms: int) -> bool:
+        return self.inner.revoke_token(name, when_ms)
+
+    def add_session(self, session: Any) -> None:
+        self.inner.add_session(session)
+
+    def get_session(self, id_hash: str) -> Any:
+        return self.inner.get_session(id_hash)
+
+    def delete_session(self, id_hash: str) -> None:
+        self.inner.delete_session(id_hash)
+
+    def prune_sessions(self, now_ms: int) -> int:
+        return self.inner.prune_sessions(now_ms)
 
     def iter_labelled(self) -> Iterator[FrameRecord]:
         return self.inner.iter_labelled()
@@ -324,10 +367,37 @@ def test_refused_unknown_devices_are_not_looked_up_for_every_message(
     assert lookups == ["stranger", "stranger"] and store.count_frames() == 1
 
 
+def test_require_enrolled_accepts_only_enrolled_unrevoked_devices(
+        store: SqliteStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hub.ingest.devices
+    store.upsert_device("seen-only")  # auto-registered once, never enrolled
+    store.upsert_device("enrolled", enrolled_ms=1, enrolled_group="g")
+    store.upsert_device("revoked", enrolled_ms=1, enrolled_group="g", revoked_ms=2)
+    pl = make_pipeline(store, tmp_path, validate_workers=1, require_enrolled=True)
+    clock = [1000.0]
+    monkeypatch.setattr(hub.ingest.devices.time, "monotonic", lambda: clock[0])
+    names = ("seen-only", "enrolled", "revoked", "stranger")
+    batch = [Message(0, 0, topics.frames(d), frame_payload(f"f-{d}", d), 0, 1) for d in names]
+    status = kestrel_pb2.Status(device_id="stranger", state="online", group="evil")
+    batch.append(Message(0, 0, topics.status("stranger"), status.SerializeToString(), 0, 1))
+    validated = pl._validate_batch(batch)
+    # no image of a device the commit has not admitted yet is written ahead
+    assert [d for d in names if pl._devices.stage_ahead(d)] == []
+    pl._process_with_retry(batch, validated)
+    assert [f.frame_id for f in store.list_frames()] == ["f-enrolled"]
+    assert pl.snapshot()["rejected"]["unknown_device"] == 4 and store.get_device("stranger") is None
+    assert pl._devices.stage_ahead("enrolled") and not pl._devices.stage_ahead("seen-only")
+    store.upsert_device("enrolled", revoked_ms=3)  # revoked while the hub runs: refused after the cache time
+    clock[0] += hub.ingest.devices.UNKNOWN_DEVICE_CACHE_S
+    batch = [Message(0, 0, topics.frames("enrolled"), frame_payload("after", "enrolled"), 0, 1)]
+    pl._process_with_retry(batch, pl._validate_batch(batch))
+    assert store.get_frame("after") is None and pl.snapshot()["rejected"]["unknown_device"] == 5
+
+
 def test_status_and_telemetry_update_the_device(broker: Any, store: SqliteStore, group: str) -> None:
     dev = f"cam-{uuid.uuid4().hex[:6]}"
     status = kestrel_pb2.Status(
-        device_id=dev, state="online", time_ms=1234, group="lab",
+        device_id=dev, state="online", time_ms=1234, group="lab", confidence_threshold=0.71,
         model=kestrel_pb2.ModelRef(name="m", version=5, sha256="ee" * 32),
         versions=kestrel_pb2.VersionManifest(installed=kestrel_pb2.ModelRef(name="m", version=5,
                                                                             sha256="ee" * 32),
@@ -342,8 +412,9 @@ def test_status_and_telemetry_update_the_device(broker: Any, store: SqliteStore,
     ing = make_ingest(broker, store, group)
     try:
         d = wait_for(lambda: store.get_device(dev), 10, what="device from the retained status")
-        got = (d.state, d.group, d.reported_model, d.reported_version, d.previous_version, d.update_state)
-        assert got == ("online", "lab", "m", 5, 4, "COMMITTED")
+        got = (d.state, d.group, d.reported_model, d.reported_version, d.previous_version, d.update_state,
+               d.threshold)
+        assert got == ("online", "lab", "m", 5, 4, "COMMITTED", 0.71)  # 0.71, not float32's 0.7099999
         tele = kestrel_pb2.Telemetry(device_id=dev, time_ms=5678, fps=12.5, queue_depth=3)
         c.publish(topics.telemetry(dev), tele.SerializeToString(), qos=0).wait_for_publish(5)
         d = wait_for(lambda: (lambda x: x if x and x.last_telemetry else None)(store.get_device(dev)), 10,
@@ -354,6 +425,7 @@ def test_status_and_telemetry_update_the_device(broker: Any, store: SqliteStore,
         d = wait_for(lambda: (lambda x: x if x and x.state == "offline" else None)(store.get_device(dev)), 10,
                      what="offline status")
         assert d.reported_version == 5  # an offline status without versions keeps what we knew
+        assert d.threshold == 0.71
     finally:
         c.publish(topics.status(dev), b"", qos=1, retain=True).wait_for_publish(5)
         c.disconnect()
@@ -658,3 +730,16 @@ def test_qos0_backlog_is_bounded_and_counted(tmp_path: Path) -> None:
         assert ing.health()["threads_alive"] is False  # not started: /healthz would say so
     finally:
         store.close()
+
+
+def test_status_threshold_is_taken_from_online_statuses_only() -> None:
+    """The threshold a device runs comes from its online statuses; an older device's (no field) and an offline
+    one (maybe the last will it left at connect time, before a model swap changed it) leave the record alone."""
+    from hub.ingest.parse import status_fields
+
+    online = kestrel_pb2.Status(device_id="d", state="online", confidence_threshold=0.64)
+    assert status_fields(online)["threshold"] == 0.64
+    assert "threshold" not in status_fields(kestrel_pb2.Status(device_id="d", state="online"))
+    will = kestrel_pb2.Status(device_id="d", state="offline", confidence_threshold=0.6)
+    assert "threshold" not in status_fields(will)
+    assert status_fields(kestrel_pb2.Status(device_id="d", state="online", confidence_threshold=0.0))["threshold"] == 0

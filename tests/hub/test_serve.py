@@ -16,7 +16,7 @@ import grpc
 from hub.store.sqlite import SqliteStore
 from proto import kestrel_pb2, kestrel_pb2_grpc, topics
 from tests.helpers.wait import wait_for
-from tests.hub import REPO, HubProcess, frame_payload, publish_all, write_config
+from tests.hub import REPO, HubProcess, enrol, frame_payload, hub_identity, publish_all, write_config
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -55,9 +55,13 @@ def test_serve_with_embedded_broker_health_metrics_grpc(tmp_path: Path) -> None:
         host, port = str(hub.info["mqtt_host"]), int(hub.info["mqtt_port"])  # type: ignore[arg-type]
         base = f"http://127.0.0.1:{hub.info['http_port']}"
         wait_for(lambda: get(base + "/healthz")[0] == 200, 15, what="healthy hub")
+        assert hub.info["mqtt_tls"] is True  # the default path is the secure path
+        cam = enrol(cfg, "cam-1", tmp_path / "ids")
+        tls = {"ca_file": str(cam["ca.crt"]), "cert_file": str(cam["device.crt"]), "key_file": str(cam["device.key"])}
         publish_all(host, port, [(topics.frames("cam-1"), frame_payload("e1", "cam-1")),
-                                 (topics.frames("cam-1"), b"junk"),
-                                 (topics.frames("cam-9"), frame_payload("e2", "cam-1"))])
+                                 (topics.frames("cam-1"), b"junk")], **tls)
+        # a device may not publish on another's topic; the hub's identity may (the ingest still checks it)
+        publish_all(host, port, [(topics.frames("cam-9"), frame_payload("e2", "cam-1"))], **hub_identity(data))
         store = SqliteStore(data / "hub.db")
         wait_for(lambda: store.count_frames() == 1, 10, what="frame stored")
         wait_for(lambda: json.loads(get(base + "/healthz")[1])["ingest"]["acked"] == 3, 10, what="3 acks")
@@ -71,8 +75,10 @@ def test_serve_with_embedded_broker_health_metrics_grpc(tmp_path: Path) -> None:
         assert h["ingest"]["rejected"]["device_mismatch"] == 1
         status, text = get(base + "/metrics")
         assert status == 200
-        assert 'kestrel_hub_ingest_rejected_total{reason="bad_protobuf"} 1' in text
-        assert "kestrel_hub_ingest_stored_total 1" in text and "kestrel_hub_store_up 1" in text
+        assert 'kestrel_hub_ingest_rejected_total{reason="bad_protobuf"} 1.0' in text
+        assert "kestrel_hub_ingest_stored_total 1.0" in text and "kestrel_hub_store_up 1.0" in text
+        assert "kestrel_hub_ingest_commit_seconds_count" in text and "kestrel_hub_frames_unlabelled 1.0" in text
+        assert 'kestrel_hub_frame_received_to_stored_seconds_count 1.0' in text
         # the gRPC registry answers on the bound port
         with grpc.insecure_channel(f"127.0.0.1:{hub.info['grpc_port']}") as ch:
             stub = kestrel_pb2_grpc.ModelRegistryStub(ch)
@@ -84,7 +90,7 @@ def test_serve_with_embedded_broker_health_metrics_grpc(tmp_path: Path) -> None:
         wait_for(lambda: json.loads(get(base + "/healthz")[1])["broker"].get("restarts", 0) >= 1, 15,
                  what="broker restarted")
         wait_for(lambda: json.loads(get(base + "/healthz")[1])["broker"]["connected"], 15, what="reconnected")
-        publish_all(host, port, [(topics.frames("cam-1"), frame_payload("e3", "cam-1"))])
+        publish_all(host, port, [(topics.frames("cam-1"), frame_payload("e3", "cam-1"))], **tls)
         wait_for(lambda: store.count_frames() == 2, 15, what="frame after the broker restart")
         store.close()
     finally:
@@ -112,20 +118,38 @@ def test_embedded_broker_dies_with_a_killed_hub(tmp_path: Path) -> None:
 
 
 def test_healthz_is_503_when_unhealthy_and_metrics_render(tmp_path: Path) -> None:
-    from hub.http import HttpServer
+    """The web app on its uvicorn server with a health snapshot that says unhealthy (the store down)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from hub.config import HttpSection
+    from hub.metrics import HubMetrics
+    from hub.web.app import create_app
+    from hub.web.context import WebContext
+    from hub.web.server import WebServer
     state = {"ok": False, "store": {"ok": False, "error": "injected"}, "broker": {"connected": True},
              "ingest": {"paused": True, "stored": 7, "rejected": {"too_large": 2}}}
-    srv = HttpServer("127.0.0.1", 0, lambda: state).start()
+    store = SqliteStore(tmp_path / "hub.db")
+    app = create_app(WebContext(store=store, http=HttpSection(), health=lambda: state,
+                                metrics=HubMetrics(lambda: state, lambda: store)))
+    srv = WebServer(app, "127.0.0.1", 0).start()
     try:
         status, body = get(f"http://127.0.0.1:{srv.port}/healthz")
         assert status == 503 and json.loads(body)["store"]["error"] == "injected"
         status, text = get(f"http://127.0.0.1:{srv.port}/metrics")
         assert status == 200
-        assert "kestrel_hub_ingest_paused 1" in text and "kestrel_hub_store_up 0" in text
-        assert 'kestrel_hub_ingest_rejected_total{reason="too_large"} 2' in text
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(text) for s in fam.samples}
+        assert samples[("kestrel_hub_ingest_paused", ())] == 1 and samples[("kestrel_hub_store_up", ())] == 0
+        assert samples[("kestrel_hub_ingest_rejected_total", (("reason", "too_large"),))] == 2
+        assert samples[("kestrel_hub_ingest_stored_total", ())] == 7
+        assert ("kestrel_hub_frames_unlabelled", ()) not in samples  # the store is down: no fleet figures
         assert get(f"http://127.0.0.1:{srv.port}/nope")[0] == 404
+        import socket
+        # no Nagle wait on kept-alive connections (about 40 ms per response without it; docs/dashboard.md)
+        assert srv.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         srv.stop()
+        store.close()
 
 
 def test_embedded_broker_port_and_client_id_survive_a_restart(tmp_path: Path) -> None:
@@ -187,7 +211,7 @@ def test_label_command_sets_validates_and_clears(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["label"] == "cat" and store.get_frame("f-1").label == "cat"  # type: ignore[union-attr]
     for args, why in ((["f-1", "../etc"], "invalid label"), (["nope", "cat"], "does not exist"),
-                      (["f-1"], "either a LABEL or --clear")):
+                      (["f-1"], "exactly one of LABEL, --clear or --unusable")):
         r = run_cli("label", "--config", str(cfg), *args)
         assert r.returncode == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = run_cli("label", "--config", str(cfg), "f-1", "--clear")

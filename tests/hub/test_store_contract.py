@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import sqlite3
 import threading
@@ -203,6 +204,28 @@ def test_device_desired_scope_roundtrip(store: Store) -> None:
     assert store.get_device("cam-1") == d
     store.upsert_device("cam-1", state="online")  # other fields leave it alone
     assert store.get_device("cam-1").desired_scope == "device"  # type: ignore[union-attr]
+
+
+def test_device_enrolment_fields_roundtrip(store: Store) -> None:
+    d = store.upsert_device("cam-e", enrolled_group="lobby", enrolled_ms=5, group="lobby")
+    assert (d.enrolled_group, d.enrolled_ms, d.revoked_ms) == ("lobby", 5, 0)
+    store.upsert_device("cam-e", state="online", group="elsewhere")  # a status: the enrolment stays
+    store.upsert_device("cam-e", revoked_ms=9)
+    got = store.get_device("cam-e")
+    assert got is not None and (got.enrolled_group, got.enrolled_ms, got.revoked_ms, got.group) == \
+        ("lobby", 5, 9, "elsewhere")
+
+
+def test_device_threshold_roundtrip(store: Store) -> None:
+    """The confidence threshold a device reports in force: 0.0 until it does, then what it said, kept when other
+    fields change, and listed with the device."""
+    assert store.upsert_device("cam-1", state="online").threshold == 0.0
+    d = store.upsert_device("cam-1", threshold=0.71)
+    assert d.threshold == 0.71 and store.get_device("cam-1") == d
+    store.upsert_device("cam-1", state="offline", update_state="COMMITTED")
+    assert store.get_device("cam-1").threshold == 0.71  # type: ignore[union-attr]
+    store.apply_batch([], {"cam-2": {"state": "online", "threshold": 0.35}}, {})
+    assert [(x.device_id, x.threshold) for x in store.list_devices()] == [("cam-1", 0.71), ("cam-2", 0.35)]
 
 
 def test_group_desired_upsert_per_group(store: Store) -> None:
@@ -648,10 +671,12 @@ def test_sqlite_indexes_exist(tmp_path) -> None:  # noqa: ANN001
     s = SqliteStore(tmp_path / "i.db")
     db = sqlite3.connect(str(s.path))
     names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-    assert {"frames_device_time", "frames_label_time", "frames_unlabelled_time"} <= names
+    assert {"frames_device_time_id", "frames_label_time", "frames_unlabelled_time_id", "frames_time_id",
+            "frames_score_id", "frames_unlabelled_score_id"} <= names
+    assert not {"frames_device_time", "frames_unlabelled_time", "frames_time"} & names  # prefixes of the above
     plan = " ".join(str(r) for r in sqlite3.connect(str(s.path)).execute(
         "EXPLAIN QUERY PLAN SELECT frame_id FROM frames WHERE device_id = 'x' ORDER BY capture_time_ms DESC"))
-    assert "frames_device_time" in plan
+    assert "frames_device_time_id" in plan
     s.close()
 
 
@@ -670,6 +695,39 @@ def test_sqlite_database_of_an_older_hub_still_opens(tmp_path) -> None:  # noqa:
     assert s.get_group_desired("lab") is None
     s.set_group_desired("lab", "m", 3, False, 1)
     assert s.get_group_desired("lab") == GroupDesired("lab", "m", 3, False, 1)
+    s.close()
+
+
+def test_sqlite_device_records_of_an_older_hub_gain_the_threshold(tmp_path) -> None:  # noqa: ANN001
+    """A hub before DeviceRecord.threshold wrote device docs without it: opening the file migrates them (0.0 =
+    not reported), once (PRAGMA user_version), and a doc with a field this hub does not know still reads."""
+    from hub.store.sqlite_migrate import SCHEMA_VERSION
+
+    path = tmp_path / "pre-threshold.db"
+    db = sqlite3.connect(str(path))
+    db.executescript("CREATE TABLE devices (device_id TEXT PRIMARY KEY, doc TEXT NOT NULL, grp TEXT NOT NULL);")
+    db.execute("INSERT INTO devices VALUES ('cam-7', ?, 'lab')",
+               ('{"device_id": "cam-7", "group": "lab", "state": "online", "reported_version": 4}',))
+    db.commit()
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+    db.close()
+    s = SqliteStore(path)
+    dev = s.get_device("cam-7")
+    assert dev is not None and (dev.group, dev.reported_version, dev.threshold) == ("lab", 4, 0.0)
+    s.upsert_device("cam-7", threshold=0.64)
+    s.close()
+    db = sqlite3.connect(str(path))
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    doc = json.loads(db.execute("SELECT doc FROM devices WHERE device_id = 'cam-7'").fetchone()[0])
+    assert doc["threshold"] == 0.64
+    # a newer hub's field (unknown here) does not make the record unreadable
+    db.execute("INSERT INTO devices VALUES ('cam-8', ?, 'lab')", ('{"device_id": "cam-8", "group": "lab", '
+                                                                 '"threshold": 0.5, "from_the_future": 1}',))
+    db.commit()
+    db.close()
+    s = SqliteStore(path)   # already migrated: nothing rewritten
+    assert s.get_device("cam-7").threshold == 0.64  # type: ignore[union-attr]
+    assert s.get_device("cam-8").threshold == 0.5  # type: ignore[union-attr]
     s.close()
 
 
@@ -698,3 +756,219 @@ def test_mongo_unreachable_is_store_unavailable() -> None:
     from tests.helpers.broker import free_port
     with pytest.raises(StoreUnavailable, match="MongoDB unavailable"):
         open_store(f"mongodb://127.0.0.1:{free_port()}/kestrel", timeout_ms=300)
+
+
+# ---- the dashboard's queries (hub/store/query.py, series.py, authrecords.py): every backend alike ----
+
+def qrec(frame_id: str, device: str = "cam-1", t: int = 1000, score: float = 0.5, version: int = 2,
+         reasons: Tuple[str, ...] = ("LOW_CONFIDENCE",), model: str = "m") -> FrameRecord:
+    r = rec(frame_id, device, t, image=b"img-" + frame_id.encode())
+    return dataclasses.replace(r, model_name=model, model_version=version, reasons=list(reasons),
+                               top_k=[{"index": 0, "label": "cat", "score": score},
+                                      {"index": 1, "label": "dog", "score": score / 2}])
+
+
+def ids(page: Any) -> List[str]:
+    return [f.frame_id for f in page.frames]
+
+
+def test_set_labels_records_who_and_when_and_returns_what_was_there(store: Store) -> None:
+    store.add_frames([qrec("a"), qrec("b"), qrec("c")])
+    assert store.set_labels({"a": "cat", "b": "dog", "ghost": "cat"}, 5000, by="alice") == {"a": None, "b": None}
+    a = store.get_frame("a")
+    assert a is not None and (a.label, a.labelled_ms, a.labelled_by) == ("cat", 5000, "alice")
+    assert store.set_labels({"a": "dog", "b": None}, 6000, by="bob") == {"a": "cat", "b": "dog"}
+    a, b = store.get_frame("a"), store.get_frame("b")
+    assert a is not None and (a.label, a.labelled_ms, a.labelled_by) == ("dog", 6000, "bob")
+    assert b is not None and (b.label, b.labelled_ms, b.labelled_by) == (None, None, "")  # cleared: nobody, never
+    assert store.set_labels({}, 1, by="x") == {}
+    assert store.set_label("c", "cat", 7000, by="carol") is True and store.set_label("nope", "cat", 1) is False
+    assert [(f.frame_id, f.labelled_by) for f in store.iter_labelled()] == [("a", "bob"), ("c", "carol")]
+
+
+def test_query_filters(store: Store) -> None:
+    from hub.store.query import UNUSABLE_LABEL, FrameQuery
+    store.add_frames([
+        qrec("f1", "cam-1", 1001, 0.10, 1, ("LOW_CONFIDENCE", "LOW_MARGIN")),
+        qrec("f2", "cam-2", 1002, 0.55, 2, ("LOW_MARGIN",)),
+        qrec("f3", "cam-3", 1003, 0.30, 2, ("HIGH_ENTROPY",), model="other"),
+        qrec("f4", "cam-1", 1004, 0.45, 2, ("TRIAL",)),
+        qrec("f5", "cam-2", 1005, 0.59, 1),
+    ])
+    store.set_labels({"f4": "cat", "f5": UNUSABLE_LABEL}, 9, by="x")
+
+    def q(**kw: Any) -> List[str]:
+        return ids(store.query_frames(FrameQuery(**{"label_state": "any", **kw})))
+
+    assert q() == ["f5", "f4", "f3", "f2", "f1"]
+    assert q(label_state="unlabelled") == ["f3", "f2", "f1"]
+    assert q(label_state="labelled") == ["f4"]  # "unusable" is a verdict, not a class
+    assert q(label_state="unusable") == ["f5"]
+    assert q(label="cat") == ["f4"] and q(label="cat", label_state="labelled") == ["f4"]
+    assert q(device_ids=["cam-1", "cam-3"]) == ["f4", "f3", "f1"] and q(device_ids=[]) == []
+    assert q(model_name="m", model_version=2) == ["f4", "f2"]
+    assert q(model_version=1) == ["f5", "f1"]
+    assert q(reason="LOW_MARGIN") == ["f2", "f1"] and q(reason="TRIAL") == ["f4"]
+    assert q(max_score=0.45) == ["f3", "f1"]  # "below": strictly under
+    assert q(min_score=0.45, max_score=0.59) == ["f4", "f2"]
+    assert q(since_ms=1002, until_ms=1004) == ["f3", "f2"]
+    assert q(order="least_confident") == ["f1", "f3", "f4", "f2", "f5"]
+    assert q(order="least_confident", label_state="unlabelled", device_ids=["cam-2", "cam-3"]) == ["f3", "f2"]
+    assert store.count_unlabelled() == 3
+
+
+@pytest.mark.parametrize("order", ["newest", "least_confident"])
+def test_query_keyset_pages_walk_ties_exactly_once(store: Store, order: str) -> None:
+    """Pages end inside runs of equal capture times and equal scores; the frames labelled while a person
+    walks the pages of the unlabelled queue never make a later page skip or repeat a frame."""
+    from hub.store.query import FrameQuery
+    frames = [qrec(f"k{i:03d}", f"cam-{i % 3}", 1000 + i // 4, score=round(0.1 + (i % 5) / 10, 1)) for i in range(60)]
+    store.add_frames(frames)
+    full = ids(store.query_frames(FrameQuery(order=order, limit=500)))
+    assert sorted(full) == sorted(f.frame_id for f in frames)
+    if order == "newest":
+        key = {f.frame_id: (-f.capture_time_ms, [-ord(c) for c in f.frame_id]) for f in frames}
+    else:
+        key = {f.frame_id: (f.top_k[0]["score"], [ord(c) for c in f.frame_id]) for f in frames}  # type: ignore
+    assert full == sorted(full, key=lambda i: key[i])
+    walked: List[str] = []
+    after = None
+    while True:
+        page = store.query_frames(FrameQuery(order=order, limit=7, after=after))
+        assert len(page.frames) <= 7
+        walked += ids(page)
+        store.set_labels({f.frame_id: "cat" for f in page.frames[:3]}, 5, by="walker")  # labelled meanwhile
+        if page.next is None:
+            break
+        after = page.next
+    assert walked == full
+    assert store.query_frames(FrameQuery(order=order, limit=60)).next is None  # an exact last page: no cursor
+
+
+def test_query_refuses_bad_queries_and_cursors(store: Store) -> None:
+    from hub.store.query import FrameQuery, QueryError, make_cursor
+    store.add_frame(qrec("only"))
+    for bad in (FrameQuery(order="random"), FrameQuery(label_state="maybe"), FrameQuery(limit=0),
+                FrameQuery(limit=100000), FrameQuery(reason="BORED"), FrameQuery(after="!!not-base64"),
+                FrameQuery(after=make_cursor("least_confident", 0.5, "x")),  # another order's cursor
+                FrameQuery(label="cat", label_state="unlabelled"), FrameQuery(max_score=float("nan"))):
+        with pytest.raises(QueryError):
+            store.query_frames(bad)
+
+
+def _tele(t: int, processed: int, version: int = 2, hist: Tuple[int, ...] = (1, 2)) -> dict:
+    # the JSON form the ingest stores in last_telemetry (64-bit integers as strings)
+    return {"device_id": "d", "time_ms": str(t), "fps": 9.5, "latency_p50_ms": 11.0, "latency_p95_ms": 20.5,
+            "frames_processed": str(processed), "frames_sampled": "3", "frames_low_confidence": "7",
+            "score_histogram": [str(h) for h in hist], "spool_frames": "4", "dead_letters": "1",
+            "uptime_s": 30.0, "model": {"name": "m", "version": str(version)}}
+
+
+def test_telemetry_series_one_point_per_device_and_minute(store: Store) -> None:
+    from hub.store.series import point_from_telemetry as pt
+    m = 1_700_000_040_000  # a minute boundary
+    assert store.apply_batch([], {"d1": {"last_telemetry": _tele(m + 1000, 10)}, "d2": {"state": "online"}},
+                             {"d1": m + 1000}, [pt("d1", _tele(m + 1000, 10))]) == []
+    store.apply_batch([], {}, {}, [pt("d1", _tele(m + 5000, 20))])                # later, same minute: replaces
+    store.apply_batch([], {}, {}, [pt("d1", _tele(m + 3000, 15))])                # older: never replaces
+    store.apply_batch([], {}, {}, [pt("d1", _tele(m + 61000, 30, 3), m + 60500)])  # device clock ahead of the hub
+    store.add_series([pt("d2", _tele(m + 2000, 5)), pt("d2", _tele(m + 2500, 6))])  # one call, same minute
+    pts = store.list_series(m)
+    assert [(p.device_id, p.minute_ms, p.time_ms, p.frames_processed) for p in pts] == [
+        ("d1", m, m + 5000, 20), ("d1", m + 60000, m + 60500, 30), ("d2", m, m + 2500, 6)]
+    p = pts[0]
+    assert (p.model_name, p.model_version, p.fps, p.latency_p95_ms, p.frames_low_confidence, p.score_histogram,
+            p.spool_frames, p.dead_letters) == ("m", 2, 9.5, 20.5, 7, [1, 2], 4, 1)
+    assert pts[1].model_version == 3
+    assert [p.device_id for p in store.list_series(m, m + 60000)] == ["d1", "d2"]
+    assert [p.minute_ms for p in store.list_series(m, device_ids=["d1"])] == [m, m + 60000]
+    assert store.list_series(m, device_ids=[]) == []
+    store.add_series(store.list_series(m)[:1])  # idempotent
+    store.add_series([])
+    assert store.prune_series(m + 60000) == 2
+    assert [(p.device_id, p.minute_ms) for p in store.list_series(0)] == [("d1", m + 60000)]
+    assert pt("d1", {"time_ms": "0"}) is None  # no time: no point
+
+
+def test_tokens_are_kept_hashed_revoked_and_renamed(store: Store) -> None:
+    from hub.store.authrecords import TokenRecord
+    t = TokenRecord("alice", "labeller", "a" * 64, 100)
+    assert store.add_token(t) is True
+    assert store.add_token(TokenRecord("alice", "admin", "b" * 64, 200)) is False  # an active name is taken
+    assert store.get_token("alice") == t and store.find_token("a" * 64) == t and store.find_token("b" * 64) is None
+    store.add_token(TokenRecord("bob", "viewer", "c" * 64, 300))
+    assert [x.name for x in store.list_tokens()] == ["alice", "bob"]
+    assert store.revoke_token("alice", 400) is True and store.revoke_token("alice", 500) is False
+    got = store.find_token("a" * 64)
+    assert got is not None and got.revoked_ms == 400 and not got.active
+    assert store.revoke_token("nobody", 1) is False
+    assert store.add_token(TokenRecord("alice", "operator", "d" * 64, 600)) is True  # a revoked name is reusable
+    assert store.find_token("a" * 64) is None and store.get_token("alice").role == "operator"  # type: ignore
+
+
+def test_sessions(store: Store) -> None:
+    from hub.store.authrecords import SessionRecord
+    s1, s2 = SessionRecord("h1", "alice", "csrf1", 10, 1000), SessionRecord("h2", "bob", "csrf2", 10, 5000)
+    store.add_session(s1)
+    store.add_session(s2)
+    assert store.get_session("h1") == s1 and store.get_session("nope") is None
+    assert store.prune_sessions(2000) == 1 and store.get_session("h1") is None and store.get_session("h2") == s2
+    store.delete_session("h2")
+    assert store.get_session("h2") is None
+    store.delete_session("h2")  # idempotent
+
+
+def test_models_keep_their_class_names(store: Store) -> None:
+    m = ModelRecord("m", 1, "a" * 64, 100, 1, labels=["bright", "dark"])
+    store.add_model(m)
+    assert store.get_model("m", 1) == m and store.list_models()[0].labels == ["bright", "dark"]
+
+
+def test_sqlite_frames_of_an_older_hub_get_their_top_score(tmp_path) -> None:  # noqa: ANN001
+    from hub.store.query import FrameQuery
+    path = tmp_path / "old-scores.db"
+    s = SqliteStore(path)
+    s.add_frames([qrec("o1", score=0.7), qrec("o2", score=0.2, t=1001)])
+    s.close()
+    db = sqlite3.connect(str(path))  # as an older hub left it: no top_score, no labelled_by, old indexes
+    db.executescript("DROP INDEX frames_score_id; DROP INDEX frames_unlabelled_score_id; "
+                     "ALTER TABLE frames DROP COLUMN top_score; ALTER TABLE frames DROP COLUMN labelled_by; "
+                     "CREATE INDEX frames_time ON frames (capture_time_ms DESC);")
+    db.close()
+    s = SqliteStore(path)
+    assert ids(s.query_frames(FrameQuery(order="least_confident"))) == ["o2", "o1"]
+    assert ids(s.query_frames(FrameQuery(max_score=0.5))) == ["o2"]
+    assert s.get_frame("o1").labelled_by == ""  # type: ignore[union-attr]
+    names = {r[0] for r in s._run("i", lambda c: c.execute("SELECT name FROM sqlite_master").fetchall())}
+    assert "frames_time" not in names and "frames_score_id" in names
+    s.close()
+
+
+def test_sqlite_label_queue_pages_read_an_index_and_never_sort(tmp_path) -> None:  # noqa: ANN001
+    """The first page of each order is an index walk (no "USE TEMP B-TREE FOR ORDER BY"), the unlabelled
+    queue on its partial indexes."""
+    from hub.store.query import FrameQuery
+    from hub.store.sqlite_web import _where
+    s = SqliteStore(tmp_path / "plan.db")
+    for order, sort, index in (("newest", "capture_time_ms DESC, frame_id DESC", "frames_unlabelled_time_id"),
+                               ("least_confident", "top_score ASC, frame_id ASC", "frames_unlabelled_score_id")):
+        for cursor in (None, "x"):
+            q = FrameQuery(order=order)
+            conds, params = _where(q)
+            if cursor:
+                conds.append("(capture_time_ms < ? OR (capture_time_ms = ? AND frame_id < ?))" if order == "newest"
+                             else "(top_score > ? OR (top_score = ? AND frame_id > ?))")
+                params += [1, 1, "x"]
+            sql = f"EXPLAIN QUERY PLAN SELECT frame_id FROM frames WHERE {' AND '.join(conds)} ORDER BY {sort} LIMIT 49"
+            plan = " ".join(str(r) for r in s._run("plan", lambda c, q=sql, p=params: c.execute(q, p).fetchall()))
+            assert index in plan and "TEMP B-TREE" not in plan, plan
+    s.close()
+
+
+def test_mongo_frames_of_an_older_hub_get_their_top_score(mongo_store: MongoStore) -> None:
+    from hub.store.query import FrameQuery
+    mongo_store.add_frames([qrec("o1", score=0.7), qrec("o2", score=0.2, t=1001)])
+    mongo_store.frames.update_many({}, {"$unset": {"top_score": ""}})
+    again = MongoStore.from_client(mongo_store.client, database=mongo_store.db.name)  # a newer hub opens it
+    assert ids(again.query_frames(FrameQuery(order="least_confident"))) == ["o2", "o1"]
+    assert mongo_store.frames.count_documents({"top_score": {"$exists": False}}) == 0

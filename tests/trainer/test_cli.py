@@ -212,3 +212,62 @@ def test_keygen_refuses_to_overwrite(tmp_path, capsys):
     assert os.stat(tmp_path / "k" / "signing.key").st_mode & 0o077 == 0
     rc, err = _run(capsys, "keygen", "--out", str(tmp_path / "k"))
     assert rc == 2 and len(err) == 1
+
+
+def test_help_lists_no_progress_and_verbose(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert ei.value.code == 0
+    assert "--no-progress" in out and "--verbose" in out and "--errors-to-catch" in out
+    assert "--default-threshold" in out
+
+
+NOISE = ("absl::InitializeLog", "I0000 ", "E0000 ", "oneDNN", "cuda", "fully_quantize:", "XNNPACK delegate")
+
+
+@pytest.mark.slow
+def test_quiet_by_default_verbose_shows_the_libraries_and_progress_bars_stay(run_copy):
+    """TensorFlow's, absl's and LiteRT's native start-up lines (written straight to fd 2, past Python) are off
+    by default; --verbose shows them (so they exist and this test would see them); progress bars stay."""
+    import subprocess
+    import sys
+
+    from tests.trainer.conftest import REPO
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+
+    def kt(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "trainer", *argv], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    quiet = kt("optimize", str(run_copy))              # imports TensorFlow, converts twice, prunes
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert not [n for n in NOISE if n in quiet.stderr], quiet.stderr[-2000:]
+    assert "optimize: 100%" in quiet.stderr                             # the progress bar stays
+    loud = kt("evaluate", str(run_copy), "--verbose", "--no-progress")  # LiteRT, and the threshold sweep
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    assert "XNNPACK delegate" in loud.stderr                            # LiteRT's own INFO line: shown
+    assert "evaluate:" not in loud.stderr and "sampling threshold" in loud.stdout
+
+
+def test_the_noise_filter_drops_known_library_chatter_and_keeps_the_rest():
+    import io
+
+    from trainer.quiet import LineFilter
+
+    out = io.StringIO()
+    f = LineFilter(out)
+    f.write("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\nI0000 00:00:")
+    f.write("1796399016.029445   12531 port.cc:153] oneDNN custom operations are on.\n")
+    f.write("E0000 00:00:1796399018.678661   12531 cuda_platform.cc:52] failed call to cuInit: INTERNAL\n")
+    f.write("fully_quantize: 0, inference_type: 6, input_inference_type: UINT8, output_inference_type: UINT8\n")
+    f.write("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+    f.write("E0000 00:00:1796399018.678661   12531 converter.cc:52] something real went wrong\n")
+    f.write("F0000 00:00:1.5 1 check.cc:1] Check failed: x\nunknown native line without newline")
+    f.close()
+    assert out.getvalue().splitlines() == [
+        "E0000 00:00:1796399018.678661   12531 converter.cc:52] something real went wrong",
+        "F0000 00:00:1.5 1 check.cc:1] Check failed: x", "unknown native line without newline"]
+    assert f.dropped == 5

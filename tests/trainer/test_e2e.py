@@ -16,7 +16,7 @@ from edge.inference.runtime import load_model
 from edge.updater.selftest import run_self_test
 from proto.bundle import verify_bundle
 from proto.keys import generate_keypair, load_public_keys
-from tests.trainer.conftest import BUNDLE_VERSION, DEVICE_TFLITE_RUNTIME, PY38, REPO, need_py38
+from tests.trainer.conftest import BUNDLE_VERSION, CLASSES, DEVICE_TFLITE_RUNTIME, PY38, REPO, need_py38
 from trainer.cli import main
 
 PY38_SCRIPT = r"""
@@ -61,7 +61,7 @@ def test_bundle_verifies_and_its_model_classifies_held_out_images(bundle_run):
     _tmp, _key, pub, rundir, out = bundle_run
     vb = verify_bundle(out.read_bytes(), load_public_keys(pub), installed_version=1, now=time.time())
     m = vb.manifest
-    assert m.version == BUNDLE_VERSION and m.labels == ["0", "1", "2", "3"]
+    assert m.version == BUNDLE_VERSION and m.labels == [str(c) for c in range(CLASSES)]
     assert m.input_spec.dtype == "uint8" and m.input_spec.shape == [1, 32, 32, 3]
     assert vb.model_bytes == (rundir / "optimize" / "pruned_int8.tflite").read_bytes()
     # The bundle's own model, fed by the edge preprocessing, on held-out images with their TRUE labels.
@@ -73,6 +73,39 @@ def test_bundle_verifies_and_its_model_classifies_held_out_images(bundle_run):
     assert m.metrics["accuracy"] == pytest.approx(accuracy)          # the manifest tells the truth
     assert m.metrics["n_test"] == len(labels)
     assert m.metrics["accuracy_drop_points"] <= 10.0                 # the gate (tolerance 10 here) passed
+    # the figures the hub dashboard's Models page shows beside them
+    evaluation = json.loads((rundir / "evaluate" / "evaluate.json").read_text())
+    optimized = json.loads((rundir / "optimize" / "optimize.json").read_text())
+    assert m.metrics["latency_ms"] == evaluation["stages"]["pruned_int8"]["latency"]["median_ms"] > 0
+    assert m.metrics["sparsity"] == optimized["sparsity"]["overall"] and 0 < m.metrics["sparsity"] < 1
+    assert m.metrics["float_accuracy"] == evaluation["stages"]["float"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_signed_manifest_carries_the_threshold_chosen_from_the_data_and_the_confusion_matrix(bundle_run):
+    """The default threshold in the signed manifest is the sweep's choice (nothing configured), the one the
+    report shows; the manifest's metrics hold the confusion matrix with its class names for the dashboard."""
+    _tmp, _key, pub, rundir, out = bundle_run
+    m = verify_bundle(out.read_bytes(), load_public_keys(pub), installed_version=1, now=time.time()).manifest
+    ev = json.loads((rundir / "evaluate" / "evaluate.json").read_text())
+    sweep = ev["threshold"]
+    figs = json.loads((rundir / "report" / "figures.json").read_text())
+    assert json.loads((rundir / "config.json").read_text())["gate"]["default_threshold"] is None
+    if sweep["n_errors"]:
+        assert m.default_threshold == sweep["chosen"] == sweep["rules"]["confidence"]["chosen"]["threshold"]
+        assert m.metrics["sampling"]["source"] == "data"
+        # the choice really is the fewest frames that catch the share: one step lower catches less
+        pts = sweep["rules"]["confidence"]["points"]
+        i = next(i for i, p in enumerate(pts) if p["threshold"] == m.default_threshold)
+        assert pts[i]["caught"] >= sweep["target"] * sweep["n_errors"] > (pts[i - 1]["caught"] if i else -1)
+    else:  # no held-out errors: nothing to choose from, the device default
+        assert m.default_threshold == 0.6 and m.metrics["sampling"]["source"] == "device default"
+    assert figs["threshold"]["in_bundle"]["threshold"] == m.default_threshold
+    assert m.metrics["sampling"]["errors_to_catch"] == 0.8 and m.metrics["sampling"]["n_errors"] == sweep["n_errors"]
+    assert m.metrics["class_names"] == m.labels == ev["class_names"]
+    assert m.metrics["confusion_matrix"] == ev["stages"]["pruned_int8"]["confusion"]
+    assert sum(map(sum, m.metrics["confusion_matrix"])) == m.metrics["n_test"]
+    assert 0.0 <= m.metrics["ece"] <= 1.0 and 0.0 <= m.metrics["ece_float"] <= 1.0
 
 
 @pytest.mark.slow

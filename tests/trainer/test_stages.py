@@ -12,7 +12,7 @@ import pytest
 
 from edge.inference.runtime import load_model
 from proto.inputspec import InputSpec
-from tests.trainer.conftest import CLASSES, tiny_config
+from tests.trainer.conftest import CLASSES, TEST_FRACTION, tiny_config
 from trainer import pipeline
 from trainer.cli import main
 from trainer.errors import GateError, RunDirError, WeightsError
@@ -44,9 +44,9 @@ def test_cross_validation_folds_partition_the_training_split(trained_run):
     # Each fold validates on a disjoint part of the training split; together they cover all of it.
     assert sum(f["val"] for f in cv["folds"]) == len(split["train"])
     assert all(f["train"] + f["val"] == len(split["train"]) for f in cv["folds"])
-    # Every fold learned well beyond chance (0.25) in 5 epochs on ~96 images (BatchNorm statistics that
-    # lag the weights used to leave the exported, inference-mode model near chance: trainer.train.bn_momentum).
-    assert min(f["accuracy"] for f in cv["folds"]) > 0.55
+    # Every fold learned well beyond chance (1/10) in 5 epochs on ~105 images of 10 digits (BatchNorm statistics
+    # that lag the weights used to leave the exported, inference-mode model near chance: trainer.train.bn_momentum).
+    assert min(f["accuracy"] for f in cv["folds"]) > 3.0 / CLASSES
 
 
 def test_test_split_is_the_requested_fraction_per_class(trained_run):
@@ -55,7 +55,7 @@ def test_test_split_is_the_requested_fraction_per_class(trained_run):
     for c in range(CLASSES):
         n_c = int((labels == c).sum())
         n_test = int((labels[split["test"]] == c).sum())
-        assert abs(n_test - 0.2 * n_c) <= 1, (c, n_test, n_c)
+        assert abs(n_test - TEST_FRACTION * n_c) <= 1, (c, n_test, n_c)
 
 
 def test_pruning_reaches_target_sparsity(trained_run):
@@ -137,6 +137,7 @@ def test_package_signs_only_the_evaluated_model(run_copy, tmp_path, capsys):
 
     man = read_manifest_unverified(bundle.read_bytes())
     assert man.model_name == "renamed" and man.default_threshold == 0.7
+    assert man.metrics["sampling"]["source"] == "config"                # the configured threshold wins
     # Bundle versions start at 1.
     rc, _out, err = _cli(capsys, "package", str(run_copy), "--key", str(key), "--version", "0", "--out", str(bundle))
     assert rc == 2 and "version must be an integer >= 1" in err[-1]
@@ -155,18 +156,37 @@ def test_stale_training_is_refused_by_later_stages(run_copy):
 
 
 def test_report_files_and_figures(trained_run):
+    import re
+
     rep = trained_run / "report"
     figs = _json(rep / "figures.json")
-    assert set(figs) == {"learning_curves", "fold_accuracy", "confusion_matrix", "size_latency"}
-    assert figs["size_latency"]["stages"] == ["float", "pruned", "int8", "pruned+int8 gzip"]
+    assert set(figs) == {"learning_curves", "fold_accuracy", "confusion_matrix", "per_class", "size", "latency",
+                         "threshold", "calibration"}
+    assert figs["fold_accuracy"]["fold"] == [1, 2]                                    # folds counted from 1
+    assert figs["size"]["models"] == ["float", "pruned (float)", "int8", "pruned int8 (deployed)"]
+    ev = _json(trained_run / "evaluate" / "evaluate.json")
+    assert figs["size"]["gzip_bytes"] == [ev["stages"][k]["gzip_bytes"] for k in
+                                          ("float", "pruned_float", "int8", "pruned_int8")]
+    assert "ai-edge-litert" in figs["latency"]["runtime"] and figs["latency"]["machine"]
     n_test = len(_json(trained_run / "ingest" / "split.json")["test"])
     assert np.array(figs["confusion_matrix"]["matrix"]).sum() == n_test
+    assert sum(figs["per_class"]["support"]) == n_test
+    assert set(figs["calibration"]) == {"int8", "float"}
     html = (rep / "report.html").read_text()
-    for name in figs:
-        png = rep / f"{name}.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"{name}.png" in html
-    assert "PolynomialDecay" in html and "Dropped" in html and "Gate: PASSED" in html
+    for name in ("learning_curves", "fold_accuracy", "size", "latency", "threshold", "calibration"):
+        assert (rep / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one self-contained file: every image inline, nothing fetched from anywhere
+    srcs = re.findall(r"<img[^>]*\ssrc='([^']*)'", html)
+    assert len(srcs) >= 6 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert not re.search(r"(href|src)=['\"](?!data:)", html) and "<link" not in html and "<script" not in html
+    g = ev["gate"]
+    drop = g["drop_points"]
+    words = ("exactly as accurate as float" if abs(drop) < 1e-9 else
+             f"{abs(drop):.1f} points {'better' if drop < 0 else 'worse'} than float")
+    assert f"int8 is {words}" in html and "Gate passed" in html
+    assert "PolynomialDecay" in html and "Nothing dropped" in html and "{'" not in html  # no Python dicts
+    assert f"Misclassified held-out images ({len(ev['mistakes'])})" in html
+    assert "ECE" in html and "Sampling threshold" in html and "Uplink volume" in html
 
 
 def test_run_dir_files_are_atomic_and_world_readable(cli_run):
@@ -175,7 +195,7 @@ def test_run_dir_files_are_atomic_and_world_readable(cli_run):
     files = [p for p in cli_run.rundir.rglob("*") if p.is_file()] + [cli_run.bundle]
     assert not [p for p in files if is_temp(p.name)]                     # no temp leftovers
     for p in (cli_run.bundle, cli_run.rundir / "report" / "report.html",
-              cli_run.rundir / "report" / "size_latency.png", cli_run.rundir / "evaluate" / "evaluate.json"):
+              cli_run.rundir / "report" / "size.png", cli_run.rundir / "evaluate" / "evaluate.json"):
         assert stat.S_IMODE(os.stat(p).st_mode) & 0o044 == 0o044, p   # not 0600 like mkstemp's files
 
 
@@ -184,7 +204,7 @@ def test_saved_model_carries_its_input_contract(trained_run):
     assert doc == _json(trained_run / "train" / "input_spec.json")
     spec = InputSpec.from_dict(doc["input"])
     assert spec.dtype == "float32" and spec.shape == [1, 32, 32, 3] and spec.normalization == "0_1"
-    assert doc["labels"] == ["0", "1", "2", "3"]
+    assert doc["labels"] == [str(c) for c in range(CLASSES)]
     from trainer.tfenv import tf
 
     loaded = tf().saved_model.load(str(trained_run / "train" / "saved_model"))
@@ -261,7 +281,8 @@ def test_broken_quantization_is_refused_by_run_evaluate_package_and_report(digit
     rc, out, err = _cli(capsys, "run", "--data", str(digits_dir), "--out", str(rundir), "--folds", "0",
                         "--epochs", "5", "--sparsity", "0", "--no-flip", "--key", str(key), "--version", "1")
     assert rc == 2 and "evaluation gate failed" in err[-1] and "packaging refused" in err[-1]
-    assert "report:" in out and "Gate: FAILED" in (rundir / "report" / "report.html").read_text()
+    html = (rundir / "report" / "report.html").read_text()
+    assert "report:" in out and "Gate refused" in html and "points worse than float" in html
     assert not list(rundir.glob("*.kbundle"))
     assert _json(rundir / "config.json")["gate"]["max_accuracy_drop"] == 1.0
     assert _json(rundir / "evaluate" / "evaluate.json")["gate"]["drop_points"] > 10
@@ -275,4 +296,4 @@ def test_broken_quantization_is_refused_by_run_evaluate_package_and_report(digit
     with pytest.raises(GateError, match="evaluation gate failed: int8 accuracy .* points below"):
         pipeline.package(rundir, str(key), 1, bundle)
     rc, _out, _err = _cli(capsys, "report", str(rundir))
-    assert rc == 0 and "Gate: FAILED" in (rundir / "report" / "report.html").read_text()
+    assert rc == 0 and "Gate refused" in (rundir / "report" / "report.html").read_text()

@@ -1,0 +1,5 @@
+import sys
+
+from jetson.cli import main
+
+sys.exit(main())
