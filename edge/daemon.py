@@ -26,11 +26,9 @@ import argparse
 import json
 import logging
 import secrets
-import signal
 import sys
 import threading
 import time
-from types import FrameType
 from typing import Any, Optional, Tuple
 
 from edge import __version__, config
@@ -39,6 +37,7 @@ from edge.configcheck import check_model_loads, check_plausible, load_config, qu
 from edge.pipeline.loop import ModelHolder, Pipeline
 from edge.pipeline.sampler import Sampler
 from edge.sources import open_source
+from edge.stopsignals import StopSignals
 from edge.uplink.sink import FrameBuilder, SinkWorker
 from proto import kestrel_pb2
 from proto.clock import now_ms
@@ -75,6 +74,7 @@ class Daemon:
         self.stop_requested = threading.Event()
         self.hurry = threading.Event()  # a second signal: skip the drain and the flush
         self.signals = 0
+        self._signals_lock = threading.Lock()
         self.stats = Stats()
         self.publisher = Publisher(cfg.mqtt, cfg.spool, self.device_id, cfg.device.group, cfg.data_dir / "spool")
         self.sampler = Sampler(cfg.sampler, state_path=cfg.data_dir / RATE_STATE_FILE)
@@ -119,9 +119,12 @@ class Daemon:
                       self.sink_worker.pending)
 
     def request_stop(self, signame: str = "signal") -> None:
-        """Signal handler body: the first request stops gracefully, the next ones skip the waiting."""
-        self.signals += 1
-        if self.signals == 1:
+        """A stop signal (from edge.stopsignals' thread, never inside the handler) or a hung trial model: the
+        first request stops gracefully, the next ones skip the waiting."""
+        with self._signals_lock:
+            self.signals += 1
+            first = self.signals == 1
+        if first:
             log.info("received %s: stopping", signame)
         else:
             log.warning("received %s again: not waiting for queued frames or the broker "
@@ -268,13 +271,12 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError(f"{args.config}: " + "; ".join(problems))
     daemon = Daemon(cfg)
-
-    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
-        del frame
-        daemon.request_stop(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    code = daemon.run()
+    # The handler only writes to a pipe; request_stop (Event.set, logging) runs on a thread of its own: an
+    # Event.set() inside the handler can deadlock on the Event's lock (edge/stopsignals.py).
+    stops = StopSignals(daemon.request_stop).install()
+    try:
+        code = daemon.run()
+    finally:
+        stops.close()
     sys.stdout.flush()
     return code
