@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 from proto import tomlconf, topics
+from proto.hubcreds import is_loopback
 from proto.modelname import MODEL_NAME_RULE, valid_model_name
 from proto.tomlconf import field
 
@@ -310,6 +311,16 @@ class UpdateConfig:
                                     "another model is refused (wrong_model); `kestrel-edge install "
                                     "--new-model` switches models on purpose.")
     hub_grpc: str = field("", doc="host:port of the hub's gRPC registry for fetching bundles.")
+    tls: bool = field(True, doc="Fetch over TLS, verifying the hub's certificate with ca_file. false = plain "
+                                "text, for a hub's [grpc] plain_port on this machine only (a token is never "
+                                "sent in plain text to another host).")
+    ca_file: str = field("", doc="The fleet CA that signed the hub's gRPC certificate (the identity bundle's "
+                                 "ca.crt); empty = [mqtt] ca_file when [mqtt] tls is on, else the system's CAs. "
+                                 "A relative name is looked up in $CREDENTIALS_DIRECTORY first.")
+    token_file: str = field("", doc="File holding the device's hub token (role device: fetch only; the "
+                                    "identity bundle's grpc-token), read at every download; must not be "
+                                    "readable by everyone. A relative name is looked up in "
+                                    "$CREDENTIALS_DIRECTORY first. Empty = no token: the hub refuses the fetch.")
     grpc_targets: List[str] = field(doc="Other registry addresses (host:port) a desired-state message may "
                                         "name in grpc_target; any other address is ignored and hub_grpc is "
                                         "used.",
@@ -362,6 +373,11 @@ class UpdateConfig:
                                           "at boot (1: the first crash during a trial rolls back).")
 
     def validate(self) -> None:
+        if not self.tls and self.token_file:
+            for target in [self.hub_grpc, *self.grpc_targets]:
+                if target and not is_loopback(target):
+                    raise ValueError(f"tls = false would send the token in plain text to {target}: plain text is "
+                                     "only for a hub on this machine; set tls = true")
         if self.model_name and not valid_model_name(self.model_name):
             raise ValueError(f"model_name must be {MODEL_NAME_RULE} (the name bundles carry)")
         if not self.max_bundle_bytes >= 1024:
@@ -395,6 +411,11 @@ class EdgeConfig:
     @property
     def trust_dir(self) -> Path:
         return Path(self.update.trust_dir) if self.update.trust_dir else self.data_dir / "trust"
+
+    @property
+    def hub_ca_file(self) -> str:
+        """The CA a download verifies the hub with: [update] ca_file, else [mqtt] ca_file with [mqtt] tls."""
+        return self.update.ca_file or (self.mqtt.ca_file if self.mqtt.tls else "")
 
 
 def load(path: Union[str, Path, None]) -> EdgeConfig:

@@ -75,6 +75,13 @@ class _Snapshot(Collector):
         for reason, n in sorted((ing.get("rejected") or {}).items()):
             rejected.add_metric([reason], float(n))
         yield rejected
+        refused = CounterMetricFamily("kestrel_hub_grpc_refused", "gRPC calls refused before they ran, per "
+                                      "reason: unauthenticated (no or an unknown token), permission_denied (the "
+                                      "token's role may not), unavailable (the store could not be asked).",
+                                      labels=["reason"])
+        for reason, n in sorted((h.get("grpc", {}).get("refused") or {}).items()):
+            refused.add_metric([reason], float(n))
+        yield refused
         broker = h.get("broker", {})
         if "restarts" in broker:
             yield CounterMetricFamily("kestrel_hub_embedded_broker_restarts", "Embedded Mosquitto restarts.",

@@ -22,9 +22,8 @@ import json
 from pathlib import Path
 from typing import Any, List
 
-from hub.cli.fleet import _common, _ms, _msg_dict, print_table
+from hub.cli.fleet import _client, _common, _ms, _msg_dict, print_table
 from hub.errors import SecurityError
-from proto.hubclient import HubClient
 
 
 def add_devices_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,8 +31,8 @@ def add_devices_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", default="", help="only devices of this group")
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     ls = sub.add_parser("list", help="list the fleet's devices (the default)")
-    _common(ls)
-    ls.add_argument("--group", default="", help="only devices of this group")
+    _common(ls, suppress=True)
+    ls.add_argument("--group", default=argparse.SUPPRESS, help="only devices of this group")
     add = sub.add_parser("add", help="enrol a device: its identity bundle NAME.identity.tar")
     _config(add)
     add.add_argument("name", help="device id (its MQTT identity and topic segment)")
@@ -118,7 +117,7 @@ def _identity(d: Any) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    with HubClient(args.hub, args.timeout) as c:
+    with _client(args) as c:
         devs = c.list_devices(args.group)
     if args.json:
         print(json.dumps([_msg_dict(d) for d in devs], sort_keys=True))
