@@ -259,7 +259,8 @@ def run(out: Path, nar: Narrator) -> Dict[str, Any]:
         nar.say(f"on the {len(imgs) - len(set(sent_idx))} camera digits that were not sent: v1 "
                 f"{100 * acc1:.1f}%, v2 {100 * acc2:.1f}% (edge runtime, int8)")
 
-        nar.step(f"rollback: `kestrel-hub rollback --group {GROUP}`; the device returns to its own previous slot")
+        nar.step(f"rollback: `kestrel-hub rollback --group {GROUP}` (the operator's token); the device returns to its "
+                 "own previous slot")
         rb = loop.rollback()
         dev = loop.wait_device(1, "ROLLED_BACK", timeout=60)
         # since the hub issued it (its issued_ms, same clock), not since the command started

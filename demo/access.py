@@ -39,7 +39,7 @@ class HubAccess:
         if role not in self._files:
             self.dir.mkdir(mode=0o700, exist_ok=True)
             r = self.run_tool([sys.executable, "-m", "hub", "tokens", "--config", str(self.hub_config), "add",
-                               f"demo-{role}", "--role", role, "--json"], self.log)
+                               f"demo-{role}", "--role", role, "--json"], self.log, secret=True)
             token = json.loads(r.stdout.decode().strip().splitlines()[-1])["token"]
             path = self.dir / f"{role}.token"
             path.touch(mode=0o600)

@@ -105,7 +105,7 @@ class GrpcAuth(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships no t
             context.abort(who.code, who.detail)
             raise AssertionError("unreachable")  # pragma: no cover - abort raises
         if METHOD_PERMISSIONS.get(method) in (PUSH, DEPLOY):
-            log.info("gRPC %s by token %r (role %s)", method.rsplit("/", 1)[-1], who.name, who.role)
+            log.info("gRPC %s called by token %r (role %s)", method.rsplit("/", 1)[-1], who.name, who.role)
 
     def counts(self) -> Dict[str, int]:
         with self._lock:

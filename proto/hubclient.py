@@ -67,7 +67,7 @@ def wrap_rpc_error(exc: Any, what: str, hub: str, creds: Optional[Credentials] =
     detail = " ".join(str(exc.details() if hasattr(exc, "details") else exc).split())
     if name == "UNAUTHENTICATED" and creds is not None:
         if not creds.token:
-            detail += f" (no token was sent: {TOKEN_HELP})"
+            detail = f"no token was sent: give one with {TOKEN_HELP}"
         elif creds.token_file:
             detail += f" (the token of {creds.token_file})"
     if name in REFUSALS:
@@ -78,9 +78,9 @@ def wrap_rpc_error(exc: Any, what: str, hub: str, creds: Optional[Credentials] =
                            f"signed by {trusted} or does not name {hub.rpartition(':')[0] or hub}, or the port "
                            f"speaks no TLS; pass the hub's fleet CA: {CA_HELP}")
     if name == "UNAVAILABLE":
-        plain = " (or, with --plaintext, is it the TLS port?)" if creds is not None and creds.plaintext else ""
+        plain = " (with --plaintext: is it the TLS port?)" if creds is not None and creds.plaintext else ""
         return HubError(f"{what}: hub at {hub} is unreachable or cannot serve it ({detail}); is "
-                        f"`kestrel-hub serve` running and --hub right{plain}?")
+                        f"`kestrel-hub serve` running and --hub right?{plain}")
     if name == "DEADLINE_EXCEEDED":
         return HubError(f"{what}: hub at {hub} did not answer in time (deadline exceeded)")
     return HubError(f"{what} at hub {hub} failed ({name}): {detail}")

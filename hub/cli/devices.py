@@ -4,10 +4,10 @@
   reported and desired versions, whether its own desired state overrides its group's, the confidence
   threshold it reports in force, and its identity (enrolled in which group, revoked);
 * ``devices add NAME [--group G] [--password] [--out DIR] [--force]``: issue its identity (a client
-  certificate of the fleet CA and/or an MQTT password), record it as enrolled, write
+  certificate of the fleet CA and/or an MQTT password, a hub token of role device), record it as enrolled, write
   ``NAME.identity.tar`` (docs/security.md), regenerate the broker's ACL and reload it;
-* ``devices revoke NAME``: revoke its certificates (CRL), remove it from the ACL and the password
-  file, reload the broker: it cannot connect again;
+* ``devices revoke NAME``: revoke its certificates (CRL) and its hub token, remove it from the ACL and the
+  password file, reload the broker: it cannot connect again;
 * ``devices set-group NAME GROUP``: the group whose desired state it may read (ACL).
 
 add/revoke/set-group work on the hub's store and security directory directly (``--config
@@ -85,7 +85,7 @@ def run_devices(args: argparse.Namespace) -> int:
                    "password": e.password, "broker_reloaded": e.reloaded}
             text = (f"enrolled {args.name} in group {args.group}: {e.bundle} (certificate {e.serial}"
                     f"{', MQTT password' if e.password else ''}); {_reloaded(e.reloaded)}. The bundle holds "
-                    "the device's private key: move it to the device and delete it here.")
+                    "the device's private key and token: move it to the device and delete it here.")
         elif action == "revoke":
             rec, n, reloaded = enrol.revoke_device(cfg, sec, store, args.name)
             out = {"device_id": args.name, "certificates_revoked": n, "revoked_ms": rec.revoked_ms,

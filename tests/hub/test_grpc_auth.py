@@ -19,6 +19,7 @@ from typing import Any, Dict, List
 
 import grpc
 import pytest
+from cryptography import x509
 
 from hub import auth
 from hub.store.sqlite import SqliteStore
@@ -206,7 +207,12 @@ def test_clis_tls_errors_and_the_hubs_own_files(hub: Dict[str, Any]) -> None:
         assert token not in exposed
     assert 'kestrel_hub_grpc_refused_total{reason="unauthenticated"}' in seen[2]
     assert 'kestrel_hub_grpc_refused_total{reason="permission_denied"}' in seen[2]
-    assert "gRPC Deploy by token 't-operator' (role operator)" in seen[0]  # who did it, never the token
+    assert "gRPC Deploy called by token 't-operator' (role operator)" in seen[0]  # who did it, never the token
+    sec = hub["data"] / "security"
+    assert (sec / "grpc.key").stat().st_mode & 0o777 == 0o600  # the gRPC server's key: never world-readable
+    cert = x509.load_pem_x509_certificate((sec / "grpc.crt").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(n.value) for n in names} == {"127.0.0.1", "localhost"}  # the embedded defaults
 
 
 def test_a_store_of_device_tokens_only_still_gets_an_admin_token(tmp_path: Path) -> None:
