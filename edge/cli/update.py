@@ -28,6 +28,9 @@ from proto.bundle import read_bounded
 from proto.errors import ArtifactError
 
 WAIT_S = 30.0
+# How long install and rollback wait for the update lock: the running daemon holds it for a moment around a
+# hot swap or a commit; a download or self-test in progress holds it longer, and then the command says so.
+CLI_LOCK_WAIT_S = 10.0
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -75,7 +78,7 @@ def run_install(args: argparse.Namespace) -> int:
     path = Path(args.bundle)
     data = read_bounded(path, int(cfg.update.max_bundle_bytes))  # size checked before reading
     try:
-        with upd.locked():
+        with upd.locked(wait_s=CLI_LOCK_WAIT_S):
             running = daemon_running(upd.dir)  # under the update lock: the daemon takes it to boot
             slot = upd.prepare(data, source=f"file {path.name}", manual=True, new_model=args.new_model)
             del data
@@ -100,7 +103,7 @@ def run_rollback(args: argparse.Namespace) -> int:
     cfg = _load(args)
     upd = Updater.from_config(cfg)
     reason = "manual rollback (kestrel-edge rollback)"
-    with upd.locked():
+    with upd.locked(wait_s=CLI_LOCK_WAIT_S):
         running = daemon_running(upd.dir)
         try:
             target = upd.rollback_plan()  # the same rule the daemon applies (None: the factory model)

@@ -444,6 +444,54 @@ def test_cli_asks_running_daemon_to_hot_swap_and_roll_back(tmp_path, kp, models_
         dev.close()
 
 
+def test_cli_waits_briefly_for_the_update_lock_then_says_busy(tmp_path, kp, models_dir, monkeypatch,  # noqa: ANN001
+                                                               capsys):  # noqa: ANN001
+    """`kestrel-edge install` waits up to CLI_LOCK_WAIT_S for a lock the daemon holds for a moment (a hot
+    swap, a commit) instead of failing at once; held longer (a download), it is one line and exit 2."""
+    import threading
+
+    from edge.cli import update as updatecmd
+    from edge.updater.engine import Updater
+
+    cfgp = _toml(tmp_path, kp, trial_frames=0)
+    (tmp_path / "v1.kbundle").write_bytes(bundle(models_dir, kp, 1))
+    (tmp_path / "v2.kbundle").write_bytes(bundle(models_dir, kp, 2))
+    holder = Updater.from_config(config.load(cfgp))  # another holder of the lock (the daemon's worker)
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with holder.locked():
+            taken.set()
+            release.wait(10)
+
+    monkeypatch.setattr(updatecmd, "CLI_LOCK_WAIT_S", 5.0)
+    t = threading.Thread(target=hold)
+    t.start()
+    assert taken.wait(5)
+    timer = threading.Timer(0.3, release.set)  # the holder lets go while the command waits
+    timer.start()
+    try:
+        assert updatecmd.main(["install", str(tmp_path / "v1.kbundle"), "--config", str(cfgp)]) == 0
+    finally:
+        release.set()
+        t.join(5)
+    assert "installed brightness v1" in capsys.readouterr().out
+
+    release.clear()
+    taken.clear()
+    monkeypatch.setattr(updatecmd, "CLI_LOCK_WAIT_S", 0.2)
+    t = threading.Thread(target=hold)
+    t.start()
+    assert taken.wait(5)
+    try:
+        assert updatecmd.main(["install", str(tmp_path / "v2.kbundle"), "--config", str(cfgp)]) == 2
+    finally:
+        release.set()
+        t.join(5)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another update is being installed" in err[0], err
+
+
 # ---- desired state over MQTT + resumable gRPC fetch ------------------------------------------
 
 class _Registry:
