@@ -89,7 +89,8 @@ bench: setup test-models
 	$(VPY) -m tests.bench.run --out bench-out
 
 push-model: setup
-	$(VPY) -m trainer push-model $(if $(BUNDLE),--bundle $(BUNDLE)) $(if $(RUN),--run $(RUN)) $(if $(KEY),--key $(KEY)) $(if $(HUB),--hub $(HUB)) $(if $(VERSION),--version $(VERSION)) $(if $(DEPLOY),--deploy $(DEPLOY))
+	$(VPY) -m trainer push-model $(if $(BUNDLE),--bundle $(BUNDLE)) $(if $(RUN),--run $(RUN)) $(if $(KEY),--key $(KEY)) $(if $(HUB),--hub $(HUB)) $(if $(VERSION),--version $(VERSION)) $(if $(DEPLOY),--deploy $(DEPLOY)) \
+	  $(if $(TOKEN_FILE),--token-file $(TOKEN_FILE)) $(if $(DEPLOY_TOKEN_FILE),--deploy-token-file $(DEPLOY_TOKEN_FILE)) $(if $(CA),--ca-file $(CA))
 
 # Jetson images (docs/jetson.md). Shell + Python tools under jetson/, run with .venv's Python when it exists
 # (then no `setup` runs); without .venv, `setup` makes it first. NVIDIA's tools need root: sudo make ...

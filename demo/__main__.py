@@ -168,17 +168,25 @@ def run(out: Path, nar: Narrator) -> Dict[str, Any]:
                 f"log in with the admin token in {loop.hub_dir / 'admin-token'}")
         broker_pid = loop.broker_pid()
 
+        nar.step("tokens: `kestrel-hub tokens add demo-trainer --role trainer` (may push) and `... demo-operator "
+                 "--role operator` (may deploy and roll back); the hub keeps only their hashes")
+        _, took = _timed(lambda: [loop.access.token_file(role) for role in ("trainer", "operator")])
+        nar.say(f"{loop.access.dir}/trainer.token, operator.token (0600) in {took:.1f}s; every gRPC call is TLS "
+                f"(the hub's certificate checked with the fleet CA {loop.access.ca_file}) and carries one")
+
         nar.step(f"identity: `kestrel-hub devices add {DEVICE_ID} --group {GROUP}` (a client certificate of the "
-                 "hub's fleet CA, the fleet key that signs desired state, an edge.toml snippet)")
+                 "hub's fleet CA, a gRPC token of role device, the fleet key that signs desired state, an edge.toml "
+                 "snippet)")
         _, took = _timed(loop.enrol)
         nar.say(f"{loop.work / 'identity' / (DEVICE_ID + '.identity.tar')} (0600) in {took:.1f}s, unpacked into "
                 f"{loop.credentials} (the device's $CREDENTIALS_DIRECTORY); the broker's ACL now lets "
                 f"{DEVICE_ID} publish only on its own topics and read only group {GROUP!r}'s desired state")
 
-        nar.step(f"push v1: `make push-model RUN={r1.relative_to(out)} DEPLOY={GROUP}` (package + sign, "
-                 "push over gRPC, deploy)")
+        nar.step(f"push v1: `make push-model RUN={r1.relative_to(out)} DEPLOY={GROUP} TOKEN_FILE=... "
+                 "DEPLOY_TOKEN_FILE=...` (package + sign, push with the trainer's token, deploy with the operator's)")
         push = trainer("push-model", "--run", str(r1), "--hub", loop.grpc_target, "--key", str(priv),
-                       "--deploy", GROUP)
+                       "--deploy", GROUP, *loop.access.args("trainer"),
+                       "--deploy-token-file", str(loop.access.token_file("operator")))
         run_tool(push, log)
         t_deploy1 = time.monotonic()
         v1 = r1 / "model-v1.kbundle"
@@ -238,7 +246,8 @@ def run(out: Path, nar: Narrator) -> Dict[str, Any]:
         figures["train_v2_s"] = round(took, 1)
         nar.say(f"{took:.0f}s: {_stage_line(_evaluation(r2))}")
         run_tool(trainer("push-model", "--run", str(r2), "--hub", loop.grpc_target, "--key", str(priv),
-                         "--deploy", GROUP), log)
+                         "--deploy", GROUP, *loop.access.args("trainer"),
+                         "--deploy-token-file", str(loop.access.token_file("operator"))), log)
         t = time.monotonic()
         dev = loop.wait_device(2, "COMMITTED", timeout=90)
         figures["time_to_v2_s"] = round(time.monotonic() - t, 2)
@@ -252,7 +261,8 @@ def run(out: Path, nar: Narrator) -> Dict[str, Any]:
         nar.say(f"on the {len(imgs) - len(set(sent_idx))} camera digits that were not sent: v1 "
                 f"{100 * acc1:.1f}%, v2 {100 * acc2:.1f}% (edge runtime, int8)")
 
-        nar.step(f"rollback: `kestrel-hub rollback --group {GROUP}`; the device returns to its own previous slot")
+        nar.step(f"rollback: `kestrel-hub rollback --group {GROUP}` (the operator's token); the device returns to its "
+                 "own previous slot")
         rb = loop.rollback()
         dev = loop.wait_device(1, "ROLLED_BACK", timeout=60)
         # since the hub issued it (its issued_ms, same clock), not since the command started

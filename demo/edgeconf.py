@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 from hub.security.identity import CREDENTIALS_DIR, SECRET_MEMBERS, read_bundle
 from proto.tomlconf import tomllib
@@ -40,13 +40,19 @@ def unpack_identity(bundle: Path, credentials: Path) -> Dict[str, Any]:
             for table, section in snippet.items()}
 
 
-def identity_settings(identity: Dict[str, Any], fleet_pub: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """The [mqtt] and [update] settings the device takes from its unpacked identity: the broker, TLS files
-    and fleet keys. No identity (a hub on its quick-try opt-out, ``[security] tls = false``): the device
-    trusts the hub's fleet key ``fleet_pub`` directly, desired state stays signed."""
+UPDATE_KEYS = ("fleet_keys", "require_signed_desired", "tls", "ca_file", "token_file")
+
+
+def identity_settings(identity: Dict[str, Any], fleet_pub: Path,
+                      grpc_access: Callable[[], Tuple[str, str]]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The [mqtt] and [update] settings the device takes from its unpacked identity: the broker, TLS files,
+    fleet keys, the hub's CA and its gRPC token. No identity (a hub on its quick-try opt-out, ``[security]
+    tls = false``): the device trusts the hub's fleet key ``fleet_pub`` directly (desired state stays
+    signed) and fetches over TLS with ``grpc_access()`` = (CA file, token file of role device)."""
     if not identity:
-        return {}, {"fleet_keys": [str(fleet_pub)]}
-    update = {k: v for k, v in identity["update"].items() if k in ("fleet_keys", "require_signed_desired")}
+        ca_file, token_file = grpc_access()
+        return {}, {"fleet_keys": [str(fleet_pub)], "ca_file": ca_file, "token_file": token_file}
+    update = {k: v for k, v in identity["update"].items() if k in UPDATE_KEYS}
     return dict(identity["mqtt"]), update
 
 

@@ -29,6 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from demo.access import HubAccess
 from demo.edgeconf import identity_settings, toml_doc, unpack_identity
 from demo.procs import (
     REPO,
@@ -86,6 +87,7 @@ class Loop:
         self.edge_dir = self.work / "edge-data"
         self.credentials = self.work / "credentials"  # the device's identity, as systemd LoadCredential= passes it
         self.identity: Dict[str, Any] = {}  # the bundle's edge.toml snippet once enrolled
+        self.access = HubAccess(self.work, self.work / "hub.toml", self.tools_log, run_tool)  # tokens, CA
         self._client: Any = None
         self._store: Any = None
         self._procs: List[Proc] = []  # every process this loop started, in order
@@ -150,6 +152,7 @@ class Loop:
             return bool(self.health()[0] == 200)
 
         wait_for(healthy, timeout, interval=0.05, what="hub /healthz 200")
+        self.access.hub_started(self.hub_info)
         return self.hub_info
 
     @property
@@ -175,7 +178,7 @@ class Loop:
         if self._client is None:
             from proto.hubclient import HubClient
 
-            self._client = HubClient(self.grpc_target, timeout_s=30.0)
+            self._client = HubClient(self.grpc_target, timeout_s=30.0, creds=self.access.credentials("operator"))
         return self._client
 
     @property
@@ -189,7 +192,11 @@ class Loop:
 
     # ---- registry, fleet ----
     def push(self, data: bytes) -> Any:
-        return self.client.push(data)
+        """PushModel as the trainer (its token may push, nothing else; ``client`` is the operator's)."""
+        from proto.hubclient import HubClient
+
+        with HubClient(self.grpc_target, timeout_s=60.0, creds=self.access.credentials("trainer")) as trainer:
+            return trainer.push(data)
 
     def deploy(self, model_name: str, version: int) -> Any:
         return self.client.deploy(model_name, version, group=self.group)
@@ -197,7 +204,7 @@ class Loop:
     def rollback(self) -> Dict[str, Any]:
         """`kestrel-hub rollback --group GROUP`; its JSON answer (desired, topic)."""
         r = run_tool([sys.executable, "-m", "hub", "rollback", "--hub", self.grpc_target, "--group", self.group,
-                      "--json"], self.tools_log)
+                      "--json", *self.access.args("operator")], self.tools_log)
         return dict(json.loads(r.stdout.decode().strip().splitlines()[-1]))
 
     def device(self) -> Any:
@@ -245,7 +252,8 @@ class Loop:
         :meth:`enrol` when the hub's broker speaks TLS); callers add source and model."""
         if self.hub_info.get("mqtt_tls") and not self.identity:
             self.enrol()
-        id_mqtt, id_update = identity_settings(self.identity, self.hub_dir / "security" / "fleet.pub")
+        id_mqtt, id_update = identity_settings(self.identity, self.hub_dir / "security" / "fleet.pub",
+                                               lambda: (self.access.ca_file, str(self.access.token_file("device"))))
         mqtt = {"host": self.hub_info["mqtt_host"], "port": int(self.hub_info["mqtt_port"]), **id_mqtt,
                 "reconnect_min_s": 0.1, "reconnect_max_s": 1.0}
         update = {"trust_dir": str(self.trust_dir), "hub_grpc": self.grpc_target, "trial_frames": 20,

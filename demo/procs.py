@@ -144,8 +144,10 @@ class Proc:
         return int(self.popen.returncode)
 
 
-def run_tool(argv: Sequence[str], log: Path, timeout: float = 900.0) -> subprocess.CompletedProcess:
-    """Run one of our commands to completion (``python -m trainer ...``), appending its output to ``log``.
+def run_tool(argv: Sequence[str], log: Path, timeout: float = 900.0,
+             secret: bool = False) -> subprocess.CompletedProcess:
+    """Run one of our commands to completion (``python -m trainer ...``), appending its output to ``log``
+    (``secret``: its output holds a secret, e.g. a new token, and stays out of the log).
 
     A non-zero exit raises LoopError with the command's last line (its one-line error)."""
     with open(log, "ab") as fh:
@@ -163,7 +165,7 @@ def run_tool(argv: Sequence[str], log: Path, timeout: float = 900.0) -> subproce
                 proc.communicate()
             raise
         r = subprocess.CompletedProcess(list(argv), int(proc.returncode), out, None)
-        fh.write(r.stdout)
+        fh.write(b"(output not logged: it holds a secret)\n" if secret and r.returncode == 0 else r.stdout)
     if r.returncode != 0:
         text = r.stdout.decode(errors="replace")
         last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), "(no output)")

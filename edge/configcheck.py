@@ -16,7 +16,7 @@ from typing import List, Optional
 import cv2
 
 from edge import config
-from edge.credentials import credential_path, secret_file
+from edge.credentials import credential_path, read_secret, secret_file
 from edge.sources.gstreamer import preset_problems
 from edge.updater.factory import is_bundle_path, load_factory_model
 from proto.errors import ConfigError, KestrelError
@@ -66,6 +66,15 @@ def check_plausible(cfg: config.EdgeConfig) -> List[str]:
     for path in cfg.update.fleet_keys:
         if not Path(credential_path(path)).exists():
             problems.append(f"update.fleet_keys: {credential_path(path)} does not exist")
+    u = cfg.update
+    if u.enabled and u.hub_grpc:
+        if u.ca_file and not _readable(u.ca_file):
+            problems.append(f"update.ca_file: {credential_path(u.ca_file)} does not exist or is not readable")
+        if u.token_file:
+            try:
+                read_secret(u.token_file)
+            except ConfigError as exc:
+                problems.append(f"update.token_file: {exc}")
     return problems
 
 

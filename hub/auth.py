@@ -1,13 +1,16 @@
-"""API tokens and roles: who may read, label, deploy and administer (docs/dashboard.md, ADR 0016).
+"""API tokens and roles: one token system for the dashboard, its API and the gRPC services
+(docs/security.md "Tokens and roles", docs/dashboard.md, ADRs 0016 and 0019).
 
 A token is 32 random bytes (``kst_`` + URL-safe base64), shown once when it is made; the store keeps
 only its sha256 (hub/store/authrecords.py), so several hubs sharing a store share the tokens and a
 copy of the database lets nobody in. A slow password hash would add nothing: a token is not a
 password a person chose, and 256 random bits cannot be guessed from their hash.
 
-Roles are a table of permissions, not a ladder, so the fleet-security work can add roles that are not
-"more" than another (a ``trainer`` that may push models, a ``device`` that may fetch them) by adding
-rows. Today's four form a ladder: viewer < labeller < operator < admin.
+Roles are a table of permissions, not a ladder: the people's four form one (viewer < labeller <
+operator < admin), the machines' two are beside it: a ``trainer`` may push models (and list them, to
+pick the next version), a ``device`` may fetch them and nothing else (``kestrel-hub devices add``
+makes one per device, ``device.<NAME>``, for its identity bundle). The gRPC methods' permissions are
+in hub/grpc_auth.py.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from hub.errors import AuthError as AuthError  # defined in hub.errors, importab
 from hub.errors import ConfigError
 from hub.store.authrecords import TokenRecord
 from hub.store.base import Store
-from proto import atomic
+from proto import atomic, hubcreds
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +37,25 @@ READ = "read"          # see the fleet, frames, models, charts
 LABEL = "label"        # set and clear labels
 DEPLOY = "deploy"      # deploy and roll back
 ADMIN = "admin"        # manage tokens
+MODELS = "models"      # list the registry's model versions (gRPC ListModels)
+PUSH = "push"          # push a signed bundle into the registry (gRPC PushModel)
+FETCH = "fetch"        # download a bundle (gRPC FetchModel)
 
 ROLES: Dict[str, FrozenSet[str]] = {
-    "viewer": frozenset({READ}),
-    "labeller": frozenset({READ, LABEL}),
-    "operator": frozenset({READ, LABEL, DEPLOY}),
-    "admin": frozenset({READ, LABEL, DEPLOY, ADMIN}),
+    "viewer": frozenset({READ, MODELS}),
+    "labeller": frozenset({READ, LABEL, MODELS}),
+    "operator": frozenset({READ, LABEL, DEPLOY, MODELS}),
+    "admin": frozenset({READ, LABEL, DEPLOY, ADMIN, MODELS, PUSH, FETCH}),
+    "trainer": frozenset({PUSH, MODELS}),
+    "device": frozenset({FETCH}),
 }
+DEVICE_ROLE = "device"
+DEVICE_TOKEN_PREFIX = "device."  # + the device's name: the token `kestrel-hub devices add` makes
 TOKEN_PREFIX = "kst_"
 TOKEN_BYTES = 32
 ADMIN_TOKEN_FILE = "admin-token"   # in data_dir, 0600: the first admin token of a fresh store
 ADMIN_TOKEN_NAME = "admin"
-NAME_MAX = 64
+NAME_MAX = 80  # a device token's name is "device." + a device name of up to 64
 
 
 @dataclass(frozen=True)
@@ -117,11 +127,27 @@ def list_tokens(store: Store) -> List[TokenRecord]:
     return store.list_tokens()
 
 
+def device_token_name(device_id: str) -> str:
+    return DEVICE_TOKEN_PREFIX + device_id
+
+
+def replace_device_token(store: Store, device_id: str, clock: Callable[[], float] = time.time) -> str:
+    """A new ``device`` token for ``device_id`` (its previous one, if any, revoked); returns its text."""
+    name = device_token_name(device_id)
+    store.revoke_token(name, int(clock() * 1000))  # False when there was none: fine
+    return add_token(store, name, DEVICE_ROLE, clock)
+
+
+def revoke_device_token(store: Store, device_id: str, clock: Callable[[], float] = time.time) -> bool:
+    return bool(store.revoke_token(device_token_name(device_id), int(clock() * 1000)))
+
+
 def ensure_admin_token(store: Store, data_dir: Path, clock: Callable[[], float] = time.time) -> Optional[Path]:
-    """A store with no active token gets an admin token, written to ``<data_dir>/admin-token`` (0600);
-    returns that path when it made one, None when the store has an active token already (then the file,
-    if any, is left alone). The token itself is never logged."""
-    if any(t.active for t in store.list_tokens()):
+    """A store with no active token of a person (the devices' tokens of `kestrel-hub devices add` do not
+    count) gets an admin token, written to ``<data_dir>/admin-token`` (0600); returns that path when it
+    made one, None when the store has such a token already (then the file, if any, is left alone). The
+    token itself is never logged."""
+    if any(t.active and t.role != DEVICE_ROLE for t in store.list_tokens()):
         return None
     name = ADMIN_TOKEN_NAME  # a revoked "admin" is replaced (Store.add_token)
     token = new_token()
@@ -139,13 +165,6 @@ def ensure_admin_token(store: Store, data_dir: Path, clock: Callable[[], float] 
 
 
 def read_token_file(path: str) -> str:
-    """The token in a file (first line, stripped); ConfigError saying what is wrong otherwise."""
-    try:
-        text = Path(path).expanduser().read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read the token file {path}: {exc.strerror}") from exc
-    token = text.strip().splitlines()[0].strip() if text.strip() else ""
-    if not token.startswith(TOKEN_PREFIX):
-        raise ConfigError(f"{path} does not hold a hub token (one line starting with {TOKEN_PREFIX!r}; make one "
-                          "with `kestrel-hub tokens add NAME --role ROLE`)")
-    return token
+    """The token in a file (first line, stripped); ConfigError saying what is wrong otherwise
+    (proto.hubcreds.read_token_file, shared with kestrel-train)."""
+    return hubcreds.read_token_file(path)

@@ -176,15 +176,26 @@ class MqttSection:
 
 @dataclasses.dataclass
 class GrpcSection:
-    bind: str = field("127.0.0.1", doc="Address the gRPC registry and fleet services listen on.")
-    port: int = field(50051, doc="gRPC port; 0 = a free port (logged and written to <data_dir>/hub.json).")
+    bind: str = field("127.0.0.1", doc="Address the gRPC registry and fleet services listen on (TLS; 0.0.0.0 lets "
+                                       "devices and trainers on the network in: put the hub's names in tls_names).")
+    port: int = field(50051, doc="gRPC port (TLS with a certificate of the fleet CA; every call needs a token); "
+                                 "0 = a free port (logged and written to <data_dir>/hub.json).")
     advertise: str = field("", doc="host:port devices should fetch models from, sent in every DesiredState "
                                    "(grpc_target); empty = each device's own configured hub address.")
+    tls_names: List[str] = field(doc="Host names and IP addresses in the gRPC server's certificate (what clients "
+                                     "dial, advertise's host among them); empty = [security] broker_names.",
+                                 factory=list)
+    plain_port: int = field(0, doc="Also a plain-text gRPC port on 127.0.0.1 (local tools that cannot do TLS; "
+                                   "tokens are still required); 0 = none.")
     max_workers: int = field(8, doc="gRPC worker threads.")
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535 or self.max_workers < 1:
             raise ValueError("port must be 0..65535 and max_workers >= 1")
+        if not 0 <= self.plain_port <= 65535:
+            raise ValueError("plain_port must be 0..65535 (0 = none)")
+        if self.plain_port and self.plain_port == self.port:
+            raise ValueError("plain_port must differ from port")
 
 
 @dataclasses.dataclass

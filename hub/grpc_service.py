@@ -3,7 +3,10 @@
 Errors map to status codes with a one-line detail: refused pushes -> INVALID_ARGUMENT /
 FAILED_PRECONDITION / ALREADY_EXISTS (hub.registry.PushRefused.kind), unknown versions/devices ->
 NOT_FOUND, malformed requests -> INVALID_ARGUMENT, an unreachable store -> UNAVAILABLE.
-``server_options`` sets message size limits so the configured chunks fit.
+``server_options`` sets message size limits so the configured chunks fit. Every call passes the token
+check of hub/grpc_auth.py first (``make_server(..., auth=...)``); the port speaks TLS with a certificate of
+the fleet CA (``tls=(key PEM, certificate PEM)``), and a plain-text port exists only on a loopback
+address and only when asked for (``plain_port``, ``[grpc] plain_port``).
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import logging
 import threading
 import time
 from concurrent import futures
-from typing import Any, Iterator, List, NoReturn, Optional, Tuple
+from typing import Any, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 import grpc
 
-from hub.errors import NotFound
+from hub.errors import ConfigError, NotFound
 from hub.fleet import FleetService, NothingToRollBack, device_message
+from hub.grpc_auth import GrpcAuth
 from hub.registry import EXISTS, INVALID, PRECONDITION, PushRefused, Registry, model_version_message
 from proto import kestrel_pb2, kestrel_pb2_grpc
 from proto.errors import ArtifactError, KestrelError, TransportError
@@ -145,28 +149,50 @@ def add_services(server: grpc.Server, registry: Registry, fleet: Optional[FleetS
         kestrel_pb2_grpc.add_FleetServicer_to_server(FleetServicer(fleet), server)
 
 
-def make_server(registry: Registry, fleet: Optional[FleetService], bind: str = "127.0.0.1", port: int = 0,
-                max_workers: int = 8) -> Tuple[grpc.Server, int]:
-    """A started-ready (not yet started) server with both services; returns (server, bound port)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+LOOPBACK = "127.0.0.1"
+
+
+def make_server(registry: Registry, fleet: Optional[FleetService], bind: str = LOOPBACK, port: int = 0,
+                max_workers: int = 8, *, auth: GrpcAuth, tls: Optional[Tuple[bytes, bytes]],
+                plain_port: Optional[int] = None) -> Tuple[grpc.Server, int, int]:
+    """A start-ready (not yet started) server with both services behind ``auth``; returns (server, bound
+    port, bound plain port or 0). ``tls``: (private key PEM, certificate chain PEM) for ``bind:port``;
+    None = that port speaks plain text, allowed only on a loopback address (tests of the services).
+    ``plain_port`` (0 = a free one): a plain-text port more, always on 127.0.0.1."""
+    if tls is None and not _loopback(bind):
+        raise ConfigError(f"a plain-text gRPC port on {bind} would carry tokens in the clear: only on a loopback "
+                          "address")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=[auth],
                          options=server_options(registry.cfg.chunk_size))
     add_services(server, registry, fleet)
-    return server, bind_grpc(server, bind, port)
+    bound = bind_grpc(server, bind, port, tls)
+    plain = bind_grpc(server, LOOPBACK, plain_port, None, what="[grpc] plain_port") if plain_port is not None else 0
+    return server, bound, plain
 
 
-def bind_grpc(server: grpc.Server, bind: str, port: int) -> int:
-    """add_insecure_port with our error: grpcio raises RuntimeError (older versions return 0) when the
-    address is taken or cannot be bound."""
+def _loopback(bind: str) -> bool:
+    return bind in ("127.0.0.1", "localhost", "::1") or bind.startswith("127.")
+
+
+def server_credentials(tls: Tuple[bytes, bytes]) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials([tls])
+
+
+def bind_grpc(server: grpc.Server, bind: str, port: int, tls: Optional[Tuple[bytes, bytes]] = None,
+              what: str = "[grpc] port") -> int:
+    """add_secure_port (``tls``) or add_insecure_port with our error: grpcio raises RuntimeError (older
+    versions return 0) when the address is taken or cannot be bound."""
+    address = f"{bind}:{port}"
+    hint = f"is another hub running, or is the port taken? Set {what} (0 = any free port)"
     try:
-        bound = int(server.add_insecure_port(f"{bind}:{port}"))
+        bound = int(server.add_secure_port(address, server_credentials(tls)) if tls is not None
+                    else server.add_insecure_port(address))
     except RuntimeError as exc:
-        raise TransportError(f"cannot listen for gRPC on {bind}:{port} ({exc}): is another hub running, or "
-                             "is the port taken? Set [grpc] port (0 = any free port)") from exc
+        raise TransportError(f"cannot listen for gRPC on {address} ({exc}): {hint}") from exc
     if not bound:
-        raise TransportError(f"cannot listen for gRPC on {bind}:{port}: is another hub running, or is the "
-                             "port taken? Set [grpc] port (0 = any free port)")
+        raise TransportError(f"cannot listen for gRPC on {address}: {hint}")
     return bound
 
 
-__all__: List[Any] = ["add_services", "bind_grpc", "make_server", "server_options", "status_for",
-                      "RegistryServicer", "FleetServicer"]
+__all__: Sequence[Any] = ["add_services", "bind_grpc", "make_server", "server_options", "status_for",
+                          "RegistryServicer", "FleetServicer"]

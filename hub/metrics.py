@@ -78,6 +78,13 @@ class _Snapshot(Collector):
         for reason, n in sorted((ing.get("rejected") or {}).items()):
             rejected.add_metric([reason], float(n))
         yield rejected
+        refused = CounterMetricFamily("kestrel_hub_grpc_refused", "gRPC calls refused before they ran, per "
+                                      "reason: unauthenticated (no or an unknown token), permission_denied (the "
+                                      "token's role may not), unavailable (the store could not be asked).",
+                                      labels=["reason"])
+        for reason, n in sorted((h.get("grpc", {}).get("refused") or {}).items()):
+            refused.add_metric([reason], float(n))
+        yield refused
         broker = h.get("broker", {})
         yield CounterMetricFamily("kestrel_hub_mqtt_sessions_lost", "Connections on which the broker no longer had "
                                   "the hub's session (frames it held are gone; devices were asked to resend).",

@@ -4,6 +4,7 @@ Start order: the data folder's lock (hub.datadir: one hub per data folder; a sec
 holder's PID and changes nothing) -> store -> the fleet's security material (hub/security/: CA, fleet
 key, broker files) -> broker (embedded Mosquitto, TLS with the per-device ACL by default, or the
 configured one) -> ingest -> registry, fleet (deploys and rollbacks signed by the fleet key) and gRPC
+(TLS with a certificate of the fleet CA, a token of the right role on every call: hub/grpc_auth.py)
 -> the renewer of signed retained desired state and of the CRL -> HTTP (the dashboard, its API,
 /healthz, /metrics: hub/web/). The bound ports go to ``<data_dir>/hub.json`` (atomic write) and the
 log, so port 0 ("any free port") is usable by scripts and tests; ports the hub chose are kept in
@@ -66,6 +67,8 @@ class HubServer:
         self._housekeeping: Optional[threading.Thread] = None
         self.grpc_server: Any = None
         self.grpc_port = 0
+        self.grpc_plain_port = 0
+        self.grpc_auth: Any = None  # hub.grpc_auth.GrpcAuth
         self.registry: Any = None
         self.fleet: Any = None
         self.lock: Optional[DataDirLock] = None
@@ -97,6 +100,8 @@ class HubServer:
         self._start_http(ports.choose("http", cfg.http.port, cfg.http.bind))
         ports.keep("http", cfg.http.port, self.http.port)
         info = {"pid": os.getpid(), "http_port": self.http.port, "grpc_port": self.grpc_port,
+                "grpc_tls": True, "grpc_ca_file": str(self.security.ca_file),
+                "grpc_plain_port": self.grpc_plain_port,
                 "mqtt_host": target.host, "mqtt_port": target.port,
                 "mqtt_embedded": target.embedded, "mqtt_tls": target.tls,
                 "mqtt_ca_file": target.ca_file, "client_id": client_id, "store": cfg.store_url,
@@ -104,8 +109,10 @@ class HubServer:
         if self.admin_token_file is not None:
             info["admin_token_file"] = str(self.admin_token_file)
         atomic.write_text(cfg.data_dir / "hub.json", json.dumps(info, indent=1) + "\n")
-        log.info("kestrel-hub serving: dashboard http://%s:%d/, grpc %s:%d, mqtt %s:%d%s%s, store %s",
-                 cfg.http.bind, self.http.port, cfg.grpc.bind, self.grpc_port, target.host, target.port,
+        log.info("kestrel-hub serving: dashboard http://%s:%d/, grpc %s:%d TLS%s, mqtt %s:%d%s%s, store %s",
+                 cfg.http.bind, self.http.port, cfg.grpc.bind, self.grpc_port,
+                 f" (+ plain text on 127.0.0.1:{self.grpc_plain_port})" if self.grpc_plain_port else "",
+                 target.host, target.port,
                  " (embedded)" if target.embedded else "", " TLS" if target.tls else "", self.store)
         return self
 
@@ -145,19 +152,27 @@ class HubServer:
                         "expires", path)
 
     def _start_grpc(self, port: int) -> None:
-        """Registry + fleet from hub.registry / hub.fleet / hub.grpc_service (helper F2's modules)."""
+        """Registry + fleet (hub.registry, hub.fleet) on gRPC (hub.grpc_service) on ``port`` (kept across
+        restarts): TLS with the hub's gRPC certificate of the fleet CA, every call's token checked
+        (hub.grpc_auth), a plain-text port on 127.0.0.1 only with [grpc] plain_port."""
+        from hub.auth import authenticate
         from hub.fleet import FleetService
+        from hub.grpc_auth import GrpcAuth
         from hub.grpc_service import make_server
         from hub.registry import Registry
 
-        assert self.store is not None
+        store = self.store
+        assert store is not None
         cfg = self.cfg
-        self.registry = Registry(self.store, cfg.registry, cfg.data_dir)
-        self.fleet = FleetService(self.store, self.registry, self.publish_retained,
+        self.registry = Registry(store, cfg.registry, cfg.data_dir)
+        self.fleet = FleetService(store, self.registry, self.publish_retained,
                                   grpc_target=cfg.grpc.advertise, signer=self.security.signer)
-        server, bound = make_server(self.registry, self.fleet, cfg.grpc.bind, port, cfg.grpc.max_workers)
+        self.grpc_auth = GrpcAuth(lambda token: authenticate(store, token))
+        server, bound, plain = make_server(self.registry, self.fleet, cfg.grpc.bind, port,
+                                           cfg.grpc.max_workers, auth=self.grpc_auth, tls=self.security.grpc_tls(),
+                                           plain_port=cfg.grpc.plain_port or None)
         server.start()
-        self.grpc_server, self.grpc_port = server, bound
+        self.grpc_server, self.grpc_port, self.grpc_plain_port = server, bound, plain
 
     def _start_http(self, port: int) -> None:
         from hub import __version__
@@ -241,8 +256,9 @@ class HubServer:
             broker.update(running=self.embedded.running, restarts=self.embedded.restarts)
         ok = store["ok"] and broker["connected"] and not ingest.get("paused") \
             and bool(ingest.get("threads_alive"))
-        return {"ok": ok, "store": store, "broker": broker, "ingest": ingest,
-                "grpc": {"port": self.grpc_port, "running": self.grpc_server is not None}}
+        grpc = {"port": self.grpc_port, "running": self.grpc_server is not None, "tls": True,
+                "refused": self.grpc_auth.counts() if self.grpc_auth is not None else {}}
+        return {"ok": ok, "store": store, "broker": broker, "ingest": ingest, "grpc": grpc}
 
 
 def housekeep(store: Store, retention_h: float, now: int) -> Tuple[int, int]:

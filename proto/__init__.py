@@ -2,7 +2,8 @@
 
 * the wire: ``kestrel.proto`` (every MQTT payload and gRPC service) and its generated modules
   ``kestrel_pb2`` / ``kestrel_pb2_grpc``; the MQTT topics (``topics``); the hub's gRPC client
-  (``hubclient``, used by kestrel-hub, kestrel-train and the demo);
+  (``hubclient``, used by kestrel-hub, kestrel-train, the demo and the device's download) and where
+  its token and CA come from (``hubcreds``);
 * the bundle: the signed container (``bundle_container``), its manifest (``manifest``), verification
   and staging (``bundle``), Ed25519 keys (``keys``), model names (``modelname``) and the model's
   input spec (``inputspec``);

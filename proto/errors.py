@@ -71,6 +71,12 @@ class HubRefused(ArtifactError):
         self.detail = detail
 
 
+class HubTlsError(ArtifactError):
+    """The TLS handshake with the hub failed: its certificate is not signed by the CA we were given (or does
+    not name the address we dialled, or the port speaks no TLS). The CA file or the address is wrong:
+    retrying will not help (exit 2; docs/security.md)."""
+
+
 class HubError(TransportError):
     """The hub's gRPC service is unreachable or answered with an error."""
 

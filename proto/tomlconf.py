@@ -161,3 +161,17 @@ def describe(cls: Type[Any], prefix: str = "") -> List[str]:
             f"{f.metadata.get('doc', '')}"
         )
     return lines
+
+
+def require_positive(obj: object, *names: str) -> None:
+    """For a section's ``validate``: each named field must be > 0 (ValueError naming it otherwise)."""
+    for n in names:
+        if not getattr(obj, n) > 0:
+            raise ValueError(f"{n} must be > 0, not {getattr(obj, n)!r}")
+
+
+def require_not_negative(obj: object, *names: str) -> None:
+    """For a section's ``validate``: each named field must be >= 0; NaN (TOML's nan) fails this too."""
+    for n in names:
+        if not getattr(obj, n) >= 0:
+            raise ValueError(f"{n} must be >= 0, not {getattr(obj, n)!r}")

@@ -167,6 +167,7 @@ NANO_EXPECTED: Dict[str, Tuple[str, int, str, str]] = {  # path -> (kind, mode, 
     "etc/kestrel/credentials/device.crt": ("f", 0o644, "root", "root"),
     "etc/kestrel/credentials/device.key": ("f", 0o640, "root", "kestrel"),  # systemd 237: no LoadCredential
     "etc/kestrel/credentials/mqtt-password": ("f", 0o640, "root", "kestrel"),
+    "etc/kestrel/credentials/grpc-token": ("f", 0o640, "root", "kestrel"),  # its hub token: fetch only
     "etc/kestrel/credentials/fleet.pub": ("f", 0o644, "root", "root"),  # the hub's desired-state key (public)
     "etc/systemd/system/kestrel-edge.service": ("f", 0o644, "root", "root"),
     "etc/systemd/system/kestrel-firstboot.service": ("f", 0o644, "root", "root"),
@@ -218,6 +219,9 @@ def test_overlay_tarball_records_every_file_mode_and_owner(tmp_path: Path, input
     assert cfg.mqtt.tls and cfg.mqtt.port == 8883 and cfg.mqtt.cert_file == "/etc/kestrel/credentials/device.crt"
     assert cfg.update.fleet_keys == ["/etc/kestrel/credentials/fleet.pub"] and cfg.update.require_signed_desired
     assert cfg.update.hub_grpc == "hub.example.net:50051"
+    # models come over TLS verified with the fleet CA, with the device's own token (role device)
+    assert cfg.update.tls and cfg.update.ca_file == "/etc/kestrel/credentials/ca.crt"
+    assert cfg.update.token_file == "/etc/kestrel/credentials/grpc-token"
     assert cfg.source.preset == "csi" and "# csi: nvarguscamerasrc" in toml  # the template's comments stay
     assert "KESTREL_PYTHON=/usr/bin/python3.8" in env and "KESTREL_REQUIREMENT='kestrel[edge,tflite-runtime]" in env
     assert "sudo systemd-sysusers" in r.stdout
@@ -226,14 +230,16 @@ def test_overlay_tarball_records_every_file_mode_and_owner(tmp_path: Path, input
 def test_orin_gets_its_secrets_through_load_credential(scratch_root: Path, inputs, wheelhouse) -> None:  # noqa: ANN001
     write_overlay(scratch_root, "jetson-orin-nano", inputs, wheelhouse)
     creds = scratch_root / "etc/kestrel/credentials"
-    for secret in ("device.key", "mqtt-password"):
+    for secret in ("device.key", "mqtt-password", "grpc-token"):
         st = (creds / secret).stat()
         assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o600, 0, 0), secret  # root only: systemd reads it
     dropin = (scratch_root / "etc/systemd/system/kestrel-edge.service.d/credentials.conf").read_text()
     assert "LoadCredential=device.key:/etc/kestrel/credentials/device.key" in dropin
     assert "LoadCredential=mqtt-password:/etc/kestrel/credentials/mqtt-password" in dropin
+    assert "LoadCredential=grpc-token:/etc/kestrel/credentials/grpc-token" in dropin
     cfg = config.load(scratch_root / "etc/kestrel/edge.toml")
     assert cfg.mqtt.key_file == "device.key" and cfg.mqtt.password_file == "mqtt-password"  # $CREDENTIALS_DIRECTORY
+    assert cfg.update.token_file == "grpc-token"
     assert cfg.mqtt.cert_file == "/etc/kestrel/credentials/device.crt"  # public: read where it is
     assert cfg.update.fleet_keys == ["/etc/kestrel/credentials/fleet.pub"]  # public too
     assert "fleet.pub" not in dropin

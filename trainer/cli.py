@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from proto.errors import DEBUG_HELP, ArtifactError, run_command
+from proto.hubcreds import quiet_grpc_core
 from trainer.config import ARCHS
 
 # flag dest -> config field
@@ -33,6 +34,26 @@ OVERRIDES: Dict[str, str] = {
 DEFAULT_HUB = "127.0.0.1:50051"  # proto.hubclient.DEFAULT_HUB, not imported: it loads grpc (~0.1 s a command)
 DEFAULT_KEY = "keys/signing.key"
 RUNS_DIR = "runs"
+
+
+def _hub_credentials(p: argparse.ArgumentParser) -> None:
+    """The token and the CA a push connects with (proto.hubcreds: flag, environment, ~/.config/kestrel/)."""
+    from proto import hubcreds
+
+    p.add_argument("--token-file", default="", help=f"file with a hub token of role trainer (default: "
+                                                    f"${hubcreds.TOKEN_ENV}, else "
+                                                    f"~/.config/kestrel/{hubcreds.TOKEN_NAME})")
+    p.add_argument("--ca-file", default="", help=f"the fleet CA that signed the hub's certificate (default: "
+                                                 f"${hubcreds.CA_ENV}, else ~/.config/kestrel/{hubcreds.CA_NAME})")
+    p.add_argument("--plaintext", action="store_true", help="no TLS: the hub's [grpc] plain_port on this machine")
+
+
+def _hub(args: argparse.Namespace, token_file: str = "") -> Any:
+    from proto import hubcreds
+    from proto.hubclient import HubClient
+
+    creds = hubcreds.load(token_file or args.token_file, args.ca_file, args.plaintext)
+    return HubClient(args.hub, creds=creds)
 
 
 def _progress(args: argparse.Namespace) -> Any:
@@ -121,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     pu = sub.add_parser("push", help="push a bundle to the hub's model registry")
     pu.add_argument("bundle")
     pu.add_argument("--hub", default=DEFAULT_HUB, help=f"host:port of the hub's gRPC (default {DEFAULT_HUB})")
+    _hub_credentials(pu)
 
     pm = sub.add_parser("push-model", help="package the latest run (or take --bundle), push, optionally deploy")
     pm.add_argument("--bundle")
@@ -129,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--key", default=os.environ.get("KESTREL_SIGNING_KEY", DEFAULT_KEY))
     pm.add_argument("--run", help=f"run dir (default: newest under ./{RUNS_DIR})")
     pm.add_argument("--deploy", help="fleet group to deploy to, or device:ID")
+    _hub_credentials(pm)
+    pm.add_argument("--deploy-token-file", default="",
+                    help="with --deploy: a token that may deploy (role operator or admin), when --token-file's "
+                         "may only push (role trainer); default: the --token-file one")
 
     dg = sub.add_parser("digits", help="write sklearn's bundled digits as a class-folder data set (demo/tests)")
     dg.add_argument("--out", required=True)
@@ -277,10 +303,9 @@ def _read_bundle(path: str) -> bytes:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from proto.hubclient import HubClient
     from trainer.push import describe
 
-    with HubClient(args.hub) as client:
+    with _hub(args) as client:
         res = client.push(_read_bundle(args.bundle))
     print(f"pushed {describe(res)} to {args.hub}")
     return 0
@@ -295,12 +320,11 @@ def latest_run(root: Path = Path(RUNS_DIR)) -> Path:
 
 
 def cmd_push_model(args: argparse.Namespace) -> int:
-    from proto.hubclient import HubClient
     from trainer import pipeline
-    from trainer.push import deploy_target, describe, latest_version
+    from trainer.push import deploy, describe, latest_version
     from trainer.rundir import run_config
 
-    with HubClient(args.hub) as client:
+    with _hub(args) as client:
         if args.bundle:
             data = _read_bundle(args.bundle)
             from proto.bundle import read_manifest_unverified
@@ -323,7 +347,11 @@ def cmd_push_model(args: argparse.Namespace) -> int:
         res = client.push(data)
         print(f"pushed {describe(res)} to {args.hub}")
         if args.deploy:
-            d = client.deploy(name, version, **deploy_target(args.deploy))
+            if args.deploy_token_file:
+                with _hub(args, args.deploy_token_file) as deployer:
+                    d = deploy(deployer, name, version, args.deploy)
+            else:
+                d = deploy(client, name, version, args.deploy)
             print(f"deployed {name} v{version} to {args.deploy} (topic {d.topic})")
     return 0
 
@@ -351,6 +379,7 @@ HANDLERS = {"run": cmd_run, "ingest": cmd_ingest, "train": cmd_stage, "optimize"
 
 def main(argv: Optional[List[str]] = None) -> int:
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    quiet_grpc_core()  # before anything imports grpc
     args = build_parser().parse_args(argv)
     quiet: Any = contextlib.nullcontext()
     if not args.verbose:

@@ -24,6 +24,20 @@ def deploy_target(target: str) -> Dict[str, str]:
     return {"group": target}
 
 
+def deploy(client: Any, model_name: str, version: int, target: str) -> Any:
+    """Deploy what was just pushed; a token that may push but not deploy (role trainer) gets a hint."""
+    from proto.errors import HubRefused
+
+    try:
+        return client.deploy(model_name, version, **deploy_target(target))
+    except HubRefused as exc:
+        if exc.code != "PERMISSION_DENIED":
+            raise
+        raise HubRefused(exc.code, f"{exc.detail}; {model_name} v{version} is pushed: deploy it with a token of role "
+                                   "operator (--deploy-token-file, make push-model DEPLOY_TOKEN_FILE=) or "
+                                   "`kestrel-hub deploy`", "Deploy") from exc
+
+
 def describe(result: Optional[Any]) -> str:
     if result is None:
         return ""

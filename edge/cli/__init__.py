@@ -15,6 +15,7 @@ from typing import List, Optional
 
 from edge import __version__
 from proto.errors import DEBUG_HELP, run_command
+from proto.hubcreds import quiet_grpc_core
 
 # cryptography warns on every import under Python 3.8 (still the JetPack 4.6/5 Python); the
 # device has no other Python, so the warning is noise that breaks "one clear line" errors.
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    quiet_grpc_core()  # before anything imports grpc
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

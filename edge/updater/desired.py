@@ -44,9 +44,11 @@ class DesiredFollower:
 
     def __init__(self, update: UpdateConfig, updater: Updater, *, queue_desired: Callable[[Any], None],
                  switch: Callable[..., None], rollback: Callable[[str], bool], stop: threading.Event,
-                 on_refused: Optional[Callable[[str], None]] = None) -> None:
-        """``on_refused(reason)`` counts a message the gate refused (telemetry, Prometheus)."""
+                 on_refused: Optional[Callable[[str], None]] = None, mqtt_ca_file: str = "") -> None:
+        """``on_refused(reason)`` counts a message the gate refused (telemetry, Prometheus);
+        ``mqtt_ca_file``: the CA downloads verify the hub with when [update] ca_file is empty."""
         self.update_cfg = update
+        self.ca_file = update.ca_file or mqtt_ca_file
         self.updater = updater
         self.gate = DesiredGate(update, updater.state, updater.clock, on_refused)
         self._queue_desired = queue_desired
@@ -124,7 +126,7 @@ class DesiredFollower:
         return str(u.hub_grpc or "")
 
     def _fetch_and_install(self, desired: Any) -> None:
-        from edge.updater.fetch import fetch_bundle
+        from edge.updater.fetch import credentials, fetch_bundle
         from proto.bundle import read_bounded
 
         name, version = desired.model_name, int(desired.version)
@@ -134,9 +136,10 @@ class DesiredFollower:
             self.updater._transition(st.DOWNLOADING, reason=f"from {target or '(no hub address)'}",
                                      model_name=name, target_version=version)
             try:
+                creds = credentials(u.tls, self.ca_file, u.token_file)  # read now: a rotated token counts
                 part = fetch_bundle(target, name, version, downloads=self.updater.downloads,
                                     sha256=desired.sha256, size=int(desired.size),
-                                    max_bundle_bytes=u.max_bundle_bytes, stop=self._stop)
+                                    max_bundle_bytes=u.max_bundle_bytes, stop=self._stop, creds=creds)
                 data = read_bounded(part, u.max_bundle_bytes)
                 part.unlink()
             except (KestrelError, OSError) as exc:

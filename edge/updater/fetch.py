@@ -6,6 +6,12 @@ sha256 from the desired state (or the server's, when the desired state has none)
 than ``max_bundle_bytes`` are refused before a byte is downloaded when the size is announced, and
 in any case as soon as the bytes received pass it. The signature is checked later by
 proto.bundle.verify_bundle; this layer only moves bytes.
+
+The channel is TLS, verifying the hub's certificate with the fleet CA (``[update] ca_file``, else
+``[mqtt] ca_file``), and every call carries the device's token (``[update] token_file``, role
+``device``: fetch only), both read at every download (a rotated token needs no restart). A refused
+token or a failed TLS handshake ends the download at once (no quick retries: the hub's answer will
+not change in seconds), as a HubError the follower retries later.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import Any, BinaryIO, Optional
 
+from edge.credentials import credential_path, read_secret
 from edge.errors import FetchError
-from proto.errors import BundleError, HubError
+from proto.errors import BundleError, ConfigError, HubError
+from proto.hubcreds import Credentials
 
 log = logging.getLogger("kestrel.updater")
 
@@ -40,6 +48,38 @@ def _sha256_file(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
+
+
+def credentials(tls: bool, ca_file: str, token_file: str) -> Credentials:
+    """What a download connects with: the token of ``token_file`` and the CA certificates of ``ca_file``
+    (each looked up in $CREDENTIALS_DIRECTORY first when relative); ConfigError naming a bad file."""
+    token = read_secret(token_file) or ""
+    if not tls:
+        return Credentials(token=token, token_file=token_file, plaintext=True)
+    ca_pem = None
+    if ca_file:
+        path = credential_path(ca_file)
+        try:
+            ca_pem = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"[update] ca_file: cannot read {path}: {exc.strerror}") from exc
+    return Credentials(token=token, token_file=token_file, ca_pem=ca_pem, ca_file=ca_file)
+
+
+def _final(exc: Any, target: str, creds: Credentials) -> Optional[HubError]:
+    """A HubError that ends the download now (a refused token, a failed TLS handshake), else None."""
+    from proto.hubclient import tls_failure, tls_reason
+
+    code = exc.code() if hasattr(exc, "code") else None
+    name = getattr(code, "name", "")
+    detail = " ".join(str(exc.details() if hasattr(exc, "details") else exc).split())
+    if name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return HubError(f"the hub at {target} refused our token ({name}: {detail}); check [update] token_file "
+                        f"({creds.token_file or 'not set'}: the identity bundle's grpc-token, role device)")
+    if name == "UNAVAILABLE" and not creds.plaintext and tls_failure(detail):
+        return HubError(f"TLS with the hub at {target} failed ({tls_reason(detail)}): its certificate is not "
+                        f"signed by {creds.ca_file or 'the system CAs'} or does not name it; check [update] ca_file")
+    return None
 
 
 def _too_large(name: str, version: int, n: int, limit: int) -> BundleError:
@@ -65,8 +105,9 @@ def _open_append(part: Path) -> BinaryIO:
 
 def fetch_bundle(target: str, name: str, version: int, *, downloads: Path, sha256: str = "", size: int = 0,
                  max_bundle_bytes: int, attempts: int = 5, chunk_size: int = 0,
-                 stop: Optional[threading.Event] = None) -> Path:
-    """Download bundle ``name`` v``version`` from ``target`` (host:port); return the complete file.
+                 stop: Optional[threading.Event] = None, creds: Optional[Credentials] = None) -> Path:
+    """Download bundle ``name`` v``version`` from ``target`` (host:port) with ``creds`` (None: no token,
+    TLS with the system's CAs); return the complete file.
 
     The size limit is enforced on every chunk (whatever the server announces), a resumed download
     whose whole-file hash does not match is discarded and fetched once more from the start (the
@@ -75,6 +116,10 @@ def fetch_bundle(target: str, name: str, version: int, *, downloads: Path, sha25
     import grpc
 
     from proto import kestrel_pb2, kestrel_pb2_grpc
+    from proto.hubclient import call_metadata, channel
+
+    creds = creds if creds is not None else Credentials()
+    metadata = call_metadata(creds.token)
 
     if size and size > max_bundle_bytes:
         raise BundleError(f"bundle {name} v{version} is {size} bytes, over max_bundle_bytes "
@@ -101,12 +146,12 @@ def fetch_bundle(target: str, name: str, version: int, *, downloads: Path, sha25
         resumed = offset > 0
         total = size
         try:
-            with grpc.insecure_channel(target) as channel:
-                stub = kestrel_pb2_grpc.ModelRegistryStub(channel)
+            with channel(target, creds) as ch:
+                stub = kestrel_pb2_grpc.ModelRegistryStub(ch)
                 req = kestrel_pb2.FetchRequest(model_name=name, version=int(version), offset=offset,
                                                chunk_size=chunk_size)
                 with _open_append(part) as fh:
-                    for chunk in stub.FetchModel(req, timeout=STREAM_TIMEOUT_S):
+                    for chunk in stub.FetchModel(req, timeout=STREAM_TIMEOUT_S, metadata=metadata):
                         if chunk.total_size:
                             announced = int(chunk.total_size)
                             if announced > max_bundle_bytes:
@@ -137,6 +182,9 @@ def fetch_bundle(target: str, name: str, version: int, *, downloads: Path, sha25
             code = exc.code() if hasattr(exc, "code") else None
             if code == grpc.StatusCode.NOT_FOUND:
                 raise BundleError(f"the hub has no bundle {name} v{version}", reason="not_found") from exc
+            final = _final(exc, target, creds)
+            if final is not None:
+                raise final from exc
             last_exc = exc
             log.warning("fetch %s v%s interrupted at %d bytes (%s); resuming", name, version,
                         part.stat().st_size if part.exists() else 0, code)

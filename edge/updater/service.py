@@ -58,9 +58,10 @@ def criteria_from(u: UpdateConfig) -> TrialCriteria:
 class UpdateService:
     def __init__(self, update: UpdateConfig, model: ModelConfig, device: DeviceConfig, data_dir: Path,
                  trust_dir: Path, *, configured_threshold: Optional[float], publisher: Optional[Publisher],
-                 holder: Any, stats: Any) -> None:
+                 holder: Any, stats: Any, mqtt_ca_file: str = "") -> None:
         """``configured_threshold``: [sampler] confidence_threshold (None: each model's default), the
-        threshold a trial is judged by when set."""
+        threshold a trial is judged by when set; ``mqtt_ca_file``: the CA downloads verify the hub with
+        when [update] ca_file is empty (EdgeConfig.hub_ca_file)."""
         self.update_cfg = update
         self.model_cfg = model
         self.device_id = device.resolved_id
@@ -85,13 +86,13 @@ class UpdateService:
         self.on_stall: Optional[Callable[[str], None]] = None
         self.desired = DesiredFollower(update, self.updater, queue_desired=lambda d: self._q.put(("desired", d)),
                                        switch=self._switch, rollback=self._rollback, stop=self._stop,
-                                       on_refused=getattr(stats, "desired_refused", None))
+                                       on_refused=getattr(stats, "desired_refused", None), mqtt_ca_file=mqtt_ca_file)
 
     @classmethod
     def from_config(cls, cfg: EdgeConfig, publisher: Optional[Publisher], holder: Any, stats: Any) -> UpdateService:
         return cls(cfg.update, cfg.model, cfg.device, cfg.data_dir, cfg.trust_dir,
                    configured_threshold=cfg.sampler.confidence_threshold, publisher=publisher, holder=holder,
-                   stats=stats)
+                   stats=stats, mqtt_ca_file=cfg.hub_ca_file)
 
     # ---- daemon seam ----
     def boot_model(self) -> Optional[Any]:

@@ -15,6 +15,7 @@ from typing import List, Optional
 
 from hub import __version__
 from proto.errors import DEBUG_HELP, run_command
+from proto.hubcreds import quiet_grpc_core
 
 # subcommand -> (module, help)
 COMMANDS = {
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    quiet_grpc_core()  # before anything imports grpc
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--hub", default=None if required else os.environ.get(URL_ENV, DEFAULT_URL), metavar="URL",
                    help=f"the hub's HTTP address (default ${URL_ENV} or {DEFAULT_URL})")
     p.add_argument("--token-file", default=os.environ.get(TOKEN_FILE_ENV, ""), metavar="FILE",
-                   help=f"file holding an API token (default ${TOKEN_FILE_ENV}); `kestrel-hub tokens add` makes one")
+                   help=f"file holding an API token (default ${TOKEN_FILE_ENV}, else ~/.config/kestrel/hub-token); "
+                        "`kestrel-hub tokens add` makes one")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per request")
 
 
@@ -42,8 +43,10 @@ class HubApi:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> HubApi:
         from hub.auth import read_token_file
-        token = read_token_file(args.token_file) if args.token_file else ""
-        return cls(args.hub, token, args.timeout)
+        from proto.hubcreds import find_token_file
+
+        path = find_token_file(args.token_file)  # the flag, $KESTREL_HUB_TOKEN_FILE, ~/.config/kestrel/hub-token
+        return cls(args.hub, read_token_file(path) if path else "", args.timeout)
 
     def __enter__(self) -> HubApi:
         return self

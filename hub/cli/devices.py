@@ -4,10 +4,10 @@
   reported and desired versions, whether its own desired state overrides its group's, the confidence
   threshold it reports in force, and its identity (enrolled in which group, revoked);
 * ``devices add NAME [--group G] [--password] [--out DIR] [--force]``: issue its identity (a client
-  certificate of the fleet CA and/or an MQTT password), record it as enrolled, write
+  certificate of the fleet CA and/or an MQTT password, a hub token of role device), record it as enrolled, write
   ``NAME.identity.tar`` (docs/security.md), regenerate the broker's ACL and reload it;
-* ``devices revoke NAME``: revoke its certificates (CRL), remove it from the ACL and the password
-  file, reload the broker: it cannot connect again;
+* ``devices revoke NAME``: revoke its certificates (CRL) and its hub token, remove it from the ACL and the
+  password file, reload the broker: it cannot connect again;
 * ``devices set-group NAME GROUP``: the group whose desired state it may read (ACL).
 
 add/revoke/set-group work on the hub's store and security directory directly (``--config
@@ -22,9 +22,8 @@ import json
 from pathlib import Path
 from typing import Any, List
 
-from hub.cli.fleet import _common, _ms, _msg_dict, print_table
+from hub.cli.fleet import _client, _common, _ms, _msg_dict, print_table
 from hub.errors import SecurityError
-from proto.hubclient import HubClient
 
 
 def add_devices_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,8 +31,8 @@ def add_devices_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", default="", help="only devices of this group")
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     ls = sub.add_parser("list", help="list the fleet's devices (the default)")
-    _common(ls)
-    ls.add_argument("--group", default="", help="only devices of this group")
+    _common(ls, suppress=True)
+    ls.add_argument("--group", default=argparse.SUPPRESS, help="only devices of this group")
     add = sub.add_parser("add", help="enrol a device: its identity bundle NAME.identity.tar")
     _config(add)
     add.add_argument("name", help="device id (its MQTT identity and topic segment)")
@@ -86,7 +85,7 @@ def run_devices(args: argparse.Namespace) -> int:
                    "password": e.password, "broker_reloaded": e.reloaded}
             text = (f"enrolled {args.name} in group {args.group}: {e.bundle} (certificate {e.serial}"
                     f"{', MQTT password' if e.password else ''}); {_reloaded(e.reloaded)}. The bundle holds "
-                    "the device's private key: move it to the device and delete it here.")
+                    "the device's private key and token: move it to the device and delete it here.")
         elif action == "revoke":
             rec, n, reloaded = enrol.revoke_device(cfg, sec, store, args.name)
             out = {"device_id": args.name, "certificates_revoked": n, "revoked_ms": rec.revoked_ms,
@@ -118,7 +117,7 @@ def _identity(d: Any) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    with HubClient(args.hub, args.timeout) as c:
+    with _client(args) as c:
         devs = c.list_devices(args.group)
     if args.json:
         print(json.dumps([_msg_dict(d) for d in devs], sort_keys=True))

@@ -1,5 +1,11 @@
 """Fleet and registry CLI: ``kestrel-hub deploy|rollback|models`` (``devices`` is hub.cli.devices). The gRPC
 client behind it (proto.hubclient.HubClient) is shared with kestrel-train and the demo.
+
+Every call is TLS, verified with the fleet CA, and carries a token (deploy and rollback need the role
+operator or admin, models and devices any person's role): found as proto.hubcreds says (``--token-file``,
+``$KESTREL_HUB_TOKEN_FILE``, ``~/.config/kestrel/hub-token``), and on the hub's own machine, failing those,
+the hub's first admin token ``<data_dir>/admin-token`` and its ``<security dir>/ca-bundle.crt`` from
+``--config`` (default: the embedded defaults' ./kestrel-hub-data).
 """
 
 from __future__ import annotations
@@ -7,20 +13,60 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any, Dict, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
 
+from proto import hubcreds
 from proto.hubclient import DEFAULT_HUB, DEFAULT_TIMEOUT_S, HubClient, HubRefused
 
 # ---- CLI ----
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--hub", default=DEFAULT_HUB, help=f"hub gRPC address HOST:PORT (default {DEFAULT_HUB})")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="deadline per call in seconds")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+def _common(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """--hub, --timeout, --json and the credentials' flags; ``suppress``: no defaults (a sub-command's copy
+    of its parent's flags, so a flag given before the sub-command keeps its value)."""
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    p.add_argument("--hub", default=default(DEFAULT_HUB), help=f"hub gRPC address HOST:PORT (default {DEFAULT_HUB})")
+    p.add_argument("--timeout", type=float, default=default(DEFAULT_TIMEOUT_S), help="deadline per call in seconds")
+    p.add_argument("--json", action="store_true", default=default(False), help="print JSON instead of a table")
+    p.add_argument("--token-file", default=default(""), help=f"file with a hub token (default: ${hubcreds.TOKEN_ENV}, "
+                                                             f"~/.config/kestrel/{hubcreds.TOKEN_NAME}, else the "
+                                                             "hub's <data_dir>/admin-token of --config)")
+    p.add_argument("--ca-file", default=default(""), help=f"the fleet CA that signed the hub's certificate (default: "
+                                                          f"${hubcreds.CA_ENV}, ~/.config/kestrel/{hubcreds.CA_NAME}, "
+                                                          "else <security dir>/ca-bundle.crt of --config)")
+    p.add_argument("--plaintext", action="store_true", default=default(False),
+                   help="no TLS: the hub's [grpc] plain_port on this machine")
+    p.add_argument("--config", "-c", default=default(None), help="the hub's hub.toml, to find its admin token and CA "
+                                                                 "on the hub's machine (default: embedded defaults)")
+
+
+def local_fallbacks(config: Any) -> Tuple[List[Path], List[Path]]:
+    """(token files, CA files) of the hub config ``config`` (a path or None: the embedded defaults) that a
+    command on the hub's own machine falls back to; nothing when the config cannot be read."""
+    from hub import config as hubconfig
+    from hub.auth import ADMIN_TOKEN_FILE
+    from hub.errors import KestrelError
+    from hub.security.ca import TRUST_FILE
+
+    try:
+        cfg = hubconfig.load(config)
+    except KestrelError:
+        if config:
+            raise  # a config named on purpose must load
+        return [], []
+    return [cfg.data_dir / ADMIN_TOKEN_FILE], [cfg.security_dir / TRUST_FILE]
+
+
+def credentials(args: argparse.Namespace) -> hubcreds.Credentials:
+    tokens, cas = local_fallbacks(getattr(args, "config", None))
+    return hubcreds.load(getattr(args, "token_file", ""), getattr(args, "ca_file", ""),
+                         bool(getattr(args, "plaintext", False)), token_fallbacks=tokens, ca_fallbacks=cas)
 
 
 def _client(args: argparse.Namespace) -> HubClient:
-    return HubClient(args.hub, args.timeout)
+    return HubClient(args.hub, args.timeout, credentials(args))
 
 
 def _ms(ms: int) -> str:

@@ -18,7 +18,7 @@ Files in the security directory (``[security] dir``, default ``<data_dir>/securi
 
 Leaf keys are EC P-256, written PEM PKCS#8 unencrypted with mode 0600 (the device's own file
 system, or systemd credentials, protect them on the device). Client certificates carry
-``clientAuth``, the broker's ``serverAuth`` and its SANs; the common name is the MQTT identity
+``clientAuth``, the broker's and the gRPC server's ``serverAuth`` and their SANs; the common name is the MQTT identity
 (Mosquitto's ``use_identity_as_username``).
 """
 
@@ -54,6 +54,8 @@ BACKDATE = datetime.timedelta(minutes=5)  # tolerate a device clock a little beh
 KIND_DEVICE = "device"
 KIND_HUB = "hub"
 KIND_BROKER = "broker"
+KIND_GRPC = "grpc"        # the hub's gRPC server certificate
+SERVER_KINDS = (KIND_BROKER, KIND_GRPC)
 
 
 @dataclass
@@ -186,7 +188,7 @@ class FleetCA:
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
         not_after = min(now + datetime.timedelta(days=days), self.cert.not_valid_after_utc)
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if kind == KIND_BROKER else ExtendedKeyUsageOID.CLIENT_AUTH
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if kind in SERVER_KINDS else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(self.cert.subject)
                    .public_key(key.public_key()).serial_number(x509.random_serial_number())
                    .not_valid_before(now - BACKDATE).not_valid_after(not_after)

@@ -1,6 +1,7 @@
 """The hub's security material in one place (``Security``) and the enrolment operations that change it:
-``add_device`` (a certificate and/or password, the store's enrolment record, the identity bundle),
-``revoke_device`` (CRL, ACL and password file, the store) and ``set_group``. Each of them rewrites
+``add_device`` (a certificate and/or password, a gRPC token of role ``device``, the store's enrolment
+record, the identity bundle), ``revoke_device`` (CRL, ACL and password file, the token, the store) and
+``set_group``. Each of them rewrites
 the broker's files and reloads the embedded broker (SIGHUP: Mosquitto 2 rereads the ACL, the
 password file, the CRL and its certificates without dropping the other clients).
 
@@ -23,10 +24,20 @@ from typing import List, Optional, Tuple
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from hub import auth
 from hub.config import HubConfig
 from hub.errors import SecurityError
 from hub.security import mosquitto
-from hub.security.ca import KIND_BROKER, KIND_DEVICE, KIND_HUB, TRUST_FILE, FleetCA, crl_next_update_ms, write_secret
+from hub.security.ca import (
+    KIND_BROKER,
+    KIND_DEVICE,
+    KIND_GRPC,
+    KIND_HUB,
+    TRUST_FILE,
+    FleetCA,
+    crl_next_update_ms,
+    write_secret,
+)
 from hub.security.fleetkey import FleetSigner
 from hub.security.identity import Identity, write_bundle
 from hub.store.base import DeviceRecord, Store
@@ -40,6 +51,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 BROKER_CERT, BROKER_KEY = "broker.crt", "broker.key"
 HUB_CERT, HUB_KEY, HUB_PASSWORD = "hub.crt", "hub.key", "hub-mqtt-password"
 ACL_FILE, PASSWD_FILE, BROKER_NAMES = "acl", "passwd", "broker-names.json"
+GRPC_CERT, GRPC_KEY, GRPC_NAMES = "grpc.crt", "grpc.key", "grpc-names.json"
 RENEW_BEFORE_MS = 30 * 86400 * 1000  # a broker/hub certificate this close to its end is issued again
 
 
@@ -106,7 +118,8 @@ class Security:
                                        aclfile=str(self.path(ACL_FILE)), passwdfile=str(self.path(PASSWD_FILE)))
 
     # ---- the broker's and the hub's own certificates ----
-    def _needs_cert(self, cert_path: Path, issuer: FleetCA, names: Optional[List[str]] = None) -> bool:
+    def _needs_cert(self, cert_path: Path, issuer: FleetCA, names: Optional[List[str]] = None,
+                    names_file: str = BROKER_NAMES) -> bool:
         try:
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         except (OSError, ValueError):
@@ -121,7 +134,7 @@ class Security:
             return True
         if names is not None:
             try:
-                stored = json.loads(self.path(BROKER_NAMES).read_text())
+                stored = json.loads(self.path(names_file).read_text())
             except (OSError, ValueError):
                 return True
             return bool(stored != names)
@@ -136,6 +149,20 @@ class Security:
             atomic.write_bytes(self.path(BROKER_CERT), cert)
             atomic.write_json(self.path(BROKER_NAMES), names)
             log.info("issued the broker's certificate for %s", ", ".join(names))
+
+    def grpc_tls(self) -> Tuple[bytes, bytes]:
+        """(key PEM, certificate PEM) of the hub's gRPC server: SANs ``[grpc] tls_names`` (empty = ``[security]
+        broker_names``), issued like the broker's (by the previous CA during a rotation: the devices enrolled
+        before it trust only that one), again when the names change or the end nears."""
+        names = list(self.cfg.grpc.tls_names or self.s.broker_names)
+        issuer = self.ca.server_issuer
+        if self._needs_cert(self.path(GRPC_CERT), issuer, names, GRPC_NAMES):
+            cert, key, _ = issuer.issue(names[0], KIND_GRPC, self.s.cert_days, sans=names)
+            write_secret(self.path(GRPC_KEY), key)
+            atomic.write_bytes(self.path(GRPC_CERT), cert)
+            atomic.write_json(self.path(GRPC_NAMES), names)
+            log.info("issued the gRPC server's certificate for %s", ", ".join(names))
+        return self.path(GRPC_KEY).read_bytes(), self.path(GRPC_CERT).read_bytes()
 
     def hub_identity(self) -> HubIdentity:
         """The hub's MQTT identity: a client certificate (CN = hub_identity) and a password, issued at
@@ -288,9 +315,10 @@ def add_device(cfg: HubConfig, sec: Security, store: Store, name: str, group: st
         lines[name] = mosquitto.hash_password(name, secret)
     mosquitto.write_passwords(passwd, lines)
     created = now_ms()
+    token = auth.replace_device_token(store, name)  # role device: fetch only; an old one is revoked
     ident = Identity(device_id=name, group=group, mqtt_host=host, mqtt_port=port, hub_grpc=grpc,
                      created_ms=created, ca_pem=sec.ca.trust_bytes, cert_pem=cert, key_pem=key, password=secret,
-                     fleet_pub=sec.fleet_pub)
+                     grpc_token=token, fleet_pub=sec.fleet_pub)
     out_dir.mkdir(parents=True, exist_ok=True)
     bundle = write_bundle(out_dir / f"{name}.identity.tar", ident)
     fields = {"enrolled_group": group, "enrolled_ms": created, "revoked_ms": 0}
@@ -310,6 +338,7 @@ def revoke_device(cfg: HubConfig, sec: Security, store: Store, name: str) -> Tup
     if dev is None or not dev.enrolled_ms:
         raise SecurityError(f"device {name!r} was never enrolled (see `kestrel-hub devices list`)")
     n = sec.ca.revoke(name, KIND_DEVICE)
+    auth.revoke_device_token(store, name)  # it may fetch no more
     rec = store.upsert_device(name, revoked_ms=dev.revoked_ms or now_ms())
     reloaded = apply(cfg, sec, store)  # CRL, ACL and password file without it
     log.info("revoked %s (%d certificate(s))", name, n)

@@ -57,7 +57,10 @@ def edge_toml(ident: Identity, credentials_dir: str = CREDENTIALS_DIR, trust_dir
         lines += [f"cert_file = {cred('device.crt')}", f"key_file = {cred('device.key')}"]
     if ident.password is not None:
         lines += [f"username = {_toml_str(ident.device_id)}", f"password_file = {cred('mqtt-password')}"]
-    lines += ["", "[update]", f"hub_grpc = {_toml_str(ident.hub_grpc)}", f"trust_dir = {_toml_str(trust_dir)}"]
+    lines += ["", "[update]", f"hub_grpc = {_toml_str(ident.hub_grpc)}", f"trust_dir = {_toml_str(trust_dir)}",
+              "tls = true", f"ca_file = {cred('ca.crt')}"]
+    if ident.grpc_token is not None:
+        lines += [f"token_file = {cred('grpc-token')}"]
     if ident.fleet_pub is not None:
         lines += [f"fleet_keys = [{cred('fleet.pub')}]", "require_signed_desired = true"]
     return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
-from hub.auth import authenticate
+from hub.auth import READ, authenticate
 from hub.errors import WebError
 from hub.store.authrecords import SessionRecord
 from hub.web.context import WebContext, ctx_of
@@ -48,10 +48,12 @@ def login(request: Request, token: str = Form(""), csrf: str = Form(""),
     if not cookie or not csrf or not hmac.compare_digest(cookie.encode(), csrf.encode()):
         raise WebError(403, "the login form expired or came from another site; open /login again")
     principal = authenticate(ctx.store, token.strip())
-    if principal is None:
+    if principal is None or not principal.can(READ):
         value = secrets.token_urlsafe(24)
-        page = render(request, "login.html", {"csrf_login": value, "next": _safe_next(next),
-                                              "error": "That token is not valid (unknown or revoked)."}, status=401)
+        error = "That token is not valid (unknown or revoked)." if principal is None else \
+            f"A token of role {principal.role} is for a machine, not for the dashboard."
+        page = render(request, "login.html", {"csrf_login": value, "next": _safe_next(next), "error": error},
+                      status=401 if principal is None else 403)
         _cookie(page, request, LOGIN_COOKIE, value, 3600)
         return page
     sid = secrets.token_urlsafe(32)

@@ -38,6 +38,18 @@ def test_demo_closes_the_loop_and_reports_its_figures(tmp_path: Path) -> None:
     assert "dashboard: http://127.0.0.1:" in r.stdout and str(token_file) in r.stdout
     assert token_file.stat().st_mode & 0o777 == 0o600
     assert token_file.read_text().strip() not in r.stdout + r.stderr + (out / "hub.log").read_text()
+    # ...on TLS gRPC with a token per role: the trainer's pushed, the operator's deployed and rolled back,
+    # the device fetched with its own; no token file is readable by others and none is in a log
+    logs = r.stdout + r.stderr + "".join((out / n).read_text() for n in ("hub.log", "edge.log", "trainer.log",
+                                                                          "tools.log"))
+    assert "gRPC PushModel called by token 'demo-trainer' (role trainer)" in logs
+    assert "gRPC Deploy called by token 'demo-operator' (role operator)" in logs
+    assert "gRPC Rollback called by token 'demo-operator' (role operator)" in logs
+    for token in [out / "tokens" / "trainer.token", out / "tokens" / "operator.token", out / "credentials" /
+                  "grpc-token"]:
+        assert token.stat().st_mode & 0o077 == 0, token
+        assert token.read_text().strip() not in logs
+    assert "refused (UNAUTHENTICATED)" not in logs and "refused (PERMISSION_DENIED)" not in logs
     # a directory that is not a previous demo output is refused with exit 2 and one line, untouched
     other = tmp_path / "not-a-demo"
     other.mkdir()

@@ -61,6 +61,15 @@ def test_train_push_deploy_infer_sample_rollback_label_export(loop: BrightnessLo
     assert loop.identity["mqtt"]["cert_file"] == "device.crt"  # found in $CREDENTIALS_DIRECTORY
     assert (loop.credentials / "device.key").stat().st_mode & 0o077 == 0
     assert dev.enrolled_group == GROUP and dev.enrolled_ms > 0
+    # ...and it fetched v1 over TLS (the fleet CA) with its own token of role device (fetch only)
+    assert info["grpc_tls"] is True and loop.identity["update"]["tls"] is True
+    assert loop.identity["update"]["token_file"] == "grpc-token" and loop.identity["update"]["ca_file"] == "ca.crt"
+    assert (loop.credentials / "grpc-token").stat().st_mode & 0o077 == 0
+    assert loop.store.get_token(f"device.{DEVICE_ID}").role == "device"
+    logged = (loop.work / "tools.log").read_text() + (loop.work / "hub.log").read_text()
+    for token in (loop.access.token_file("trainer"), loop.access.token_file("operator"),
+                  loop.credentials / "grpc-token"):
+        assert token.read_text().strip() not in logged and token.stat().st_mode & 0o077 == 0
 
     # low-confidence frames of v1 land in the hub's SQLite store with the right ids, version and reasons
     frames = loop.wait_frames(MODEL_NAME, 1, n=3)

@@ -13,6 +13,7 @@ import pytest
 from proto import kestrel_pb2, kestrel_pb2_grpc
 from proto.errors import ArtifactError, HubError, TransportError
 from proto.hubclient import PUSH_BYTES_PER_S, PUSH_CHUNK, PUSH_TIMEOUT_S, HubClient, HubRefused, push_timeout
+from proto.hubcreds import Credentials
 
 # The deadline as the server sees it: a little under what was asked, or a little over (gRPC rounds it on the wire).
 DEADLINE_SLACK_S = 2.0
@@ -39,7 +40,7 @@ def registry():  # noqa: ANN201
     kestrel_pb2_grpc.add_ModelRegistryServicer_to_server(rec, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    with HubClient(f"127.0.0.1:{port}", timeout_s=2.0) as client:
+    with HubClient(f"127.0.0.1:{port}", timeout_s=2.0, creds=Credentials(plaintext=True)) as client:
         yield rec, client
     server.stop(None)
 

@@ -104,7 +104,7 @@ def _config(rig: Dict[str, Any], registry: str, device_id: str) -> Path:
         '[model]\nthreads = 1\n'
         f'[mqtt]\nhost = "{rig["broker"].host}"\nport = {rig["broker"].port}\n'
         '[telemetry]\ninterval_s = 0.0\nmetrics_port = 0\n'
-        f'[update]\ntrust_dir = "{rig["kp"].pub_path}"\nhub_grpc = "{registry}"\ntrial_frames = 10\n'
+        f'[update]\ntrust_dir = "{rig["kp"].pub_path}"\nhub_grpc = "{registry}"\ntls = false\ntrial_frames = 10\n'
         f'trial_seconds = 0.0\nclock_slack_s = 0.0\nfleet_keys = ["{rig["fleet"].pub_path}"]\n')
     return p
 

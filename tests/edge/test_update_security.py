@@ -21,9 +21,12 @@ from edge.updater.engine import NoRollbackTarget, Updater
 from edge.updater.slots import SlotError
 from proto import kestrel_pb2
 from proto.errors import BundleError
+from proto.hubcreds import Credentials
 from tests.edge.test_updater import BRIGHT, Device, _Registry, bundle, frame, make_cfg
 from tests.helpers.bundles import make_keypair
 from tests.helpers.wait import wait_for
+
+PLAIN = Credentials(plaintext=True)  # the test registries' plain-text loopback port
 
 
 def desired(name: str, version: int, data: bytes = b"", **kw: Any) -> Any:
@@ -161,7 +164,8 @@ def test_download_without_announced_size_is_bounded_on_every_chunk(tmp_path):  #
     liar = _Liar(3 * 1024 * 1024)
     try:
         with pytest.raises(BundleError) as ei:
-            fetch.fetch_bundle(liar.target, "brightness", 2, downloads=tmp_path / "dl", max_bundle_bytes=100_000)
+            fetch.fetch_bundle(liar.target, "brightness", 2, downloads=tmp_path / "dl", max_bundle_bytes=100_000,
+                               creds=PLAIN)
         assert ei.value.reason == "too_large"
         assert not fetch.part_path(tmp_path / "dl", "brightness", 2).exists()  # nothing left behind
     finally:
@@ -179,7 +183,7 @@ def test_stale_part_file_is_refetched_not_rejected(tmp_path, kp, models_dir):  #
         stale = b"an earlier build of the same version" * 10  # then the version was re-signed
         part.write_bytes(stale)
         got = fetch.fetch_bundle(reg.target, "brightness", 2, downloads=tmp_path / "dl",
-                                 sha256=hashlib.sha256(data).hexdigest(), max_bundle_bytes=10 ** 8)
+                                 sha256=hashlib.sha256(data).hexdigest(), max_bundle_bytes=10 ** 8, creds=PLAIN)
         assert got.read_bytes() == data
         assert [r[2] for r in reg.requests] == [len(stale), 0]  # resumed, mismatched, fetched afresh
     finally:

@@ -20,15 +20,19 @@ from edge.pipeline.loop import InferenceResult, ModelHolder
 from edge.updater import state as st
 from edge.updater.service import UpdateService
 from proto.errors import BundleError
+from proto.hubcreds import Credentials
 from tests.helpers.bundles import BRIGHTNESS_SPEC, make_bundle, make_keypair
 from tests.helpers.wait import wait_for
+
+PLAIN = Credentials(plaintext=True)  # the test registries' plain-text loopback port
 
 BRIGHT = 0.9  # mean brightness: the brightness model is > 0.95 sure ("bright")
 
 
 def make_cfg(tmp_path: Path, trust: Path, **update: Any) -> config.EdgeConfig:
     upd: Dict[str, Any] = {"trust_dir": str(trust), "trial_frames": 5, "trial_seconds": 0.0,
-                           "clock_slack_s": 0.0, "max_boot_attempts": 2}
+                           "clock_slack_s": 0.0, "max_boot_attempts": 2,
+                           "tls": False}  # the test registries speak plain text on 127.0.0.1 unless given TLS
     upd.update(update)
     return config.from_dict({"device": {"id": "dev1", "data_dir": str(tmp_path / "data")},
                              "model": {"threads": 1}, "update": upd})
@@ -491,9 +495,11 @@ def test_cli_waits_briefly_for_the_update_lock_then_says_busy(tmp_path, kp, mode
 # ---- desired state over MQTT + resumable gRPC fetch ------------------------------------------
 
 class _Registry:
-    """A tiny real ModelRegistry gRPC server serving bundle files; can cut the first stream mid-way."""
+    """A tiny real ModelRegistry gRPC server serving bundle files; can cut the first stream mid-way. With
+    ``tls`` (tests.helpers.tlscerts.make_tls) it speaks TLS only, with ``token`` it serves only the calls
+    that carry ``authorization: Bearer <token>`` (as the hub's check does: hub/grpc_auth.py)."""
 
-    def __init__(self, files: Dict[tuple, bytes], cut_after: int = 0) -> None:
+    def __init__(self, files: Dict[tuple, bytes], cut_after: int = 0, tls: Any = None, token: str = "") -> None:
         from concurrent import futures
 
         import grpc
@@ -502,6 +508,7 @@ class _Registry:
 
         self.files = files
         self.cut_after = cut_after
+        self.token = token
         self.requests: list = []
         outer = self
 
@@ -510,6 +517,9 @@ class _Registry:
                 import hashlib
 
                 outer.requests.append((request.model_name, request.version, request.offset))
+                if outer.token and dict(context.invocation_metadata()).get("authorization") != \
+                        f"Bearer {outer.token}":
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, "the token is not valid (unknown or revoked)")
                 data = outer.files.get((request.model_name, request.version))
                 if data is None:
                     context.abort(grpc.StatusCode.NOT_FOUND, "no such bundle")
@@ -527,7 +537,11 @@ class _Registry:
 
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         kestrel_pb2_grpc.add_ModelRegistryServicer_to_server(Servicer(), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        if tls is not None:
+            creds = grpc.ssl_server_credentials([(tls.key.read_bytes(), tls.cert.read_bytes())])
+            self.port = self.server.add_secure_port("127.0.0.1:0", creds)
+        else:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
 
     @property
@@ -548,22 +562,71 @@ def test_fetch_resumes_after_cut_stream_and_checks_hash(tmp_path, kp, models_dir
     try:
         sha = hashlib.sha256(data).hexdigest()
         part = fetch.fetch_bundle(reg.target, "brightness", 2, downloads=tmp_path / "dl", sha256=sha,
-                                  size=len(data), max_bundle_bytes=10 ** 8)
+                                  size=len(data), max_bundle_bytes=10 ** 8, creds=PLAIN)
         assert part.read_bytes() == data
         assert [r[2] for r in reg.requests] == [0, 8192]  # resumed from the part file's size
         part.unlink()
         with pytest.raises(BundleError) as ei:
             fetch.fetch_bundle(reg.target, "brightness", 2, downloads=tmp_path / "dl", sha256="0" * 64,
-                               max_bundle_bytes=10 ** 8)
+                               max_bundle_bytes=10 ** 8, creds=PLAIN)
         assert ei.value.reason == "hash_mismatch"
         assert not fetch.part_path(tmp_path / "dl", "brightness", 2).exists()
         n = len(reg.requests)
         with pytest.raises(BundleError) as ei:
             fetch.fetch_bundle(reg.target, "brightness", 2, downloads=tmp_path / "dl", size=len(data),
-                               max_bundle_bytes=len(data) - 1)
+                               max_bundle_bytes=len(data) - 1, creds=PLAIN)
         assert ei.value.reason == "too_large" and len(reg.requests) == n  # refused before download
     finally:
         reg.stop()
+
+
+def _token_file(path: Path, token: str, mode: int = 0o600) -> Path:
+    path.write_text(token + "\n")
+    path.chmod(mode)
+    return path
+
+
+def test_fetch_over_tls_with_the_devices_token(tmp_path, kp, models_dir):  # noqa: ANN001
+    """The device's side of authenticated gRPC: TLS verified with the fleet CA, its token on the call; a refused
+    token or a CA that does not sign the hub's certificate ends the download at once, saying which setting."""
+    import hashlib
+
+    from edge.updater import fetch
+    from proto.errors import ConfigError, HubError
+    from tests.helpers.tlscerts import make_tls
+
+    data = bundle(models_dir, kp, 2)
+    tls = make_tls(tmp_path / "tls")
+    reg = _Registry({("brightness", 2): data}, tls=tls, token="kst_device-token")
+    good = _token_file(tmp_path / "grpc-token", "kst_device-token")
+    try:
+        creds = fetch.credentials(True, str(tls.ca), str(good))
+        part = fetch.fetch_bundle(reg.target, "brightness", 2, downloads=tmp_path / "dl",
+                                  sha256=hashlib.sha256(data).hexdigest(), max_bundle_bytes=10 ** 8, creds=creds)
+        assert part.read_bytes() == data
+        part.unlink()
+        n = len(reg.requests)
+        wrong = fetch.credentials(True, str(tls.ca), str(_token_file(tmp_path / "old-token", "kst_revoked")))
+        with pytest.raises(HubError) as ei:
+            fetch.fetch_bundle(reg.target, "brightness", 2, downloads=tmp_path / "dl", max_bundle_bytes=10 ** 8,
+                               creds=wrong)
+        assert "refused our token (UNAUTHENTICATED" in str(ei.value) and "[update] token_file" in str(ei.value)
+        assert len(reg.requests) == n + 1  # no quick retries: the answer will not change in seconds
+        other = make_tls(tmp_path / "other", ca_name="another CA")
+        with pytest.raises(HubError) as ei:
+            fetch.fetch_bundle(reg.target, "brightness", 2, downloads=tmp_path / "dl", max_bundle_bytes=10 ** 8,
+                               creds=fetch.credentials(True, str(other.ca), str(good)))
+        assert "TLS with the hub" in str(ei.value) and "[update] ca_file" in str(ei.value)
+        assert len(reg.requests) == n + 1  # the handshake failed: the server never saw the call
+        with pytest.raises(ConfigError, match="readable by everyone"):
+            fetch.credentials(True, str(tls.ca), str(_token_file(tmp_path / "open-token", "kst_x", 0o644)))
+        with pytest.raises(ConfigError, match="plain text"):  # a token never travels in plain text off this machine
+            fetch.fetch_bundle("10.9.8.7:50051", "brightness", 2, downloads=tmp_path / "dl", max_bundle_bytes=10 ** 8,
+                               creds=fetch.credentials(False, "", str(good)))
+    finally:
+        reg.stop()
+    with pytest.raises(Exception, match="plain text"):  # and the config says so before the daemon starts
+        make_cfg(tmp_path, kp.pub_path, hub_grpc="hub.example:50051", token_file=str(good))
 
 
 def test_desired_state_over_mqtt_fetches_installs_and_fleet_rollback(tmp_path, kp, models_dir,  # noqa: ANN001
@@ -575,11 +638,14 @@ def test_desired_state_over_mqtt_fetches_installs_and_fleet_rollback(tmp_path, k
     from proto import kestrel_pb2, topics
     from tests.edge.conftest import publisher_for
     from tests.helpers.fleet import fleet_keypair, signed
+    from tests.helpers.tlscerts import make_tls
 
     v1, v2 = bundle(models_dir, kp, 1), bundle(models_dir, kp, 2)
     fleet = fleet_keypair(tmp_path)
-    reg = _Registry({("brightness", 1): v1, ("brightness", 2): v2}, cut_after=4096)
-    cfg = make_cfg(tmp_path, kp.pub_path, hub_grpc=reg.target, fleet_keys=[str(fleet.pub_path)])
+    tls = make_tls(tmp_path / "tls")  # the hub's registry as the device meets it: TLS and its token
+    reg = _Registry({("brightness", 1): v1, ("brightness", 2): v2}, cut_after=4096, tls=tls, token="kst_dev1")
+    cfg = make_cfg(tmp_path, kp.pub_path, hub_grpc=reg.target, fleet_keys=[str(fleet.pub_path)], tls=True,
+                   ca_file=str(tls.ca), token_file=str(_token_file(tmp_path / "grpc-token", "kst_dev1")))
     cfg.mqtt.host, cfg.mqtt.port = broker.host, broker.port
     pub = publisher_for(cfg, "dev1", tmp_path / "spool")
     pub.start()

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import cv2
 import numpy as np
@@ -46,13 +46,15 @@ def frame_payload(frame_id: str, device_id: str = "cam-1", **kw: object) -> byte
 
 
 def write_config(path: Path, data_dir: Path, broker_host: str = "", broker_port: int = 0,
-                 client_id: str = "", store_url: str = "", extra_mqtt: str = "", security: str = "") -> Path:
+                 client_id: str = "", store_url: str = "", extra_mqtt: str = "", security: str = "",
+                 grpc: str = "") -> Path:
     """A hub.toml for tests. ``security``: lines of its [security] section (empty = the defaults: the
-    embedded broker speaks TLS with client certificates, see tests/hub/test_security.py)."""
+    embedded broker speaks TLS with client certificates, see tests/hub/test_security.py); ``grpc``: more
+    lines of its [grpc] section."""
     lines = ["[hub]", f'data_dir = "{data_dir}"', "[store]", f'url = "{store_url}"', "[mqtt]",
              f'host = "{broker_host}"', f"port = {broker_port}", f'client_id = "{client_id}"',
              "retry_initial_s = 0.05", "retry_max_s = 0.5", extra_mqtt,
-             "[grpc]", "port = 0", "[http]", "port = 0", "[security]", security]
+             "[grpc]", "port = 0", grpc, "[http]", "port = 0", "[security]", security]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -79,6 +81,10 @@ class HubProcess:
         self.info = json.loads(info.read_text())
         return self
 
+    def grpc_client(self, token: str = "", timeout: float = 20.0) -> Any:
+        """A HubClient of this hub's gRPC port: TLS with its fleet CA, ``token`` or its first admin token."""
+        return grpc_client(self.info["grpc_port"], self.data_dir, token, timeout)
+
     def health(self) -> Dict[str, object]:
         import urllib.error
         import urllib.request
@@ -103,6 +109,23 @@ class HubProcess:
                 self.proc.wait(5)
         self._log.close()
         return self.proc.returncode if self.proc else 0
+
+
+def grpc_credentials(data_dir: Path, token: str = "") -> Any:
+    """How a test reaches the gRPC port of the hub whose data is ``data_dir``: TLS verified with its fleet CA
+    (<data_dir>/security/ca-bundle.crt), and ``token`` or the hub's first admin token (<data_dir>/admin-token)."""
+    from proto.hubcreds import Credentials
+
+    ca = Path(data_dir) / "security" / "ca-bundle.crt"
+    token = token or (Path(data_dir) / "admin-token").read_text().strip()
+    return Credentials(token=token, ca_pem=ca.read_bytes(), ca_file=str(ca))
+
+
+def grpc_client(port: Any, data_dir: Path, token: str = "", timeout: float = 20.0) -> Any:
+    """A proto.hubclient.HubClient of the hub on 127.0.0.1:``port`` (see grpc_credentials)."""
+    from proto.hubclient import HubClient
+
+    return HubClient(f"127.0.0.1:{port}", timeout, grpc_credentials(data_dir, token))
 
 
 def publish_all(host: str, port: int, items: List[tuple], qos: int = 1, timeout: float = 30.0,

@@ -216,11 +216,12 @@ def push_models(grpc_target: str, data_dir: Path, tmp: Path, versions: Sequence[
 
     from proto.hubclient import HubClient
     from tests.helpers.bundles import make_bundle, make_keypair
+    from tests.hub import grpc_credentials
 
     kp = make_keypair(tmp)
     trust = data_dir / "trust"
     trust.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(kp.pub_path, trust / kp.pub_path.name)
-    with HubClient(grpc_target, timeout_s=30.0) as client:
+    with HubClient(grpc_target, timeout_s=30.0, creds=grpc_credentials(data_dir)) as client:
         for v in versions:
             client.push(make_bundle(model, kp, version=v, labels=CLASSES, metrics=report_metrics(v)))

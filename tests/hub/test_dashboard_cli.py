@@ -31,6 +31,7 @@ class Hub:
         self.url = f"http://127.0.0.1:{proc.info['http_port']}"
         self.admin = tmp / "admin.token"
         self.admin.write_text((proc.data_dir / "admin-token").read_text())
+        self.admin.chmod(0o600)  # a token file everyone may read is refused
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_tokens_add_list_revoke(hub: Hub) -> None:
     token = r.stdout.splitlines()[0]
     assert token.startswith("kst_") and len(token) > 40 and "shown only now" in r.stdout
     assert http_json(f"{hub.url}/api/me", token)[1] == {"name": "lena", "role": "labeller",
-                                                         "permissions": ["label", "read"]}
+                                                         "permissions": ["label", "models", "read"]}
     r = cli("tokens", "--config", str(hub.config), "list", "--json")
     listed = {t["name"]: t for t in json.loads(r.stdout)}
     assert listed["lena"]["role"] == "labeller" and listed["lena"]["revoked_ms"] == 0 and "admin" in listed
@@ -114,11 +115,13 @@ def test_label_over_the_api_records_the_token_name(hub: Hub) -> None:
     assert r.returncode == 2 and "invalid label" in r.stderr
     viewer = hub.tmp / "viewer.token"
     viewer.write_text(cli("tokens", "--config", str(hub.config), "add", "vic", "--role", "viewer").stdout)
+    viewer.chmod(0o600)
     r = cli("label", "--hub", hub.url, "--token-file", str(viewer), fid, "mid")
     assert r.returncode == 2 and "may not label" in r.stderr
     r = cli("label", "--hub", hub.url, fid, "mid")  # no token at all
     assert r.returncode == 2 and "valid token" in r.stderr
     (hub.tmp / "junk.token").write_text("hello\n")
+    (hub.tmp / "junk.token").chmod(0o600)
     r = cli("label", "--hub", hub.url, "--token-file", str(hub.tmp / "junk.token"), fid, "mid")
     assert r.returncode == 2 and "does not hold a hub token" in r.stderr
     r = cli("label", "--hub", f"http://127.0.0.1:{free_port()}", "--token-file", str(hub.admin), fid, "mid")

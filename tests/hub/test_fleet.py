@@ -14,13 +14,13 @@ from hub.cli import devices as devicescmd
 from hub.cli import fleet as fleetcmd
 from hub.errors import NotFound
 from hub.fleet import FleetRequestError, FleetService
-from hub.grpc_service import make_server
 from hub.registry import Registry, RegistryConfig
 from hub.store.base import GroupDesired
 from hub.store.open import open_store
 from proto import kestrel_pb2, topics
 from proto.hubclient import HubClient, HubRefused
 from proto.keys import public_key_text
+from tests.helpers import hubgrpc
 from tests.helpers.bundles import make_bundle, make_keypair
 from tests.helpers.mqtt import Collector
 
@@ -51,13 +51,21 @@ def fleet_hub(tmp_path, publisher):
     store = open_store(data / "hub.db")
     reg = Registry(store, RegistryConfig(), data)
     fleet = FleetService(store, reg, publisher, grpc_target="hub.example:50051")
-    server, port = make_server(reg, fleet, port=0, max_workers=4)
-    server.start()
-    client = HubClient(f"127.0.0.1:{port}", timeout_s=20)
+    server, port, creds = hubgrpc.serve(reg, fleet, store)
+    client = hubgrpc.client(port, creds)
     yield store, client, keys, port
     client.close()
     server.stop(None)
     store.close()
+
+
+def _cli(client: HubClient, tmp_path, **kw) -> argparse.Namespace:  # noqa: ANN001
+    """The arguments of a `kestrel-hub` fleet command run against ``client``'s hub, with its token in a file."""
+    token = tmp_path / "cli.token"
+    token.write_text(client.creds.token + "\n")
+    token.chmod(0o600)
+    return argparse.Namespace(hub=client.target, timeout=10, json=False, token_file=str(token), ca_file="",
+                              plaintext=True, config=None, **kw)
 
 
 def _group() -> str:
@@ -113,8 +121,8 @@ def test_rollback_publishes_rollback_true(fleet_hub, broker):
     assert ei.value.code == "NOT_FOUND"
 
 
-def test_list_devices_shows_desired_and_reported(fleet_hub, models_dir, capsys):
-    store, client, keys, port = fleet_hub
+def test_list_devices_shows_desired_and_reported(fleet_hub, models_dir, capsys, tmp_path):
+    store, client, keys, _ = fleet_hub
     client.push(make_bundle(models_dir / "brightness_int8.tflite", keys, version=2))
     group = _group()
     store.upsert_device("cam-1", group=group, state="online", last_seen_ms=1_700_000_000_000,
@@ -134,7 +142,7 @@ def test_list_devices_shows_desired_and_reported(fleet_hub, models_dir, capsys):
     assert dev.threshold == pytest.approx(0.71)
     assert {d.device_id for d in client.list_devices()} >= {"cam-1", "cam-2"}
 
-    ns = argparse.Namespace(hub=f"127.0.0.1:{port}", timeout=10, json=False, group=group)
+    ns = _cli(client, tmp_path, group=group)
     assert devicescmd.run_devices(ns) == 0  # `kestrel-hub devices` (no ACTION: list)
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["DEVICE", "GROUP", "STATE"] and "IDENTITY" in out[0]
@@ -162,20 +170,20 @@ def test_deploy_errors_map_to_status_codes(fleet_hub, models_dir):
     assert ei.value.code == "INVALID_ARGUMENT"
 
 
-def test_cli_deploy_and_models(fleet_hub, models_dir, capsys):
-    _, client, keys, port = fleet_hub
+def test_cli_deploy_and_models(fleet_hub, models_dir, capsys, tmp_path):
+    _, client, keys, _ = fleet_hub
     model = models_dir / "brightness_int8.tflite"
     client.push(make_bundle(model, keys, version=1, metrics={"accuracy": 0.875}))
-    hubarg = f"127.0.0.1:{port}"
     group = _group()
-    ns = argparse.Namespace(hub=hubarg, timeout=10, json=False, model="brightness", version=1, device="",
-                            group=group)
+    ns = _cli(client, tmp_path, model="brightness", version=1, device="", group=group)
     assert fleetcmd.run_deploy(ns) == 0
     assert f"brightness v1 -> {topics.group_desired(group)}" in capsys.readouterr().out
-    assert fleetcmd.run_models(argparse.Namespace(hub=hubarg, timeout=10, json=False, model="")) == 0
+    assert fleetcmd.run_models(_cli(client, tmp_path, model="")) == 0
     out = capsys.readouterr().out
     assert "accuracy=0.875" in out and keys.key_id in out
-    assert fleetcmd.run_models(argparse.Namespace(hub=hubarg, timeout=10, json=True, model="")) == 0
+    models = _cli(client, tmp_path, model="")
+    models.json = True
+    assert fleetcmd.run_models(models) == 0
     (m,) = json.loads(capsys.readouterr().out)
     assert m["metrics"] == {"accuracy": 0.875} and m["model"]["version"] == "1"
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from hub.grpc_service import make_server
 from hub.registry import Registry, RegistryConfig
 from hub.store.open import open_store
 from proto import kestrel_pb2, kestrel_pb2_grpc
 from proto.errors import HubError
 from proto.hubclient import HubClient, HubRefused
+from proto.hubcreds import Credentials
 from proto.keys import public_key_text
+from tests.helpers import hubgrpc
 from tests.helpers.bundles import make_bundle, make_keypair
 from tests.helpers.wait import wait_for
 
@@ -34,9 +35,8 @@ def hub(tmp_path, keys):
     (trust / "fleet.pub").write_text(public_key_text(keys.public))
     store = open_store(data / "hub.db")
     reg = Registry(store, RegistryConfig(chunk_size=4096), data)
-    server, port = make_server(reg, None, port=0, max_workers=4)
-    server.start()
-    client = HubClient(f"127.0.0.1:{port}", timeout_s=20)
+    server, port, creds = hubgrpc.serve(reg, None, store)
+    client = hubgrpc.client(port, creds)
     yield reg, client, port
     client.close()
     server.stop(None)
@@ -66,7 +66,8 @@ def test_push_then_fetch_identical_bytes_and_resume(hub, keys, model_path):
 
     # Chunks carry offsets, the total and the hash; a resumed fetch returns exactly the rest.
     chunks = list(client.registry.FetchModel(kestrel_pb2.FetchRequest(model_name="brightness", version=3,
-                                                                      offset=0, chunk_size=4096), timeout=10))
+                                                                      offset=0, chunk_size=4096), timeout=10,
+                                                  metadata=client.metadata))
     assert len(chunks) == -(-len(data) // 4096)
     assert [c.offset for c in chunks] == list(range(0, len(data), 4096))
     assert {c.sha256 for c in chunks} == {res.bundle_sha256} and {c.total_size for c in chunks} == {len(data)}
@@ -135,34 +136,33 @@ def test_tampered_untrusted_and_old_bundles_are_refused_and_nothing_stored(hub, 
     assert _stored_files(reg) == [f"{hashlib.sha256(good).hexdigest()}.kbundle"]
 
 
-def _raw_push(port: int, chunks):
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        return kestrel_pb2_grpc.ModelRegistryStub(ch).PushModel(iter(chunks), timeout=10)
+def _raw_push(client: HubClient, chunks):
+    return client.registry.PushModel(iter(chunks), timeout=10, metadata=client.metadata)
 
 
 def test_cut_off_push_leaves_no_partial_version(hub, keys, model_path):
-    reg, client, port = hub
+    reg, client, _ = hub
     data = make_bundle(model_path, keys, version=1)
     sha = hashlib.sha256(data).hexdigest()
     half = len(data) // 2
     # The client's stream ends after half the announced bytes.
     with pytest.raises(grpc.RpcError) as ei:
-        _raw_push(port, [kestrel_pb2.PushChunk(data=data[:half], total_size=len(data), sha256=sha)])
+        _raw_push(client, [kestrel_pb2.PushChunk(data=data[:half], total_size=len(data), sha256=sha)])
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "incomplete" in ei.value.details()
     # More bytes than announced.
     with pytest.raises(grpc.RpcError) as ei:
-        _raw_push(port, [kestrel_pb2.PushChunk(data=data[:half], total_size=half, sha256=sha),
+        _raw_push(client, [kestrel_pb2.PushChunk(data=data[:half], total_size=half, sha256=sha),
                          kestrel_pb2.PushChunk(data=data[half:])])
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "size_mismatch" in ei.value.details()
     # Whole bytes but the wrong announced hash.
     with pytest.raises(grpc.RpcError) as ei:
-        _raw_push(port, [kestrel_pb2.PushChunk(data=data, total_size=len(data), sha256="0" * 64)])
+        _raw_push(client, [kestrel_pb2.PushChunk(data=data, total_size=len(data), sha256="0" * 64)])
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "hash_mismatch" in ei.value.details()
     assert client.list_models() == [] and _stored_files(reg) == []
 
 
 def test_cancelled_push_leaves_no_partial_version(hub, keys, model_path):
-    reg, client, port = hub
+    reg, client, _ = hub
     data = make_bundle(model_path, keys, version=1)
     sha = hashlib.sha256(data).hexdigest()
     sent_first = threading.Event()
@@ -173,14 +173,13 @@ def test_cancelled_push_leaves_no_partial_version(hub, keys, model_path):
         sent_first.set()
         release.wait(10)
 
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        fut = kestrel_pb2_grpc.ModelRegistryStub(ch).PushModel.future(chunks(), timeout=20)
-        assert sent_first.wait(10)
-        wait_for(lambda: any(p.name.startswith(".push-") for p in reg.blob_dir.iterdir()), 10,
-                 what="the server to start receiving")
-        fut.cancel()
-        release.set()
-        assert fut.cancelled()
+    fut = client.registry.PushModel.future(chunks(), timeout=20, metadata=client.metadata)
+    assert sent_first.wait(10)
+    wait_for(lambda: any(p.name.startswith(".push-") for p in reg.blob_dir.iterdir()), 10,
+             what="the server to start receiving")
+    fut.cancel()
+    release.set()
+    assert fut.cancelled()
     wait_for(lambda: _stored_files(reg) == [], 10, what="the temp file of the cancelled push to go")
     assert client.list_models() == []
     # The registry still accepts the full push afterwards.
@@ -190,7 +189,8 @@ def test_cancelled_push_leaves_no_partial_version(hub, keys, model_path):
 def test_unreachable_hub_is_a_transport_error():
     from tests.helpers.broker import free_port
 
-    with HubClient(f"127.0.0.1:{free_port()}", timeout_s=2) as c, pytest.raises(HubError) as ei:
+    with HubClient(f"127.0.0.1:{free_port()}", timeout_s=2, creds=Credentials(plaintext=True)) as c, \
+            pytest.raises(HubError) as ei:
         c.list_models()
     assert "unreachable" in str(ei.value) or "did not answer" in str(ei.value)
 
@@ -201,8 +201,7 @@ def test_stalled_push_is_cut_off_by_push_timeout(tmp_path, keys, model_path):
     (data_dir / "trust" / "fleet.pub").write_text(public_key_text(keys.public))
     store = open_store(data_dir / "hub.db")
     reg = Registry(store, RegistryConfig(push_timeout_s=0.5), data_dir)
-    server, port = make_server(reg, None, port=0, max_workers=2)
-    server.start()
+    server, port, creds = hubgrpc.serve(reg, None, store, max_workers=2)
     data = make_bundle(model_path, keys, version=1)
     release = threading.Event()
 
@@ -213,7 +212,8 @@ def test_stalled_push_is_cut_off_by_push_timeout(tmp_path, keys, model_path):
 
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            fut = kestrel_pb2_grpc.ModelRegistryStub(ch).PushModel.future(stalled(), timeout=30)
+            fut = kestrel_pb2_grpc.ModelRegistryStub(ch).PushModel.future(stalled(), timeout=30,
+                                                                          metadata=hubgrpc.metadata(creds))
             exc = fut.exception(timeout=20)
             release.set()
         assert exc is not None and exc.code() == grpc.StatusCode.CANCELLED

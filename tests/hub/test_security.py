@@ -4,6 +4,7 @@ per-device ACL, revocation, and the real `kestrel-hub serve` with enrolled devic
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -32,7 +33,6 @@ from hub.security.identity import read_bundle
 from hub.store.open import open_store
 from hub.store.sqlite import SqliteStore
 from proto import kestrel_pb2, topics
-from proto.hubclient import HubClient
 from tests.helpers.tlscerts import make_tls
 from tests.helpers.wait import wait_for
 from tests.hub import REPO, HubProcess, frame_payload, publish_all, write_config
@@ -152,6 +152,7 @@ def test_security_material_is_private_and_the_bundle_matches_the_contract(tmp_pa
             e = enrol.add_device(cfg, sec, store, "cam-7", "lobby", tmp_path / "out", mqtt=("hub.example", 8883),
                                  hub_grpc="hub.example:50051")
         rec = store.get_device("cam-7")
+        token_rec = store.get_token("device.cam-7")
     finally:
         store.close()
     assert stat.S_IMODE(os.stat(sec.dir).st_mode) == 0o700
@@ -165,7 +166,7 @@ def test_security_material_is_private_and_the_bundle_matches_the_contract(tmp_pa
         assert all(m.isreg() and "/" not in m.name for m in infos.values())
         assert {n: stat.S_IMODE(m.mode) for n, m in infos.items()} == {
             "identity.json": 0o644, "edge.toml": 0o644, "ca.crt": 0o644, "device.crt": 0o644, "device.key": 0o600,
-            "mqtt-password": 0o600, "fleet.pub": 0o644}
+            "mqtt-password": 0o600, "grpc-token": 0o600, "fleet.pub": 0o644}
     files = read_bundle(e.bundle)
     ident = json.loads(files["identity.json"])
     assert ident == {"schema": 1, "device_id": "cam-7", "group": "lobby", "mqtt_host": "hub.example",
@@ -187,11 +188,17 @@ def test_security_material_is_private_and_the_bundle_matches_the_contract(tmp_pa
     assert (ecfg.device.id, ecfg.device.group, ecfg.mqtt.tls, ecfg.mqtt.port) == ("cam-7", "lobby", True, 8883)
     assert ecfg.mqtt.key_file == "/etc/kestrel/credentials/device.key" and ecfg.mqtt.username == "cam-7"
     assert ecfg.update.fleet_keys == ["/etc/kestrel/credentials/fleet.pub"] and ecfg.update.require_signed_desired
+    # its gRPC token (role device: fetch only) over TLS verified with the fleet CA; the store keeps its hash only
+    assert ecfg.update.tls and ecfg.update.ca_file == "/etc/kestrel/credentials/ca.crt"
+    assert ecfg.update.token_file == "/etc/kestrel/credentials/grpc-token"
+    token = files["grpc-token"].decode().strip()
+    assert token_rec is not None and token_rec.role == "device" and token_rec.active
+    assert token_rec.token_hash == hashlib.sha256(token.encode()).hexdigest()
     assert (rec.enrolled_group, rec.revoked_ms, rec.group) == ("lobby", 0, "lobby")
     # no secret in the log: the device's key, its password, the hub's password
     logged = caplog.text
     password = files["mqtt-password"].decode().strip()
-    assert password not in logged and "PRIVATE KEY" not in logged
+    assert password not in logged and "PRIVATE KEY" not in logged and token not in logged
     assert (sec.dir / "hub-mqtt-password").read_text().strip() not in logged
     assert password not in (sec.dir / "passwd").read_text()  # hashed
 
@@ -250,6 +257,9 @@ def test_certificates_acl_and_revocation_on_the_real_broker(fleet, tmp_path: Pat
     assert n == 1 and reloaded and rec.revoked_ms > 0
     assert serial in revoked_serials(f["sec"].path("crl.pem"))
     assert "cam-a" not in f["sec"].path("acl").read_text()
+    from hub import auth  # its gRPC token is revoked with it: it may fetch no more
+    assert auth.authenticate(f["store"], a["grpc-token"].read_text().strip()) is None
+    assert auth.authenticate(f["store"], b["grpc-token"].read_text().strip()) is not None
     wait_for(lambda: not Client(port, **device_tls(a)).connect(), 15, what="the revoked certificate refused")
     dev_a.publish(topics.frames("cam-a"), b"after-revoke")
     dev_b = Client(port, **device_tls(b))
@@ -391,7 +401,7 @@ def test_the_real_hub_with_enrolled_devices(tmp_path: Path) -> None:
                                         (topics.frames("cam-a"), frame_payload("own-1", "cam-a"))], **ta)
         wait_for(lambda: store.get_frame("own-1") is not None, 15, what="A's own frame stored")
         assert store.get_frame("forged-1") is None
-        with HubClient(f"127.0.0.1:{hub.info['grpc_port']}", 10) as client:
+        with hub.grpc_client() as client:
             (dev_b,) = [d for d in client.list_devices() if d.device_id == "cam-b"]
         assert (dev_b.group, dev_b.reported.version, dev_b.enrolled_group) == ("g2", 3, "g2")
         r = subprocess.run([sys.executable, "-m", "hub", "devices", "revoke", "cam-b", "--config", str(cfg)],
@@ -400,7 +410,8 @@ def test_the_real_hub_with_enrolled_devices(tmp_path: Path) -> None:
         assert r.returncode == 0 and "embedded broker reloaded" in r.stdout, r.stderr
         wait_for(lambda: not Client(port, ca=tb["ca_file"], cert=tb["cert_file"], key=tb["key_file"]).connect(),
                  15, what="the revoked device refused by the running hub's broker")
-        r = subprocess.run([sys.executable, "-m", "hub", "devices", "--hub", f"127.0.0.1:{hub.info['grpc_port']}"],
+        r = subprocess.run([sys.executable, "-m", "hub", "devices", "--hub", f"127.0.0.1:{hub.info['grpc_port']}",
+                            "--config", str(cfg)],  # its admin token and fleet CA from the hub's data
                            cwd=str(REPO), capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
                            timeout=60)
         assert r.returncode == 0, r.stderr

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import pytest
 
 from hub.store.sqlite import SqliteStore
 from proto import kestrel_pb2, kestrel_pb2_grpc, topics
@@ -80,10 +81,12 @@ def test_serve_with_embedded_broker_health_metrics_grpc(tmp_path: Path) -> None:
         assert "kestrel_hub_ingest_commit_seconds_count" in text and "kestrel_hub_frames_unlabelled 1.0" in text
         assert 'kestrel_hub_frame_received_to_stored_seconds_count 1.0' in text
         # the gRPC registry answers on the bound port
-        with grpc.insecure_channel(f"127.0.0.1:{hub.info['grpc_port']}") as ch:
-            stub = kestrel_pb2_grpc.ModelRegistryStub(ch)
-            resp = stub.ListModels(kestrel_pb2.ListModelsRequest(), timeout=10)
-            assert list(resp.versions) == []
+        with hub.grpc_client() as client:  # TLS with the hub's fleet CA, its first admin token
+            assert client.list_models() == []
+        with grpc.insecure_channel(f"127.0.0.1:{hub.info['grpc_port']}") as ch:  # no plain text on that port
+            with pytest.raises(grpc.RpcError) as ei:
+                kestrel_pb2_grpc.ModelRegistryStub(ch).ListModels(kestrel_pb2.ListModelsRequest(), timeout=10)
+            assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
         # the embedded broker is supervised: killed, it comes back on the same port and the ingest reconnects
         broker_info = json.loads((data / "broker" / "broker.json").read_text())
         os.kill(int(broker_info["pid"]), signal.SIGKILL)

@@ -96,6 +96,23 @@ def test_roles(web: Web, role: str, label_ok: bool, deploy_ok: bool) -> None:
     r = web.client.post("/api/deploy", json={"model_name": "m", "group": "lobby"}, headers=web.h(role))
     assert r.status_code == (503 if deploy_ok else 403), r.text  # no fleet service in this app: 503 after the role
     assert web.client.get("/api/me", headers=web.h(role)).json()["role"] == role
+    r = web.client.post("/api/rollback", json={"group": "lobby"}, headers=web.h(role))
+    assert r.status_code == (503 if deploy_ok else 403), r.text
+
+
+@pytest.mark.parametrize("role", ["trainer", "device"])
+def test_the_machines_tokens_do_not_open_the_dashboard(web: Web, role: str) -> None:
+    """One token system for gRPC and the dashboard: a trainer's (push) or a device's (fetch) token reads,
+    labels and deploys nothing here, and cannot log in."""
+    assert web.client.get("/api/frames", headers=web.h(role)).status_code == 403
+    r = web.client.post("/api/labels", json={"items": [{"frame_id": "f2", "label": "cat"}]}, headers=web.h(role))
+    assert r.status_code == 403
+    assert web.client.post("/api/deploy", json={"model_name": "m", "group": "lobby"},
+                           headers=web.h(role)).status_code == 403
+    page = web.client.get("/login")
+    csrf = re.search(r'id="login-csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+    r = web.client.post("/login", data={"token": web.tokens[role], "csrf": csrf, "next": "/fleet"})
+    assert r.status_code == 403 and "for a machine" in r.text and "kestrel_session" not in r.headers["set-cookie"]
 
 
 def test_fleet_shows_a_device_that_overrides_its_group_and_revoked_identities(web: Web) -> None:

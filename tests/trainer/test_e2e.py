@@ -162,8 +162,12 @@ def test_push_and_push_model_deploy_to_a_real_hub(bundle_run, tmp_path, broker, 
     hub_registry = pytest.importorskip("hub.registry")
     import paho.mqtt.client as mqtt
 
+    from hub import auth
+    from hub.config import from_dict
     from hub.fleet import FleetService
+    from hub.grpc_auth import GrpcAuth
     from hub.grpc_service import make_server
+    from hub.security.enrol import Security
     from hub.store.sqlite import SqliteStore
 
     tmp, key, pub, rundir, out = bundle_run
@@ -183,16 +187,32 @@ def test_push_and_push_model_deploy_to_a_real_hub(bundle_run, tmp_path, broker, 
         published.append(topic)
 
     fleet = FleetService(store, registry, publish_retained)
-    server, port = make_server(registry, fleet)
+    # the hub's gRPC as `kestrel-hub serve` runs it: TLS with its fleet CA's certificate, a token on every call
+    security = Security(from_dict({"hub": {"data_dir": str(tmp_path / "hubdata")}}))
+    server, port, _ = make_server(registry, fleet, auth=GrpcAuth(lambda t: auth.authenticate(store, t)),
+                                  tls=security.grpc_tls())
     server.start()
+
+    def token_file(name: str, role: str) -> str:
+        path = tmp_path / f"{name}.token"
+        path.write_text(auth.add_token(store, name, role) + "\n")
+        path.chmod(0o600)
+        return str(path)
+
+    trainer_token, operator_token = token_file("ci", "trainer"), token_file("ops", "operator")
+    ca = str(security.ca_file)
+    creds = ["--token-file", trainer_token, "--ca-file", ca]
     try:
         hub = f"127.0.0.1:{port}"
-        assert main(["push", str(out), "--hub", hub, "--no-progress"]) == 0
+        rc = main(["push", str(out), "--hub", hub, "--ca-file", ca, "--no-progress"])  # no token: refused
+        assert rc == 2 and "UNAUTHENTICATED" in capsys.readouterr().err
+        assert main(["push", str(out), "--hub", hub, *creds, "--no-progress"]) == 0
         assert "pushed kestrel-classifier v2" in capsys.readouterr().out
         assert [r.version for r in registry.list_models("kestrel-classifier")] == [2]
         # push-model: package the newest run under ./runs with the next version, push, deploy to a group.
         monkeypatch.chdir(tmp)
-        assert main(["push-model", "--hub", hub, "--key", str(key), "--deploy", "cameras", "--no-progress"]) == 0
+        assert main(["push-model", "--hub", hub, "--key", str(key), "--deploy", "cameras", *creds,
+                     "--deploy-token-file", operator_token, "--no-progress"]) == 0
         text = capsys.readouterr().out
         assert "pushed kestrel-classifier v3" in text and "deployed kestrel-classifier v3 to cameras" in text
         assert sorted(r.version for r in registry.list_models("kestrel-classifier")) == [2, 3]
@@ -203,23 +223,30 @@ def test_push_and_push_model_deploy_to_a_real_hub(bundle_run, tmp_path, broker, 
         model = (rundir / "optimize" / "pruned_int8.tflite").read_bytes()
         data[data.find(model[:64]) + len(model) // 2] ^= 0xFF       # one bit-flip inside the signed model
         (tmp_path / "bad.kbundle").write_bytes(bytes(data))
-        rc = main(["push", str(tmp_path / "bad.kbundle"), "--hub", hub, "--no-progress"])
+        rc = main(["push", str(tmp_path / "bad.kbundle"), "--hub", hub, *creds, "--no-progress"])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and "hub refused (INVALID_ARGUMENT)" in err[0], err
         assert sorted(r.version for r in registry.list_models("kestrel-classifier")) == [2, 3]
         # The make target with BUNDLE=: VERSION= must agree with the bundle's manifest ...
         make = ["make", "-s", "--no-print-directory", "-o", "setup", "push-model"]
-        proc = subprocess.run(make + [f"BUNDLE={out}", f"HUB={hub}", "VERSION=9"], cwd=str(REPO),
+        make_creds = [f"TOKEN_FILE={trainer_token}", f"CA={ca}"]
+        proc = subprocess.run(make + [f"BUNDLE={out}", f"HUB={hub}", "VERSION=9", *make_creds], cwd=str(REPO),
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and "does not match the bundle" in proc.stderr, proc.stderr[-2000:]
         # ... and pushes and deploys the given bundle as it is.
         v4 = tmp_path / "model-v4.kbundle"
         assert main(["package", str(rundir), "--key", str(key), "--version", "4", "--out", str(v4),
                      "--no-progress"]) == 0
-        proc = subprocess.run(make + [f"BUNDLE={v4}", f"HUB={hub}", "VERSION=4", "DEPLOY=device:cam-9"],
+        rc = main(["push-model", "--bundle", str(v4), "--hub", hub, "--deploy", "device:cam-9", *creds,
+                   "--no-progress"])  # the trainer's token pushes; it may not deploy: one line, exit 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "PERMISSION_DENIED" in err[0] and "--deploy-token-file" in err[0], err
+        assert published[-1].endswith("/groups/cameras/desired")  # nothing announced
+        proc = subprocess.run(make + [f"BUNDLE={v4}", f"HUB={hub}", "VERSION=4", "DEPLOY=device:cam-9", *make_creds,
+                                      f"DEPLOY_TOKEN_FILE={operator_token}"],
                               cwd=str(REPO), capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        assert "pushed kestrel-classifier v4" in proc.stdout and "deployed kestrel-classifier v4" in proc.stdout
+        assert "kestrel-classifier v4" in proc.stdout and "deployed kestrel-classifier v4" in proc.stdout
         assert sorted(r.version for r in registry.list_models("kestrel-classifier")) == [2, 3, 4]
         assert published[-1].endswith("/devices/cam-9/desired")
         # An unreachable hub is a transport error: exit 3.
