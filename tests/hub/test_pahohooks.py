@@ -103,7 +103,11 @@ def test_paho_still_takes_the_batched_puback_hook(broker_factory: Any) -> None:
     assert link.ack(got) == 20
     assert (link.acks_batched, link.acks_single, link.ack_writes) == (20, 0, 1), \
         f"the batched PUBACK write was not taken {LOUD}"
-    wait_for(lambda: not link.client.want_write(), 10, what="the PUBACKs written")
+    # The broker handles one client's packets in order: once it acknowledges a publish queued after the
+    # PUBACKs, it has processed them (want_write() alone only says paho's queue is empty).
+    marker = link.client.publish(f"test/{cid}/marker", b"", qos=1)
+    marker.wait_for_publish(10)
+    assert marker.is_published()
     link.stop()
     again: List[Message] = []
     link2 = _link(broker, again, cid, group)
@@ -134,7 +138,11 @@ def test_the_fallbacks_are_detected_and_still_deliver_and_acknowledge(
                 [(topics.frames("cam-f"), frame_payload(f"f{i}", "cam-f", seq=i)) for i in range(10)])
     wait_for(lambda: len(got) == 10, 10, what="10 frames without read-ahead")
     assert link.ack(got) == 10 and (link.acks_batched, link.acks_single) == (0, 10)
-    wait_for(lambda: not link.client.want_write(), 10, what="the PUBACKs written")
+    # The broker handles one client's packets in order: once it acknowledges a publish queued after the
+    # PUBACKs, it has processed them (want_write() alone only says paho's queue is empty).
+    marker = link.client.publish(f"test/{cid}/marker", b"", qos=1)
+    marker.wait_for_publish(10)
+    assert marker.is_published()
     link.stop()
     again: List[Message] = []
     link2 = _link(broker, again, cid, group)
