@@ -94,6 +94,10 @@ class TrainConfig:
                         "ImageNet weights: the fine-tuning epochs after the head_epochs.")
     batch_size: int = field(32, doc="Mini-batch size.")
     learning_rate: float = field(1e-3, doc="Adam learning rate.")
+    deterministic: bool = field(True, doc="Reproducible training: the same data, config and data.seed give the "
+                                "same model, bit for bit (TensorFlow's op determinism; on this CPU it was "
+                                "faster, not slower). false lets TensorFlow pick faster non-deterministic "
+                                "kernels where it has them (GPUs); runs then differ from each other.")
     folds: int = field(5, doc="k of the stratified k-fold cross-validation (0 or 1 = skip CV).")
     cv_epochs: int = field(0, doc="Epochs per CV fold; 0 = same as epochs.")
     augment: bool = field(True, doc="Random flip, crop and brightness/contrast during training.")

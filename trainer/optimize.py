@@ -21,7 +21,7 @@ from trainer.config import Config
 from trainer.errors import OptimizeError
 from trainer.models import compile_model
 from trainer.preprocess import normalize
-from trainer.tfenv import tf, tfmot
+from trainer.tfenv import configure, tf, tfmot
 from trainer.train import make_dataset
 
 # Tiny data sets give few steps per epoch; pruning that ramps in a handful of steps leaves no time to
@@ -67,6 +67,7 @@ def wrap_for_pruning(model: Any, schedule: Any) -> Any:
 
 def prune(model: Any, images: np.ndarray, labels: np.ndarray, cfg: Config) -> tuple:
     """Fine-tune with pruning to cfg.optimize.sparsity; returns (stripped model, schedule dict, history)."""
+    configure(cfg.train.deterministic)
     mot = tfmot()
     oc = cfg.optimize
     steps_per_epoch = int(np.ceil(len(images) / cfg.train.batch_size))
@@ -92,6 +93,7 @@ def prune(model: Any, images: np.ndarray, labels: np.ndarray, cfg: Config) -> tu
 
 def prune_preserving_qat(model: Any, images: np.ndarray, labels: np.ndarray, cfg: Config) -> Any:
     """tfmot pruning-preserving quantization-aware training (Default8BitPrunePreserveQuantizeScheme)."""
+    configure(cfg.train.deterministic)
     mot = tfmot()
     annotated = mot.quantization.keras.quantize_annotate_model(model)
     from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.prune_preserve import (

@@ -19,3 +19,16 @@ def tfmot() -> Any:
     import tensorflow_model_optimization
 
     return tensorflow_model_optimization
+
+
+_determinism = False
+
+
+def configure(deterministic: bool) -> None:
+    """Process-wide TensorFlow settings a run asks for (``[train] deterministic``): op determinism makes
+    training reproducible from the seeds (without it, two runs on the same data differed by up to 9
+    accuracy points on the demo's 90 held-out digits). Called before any training; idempotent."""
+    global _determinism
+    if deterministic and not _determinism:
+        tf().config.experimental.enable_op_determinism()
+        _determinism = True

@@ -12,7 +12,7 @@ from trainer.config import Config
 from trainer.models import build_model, compile_model, freeze_backbone, unfreeze_for_fine_tuning
 from trainer.preprocess import normalize, normalize_tf
 from trainer.split import kfold
-from trainer.tfenv import tf
+from trainer.tfenv import configure, tf
 
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, cfg: Config, training: bool, seed: int = 0) -> Any:
@@ -94,6 +94,7 @@ def fit(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Config, epo
     `train.head_epochs` on the frozen backbone at the learning rate, then `epochs` of fine-tuning (BN
     frozen) at learning_rate x fine_tune_lr_scale. Returns (model, history: one list per metric over
     all epochs, plus "phase": 0 = head, 1 = fine-tune/full)."""
+    configure(cfg.train.deterministic)
     model = build_model(cfg.model, n_classes, seed=seed)
     if not cfg.model.weights:       # (ImageNet BatchNorm statistics stay frozen: see unfreeze_for_fine_tuning)
         set_bn_momentum(model, bn_momentum(int(np.ceil(len(images) / cfg.train.batch_size))))
