@@ -67,7 +67,7 @@ def wrap_for_pruning(model: Any, schedule: Any) -> Any:
 
 def prune(model: Any, images: np.ndarray, labels: np.ndarray, cfg: Config) -> tuple:
     """Fine-tune with pruning to cfg.optimize.sparsity; returns (stripped model, schedule dict, history)."""
-    configure(cfg.train.deterministic)
+    configure(cfg.train.deterministic, seed=cfg.data.seed)
     mot = tfmot()
     oc = cfg.optimize
     steps_per_epoch = int(np.ceil(len(images) / cfg.train.batch_size))
@@ -93,7 +93,7 @@ def prune(model: Any, images: np.ndarray, labels: np.ndarray, cfg: Config) -> tu
 
 def prune_preserving_qat(model: Any, images: np.ndarray, labels: np.ndarray, cfg: Config) -> Any:
     """tfmot pruning-preserving quantization-aware training (Default8BitPrunePreserveQuantizeScheme)."""
-    configure(cfg.train.deterministic)
+    configure(cfg.train.deterministic, seed=cfg.data.seed)
     mot = tfmot()
     annotated = mot.quantization.keras.quantize_annotate_model(model)
     from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.prune_preserve import (

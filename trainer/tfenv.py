@@ -24,11 +24,15 @@ def tfmot() -> Any:
 _determinism = False
 
 
-def configure(deterministic: bool) -> None:
+def configure(deterministic: bool, seed: "int | None" = None) -> None:
     """Process-wide TensorFlow settings a run asks for (``[train] deterministic``): op determinism makes
     training reproducible from the seeds (without it, two runs on the same data differed by up to 9
-    accuracy points on the demo's 90 held-out digits). Called before any training; idempotent."""
+    accuracy points on the demo's 90 held-out digits). Called before any training; idempotent. ``seed``
+    (deterministic only): seed Python, NumPy and TensorFlow now, so a stage gives the same result whether
+    it runs inside ``kestrel-train run`` or on its own (random ops refuse to run unseeded then)."""
     global _determinism
     if deterministic and not _determinism:
         tf().config.experimental.enable_op_determinism()
         _determinism = True
+    if deterministic and seed is not None:
+        tf().keras.utils.set_random_seed(seed)
