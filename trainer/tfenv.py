@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 
 def tf() -> Any:
@@ -24,7 +24,7 @@ def tfmot() -> Any:
 _determinism = False
 
 
-def configure(deterministic: bool, seed: "int | None" = None) -> None:
+def configure(deterministic: bool, seed: Optional[int] = None) -> None:
     """Process-wide TensorFlow settings a run asks for (``[train] deterministic``): op determinism makes
     training reproducible from the seeds (without it, two runs on the same data differed by up to 9
     accuracy points on the demo's 90 held-out digits). Called before any training; idempotent. ``seed``
