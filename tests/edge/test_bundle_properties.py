@@ -206,8 +206,8 @@ def test_resigned_random_manifests_raise_only_bundle_error_and_respect_bounds(ed
                 parent[key] = value
             else:
                 parent.append(value)
-        except (KeyError, IndexError, TypeError):
-            continue  # an earlier edit removed or retyped this spot
+        except (KeyError, IndexError, TypeError, AttributeError):
+            continue  # an earlier edit removed or retyped this spot (e.g. a list became a string: no append)
     data = _resigned(doc)
     result = outcome(data)
     event(result)
