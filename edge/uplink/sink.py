@@ -77,7 +77,8 @@ def downscale(bgr: np.ndarray, max_side: int) -> np.ndarray:
 
 
 class FrameBuilder:
-    """Turns a SampledFrame into a kestrel_pb2.Frame (JPEG, top-k, reasons, ids)."""
+    """Turns a SampledFrame into a kestrel_pb2.Frame (JPEG, top-k, reasons, ids). ``source`` is the frame's
+    own camera (``SampledFrame.source``), else ``source_name``."""
 
     def __init__(self, device_id: str, boot_id: str, source_name: str, top_k: int, jpeg_quality: int,
                  max_side: int, max_bytes: int = 0) -> None:
@@ -111,7 +112,7 @@ class FrameBuilder:
         frame = kestrel_pb2.Frame(
             frame_id=f"{self.device_id}-{self.boot_id}-{s.seq}", device_id=self.device_id,
             capture_time_ms=int(s.capture_time * 1000), reasons=cast(Any, s.reasons), top_k=top, image=image,
-            image_format="jpeg", width=w, height=h, source=self.source_name, image_bytes=len(image))
+            image_format="jpeg", width=w, height=h, source=s.source or self.source_name, image_bytes=len(image))
         if s.model_ref is not None:
             frame.model.CopyFrom(s.model_ref)
         if self.max_bytes and frame.ByteSize() + MESSAGE_SLACK > self.max_bytes:
