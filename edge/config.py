@@ -109,7 +109,10 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class PipelineConfig:
-    queue_size: int = field(4, doc="Frames buffered between capture and inference.")
+    queue_size: int = field(4, doc="Frames buffered between capture and inference. With several [[sources]] "
+                                   "this is shared: each source queues queue_size / sources frames, at "
+                                   "least MIN_SOURCE_QUEUE (2), unless it sets its own queue_size (camera "
+                                   "frames are megabytes each; round-robin keeps the model fed from 2 each).")
     drop_policy: str = field("auto", doc="auto (drop_oldest for live sources, block for files), "
                                          "drop_oldest or block.")
     sink_queue_size: int = field(8, doc="Sampled frames waiting for JPEG encoding and the spool write, "

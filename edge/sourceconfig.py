@@ -53,7 +53,8 @@ class SourceConfig:
     pattern_brightness: List[float] = field(doc="testpattern: mean brightness levels (0..1) the moving "
                                                  "pattern cycles through, one per frame.",
                                             factory=lambda: [0.5])
-    queue_size: int = field(0, doc="Frames of this source buffered for inference; 0 = [pipeline] queue_size.")
+    queue_size: int = field(0, doc="Frames of this source buffered for inference; 0 = its share of [pipeline] "
+                                   "queue_size.")
     drop_policy: str = field("", doc="When this source's queue is full: auto, drop_oldest or block (as "
                                      "[pipeline] drop_policy); empty = [pipeline] drop_policy.")
 

@@ -4,10 +4,11 @@ Every source (camera) has its own capture thread, which reads it and puts frames
 bounded queue (edge.pipeline.lanes): for live sources the oldest queued frame is dropped when it is
 full (the model always sees fresh frames), for files the capture thread waits (nothing is skipped);
 ``PipelineConfig.drop_policy`` overrides that, and a source's own ``queue_size``/``drop_policy`` override
-the pipeline's. The one inference thread takes frames round-robin over the sources (a fast camera
-cannot starve a slow one), takes the model from the :class:`ModelHolder` for every frame (so a swap
-takes effect on the next frame and never drops one), runs it, asks the sampler, tells every observer
-about the :class:`InferenceResult` (which names its source) and hands frames to send to ``sink``.
+the pipeline's (several sources share ``queue_size``: :func:`source_queue_size`). The one inference
+thread takes frames round-robin over the sources (a fast camera cannot starve a slow one), takes the
+model from the :class:`ModelHolder` for every frame (so a swap takes effect on the next frame and never
+drops one), runs it, asks the sampler, tells every observer about the :class:`InferenceResult` (which
+names its source) and hands frames to send to ``sink``.
 With ``max_batch`` > 1 and a model whose batch dimension can be resized, up to that many queued frames
 (of different sources first) go through one invoke; each still becomes its own result.
 
@@ -127,6 +128,15 @@ class _NullStats:
 
 
 Item = Tuple[int, float, np.ndarray]  # (seq, capture time, BGR frame)
+MIN_SOURCE_QUEUE = 2  # frames queued per source at least, when several share [pipeline] queue_size
+
+
+def source_queue_size(queue_size: int, sources: int) -> int:
+    """A source's share of ``[pipeline] queue_size`` (all of it for a single source): camera frames are
+    megabytes each, and round-robin keeps the model fed from a couple of frames per source."""
+    if sources <= 1:
+        return queue_size
+    return max(MIN_SOURCE_QUEUE, -(-queue_size // sources))
 
 
 class Pipeline:
@@ -149,7 +159,7 @@ class Pipeline:
             own = getattr(src.cfg, "drop_policy", "")  # the source's own setting wins over [pipeline]'s
             policy = own or self.cfg.drop_policy
             drop_oldest = src.live if policy == "auto" else policy == "drop_oldest"
-            size = getattr(src.cfg, "queue_size", 0) or self.cfg.queue_size
+            size = getattr(src.cfg, "queue_size", 0) or source_queue_size(self.cfg.queue_size, len(self.sources))
             lane = self._fq.add(src.name, src, size, drop_oldest)
             self.stats.watch_source(lane.name, lane.health)
         self.lanes: List[Lane] = self._fq.lanes

@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-BENCHES = ["bench_edge", "bench_hub", "bench_update", "bench_trainer"]
+BENCHES = ["bench_edge", "bench_multicam", "bench_hub", "bench_update", "bench_trainer"]
 
 
 def main() -> int:

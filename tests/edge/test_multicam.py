@@ -280,3 +280,15 @@ def test_check_plausible_names_the_source(tmp_path: Path) -> None:
     problems = check_plausible(cfg)
     assert problems == [f"sources[1] (gone).uri: video file {tmp_path / 'nope.avi'} does not exist",
                         "sources[2] (cam).uri: 'http://x' is not an rtsp:// URL"]
+
+
+def test_several_sources_share_the_queue_budget() -> None:
+    from edge.pipeline.loop import source_queue_size
+
+    assert source_queue_size(4, 1) == 4  # one source: all of [pipeline] queue_size, as before
+    assert [source_queue_size(4, n) for n in (2, 4, 8)] == [2, 2, 2]  # at least 2 each
+    assert source_queue_size(12, 4) == 3 and source_queue_size(10, 4) == 3
+    cams = [open_source(SourceConfig(kind="testpattern", name=f"c{i}", width=8, height=8, fps=0, max_frames=1,
+                                     queue_size=5 if i == 0 else 0)) for i in range(3)]
+    p = Pipeline(cams, ModelHolder(None), no_limits(), lambda s: None, PipelineConfig(queue_size=12))
+    assert [lane.maxsize for lane in p.lanes] == [5, 4, 4]  # a source's own queue_size wins

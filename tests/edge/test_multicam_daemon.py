@@ -193,3 +193,27 @@ def test_four_cameras_one_daemon_one_dies_and_comes_back(tmp_path: Path, broker,
     assert sorted(x.name for x in last.sources) == sorted(SIZES)
     assert sum(x.frames_processed for x in last.sources) == last.frames_processed
     assert next(x for x in last.sources if x.name == "door").reconnects >= 1
+
+
+@pytest.mark.parametrize("sources, code, message", [
+    ('[[sources]]\nname = "a"\n\n[[sources]]\nname = "b"\nkind = "testpattern"', 0,
+     "OK (device cam-cfg, sources a (testpattern), b (testpattern)"),
+    ('[source]\nkind = "testpattern"\n\n[[sources]]\nname = "a"', 2, "give either [source] (one camera) or "
+                                                                    "[[sources]] (several), not both"),
+    ('[[sources]]\nname = "a"\n\n[[sources]]\nname = "a"', 2, "two [[sources]] are named 'a'"),
+    ('[[sources]]\nname = "a"\n\n[[sources]]\nname = "gone"\nkind = "file"\nuri = "/nonexistent/x.avi"', 2,
+     "sources[1] (gone).uri: video file /nonexistent/x.avi does not exist"),
+])
+def test_check_config_checks_every_source(tmp_path: Path, models_dir: Path, sources: str, code: int,
+                                          message: str) -> None:
+    toml = tmp_path / "edge.toml"
+    toml.write_text(f'[device]\nid = "cam-cfg"\ndata_dir = "{tmp_path / "data"}"\n\n{sources}\n\n[model]\n'
+                    f'path = "{models_dir / "brightness_int8.tflite"}"\n')
+    res = subprocess.run(daemon_cmd(toml, "--check-config"), env=env(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == code, res.stderr[-2000:]
+    if code == 0:
+        assert message in res.stdout
+    else:
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("kestrel-edge run: error:")]
+        assert len(errors) == 1 and message in errors[0], res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
