@@ -205,8 +205,8 @@ def plot(res: Dict[str, Any], path: Path) -> None:
     for i, tgt in enumerate(targets):
         if tgt is not None:
             ax3.plot([tgt, tgt], [i - 0.4, i + 0.4], color="red", linewidth=2)
-        ax3.text(values[i], i, f" {values[i]:.2f}", va="center", fontsize=8)
-    ax3.set(title="ratios (red: target; RSS: lower is better)")
+        ax3.text(max(values[i], tgt or 0.0) + 0.02, i, f"{values[i]:.2f}", va="center", fontsize=8)
+    ax3.set(title="ratios (red: target; RSS: lower is better)", xlim=(0, max(values + [1.5]) + 0.25))
     fig.suptitle(f"bench_multicam: {res['model']}, {res['video']}, {res['cpus']} cores, load "
                  f"{res['load_avg_1m_before']:.1f}", fontsize=9)
     fig.tight_layout()
@@ -252,6 +252,8 @@ def main(out_dir: Path, frames: int = FRAMES, repeats: int = REPEATS) -> Dict[st
         **{f"{k}_fps": best[k]["fps"] for k in RUNS},
         **{f"{k}_rss_peak_mb": rss[k] for k in RUNS},
         **{f"{k}_cpu_ms_per_frame": min(r["cpu_ms_per_frame"] for r in runs[k]) for k in RUNS},
+        **{f"{k}_thread_cpu_ms": {"capture": min(r["capture_cpu_ms"] for r in runs[k]),
+                                  "inference": min(r["inference_cpu_ms"] for r in runs[k])} for k in RUNS},
         **{f"{k}_sampled": best[k]["sampled"] for k in RUNS},
         "one_over_bound": best["one"]["fps"] / bound,
         # load-independent diagnostics: the rate each run's CPU per frame allows on `cores` idle cores (the one
