@@ -37,7 +37,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 
@@ -145,7 +145,8 @@ class Pipeline:
                  stats: Any = None,
                  observers: Optional[List[Callable[[InferenceResult], None]]] = None) -> None:
         """``source``: one source or several (each needs its own ``name``)."""
-        self.sources: List[FrameSource] = [source] if isinstance(source, FrameSource) else list(source)
+        self.sources: List[FrameSource] = (list(source) if isinstance(source, (list, tuple))
+                                           else [cast(FrameSource, source)])
         if not self.sources:
             raise ValueError("a pipeline needs a source")
         self.holder = holder
