@@ -12,6 +12,10 @@ names its source) and hands frames to send to ``sink``.
 With ``max_batch`` > 1 and a model whose batch dimension can be resized, up to that many queued frames
 (of different sources first) go through one invoke; each still becomes its own result.
 
+With several sources, the capture threads of files (sources that are not live) run at a lower OS
+priority (FILE_CAPTURE_NICENESS): they only need to keep ahead of the model, which must not wait for a
+core while they decode; live cameras keep the normal priority (they must keep up with the camera).
+
 Frame numbers (``seq``) count captures over every source of the run, so ``{device}-{boot}-{seq}`` is
 unique per device. A source that ends (a file's end) or fails (an exception in capture:
 ``capture_error``, logged) stops only its own capture thread; the pipeline is done when every source
@@ -47,6 +51,7 @@ from edge.logonce import OncePerKind
 from edge.pipeline.lanes import FairQueue, Lane
 from edge.pipeline.sampler import Sampler
 from edge.sources import FrameSource
+from edge.threadprio import lower_thread_priority
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +134,11 @@ class _NullStats:
 
 Item = Tuple[int, float, np.ndarray]  # (seq, capture time, BGR frame)
 MIN_SOURCE_QUEUE = 2  # frames queued per source at least, when several share [pipeline] queue_size
+# Added to the nice value of the capture threads of sources that are not live (files) when there are several
+# sources (Linux): a file is read only as fast as the model takes its frames, so its decoding must not take
+# the inference thread's core. Without it the kernel shares the cores equally between the one inference
+# thread and every capture thread, and the model waits for a core a third of the time (bench_multicam).
+FILE_CAPTURE_NICENESS = 10
 
 
 def source_queue_size(queue_size: int, sources: int) -> int:
@@ -253,6 +263,8 @@ class Pipeline:
         cpu0 = time.thread_time()
         corrupt_seen = 0
         source, stats, stop, name, put, seq = lane.source, self.stats, self._stop, lane.name, self._fq.put, self._seq
+        if len(self.lanes) > 1 and not source.live:
+            lower_thread_priority(FILE_CAPTURE_NICENESS)
         try:
             while not stop.is_set():
                 ok, frame, t = source.read()

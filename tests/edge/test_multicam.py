@@ -292,3 +292,33 @@ def test_several_sources_share_the_queue_budget() -> None:
                                      queue_size=5 if i == 0 else 0)) for i in range(3)]
     p = Pipeline(cams, ModelHolder(None), no_limits(), lambda s: None, PipelineConfig(queue_size=12))
     assert [lane.maxsize for lane in p.lanes] == [5, 4, 4]  # a source's own queue_size wins
+
+
+def test_files_beside_other_sources_capture_at_a_lower_priority(models_dir: Path) -> None:
+    """A file is read only as fast as the model takes its frames: beside other sources its capture thread
+    yields the cores to inference (Linux); a live camera's keeps the normal priority."""
+    import os
+    import sys
+
+    from edge.pipeline.loop import FILE_CAPTURE_NICENESS
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread priorities are set on Linux only")
+    seen = {}
+
+    class Recording(TestPatternSource):
+        def _read(self) -> Any:
+            seen.setdefault(self.name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            return super()._read()
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    model = load_model(models_dir / "brightness_int8.tflite", labels=LABELS, threads=1)
+    file_like = Recording(SourceConfig(kind="testpattern", name="file", width=32, height=24, fps=0, max_frames=5))
+    live = Recording(SourceConfig(kind="testpattern", name="live", width=32, height=24, fps=200, max_frames=5))
+    assert not file_like.live and live.live
+    Pipeline([file_like, live], ModelHolder(model), no_limits(), lambda s: None).run()
+    alone = Recording(SourceConfig(kind="testpattern", name="alone", width=32, height=24, fps=0, max_frames=5))
+    Pipeline(alone, ModelHolder(model), no_limits(), lambda s: None).run()
+    model.close()
+    assert seen == {"file": min(19, mine + FILE_CAPTURE_NICENESS), "live": mine, "alone": mine}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # this thread is unchanged
