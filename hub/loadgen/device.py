@@ -99,6 +99,7 @@ class SimDevice:
         self.resend_requests = 0
         self.connects = 0
         self.refusal: Optional[str] = None  # the broker refused the CONNECT: why
+        self.closed_early = 0  # connections the broker closed before any CONNACK (a TLS or login refusal)
         self.connected = threading.Event()
         self.backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s, STABLE_CONNECTION_S)
         self.client = self._make_client(creds)
@@ -152,6 +153,8 @@ class SimDevice:
         self._set_delay(client, self.backoff.next())
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
+        if not self.connects:
+            self.closed_early += 1
         self.connected.clear()
         self.backoff.stable()
         self._set_delay(client, self.backoff.next())

@@ -29,6 +29,7 @@ from proto import topics
 log = logging.getLogger("hub.loadgen")
 
 SWEEP_S = 0.05  # how often overdue receipts are looked for
+CLOSED_EARLY_MAX = 2  # connections closed by the broker before its CONNACK: it refuses this device
 RECORD_FIELDS = ("device", "seq", "publish_s", "sends", "committed_ms", "receipt_s", "hub_id", "refused")
 
 
@@ -111,10 +112,13 @@ class Run:
         deadline = time.monotonic() + p.connect_timeout_s
         for dev in self.devices:
             while not dev.connected.wait(0.05):
-                if dev.refusal is not None:
+                if dev.refusal is not None or dev.closed_early >= CLOSED_EARLY_MAX:
                     self.close()
+                    why = dev.refusal or (f"it closed the connection before answering, {dev.closed_early} times: "
+                                          "a client certificate or login it wants is missing or refused")
                     raise ConfigError(f"loadgen: the broker {s.host}:{s.port} refused device {dev.device_id}: "
-                                      f"{dev.refusal} (credentials, or the ACL: an enrolled identity per device)")
+                                      f"{why} (credentials, or the ACL: an enrolled identity per device, "
+                                      "--identities)")
                 if time.monotonic() > deadline:
                     self.close()
                     raise TransportError(f"loadgen: device {dev.device_id} got no answer from {s.host}:{s.port} "
