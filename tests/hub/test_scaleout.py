@@ -55,14 +55,14 @@ def test_a_worker_killed_mid_stream_loses_nothing_and_stores_nothing_twice(tmp_p
     hubs = start_workers(tmp_path, broker)
     a, b = hubs["a"], hubs["b"]
     lg = Loadgen(tmp_path, "--host", broker.host, "--port", str(broker.port), "--devices", "10", "--fps", "10",
-                 "--duration", "14", "--frame-bytes", "8000", "--receipt-timeout", "60", "--drain", "30",
+                 "--duration", "15", "--frame-bytes", "8000", "--receipt-timeout", "60", "--drain", "30",
                  "--store", f"sqlite:///{tmp_path / 'shared.db'}", "--progress", "0")
     try:
         wait_for(lambda: stored(a) >= 30, 30, what="worker a storing its share")
         t_kill = time.time()
         a.kill()
         base = stored(b)
-        wait_for(lambda: stored(b) >= base + 300, 30, what="worker b storing the whole stream alone")
+        wait_for(lambda: stored(b) >= base + 400, 30, what="worker b storing the whole stream alone")
         t_restart = time.time()
         a.start()
         wait_for(lambda: stored(a) >= 20, 30, what="the restarted worker taking its share again")
@@ -74,13 +74,13 @@ def test_a_worker_killed_mid_stream_loses_nothing_and_stores_nothing_twice(tmp_p
         broker.stop()
     assert lg.rc == 0, s
     st = s["store"]
-    assert s["sent"] == st["published"] == st["stored"] == 10 * 10 * 14
+    assert s["sent"] == st["published"] == st["stored"] == 10 * 10 * 15
     assert (st["lost"], st["stored_twice"], st["unexpected"], s["not_receipted"], s["refused"]) == (0, 0, 0, 0, 0)
     assert set(s["receipts_by_hub"]) == {"worker-a", "worker-b"}
     assert s["resend_requests"] >= 1  # worker a's will (and its restart's request): nothing waited for the timeout
     recs = lg.records()
-    dead = [r for r in recs if t_kill <= r["publish_s"] < t_restart - 2.0]  # in flight at the restart: left out
-    assert len(dead) > 100
+    dead = [r for r in recs if t_kill <= r["publish_s"] < t_restart - 1.5]  # in flight at the restart: left out
+    assert len(dead) >= 50
     # while a was dead its share did not wait for it: b committed every frame published meanwhile
     assert {r["hub_id"] for r in dead} == {"worker-b"}, sorted({r["hub_id"] for r in dead})
 
