@@ -10,6 +10,7 @@ the per-device ACL of a secure broker wants; their broker address unless ``--hos
 
 Exit status: 0 every frame receipted (and, with a store, stored exactly once); 1 frames not receipted, refused,
 lost or stored twice; 2 bad arguments or a broker refusing the devices; 3 the broker or store unreachable.
+The first Ctrl-C stops publishing and still drains and reports; a second one stops at once (exit 130).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -156,7 +158,16 @@ def run(args: argparse.Namespace) -> int:
         plan = Plan(devices=devices, fps=args.fps, duration_s=args.duration, frame_bytes=args.frame_bytes,
                     settings=settings, credentials=creds, drain_s=args.drain, progress_s=args.progress)
         lg = Run(plan)
-        summary = lg.run()
+        previous = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum: int, frame: Any) -> None:  # the first Ctrl-C: stop publishing, drain, report
+            lg.stop()
+            signal.signal(signal.SIGINT, previous)  # the second one stops at once
+        signal.signal(signal.SIGINT, on_sigint)
+        try:
+            summary = lg.run()
+        finally:
+            signal.signal(signal.SIGINT, previous)
     if args.records:
         lg.write_records(Path(args.records))
     if store_url:

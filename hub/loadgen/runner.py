@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import math
 import secrets
-import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
@@ -93,11 +92,11 @@ class Run:
         self.started = 0.0
         self.published_until = 0.0
         self.ended = 0.0
-        self._stop = threading.Event()
+        self.stopped = False  # a plain flag, set from a signal handler (no lock may be taken there)
 
     def stop(self) -> None:
-        """Stop publishing now (SIGINT): the drain still waits for what is out."""
-        self._stop.set()
+        """Stop publishing now (the CLI's first Ctrl-C): the drain still waits for what is out."""
+        self.stopped = True
 
     # ---- phases ----
     def connect(self) -> None:
@@ -132,7 +131,7 @@ class Run:
         self.started = t0 = time.time()
         next_sweep = next_tick = t0
         k = 0
-        while k < total and not self._stop.is_set():
+        while k < total and not self.stopped:
             now = time.time()
             due = t0 + k * period
             if due <= now:

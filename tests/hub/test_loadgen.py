@@ -4,6 +4,7 @@ of storage receipts against a hub played by a test client on a real broker, reco
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -218,3 +219,18 @@ def test_an_unreachable_broker_is_one_line_and_exit_3(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "hub", "loadgen", "--fps", "0"], cwd=str(REPO), capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "--fps" in r.stderr
+
+
+def test_the_first_ctrl_c_stops_publishing_and_still_reports(own_broker: Mosquitto, tmp_path: Path) -> None:
+    from tests.helpers.mqtt import Collector
+    seen = Collector(own_broker.host, own_broker.port, [topics.ALL_FRAMES])
+    lg = Loadgen(tmp_path, "--host", own_broker.host, "--port", str(own_broker.port), "--devices", "2", "--fps", "10",
+                 "--duration", "600", "--frame-bytes", "2000", "--no-receipts", "--progress", "0")
+    try:
+        seen.wait_count(10)
+        lg.proc.send_signal(signal.SIGINT)
+        s = lg.wait(60)
+    finally:
+        lg.kill()
+        seen.close()
+    assert lg.rc == 0 and 10 <= s["sent"] < 600 * 20 and s["done"] == s["sent"] and s["not_receipted"] == 0
