@@ -213,7 +213,7 @@ def test_per_source_metrics_and_telemetry(tmp_path: Path) -> None:
     stats.watch_source("yard")
     for _ in range(3):
         stats.frame_captured("door")
-        stats.inference(0.002, "door")
+        stats.inference(0.002, source="door")
     stats.frame_sampled("door")
     stats.frame_captured("yard")
     stats.frame_dropped(2, "yard")
