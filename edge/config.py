@@ -15,16 +15,17 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 from edge.confighub import MqttConfig, UpdateConfig
+from edge.sourceconfig import GST_PRESETS as GST_PRESETS  # re-exported: edge.config is the config's one door
+from edge.sourceconfig import SourceConfig as SourceConfig
 from proto import tomlconf, topics
+from proto.tomlconf import check_not_negative as _not_negative
+from proto.tomlconf import check_positive as _positive
 from proto.tomlconf import field
-from proto.tomlconf import require_not_negative as _not_negative
-from proto.tomlconf import require_positive as _positive
 
 MiB = 1024 * 1024
-__all__ = ["DeviceConfig", "EdgeConfig", "ModelConfig", "MqttConfig", "PipelineConfig", "SamplerConfig",
-           "SourceConfig", "SpoolConfig", "TelemetryConfig", "UpdateConfig", "describe", "from_dict", "load",
-           "usable_cores"]
-GST_PRESETS = ("csi", "usb", "usb-mjpeg", "test")  # expanded by edge.sources.gstreamer.preset_pipeline
+__all__ = ["GST_PRESETS", "DeviceConfig", "EdgeConfig", "ModelConfig", "MqttConfig", "PipelineConfig",
+           "SamplerConfig", "SourceConfig", "SpoolConfig", "TelemetryConfig", "UpdateConfig", "describe",
+           "from_dict", "load", "usable_cores"]
 
 
 def usable_cores() -> int:
@@ -55,59 +56,6 @@ class DeviceConfig:
     @property
     def resolved_id(self) -> str:
         return self.id or socket.gethostname()
-
-
-@dataclasses.dataclass
-class SourceConfig:
-    kind: str = field("testpattern", doc="file, v4l2, rtsp, gstreamer or testpattern.")
-    uri: str = field("", doc="file: a video path; v4l2: an index or /dev/videoN; rtsp: rtsp://...; "
-                             "gstreamer: the pipeline up to (not including) the appsink/fdsink, or with "
-                             "a preset the camera it names (csi: the sensor id, default 0; usb, "
-                             "usb-mjpeg: the device, default /dev/video0).")
-    preset: str = field("", doc="gstreamer: a ready pipeline instead of uri: csi (nvarguscamerasrc -> "
-                                "nvvidconv, a Jetson's CSI camera), usb (v4l2src raw, converted by nvvidconv "
-                                "where it exists), usb-mjpeg (v4l2src MJPEG, decoded by nvv4l2decoder where "
-                                "it exists, else jpegdec) or test (videotestsrc); width, height and fps "
-                                "are asked of the camera. Empty = uri is the pipeline.")
-    name: str = field("cam0", doc="Name of this source, carried in every frame message.")
-    width: int = field(640, doc="Frame width requested from v4l2/gstreamer/testpattern sources.")
-    height: int = field(480, doc="Frame height requested from v4l2/gstreamer/testpattern sources.")
-    fps: float = field(30.0, doc="Frame rate requested (testpattern paces itself at it; 0 = unpaced).")
-    loop: bool = field(False, doc="file: start again at the end instead of stopping.")
-    realtime: bool = field(False, doc="file: pace reading at the file's frame rate like a live camera.")
-    max_frames: int = field(0, doc="Stop after this many frames (0 = no limit); for tests and demos.")
-    reconnect_initial_s: float = field(0.5, doc="First wait before reopening a failed live source.")
-    reconnect_max_s: float = field(30.0, doc="Longest wait between reopen attempts (exponential backoff).")
-    stall_timeout_s: float = field(10.0, doc="A live source that delivers no frame for this long is reopened.")
-    max_corrupt_in_row: int = field(100, doc="A file source stops after this many unreadable frames in a row.")
-    decode_threads: int = field(1, doc="file/rtsp: threads FFmpeg may use to decode. 1 keeps decoding one "
-                                       "pipeline stage on one core beside inference (FFmpeg's own choice, 0, "
-                                       "adds helper threads that compete with inference for the same cores "
-                                       "and only pay off when cores sit idle).")
-    pattern_brightness: List[float] = field(doc="testpattern: mean brightness levels (0..1) the moving "
-                                                 "pattern cycles through, one per frame.",
-                                            factory=lambda: [0.5])
-
-    def validate(self) -> None:
-        kinds = ("file", "v4l2", "rtsp", "gstreamer", "testpattern")
-        if self.kind not in kinds:
-            raise ValueError(f"kind must be one of {', '.join(kinds)}, not {self.kind!r}")
-        if self.preset and self.kind != "gstreamer":
-            raise ValueError(f"preset is for kind = \"gstreamer\", not {self.kind!r}")
-        if self.preset and self.preset not in GST_PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r} ({', '.join(GST_PRESETS)})")
-        if self.preset == "csi" and self.uri and not self.uri.isdigit():
-            raise ValueError(f"preset csi: uri is the camera's sensor id (0, 1, ...), not {self.uri!r}")
-        if self.kind in ("file", "rtsp", "gstreamer", "v4l2") and not self.uri and not self.preset:
-            raise ValueError(f"kind={self.kind!r} needs uri" + (" or preset" if self.kind == "gstreamer" else ""))
-        if self.width <= 0 or self.height <= 0:
-            raise ValueError("width and height must be positive")
-        if self.reconnect_initial_s <= 0 or self.reconnect_max_s < self.reconnect_initial_s:
-            raise ValueError("need 0 < reconnect_initial_s <= reconnect_max_s")
-        _positive(self, "stall_timeout_s", "max_corrupt_in_row")
-        _not_negative(self, "fps", "max_frames", "decode_threads")
-        if not self.pattern_brightness or not all(0.0 <= b <= 1.0 for b in self.pattern_brightness):
-            raise ValueError("pattern_brightness needs one or more levels within 0..1")
 
 
 @dataclasses.dataclass
@@ -150,16 +98,26 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class PipelineConfig:
-    queue_size: int = field(4, doc="Frames buffered between capture and inference.")
+    queue_size: int = field(4, doc="Frames buffered between capture and inference. With several [[sources]] "
+                                   "this is shared: each source queues queue_size / sources frames, at "
+                                   "least MIN_SOURCE_QUEUE (2), unless it sets its own queue_size (camera "
+                                   "frames are megabytes each; round-robin keeps the model fed from 2 each).")
     drop_policy: str = field("auto", doc="auto (drop_oldest for live sources, block for files), "
                                          "drop_oldest or block.")
     sink_queue_size: int = field(8, doc="Sampled frames waiting for JPEG encoding and the spool write, "
                                         "which run on their own thread; when full, inference waits "
                                         "(a sampled frame is never dropped).")
+    max_batch: int = field(1, doc="Several sources: up to this many queued frames (taken round-robin from "
+                                  "the sources) go through one invoke, the interpreter's input resized to "
+                                  "the batch (models with a dynamic batch dimension; others run frame by "
+                                  "frame). 1 = one frame per invoke: on the CPU runtimes measured a batch "
+                                  "costs as much per frame (docs/edge.md, Several cameras).")
 
     def validate(self) -> None:
         if self.queue_size < 1:
             raise ValueError("queue_size must be >= 1")
+        if not 1 <= self.max_batch <= 64:
+            raise ValueError(f"max_batch must be 1..64, not {self.max_batch}")
         if self.sink_queue_size < 1:
             raise ValueError("sink_queue_size must be >= 1")
         if self.drop_policy not in ("auto", "drop_oldest", "block"):
@@ -251,7 +209,13 @@ class TelemetryConfig:
 @dataclasses.dataclass
 class EdgeConfig:
     device: DeviceConfig = field(doc="Who this device is and where it keeps state.", factory=DeviceConfig)
-    source: SourceConfig = field(doc="The camera source.", factory=SourceConfig)
+    source: Optional[SourceConfig] = field(None, doc="The camera, on a device with one. Give either [source] "
+                                                    "or [[sources]]; with neither, a test pattern named cam0.")
+    sources: List[SourceConfig] = field(doc="Several cameras on one daemon and one interpreter, one "
+                                            "[[sources]] table each, every one with its own name (frame "
+                                            "messages and metrics carry it), queue, drop policy, fps and "
+                                            "reconnect; scheduled round-robin, so a fast camera cannot "
+                                            "starve a slow one.", factory=list)
     model: ModelConfig = field(doc="The model and its runtime.", factory=ModelConfig)
     pipeline: PipelineConfig = field(doc="Capture to inference buffering.", factory=PipelineConfig)
     sampler: SamplerConfig = field(doc="Which frames are forwarded to the hub.", factory=SamplerConfig)
@@ -259,6 +223,19 @@ class EdgeConfig:
     spool: SpoolConfig = field(doc="The durable outgoing-frame spool.", factory=SpoolConfig)
     telemetry: TelemetryConfig = field(doc="Telemetry over MQTT and Prometheus.", factory=TelemetryConfig)
     update: UpdateConfig = field(doc="Signed model updates and rollback.", factory=UpdateConfig)
+
+    def validate(self) -> None:
+        if self.source is not None and self.sources:
+            raise ValueError("give either [source] (one camera) or [[sources]] (several), not both")
+        names = [s.name for s in self.sources]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"two [[sources]] are named {twice[0]!r}: each needs its own name")
+
+    @property
+    def camera_sources(self) -> List[SourceConfig]:
+        """Every camera this daemon reads: the [[sources]], else [source], else the default test pattern."""
+        return list(self.sources) or [self.source if self.source is not None else SourceConfig()]
 
     @property
     def data_dir(self) -> Path:

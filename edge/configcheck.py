@@ -25,17 +25,8 @@ from proto.errors import ConfigError, KestrelError
 def check_plausible(cfg: config.EdgeConfig) -> List[str]:
     """Problems that make the config unusable on this machine (empty = fine)."""
     problems: List[str] = []
-    src = cfg.source
-    if src.kind == "file" and not Path(src.uri).is_file():
-        problems.append(f"source.uri: video file {src.uri} does not exist")
-    if src.kind == "gstreamer" and not shutil.which("gst-launch-1.0"):
-        problems.append("source.kind = gstreamer needs gst-launch-1.0 (apt install gstreamer1.0-tools)")
-    elif src.kind == "gstreamer" and src.preset:
-        problems.extend(preset_problems(src))
-    if src.kind == "rtsp" and not src.uri.lower().startswith(("rtsp://", "rtsps://")):
-        problems.append(f"source.uri: {src.uri!r} is not an rtsp:// URL")
-    if src.kind == "v4l2" and not src.uri.isdigit() and not src.uri.startswith("/dev/"):
-        problems.append(f"source.uri: {src.uri!r} is neither a camera index nor a /dev/videoN path")
+    for i, src in enumerate(cfg.camera_sources):
+        problems.extend(source_problems(src, f"sources[{i}] ({src.name})" if cfg.sources else "source"))
     m = cfg.model
     if m.path:
         p = Path(m.path)
@@ -75,6 +66,22 @@ def check_plausible(cfg: config.EdgeConfig) -> List[str]:
                 read_secret(u.token_file)
             except ConfigError as exc:
                 problems.append(f"update.token_file: {exc}")
+    return problems
+
+
+def source_problems(src: config.SourceConfig, key: str) -> List[str]:
+    """What makes one camera's config unusable here; ``key`` names it in the messages."""
+    problems: List[str] = []
+    if src.kind == "file" and not Path(src.uri).is_file():
+        problems.append(f"{key}.uri: video file {src.uri} does not exist")
+    if src.kind == "gstreamer" and not shutil.which("gst-launch-1.0"):
+        problems.append(f"{key}.kind = gstreamer needs gst-launch-1.0 (apt install gstreamer1.0-tools)")
+    elif src.kind == "gstreamer" and src.preset:
+        problems.extend(p.replace("source.", f"{key}.", 1) for p in preset_problems(src))
+    if src.kind == "rtsp" and not src.uri.lower().startswith(("rtsp://", "rtsps://")):
+        problems.append(f"{key}.uri: {src.uri!r} is not an rtsp:// URL")
+    if src.kind == "v4l2" and not src.uri.isdigit() and not src.uri.startswith("/dev/"):
+        problems.append(f"{key}.uri: {src.uri!r} is neither a camera index nor a /dev/videoN path")
     return problems
 
 

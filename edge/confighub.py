@@ -9,9 +9,9 @@ from typing import List
 
 from proto.hubcreds import is_loopback
 from proto.modelname import MODEL_NAME_RULE, valid_model_name
+from proto.tomlconf import check_not_negative as _not_negative
+from proto.tomlconf import check_positive as _positive
 from proto.tomlconf import field
-from proto.tomlconf import require_not_negative as _not_negative
-from proto.tomlconf import require_positive as _positive
 
 MiB = 1024 * 1024
 

@@ -9,6 +9,12 @@ inference, spool every sampled frame, flush the publisher, exit 0. A file source
 the same. A second signal skips the inference drain and the flush (every frame already sampled is
 still spooled). A capture failure ends the run with exit code 1 (systemd restarts the daemon).
 
+Several cameras (``[[sources]]``): one source per capture thread, one interpreter for all of them
+(edge.pipeline.loop schedules them round-robin); every frame message, metric and summary counter names its
+source. A live source that fails reconnects on its own thread while the others go on; a source that
+ends or fails (an exception in its capture) stops alone, and the run ends when every source has ended
+(exit 1 if any of them failed).
+
 The sampler's confidence threshold follows the running model: unless ``[sampler]
 confidence_threshold`` is set, every model swap (boot, update, rollback) applies the bundle's
 ``default_threshold`` (0.6 for a bare .tflite). The threshold in force goes out in every Status
@@ -29,14 +35,14 @@ import secrets
 import sys
 import threading
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from edge import __version__, config
 from edge.boot import FollowingHolder, boot, model_default_threshold, wait_for_first_model
 from edge.configcheck import check_model_loads, check_plausible, load_config, quiet_opencv
 from edge.pipeline.loop import ModelHolder, Pipeline
 from edge.pipeline.sampler import Sampler
-from edge.sources import open_source
+from edge.sources import FrameSource, open_source
 from edge.stopsignals import StopSignals
 from edge.uplink.sink import FrameBuilder, SinkWorker
 from proto import kestrel_pb2
@@ -81,7 +87,7 @@ class Daemon:
         self.holder: ModelHolder = FollowingHolder(self._on_model_swapped)
         self.updater = UpdateService.from_config(cfg, self.publisher, self.holder, self.stats)
         self.telemetry = TelemetryService(cfg.telemetry, self.device_id, self.stats, self.publisher)
-        self.builder = FrameBuilder(self.device_id, self.boot_id, cfg.source.name, cfg.model.top_k,
+        self.builder = FrameBuilder(self.device_id, self.boot_id, cfg.camera_sources[0].name, cfg.model.top_k,
                                     cfg.sampler.jpeg_quality, cfg.sampler.max_image_side,
                                     max_bytes=cfg.mqtt.max_payload_bytes)
         self.sink_worker = SinkWorker(self.builder, self.publisher.publish_frame, cfg.pipeline.sink_queue_size)
@@ -171,7 +177,7 @@ class Daemon:
     def _run(self) -> int:
         cfg = self.cfg
         model = boot(cfg, self.updater, self.holder)  # None: no model yet, the hub will deploy the first one
-        source = None
+        sources: List[FrameSource] = []
         self.publisher.set_status_provider(self.status)
         self.publisher.start()
         try:
@@ -184,21 +190,22 @@ class Daemon:
                     log.info("stopping before a first model arrived")
                     self._notify_stopping("signal before a first model arrived")
                     return 0
-            log.info("device %s boot %s: model %s v%d (%s, %s, %s threads) on source %s (%s)", self.device_id,
+            cams = cfg.camera_sources
+            where = ", ".join(f"{c.name} ({c.kind})" for c in cams)
+            log.info("device %s boot %s: model %s v%d (%s, %s, %s threads) on source%s %s", self.device_id,
                      self.boot_id, model.ref.name, model.ref.version, model.ref.sha256[:12],
-                     getattr(model, "runtime", "?"), getattr(model, "threads", "?"), cfg.source.name,
-                     cfg.source.kind)
-            source = open_source(cfg.source)
+                     getattr(model, "runtime", "?"), getattr(model, "threads", "?"), "s" if len(cams) > 1 else "",
+                     where)
+            sources = open_sources(cams)
             self.sink_worker.start()
             # the inference thread hands sampled frames over (waiting while the sink's queue is full)
-            self.pipeline = Pipeline(source, self.holder, self.sampler, self.sink_worker.put, cfg.pipeline,
+            self.pipeline = Pipeline(sources, self.holder, self.sampler, self.sink_worker.put, cfg.pipeline,
                                      self.stats, observers=[self.updater.observe])
             pipe = self.pipeline
             self.updater.attach_pipeline(lambda: (pipe.captured, pipe.processed, pipe.done),
                                          on_stall=lambda why: self.request_stop("a hung trial model"))
             self.pipeline.start()
-            self.notifier.ready(f"running {model.ref.name} v{model.ref.version} on {cfg.source.name} "
-                                f"({cfg.source.kind})")
+            self.notifier.ready(f"running {model.ref.name} v{model.ref.version} on {where}")
             while not self.stop_requested.is_set() and not self.pipeline.done:
                 self.pipeline.wait(POLL_S)  # returns at once when the source ends; signals are seen per POLL_S
             why = "signal" if self.stop_requested.is_set() else "source ended"
@@ -207,8 +214,8 @@ class Daemon:
             self._wait_for_pipeline(self.pipeline)
             self._close_sink()
         finally:
-            if source is not None:
-                source.request_stop()
+            for src in sources:
+                src.request_stop()
             self._close_sink()
             for name, fn in (("updater", self.updater.stop), ("telemetry", self.telemetry.stop)):
                 try:
@@ -221,9 +228,10 @@ class Daemon:
                 if current is not None:
                     current.close()
         self._summary(self.sampler)
-        failure = self.pipeline.capture_error if self.pipeline is not None else None
-        if failure is not None:
-            log.error("the source failed: %s; exiting with code %d", failure, EXIT_CAPTURE_FAILED)
+        failed = [lane for lane in self.pipeline.lanes if lane.capture_error is not None] if self.pipeline else []
+        if failed:
+            log.error("the source%s failed: %s; exiting with code %d", "s" if len(failed) > 1 else "",
+                      "; ".join(f"{lane.name}: {lane.capture_error}" for lane in failed), EXIT_CAPTURE_FAILED)
             return EXIT_CAPTURE_FAILED
         return 0
 
@@ -234,13 +242,24 @@ class Daemon:
             return 0.0
         return max(p.finished_at, self.sink_worker.last_done_at) - p.started_at
 
+    def _per_source(self) -> Dict[str, Dict[str, int]]:
+        """The summary's counters by source, with the frames each had sampled."""
+        p = self.pipeline
+        if p is None:
+            return {}
+        out = p.per_source()
+        sampled = {s["name"]: s["frames_sampled"] for s in self.stats.snapshot()["sources"]}
+        for name, counts in out.items():
+            counts["sampled"] = int(sampled.get(name, 0))
+        return out
+
     def _summary(self, sampler: Sampler) -> None:
         p = self.pipeline
         spool_bytes, spool_frames, evictions = self.publisher.spool_stats()
         sink = self.sink_worker
         pub = self.publisher
         summary = {"captured": p.captured if p else 0, "processed": p.processed if p else 0,
-                   "dropped": p.dropped if p else 0, "corrupt": p.source.corrupt if p else 0,
+                   "dropped": p.dropped if p else 0, "corrupt": p.corrupt if p else 0,
                    "errors": p.errors if p else 0, "error_kinds": p.error_kinds if p else {},
                    "sink_errors": sink.errors, "sampled": self.stats.sampled, "spooled": sink.spooled,
                    "refused": sink.refused,
@@ -251,8 +270,22 @@ class Daemon:
                    "receipts": pub.receipts.received, "frames_receipted": pub.receipts.frames_receipted,
                    "frames_resent": pub.receipts.frames_resent, "refused_by_hub": pub.receipts.refused,
                    "hub_receipts": pub.receipts.hub_receipts,
-                   "run_s": round(self.run_seconds(), 3), "sampler": sampler.counters()}
+                   "run_s": round(self.run_seconds(), 3), "sampler": sampler.counters(),
+                   "sources": self._per_source()}
         log.info("summary %s", json.dumps(summary, sort_keys=True))
+
+
+def open_sources(cams: List[config.SourceConfig]) -> List[FrameSource]:
+    """Open every camera; when one cannot be opened (an unreadable file), close the ones already open."""
+    opened: List[FrameSource] = []
+    try:
+        for cam in cams:
+            opened.append(open_source(cam))
+    except BaseException:
+        for src in opened:
+            src.close()
+        raise
+    return opened
 
 
 def run(args: argparse.Namespace) -> int:
@@ -265,8 +298,9 @@ def run(args: argparse.Namespace) -> int:
             problems = check_model_loads(cfg)
         if problems:
             raise ConfigError(f"{args.config}: " + "; ".join(problems))
-        print(f"{args.config}: OK (device {cfg.device.resolved_id}, source {cfg.source.kind}, "
-              f"model {cfg.model.path or 'active slot'})")
+        cams = ", ".join(f"{c.name} ({c.kind})" for c in cfg.camera_sources)
+        print(f"{args.config}: OK (device {cfg.device.resolved_id}, source{'s' if len(cfg.sources) > 1 else ''} "
+              f"{cams}, model {cfg.model.path or 'active slot'})")
         return 0
     if problems:
         raise ConfigError(f"{args.config}: " + "; ".join(problems))

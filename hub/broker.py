@@ -135,6 +135,9 @@ class EmbeddedBroker:
             "max_queued_messages 100000",
             "max_inflight_messages 1000",  # the hub acks after commit: a deep window keeps batches full
             "persistent_client_expiration 7d",
+            # no Nagle on the clients' sockets: a receipt queued behind a PUBACK otherwise waits for the
+            # device's delayed ACK (40 ms on Linux; the load generator measured p50 42.7 -> 5.5 ms)
+            "set_tcp_nodelay true",
             # bounded before memory: a larger packet is refused on its header (Mosquitto 2's name for it)
             *([f"max_packet_size {self.max_packet_size}"] if self.max_packet_size else []),
             # Mosquitto started as root switches to user 'mosquitto'; changing credentials clears

@@ -19,6 +19,7 @@ from proto.tomlconf import field
 
 MiB = 1024 * 1024
 IMAGE_CHECK_MODES = ("structure", "decode")  # hub/ingest/imagecheck.py check_image's modes
+SESSION_EXPIRY_MAX_S = 0xFFFFFFFE  # MQTT 5: 0xFFFFFFFF means "never", which [mqtt] session_expiry_s spells -1
 CLIENT_ID_FILE = "mqtt-client-id"  # in data_dir: the generated default client id, kept across restarts
 
 
@@ -96,6 +97,14 @@ class MqttSection:
                                      "delete a frame only on its receipt. false = behave like a hub older "
                                      "than receipts (docs/adr/0019-storage-receipts.md).")
     keepalive_s: int = field(30, doc="MQTT keepalive.")
+    session_expiry_s: int = field(-1, doc="How long the broker keeps this hub's session (and hands it its share of "
+                                          "the frames) after its connection ended. -1 = never: a single hub, the "
+                                          "broker queues frames while it restarts. Hub workers in a share group: "
+                                          "0, the session ends with the connection and the other workers take the "
+                                          "whole stream at once (N > 0: after N s, 1 to 2 s later with "
+                                          "Mosquitto). With receipts on, the broker then publishes the worker's "
+                                          "last will, a ResendRequest: devices resend what has no receipt yet "
+                                          "(docs/hub.md, Scale-out).")
     allow_unknown_devices: bool = field(True, doc="Auto-register a device on its first valid message; "
                                                   "false = "
                                                   "frames from devices not in the store are rejected "
@@ -146,6 +155,9 @@ class MqttSection:
             raise ValueError(f"image_check must be one of {', '.join(IMAGE_CHECK_MODES)}, not {self.image_check!r}")
         if self.validate_workers < 0:
             raise ValueError("validate_workers must be >= 0")
+        if not -1 <= self.session_expiry_s <= SESSION_EXPIRY_MAX_S:
+            raise ValueError(f"session_expiry_s must be -1 (never), 0 (ends with the connection) .. "
+                             f"{SESSION_EXPIRY_MAX_S}")
         if not 1 <= self.receive_maximum <= 65535:
             raise ValueError("receive_maximum must be 1..65535")
         if self.batch_max < 1 or self.batch_max_bytes < 1024:

@@ -5,9 +5,12 @@ chunk), its signature verifies against the fleet's trusted keys (proto.bundle.ve
 same check the devices run) and its version is newer than every stored version of that model name.
 Pushing the identical bundle again is an idempotent retry and returns the stored record.
 
-Nothing partial is ever visible: the bytes go to a temp file in the blob dir, are fsynced and
-verified, then ``os.replace``d to ``<blob_dir>/<bundle sha256>.kbundle``; only then is the record
-added to the store. A cut-off push removes its temp file. See docs/hub-registry.md.
+Nothing partial is ever visible: the bytes go to a temp file of this hub (``<data_dir>/pushes/``), are
+fsynced and verified, then kept by the store as the blob named by their sha256 (``Store.put_blob``: files
+next to the SQLite database, GridFS on MongoDB; hub/store/blobs.py); only then is the record added to the
+store. Hub workers sharing a store share the bundles with it: no shared folder. A cut-off push removes
+its temp file. Bundles an older hub kept in ``[registry] blob_dir`` (``<data_dir>/models``) are imported
+into the store at start. See docs/hub-registry.md.
 """
 
 from __future__ import annotations
@@ -28,11 +31,10 @@ from hub.errors import EXISTS as EXISTS
 from hub.errors import INVALID as INVALID
 from hub.errors import PRECONDITION as PRECONDITION
 from hub.errors import BundleBytesMissing as BundleBytesMissing
-from hub.errors import NotFound, RegistryError, StoreError
+from hub.errors import NotFound, RegistryError, StoreError, StoreUnavailable
 from hub.errors import PushRefused as PushRefused
 from hub.store.base import ModelRecord, Store
 from proto import kestrel_pb2
-from proto.atomic import fsync_dir
 from proto.clock import now_ms
 from proto.errors import ArtifactError, BundleError
 from proto.keys import PublicKey, load_public_keys
@@ -42,8 +44,9 @@ log = logging.getLogger(__name__)
 
 KiB = 1024
 MiB = 1024 * KiB
-BLOB_SUFFIX = ".kbundle"
+BLOB_SUFFIX = ".kbundle"  # the legacy blob_dir's files: <bundle sha256>.kbundle
 TEMP_PREFIX = ".push-"
+PUSH_DIR = "pushes"  # in data_dir: pushes being received
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 # BundleError reasons (proto.bundle) that mean "not acceptable here" rather than "corrupt".
@@ -53,8 +56,10 @@ _PRECONDITION_REASONS = {"untrusted_key", "no_trusted_keys", "expired", "not_yet
 
 @dataclasses.dataclass
 class RegistryConfig:
-    blob_dir: str = field("", doc="Where pushed bundles are kept (one <sha256>.kbundle file each); "
-                                  "empty = <data_dir>/models.")
+    blob_dir: str = field("", doc="Where a hub before issue 14 kept pushed bundles (one <sha256>.kbundle file "
+                                  "each); empty = <data_dir>/models. Bundles now live in the store (next to "
+                                  "the SQLite file, GridFS on MongoDB); those found here that the store lacks "
+                                  "are copied into it at start.")
     trust_dir: str = field("", doc="Trusted public keys of the fleet (a key file or a directory of them, "
                                    "as proto.keys.load_public_keys reads); a push is verified against them. "
                                    "Empty = <data_dir>/trust.")
@@ -83,27 +88,57 @@ class Registry:
         self.store = store
         self.cfg = cfg
         data = Path(data_dir)
-        self.blob_dir = Path(cfg.blob_dir).expanduser() if cfg.blob_dir else data / "models"
+        self.legacy_dir = Path(cfg.blob_dir).expanduser() if cfg.blob_dir else data / "models"
         self.trust_dir = Path(cfg.trust_dir).expanduser() if cfg.trust_dir else data / "trust"
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self.push_dir = data / PUSH_DIR  # this hub's own (one hub per data folder): temp files of pushes
+        self.push_dir.mkdir(parents=True, exist_ok=True)
         self._clock = clock
         self._commit_lock = threading.Lock()
         self._remove_stale_temps()
+        self.imported = self._import_legacy()
 
-    # ---- paths ----
-    def blob_path(self, bundle_sha256: str) -> Path:
+    # ---- blobs ----
+    @staticmethod
+    def check_sha(bundle_sha256: str) -> str:
         if not _SHA_RE.match(bundle_sha256):
             raise StoreError(f"corrupt model record: bundle_sha256 {bundle_sha256!r} is not a sha256")
-        return self.blob_dir / f"{bundle_sha256}{BLOB_SUFFIX}"
+        return bundle_sha256
 
     def _remove_stale_temps(self) -> None:
         """Temp files of pushes cut off by a crash: never visible, removed at start."""
-        for p in self.blob_dir.glob(f"{TEMP_PREFIX}*"):
+        for p in self.push_dir.glob(f"{TEMP_PREFIX}*"):
             try:
                 p.unlink()
                 log.info("removed the leftover of an interrupted push: %s", p.name)
             except OSError:  # pragma: no cover
                 pass
+
+    def _import_legacy(self) -> int:
+        """Bundles an older hub kept as files in blob_dir go into the store (once: those it has are skipped;
+        a file whose bytes do not match its name is left out with a WARNING). How many were copied."""
+        if not self.legacy_dir.is_dir():
+            return 0
+        n = 0
+        for p in sorted(self.legacy_dir.glob(f"*{BLOB_SUFFIX}")):
+            sha = p.name[:-len(BLOB_SUFFIX)]
+            if not _SHA_RE.match(sha) or self.store.has_blob(sha):
+                continue
+            try:
+                with p.open("rb") as f:
+                    self.store.put_blob(sha, f, p.stat().st_size)
+            except OSError as exc:
+                log.warning("cannot read the bundle file %s to move it into the store: %s", p, exc.strerror)
+                continue
+            except StoreError as exc:
+                if isinstance(exc, StoreUnavailable):
+                    raise
+                log.warning("the bundle file %s was not moved into the store: %s", p, exc)
+                continue
+            n += 1
+        if n:
+            log.info("copied %d bundle file(s) of %s into the store (%s); the folder is not read any more "
+                     "once every hub of this store runs this version", n, self.legacy_dir, self.store)
+        return n
 
     def trusted_keys(self) -> Dict[str, PublicKey]:
         """The fleet's trusted public keys, read fresh on every push (keys can be added without a restart)."""
@@ -124,7 +159,7 @@ class Registry:
         """
         if deadline is None:
             deadline = time.monotonic() + self.cfg.push_timeout_s
-        fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=str(self.blob_dir))
+        fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=str(self.push_dir))
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -200,7 +235,9 @@ class Registry:
         with self._commit_lock:
             existing = self.store.get_model(name, version)
             if existing is not None:
-                if existing.bundle_sha256 == bundle_sha and self.blob_path(bundle_sha).exists():
+                if existing.bundle_sha256 == bundle_sha:
+                    if not self.store.has_blob(bundle_sha):  # the bytes went missing: the push brings them back
+                        self._keep(tmp, bundle_sha, size)
                     log.info("push of %s v%d repeated with identical bytes: kept the stored one",
                              name, version)
                     return existing
@@ -210,19 +247,21 @@ class Registry:
             if version <= highest:
                 raise PushRefused("not_newer", f"{name} version {version} is not newer than the highest "
                                                f"stored version {highest}; versions only go up", PRECONDITION)
-            final = self.blob_path(bundle_sha)
-            os.replace(tmp, final)
-            fsync_dir(self.blob_dir)
+            self._keep(tmp, bundle_sha, size)  # the bytes first: a record never names a blob that is not there
             if not self.store.add_model(record):  # another hub process won the race
                 other = self.store.get_model(name, version)
                 if other is not None and other.bundle_sha256 == bundle_sha:
                     return other
-                final.unlink()
+                self.store.delete_blob(bundle_sha)
                 raise PushRefused("exists", f"{name} version {version} was pushed concurrently with "
                                             "different content", EXISTS)
         log.info("accepted %s v%d (%d bytes, sha256 %s, key %s)", name, version, size, bundle_sha[:12],
                  record.key_id)
         return record
+
+    def _keep(self, tmp: Path, bundle_sha: str, size: int) -> None:
+        with tmp.open("rb") as f:
+            self.store.put_blob(bundle_sha, f, size)
 
     # ---- queries ----
     def highest_version(self, model_name: str) -> int:
@@ -253,19 +292,15 @@ class Registry:
         size = chunk_size if 0 < chunk_size <= self.cfg.chunk_size else self.cfg.chunk_size
         if offset > rec.size:
             raise RegistryError(f"offset {offset} is beyond the end of the bundle ({rec.size} bytes)")
-        path = self.blob_path(rec.bundle_sha256)
         try:
-            f = path.open("rb")
-        except FileNotFoundError as exc:
-            # the record is in the (shared) store but the bytes are not in this hub's blob_dir: pushed
-            # through another hub whose blob_dir is not shared with this one, or the file was removed
+            f = self.store.open_blob(self.check_sha(rec.bundle_sha256))
+        except BundleBytesMissing as exc:
+            # the record is in the store but its bytes are not: removed, or pushed through a hub of an older
+            # version whose blob_dir this hub does not read
             raise BundleBytesMissing(
-                f"{model_name} v{rec.version} is in the registry but its bundle file {path.name} is not in "
-                f"this hub's blob_dir {self.blob_dir}: hubs that share a store must share [registry] "
-                "blob_dir (docs/hub-registry.md); fetch from the hub it was pushed to") from exc
-        except OSError as exc:
-            raise BundleBytesMissing(f"cannot read the bundle file of {model_name} v{rec.version} "
-                                     f"({path}): {exc.strerror}") from exc
+                f"{model_name} v{rec.version} is in the registry but the store has no bundle "
+                f"{rec.bundle_sha256[:16]}... ({exc}); push it again, or start a hub that has it in its "
+                "[registry] blob_dir once (it copies it into the store; docs/hub-registry.md)") from exc
         return self._read(f, rec, offset, size)
 
     @staticmethod
@@ -280,7 +315,7 @@ class Registry:
             while pos < rec.size:
                 data = f.read(size)
                 if not data:
-                    raise StoreError(f"bundle file of {rec.model_name} v{rec.version} is shorter than "
+                    raise StoreError(f"the stored bundle of {rec.model_name} v{rec.version} is shorter than "
                                      "recorded")
                 yield kestrel_pb2.FetchChunk(data=data, offset=pos, total_size=rec.size,
                                              sha256=rec.bundle_sha256)

@@ -70,7 +70,7 @@ class Frame(_message.Message):
     def __init__(self, frame_id: _Optional[str] = ..., device_id: _Optional[str] = ..., capture_time_ms: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., reasons: _Optional[_Iterable[_Union[SampleReason, str]]] = ..., top_k: _Optional[_Iterable[_Union[TopScore, _Mapping]]] = ..., image: _Optional[bytes] = ..., image_format: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., source: _Optional[str] = ..., sequence: _Optional[int] = ..., image_bytes: _Optional[int] = ...) -> None: ...
 
 class Telemetry(_message.Message):
-    __slots__ = ("device_id", "time_ms", "fps", "latency_p50_ms", "latency_p95_ms", "queue_depth", "spool_bytes", "spool_frames", "spool_evictions", "model", "uptime_s", "frames_processed", "frames_sampled", "frames_dropped", "frames_corrupt", "frames_low_confidence", "score_histogram", "dead_letters", "desired_refused", "frames_receipted", "frames_resent", "oldest_unreceipted_age_s", "receipts", "frames_refused_by_hub", "frames_awaiting_receipt", "jetson")
+    __slots__ = ("device_id", "time_ms", "fps", "latency_p50_ms", "latency_p95_ms", "queue_depth", "spool_bytes", "spool_frames", "spool_evictions", "model", "uptime_s", "frames_processed", "frames_sampled", "frames_dropped", "frames_corrupt", "frames_low_confidence", "score_histogram", "dead_letters", "desired_refused", "frames_receipted", "frames_resent", "oldest_unreceipted_age_s", "receipts", "frames_refused_by_hub", "frames_awaiting_receipt", "sources", "jetson")
     class DesiredRefusedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class Telemetry(_message.Message):
     RECEIPTS_FIELD_NUMBER: _ClassVar[int]
     FRAMES_REFUSED_BY_HUB_FIELD_NUMBER: _ClassVar[int]
     FRAMES_AWAITING_RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
     JETSON_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     time_ms: int
@@ -129,8 +130,35 @@ class Telemetry(_message.Message):
     receipts: int
     frames_refused_by_hub: int
     frames_awaiting_receipt: int
+    sources: _containers.RepeatedCompositeFieldContainer[SourceStats]
     jetson: JetsonStats
-    def __init__(self, device_id: _Optional[str] = ..., time_ms: _Optional[int] = ..., fps: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., spool_frames: _Optional[int] = ..., spool_evictions: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., uptime_s: _Optional[float] = ..., frames_processed: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., frames_corrupt: _Optional[int] = ..., frames_low_confidence: _Optional[int] = ..., score_histogram: _Optional[_Iterable[int]] = ..., dead_letters: _Optional[int] = ..., desired_refused: _Optional[_Mapping[str, int]] = ..., frames_receipted: _Optional[int] = ..., frames_resent: _Optional[int] = ..., oldest_unreceipted_age_s: _Optional[float] = ..., receipts: _Optional[int] = ..., frames_refused_by_hub: _Optional[int] = ..., frames_awaiting_receipt: _Optional[int] = ..., jetson: _Optional[_Union[JetsonStats, _Mapping]] = ...) -> None: ...
+    def __init__(self, device_id: _Optional[str] = ..., time_ms: _Optional[int] = ..., fps: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., spool_frames: _Optional[int] = ..., spool_evictions: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., uptime_s: _Optional[float] = ..., frames_processed: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., frames_corrupt: _Optional[int] = ..., frames_low_confidence: _Optional[int] = ..., score_histogram: _Optional[_Iterable[int]] = ..., dead_letters: _Optional[int] = ..., desired_refused: _Optional[_Mapping[str, int]] = ..., frames_receipted: _Optional[int] = ..., frames_resent: _Optional[int] = ..., oldest_unreceipted_age_s: _Optional[float] = ..., receipts: _Optional[int] = ..., frames_refused_by_hub: _Optional[int] = ..., frames_awaiting_receipt: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceStats, _Mapping]]] = ..., jetson: _Optional[_Union[JetsonStats, _Mapping]] = ...) -> None: ...
+
+class SourceStats(_message.Message):
+    __slots__ = ("name", "fps", "frames_captured", "frames_processed", "frames_sampled", "frames_dropped", "frames_corrupt", "errors", "queue_depth", "up", "reconnects")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_CAPTURED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_PROCESSED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    UP_FIELD_NUMBER: _ClassVar[int]
+    RECONNECTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    fps: float
+    frames_captured: int
+    frames_processed: int
+    frames_sampled: int
+    frames_dropped: int
+    frames_corrupt: int
+    errors: int
+    queue_depth: int
+    up: bool
+    reconnects: int
+    def __init__(self, name: _Optional[str] = ..., fps: _Optional[float] = ..., frames_captured: _Optional[int] = ..., frames_processed: _Optional[int] = ..., frames_sampled: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., frames_corrupt: _Optional[int] = ..., errors: _Optional[int] = ..., queue_depth: _Optional[int] = ..., up: bool = ..., reconnects: _Optional[int] = ...) -> None: ...
 
 class JetsonStats(_message.Message):
     __slots__ = ("time_ms", "cpu_load_pct", "cpu_core_load_pct", "gpu_load_pct", "gpu_freq_mhz", "emc_load_pct", "emc_freq_mhz", "ram_used_mb", "ram_total_mb", "temperature_c", "power_mw")

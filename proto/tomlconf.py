@@ -13,7 +13,7 @@ import dataclasses
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, TypeVar, Union
 
 from proto.errors import ConfigError
 
@@ -32,8 +32,44 @@ def field(default: Any = dataclasses.MISSING, *, doc: str, factory: Any = datacl
     return dataclasses.field(default=default, metadata={"doc": doc})
 
 
+def check_positive(obj: object, *names: str) -> None:
+    """For ``validate()`` hooks: ValueError naming the first of ``names`` that is not > 0."""
+    for n in names:
+        if not getattr(obj, n) > 0:
+            raise ValueError(f"{n} must be > 0, not {getattr(obj, n)!r}")
+
+
+def check_not_negative(obj: object, *names: str) -> None:
+    """For ``validate()`` hooks: ValueError naming the first of ``names`` that is not >= 0 (NaN fails too)."""
+    for n in names:
+        if not getattr(obj, n) >= 0:
+            raise ValueError(f"{n} must be >= 0, not {getattr(obj, n)!r}")
+
+
+def _args(tp: Any) -> tuple:
+    return tuple(getattr(tp, "__args__", ()) or ())
+
+
+def _origin(tp: Any) -> Any:
+    return typing.get_origin(tp) if hasattr(typing, "get_origin") else getattr(tp, "__origin__", None)
+
+
+def table_type(tp: Any) -> Optional[Tuple[Any, str]]:
+    """(dataclass, how) when ``tp`` declares a TOML table: ``("table", C)`` for ``C``, ``"optional"`` for
+    ``Optional[C]`` (absent = None), ``"array"`` for ``List[C]`` (an array of tables, ``[[key]]``); else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp, "table"
+    origin = _origin(tp)
+    args = [a for a in _args(tp) if a is not type(None)]
+    if origin is Union and len(args) == 1 and dataclasses.is_dataclass(args[0]):
+        return args[0], "optional"
+    if origin in (list, List) and args and dataclasses.is_dataclass(args[0]):
+        return args[0], "array"
+    return None
+
+
 def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp) if hasattr(typing, "get_origin") else getattr(tp, "__origin__", None)
+    origin = _origin(tp)
     if origin is Union:
         args = [a for a in tp.__args__ if a is not type(None)]
         return " | ".join(_type_name(a) for a in args) + " (optional)"
@@ -56,6 +92,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
         return _build(tp, value, where)  # type: ignore[arg-type]
     if origin in (list, List):
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(tp.__args__[0]):
+            raise ConfigError(f"{where}: expected an array of tables ([[{where}]], one per entry), "
+                              f"got one table ([{where}])")
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         return [_convert(v, tp.__args__[0], f"{where}[{i}]") for i, v in enumerate(value)]
@@ -136,19 +175,28 @@ def to_dict(obj: Any) -> Dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
-def describe(cls: Type[Any], prefix: str = "") -> List[str]:
-    """Markdown lines documenting every field: key, type, default, doc."""
+def describe(cls: Type[Any], prefix: str = "", _seen: Optional[Dict[Any, str]] = None) -> List[str]:
+    """Markdown lines documenting every field: key, type, default, doc. A table is a ``### [key]``
+    heading (``Optional[C]``: may be left out; ``List[C]``: an array of tables, ``### [[key]]``); an array
+    of the same tables as one documented before refers back to it instead of repeating its keys."""
     lines: List[str] = []
+    seen: Dict[Any, str] = {} if _seen is None else _seen
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
-            lines.append(f"\n### [{key}]\n")
+        table = table_type(tp)
+        if table is not None:
+            sub, how = table
+            lines.append(f"\n### [[{key}]]\n" if how == "array" else f"\n### [{key}]\n")
             doc = f.metadata.get("doc", "")
             if doc:
                 lines.append(doc + "\n")
-            lines.extend(describe(tp, key + "."))  # type: ignore[arg-type]
+            if how == "array" and sub in seen:
+                lines.append(f"Each `[[{key}]]` table takes the keys of `[{seen[sub]}]` above.")
+                continue
+            seen.setdefault(sub, key)
+            lines.extend(describe(sub, key + ".", seen))
             continue
         if f.default is not dataclasses.MISSING:
             default: Optional[str] = repr(f.default)
@@ -161,17 +209,3 @@ def describe(cls: Type[Any], prefix: str = "") -> List[str]:
             f"{f.metadata.get('doc', '')}"
         )
     return lines
-
-
-def require_positive(obj: object, *names: str) -> None:
-    """For a section's ``validate``: each named field must be > 0 (ValueError naming it otherwise)."""
-    for n in names:
-        if not getattr(obj, n) > 0:
-            raise ValueError(f"{n} must be > 0, not {getattr(obj, n)!r}")
-
-
-def require_not_negative(obj: object, *names: str) -> None:
-    """For a section's ``validate``: each named field must be >= 0; NaN (TOML's nan) fails this too."""
-    for n in names:
-        if not getattr(obj, n) >= 0:
-            raise ValueError(f"{n} must be >= 0, not {getattr(obj, n)!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import List, Optional
 
 import pytest
 
@@ -76,9 +77,19 @@ def _all_fields(cls):  # noqa: ANN001, ANN202
 
 
 def test_every_field_is_documented() -> None:
+    import typing
+
     text = config.describe()
+    hints = typing.get_type_hints(config.EdgeConfig)
     for section in dataclasses.fields(config.EdgeConfig):
-        sub = getattr(config.EdgeConfig(), section.name)
+        table = tomlconf.table_type(hints[section.name])
+        assert table is not None, f"{section.name} is not a table"
+        sub, how = table
+        assert section.metadata.get("doc"), f"[{section.name}] has no doc"
+        if how == "array":  # [[sources]]: the keys of [source], documented once
+            assert f"### [[{section.name}]]" in text
+            assert f"Each `[[{section.name}]]` table takes the keys of `[source]` above." in text
+            continue
         for f in dataclasses.fields(sub):
             assert f.metadata.get("doc"), f"{section.name}.{f.name} has no doc"
             assert f"`{section.name}.{f.name}`" in text
@@ -90,6 +101,44 @@ def test_describe_shows_defaults() -> None:
         n: int = tomlconf.field(5, doc="a number")
 
     assert tomlconf.describe(C) == ["- `n` (int, default 5): a number"]
+
+
+@dataclasses.dataclass
+class Plain:
+    name: str = tomlconf.field("c", doc="its name")
+
+
+@dataclasses.dataclass
+class Top:  # the annotations must resolve at module level (typing.get_type_hints)
+    one: Optional[Plain] = tomlconf.field(None, doc="one camera")
+    many: List[Plain] = tomlconf.field(doc="several", factory=list)
+
+
+def test_optional_tables_and_arrays_of_tables() -> None:
+    assert tomlconf.describe(Top) == ["\n### [one]\n", "one camera\n", "- `one.name` (str, default 'c'): its name",
+                                      "\n### [[many]]\n", "several\n",
+                                      "Each `[[many]]` table takes the keys of `[one]` above."]
+    got = tomlconf.from_dict(Top, {"many": [{"name": "a"}, {"name": "b"}]})
+    assert got.one is None and [c.name for c in got.many] == ["a", "b"]
+    assert tomlconf.from_dict(Top, {"one": {"name": "x"}}).one == Plain("x")
+    with pytest.raises(ConfigError, match=r"many\[1\]: expected a table"):
+        tomlconf.from_dict(Top, {"many": [{"name": "a"}, 3]})
+    with pytest.raises(ConfigError, match=r"expected an array of tables \(\[\[many\]\]"):
+        tomlconf.from_dict(Top, {"many": {"name": "a"}})
+
+
+def test_limit_checks() -> None:
+    @dataclasses.dataclass
+    class L:
+        a: float = 1.0
+        b: float = 0.0
+
+    tomlconf.check_positive(L(), "a")
+    tomlconf.check_not_negative(L(), "a", "b")
+    with pytest.raises(ValueError, match="b must be > 0, not 0.0"):
+        tomlconf.check_positive(L(), "a", "b")
+    with pytest.raises(ValueError, match="a must be >= 0, not nan"):
+        tomlconf.check_not_negative(L(a=float("nan")), "a")
 
 
 def test_generated_config_reference_is_current() -> None:

@@ -7,12 +7,18 @@ the daemon never pulls TensorFlow in by accident.
 
 :func:`load_model` returns a :class:`Model`: ``infer(bgr)`` preprocesses a camera frame per the
 model's :class:`~proto.inputspec.InputSpec`, invokes and returns dequantized float32 scores.
+``infer_batch(frames)`` runs several frames through one invoke when the model's batch dimension is
+dynamic (``shape_signature[0] == -1``, what converters write for Keras models): the input is resized to
+the batch with ``resize_tensor_input`` (only when the batch size changes: each resize re-plans the
+interpreter). A runtime that refuses the resize makes the model ``batchable = False`` (one WARNING), and
+frames then go one by one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -30,6 +36,7 @@ RUNTIMES: Dict[str, str] = {
     "tensorflow": "tensorflow",
 }
 AUTO_ORDER = ("tflite-runtime", "ai-edge-litert")
+log = logging.getLogger(__name__)
 
 
 def interpreter_class(runtime: str = "auto") -> Tuple[str, Callable[..., Any]]:
@@ -92,6 +99,9 @@ class Model:
         self._out_scale = float(q[0])
         self._out_zp = int(q[1])
         self._pre = Preprocessor(spec)
+        sig = inp.get("shape_signature")
+        self.batchable = sig is not None and len(sig) == 4 and int(sig[0]) == -1  # a dynamic batch dimension
+        self._batch = 1  # the batch size the interpreter is allocated for
         self._closed = False
         self.default_threshold: Optional[float] = None  # the bundle's, set by the updater when loading a slot
 
@@ -129,13 +139,65 @@ class Model:
             x = self._pre.into(bgr)
             return self._invoke_locked(x)
 
+    def infer_batch(self, frames: List[np.ndarray]) -> Tuple[List[np.ndarray], List[Optional[np.ndarray]]]:
+        """Scores for each BGR frame, from one invoke when the model is ``batchable`` (else one invoke per
+        frame), and each frame's model-size thumbnail (a copy of :attr:`last_resized`, for the sampler)."""
+        with self._lock:
+            if self._closed:
+                raise ModelError(f"model {self.ref.name} v{self.ref.version} is closed")
+            thumbs: List[Optional[np.ndarray]] = []
+            if len(frames) > 1 and self.batchable and self._resize_locked(len(frames)):
+                x = np.empty([len(frames)] + [int(d) for d in self.spec.shape[1:]], self._in_dtype)
+                for i, bgr in enumerate(frames):
+                    x[i] = self._pre.into(bgr)[0]
+                    thumbs.append(self._thumbnail())
+                raw = self._run_locked(x)
+                return [self._dequantize(raw[i]) for i in range(len(frames))], thumbs
+            scores = []
+            for bgr in frames:
+                x = self._pre.into(bgr)
+                thumbs.append(self._thumbnail())
+                scores.append(self._invoke_locked(x))
+            return scores, thumbs
+
+    def _thumbnail(self) -> Optional[np.ndarray]:
+        resized = getattr(self._pre, "last_resized", None)
+        return None if resized is None else resized.copy()
+
+    def _resize_locked(self, n: int) -> bool:
+        """Allocate the interpreter for a batch of ``n``; False (and no more batches) when the runtime refuses."""
+        if n == self._batch:
+            return True
+        shape = [n] + [int(d) for d in self.spec.shape[1:]]
+        try:
+            self._interp.resize_tensor_input(self._in_index, shape)
+            self._interp.allocate_tensors()
+        except (RuntimeError, ValueError) as exc:
+            self.batchable = False
+            log.warning("model %s v%d cannot run a batch of %d frames (%s); running frames one by one",
+                        self.ref.name, self.ref.version, n, str(exc).splitlines()[0] if str(exc) else exc)
+            if n != 1:
+                self._resize_locked(1)
+            return False
+        self._batch = n
+        return True
+
     def _invoke_locked(self, x: np.ndarray) -> np.ndarray:
+        if self._batch != 1:
+            self._resize_locked(1)
+        return self._dequantize(self._run_locked(x))
+
+    def _run_locked(self, x: np.ndarray) -> np.ndarray:
+        """set_tensor, invoke, the raw output (batch first)."""
         try:
             self._interp.set_tensor(self._in_index, x)
             self._interp.invoke()
             raw = self._interp.get_tensor(self._out_index)
         except (RuntimeError, ValueError) as exc:
             raise ModelError(f"inference failed: {exc}") from exc
+        return raw  # type: ignore[no-any-return]
+
+    def _dequantize(self, raw: np.ndarray) -> np.ndarray:
         raw = raw.reshape(-1)
         if self._out_scale > 0:
             return ((raw.astype(np.float32) - self._out_zp) * self._out_scale).astype(np.float32)

@@ -11,6 +11,12 @@ A low-confidence frame is then *sent* unless a rolling rate limit (per minute/ho
 or its 64-bit perceptual hash is within ``dedup_distance`` of a frame sent in the last
 ``dedup_window_s`` seconds. Every decision is counted, so telemetry can say why frames were not sent.
 
+Several cameras (``decide(..., source=name)``): the rate limits are the *device's* budget, shared by its
+sources (they bound the device's uplink and what the hub stores of it; the pipeline takes frames
+round-robin, so the budget goes to the sources in turn while it lasts), and the near-duplicate memory is
+*per source* (a duplicate is the same scene seen again by the same camera; two cameras looking at
+similar scenes are both worth a look).
+
 The rate limits hold across restarts (a daemon in a crash loop must not exceed its daily budget):
 with ``state_path`` every sent frame appends its wall-clock time to that file (one line, not fsynced:
 the page cache survives a daemon crash, a power cut may lose the newest lines); it is read back at
@@ -241,12 +247,23 @@ class Sampler:
         self.cfg = cfg
         self.rate = RateLimiter(cfg.max_per_minute, cfg.max_per_hour, cfg.max_per_day, clock,
                                 state_path=state_path, wall_clock=wall_clock)
-        self.dedup = DuplicateFilter(cfg.dedup_distance, cfg.dedup_window_s, cfg.dedup_history, clock)
+        self._clock = clock
+        self._dedup: Dict[str, DuplicateFilter] = {}  # per source
+        self.dedup = self.dedup_for("")  # the one of a single (unnamed) source
         self.hasher = hasher
         self._explicit = cfg.confidence_threshold is not None
         self._lock = threading.Lock()
         self._counts: Dict[str, int] = {"seen": 0, "low_confidence": 0, "sampled": 0,
                                         "rate_limited": 0, "duplicate": 0}
+
+    def dedup_for(self, source: str) -> DuplicateFilter:
+        """The near-duplicate memory of ``source`` (created on first use)."""
+        f = self._dedup.get(source)
+        if f is None:
+            cfg = self.cfg
+            f = self._dedup[source] = DuplicateFilter(cfg.dedup_distance, cfg.dedup_window_s, cfg.dedup_history,
+                                                      self._clock)
+        return f
 
     @property
     def confidence_threshold(self) -> float:
@@ -276,13 +293,15 @@ class Sampler:
         """A different model runs from now on: what it is unsure about is news even for a scene the previous
         model's frames already showed, so the near-duplicate memory starts empty (rate limits carry on)."""
         with self._lock:
-            self.dedup.forget()
+            for f in self._dedup.values():
+                f.forget()
 
     def decide(self, scores: np.ndarray, bgr: Optional[np.ndarray] = None,
                extra_reasons: Optional[List[int]] = None, thumbnail: Optional[np.ndarray] = None,
-               top: Optional[float] = None) -> Decision:
+               top: Optional[float] = None, source: str = "") -> Decision:
         """``thumbnail``: a small version of ``bgr`` to hash instead of it (the model's resized input);
-        ``top``: the highest of ``scores`` when the caller computed it already."""
+        ``top``: the highest of ``scores`` when the caller computed it already; ``source``: the camera
+        (its own near-duplicate memory; the rate limits are shared)."""
         reasons = uncertainty_reasons(scores, self.cfg, top)
         for r in extra_reasons or []:
             if r not in reasons:
@@ -298,12 +317,13 @@ class Sampler:
                 return Decision(True, reasons, False, "rate_limited")
             h: Optional[int] = None
             image = thumbnail if thumbnail is not None else bgr
-            if self.dedup.enabled and image is not None:
+            dedup = self.dedup if not source else self.dedup_for(source)
+            if dedup.enabled and image is not None:
                 h = self.hasher(image)
-                if self.dedup.is_duplicate(h):
+                if dedup.is_duplicate(h):
                     self._counts["duplicate"] += 1
                     return Decision(True, reasons, False, "duplicate", h)
-                self.dedup.remember(h)
+                dedup.remember(h)
             self.rate.record()
             self._counts["sampled"] += 1
             return Decision(True, reasons, True, "", h)

@@ -151,6 +151,11 @@ class LiveSource(FrameSource):
     def describe(self) -> str:
         return self.cfg.uri
 
+    @property
+    def is_open(self) -> bool:
+        """The device is open (False between a failure and the next successful open)."""
+        return self._is_open
+
     def _fail(self, kind: str, detail: str) -> None:
         self.failures += 1
         self._once.log(kind, logging.WARNING, "source %s (%s): %s: %s; retrying with backoff (logged once per kind)",

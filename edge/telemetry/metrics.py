@@ -13,7 +13,7 @@ import logging
 import socket
 import threading
 from socketserver import ThreadingMixIn
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry
@@ -137,4 +137,37 @@ def jetson_families(sample: Any) -> List[Any]:
         for rail, mw in sorted(sample.power_mw.items()):
             fam.add_metric([rail], mw / 1000.0)
         out.append(fam)
+    return out
+
+
+SOURCE_GAUGES = (("fps", "Frames of this source inferred per second (recent window)."),
+                 ("queue_depth", "Frames of this source waiting for inference."),
+                 ("up", "1 while the source is open (0 while a live source reconnects, or after it ended)."))
+SOURCE_COUNTERS = (("frames_captured", "Frames read from this source."),
+                   ("frames_processed", "Frames of this source run through the model."),
+                   ("frames_sampled", "Frames of this source selected for the hub."),
+                   ("frames_dropped", "Frames of this source dropped because inference fell behind."),
+                   ("frames_corrupt", "Frames this source delivered unreadable."),
+                   ("errors", "Frames of this source that failed on the inference thread."),
+                   ("reconnects", "Failed opens and lost streams of this (live) source."))
+
+
+def source_families(sources: List[Dict[str, Any]]) -> List[Any]:
+    """Per-camera metric families, labelled ``source`` (``Stats.snapshot()["sources"]``), named
+    ``kestrel_edge_source_*`` beside the device-wide totals."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    out: List[Any] = []
+    if not sources:
+        return out
+    for key, help_text in SOURCE_GAUGES:
+        fam = GaugeMetricFamily(f"kestrel_edge_source_{key}", help_text, labels=["source"])
+        for src in sources:
+            fam.add_metric([src["name"]], float(src[key]))
+        out.append(fam)
+    for key, help_text in SOURCE_COUNTERS:
+        cfam = CounterMetricFamily(f"kestrel_edge_source_{key}", help_text, labels=["source"])
+        for src in sources:
+            cfam.add_metric([src["name"]], float(src[key]))
+        out.append(cfam)
     return out

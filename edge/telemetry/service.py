@@ -18,10 +18,10 @@ import logging
 import math
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from edge.config import TelemetryConfig
-from edge.telemetry.metrics import MetricsServer, jetson_families, registry_for
+from edge.telemetry.metrics import MetricsServer, jetson_families, registry_for, source_families
 from edge.telemetry.tegrastats import TegrastatsReader, find_tegrastats
 from proto import desired, kestrel_pb2
 from proto.clock import now_ms
@@ -47,7 +47,27 @@ def percentile(sorted_values: List[float], q: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
+class _SourceStats:
+    """One camera's counters inside :class:`Stats` (guarded by its lock)."""
+
+    __slots__ = ("name", "captured", "processed", "sampled", "dropped", "corrupt", "errors", "queue_depth",
+                 "times", "probe")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.captured = self.processed = self.sampled = self.dropped = self.corrupt = self.errors = 0
+        self.queue_depth = 0
+        self.times: Deque[float] = collections.deque()
+        self.probe: Optional[SourceProbe] = None
+
+
+SourceProbe = Callable[[], Tuple[bool, int]]  # -> (up, reconnects) of one source, read at snapshot time
+
+
 class Stats:
+    """Device-wide figures, and the same per source when the callers name one (``source=``): the
+    pipeline does for every camera frame, so the per-source counters add up to the device-wide ones."""
+
     def __init__(self, clock: Clock = time.monotonic, fps_window_s: float = FPS_WINDOW_S,
                  latency_window: int = LATENCY_WINDOW) -> None:
         self._clock = clock
@@ -56,6 +76,7 @@ class Stats:
         self.fps_window_s = fps_window_s
         self._times: Deque[float] = collections.deque()
         self._latencies: Deque[float] = collections.deque(maxlen=latency_window)
+        self._sources: Dict[str, _SourceStats] = {}
         self.captured = 0
         self.processed = 0
         self.dropped = 0
@@ -67,25 +88,52 @@ class Stats:
         self.model: Optional[kestrel_pb2.ModelRef] = None
         self.refused: Dict[str, int] = {}  # desired-state messages refused, by reason (proto.desired)
 
-    def frame_captured(self) -> None:
+    def _source(self, name: str) -> _SourceStats:
+        """The per-source record (created on first use); call with the lock held."""
+        rec = self._sources.get(name)
+        if rec is None:
+            rec = self._sources[name] = _SourceStats(name)
+        return rec
+
+    def watch_source(self, name: str, probe: Optional[SourceProbe] = None) -> None:
+        """Report ``name`` from now on (before its first frame too); ``probe() -> (up, reconnects)``."""
+        with self._lock:
+            self._source(name).probe = probe
+
+    def frame_captured(self, source: str = "") -> None:
         with self._lock:
             self.captured += 1
+            if source:
+                self._source(source).captured += 1
 
-    def frame_dropped(self, n: int = 1) -> None:
+    def frame_dropped(self, n: int = 1, source: str = "") -> None:
         with self._lock:
             self.dropped += n
+            if source:
+                self._source(source).dropped += n
 
-    def frame_corrupt(self) -> None:
+    def frame_corrupt(self, source: str = "") -> None:
         with self._lock:
             self.corrupt += 1
+            if source:
+                self._source(source).corrupt += 1
 
-    def frame_sampled(self) -> None:
+    def frame_sampled(self, source: str = "") -> None:
         with self._lock:
             self.sampled += 1
+            if source:
+                self._source(source).sampled += 1
 
-    def inference(self, latency_s: float, top: Optional[float] = None, low_confidence: bool = False) -> None:
-        """One inferred frame: its latency, its top-1 score (None: unknown) and whether an uncertainty
-        rule fired for it."""
+    def frame_failed(self, source: str = "") -> None:
+        """A frame of ``source`` failed on the inference thread (counted per source only)."""
+        if source:
+            with self._lock:
+                self._source(source).errors += 1
+
+    def inference(self, latency_s: float, top: Optional[float] = None, low_confidence: bool = False,
+                  source: str = "") -> None:
+        """One inferred frame of ``source``: its latency, its top-1 score (None: unknown) and whether an
+        uncertainty rule fired for it."""
         now = self._clock()
         with self._lock:
             self.processed += 1
@@ -95,16 +143,26 @@ class Stats:
                 self.low_confidence += 1
             self._latencies.append(float(latency_s))
             self._times.append(now)
-            self._trim(now)
+            self._trim(self._times, now)
+            if source:
+                rec = self._source(source)
+                rec.processed += 1
+                rec.times.append(now)
+                self._trim(rec.times, now)
 
     def desired_refused(self, reason: str) -> None:
         """A desired-state message was refused (edge.updater.desiredgate): counted by reason."""
         with self._lock:
             self.refused[reason] = self.refused.get(reason, 0) + 1
 
-    def set_queue_depth(self, n: int) -> None:
+    def set_queue_depth(self, n: int, source: str = "") -> None:
+        """The frames queued for inference; per source, the device-wide depth is the sum of the sources'."""
         with self._lock:
-            self.queue_depth = int(n)
+            if source:
+                self._source(source).queue_depth = int(n)
+                self.queue_depth = sum(r.queue_depth for r in self._sources.values())
+            else:
+                self.queue_depth = int(n)
 
     def set_model(self, ref: kestrel_pb2.ModelRef) -> None:
         copy = kestrel_pb2.ModelRef()
@@ -112,17 +170,19 @@ class Stats:
         with self._lock:
             self.model = copy
 
-    def _trim(self, now: float) -> None:
+    def _trim(self, times: Deque[float], now: float) -> None:
         cutoff = now - self.fps_window_s
-        while self._times and self._times[0] <= cutoff:
-            self._times.popleft()
+        while times and times[0] <= cutoff:
+            times.popleft()
 
     def snapshot(self) -> Dict[str, Any]:
         """fps (inferences per second over the recent window), latency_p50_ms/latency_p95_ms (over the
-        recent bounded window), counters, queue_depth, uptime_s and model (a ModelRef or None)."""
+        recent bounded window), counters, queue_depth, uptime_s, model (a ModelRef or None) and
+        ``sources``: one dict per source (name, fps, the frames_* counters, errors, queue_depth, up,
+        reconnects) in the order they were first seen."""
         now = self._clock()
         with self._lock:
-            self._trim(now)
+            self._trim(self._times, now)
             uptime = max(0.0, now - self._start)
             span = min(self.fps_window_s, uptime)
             fps = len(self._times) / span if span > 0 else 0.0
@@ -131,7 +191,15 @@ class Stats:
             if self.model is not None:
                 model = kestrel_pb2.ModelRef()
                 model.CopyFrom(self.model)
-            return {
+            sources: List[Dict[str, Any]] = []
+            for rec in self._sources.values():
+                self._trim(rec.times, now)
+                sources.append({"name": rec.name, "fps": len(rec.times) / span if span > 0 else 0.0,
+                                "frames_captured": rec.captured, "frames_processed": rec.processed,
+                                "frames_sampled": rec.sampled, "frames_dropped": rec.dropped,
+                                "frames_corrupt": rec.corrupt, "errors": rec.errors,
+                                "queue_depth": rec.queue_depth, "probe": rec.probe})
+            snap: Dict[str, Any] = {
                 "fps": fps,
                 "latency_p50_ms": percentile(lat, 0.50) * 1000.0,
                 "latency_p95_ms": percentile(lat, 0.95) * 1000.0,
@@ -147,6 +215,12 @@ class Stats:
                 "model": model,
                 "desired_refused": dict(self.refused),
             }
+        for src in sources:  # probes read the sources' own state: outside the lock
+            probe = src.pop("probe")
+            up, reconnects = probe() if probe is not None else (src["frames_captured"] > 0, 0)
+            src["up"], src["reconnects"] = bool(up), int(reconnects)
+        snap["sources"] = sources
+        return snap
 
 
 class TelemetryService:
@@ -236,6 +310,12 @@ class TelemetryService:
             frames_dropped=snap["frames_dropped"], frames_corrupt=snap["frames_corrupt"],
             frames_low_confidence=snap["frames_low_confidence"], score_histogram=snap["score_histogram"],
             dead_letters=int(getattr(self.publisher, "dead_letters", 0) or 0), **self._receipts())
+        for src in snap["sources"]:
+            msg.sources.add(name=src["name"], fps=src["fps"], frames_captured=src["frames_captured"],
+                            frames_processed=src["frames_processed"], frames_sampled=src["frames_sampled"],
+                            frames_dropped=src["frames_dropped"], frames_corrupt=src["frames_corrupt"],
+                            errors=src["errors"], queue_depth=src["queue_depth"], up=src["up"],
+                            reconnects=src["reconnects"])
         if snap["model"] is not None:
             msg.model.CopyFrom(snap["model"])
         for reason, n in snap["desired_refused"].items():
@@ -274,6 +354,7 @@ class TelemetryService:
                                ("frames_dropped", "Frames dropped because inference fell behind."),
                                ("frames_corrupt", "Frames the source delivered unreadable.")):
             yield counter(key, help_text, snap[key])
+        yield from source_families(snap["sources"])
         yield gauge("spool_bytes", "Bytes waiting in the spool.", spool_bytes)
         yield gauge("spool_frames", "Frames waiting in the spool.", spool_frames)
         yield counter("spool_evictions", "Frames evicted (oldest first) because the spool budget was full.",

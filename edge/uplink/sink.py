@@ -19,9 +19,7 @@ before the publisher's last guard refuses it.
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import sys
 import threading
 import time
 from typing import Any, Callable, List, Optional, Tuple, cast
@@ -32,6 +30,7 @@ import numpy as np
 from edge.errors import FrameError
 from edge.logonce import OncePerKind
 from edge.pipeline.loop import SampledFrame
+from edge.threadprio import lower_thread_priority
 from proto import kestrel_pb2
 
 log = logging.getLogger(__name__)
@@ -42,20 +41,6 @@ MESSAGE_SLACK = 64         # bytes the publisher still adds (sequence, image_byt
 SINK_NICENESS = 10         # added to the sink threads' nice value (Linux): encoding yields to capture and inference
 BUILT_QUEUE_SIZE = 32      # encoded messages waiting for the spool write (each at most max_payload_bytes)
 _END = object()
-
-
-def lower_thread_priority(increment: int) -> bool:
-    """Raise the calling thread's nice value by ``increment`` (Linux only: there ``setpriority`` on a
-    thread id affects that thread alone; elsewhere it would renice the whole process). True if done."""
-    if not sys.platform.startswith("linux") or not hasattr(os, "setpriority"):
-        return False
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
-    except (OSError, AttributeError) as exc:  # a sandbox that forbids it: run at normal priority
-        log.debug("cannot lower the frame sink's priority: %s", exc)
-        return False
-    return True
 
 
 def downscale(bgr: np.ndarray, max_side: int) -> np.ndarray:
@@ -77,7 +62,8 @@ def downscale(bgr: np.ndarray, max_side: int) -> np.ndarray:
 
 
 class FrameBuilder:
-    """Turns a SampledFrame into a kestrel_pb2.Frame (JPEG, top-k, reasons, ids)."""
+    """Turns a SampledFrame into a kestrel_pb2.Frame (JPEG, top-k, reasons, ids). ``source`` is the frame's
+    own camera (``SampledFrame.source``), else ``source_name``."""
 
     def __init__(self, device_id: str, boot_id: str, source_name: str, top_k: int, jpeg_quality: int,
                  max_side: int, max_bytes: int = 0) -> None:
@@ -111,7 +97,7 @@ class FrameBuilder:
         frame = kestrel_pb2.Frame(
             frame_id=f"{self.device_id}-{self.boot_id}-{s.seq}", device_id=self.device_id,
             capture_time_ms=int(s.capture_time * 1000), reasons=cast(Any, s.reasons), top_k=top, image=image,
-            image_format="jpeg", width=w, height=h, source=self.source_name, image_bytes=len(image))
+            image_format="jpeg", width=w, height=h, source=s.source or self.source_name, image_bytes=len(image))
         if s.model_ref is not None:
             frame.model.CopyFrom(s.model_ref)
         if self.max_bytes and frame.ByteSize() + MESSAGE_SLACK > self.max_bytes:

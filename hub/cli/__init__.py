@@ -31,6 +31,7 @@ COMMANDS = {
     "deploy": ("hub.cli.fleet", "deploy a model version to a device or group"),
     "rollback": ("hub.cli.fleet", "roll a device or group back to its previous model"),
     "models": ("hub.cli.fleet", "list the registry's model versions"),
+    "loadgen": ("hub.cli.loadgen", "simulated devices sending frames to a hub; counts what it lost or stored twice"),
 }
 
 

@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
               "# data directory (e.g. /var/lib/mosquitto/), else mosquitto.db goes to its working directory",
               "persistence true",
               "max_inflight_messages 1000", "max_queued_messages 100000", "persistent_client_expiration 7d",
+              "# receipts and PUBACKs leave at once (no Nagle: else a device's delayed ACK holds them 40 ms)",
+              "set_tcp_nodelay true",
               "# bounded before memory: a packet over [mqtt] max_payload_bytes + room for topic and headers is",
               "# refused on its header (docs/hub.md)",
               f"max_packet_size {packet_limit(cfg.mqtt.max_payload_bytes)}"]

@@ -22,6 +22,14 @@
   the current connection (``generation``): the broker resends older connections' messages, and a mid
   of a dead connection means nothing on a new one. A batch's QoS 1 PUBACKs go out as one write
   (hub.ingest.pahohooks, ADR 0011).
+* A share-group worker (``[mqtt] session_expiry_s`` >= 0, usually 0): its session ends with its connection
+  (or that many seconds later), and with it its place in the share group: Mosquitto keeps an offline
+  member whose session lives in the rotation, and its share of the frames would wait for it. Its CONNECT
+  carries a last will, a ``ResendRequest`` delayed by the same time (MQTT 5 Will Delay Interval): the broker
+  publishes it when the session ends, and the devices resend, to the workers still there, the frames the
+  broker dropped with the session (in flight to the worker, or queued for it). A graceful ``stop`` ends the
+  session at once and asks for the will too ("disconnect with will message").
+  docs/adr/0022-hub-workers-and-blobs-in-the-store.md.
 * Reconnects wait as proto.backoff.Backoff says (``[mqtt] reconnect_min_s`` doubling up to
   ``reconnect_max_s``, back to the start only after a connection stayed up STABLE_CONNECTION_S), the
   same rule as the devices' link. paho's thread reconnects; before each wait this link tells it how
@@ -40,6 +48,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from hub.broker import BrokerTarget, packet_limit
 from hub.config import MqttSection
@@ -98,9 +107,15 @@ class MqttLink:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def worker(self) -> bool:
+        """A share-group worker whose session ends with its connection, or soon after ([mqtt] session_expiry_s
+        >= 0; -1 = never)."""
+        return self.cfg.session_expiry_s >= 0
+
     def connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_NEVER_EXPIRES
+        props.SessionExpiryInterval = SESSION_NEVER_EXPIRES if not self.worker else self.cfg.session_expiry_s
         props.ReceiveMaximum = self.cfg.receive_maximum
         props.MaximumPacketSize = packet_limit(self.cfg.max_payload_bytes)
         return props
@@ -121,12 +136,24 @@ class MqttLink:
                 raise ConfigError(f"[mqtt] TLS: cannot load ca_file/cert_file/key_file "
                                   f"({self.target.ca_file or 'system CAs'}, {self.target.cert_file or '-'}, "
                                   f"{self.target.key_file or '-'}): {exc}") from exc
+        if self.worker and self.cfg.receipts:
+            self._set_will(c)
         c.on_connect = self._on_connect
         c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_subscribe = lambda *a, **k: self._subscribed.set()
         return c
+
+    def _set_will(self, client: mqtt.Client) -> None:
+        """The worker's last will: a ResendRequest the broker publishes when the session ends (never while the
+        worker is back within session_expiry_s: MQTT 5 drops a delayed will on a reconnect)."""
+        props = Properties(PacketTypes.WILLMESSAGE)
+        props.WillDelayInterval = self.cfg.session_expiry_s
+        will = kestrel_pb2.ResendRequest(time_ms=now_ms(), hub_id=self.client_id,
+                                         reason=f"hub worker {self.client_id} left the share group")
+        client.will_set(topics.HUB_RESEND, will.SerializeToString(), qos=topics.QOS_HUB, retain=False,
+                        properties=props)
 
     @staticmethod
     def _set_delay(client: mqtt.Client, wait: float) -> None:
@@ -156,7 +183,13 @@ class MqttLink:
         self._connected.set()
         self.backoff.up()
         lost = not present and (reconnect or self._had_session())
-        if lost:
+        if lost and self.worker:
+            self.sessions_lost += 1
+            log.info("connected to %s:%d as %s; the broker ended this worker's session while it was away "
+                     "([mqtt] session_expiry_s = %d; its last will asked the devices to resend): asking them once "
+                     "more (%d sessions lost so far)", self.target.host, self.target.port, self.client_id,
+                     self.cfg.session_expiry_s, self.sessions_lost)
+        elif lost:
             self.sessions_lost += 1
             log.warning("connected to %s:%d as %s, but the broker no longer had this hub's session (a broker "
                         "restarted without its store, or another client took the id %s with a clean session): "
@@ -239,7 +272,17 @@ class MqttLink:
 
     def stop(self) -> None:
         self._stopping.set()
-        self.client.disconnect()
+        if self.worker:
+            # leave the share group now (the others take the whole stream) and have the broker publish the
+            # will: the devices resend what this worker got and did not receipt
+            props = None
+            if self.cfg.session_expiry_s > 0:  # MQTT 5: only a session that would outlive the connection may change
+                props = Properties(PacketTypes.DISCONNECT)
+                props.SessionExpiryInterval = 0
+            reason = ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message") if self.cfg.receipts else None
+            self.client.disconnect(reasoncode=reason, properties=props)
+        else:
+            self.client.disconnect()
         self.client.loop_stop()
 
     def stats(self) -> Dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence
 
 from hub.store.authrecords import SessionRecord, TokenRecord
 from hub.store.query import UNUSABLE_LABEL, FramePage, FrameQuery
@@ -205,7 +205,25 @@ class Store(abc.ABC):
     def get_group_desired(self, group: str) -> Optional[GroupDesired]:
         """None when no deploy/rollback has named the group."""
 
-    # ---- models (records only: bundle bytes live in the registry's blob_dir; see hub.registry) ----
+    # ---- bundle blobs: the registry's signed bundles by sha256 (hub/store/blobs.py; hub.registry) ----
+    @abc.abstractmethod
+    def put_blob(self, sha256: str, src: BinaryIO, size: int) -> None:
+        """Keep the ``size`` bytes read from ``src`` as blob ``sha256`` (the hex sha256 of those bytes), durably
+        when it returns. A blob kept already is not written again. StoreError (nothing kept) when the bytes
+        are not ``size`` bytes hashing to ``sha256``."""
+
+    @abc.abstractmethod
+    def open_blob(self, sha256: str) -> BinaryIO:
+        """A seekable reader of the blob (the caller closes it); BundleBytesMissing when there is none."""
+
+    @abc.abstractmethod
+    def has_blob(self, sha256: str) -> bool: ...
+
+    @abc.abstractmethod
+    def delete_blob(self, sha256: str) -> bool:
+        """False when there was none."""
+
+    # ---- models (records; their bundles are blobs named by bundle_sha256) ----
     @abc.abstractmethod
     def add_model(self, model: ModelRecord) -> bool:
         """False when (model_name, version) exists already."""

@@ -3,7 +3,7 @@
 Collections ``frames`` (unique index on frame_id; the image in the document when it is under
 INLINE_IMAGE_MAX bytes, else in GridFS bucket ``images`` with the document holding its id),
 ``devices``, ``groups`` (a group's desired state, unique on group) and ``models`` (unique on
-(model_name, version)). Connection failures
+(model_name, version)); the registry's bundles in GridFS bucket ``bundles`` (hub/store/blobs.py). Connection failures
 (AutoReconnect, ServerSelectionTimeoutError, ...) become StoreUnavailable so the ingest pauses and
 retries; other pymongo errors become StoreError.
 """
@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Type
 from hub.errors import StoreError, StoreUnavailable
 from hub.store.authrecords import SessionRecord, TokenRecord
 from hub.store.base import DeviceRecord, FrameRecord, GroupDesired, ModelRecord, Store
+from hub.store.blobs import BlobMethods, GridBlobs
 from hub.store.mongo_web import MongoWebMixin
 from hub.store.query import FramePage, FrameQuery, top_score
 from hub.store.series import SeriesPoint
@@ -38,24 +39,29 @@ def _check_device_fields(fields: Dict[str, object]) -> None:
         raise StoreError(f"upsert_device: unknown or immutable field(s) {unknown or ['device_id']}")
 
 
+def guarded(fn: Callable[[], T], what: str) -> T:
+    """Run ``fn`` translating pymongo errors (and BSON encoding errors, e.g. DocumentTooLarge) at the boundary."""
+    from bson.errors import BSONError
+    from pymongo import errors as perr
+    try:
+        return fn()
+    except (perr.AutoReconnect, perr.ServerSelectionTimeoutError, perr.NetworkTimeout,
+            perr.ConnectionFailure, perr.ExecutionTimeout, perr.WTimeoutError,
+            perr.WriteConcernError) as exc:  # majority + journal not confirmed: not durable yet
+        raise StoreUnavailable(f"MongoDB unavailable during {what}: {exc}") from exc
+    except (perr.PyMongoError, BSONError) as exc:  # GridFS's errors are PyMongoErrors too
+        raise StoreError(f"MongoDB error during {what}: {exc}") from exc
+
+
 def _wrapped(fn: F) -> F:
-    """Translate pymongo errors (and BSON encoding errors, e.g. DocumentTooLarge) at the boundary."""
+    """``guarded`` as a decorator."""
     @functools.wraps(fn)
     def inner(*args: Any, **kwargs: Any) -> Any:
-        from bson.errors import BSONError
-        from pymongo import errors as perr
-        try:
-            return fn(*args, **kwargs)
-        except (perr.AutoReconnect, perr.ServerSelectionTimeoutError, perr.NetworkTimeout,
-                perr.ConnectionFailure, perr.ExecutionTimeout, perr.WTimeoutError,
-                perr.WriteConcernError) as exc:  # majority + journal not confirmed: not durable yet
-            raise StoreUnavailable(f"MongoDB unavailable during {fn.__name__}: {exc}") from exc
-        except (perr.PyMongoError, BSONError) as exc:
-            raise StoreError(f"MongoDB error during {fn.__name__}: {exc}") from exc
+        return guarded(lambda: fn(*args, **kwargs), fn.__name__)
     return inner  # type: ignore[return-value]
 
 
-class MongoStore(MongoWebMixin, Store):
+class MongoStore(MongoWebMixin, BlobMethods, Store):
     """``MongoStore(url)`` connects; ``MongoStore.from_client(client)`` wraps an existing pymongo-style client."""
 
     def __init__(self, url: str, database: str = "", timeout_ms: int = 5000) -> None:
@@ -100,6 +106,7 @@ class MongoStore(MongoWebMixin, Store):
         self.models = self.db["models"]
         self.groups = self.db["groups"]
         self.fs = gridfs.GridFS(self.db, collection="images")
+        self.blobs = GridBlobs(self.db, lambda fn: guarded(fn, "a bundle blob operation"))
         self._indexes()
 
     @_wrapped

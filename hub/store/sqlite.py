@@ -1,6 +1,7 @@
 """SQLite backend: the embedded default. One file, WAL mode; images in append-only segment files next
 to it (hub/store/segments.py, docs/adr/0009-sqlite-images-in-segment-files.md), written and fsynced
-before the rows that point at them are committed; an older hub's BLOB images still read.
+before the rows that point at them are committed; an older hub's BLOB images still read. The registry's
+bundles are files in ``<db>-bundles/`` (hub/store/blobs.py).
 
 Thread-safe by giving every thread its own connection; several processes may share the file (WAL +
 busy_timeout), which is how two hub workers on one machine split the ingest. Locked/unreachable
@@ -37,6 +38,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 
 from hub.errors import StoreError, StoreUnavailable
 from hub.store.base import DeviceRecord, FrameRecord, GroupDesired, ModelRecord, Store
+from hub.store.blobs import BlobMethods, FileBlobs
 from hub.store.query import top_score
 from hub.store.segments import ImageRef, Segments
 from hub.store.series import SeriesPoint
@@ -52,6 +54,7 @@ log = logging.getLogger("hub.store.sqlite")
 
 STAGED_MAX = 4096                   # images written ahead by stage_frames and not yet committed, at most
 SEGMENT_DIR_SUFFIX = "-images"  # <db file name>-images/, next to the database (like its -wal file)
+BLOB_DIR_SUFFIX = "-bundles"    # <db file name>-bundles/: the registry's bundles (hub/store/blobs.py)
 DEVICE_FIELDS = {f.name for f in dataclasses.fields(DeviceRecord)}
 
 
@@ -74,7 +77,7 @@ def path_from_url(url: str) -> Path:
     return Path(url)
 
 
-class SqliteStore(SqliteWebMixin, Store):
+class SqliteStore(SqliteWebMixin, BlobMethods, Store):
     def __init__(self, path: Union[str, Path], busy_timeout_ms: int = 10000, synchronous: str = "FULL",
                  checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S) -> None:
         self.path = Path(path).expanduser().resolve()
@@ -92,6 +95,7 @@ class SqliteStore(SqliteWebMixin, Store):
         except OSError as exc:
             raise StoreUnavailable(f"cannot create the directory for {self.path}: {exc.strerror}") from exc
         self.segments = Segments(self.path.parent / f"{self.path.name}{SEGMENT_DIR_SUFFIX}")
+        self.blobs = FileBlobs(self.path.parent / f"{self.path.name}{BLOB_DIR_SUFFIX}")
         self._staged: Dict[str, ImageRef] = {}  # frame_id -> its image, written ahead (no image kept in memory)
         self._staged_lock = threading.Lock()
         self._run("create schema", create_schema)

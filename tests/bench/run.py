@@ -14,8 +14,8 @@ import time
 import traceback
 from pathlib import Path
 
-BENCHES = ["bench_edge", "bench_hub", "bench_delivery", "bench_dashboard", "bench_update", "bench_grpc_tls",
-           "bench_trainer"]
+BENCHES = ["bench_edge", "bench_multicam", "bench_hub", "bench_soak", "bench_delivery", "bench_dashboard",
+           "bench_update", "bench_grpc_tls", "bench_trainer"]
 
 
 def main() -> int:

@@ -49,7 +49,8 @@ def model_path(models_dir) -> Path:
 
 
 def _stored_files(reg: Registry):
-    return sorted(p.name for p in reg.blob_dir.iterdir())
+    """Push temp files and the store's bundle files (the SQLite store keeps them next to its database)."""
+    return sorted(p.name for d in (reg.push_dir, reg.store.blobs.dir) if d.is_dir() for p in d.iterdir())
 
 
 def test_push_then_fetch_identical_bytes_and_resume(hub, keys, model_path):
@@ -175,7 +176,7 @@ def test_cancelled_push_leaves_no_partial_version(hub, keys, model_path):
 
     fut = client.registry.PushModel.future(chunks(), timeout=20, metadata=client.metadata)
     assert sent_first.wait(10)
-    wait_for(lambda: any(p.name.startswith(".push-") for p in reg.blob_dir.iterdir()), 10,
+    wait_for(lambda: any(p.name.startswith(".push-") for p in reg.push_dir.iterdir()), 10,
              what="the server to start receiving")
     fut.cancel()
     release.set()
@@ -248,11 +249,11 @@ def test_manifest_or_signature_byte_changed_under_a_trusted_key_is_refused(hub, 
 
 
 def test_fetch_when_the_bundle_file_is_missing_is_unavailable_with_the_reason(hub, keys, model_path):
-    """A record without its bytes (a hub whose blob_dir is not shared): UNAVAILABLE, not INTERNAL."""
+    """A record without its bytes (removed from the store): UNAVAILABLE, not INTERNAL, saying what to do."""
     reg, client, _ = hub
     data = make_bundle(model_path, keys, version=2)
     res = client.push(data)
-    reg.blob_path(res.bundle_sha256).unlink()
+    assert reg.store.delete_blob(res.bundle_sha256)
     with pytest.raises(HubError) as ei:
         client.fetch("brightness", 2)
     assert "blob_dir" in str(ei.value) and "unreachable" in str(ei.value)

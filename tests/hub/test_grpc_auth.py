@@ -72,11 +72,13 @@ def hub(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Any:
 
 
 def _state(h: Dict[str, Any]) -> Any:
-    """What a refused call must not change: the registry's versions, its bundle files, g1's desired state."""
+    """What a refused call must not change: the registry's versions, the bundles the store keeps and pushes being
+    received, g1's desired state."""
     store, data = h["store"], h["data"]
     g1 = store.get_group_desired("g1")
     models = [(m.model_name, m.version) for m in store.list_models()]
-    return (models, sorted(p.name for p in (data / "models").iterdir()),
+    kept = sorted(p.name for d in (data / "hub.db-bundles", data / "pushes") if d.is_dir() for p in d.iterdir())
+    return (models, kept,
             (g1.model_name, g1.version, g1.rollback) if g1 is not None else None)
 
 

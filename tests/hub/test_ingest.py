@@ -131,6 +131,18 @@ class FlakyStore(Store):
     def iter_labelled(self) -> Iterator[FrameRecord]:
         return self.inner.iter_labelled()
 
+    def put_blob(self, sha256: str, src: Any, size: int) -> None:
+        self.inner.put_blob(sha256, src, size)
+
+    def open_blob(self, sha256: str) -> Any:
+        return self.inner.open_blob(sha256)
+
+    def has_blob(self, sha256: str) -> bool:
+        return self.inner.has_blob(sha256)
+
+    def delete_blob(self, sha256: str) -> bool:
+        return self.inner.delete_blob(sha256)
+
     def upsert_device(self, device_id: str, **fields: object) -> DeviceRecord:
         self._gate()
         self.writes += 1

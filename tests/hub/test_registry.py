@@ -8,7 +8,7 @@ import pytest
 
 from hub import config as hubconfig
 from hub.errors import NotFound, RegistryError
-from hub.registry import EXISTS, INVALID, PRECONDITION, PushRefused, Registry, RegistryConfig
+from hub.registry import EXISTS, INVALID, PRECONDITION, BundleBytesMissing, PushRefused, Registry, RegistryConfig
 from hub.store.open import open_store
 from proto import kestrel_pb2
 from proto.errors import ConfigError
@@ -52,12 +52,51 @@ def test_config_section_in_hub_toml(tmp_path):
 
 def test_default_dirs_and_stale_temp_files_removed(env):
     store, data, _ = env
-    (data / "models").mkdir()
-    stale = data / "models" / ".push-abc.tmp"
+    (data / "pushes").mkdir()
+    stale = data / "pushes" / ".push-abc.tmp"
     stale.write_bytes(b"half a bundle")
     reg = Registry(store, RegistryConfig(), data)
-    assert reg.blob_dir == data / "models" and reg.trust_dir == data / "trust"
+    assert reg.legacy_dir == data / "models" and reg.trust_dir == data / "trust" and reg.push_dir == data / "pushes"
     assert not stale.exists()
+
+
+def test_bundles_live_in_the_store_and_a_second_hub_on_it_serves_them(env, tmp_path):
+    """No shared folder: a hub with another data folder on the same store fetches what the first one took."""
+    store, data, keys = env
+    bundle = make_bundle(None, keys, version=1)
+    rec = Registry(store, RegistryConfig(), data).push(chunks_of(bundle))
+    assert store.has_blob(rec.bundle_sha256) and not (data / "models").exists()
+    other = Registry(store, RegistryConfig(trust_dir=str(data / "trust")), tmp_path / "worker-2")
+    assert b"".join(c.data for c in other.fetch("brightness", 1)) == bundle
+
+
+def test_bundles_of_an_older_hub_are_copied_into_the_store_at_start(env):
+    store, data, keys = env
+    bundle = make_bundle(None, keys, version=1)
+    sha = hashlib.sha256(bundle).hexdigest()
+    legacy = data / "models"
+    legacy.mkdir()
+    (legacy / f"{sha}.kbundle").write_bytes(bundle)
+    damaged = hashlib.sha256(b"other").hexdigest()
+    (legacy / f"{damaged}.kbundle").write_bytes(b"not the bytes its name says")
+    from hub.store.base import ModelRecord
+    store.add_model(ModelRecord("brightness", 1, sha, len(bundle), 1))  # the older hub's record
+    reg = Registry(store, RegistryConfig(), data)
+    assert reg.imported == 1 and store.has_blob(sha) and not store.has_blob(damaged)
+    assert b"".join(c.data for c in reg.fetch("brightness", 1)) == bundle
+    assert Registry(store, RegistryConfig(), data).imported == 0  # once
+
+
+def test_pushing_again_brings_back_bytes_the_store_lost(env):
+    store, data, keys = env
+    reg = Registry(store, RegistryConfig(), data)
+    bundle = make_bundle(None, keys, version=1)
+    rec = reg.push(chunks_of(bundle))
+    assert store.delete_blob(rec.bundle_sha256)
+    with pytest.raises(BundleBytesMissing, match="push it again"):
+        reg.fetch("brightness", 1)
+    assert reg.push(chunks_of(bundle)) == rec
+    assert b"".join(c.data for c in reg.fetch("brightness", 1)) == bundle
 
 
 def test_stream_failing_midway_leaves_nothing(env, models_dir):
@@ -76,9 +115,9 @@ def test_stream_failing_midway_leaves_nothing(env, models_dir):
 
     with pytest.raises(Cancelled):
         reg.push(broken())
-    assert list(reg.blob_dir.iterdir()) == [] and store.list_models() == []
+    assert list(reg.push_dir.iterdir()) == [] and store.list_models() == [] and not store.blobs.dir.exists()
     rec = reg.push(chunks_of(bundle))
-    assert rec.version == 1 and reg.blob_path(rec.bundle_sha256).read_bytes() == bundle
+    assert rec.version == 1 and store.open_blob(rec.bundle_sha256).read() == bundle
 
 
 def test_refusal_kinds(env, models_dir, tmp_path):
@@ -113,7 +152,7 @@ def test_refusal_kinds(env, models_dir, tmp_path):
         no_trust.push(chunks_of(make_bundle(None, keys, version=9)))
     assert ei.value.reason == "no_trusted_keys" and "does not exist" in str(ei.value)
     assert [m.version for m in store.list_models()] == [2]
-    assert len(list(reg.blob_dir.iterdir())) == 1
+    assert len(list(store.blobs.dir.iterdir())) == 1 and list(reg.push_dir.iterdir()) == []
 
 
 def test_fetch_edges(env):

@@ -328,6 +328,7 @@ def test_password_authentication_and_the_loopback_plain_listener(fleet, tmp_path
     # the plain listener: loopback only, password logins only
     conf = (f["cfg"].data_dir / "broker" / "mosquitto.conf").read_text()
     assert f"listener {plain} 127.0.0.1" in conf
+    assert "\nset_tcp_nodelay true\n" in conf  # the embedded broker running on it: receipts leave at once
     assert Client(plain, tls=False, username="cam-p", password=secret).connect()
     assert not Client(plain, tls=False).connect()
     enrol.revoke_device(f["cfg"], f["sec"], f["store"], "cam-p")
@@ -502,6 +503,7 @@ def test_broker_config_for_an_operators_broker(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert 'cert_file = "' in r.stdout and "hub.crt" in r.stdout  # how the hub connects to it
     assert f"max_packet_size {packet_limit(4 * 1024 * 1024)}\n" in (out / "mosquitto.conf").read_text()
+    assert "\nset_tcp_nodelay true\n" in (out / "mosquitto.conf").read_text()  # Mosquitto starts on it below
     for name in ("broker.key", "passwd", "acl"):
         assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o600
     conf = out / "mosquitto.conf"
