@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import shutil
-from typing import Any, Callable, Iterator, List
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List
 
 import pytest
 
 from tests.helpers.bundles import KeyPair, make_keypair
+
+if TYPE_CHECKING:
+    from tests.helpers.rtsp import RtspCamera
 
 
 def publisher_for(cfg: Any, device_id: str, spool_dir: Any) -> Any:
@@ -48,3 +51,18 @@ def device(tmp_path, kp: KeyPair) -> Iterator[Callable[..., Any]]:  # noqa: ANN0
     yield make
     for d in devs:
         d.close()
+
+
+@pytest.fixture
+def camera() -> Iterator[RtspCamera]:
+    """A real RTSP camera (tests/helpers/rtsp_server.py) serving the test pattern; stopped after the test."""
+    from tests.helpers.rtsp import RtspCamera, rtsp_server_missing
+
+    missing = rtsp_server_missing()
+    if missing:  # make test installs it (Makefile APT_PKGS): a missing server is a broken setup
+        pytest.fail(missing)
+    cam = RtspCamera().start()
+    try:
+        yield cam
+    finally:
+        cam.stop()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
-from typing import Any, List
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,11 +16,12 @@ from edge import config
 from edge.config import PipelineConfig, SamplerConfig, SourceConfig
 from edge.inference.runtime import load_model
 from edge.pipeline.lanes import FairQueue
-from edge.pipeline.loop import InferenceResult, ModelHolder, Pipeline, SampledFrame
+from edge.pipeline.loop import ModelHolder, Pipeline
 from edge.pipeline.sampler import Sampler
 from edge.sources import TestPatternSource, open_source
 from edge.telemetry.service import Stats, TelemetryService
 from proto.errors import ConfigError
+from tests.helpers.pipeline import Recorder
 from tests.helpers.wait import wait_for
 
 LABELS = ["bright", "dark", "mid"]
@@ -30,26 +31,6 @@ def no_limits() -> Sampler:
     return Sampler(SamplerConfig(max_per_minute=0, max_per_hour=0, max_per_day=0, dedup_distance=-1))
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.results: List[InferenceResult] = []
-        self.sampled: List[SampledFrame] = []
-        self.lock = threading.Lock()
-
-    def observe(self, r: InferenceResult) -> None:
-        with self.lock:
-            self.results.append(r)
-
-    def sink(self, s: SampledFrame) -> None:
-        with self.lock:
-            self.sampled.append(s)
-
-    def by_source(self) -> dict:
-        out: dict = {}
-        with self.lock:
-            for r in self.results:
-                out.setdefault(r.source, []).append(r)
-        return out
 
 
 # --- the scheduler ------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import subprocess
 import urllib.request
 from collections import Counter
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Optional
 
 import cv2
 import numpy as np
@@ -20,24 +20,13 @@ from proto import topics
 from tests.edge.test_daemon import daemon_cmd, env, parse, summary
 from tests.helpers.broker import free_port
 from tests.helpers.mqtt import Collector
-from tests.helpers.rtsp import RtspCamera, rtsp_server_missing
+from tests.helpers.rtsp import RtspCamera
 from tests.helpers.wait import wait_for
 
 # every source has its own frame size, so a frame message's image says which camera took it
 SIZES = {"left": (160, 120), "right": (256, 192), "pattern": (96, 72), "door": (320, 240)}
 LEVELS = {"left": 0.3, "right": 0.7, "pattern": 0.5}  # mean brightness of the files and the pattern
 
-
-@pytest.fixture
-def camera() -> Iterator[RtspCamera]:
-    missing = rtsp_server_missing()
-    if missing:  # make test installs it (Makefile APT_PKGS): a missing server is a broken setup
-        pytest.fail(missing)
-    cam = RtspCamera().start()
-    try:
-        yield cam
-    finally:
-        cam.stop()
 
 
 def four_sources_toml(tmp: Path, device: str, broker_port: int, metrics_port: int, rtsp_url: str,

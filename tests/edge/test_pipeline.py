@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from demo.edge import write_video
 from edge.config import PipelineConfig, SamplerConfig, SourceConfig
 from edge.inference.runtime import load_model
-from edge.pipeline.loop import InferenceResult, ModelHolder, Pipeline, SampledFrame
+from edge.pipeline.loop import InferenceResult, ModelHolder, Pipeline
 from edge.pipeline.sampler import Sampler
 from edge.sources import open_source
 from proto import kestrel_pb2 as pb
+from tests.helpers.pipeline import Recorder
 from tests.helpers.wait import wait_for
 
 LABELS = ["bright", "dark", "mid"]
@@ -22,19 +21,6 @@ def sampler() -> Sampler:
     return Sampler(SamplerConfig(max_per_minute=0, max_per_hour=0, max_per_day=0, dedup_distance=-1))
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.results = []
-        self.sampled = []
-        self.lock = threading.Lock()
-
-    def observe(self, r: InferenceResult) -> None:
-        with self.lock:
-            self.results.append(r)
-
-    def sink(self, s: SampledFrame) -> None:
-        with self.lock:
-            self.sampled.append(s)
 
 
 def test_low_confidence_frames_reach_the_sink(models_dir, tmp_path):  # noqa: ANN001

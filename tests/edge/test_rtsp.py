@@ -5,26 +5,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Iterator, List
+from typing import List
 
 import pytest
 
 from edge.config import SourceConfig
 from edge.sources import RTSPSource, open_source
-from tests.helpers.rtsp import RtspCamera, rtsp_server_missing
+from tests.helpers.rtsp import RtspCamera
 from tests.helpers.wait import wait_for
-
-
-@pytest.fixture
-def camera() -> Iterator[RtspCamera]:
-    missing = rtsp_server_missing()
-    if missing:  # make test installs them (Makefile APT_PKGS): a missing server is a broken setup
-        pytest.fail(missing)
-    cam = RtspCamera().start()
-    try:
-        yield cam
-    finally:
-        cam.stop()
 
 
 def rtsp_cfg(url: str) -> SourceConfig:
